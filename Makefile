@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make quickstart` and `make test`.
+# Both create .venv and install what they need into it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+TORCH_VERSION ?= 2.13.0
+TAMING_WHEEL := taming-transformers-rom1504==0.0.6
+
+.PHONY: install test test-all quickstart bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned, so that nothing below resolves a CUDA build or torchvision.
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	echo "torch==$(TORCH_VERSION)" > $(VENV)/constraints.txt
+	$(PIP) install -q -c $(VENV)/constraints.txt -e ".[test]"
+	# The reference for the VQGAN parity tests; its PyPI metadata asks for an unpinned torch and torchvision.
+	$(PIP) install -q --no-deps $(TAMING_WHEEL)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "" tests
+
+quickstart: $(STAMP)
+	$(PY) -m quickstart --output runs/quickstart
+
+clean:
+	rm -rf $(VENV) runs

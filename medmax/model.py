@@ -1,0 +1,125 @@
+"""The model class, and the model folder every later step loads.
+
+transformers' ``ChameleonForConditionalGeneration.forward`` sets every image-code logit to the dtype's
+minimum on every call, so a model trained through it sees an infinite loss on image codes and can
+never draw one (Anole issue #30). :class:`MedMaxChameleon` computes the same logits without that
+mask and saves as a standard Chameleon checkpoint.
+
+A model folder (what ``finetune.export`` writes and generation / evaluation load)::
+
+    DIR/config.json, DIR/model.safetensors   Hugging Face Chameleon (from_pretrained, no custom code)
+    DIR/tokenizer.json                        the text + image tokenizer
+    DIR/vqgan/vqgan.yaml, vqgan.safetensors   the complete VQGAN, decoder included
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+from transformers import ChameleonForConditionalGeneration
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .vocab import Vocabulary, load_tokenizer
+from .vqgan import VQGAN, load_vqgan, save_vqgan
+
+logger = logging.getLogger(__name__)
+
+STANDARD_ARCHITECTURE = "ChameleonForConditionalGeneration"
+
+
+class MedMaxChameleon(ChameleonForConditionalGeneration):
+    """Chameleon with unmasked logits: image codes can be trained on and sampled."""
+
+    def forward(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state  # (B, T, C)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])  # (B, T', V)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as a plain Chameleon checkpoint: config.json names the standard architecture."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        config_path = Path(save_directory) / "config.json"
+        config = json.loads(config_path.read_text())
+        config["architectures"] = [STANDARD_ARCHITECTURE]
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def new_model(preset: str, tokenizer: Tokenizer, vqgan: VQGAN, seed: int = 0, **overrides) -> MedMaxChameleon:
+    """A randomly initialised model of a named size whose vqmodel holds this VQGAN's encoder."""
+    from .presets import chameleon_config
+
+    config = chameleon_config(preset, tokenizer, vqgan.params, **overrides)
+    torch.manual_seed(seed)
+    model = MedMaxChameleon(config)
+    encoder_state = {k: v for k, v in vqgan.state_dict().items() if not k.startswith("decoder.")}
+    model.model.vqmodel.load_state_dict(encoder_state)
+    return model
+
+
+@dataclass
+class ModelBundle:
+    """Everything generation and evaluation need from one model folder."""
+
+    model: MedMaxChameleon
+    tokenizer: Tokenizer
+    vocab: Vocabulary
+    vqgan: VQGAN | None
+    path: Path | None = None
+
+
+def save_model_dir(folder: str | Path, model, tokenizer: Tokenizer, vqgan: VQGAN | None) -> Path:
+    """Write a model folder (layout in the module docstring)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    if vqgan is not None:
+        save_vqgan(vqgan, folder / "vqgan")
+    return folder
+
+
+def load_model_dir(folder: str | Path, dtype: torch.dtype | None = None, device=None, trust_checkpoint: bool = False) -> ModelBundle:
+    """Load a model folder once: model (eval mode), tokenizer, vocabulary and VQGAN (None if absent)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: not a model folder (no config.json)")
+    model = MedMaxChameleon.from_pretrained(folder, dtype=dtype or torch.float32)
+    model.to(device).eval()
+    tokenizer = load_tokenizer(folder)
+    vqgan = None
+    if (folder / "vqgan").is_dir():
+        vqgan = load_vqgan(folder / "vqgan", trust_checkpoint=trust_checkpoint, device=device)
+    else:
+        logger.warning("%s: no vqgan/ folder; images can be read but not drawn", folder)
+    return ModelBundle(model=model, tokenizer=tokenizer, vocab=Vocabulary.from_tokenizer(tokenizer), vqgan=vqgan, path=folder)

@@ -1,0 +1,186 @@
+"""The shared text + image vocabulary, derived from a tokenizer's own vocabulary.
+
+Chameleon-family tokenizers name each VQGAN code with an ``IMGIMG`` token whose letters
+spell the code (A..J for digits 0..9, one trailing letter ignored): ``IMGIMGBCDZ`` is code 123.
+Every id the rest of the project uses comes from here, never from a hard-coded table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+IMAGE_TOKEN_PREFIX = "IMGIMG"
+BOS, PAD, EOS = "<s>", "<pad>", "</s>"
+BOI, EOI = "<racm3:break>", "<eoss>"
+END_OF_TURN = "<reserved08706>"
+IMAGE_PLACEHOLDER = "<image>"
+
+# Names a tokenizer file may have inside a checkpoint folder, most specific first.
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "text_tokenizer_modified.json",
+    "text_tokenizer.json",
+    "tokenizer/text_tokenizer_modified.json",
+    "tokenizer/text_tokenizer.json",
+)
+
+
+def image_token_code(name: str) -> int | None:
+    """The VQGAN code an ``IMGIMG`` token name spells, or None for any other token."""
+    if not name.startswith(IMAGE_TOKEN_PREFIX) or len(name) < len(IMAGE_TOKEN_PREFIX) + 2:
+        return None
+    letters = name[len(IMAGE_TOKEN_PREFIX) : -1]
+    if not all("A" <= c <= "J" for c in letters):
+        return None
+    return int("".join(str(ord(c) - ord("A")) for c in letters))
+
+
+def image_token_name(code: int) -> str:
+    """The ``IMGIMG`` token name of a VQGAN code (inverse of :func:`image_token_code`)."""
+    return IMAGE_TOKEN_PREFIX + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a ``tokenizers`` tokenizer from a JSON file or a checkpoint folder that holds one."""
+    path = Path(path)
+    if path.is_file():
+        return Tokenizer.from_file(str(path))
+    if path.is_dir():
+        for name in _TOKENIZER_FILES:
+            if (path / name).is_file():
+                return Tokenizer.from_file(str(path / name))
+        raise FileNotFoundError(f"{path}: no tokenizer file found (looked for {', '.join(_TOKENIZER_FILES)})")
+    raise FileNotFoundError(f"{path}: tokenizer file or folder does not exist")
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Special ids and the image-code <-> token-id mapping of one tokenizer."""
+
+    bos_id: int
+    pad_id: int
+    eos_id: int
+    boi_id: int
+    eoi_id: int
+    eot_id: int
+    image_placeholder_id: int | None
+    size: int
+    code_to_id: np.ndarray = field(repr=False)  # (n_codes,) int64, token id of each VQGAN code
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Tokenizer) -> "Vocabulary":
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+        missing = [t for t in (BOS, PAD, EOS, BOI, EOI, END_OF_TURN) if t not in vocab]
+        if missing:
+            raise ValueError(f"tokenizer lacks the Chameleon special tokens {missing}")
+        codes = {}
+        for name, idx in vocab.items():
+            code = image_token_code(name)
+            if code is not None:
+                codes[code] = idx
+        if not codes:
+            raise ValueError(f"tokenizer has no {IMAGE_TOKEN_PREFIX}* image-code tokens")
+        n_codes = max(codes) + 1
+        if len(codes) != n_codes:
+            raise ValueError(f"tokenizer image codes are not contiguous: {len(codes)} names for codes 0..{n_codes - 1}")
+        code_to_id = np.array([codes[c] for c in range(n_codes)], dtype=np.int64)
+        return cls(
+            bos_id=vocab[BOS],
+            pad_id=vocab[PAD],
+            eos_id=vocab[EOS],
+            boi_id=vocab[BOI],
+            eoi_id=vocab[EOI],
+            eot_id=vocab[END_OF_TURN],
+            image_placeholder_id=vocab.get(IMAGE_PLACEHOLDER),
+            size=tokenizer.get_vocab_size(with_added_tokens=True),
+            code_to_id=code_to_id,
+        )
+
+    @classmethod
+    def from_path(cls, path: str | Path) -> "Vocabulary":
+        return cls.from_tokenizer(load_tokenizer(path))
+
+    @property
+    def n_codes(self) -> int:
+        return len(self.code_to_id)
+
+    @property
+    def offset(self) -> int | None:
+        """The constant code -> id offset (4 for Chameleon), or None when the mapping is not one."""
+        first = int(self.code_to_id[0])
+        if np.array_equal(self.code_to_id, np.arange(first, first + self.n_codes)):
+            return first
+        return None
+
+    def _id_to_code_table(self) -> np.ndarray:
+        table = np.full(self.size, -1, dtype=np.int64)
+        table[self.code_to_id] = np.arange(self.n_codes)
+        return table
+
+    def codes_to_ids(self, codes):
+        """Map raw VQGAN codes (list, numpy or torch) to token ids; raises on codes out of range."""
+        is_torch = isinstance(codes, torch.Tensor)
+        arr = codes.cpu().numpy() if is_torch else np.asarray(codes, dtype=np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() >= self.n_codes):
+            raise ValueError(f"image codes must lie in 0..{self.n_codes - 1}, got {arr.min()}..{arr.max()}")
+        ids = arr + self.offset if self.offset is not None else self.code_to_id[arr]
+        return torch.from_numpy(ids).to(codes.device) if is_torch else ids
+
+    def ids_to_codes(self, ids):
+        """Map image-code token ids back to raw codes; raises on any id that is not an image code."""
+        is_torch = isinstance(ids, torch.Tensor)
+        arr = ids.cpu().numpy() if is_torch else np.asarray(ids, dtype=np.int64)
+        if self.offset is not None:
+            codes = arr - self.offset
+            bad = (codes < 0) | (codes >= self.n_codes)
+        else:
+            inside = (arr >= 0) & (arr < self.size)
+            codes = np.where(inside, self._id_to_code_table()[np.clip(arr, 0, self.size - 1)], -1)
+            bad = codes < 0
+        if bad.any():
+            raise ValueError(f"ids {np.unique(arr[bad])[:8].tolist()} are not image-code tokens")
+        return torch.from_numpy(codes).to(ids.device) if is_torch else codes
+
+    def is_image_code(self, ids):
+        """Boolean mask of which ids are image-code tokens (numpy or torch, like the input)."""
+        if isinstance(ids, torch.Tensor):
+            if self.offset is not None:
+                return (ids >= self.offset) & (ids < self.offset + self.n_codes)
+            table = torch.zeros(self.size, dtype=torch.bool, device=ids.device)
+            table[torch.from_numpy(self.code_to_id).to(ids.device)] = True
+            return table[ids.clamp(0, self.size - 1)] & (ids >= 0) & (ids < self.size)
+        arr = np.asarray(ids)
+        mask = np.zeros(self.size, dtype=bool)
+        mask[self.code_to_id] = True
+        return mask[np.clip(arr, 0, self.size - 1)] & (arr >= 0) & (arr < self.size)
+
+    def image_id_tensor(self, device=None) -> torch.Tensor:
+        """All image-code token ids, as a long tensor (for masking logits)."""
+        return torch.from_numpy(self.code_to_id).to(device)
+
+    def special_ids(self) -> dict:
+        """The ids a dataset manifest records, so a later step can check it uses the same vocabulary."""
+        return {
+            "bos": self.bos_id,
+            "pad": self.pad_id,
+            "eos": self.eos_id,
+            "boi": self.boi_id,
+            "eoi": self.eoi_id,
+            "eot": self.eot_id,
+            "image_placeholder": self.image_placeholder_id,
+            "image_code_offset": self.offset,
+            "n_image_codes": self.n_codes,
+            "vocab_size": self.size,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.special_ids(), sort_keys=True)

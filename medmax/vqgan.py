@@ -1,0 +1,304 @@
+"""The VQGAN image tokenizer: taming-transformers VQModel weights, encode to codes and decode to pixels.
+
+The encoder half is transformers' ``ChameleonVQVAE`` (encoder, ``quant_conv``, legacy nearest-code
+quantizer, ``post_quant_conv``), which has taming's parameter names and arithmetic; this module adds
+the decoder transformers lacks, so one state dict with taming's keys (``encoder.``, ``decoder.``,
+``quantize.embedding.weight``, ``quant_conv.``, ``post_quant_conv.``) loads into :class:`VQGAN`.
+Every size comes from the YAML ``ddconfig``; nothing is hard-coded.
+
+Checkpoints accepted by :func:`load_vqgan`:
+- the Chameleon / Anole / MedMax layout ``CKPT/tokenizer/vqgan.yaml`` + ``vqgan.ckpt``;
+- a folder holding ``vqgan.yaml`` and ``vqgan.ckpt`` or ``vqgan.safetensors`` (what :func:`save_vqgan` writes);
+- a Hugging Face Chameleon folder (``config.json`` with ``vq_config``, safetensors with ``model.vqmodel.*``):
+  encoder only, unless it holds a ``vqgan/`` subfolder as ``finetune.export`` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from transformers.models.chameleon.configuration_chameleon import ChameleonVQVAEConfig
+from transformers.models.chameleon.modeling_chameleon import (
+    ChameleonVQVAE,
+    ChameleonVQVAEEncoderAttnBlock,
+    ChameleonVQVAEEncoderResnetBlock,
+)
+
+logger = logging.getLogger(__name__)
+
+YAML_NAME = "vqgan.yaml"
+WEIGHT_NAMES = ("vqgan.safetensors", "vqgan.ckpt")
+_STATE_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
+
+
+class UntrustedCheckpointError(RuntimeError):
+    """A checkpoint needs full unpickling, which runs code from the file; the user must opt in."""
+
+
+def read_vqgan_yaml(path: str | Path) -> dict:
+    """The VQModel ``params`` (``embed_dim``, ``n_embed``, ``ddconfig``) of a taming / Chameleon vqgan.yaml."""
+    with open(path) as f:
+        doc = yaml.safe_load(f)
+    params = doc.get("model", {}).get("params", doc) if isinstance(doc, dict) else None
+    if not isinstance(params, dict) or not {"embed_dim", "n_embed", "ddconfig"} <= params.keys():
+        raise ValueError(f"{path}: expected model.params with embed_dim, n_embed and ddconfig")
+    return {"embed_dim": params["embed_dim"], "n_embed": params["n_embed"], "ddconfig": dict(params["ddconfig"])}
+
+
+def hf_vq_config(params: dict) -> ChameleonVQVAEConfig:
+    """transformers' VQ-VAE config equivalent to a taming ``params`` block."""
+    dd = params["ddconfig"]
+    return ChameleonVQVAEConfig(
+        embed_dim=params["embed_dim"],
+        num_embeddings=params["n_embed"],
+        double_latent=bool(dd.get("double_z", False)),
+        latent_channels=dd["z_channels"],
+        resolution=dd["resolution"],
+        in_channels=dd.get("in_channels", 3),
+        base_channels=dd["ch"],
+        channel_multiplier=list(dd["ch_mult"]),
+        num_res_blocks=dd["num_res_blocks"],
+        attn_resolutions=list(dd.get("attn_resolutions") or []),
+        dropout=float(dd.get("dropout", 0.0)),
+    )
+
+
+def params_from_hf(config: ChameleonVQVAEConfig) -> dict:
+    """Inverse of :func:`hf_vq_config`."""
+    return {
+        "embed_dim": config.embed_dim,
+        "n_embed": config.num_embeddings,
+        "ddconfig": dict(
+            double_z=config.double_latent, z_channels=config.latent_channels, resolution=config.resolution,
+            in_channels=config.in_channels, out_ch=config.in_channels, ch=config.base_channels,
+            ch_mult=list(config.channel_multiplier), num_res_blocks=config.num_res_blocks,
+            attn_resolutions=list(config.attn_resolutions or []), dropout=float(config.dropout),
+        ),
+    }
+
+
+class _Upsample(nn.Module):
+    """Nearest x2 then a 3x3 conv (taming ``Upsample(with_conv=True)``)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Decoder(nn.Module):
+    """taming-transformers' ``Decoder`` (same module tree and names), built from transformers' blocks."""
+
+    def __init__(self, config: ChameleonVQVAEConfig, out_channels: int = 3):
+        super().__init__()
+        mults = list(config.channel_multiplier)
+        self.num_resolutions = len(mults)
+        self.num_res_blocks = config.num_res_blocks
+        attn_res = set(config.attn_resolutions or [])
+        block_in = config.base_channels * mults[-1]
+        curr_res = config.resolution // 2 ** (self.num_resolutions - 1)
+
+        self.conv_in = nn.Conv2d(config.latent_channels, block_in, kernel_size=3, stride=1, padding=1)
+        self.mid = nn.Module()
+        self.mid.block_1 = ChameleonVQVAEEncoderResnetBlock(config, block_in, block_in)
+        self.mid.attn_1 = ChameleonVQVAEEncoderAttnBlock(block_in)
+        self.mid.block_2 = ChameleonVQVAEEncoderResnetBlock(config, block_in, block_in)
+
+        ups = []
+        for level in reversed(range(self.num_resolutions)):
+            up = nn.Module()
+            up.block, up.attn = nn.ModuleList(), nn.ModuleList()
+            block_out = config.base_channels * mults[level]
+            for _ in range(self.num_res_blocks + 1):
+                up.block.append(ChameleonVQVAEEncoderResnetBlock(config, block_in, block_out))
+                block_in = block_out
+                if curr_res in attn_res:
+                    up.attn.append(ChameleonVQVAEEncoderAttnBlock(block_in))
+            if level != 0:
+                up.upsample = _Upsample(block_in)
+                curr_res *= 2
+            ups.insert(0, up)
+        self.up = nn.ModuleList(ups)
+        self.norm_out = nn.GroupNorm(num_groups=32, num_channels=block_in, eps=1e-6, affine=True)
+        self.conv_out = nn.Conv2d(block_in, out_channels, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, z):  # (B, z_channels, h, w) -> (B, out_channels, H, W)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        for level in reversed(range(self.num_resolutions)):
+            up = self.up[level]
+            for i, block in enumerate(up.block):
+                h = block(h)
+                if len(up.attn) > 0:
+                    h = up.attn[i](h)
+            if level != 0:
+                h = up.upsample(h)
+        h = self.norm_out(h)
+        h = h * torch.sigmoid(h)
+        return self.conv_out(h)
+
+
+class VQGAN(ChameleonVQVAE):
+    """Chameleon's VQGAN: ``encode_codes`` pixels in [-1, 1] to row-major codes, ``decode_codes`` back."""
+
+    def __init__(self, config: ChameleonVQVAEConfig, out_channels: int = 3, with_decoder: bool = True):
+        super().__init__(config)
+        self.decoder = Decoder(config, out_channels) if with_decoder else None
+        self.eval()
+
+    @classmethod
+    def from_params(cls, params: dict, with_decoder: bool = True) -> "VQGAN":
+        return cls(hf_vq_config(params), params["ddconfig"].get("out_ch", 3), with_decoder)
+
+    @property
+    def params(self) -> dict:
+        """The taming ``params`` block that rebuilds this model (what vqgan.yaml holds)."""
+        return params_from_hf(self.config)
+
+    @property
+    def resolution(self) -> int:
+        return self.config.resolution
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        side = self.config.resolution // 2 ** (len(self.config.channel_multiplier) - 1)
+        return side, side
+
+    @property
+    def n_codes_per_image(self) -> int:
+        h, w = self.grid_shape
+        return h * w
+
+    @property
+    def n_embed(self) -> int:
+        return self.config.num_embeddings
+
+    @torch.no_grad()
+    def encode_codes(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, h*w) long codes, row-major, nearest codebook entry."""
+        hidden = self.quant_conv(self.encoder(pixels))
+        _, _, indices = self.quantize(hidden)
+        return indices.view(pixels.shape[0], -1)
+
+    @torch.no_grad()
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, h*w) codes -> (B, 3, H, W) decoder output (not clamped; see :func:`to_uint8`)."""
+        if self.decoder is None:
+            raise RuntimeError(
+                "this VQGAN was loaded without decoder weights (a Hugging Face Chameleon checkpoint holds only "
+                "the encoder); load vqgan.yaml + vqgan.ckpt from the original release to decode images"
+            )
+        codes = torch.as_tensor(codes, device=self.quantize.embedding.weight.device).long()
+        h, w = self.grid_shape
+        if codes.dim() != 2 or codes.shape[1] != h * w:
+            raise ValueError(f"expected codes of shape (B, {h * w}) for a {h}x{w} grid, got {tuple(codes.shape)}")
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.n_embed):
+            raise ValueError(f"codes must lie in 0..{self.n_embed - 1}")
+        z = self.quantize.embedding(codes).view(codes.shape[0], h, w, -1).permute(0, 3, 1, 2)
+        return self.decoder(self.post_quant_conv(z.contiguous()))
+
+
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """Decoder output (B, 3, H, W) -> (B, H, W, 3) uint8, clamping to [-1, 1] first (Chameleon's rule)."""
+    x = (pixels.detach().float().clamp(-1, 1) + 1) * 127.5
+    return x.round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def _load_state(path: Path, trust_checkpoint: bool) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # the safe unpickler refuses anything but tensors and plain containers
+        if not trust_checkpoint:
+            raise UntrustedCheckpointError(
+                f"{path}: cannot be loaded with weights_only=True ({type(exc).__name__}: {exc}). Loading it "
+                "fully runs code stored in the file; pass --trust-checkpoint (trust_checkpoint=True) only if you trust it"
+            ) from exc
+        logger.warning("%s: loading with full unpickling because trust_checkpoint was given", path)
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    return obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+
+
+def _vqgan_from_state(params: dict, state: dict, source: Path) -> VQGAN:
+    state = {k: v for k, v in state.items() if k.startswith(_STATE_PREFIXES)}
+    has_decoder = any(k.startswith("decoder.") for k in state)
+    model = VQGAN.from_params(params, with_decoder=has_decoder)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights do not fit the YAML config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    if not has_decoder:
+        logger.warning("%s: no decoder weights; this VQGAN can encode but not decode", source)
+    return model.eval()
+
+
+def _find_vqgan_files(path: Path) -> tuple[Path, Path] | None:
+    for folder in (path, path / "tokenizer", path / "vqgan"):
+        if (folder / YAML_NAME).is_file():
+            for name in WEIGHT_NAMES:
+                if (folder / name).is_file():
+                    return folder / YAML_NAME, folder / name
+    return None
+
+
+def _load_hf_vqmodel(path: Path) -> VQGAN:
+    from safetensors import safe_open
+
+    config = json.loads((path / "config.json").read_text())
+    if "vq_config" not in config:
+        raise ValueError(f"{path}/config.json has no vq_config: not a Chameleon checkpoint")
+    params = params_from_hf(ChameleonVQVAEConfig(**{k: v for k, v in config["vq_config"].items() if k in ChameleonVQVAEConfig.__dataclass_fields__}))
+    prefix, state = "model.vqmodel.", {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if key.startswith(prefix):
+                    state[key[len(prefix):]] = f.get_tensor(key)
+    if not state:
+        raise ValueError(f"{path}: no model.vqmodel.* tensors in its safetensors files")
+    return _vqgan_from_state(params, state, path)
+
+
+def load_vqgan(path: str | Path, trust_checkpoint: bool = False, device=None, dtype=None) -> VQGAN:
+    """Load a VQGAN from any of the layouts in the module docstring."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: VQGAN checkpoint does not exist")
+    if path.is_file():  # a weights file beside its yaml
+        files = (path.parent / YAML_NAME, path)
+        if not files[0].is_file():
+            raise FileNotFoundError(f"{path}: no {YAML_NAME} beside it")
+    else:
+        files = _find_vqgan_files(path)
+    if files is not None:
+        model = _vqgan_from_state(read_vqgan_yaml(files[0]), _load_state(files[1], trust_checkpoint), files[1])
+    elif (path / "config.json").is_file():
+        model = _load_hf_vqmodel(path)
+    else:
+        raise FileNotFoundError(
+            f"{path}: no VQGAN found (expected vqgan.yaml + vqgan.ckpt|vqgan.safetensors here, in tokenizer/ or vqgan/, "
+            "or a Hugging Face Chameleon config.json)"
+        )
+    return model.to(device=device, dtype=dtype)
+
+
+def save_vqgan(model: VQGAN, folder: str | Path) -> Path:
+    """Write ``vqgan.yaml`` (taming layout) and ``vqgan.safetensors`` (taming keys) into a folder."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    doc = {"model": {"target": "taming.models.vqgan.VQModel", "params": model.params}}
+    (folder / YAML_NAME).write_text(yaml.safe_dump(doc, sort_keys=False))
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "vqgan.safetensors"))
+    return folder

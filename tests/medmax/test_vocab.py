@@ -1,0 +1,59 @@
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models
+
+from medmax.vocab import Vocabulary, image_token_code, image_token_name, load_tokenizer
+
+
+def test_tiny_tokenizer_has_the_real_chameleon_layout(tiny_tokenizer):
+    vocab = tiny_tokenizer.get_vocab(with_added_tokens=True)
+    assert (vocab["<s>"], vocab["<pad>"], vocab["</s>"]) == (0, 1, 2)
+    assert vocab["IMGIMGAZ"] == 4 and vocab[image_token_name(8191)] == 8195
+    assert (vocab["<eoss>"], vocab["<racm3:break>"]) == (8196, 8197)
+    assert (vocab["<reserved08706>"], vocab["<image>"]) == (8710, 8711)
+
+
+def test_special_tokens_are_atomic_in_text(tiny_tokenizer):
+    ids = tiny_tokenizer.encode("Is it?<image><reserved08706>Yes").ids
+    assert 8711 in ids and 8710 in ids
+    assert ids.index(8710) == ids.index(8711) + 1
+
+
+def test_vocabulary_is_derived_from_the_tokenizer(tiny_vocab):
+    assert tiny_vocab.offset == 4 and tiny_vocab.n_codes == 8192
+    assert tiny_vocab.boi_id == 8197 and tiny_vocab.eoi_id == 8196 and tiny_vocab.eot_id == 8710
+    codes = np.array([0, 1, 8191])
+    assert tiny_vocab.codes_to_ids(codes).tolist() == [4, 5, 8195]
+    assert tiny_vocab.ids_to_codes(torch.tensor([4, 8195])).tolist() == [0, 8191]
+
+
+def test_name_roundtrip():
+    for code in (0, 7, 10, 123, 8191):
+        assert image_token_code(image_token_name(code)) == code
+    assert image_token_code("IMGIMGBCDZ") == 123
+    assert image_token_code("<image>") is None
+
+
+def test_out_of_range_codes_and_non_image_ids_are_refused(tiny_vocab):
+    with pytest.raises(ValueError, match="0..8191"):
+        tiny_vocab.codes_to_ids([8192])
+    with pytest.raises(ValueError, match="not image-code"):
+        tiny_vocab.ids_to_codes([8197])
+
+
+def test_non_constant_mapping_uses_the_lookup_table():
+    names = ["<s>", "<pad>", "</s>", "<racm3:break>", "<eoss>", "<reserved08706>"]
+    codes = [image_token_name(c) for c in (2, 0, 1)]  # shuffled order: no constant offset
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(names + codes)}, unk_token="<pad>"))
+    vocab = Vocabulary.from_tokenizer(tok)
+    assert vocab.offset is None
+    assert vocab.codes_to_ids([0, 1, 2]).tolist() == [7, 8, 6]
+    assert vocab.ids_to_codes([6, 7, 8]).tolist() == [2, 0, 1]
+    assert vocab.is_image_code(torch.tensor([3, 6, 8])).tolist() == [False, True, True]
+
+
+def test_load_tokenizer_from_folder(tiny_tokenizer_path, tmp_path):
+    assert load_tokenizer(tiny_tokenizer_path.parent).get_vocab_size() == load_tokenizer(tiny_tokenizer_path).get_vocab_size()
+    with pytest.raises(FileNotFoundError, match="no tokenizer file"):
+        load_tokenizer(tmp_path)
