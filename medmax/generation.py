@@ -1,0 +1,456 @@
+"""Generation from one early-fusion model: text, images, and interleaved text and images.
+
+A prompt is a list of segments: ``str`` (text), ``PIL.Image.Image`` or ``pathlib.Path`` (an image,
+tokenized with the bundle's VQGAN), :class:`ImageCodes` (raw VQGAN codes) and :data:`END_OF_TURN`.
+It is encoded the way training sequences are built: ``<s>``, then each segment in order (text via
+``tokenizer.encode(text).ids``; an image as ``boi + code ids + eoi``; the end-of-turn id).
+
+Decoding follows Chameleon's inference (DESIGN.md):
+
+- text: only text tokens and end-of-sequence (begin-of-image only in interleaved mode while images
+  remain); greedy or temperature / top-k / top-p; repetition penalty; stop strings; a length limit.
+  End-of-sequence and end-of-turn both end the text.
+- image: begin-of-image is forced, then exactly ``vqgan.n_codes_per_image`` codes, each drawn from the
+  image codes only (logits are computed for those rows of the output layer only), then end-of-image.
+  Classifier-free guidance runs Chameleon's three streams (full prompt; the prompt reduced to its image
+  tokens; ``<s><racm3:break>``) as one batch of ``3B`` rows sharing one key-value cache.
+- interleaved: text until the model emits begin-of-image, a full image, back to text; up to
+  ``max_images`` images and ``max_new_tokens`` text tokens.
+
+Prompts of different lengths are left-padded; the attention mask hides the padding and position ids
+count only real tokens, so a row's greedy output does not depend on the batch it runs in. Each phase
+(a text run, an image) prefills its own cache from the row's whole context so far.
+
+Example::
+
+    gen = Generator.from_dir("runs/export")
+    out = gen.generate([["What is shown?", Path("scan.png"), END_OF_TURN]], GenerationConfig(do_sample=False))
+    out[0].text
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import DynamicCache
+
+from .model import ModelBundle, load_model_dir
+from .sampling import apply_repetition_penalty, instruct_guidance, sample, text_token_mask
+from .vqgan import to_uint8
+
+logger = logging.getLogger(__name__)
+
+MODES = ("text", "image", "interleaved")
+
+
+class _EndOfTurn:
+    """The end-of-turn sentinel segment (``<reserved08706>``) between a prompt and its answer."""
+
+    def __repr__(self) -> str:
+        return "END_OF_TURN"
+
+
+END_OF_TURN = _EndOfTurn()
+
+
+@dataclass(frozen=True)
+class ImageCodes:
+    """An image given as raw VQGAN codes (row-major, 0..n_embed-1)."""
+
+    codes: tuple[int, ...]
+
+    def __post_init__(self):
+        codes = self.codes.tolist() if hasattr(self.codes, "tolist") else list(self.codes)
+        object.__setattr__(self, "codes", tuple(int(c) for c in np.asarray(codes).reshape(-1)))
+
+
+Segment = Union[str, Image.Image, Path, ImageCodes, _EndOfTurn]
+
+
+@dataclass
+class TextOutput:
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ImageOutput:
+    image: Image.Image | None  # None when GenerationConfig.decode_images is False
+    codes: list[int]
+
+
+@dataclass
+class GenerationOutput:
+    """One prompt's result: ordered text and image segments, and every generated token id."""
+
+    segments: list[Union[TextOutput, ImageOutput]]
+    token_ids: list[int]
+    finish_reason: str  # "eos" (end of sequence / turn), "stop" (a stop string), "length", "image" (image mode)
+
+    @property
+    def text(self) -> str:
+        return "".join(s.text for s in self.segments if isinstance(s, TextOutput))
+
+    @property
+    def images(self) -> list[ImageOutput]:
+        return [s for s in self.segments if isinstance(s, ImageOutput)]
+
+
+@dataclass
+class GenerationConfig:
+    """How to decode. Defaults are Chameleon's inference defaults."""
+
+    mode: str = "text"  # "text", "image" or "interleaved"
+    max_new_tokens: int = 256  # text tokens (image codes are not counted)
+    do_sample: bool = True  # text: sample (True) or greedy (False)
+    temperature: float = 1.0  # text
+    top_p: float = 0.9  # text
+    top_k: int = 0  # text; 0 = off
+    repetition_penalty: float = 1.2  # text; 1.0 = off
+    stop_strings: tuple[str, ...] = ()  # text ends at (and is cut before) the first one it contains
+    max_images: int = 1  # interleaved: images the model may draw
+    image_temperature: float = 0.7  # 0 = greedy codes
+    image_top_p: float = 0.9
+    image_top_k: int = 0
+    guidance: bool = True  # image: three-stream classifier-free guidance
+    guidance_scale_text: float = 3.0
+    guidance_scale_image: float = 1.2
+    seed: int | None = None  # None: a fresh random seed
+    decode_images: bool = True  # False: return codes only (no VQGAN decoder work)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"GenerationConfig.mode: unknown mode {self.mode!r}; choose one of {MODES}")
+        if self.max_new_tokens < 1 and self.mode != "image":
+            raise ValueError(f"GenerationConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        for name in ("temperature", "image_temperature", "top_p", "image_top_p"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"GenerationConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"GenerationConfig.repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.max_images < 0:
+            raise ValueError(f"GenerationConfig.max_images must be >= 0, got {self.max_images}")
+        if isinstance(self.stop_strings, str):
+            self.stop_strings = (self.stop_strings,)
+        self.stop_strings = tuple(self.stop_strings)
+
+
+@dataclass
+class _Row:
+    """One prompt's state across the phases of a generation."""
+
+    context: list[int]  # prompt + everything generated so far
+    segments: list = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)
+    text_left: int = 0
+    images_left: int = 0
+    finish_reason: str = ""
+
+
+class Generator:
+    """Generates text, images or both from a loaded model folder (see the module docstring)."""
+
+    def __init__(self, bundle: ModelBundle):
+        self.model = bundle.model.eval()
+        self.tokenizer = bundle.tokenizer
+        self.vocab = bundle.vocab
+        self.vqgan = bundle.vqgan
+        self.device = next(self.model.parameters()).device
+        self.context_length = int(self.model.config.max_position_embeddings)
+        n_codes = self.vocab.n_codes if self.vqgan is None else min(self.vocab.n_codes, self.vqgan.n_embed)
+        self._code_ids = self.vocab.image_id_tensor(self.device)[:n_codes]  # (n,) ids the image sampler may draw
+
+    @classmethod
+    def from_dir(cls, path: str | Path, device=None, dtype: torch.dtype | None = None) -> "Generator":
+        return cls(load_model_dir(path, dtype=dtype, device=device))
+
+    @property
+    def n_image_tokens(self) -> int:
+        """Tokens one image takes in a sequence: boi + grid + eoi."""
+        return self._require_vqgan("images").n_codes_per_image + 2
+
+    # ------------------------------------------------------------------------------ prompts
+    def _require_vqgan(self, what: str):
+        if self.vqgan is None:
+            raise ValueError(f"this model folder has no vqgan/; cannot handle {what}")
+        return self.vqgan
+
+    def _check_segment(self, seg, where: str):
+        """Validate one segment cheaply (no model work); images are loaded to PIL here."""
+        from .images import load_image
+
+        if isinstance(seg, (str, _EndOfTurn)):
+            return seg
+        if isinstance(seg, (Path, Image.Image)):
+            vqgan = self._require_vqgan(f"the image in {where}")
+            del vqgan
+            return load_image(seg) if isinstance(seg, Path) else seg.convert("RGB")
+        if isinstance(seg, ImageCodes):
+            return self._check_codes(seg, where)
+        raise TypeError(f"{where}: unsupported segment type {type(seg).__name__} (str, PIL image, Path, ImageCodes, END_OF_TURN)")
+
+    def _check_codes(self, seg: ImageCodes, where: str) -> ImageCodes:
+        vqgan = self._require_vqgan(f"the image codes in {where}")
+        if len(seg.codes) != vqgan.n_codes_per_image:
+            raise ValueError(f"{where}: {len(seg.codes)} image codes, expected {vqgan.n_codes_per_image} for a "
+                             f"{vqgan.grid_shape[0]}x{vqgan.grid_shape[1]} grid")
+        limit = min(vqgan.n_embed, self.vocab.n_codes)
+        if seg.codes and (min(seg.codes) < 0 or max(seg.codes) >= limit):
+            raise ValueError(f"{where}: image codes must lie in 0..{limit - 1}, got {min(seg.codes)}..{max(seg.codes)}")
+        return seg
+
+    def _segment_length(self, seg) -> int:
+        if isinstance(seg, str):
+            return len(self.tokenizer.encode(seg).ids)
+        if isinstance(seg, _EndOfTurn):
+            return 1
+        return self.n_image_tokens
+
+    def _check_prompts(self, prompts, config: GenerationConfig) -> list[list]:
+        """Load and validate every prompt before any model work; raise naming the prompt and segment."""
+        if isinstance(prompts, (str, Image.Image, Path, ImageCodes, _EndOfTurn)):
+            raise TypeError("prompts must be a list of prompts, each a list of segments")
+        checked = []
+        needed = self.n_image_tokens if config.mode == "image" else 1
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, (str, Image.Image, Path, ImageCodes, _EndOfTurn)):
+                prompt = [prompt]
+            segs = [self._check_segment(s, f"prompt {i} segment {j}") for j, s in enumerate(prompt)]
+            length = 1 + sum(self._segment_length(s) for s in segs)
+            if length + needed > self.context_length:
+                raise ValueError(f"prompt {i}: {length} tokens, and {config.mode} generation needs {needed} more, "
+                                 f"longer than the model's context of {self.context_length}")
+            checked.append(segs)
+        return checked
+
+    @torch.no_grad()
+    def _encode_images(self, images: list[Image.Image]) -> list[list[int]]:
+        from .images import preprocess
+
+        if not images:
+            return []
+        vqgan = self._require_vqgan("images")
+        param = next(vqgan.parameters())
+        pixels = torch.stack([preprocess(im, vqgan.resolution) for im in images])  # (N, 3, R, R)
+        codes = vqgan.encode_codes(pixels.to(param.device, param.dtype))  # (N, h*w)
+        return codes.cpu().tolist()
+
+    def encode_prompts(self, prompts, config: GenerationConfig | None = None) -> list[list[int]]:
+        """Token ids of each prompt (validated; images tokenized with the VQGAN)."""
+        return self._encode_checked(self._check_prompts(prompts, config or GenerationConfig()))
+
+    def _encode_checked(self, checked: list[list]) -> list[list[int]]:
+        pil = [s for segs in checked for s in segs if isinstance(s, Image.Image)]
+        pil_codes = iter(self._encode_images(pil))
+        v = self.vocab
+        out = []
+        for segs in checked:
+            ids = [v.bos_id]
+            for s in segs:
+                if isinstance(s, str):
+                    ids += self.tokenizer.encode(s).ids
+                elif isinstance(s, _EndOfTurn):
+                    ids.append(v.eot_id)
+                else:
+                    codes = s.codes if isinstance(s, ImageCodes) else next(pil_codes)
+                    ids += [v.boi_id, *v.codes_to_ids(list(codes)).tolist(), v.eoi_id]
+            out.append(ids)
+        return out
+
+    # ------------------------------------------------------------------------------ batching helpers
+    def _left_pad(self, seqs: list[list[int]]):
+        """-> ids (B, T) long, mask (B, T) long, positions (B, T) long; padding on the left."""
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.vocab.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[r, width - len(s):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return ids.to(self.device), mask.to(self.device), positions.to(self.device)
+
+    def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
+        """One transformer pass; -> last position's hidden state (B, C)."""
+        out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                               past_key_values=cache, use_cache=True)
+        return out.last_hidden_state[:, -1, :]
+
+    @staticmethod
+    def _step_inputs(tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor):
+        """Extend mask / positions by one real token; -> ids (B, 1), mask (B, T+1), positions (B, 1)."""
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        return tokens[:, None], mask, positions[:, -1:] + 1
+
+    # ------------------------------------------------------------------------------ text phase
+    def _run_text(self, rows: list[_Row], config: GenerationConfig, rng: torch.Generator) -> list[list[int]]:
+        """Decode text for every row until it ends; sets each row's finish_reason; -> new ids per row."""
+        v = self.vocab
+        ids, mask, positions = self._left_pad([r.context for r in rows])
+        cache = DynamicCache(config=self.model.config)
+        hidden = self._forward(ids, mask, positions, cache)  # (B, C)
+        allow = {b: text_token_mask(v, b, self.device) for b in (False, True)}
+        seen = torch.zeros(len(rows), v.size, dtype=torch.bool, device=self.device)
+        seen.scatter_(1, ids, mask.bool())
+        lengths = torch.tensor([len(r.context) for r in rows], device=self.device)
+        img_room = self.n_image_tokens if config.mode == "interleaved" else 0
+        images_left = torch.tensor([r.images_left > 0 for r in rows], device=self.device)
+        new = [[] for _ in rows]
+        done = [False] * len(rows)
+        for step in range(max(r.text_left for r in rows)):
+            logits = apply_repetition_penalty(self.model.lm_head(hidden).float(), seen, config.repetition_penalty)
+            boi_ok = images_left & (lengths + 1 + img_room <= self.context_length)  # (B,)
+            allowed = torch.where(boi_ok[:, None], allow[True], allow[False])  # (B, V)
+            tokens = sample(logits.masked_fill(~allowed, float("-inf")), config.do_sample, config.temperature,
+                            config.top_p, config.top_k, rng)  # (B,)
+            seen[torch.arange(len(rows)), tokens] = True
+            lengths += 1
+            for r, tok in enumerate(tokens.tolist()):
+                if not done[r]:
+                    new[r].append(tok)
+                    done[r] = self._text_finished(rows[r], new[r], tok, int(lengths[r]), config)
+            if all(done):
+                break
+            ids, mask, positions = self._step_inputs(tokens, mask, positions)
+            hidden = self._forward(ids, mask, positions, cache)
+        return new
+
+    def _text_finished(self, row: _Row, new: list[int], tok: int, length: int, config: GenerationConfig) -> bool:
+        v = self.vocab
+        if tok in (v.eos_id, v.eot_id):
+            row.finish_reason = "eos"
+        elif tok == v.boi_id:
+            row.finish_reason = "image"
+        elif config.stop_strings and any(s in self._decode(new) for s in config.stop_strings):
+            row.finish_reason = "stop"
+        elif len(new) >= row.text_left or length >= self.context_length:
+            row.finish_reason = "length"
+        else:
+            return False
+        return True
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _text_segment(self, new: list[int], config: GenerationConfig) -> TextOutput:
+        v = self.vocab
+        body = [t for t in new if t not in (v.eos_id, v.eot_id, v.boi_id)]
+        text = self._decode(body)
+        cuts = [text.find(s) for s in config.stop_strings if s in text]
+        return TextOutput(text=text[: min(cuts)] if cuts else text, token_ids=body)
+
+    # ------------------------------------------------------------------------------ image phase
+    def _guidance_streams(self, context: list[int]) -> list[list[int]]:
+        """The three streams for one row: full prompt, prompt reduced to its image tokens, unconditional."""
+        v = self.vocab
+        image_only, inside = [v.bos_id], False
+        for tok in context:
+            if tok == v.boi_id:
+                inside = True
+            if inside:
+                image_only.append(tok)
+            if tok == v.eoi_id:
+                inside = False
+        return [context + [v.boi_id], image_only + [v.boi_id], [v.bos_id, v.boi_id]]
+
+    @torch.no_grad()
+    def _run_image(self, contexts: list[list[int]], config: GenerationConfig, rng: torch.Generator) -> torch.Tensor:
+        """Draw one full grid of codes per context (boi is forced after it); -> (B, n_codes_per_image) codes."""
+        n_steps = self._require_vqgan("image generation").n_codes_per_image
+        B = len(contexts)
+        streams = [self._guidance_streams(c) for c in contexts]  # B x 3
+        n_streams = 3 if config.guidance else 1
+        seqs = [streams[b][s] for s in range(n_streams) for b in range(B)]  # stream-major: (3B,)
+        ids, mask, positions = self._left_pad(seqs)
+        cache = DynamicCache(config=self.model.config)
+        weight = self.model.lm_head.weight[self._code_ids]  # (n, C): only image-code logits are needed
+        hidden = self._forward(ids, mask, positions, cache)  # (3B, C)
+        codes = torch.empty(B, n_steps, dtype=torch.long, device=self.device)
+        greedy = config.image_temperature == 0.0
+        for step in range(n_steps):
+            logits = F.linear(hidden, weight).float()  # (3B, n)
+            if config.guidance:
+                full, image_only, uncond = logits.chunk(3)
+                logits = instruct_guidance(full, image_only, uncond, config.guidance_scale_text,
+                                           config.guidance_scale_image)  # (B, n)
+            codes[:, step] = sample(logits, not greedy, config.image_temperature, config.image_top_p,
+                                    config.image_top_k, rng)
+            if step + 1 < n_steps:
+                tokens = self._code_ids[codes[:, step]].repeat(n_streams)  # (3B,)
+                ids, mask, positions = self._step_inputs(tokens, mask, positions)
+                hidden = self._forward(ids, mask, positions, cache)
+        return codes
+
+    @torch.no_grad()
+    def _decode_images(self, codes: torch.Tensor) -> list[Image.Image]:
+        pixels = self.vqgan.decode_codes(codes.to(self.vqgan.quantize.embedding.weight.device))  # (B, 3, R, R)
+        return [Image.fromarray(a.numpy()) for a in to_uint8(pixels)]
+
+    def _add_images(self, rows: list[_Row], config: GenerationConfig, rng: torch.Generator):
+        """Generate one image for each row (whose context must not yet hold the boi) and append it."""
+        codes = self._run_image([r.context for r in rows], config, rng)  # (B, n)
+        images = self._decode_images(codes) if config.decode_images else [None] * len(rows)
+        v = self.vocab
+        for row, c, im in zip(rows, codes.cpu(), images):
+            ids = [v.boi_id, *self._code_ids[c.to(self.device)].tolist(), v.eoi_id]
+            row.context += ids
+            row.generated += ids
+            row.segments.append(ImageOutput(image=im, codes=c.tolist()))
+            row.images_left -= 1
+
+    # ------------------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[Segment]], config: GenerationConfig | None = None) -> list[GenerationOutput]:
+        """Generate for a batch of prompts; -> one GenerationOutput per prompt, in order."""
+        config = config or GenerationConfig()
+        if config.mode in ("image", "interleaved") and config.decode_images:
+            self._require_vqgan(f"{config.mode} generation")
+        checked = self._check_prompts(prompts, config)
+        if not checked:
+            return []
+        rows = [_Row(context=ids, text_left=config.max_new_tokens, images_left=config.max_images)
+                for ids in self._encode_checked(checked)]
+        rng = torch.Generator(device=self.device)
+        rng.manual_seed(config.seed) if config.seed is not None else rng.seed()
+        if config.mode == "image":
+            self._add_images(rows, config, rng)
+            for r in rows:
+                r.finish_reason = "image"
+        else:
+            self._text_loop(rows, config, rng)
+        return [GenerationOutput(segments=r.segments, token_ids=r.generated, finish_reason=r.finish_reason) for r in rows]
+
+    def _text_loop(self, rows: list[_Row], config: GenerationConfig, rng: torch.Generator):
+        """Text phases, with an image after each begin-of-image the model emits (interleaved mode)."""
+        if config.mode == "text":
+            for r in rows:
+                r.images_left = 0
+        active = list(rows)
+        while active:
+            new = self._run_text(active, config, rng)
+            for row, ids in zip(active, new):
+                seg = self._text_segment(ids, config)
+                if seg.token_ids:
+                    row.segments.append(seg)
+                row.text_left -= len(seg.token_ids)
+                kept = ids[:-1] if ids and ids[-1] == self.vocab.boi_id else ids
+                row.context += kept
+                row.generated += kept
+            drawing = [r for r in active if r.finish_reason == "image"]
+            if drawing:
+                self._add_images(drawing, config, rng)
+            active = [r for r in drawing if self._continues(r)]
+
+    def _continues(self, row: _Row) -> bool:
+        """After an image: continue with text if budget and context remain."""
+        if row.text_left <= 0 or len(row.context) >= self.context_length:
+            row.finish_reason = "length"
+            return False
+        row.finish_reason = ""
+        return True
