@@ -1,0 +1,374 @@
+"""Build a whole sequence dataset: input files -> parquet shards, errors.jsonl and manifest.json.
+
+Work is parallel over input files (``workers`` forked processes; each file becomes its own
+``part-FFFFF-SSSS.parquet`` shards) and streams in batches of rows, so memory stays bounded by the
+batch size and the image-code table, whatever the input size. Image codes come from the row itself
+(``image_tokens`` / code lists), from ``image_tokens`` folders written by ``tokenization.image_tokenize``
+(joined by image path), or, with a VQGAN checkpoint, from image bytes (or paths under ``image_root``)
+encoded on the fly.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .dataset_io import (
+    ERRORS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    ErrorLog,
+    ShardWriter,
+    clear_outputs,
+    find_inputs,
+    iter_row_batches,
+    write_manifest,
+)
+from .sequences import LengthDrop, RowError, SequenceBuilder, SequenceConfig
+from .vocab import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildConfig:
+    """One sequence build (``tokenization.build_sequences`` fills it from its flags)."""
+
+    inputs: list[str]  # JSONL / parquet files, folders or globs
+    tokenizer: str  # tokenizer.json or a checkpoint folder holding one
+    output: str  # folder for shards, manifest.json and errors.jsonl
+    sequence: SequenceConfig = field(default_factory=SequenceConfig)
+    image_tokens: tuple[str, ...] = ()  # folders written by tokenization.image_tokenize
+    ckpt: str | None = None  # VQGAN (or model folder holding one) to encode image bytes on the fly
+    image_root: str | None = None  # with ckpt: image paths not in image_tokens are read under this folder
+    trust_checkpoint: bool = False  # allow a legacy pickled VQGAN checkpoint
+    workers: int = 1  # processes, each taking whole input files
+    batch_size: int = 1024  # rows encoded per tokenizer call
+    rows_per_shard: int = 100_000
+    keep: tuple[str, ...] = ("source", "task", "credential")  # passthrough columns (written as strings)
+    strict: bool = False  # fail on the first rejected row
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {self.workers}")
+        if self.batch_size < 1 or self.rows_per_shard < 1:
+            raise ValueError("--batch-size and --rows-per-shard must be positive")
+        if self.image_root is not None and self.ckpt is None:
+            raise ValueError("--image-root needs --ckpt (images read from disk are encoded with the VQGAN)")
+
+
+class RowRejected(RuntimeError):
+    """Raised in strict mode for the first rejected row."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Image codes by path or bytes
+
+
+def _compact(codes) -> np.ndarray:
+    arr = np.asarray(codes, dtype=np.int64)
+    if arr.size and arr.min() >= 0 and arr.max() < 2**15:
+        return arr.astype(np.int16)
+    return arr.astype(np.int32) if arr.size and arr.max() < 2**31 else arr
+
+
+def load_code_table(folders: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """``img_path -> codes`` of every image-token folder, stored compactly; conflicts raise."""
+    from .image_tokens import iter_image_tokens
+
+    table: dict[str, np.ndarray] = {}
+    for folder in folders:
+        for path, codes in iter_image_tokens(folder):
+            arr = _compact(codes)
+            previous = table.setdefault(path, arr)
+            if previous is not arr and not np.array_equal(previous, arr):
+                raise ValueError(f"--image-tokens {folder}: {path!r} has different codes in another folder")
+    logger.info("image codes for %d images from %d folder(s)", len(table), len(folders))
+    return table
+
+
+def table_code_count(table: dict[str, np.ndarray], folders) -> int | None:
+    """The one code count all images in the table share (None for an empty table)."""
+    counts = Counter(len(v) for v in table.values())
+    if len(counts) > 1:
+        raise ValueError(
+            f"--image-tokens {', '.join(map(str, folders))}: images have different code counts "
+            f"{dict(counts.most_common(4))}; pass --codes-per-image to choose one (others are rejected)"
+        )
+    return next(iter(counts), None)
+
+
+class ImageCodes:
+    """Resolves an image reference (path or bytes) to raw codes: the table first, then the VQGAN."""
+
+    def __init__(self, table: dict[str, np.ndarray], vqgan=None, image_root: str | None = None):
+        self.table, self.vqgan = table, vqgan
+        self.root = Path(image_root).resolve() if image_root else None
+
+    def __call__(self, ref) -> np.ndarray:
+        if isinstance(ref, str):
+            codes = self.table.get(ref)
+            if codes is None:
+                codes = self.table.get(os.path.normpath(ref))
+            if codes is not None:
+                return codes
+            if self.vqgan is None or self.root is None:
+                raise RowError("missing_image", f"no image codes for path {ref!r} in --image-tokens")
+            return self._encode(self._inside_root(ref))
+        if self.vqgan is None:
+            raise RowError("missing_image", "the row holds image bytes; pass --ckpt to tokenize them on the fly")
+        return self._encode(bytes(ref))
+
+    def _inside_root(self, ref: str) -> Path:
+        path = (self.root / ref).resolve()
+        if not path.is_relative_to(self.root):
+            raise RowError("missing_image", f"image path {ref!r} leaves --image-root {self.root}")
+        if not path.is_file():
+            raise RowError("missing_image", f"image path {ref!r} not in --image-tokens nor under --image-root")
+        return path
+
+    def _encode(self, source) -> np.ndarray:
+        import torch
+
+        from .images import ImageLoadError, load_image, preprocess
+
+        try:
+            image = load_image(source)
+        except ImageLoadError as err:
+            raise RowError("image_load_error", str(err)) from None
+        pixels = preprocess(image, self.vqgan.resolution)[None]  # (1, 3, R, R)
+        param = next(self.vqgan.parameters())
+        with torch.no_grad():
+            codes = self.vqgan.encode_codes(pixels.to(param.device, param.dtype))  # (1, h*w)
+        return codes[0].cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# One input file
+
+
+@dataclass
+class FileResult:
+    """What one input file gave; merged into the manifest."""
+
+    index: int
+    path: str
+    files: list[str] = field(default_factory=list)
+    rows_read: int = 0
+    rows_written: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    dropped_for_length: int = 0
+    truncated: int = 0
+    formats: Counter = field(default_factory=Counter)
+    total_tokens: int = 0
+    trained_tokens: int = 0
+    min_length: int | None = None
+    max_length: int | None = None
+    codes_per_image: int | None = None
+
+    def count(self, built) -> None:
+        n = len(built)
+        self.rows_written += 1
+        self.truncated += built.truncated
+        self.formats[built.format] += 1
+        self.total_tokens += n
+        self.trained_tokens += int((built.labels != -100).sum())
+        self.min_length = n if self.min_length is None else min(self.min_length, n)
+        self.max_length = n if self.max_length is None else max(self.max_length, n)
+
+
+# State a forked worker inherits (set by build_dataset before the pool starts).
+_STATE: dict = {}
+
+
+def _process_file(index: int) -> FileResult:
+    cfg: BuildConfig = _STATE["config"]
+    path = _STATE["inputs"][index]
+    out = Path(cfg.output)
+    builder = SequenceBuilder(_STATE["tokenizer"], cfg.sequence, _STATE["resolver"])
+    writer = ShardWriter(out, index, cfg.keep, cfg.rows_per_shard)
+    errors = ErrorLog(out / f"{ERRORS}.{index:05d}.tmp")
+    result = FileResult(index, str(path))
+    try:
+        for batch in iter_row_batches(path, cfg.batch_size):
+            _process_batch(batch, builder, writer, errors, result, path, cfg.strict)
+            with _STATE["progress"].get_lock():
+                _STATE["progress"].value += len(batch)
+        result.files = writer.close()
+    finally:
+        errors.close()
+    result.codes_per_image = builder.codes_per_image
+    return result
+
+
+def _process_batch(batch, builder, writer, errors, result, path, strict) -> None:
+    numbers = [n for n, _ in batch]
+    rows = [r for _, r in batch]
+    parsed = [r for r in rows if isinstance(r, dict)]
+    built_iter = iter(builder.build_batch(parsed))
+    for number, row in zip(numbers, rows):
+        built = next(built_iter) if isinstance(row, dict) else row  # a RowError for unparsable lines
+        result.rows_read += 1
+        if isinstance(built, RowError):
+            _reject(built, number, path, errors, result, strict)
+        else:
+            writer.add(built, row)
+            result.count(built)
+
+
+def _reject(err: RowError, number: int, path, errors: ErrorLog, result: FileResult, strict: bool) -> None:
+    errors.add(path, number, err)
+    if isinstance(err, LengthDrop):
+        result.dropped_for_length += 1
+        return
+    result.rejected[err.kind] += 1
+    if strict:
+        raise RowRejected(f"{path} row {number}: {err.reason} ({err.kind}; --strict stops at the first bad row)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole build
+
+
+def _setup(cfg: BuildConfig) -> dict:
+    """Tokenizer, image-code table, VQGAN and the resolved sequence settings."""
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    table = load_code_table(cfg.image_tokens) if cfg.image_tokens else {}
+    seq = cfg.sequence
+    vqgan = None
+    if cfg.ckpt:
+        from .vqgan import load_vqgan
+
+        vqgan = load_vqgan(cfg.ckpt, trust_checkpoint=cfg.trust_checkpoint)
+        if seq.codes_per_image is not None and seq.codes_per_image != vqgan.n_codes_per_image:
+            raise ValueError(f"--codes-per-image {seq.codes_per_image} but the VQGAN in --ckpt gives {vqgan.n_codes_per_image}")
+        seq = SequenceConfig(**{**asdict(seq), "codes_per_image": vqgan.n_codes_per_image, "codebook_size": vqgan.n_embed})
+    if seq.codes_per_image is None and table:
+        seq = SequenceConfig(**{**asdict(seq), "codes_per_image": table_code_count(table, cfg.image_tokens)})
+    return {"tokenizer": tokenizer, "resolver": ImageCodes(table, vqgan, cfg.image_root), "sequence": seq}
+
+
+def _run_files(cfg: BuildConfig, n_files: int, total_rows: int | None) -> list[FileResult]:
+    bar = tqdm(total=total_rows, unit="row", desc="build sequences", disable=not cfg.progress)
+    progress = _STATE["progress"]
+    try:
+        if cfg.workers == 1 or n_files == 1:
+            results = []
+            for i in range(n_files):
+                results.append(_process_file(i))
+                bar.update(progress.value - bar.n)
+            return results
+        ctx = multiprocessing.get_context("fork")  # workers inherit the tokenizer and code table
+        with ctx.Pool(min(cfg.workers, n_files), initializer=_worker_init) as pool:
+            pending = pool.map_async(_process_file, range(n_files), chunksize=1)
+            while not pending.ready():
+                pending.wait(0.5)
+                bar.update(progress.value - bar.n)
+            results = pending.get()
+        bar.update(progress.value - bar.n)
+        return results
+    finally:
+        bar.close()
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _count_rows(paths) -> int | None:
+    """Rows in parquet inputs (from metadata) for the progress bar; None when any input is JSONL."""
+    import pyarrow.parquet as pq
+
+    if any(p.suffix != ".parquet" for p in paths):
+        return None
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+
+
+def build_dataset(cfg: BuildConfig) -> dict:
+    """Run a build; returns the manifest it wrote. A rerun replaces the previous outputs."""
+    inputs = find_inputs(cfg.inputs)
+    out = Path(cfg.output)
+    clear_outputs(out)
+    state = _setup(cfg)
+    cfg = BuildConfig(**{**cfg.__dict__, "sequence": state["sequence"]})
+    _STATE.update(state, config=cfg, inputs=inputs, progress=multiprocessing.get_context("fork").Value("q", 0))
+    if cfg.workers > 1 and len(inputs) == 1:
+        logger.warning("--workers %d but a single input file: parallelism is over input files", cfg.workers)
+    try:
+        results = _run_files(cfg, len(inputs), _count_rows(inputs))
+    finally:
+        _STATE.clear()
+    _merge_errors(out, len(inputs))
+    manifest = _manifest(cfg, inputs, results, state["tokenizer"])
+    write_manifest(out, manifest)
+    return manifest
+
+
+def _merge_errors(out: Path, n_files: int) -> None:
+    with open(out / ERRORS, "w", encoding="utf-8") as merged:
+        for i in range(n_files):
+            part = out / f"{ERRORS}.{i:05d}.tmp"
+            if part.is_file():
+                merged.write(part.read_text(encoding="utf-8"))
+                part.unlink()
+
+
+def _codes_per_image(results: list[FileResult], configured: int | None) -> int | None:
+    seen = {r.codes_per_image for r in results if r.codes_per_image is not None}
+    if len(seen) > 1:
+        by_file = {r.path: r.codes_per_image for r in results if r.codes_per_image is not None}
+        raise ValueError(f"images have different code counts across input files {by_file}; pass --codes-per-image")
+    return configured if configured is not None else next(iter(seen), None)
+
+
+def _manifest(cfg: BuildConfig, inputs, results: list[FileResult], tokenizer) -> dict:
+    from .vocab import Vocabulary
+
+    vocab = Vocabulary.from_tokenizer(tokenizer)
+    rejected = sum((r.rejected for r in results), Counter())
+    written = sum(r.rows_written for r in results)
+    total = sum(r.total_tokens for r in results)
+    lengths = [(r.min_length, r.max_length) for r in results if r.rows_written]
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "tokenizer": str(cfg.tokenizer),
+        "special_ids": vocab.special_ids(),
+        "image_code_offset": vocab.offset,
+        "codes_per_image": _codes_per_image(results, cfg.sequence.codes_per_image),
+        "codebook_size": cfg.sequence.codebook_size,
+        "counts": {
+            "rows_read": sum(r.rows_read for r in results),
+            "rows_written": written,
+            "rejected": dict(sorted(rejected.items())),
+            "rejected_total": sum(rejected.values()),
+            "dropped_for_length": sum(r.dropped_for_length for r in results),
+            "truncated": sum(r.truncated for r in results),
+            "by_format": dict(sorted(sum((r.formats for r in results), Counter()).items())),
+        },
+        "token_stats": {
+            "total_tokens": total,
+            "trained_tokens": sum(r.trained_tokens for r in results),
+            "min_length": min((a for a, _ in lengths), default=None),
+            "mean_length": round(total / written, 3) if written else None,
+            "max_length": max((b for _, b in lengths), default=None),
+        },
+        "files": [name for r in results for name in r.files],
+        "inputs": [str(p) for p in inputs],
+        "settings": {
+            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg.sequence).items()},
+            "image_tokens": list(cfg.image_tokens),
+            "ckpt": cfg.ckpt,
+            "keep": list(cfg.keep),
+        },
+    }

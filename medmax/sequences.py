@@ -1,0 +1,434 @@
+"""Rows of text and images -> the token-id sequences the model trains on.
+
+Three input formats, detected from a row's fields (:func:`detect_format`):
+
+- ``medmax``: ``text`` with ``<image>`` placeholders and the end-of-turn ``<reserved08706>`` between
+  prompt and answer, images as ``image_tokens`` (raw codes: one list, or a list per image) or
+  ``image_path`` (one path or a list). Ids follow MedMax's published algorithm exactly:
+  ``[bos] + tokenizer.encode(text).ids + [eos]`` (the whole text encoded at once, post-processor
+  included), each placeholder id replaced by ``[boi] + codes mapped through the vocabulary + [eoi]``.
+  Labels: -100 up to and including the first end-of-turn, the ids after it.
+  Unlike the published script, each placeholder gets its own image.
+- ``conversation``: ``conversations`` as ``[{role, content}]`` or ``[{from, value}]`` (LLaVA's
+  human / gpt), images as ``modalities`` (``[{"type": "image", "value": path or bytes}]``),
+  ``images`` or ``image``, matched in order to the placeholders across all turns. Every turn is its
+  content followed by an end-of-turn; system and user turns carry no loss, assistant turns
+  (closing end-of-turn included) do, and so does the final ``eos`` when the last turn is the assistant's.
+- ``pretraining``: ``text`` (+ optional ``modalities`` / ``images``) without turns; every token after
+  ``bos`` carries loss.
+
+Text of conversations and pretraining rows is encoded piecewise between placeholders with
+``add_special_tokens=False`` (``bos`` / ``eos`` are added here once). ``SequenceConfig.image_loss``
+switches the loss on image blocks (``boi``, codes, ``eoi``) inside answers.
+
+A row that cannot be built raises :class:`RowError` with a short ``kind`` (counted per kind) and a
+message naming the reason; nothing is silently repaired.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .vocab import IMAGE_PLACEHOLDER, Vocabulary
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+FORMATS = ("medmax", "conversation", "pretraining")
+CONTEXT_ROLES = {"system": "system", "user": "user", "human": "user"}
+ANSWER_ROLES = {"assistant": "assistant", "gpt": "assistant"}
+
+
+class RowError(ValueError):
+    """A row that cannot become a sequence. ``kind`` is the counted category, the message the detail."""
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+
+
+class LengthDrop(RowError):
+    """A row dropped by ``max_length`` (counted apart from rejected rows)."""
+
+
+@dataclass
+class SequenceConfig:
+    """How rows become sequences."""
+
+    # Strings that mark an image in conversation / pretraining text, matched to images in order.
+    placeholders: tuple[str, ...] = (IMAGE_PLACEHOLDER,)
+    # Loss on image blocks (boi, codes, eoi) inside answers; off for understanding-only training.
+    image_loss: bool = True
+    # Longest sequence kept; longer ones are truncated at the end of answer text or dropped.
+    max_length: int | None = None
+    # Codes every image must have (the VQGAN grid); None: the first image seen fixes it.
+    codes_per_image: int | None = None
+    # VQGAN codebook size when known; codes must also lie below the vocabulary's n_codes.
+    codebook_size: int | None = None
+
+    def __post_init__(self):
+        if not self.placeholders or any(not p for p in self.placeholders):
+            raise ValueError("placeholders: give at least one non-empty placeholder string")
+        if self.max_length is not None and self.max_length < 3:
+            raise ValueError(f"max_length must be at least 3, got {self.max_length}")
+        if self.codes_per_image is not None and self.codes_per_image < 1:
+            raise ValueError(f"codes_per_image must be positive, got {self.codes_per_image}")
+
+
+@dataclass
+class Built:
+    """One sequence. All arrays are (T,)."""
+
+    input_ids: np.ndarray  # int32
+    labels: np.ndarray  # int32, IGNORE_INDEX where no loss
+    answer: np.ndarray = field(repr=False)  # bool, tokens of the trained region (images included)
+    open_image: np.ndarray = field(repr=False)  # bool, boi and codes: a cut after them splits an image
+    format: str = "medmax"
+    n_images: int = 0
+    truncated: bool = False
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# Format detection and field parsing
+
+
+def detect_format(row: dict) -> str:
+    """``medmax``, ``conversation`` or ``pretraining`` from the fields a row has; RowError otherwise."""
+    has = {k for k, v in row.items() if v is not None}
+    if "conversations" in has:
+        return "conversation"
+    if "text" in has:
+        if has & {"image_path", "image_tokens"}:
+            return "medmax"
+        if has & {"modalities", "images", "image"}:
+            return "pretraining"
+        text = row["text"]
+        return "medmax" if isinstance(text, str) and "<reserved08706>" in text else "pretraining"
+    raise RowError(
+        "unknown_format",
+        f"row fits no input format (columns {sorted(has)}): expected 'conversations', "
+        "'text' + 'image_path'/'image_tokens' (MedMax), or 'text' [+ 'modalities'] (pretraining)",
+    )
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, np.ndarray):
+        return list(value)
+    return [value]
+
+
+def _text_field(row: dict, name: str) -> str:
+    text = row.get(name)
+    if not isinstance(text, str):
+        raise RowError("untokenizable", f"'{name}' must be a string, got {type(text).__name__}")
+    return text
+
+
+def _medmax_images(row: dict) -> list:
+    """Image references of a MedMax row: code lists when ``image_tokens`` is there, else paths."""
+    tokens = row.get("image_tokens")
+    if tokens is not None:
+        tokens = _as_list(tokens)
+        if tokens and isinstance(tokens[0], (list, tuple, np.ndarray)):
+            return [np.asarray(t) for t in tokens]  # one list per image
+        return [np.asarray(tokens)] if tokens else []
+    return _as_list(row.get("image_path"))
+
+
+def _row_images(row: dict) -> list:
+    """Image references of a conversation / pretraining row (paths, bytes or code lists)."""
+    if row.get("modalities") is not None:
+        refs = []
+        for i, item in enumerate(_as_list(row["modalities"])):
+            if not isinstance(item, dict) or item.get("type") != "image" or item.get("value") is None:
+                raise RowError("bad_field", f"modalities[{i}] must be {{'type': 'image', 'value': path or bytes}}, got {item!r:.80}")
+            refs.append(item["value"])
+        return refs
+    return _as_list(row.get("images", row.get("image")))
+
+
+def _turns(row: dict) -> list[tuple[str, str]]:
+    """``(role, content)`` of each turn, roles normalised to system / user / assistant."""
+    conversations = row["conversations"]
+    if isinstance(conversations, str):
+        try:
+            conversations = json.loads(conversations)
+        except json.JSONDecodeError as err:
+            raise RowError("bad_field", f"'conversations' is a string but not JSON: {err}") from None
+    turns = []
+    for i, turn in enumerate(_as_list(conversations)):
+        if not isinstance(turn, dict):
+            raise RowError("bad_field", f"conversations[{i}] must be an object, got {type(turn).__name__}")
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        role_key = str(role).lower()
+        if role_key not in CONTEXT_ROLES and role_key not in ANSWER_ROLES:
+            raise RowError("unknown_role", f"conversations[{i}] has unknown role {role!r} (expected system, user/human, assistant/gpt)")
+        if not isinstance(content, str):
+            raise RowError("untokenizable", f"conversations[{i}] content must be a string, got {type(content).__name__}")
+        turns.append((CONTEXT_ROLES.get(role_key) or ANSWER_ROLES[role_key], content))
+    if not turns:
+        raise RowError("bad_field", "'conversations' is empty")
+    if not any(role == "assistant" for role, _ in turns):
+        raise RowError("bad_field", "conversation has no assistant turn: nothing to train on")
+    return turns
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans: what a row needs encoded, so that a batch of rows is encoded in one tokenizer call
+
+
+@dataclass
+class _Piece:
+    """A run of tokens in a plan: text to encode, fixed ids, or image number ``image``."""
+
+    trained: bool
+    text: str | None = None
+    ids: tuple[int, ...] = ()
+    image: int | None = None
+
+
+@dataclass
+class Plan:
+    format: str
+    images: list  # image references (codes, paths or bytes), one per placeholder, in order
+    whole_text: str | None = None  # medmax: encoded at once with special tokens
+    pieces: list[_Piece] = field(default_factory=list)  # conversation / pretraining
+
+
+class SequenceBuilder:
+    """Builds sequences for one tokenizer and configuration; see the module docstring for the rules.
+
+    ``resolve_image(ref) -> codes`` turns a path or bytes into raw codes (raising RowError when it
+    cannot); code lists given in the row are used as they are.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, config: SequenceConfig | None = None, resolve_image: Callable | None = None):
+        self.tokenizer = tokenizer
+        self.vocab = Vocabulary.from_tokenizer(tokenizer)
+        self.config = config or SequenceConfig()
+        self.resolve_image = resolve_image
+        self.codes_per_image = self.config.codes_per_image
+        limit = self.vocab.n_codes if self.config.codebook_size is None else min(self.vocab.n_codes, self.config.codebook_size)
+        self.code_limit = limit
+        self._split = re.compile("(" + "|".join(re.escape(p) for p in self.config.placeholders) + ")")
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def build(self, row: dict) -> Built:
+        """One row -> one sequence (RowError / LengthDrop when it cannot be built)."""
+        return self.build_batch([row])[0]
+
+    def build_batch(self, rows: Sequence[dict]) -> list[Built | RowError]:
+        """Rows -> sequences or the RowError of each row, encoding all texts in two tokenizer calls."""
+        plans: list[Plan | RowError] = []
+        for row in rows:
+            try:
+                plans.append(self.plan(row))
+            except RowError as err:
+                plans.append(err)
+        whole, pieces = self._encode_all(plans)
+        out: list[Built | RowError] = []
+        for plan in plans:
+            if isinstance(plan, RowError):
+                out.append(plan)
+                continue
+            try:
+                built = self._assemble(plan, whole, pieces)
+                out.append(self.fit_length(built))
+            except RowError as err:
+                out.append(err)
+        return out
+
+    def plan(self, row: dict) -> Plan:
+        """What a row needs: its format, image references and the texts to encode."""
+        fmt = detect_format(row)
+        if fmt == "medmax":
+            return Plan("medmax", _medmax_images(row), whole_text=_text_field(row, "text"))
+        if fmt == "conversation":
+            return self._plan_conversation(row)
+        return self._plan_pretraining(row)
+
+    # -- planning -----------------------------------------------------------------------------
+
+    def _text_pieces(self, text: str, trained: bool, first_image: int) -> list[_Piece]:
+        """Split text on placeholders: text pieces and image pieces numbered from ``first_image``."""
+        pieces, n = [], first_image
+        for part in self._split.split(text):
+            if part in self.config.placeholders:
+                pieces.append(_Piece(trained, image=n))
+                n += 1
+            elif part:
+                pieces.append(_Piece(trained, text=part))
+        return pieces
+
+    def _count_images(self, pieces: list[_Piece]) -> int:
+        return sum(p.image is not None for p in pieces)
+
+    def _plan_conversation(self, row: dict) -> Plan:
+        v = self.vocab
+        pieces = [_Piece(False, ids=(v.bos_id,))]
+        turns = _turns(row)
+        for role, content in turns:
+            trained = role == "assistant"
+            pieces += self._text_pieces(content, trained, self._count_images(pieces))
+            pieces.append(_Piece(trained, ids=(v.eot_id,)))
+        pieces.append(_Piece(turns[-1][0] == "assistant", ids=(v.eos_id,)))
+        return Plan("conversation", _row_images(row), pieces=pieces)
+
+    def _plan_pretraining(self, row: dict) -> Plan:
+        v = self.vocab
+        pieces = [_Piece(False, ids=(v.bos_id,))]
+        pieces += self._text_pieces(_text_field(row, "text"), True, 0)
+        pieces.append(_Piece(True, ids=(v.eos_id,)))
+        return Plan("pretraining", _row_images(row), pieces=pieces)
+
+    # -- encoding -----------------------------------------------------------------------------
+
+    def _encode_all(self, plans) -> tuple[dict, dict]:
+        """Encode every text of a batch: {id(plan): ids} for whole texts, {id(piece): ids} for pieces."""
+        whole = [p for p in plans if isinstance(p, Plan) and p.whole_text is not None]
+        parts = [x for p in plans if isinstance(p, Plan) for x in p.pieces if x.text is not None]
+        try:
+            whole_ids = self.tokenizer.encode_batch([p.whole_text for p in whole]) if whole else []
+            part_ids = self.tokenizer.encode_batch([x.text for x in parts], add_special_tokens=False) if parts else []
+        except Exception:  # one bad text fails the whole batch call: fall back to one row at a time
+            return self._encode_each(whole, parts)
+        return (
+            {id(p): e.ids for p, e in zip(whole, whole_ids)},
+            {id(x): e.ids for x, e in zip(parts, part_ids)},
+        )
+
+    def _encode_each(self, whole, parts) -> tuple[dict, dict]:
+        def encode(text, special):
+            try:
+                return self.tokenizer.encode(text, add_special_tokens=special).ids
+            except Exception as err:  # noqa: BLE001 - reported per row by _assemble
+                return RowError("untokenizable", f"the tokenizer cannot encode the text: {err}")
+
+        return ({id(p): encode(p.whole_text, True) for p in whole}, {id(x): encode(x.text, False) for x in parts})
+
+    # -- assembly -----------------------------------------------------------------------------
+
+    def _image_block(self, ref, index: int) -> np.ndarray:
+        """``[boi] + code ids + [eoi]`` of one image reference (codes checked for count and range)."""
+        codes = self._codes(ref, index)
+        block = np.empty(len(codes) + 2, dtype=np.int32)
+        block[0], block[-1] = self.vocab.boi_id, self.vocab.eoi_id
+        block[1:-1] = self.vocab.codes_to_ids(codes)
+        return block
+
+    def _codes(self, ref, index: int) -> np.ndarray:
+        if isinstance(ref, (str, bytes, bytearray)):
+            if self.resolve_image is None:
+                what = "a path" if isinstance(ref, str) else "image bytes"
+                raise RowError("missing_image", f"image {index} is {what} and no image codes source was given (--image-tokens / --ckpt)")
+            ref = self.resolve_image(ref)
+        codes = np.asarray(ref)
+        if codes.ndim != 1 or (codes.size and not np.issubdtype(codes.dtype, np.integer)):
+            raise RowError("bad_codes", f"image {index}: codes must be a flat list of integers, got dtype {codes.dtype} shape {codes.shape}")
+        self._check_count(len(codes), index)
+        if codes.size and (codes.min() < 0 or codes.max() >= self.code_limit):
+            raise RowError("bad_codes", f"image {index}: codes must lie in 0..{self.code_limit - 1}, got {codes.min()}..{codes.max()}")
+        return codes.astype(np.int64, copy=False)
+
+    def _check_count(self, n: int, index: int) -> None:
+        if self.codes_per_image is None:
+            if n == 0:
+                raise RowError("wrong_code_count", f"image {index} has no codes")
+            self.codes_per_image = n
+            logger.info("codes per image fixed at %d by the first image seen", n)
+        elif n != self.codes_per_image:
+            raise RowError("wrong_code_count", f"image {index} has {n} codes, expected {self.codes_per_image} (the VQGAN grid)")
+
+    def _check_images(self, n_placeholders: int, images: list) -> None:
+        if n_placeholders != len(images):
+            raise RowError("placeholder_mismatch", f"{n_placeholders} image placeholders but {len(images)} images")
+
+    def _assemble(self, plan: Plan, whole: dict, pieces: dict) -> Built:
+        if plan.format == "medmax":
+            return self._assemble_medmax(plan, whole[id(plan)])
+        return self._assemble_pieces(plan, pieces)
+
+    def _assemble_medmax(self, plan: Plan, text_ids) -> Built:
+        v = self.vocab
+        if isinstance(text_ids, RowError):
+            raise text_ids
+        if v.image_placeholder_id is None:
+            raise RowError("untokenizable", "the tokenizer has no <image> token: MedMax rows need MedMax's modified tokenizer")
+        ids = np.asarray([v.bos_id, *text_ids, v.eos_id], dtype=np.int32)
+        eot = np.flatnonzero(ids == v.eot_id)
+        if not len(eot):
+            raise RowError("no_end_of_turn", "MedMax row has no end-of-turn <reserved08706> between prompt and answer")
+        slots = np.flatnonzero(ids == v.image_placeholder_id)
+        self._check_images(len(slots), plan.images)
+        trained = np.arange(len(ids)) > eot[0]
+        # Split at the placeholders and put an image block in each.
+        parts, bounds = [], [-1, *slots.tolist(), len(ids)]
+        for n, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if n:
+                parts.append(self._image_part(plan.images[n - 1], n - 1, bool(trained[start])))
+            parts.append(self._text_part(ids[start + 1 : stop], trained[start + 1 : stop]))
+        return self._join(parts, plan)
+
+    def _assemble_pieces(self, plan: Plan, encoded: dict) -> Built:
+        self._check_images(self._count_images(plan.pieces), plan.images)
+        parts = []
+        for piece in plan.pieces:
+            if piece.image is not None:
+                parts.append(self._image_part(plan.images[piece.image], piece.image, piece.trained))
+                continue
+            ids = encoded[id(piece)] if piece.text is not None else piece.ids
+            if isinstance(ids, RowError):
+                raise ids
+            ids = np.asarray(ids, dtype=np.int32)
+            parts.append(self._text_part(ids, np.full(len(ids), piece.trained)))
+        return self._join(parts, plan)
+
+    def _text_part(self, ids: np.ndarray, trained: np.ndarray):
+        labels = np.where(trained, ids, IGNORE_INDEX).astype(np.int32)
+        return ids, labels, trained, np.zeros(len(ids), dtype=bool)
+
+    def _image_part(self, ref, index: int, trained: bool):
+        block = self._image_block(ref, index)
+        with_loss = trained and self.config.image_loss
+        labels = block if with_loss else np.full(len(block), IGNORE_INDEX, dtype=np.int32)
+        open_image = np.ones(len(block), dtype=bool)
+        open_image[-1] = False  # a cut right after eoi keeps the image whole
+        return block, labels, np.full(len(block), trained), open_image
+
+    def _join(self, parts, plan: Plan) -> Built:
+        ids, labels, answer, open_image = (np.concatenate([p[i] for p in parts]) for i in range(4))
+        return Built(ids, labels, answer, open_image, format=plan.format, n_images=len(plan.images))
+
+    # -- length -------------------------------------------------------------------------------
+
+    def fit_length(self, built: Built) -> Built:
+        """Truncate to ``max_length`` at the end of answer text, or raise LengthDrop."""
+        n = self.config.max_length
+        if n is None or len(built) <= n:
+            return built
+        last = n - 1  # the last token kept
+        if built.open_image[last]:
+            raise LengthDrop("too_long", f"{len(built)} tokens > max_length {n}: the cut would go through an image")
+        if not built.answer[last]:
+            raise LengthDrop("too_long", f"{len(built)} tokens > max_length {n}: the cut would fall before the answer")
+        return Built(
+            built.input_ids[:n], built.labels[:n], built.answer[:n], built.open_image[:n],
+            format=built.format, n_images=built.n_images, truncated=True,
+        )
