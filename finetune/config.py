@@ -1,0 +1,177 @@
+"""The fine-tuning configuration: transformers' ``TrainingArguments`` plus the fields of this toolkit.
+
+One YAML per run, ``key=value`` overrides on top (values parsed as YAML: ``max_steps=5``,
+``packing=false``, ``freeze=[lm_head]``). Written in the style of trl's ``SFTConfig``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+from transformers import TrainingArguments
+
+from medmax.presets import MODEL_PRESETS
+
+MODES = ("full", "lora", "image-alignment")
+PRESET_PREFIX = "preset:"
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the setting."""
+
+
+@dataclass
+class DatasetSpec:
+    """One training folder and its relative sampling weight."""
+
+    path: str
+    weight: float = 1.0
+
+
+@dataclass
+class FinetuneConfig(TrainingArguments):
+    """Everything a fine-tuning run needs; fields below are ours, the rest are transformers' own."""
+
+    model: str = field(default="preset:tiny", metadata={
+        "help": "A Hugging Face Chameleon folder (a model folder from finetune.export, or transformers' converter "
+                "output), or preset:NAME (tiny/small/base/7b) initialised from scratch."})
+    tokenizer: str | None = field(default=None, metadata={
+        "help": "tokenizer.json (or a folder holding one), or preset:tiny. Required with a preset model; "
+                "defaults to the model folder's."})
+    vqgan: str | None = field(default=None, metadata={
+        "help": "VQGAN folder for medmax.vqgan.load_vqgan, or preset:tiny (random weights, smoke runs). Required with a preset, or when the model folder has no "
+                "vqgan/ (a plain HF folder holds only the encoder; export must ship the decoder too)."})
+    datasets: list = field(default_factory=list, metadata={
+        "help": "Sequence folders from tokenization.build_sequences: each a path, 'path:weight', or "
+                "{path: ..., weight: ...}. Weights are relative sampling rates per epoch."})
+    validation: str | None = field(default=None, metadata={
+        "help": "A sequence folder, or a fraction (e.g. 0.05) held out of every training folder; none by default."})
+    mode: str = field(default="lora", metadata={"help": f"One of {MODES}."})
+    freeze: list = field(default_factory=list, metadata={
+        "help": "Regular expressions (re.search) over parameter names to freeze in addition to the mode."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (mode lora)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (mode lora)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (mode lora)."})
+    lora_target_modules: list = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS), metadata={
+        "help": "Module names LoRA wraps; MedMax's q/k/v/o/gate/up/down by default."})
+    packing: bool = field(default=True, metadata={
+        "help": "Pack several sequences per row (no cross-attention, positions restart). false = pad each "
+                "sequence to the longest in its batch, as MedMax does."})
+    max_length: int = field(default=4096, metadata={"help": "Longest row (packed) or sequence (padding), in tokens."})
+    pad_to_max_length: bool = field(default=False, metadata={
+        "help": "Packing: pad every row to max_length (fixed shapes) instead of to the longest row in the batch."})
+    attn_implementation: str = field(default="sdpa", metadata={
+        "help": "sdpa, eager or flash_attention_2; packing works with all three (boundaries come from positions)."})
+    model_dtype: str = field(default="float32", metadata={
+        "help": "dtype the weights are loaded in (float32, bfloat16); mixed precision is bf16=true."})
+    trust_checkpoint: bool = field(default=False, metadata={
+        "help": "Allow a legacy pickled VQGAN checkpoint (runs code from the file)."})
+    # transformers' defaults we change: log to TensorBoard, our own columns reach the collator
+    report_to: str | list = field(default="tensorboard", metadata={"help": "tensorboard, wandb, none, or a list."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: rows carry position_ids."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    optim: str = field(default="adamw_torch", metadata={"help": "Optimizer name (transformers' OptimizerNames)."})
+
+    def __post_init__(self):
+        self._check_fields()
+        if self.validation is not None and self.eval_strategy == "no":
+            self.eval_strategy = "steps"  # validation given: evaluate every eval_steps (default logging_steps)
+        super().__post_init__()
+
+    def _check_fields(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode={self.mode!r}: choose one of {MODES}")
+        if not self.datasets:
+            raise ConfigError("datasets: give at least one folder written by tokenization.build_sequences")
+        self.dataset_specs()  # parses, raises on a bad entry
+        if self.max_length <= 1:
+            raise ConfigError(f"max_length={self.max_length}: must be at least 2")
+        if self.is_preset:
+            name = self.preset_name
+            if name not in MODEL_PRESETS:
+                raise ConfigError(f"model={self.model!r}: unknown preset; choose from {sorted(MODEL_PRESETS)}")
+            for key in ("tokenizer", "vqgan"):
+                if not getattr(self, key):
+                    raise ConfigError(f"{key}: required when model is a preset ({self.model})")
+        if self.mode == "lora" and (self.lora_r <= 0 or self.lora_alpha <= 0):
+            raise ConfigError(f"lora_r={self.lora_r}, lora_alpha={self.lora_alpha}: both must be positive")
+        self.validation_fraction()  # raises on a bad value
+        if self.model_dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"model_dtype={self.model_dtype!r}: choose float32, bfloat16 or float16")
+
+    @property
+    def is_preset(self) -> bool:
+        return self.model.startswith(PRESET_PREFIX)
+
+    @property
+    def preset_name(self) -> str:
+        return self.model[len(PRESET_PREFIX):]
+
+    def dataset_specs(self) -> list[DatasetSpec]:
+        specs = []
+        for entry in self.datasets:
+            if isinstance(entry, dict):
+                spec = DatasetSpec(str(entry["path"]), float(entry.get("weight", 1.0)))
+            else:
+                path, _, weight = str(entry).rpartition(":") if _has_weight(str(entry)) else (str(entry), "", "1")
+                spec = DatasetSpec(path, float(weight))
+            if spec.weight <= 0:
+                raise ConfigError(f"datasets: {spec.path} has weight {spec.weight}; weights must be positive")
+            specs.append(spec)
+        return specs
+
+    def validation_fraction(self) -> float | None:
+        """The held-out fraction, or None when ``validation`` is a folder or unset."""
+        if self.validation is None:
+            return None
+        try:
+            value = float(self.validation)
+        except ValueError:
+            return None
+        if not 0 < value < 1:
+            raise ConfigError(f"validation={self.validation}: a fraction must lie strictly between 0 and 1")
+        return value
+
+
+def _has_weight(entry: str) -> bool:
+    head, sep, tail = entry.rpartition(":")
+    if not sep:
+        return False
+    try:
+        float(tail)
+    except ValueError:
+        return False
+    return bool(head)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``key=value`` strings to a dict, values parsed as YAML; a bare word names the bad override."""
+    result = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        result[key.strip()] = yaml.safe_load(value)
+    return result
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), **extra) -> FinetuneConfig:
+    """A config from a YAML file, then ``key=value`` overrides, then keyword arguments."""
+    values = {}
+    if path is not None:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings")
+    values.update(parse_overrides(list(overrides)))
+    values.update(extra)
+    known = {f.name for f in fields(FinetuneConfig) if f.init}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{path or 'overrides'}: unknown settings {unknown}")
+    try:
+        return FinetuneConfig(**values)
+    except ConfigError as err:
+        raise ConfigError(f"{path or 'config'}: {err}") from None

@@ -1,0 +1,247 @@
+"""Fine-tune a Chameleon-family model on sequence folders (full, LoRA or image-alignment).
+
+Usage::
+
+    # one process (CPU or one GPU)
+    python -m finetune.train --config finetune/configs/tiny_cpu.yaml
+    # overrides on top of the YAML, and resuming from the last checkpoint of output_dir
+    python -m finetune.train --config finetune/configs/tiny_cpu.yaml max_steps=20 learning_rate=1e-3 --resume
+    # several processes / nodes: finetune/launch.sh wraps torchrun
+    finetune/launch.sh finetune/configs/lora_7b.yaml --nproc-per-node 8
+
+The output folder receives checkpoints (``checkpoint-N/``), the final weights, ``tokenizer.json``,
+``vqgan/`` (the complete VQGAN), ``medmax_run.json`` (where each piece came from),
+``log_history.jsonl``, ``loss_curve.png`` and TensorBoard logs. ``python -m finetune.export`` turns
+the output folder or any checkpoint into a model folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+from medmax.model import MedMaxChameleon, new_model, save_model_dir
+from medmax.training_data import (
+    PackedCollator,
+    PaddingCollator,
+    SequenceDataset,
+    check_sequences,
+    load_sequences,
+    split_validation,
+)
+from medmax.vocab import Vocabulary, load_tokenizer
+from medmax.presets import VQGAN_PRESETS
+from medmax.vqgan import VQGAN, load_vqgan, save_vqgan
+
+from .config import PRESET_PREFIX, ConfigError, FinetuneConfig, load_config
+from .demo_data import resolve_tokenizer
+from .modes import setup_mode, sync_trainable_rows
+
+logger = logging.getLogger("finetune.train")
+
+RUN_FILE = "medmax_run.json"
+BASE_MODEL_DIR = "base_model"
+
+
+class MedMaxTrainer(Trainer):
+    """Trainer that logs real (non-padding) tokens/s and saves what export needs with every checkpoint."""
+
+    def __init__(self, *args, run_info: dict, tokenizer_obj, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.run_info = run_info
+        self.tokenizer_obj = tokenizer_obj
+        self._real_tokens = 0
+        self._tokens_at_log, self._time_at_log = 0, time.perf_counter()
+
+    def _prepare_inputs(self, inputs):
+        n_real = inputs.pop("n_real_tokens", None)
+        if n_real is not None and self.model.training:
+            self._real_tokens += int(n_real)
+        return super()._prepare_inputs(inputs)
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs:
+            total = self._all_processes(self._real_tokens)
+            now = time.perf_counter()
+            logs["tokens_per_s"] = round((total - self._tokens_at_log) / max(now - self._time_at_log, 1e-9), 1)
+            logs["real_tokens"] = total
+            self._tokens_at_log, self._time_at_log = total, now
+        super().log(logs, *args, **kwargs)
+
+    def _all_processes(self, count: int) -> int:
+        if self.accelerator.num_processes == 1:
+            return count
+        value = torch.tensor([count], device=self.accelerator.device)
+        return int(self.accelerator.reduce(value, reduction="sum").item())
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        sync_trainable_rows(self.model)
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            write_run_info(Path(output_dir or self.args.output_dir), self.run_info, self.tokenizer_obj)
+
+
+def write_run_info(folder: Path, info: dict, tokenizer) -> None:
+    """Record in a checkpoint where its base model and VQGAN live (relative when inside the run)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    record = dict(info)
+    for key in ("base_model", "vqgan"):
+        if record.get(key):
+            record[key] = os.path.relpath(Path(record[key]).resolve(), folder.resolve())
+    (folder / RUN_FILE).write_text(json.dumps(record, indent=2))
+
+
+def _setup_assets(cfg: FinetuneConfig):
+    """Tokenizer, vocabulary and the complete VQGAN, with errors naming the setting."""
+    model_dir = None if cfg.is_preset else Path(cfg.model)
+    if model_dir is not None and not (model_dir / "config.json").is_file():
+        raise ConfigError(f"model={cfg.model}: not a Hugging Face folder (no config.json) and not preset:NAME")
+    tokenizer = resolve_tokenizer(cfg.tokenizer) if cfg.tokenizer else load_tokenizer(model_dir)
+    if cfg.vqgan and cfg.vqgan.startswith(PRESET_PREFIX):  # random weights: CPU smoke runs and tests
+        torch.manual_seed(cfg.seed)
+        vqgan_path, vqgan = cfg.vqgan, VQGAN.from_params(VQGAN_PRESETS[cfg.vqgan[len(PRESET_PREFIX):]])
+    else:
+        vqgan_path = Path(cfg.vqgan) if cfg.vqgan else model_dir
+        vqgan = load_vqgan(vqgan_path, trust_checkpoint=cfg.trust_checkpoint)
+    if vqgan.decoder is None:
+        raise ConfigError(f"vqgan: {vqgan_path} holds only the VQGAN encoder; name the complete VQGAN with "
+                          "vqgan=PATH so that the exported model can draw images")
+    return tokenizer, Vocabulary.from_tokenizer(tokenizer), vqgan
+
+
+def _setup_model(cfg: FinetuneConfig, tokenizer, vqgan, resume: bool) -> tuple[MedMaxChameleon, str | None]:
+    """The model before the mode is applied, and the folder its base weights can be reloaded from."""
+    dtype = getattr(torch, cfg.model_dtype)
+    saved_base = Path(cfg.output_dir) / BASE_MODEL_DIR
+    if cfg.is_preset and resume and saved_base.is_dir():
+        return MedMaxChameleon.from_pretrained(saved_base, dtype=dtype, attn_implementation=cfg.attn_implementation), str(saved_base)
+    if cfg.is_preset:
+        model = new_model(cfg.preset_name, tokenizer, vqgan, seed=cfg.seed).to(dtype)
+        model.config._attn_implementation = cfg.attn_implementation
+        if cfg.mode == "lora" and cfg.should_save:  # the adapters need their base weights at export
+            save_model_dir(saved_base, model, tokenizer, None)
+        return model, (str(saved_base) if cfg.mode == "lora" else None)
+    model = MedMaxChameleon.from_pretrained(cfg.model, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    return model, str(Path(cfg.model).resolve())
+
+
+def _setup_data(cfg: FinetuneConfig, vocab: Vocabulary, vocab_size: int):
+    """Training and validation datasets, checked against the model and tokenizer before any step."""
+    specs = cfg.dataset_specs()
+    special = vocab.special_ids()
+    train = []
+    for spec in specs:
+        data = load_sequences(spec.path)
+        check_sequences(data, vocab_size, cfg.max_length, special)
+        train.append(data)
+    val = []
+    fraction = cfg.validation_fraction()
+    seed = cfg.data_seed if cfg.data_seed is not None else cfg.seed
+    if fraction is not None:
+        pairs = [split_validation(d, fraction, seed) for d in train]
+        train, val = [p[0] for p in pairs], [p[1] for p in pairs]
+    elif cfg.validation:
+        data = load_sequences(cfg.validation)
+        check_sequences(data, vocab_size, cfg.max_length, special)
+        val = [data]
+    weights = [s.weight for s in specs]
+    train_set = SequenceDataset(train, weights, cfg.max_length, cfg.packing, seed)
+    val_set = SequenceDataset(val, None, cfg.max_length, cfg.packing, seed) if val else None
+    logger.info("training rows: %d (%d sequences, %d tokens, packing=%s)", len(train_set),
+                len(train_set.order), train_set.n_tokens(), cfg.packing)
+    return train_set, val_set
+
+
+def _collator(cfg: FinetuneConfig, vocab: Vocabulary):
+    if cfg.packing:
+        return PackedCollator(vocab.pad_id, cfg.max_length if cfg.pad_to_max_length else None)
+    return PaddingCollator(vocab.pad_id)
+
+
+def write_curves(output_dir: Path, history: list[dict]) -> None:
+    """log_history.jsonl and loss_curve.png (train and validation loss against step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(output_dir / "log_history.jsonl", "w") as f:
+        for entry in history:
+            f.write(json.dumps(entry) + "\n")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("loss", "train"), ("eval_loss", "validation")):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if points:
+            ax.plot(*zip(*points), marker="." if len(points) < 50 else None, label=label)
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(), ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(output_dir / "loss_curve.png", dpi=100)
+    plt.close(fig)
+
+
+def _resume_point(cfg: FinetuneConfig, resume: bool) -> str | None:
+    if not resume:
+        return None
+    last = get_last_checkpoint(cfg.output_dir) if Path(cfg.output_dir).is_dir() else None
+    if last is None:
+        raise ConfigError(f"--resume: no checkpoint-N folder in output_dir={cfg.output_dir}")
+    logger.info("resuming from %s", last)
+    return last
+
+
+def run(cfg: FinetuneConfig, resume: bool = False) -> Trainer:
+    """Train with ``cfg``; returns the finished trainer."""
+    checkpoint = _resume_point(cfg, resume)
+    tokenizer, vocab, vqgan = _setup_assets(cfg)
+    model, base_dir = _setup_model(cfg, tokenizer, vqgan, resume)
+    if vocab.size > model.config.vocab_size:
+        raise ConfigError(f"tokenizer: {vocab.size} ids, but the model has only {model.config.vocab_size}")
+    train_set, val_set = _setup_data(cfg, vocab, model.config.vocab_size)
+    lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_target_modules)
+    model = setup_mode(model, cfg.mode, vocab, cfg.freeze, lora)
+    if cfg.gradient_checkpointing and cfg.mode != "full":
+        model.enable_input_require_grads()
+    output_dir = Path(cfg.output_dir)
+    if cfg.should_save:
+        save_vqgan(vqgan, output_dir / "vqgan")
+    info = {"mode": cfg.mode, "model": cfg.model, "base_model": base_dir if cfg.mode == "lora" else None,
+            "vqgan": str(output_dir / "vqgan"), "tokenizer": "tokenizer.json"}
+    trainer = MedMaxTrainer(model=model, args=cfg, train_dataset=train_set, eval_dataset=val_set,
+                            data_collator=_collator(cfg, vocab), run_info=info, tokenizer_obj=tokenizer)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    if val_set is not None:
+        trainer.evaluate()
+    trainer.save_model(str(output_dir))
+    if cfg.should_save:
+        trainer.save_state()
+        write_curves(output_dir, trainer.state.log_history)
+    return trainer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML file of settings (finetune/configs/*.yaml)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    parser.add_argument("overrides", nargs="*", help="key=value settings on top of the YAML")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config, args.overrides)
+    run(cfg, resume=args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
