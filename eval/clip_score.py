@@ -1,0 +1,87 @@
+"""CLIP similarity for captioning and image generation, from a local Hugging Face CLIP folder.
+
+The folder holds ``config.json`` + weights (``CLIPModel``), a tokenizer, and optionally
+``preprocessor_config.json``. Images are preprocessed here with PIL (shorter side to the model's
+size with bicubic resampling, centre crop, the processor's mean/std) rather than through transformers'
+image processors, which may need torchvision. Nothing is downloaded: ``local_files_only`` throughout.
+The score is the cosine similarity of the two embeddings (in [-1, 1]).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _size(value, default: int) -> int:
+    if isinstance(value, dict):
+        return int(value.get("shortest_edge") or value.get("height") or default)
+    return int(value) if value else default
+
+
+class ClipScorer:
+    def __init__(self, model, tokenizer, image_size: int, crop_size: int, mean, std, device="cpu"):
+        self.model, self.tokenizer, self.device = model.eval().to(device), tokenizer, device
+        self.image_size, self.crop_size = image_size, crop_size
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+        self.max_text_len = int(model.config.text_config.max_position_embeddings)
+
+    @classmethod
+    def from_dir(cls, folder: str | Path, device="cpu") -> "ClipScorer":
+        from transformers import AutoTokenizer, CLIPModel
+
+        folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"--clip-model {folder}: not a Hugging Face CLIP folder (no config.json)")
+        model = CLIPModel.from_pretrained(folder, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        pre = json.loads((folder / "preprocessor_config.json").read_text()) if (folder / "preprocessor_config.json").is_file() else {}
+        native = int(model.config.vision_config.image_size)
+        return cls(model, tokenizer, _size(pre.get("size"), native), _size(pre.get("crop_size"), native),
+                   pre.get("image_mean", OPENAI_CLIP_MEAN), pre.get("image_std", OPENAI_CLIP_STD), device)
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """(3, crop, crop) float tensor, normalised."""
+        image = image.convert("RGB")
+        w, h = image.size
+        scale = self.image_size / min(w, h)
+        image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+        w, h = image.size
+        left, top = (w - self.crop_size) // 2, (h - self.crop_size) // 2
+        image = image.crop((left, top, left + self.crop_size, top + self.crop_size))
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return (x - self.mean) / self.std
+
+    @staticmethod
+    def _features(out) -> torch.Tensor:
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    @torch.no_grad()
+    def image_embeds(self, images: list[Image.Image]) -> torch.Tensor:  # (N, D), unit norm
+        batch = torch.stack([self.pixels(im) for im in images]).to(self.device)
+        feats = self._features(self.model.get_image_features(pixel_values=batch))
+        return torch.nn.functional.normalize(feats.float(), dim=-1)
+
+    @torch.no_grad()
+    def text_embeds(self, texts: list[str]) -> torch.Tensor:  # (N, D), unit norm
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_text_len, return_tensors="pt")
+        enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        feats = self._features(self.model.get_text_features(**enc))
+        return torch.nn.functional.normalize(feats.float(), dim=-1)
+
+    def image_text(self, images: list[Image.Image], texts: list[str]) -> list[float]:
+        return (self.image_embeds(images) * self.text_embeds(texts)).sum(-1).tolist()
+
+    def image_image(self, a: list[Image.Image], b: list[Image.Image]) -> list[float]:
+        return (self.image_embeds(a) * self.image_embeds(b)).sum(-1).tolist()

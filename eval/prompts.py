@@ -1,0 +1,67 @@
+"""Prompt styles: how a record becomes a list of generation segments.
+
+Facts taken from MedMax's evaluation code (``evaluation/eval_utils.py``):
+- ``sft``: the image, the question text, then the end-of-turn sentinel; the model answers after it.
+  This is how MedMax builds its fine-tuning sequences (prompt, ``<reserved08706>``, answer).
+- ``chameleon`` (the base model): an instruction line for the question type, then
+  ``Question: <question>\\nAnswer:``, after the image; no end-of-turn.
+- ``default``: the image, then the question text.
+Visual chat puts the image after the text when MedMax's prompt ends with ``<image>``, before it otherwise,
+and uses a fixed instruction for ``detailed_description`` questions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medmax.generation import END_OF_TURN
+
+from .data import EvalRecord
+from .tasks import Task
+
+STYLES = ("sft", "chameleon", "default")
+IMAGE_TAG = "<image>"
+DETAILED_DESCRIPTION = "Analyze the image in a comprehensive and detailed manner."
+CAPTION_FALLBACK = "Describe the image."
+
+_CHAMELEON_INSTRUCTIONS = {
+    "closed": "Answer the question based on this image and respond 'yes' or 'no'.",
+    "probmed": "Answer the question based on this image and respond 'yes' or 'no'.",
+    "open": "Answer the question based on this image.",
+    "mcq": "Answer the question based on this image and respond 'A', 'B', 'C', or 'D'.",
+}
+
+
+def chameleon_text(question: str, kind: str) -> str:
+    if not question.endswith("\n"):
+        question += "\n"
+    text = f"Question: {question}Answer:"
+    instruction = _CHAMELEON_INSTRUCTIONS.get(kind)
+    return f"{instruction}\n{text}" if instruction else text
+
+
+def _content(record: EvalRecord, task: Task, image: Path | None) -> list:
+    """Image and text segments, before the style's framing."""
+    if task.kind in ("image_generation", "mm_out"):
+        return [record.prompt]
+    if task.kind == "visual_chat":
+        text = record.prompt.replace(IMAGE_TAG, "").strip()
+        if record.question_type == "detailed_description":
+            return [image, DETAILED_DESCRIPTION]
+        return [text, image] if record.prompt.rstrip().endswith(IMAGE_TAG) else [image, text]
+    text = record.prompt.replace(IMAGE_TAG, "").strip()
+    if task.kind == "captioning" and not text:
+        text = CAPTION_FALLBACK
+    return [image, text]
+
+
+def build_prompt(record: EvalRecord, task: Task, style: str, image: Path | None) -> list:
+    """Segments for ``Generator.generate``: ``Path`` images, ``str`` text and the ``END_OF_TURN`` sentinel."""
+    if style not in STYLES:
+        raise ValueError(f"--prompt-style: unknown style {style!r}; known: {', '.join(STYLES)}")
+    segments = _content(record, task, image)
+    if style == "chameleon" and task.kind in _CHAMELEON_INSTRUCTIONS:
+        segments = [s if not isinstance(s, str) else chameleon_text(s, task.kind) for s in segments]
+    if style == "sft":
+        segments = segments + [END_OF_TURN]
+    return segments

@@ -1,0 +1,90 @@
+"""Metrics from prediction rows, and the three outputs: results.json, report.md, report.png.
+
+Everything here is a pure function of the prediction rows, so a resumed run that reads the same rows
+back writes a byte-identical results.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from .scoring import mean_stderr, paired_accuracy
+from .tasks import Task
+
+logger = logging.getLogger(__name__)
+
+# kind -> (primary metric, row fields averaged as sub-metrics)
+_METRICS = {
+    "closed": ("accuracy", {"accuracy": "correct"}),
+    "mcq": ("accuracy", {"accuracy": "correct"}),
+    "probmed": ("accuracy", {"accuracy": "correct"}),
+    "open": ("recall", {"recall": "recall", "f1": "f1", "exact_match": "exact_match"}),
+    "captioning": ("clip_similarity", {"clip_similarity": "clip"}),
+    "image_generation": ("clip_similarity", {"clip_similarity": "clip"}),
+    "visual_chat": ("token_f1", {"token_f1": "f1", "recall": "recall"}),
+    "mm_out": ("token_f1", {"token_f1": "f1", "recall": "recall", "image_clip_similarity": "image_clip"}),
+}
+
+
+def task_metrics(task: Task, rows: list[dict]) -> dict:
+    """results.json entry: n, metric, score, stderr (of the primary metric), every sub-metric, error counts."""
+    good = [r for r in rows if not r.get("error")]
+    primary, fields = _METRICS[task.kind]
+    metrics = {name: mean_stderr(r[f] for r in good if r.get(f) is not None).as_dict() for name, f in fields.items()}
+    if task.kind == "probmed":
+        metrics["paired_accuracy"] = mean_stderr(paired_accuracy(good)).as_dict()
+    if any("judge" in r for r in good):
+        metrics["judge_accuracy"] = mean_stderr(r["judge"] for r in good if r.get("judge") is not None).as_dict()
+    entry = {"metric": primary, **metrics[primary], "metrics": metrics, "n_errors": len(rows) - len(good)}
+    if any("judge" in r for r in good):
+        entry["judge_unparseable"] = sum(r.get("judge_status") == "unparseable" for r in good)
+        entry["judge_failed"] = sum(r.get("judge_status") == "failed" for r in good)
+    return entry
+
+
+def write_results(path: Path, results: dict) -> None:
+    path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+
+
+def _fmt(value, digits=4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def write_markdown(path: Path, results: dict, problems: list[dict], settings: dict) -> None:
+    lines = ["# Evaluation report", "", "| task | metric | n | score | stderr | errors |", "|---|---|---|---|---|---|"]
+    for key in sorted(k for k in results if not k.startswith("_")):
+        entry = results[key]
+        if "skipped" in entry:
+            lines.append(f"| {key} | skipped: {entry['skipped']} | | | | |")
+            continue
+        lines.append(f"| {key} | {entry['metric']} | {entry['n']} | {_fmt(entry['score'])} | {_fmt(entry['stderr'])} | {entry['n_errors']} |")
+        for name, m in sorted(entry["metrics"].items()):
+            if name != entry["metric"]:
+                lines.append(f"| {key} | {name} | {m['n']} | {_fmt(m['score'])} | {_fmt(m['stderr'])} | |")
+    lines += ["", "## Settings", ""] + [f"- {k}: {v}" for k, v in sorted(settings.items())]
+    lines += ["", f"## Rows not evaluated ({len(problems)})", ""]
+    lines += [f"- `{p['uid']}`: {p['reason']}" for p in problems[:200]]
+    if len(problems) > 200:
+        lines.append(f"- ... {len(problems) - 200} more in problems.jsonl")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_chart(path: Path, results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(k for k, v in results.items() if not k.startswith("_") and v.get("score") is not None)
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(keys) + 2), 4))
+    scores = [results[k]["score"] for k in keys]
+    errs = [results[k]["stderr"] or 0.0 for k in keys]
+    ax.bar(range(len(keys)), scores, yerr=errs, capsize=3, color="#4c72b0")
+    ax.set_xticks(range(len(keys)), [f"{k}\n({results[k]['metric']})" for k in keys], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("score (mean, +- stderr)")
+    ax.set_title("MedMax evaluation suite")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,85 @@
+"""The task registry: MedMax's 12 VQA tasks plus captioning, image generation, visual chat and mm_out.
+
+A task is one (task_name, question_type) of MedMax's eval schema; its key in results.json is
+MedMax's ``"{task}_{type}"`` (``vqa_rad_closed``, ``image_captioning_pmc_oa``), so numbers compare.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# kind -> default generation length (new tokens). Closed and MCQ get a short answer, not MedMax's single token.
+DEFAULT_MAX_NEW_TOKENS = {
+    "closed": 8,
+    "mcq": 8,
+    "probmed": 8,
+    "open": 32,
+    "captioning": 96,
+    "image_generation": 0,  # decided by the VQGAN grid
+    "visual_chat": 256,
+    "mm_out": 256,
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str  # MedMax task_name
+    type: str | None  # MedMax question_type; None: every question_type of this task_name
+    kind: str  # scoring rule, a key of DEFAULT_MAX_NEW_TOKENS
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}_{self.type}" if self.type else self.name
+
+    @property
+    def needs_clip(self) -> bool:
+        return self.kind in ("captioning", "image_generation")
+
+    def matches(self, task_name: str, question_type: str) -> bool:
+        return task_name == self.name and (self.type is None or question_type == self.type)
+
+
+VQA_TASKS = [
+    Task("vqa_rad", "closed", "closed"),
+    Task("slake", "closed", "closed"),
+    Task("pathvqa", "closed", "closed"),
+    Task("quilt_vqa", "closed", "closed"),
+    Task("vqa_rad", "open", "open"),
+    Task("slake", "open", "open"),
+    Task("pathvqa", "open", "open"),
+    Task("quilt_vqa", "open", "open"),
+    Task("pmc_vqa", "mcq", "mcq"),
+    Task("omnimed_vqa", "mcq", "mcq"),
+    Task("path_mmu", "mcq", "mcq"),
+    Task("probmed", "closed", "probmed"),
+]
+CAPTION_SOURCES = ("pmc_oa", "quilt", "report")
+TASKS: list[Task] = (
+    VQA_TASKS
+    + [Task("image_captioning", s, "captioning") for s in CAPTION_SOURCES]
+    + [Task("image_generation", s, "image_generation") for s in CAPTION_SOURCES]
+    + [Task("visual_chat", None, "visual_chat"), Task("mm_out", None, "mm_out")]
+)
+TASKS_BY_KEY = {t.key: t for t in TASKS}
+
+
+def select_tasks(spec: str) -> list[Task]:
+    """``all``, or comma-separated keys (``vqa_rad_closed``) or task names (``vqa_rad`` = both of its types)."""
+    if spec.strip() == "all":
+        return list(TASKS)
+    chosen: list[Task] = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        hits = [t for t in TASKS if t.key == item or t.name == item]
+        if not hits:
+            raise ValueError(f"--tasks: unknown task {item!r}; known: {', '.join(sorted(TASKS_BY_KEY))}")
+        chosen += [t for t in hits if t not in chosen]
+    if not chosen:
+        raise ValueError("--tasks: no task named")
+    return chosen
+
+
+def task_for(task_name: str, question_type: str) -> Task | None:
+    for task in TASKS:
+        if task.matches(task_name, question_type):
+            return task
+    return None
