@@ -369,12 +369,13 @@ class Generator:
         seqs = [streams[b][s] for s in range(n_streams) for b in range(B)]  # stream-major: (3B,)
         ids, mask, positions = self._left_pad(seqs)
         cache = DynamicCache(config=self.model.config)
-        weight = self.model.lm_head.weight[self._code_ids]  # (n, C): only image-code logits are needed
+        head = self.model.lm_head  # only the image-code rows are needed: (n, C) and (n,)
+        weight, bias = head.weight[self._code_ids], None if head.bias is None else head.bias[self._code_ids]
         hidden = self._forward(ids, mask, positions, cache)  # (3B, C)
         codes = torch.empty(B, n_steps, dtype=torch.long, device=self.device)
         greedy = config.image_temperature == 0.0
         for step in range(n_steps):
-            logits = F.linear(hidden, weight).float()  # (3B, n)
+            logits = F.linear(hidden, weight, bias).float()  # (3B, n)
             if config.guidance:
                 full, image_only, uncond = logits.chunk(3)
                 logits = instruct_guidance(full, image_only, uncond, config.guidance_scale_text,
