@@ -180,11 +180,35 @@ class VQGAN(ChameleonVQVAE):
     def n_embed(self) -> int:
         return self.config.num_embeddings
 
-    @torch.no_grad()
+    def prepare_for_encoding(self, device=None, dtype: torch.dtype = torch.float32, channels_last: bool | None = None) -> "VQGAN":
+        """Ready the encoder for fast inference, in place: on ``device``, encoder and ``quant_conv`` in ``dtype``.
+
+        The codebook stays float32 so that the nearest-code search is exact given the encoder output.
+        ``channels_last`` (default: only for reduced precision) speeds up CPU convolutions by ~15% but
+        changes float rounding, so fp32 codes are then no longer guaranteed bit-identical to taming's.
+        """
+        if channels_last is None:
+            channels_last = dtype != torch.float32
+        self.to(device=device)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self._channels_last = channels_last
+        self.encoder.to(dtype=dtype, memory_format=fmt)
+        self.quant_conv.to(dtype=dtype, memory_format=fmt)
+        self.quantize.to(dtype=torch.float32)
+        self.requires_grad_(False)
+        return self.eval()
+
+    @torch.inference_mode()
     def encode_codes(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> (B, h*w) long codes, row-major, nearest codebook entry."""
-        hidden = self.quant_conv(self.encoder(pixels))
-        _, _, indices = self.quantize(hidden)
+        """(B, 3, H, W) in [-1, 1] -> (B, h*w) long codes, row-major, nearest codebook entry.
+
+        The pixels are cast to the encoder's dtype and memory format; quantization runs in the codebook's dtype.
+        """
+        weight = self.encoder.conv_in.weight
+        fmt = torch.channels_last if getattr(self, "_channels_last", False) else torch.contiguous_format
+        pixels = pixels.to(device=weight.device, dtype=weight.dtype).contiguous(memory_format=fmt)
+        hidden = self.quant_conv(self.encoder(pixels))  # (B, embed_dim, h, w)
+        _, _, indices = self.quantize(hidden.to(self.quantize.embedding.weight.dtype).contiguous())
         return indices.view(pixels.shape[0], -1)
 
     @torch.no_grad()
