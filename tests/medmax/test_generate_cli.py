@@ -1,0 +1,83 @@
+"""The `medmax generate` command: files it writes, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medmax.__main__ import main
+from medmax.vqgan import load_vqgan
+
+
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory):
+    path = tmp_path_factory.mktemp("in") / "scan.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_image_mode_writes_png_and_record(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["generate", "--model", str(tiny_model_dir), "--prompt", "Generate an image of a lung",
+               "--mode", "image", "--output", str(out), "--seed", "1", "--device", "cpu"])
+    assert rc == 0
+    record = json.loads((out / "generation.json").read_text())
+    vqgan = load_vqgan(tiny_model_dir / "vqgan")
+    (seg,) = record["segments"]
+    assert seg["type"] == "image" and len(seg["codes"]) == vqgan.n_codes_per_image
+    assert Image.open(out / seg["path"]).size == (vqgan.resolution, vqgan.resolution)
+    assert record["config"]["mode"] == "image" and record["finish_reason"] == "image"
+    assert "generation.json" in capsys.readouterr().out
+
+
+def test_text_mode_with_image_placeholder(tiny_model_dir, scan, tmp_path):
+    out = tmp_path / "out"
+    rc = main(["generate", "--model", str(tiny_model_dir), "--prompt", "<image>\nWhich organ is shown?",
+               "--image", str(scan), "--mode", "text", "--output", str(out), "--greedy", "--max-new-tokens", "5"])
+    assert rc == 0
+    record = json.loads((out / "generation.json").read_text())
+    assert [s["type"] for s in record["segments"]] == ["text"] and len(record["token_ids"]) == 5
+    assert record["images"] == [str(scan)] and not list(out.glob("*.png"))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--image", "{bad}"], "bad.png"),
+        (["--image", "{missing}"], "missing.png"),
+        (["--prompt", "<image> and <image>", "--image", "{scan}"], "2 <image> placeholders but 1 --image"),
+        (["--max-new-tokens", "0"], "max_new_tokens"),
+    ],
+)
+def test_bad_input_fails_clearly_before_loading(tiny_model_dir, scan, tmp_path, capsys, monkeypatch, extra, message):
+    import medmax.generation
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(medmax.generation.Generator, "from_dir", refuse)
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG but not really")
+    paths = {"bad": tmp_path / "bad.png", "missing": tmp_path / "missing.png", "scan": scan}
+    extra = [a.format(**paths) for a in extra]
+    argv = ["generate", "--model", str(tiny_model_dir), "--prompt", "hello", "--mode", "text",
+            "--output", str(tmp_path / "out"), *extra]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_mode_is_a_usage_error(tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--mode", "video", "--output", str(tmp_path)])
+    assert exit_info.value.code == 2 and "video" in capsys.readouterr().err
+
+
+def test_programs_lists_every_entry_point(capsys):
+    assert main(["programs"]) == 0
+    listing = capsys.readouterr().out
+    for program in ("tokenization.image_tokenize", "tokenization.build_sequences", "finetune/launch.sh",
+                    "finetune.train", "finetune.export", "eval.run", "medmax generate"):
+        assert program in listing
