@@ -134,6 +134,18 @@ def _setup_model(cfg: FinetuneConfig, tokenizer, vqgan, resume: bool) -> tuple[M
     return model, str(Path(cfg.model).resolve())
 
 
+def _model_vocab_size(cfg: FinetuneConfig, vocab: Vocabulary) -> int:
+    """The model's vocabulary size, read before any weights are loaded."""
+    if cfg.is_preset:
+        return vocab.size
+    from transformers import ChameleonConfig
+
+    size = ChameleonConfig.from_pretrained(cfg.model).vocab_size
+    if vocab.size > size:
+        raise ConfigError(f"tokenizer: {vocab.size} ids, but model={cfg.model} has only {size}")
+    return size
+
+
 def _setup_data(cfg: FinetuneConfig, vocab: Vocabulary, vocab_size: int):
     """Training and validation datasets, checked against the model and tokenizer before any step."""
     specs = cfg.dataset_specs()
@@ -202,10 +214,11 @@ def run(cfg: FinetuneConfig, resume: bool = False) -> Trainer:
     """Train with ``cfg``; returns the finished trainer."""
     checkpoint = _resume_point(cfg, resume)
     tokenizer, vocab, vqgan = _setup_assets(cfg)
+    vocab_size = _model_vocab_size(cfg, vocab)
+    train_set, val_set = _setup_data(cfg, vocab, vocab_size)
     model, base_dir = _setup_model(cfg, tokenizer, vqgan, resume)
-    if vocab.size > model.config.vocab_size:
-        raise ConfigError(f"tokenizer: {vocab.size} ids, but the model has only {model.config.vocab_size}")
-    train_set, val_set = _setup_data(cfg, vocab, model.config.vocab_size)
+    # transformers finds packed boundaries only without a KV cache, and Chameleon makes one whenever use_cache is on
+    model.config.use_cache = False
     lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_target_modules)
     model = setup_mode(model, cfg.mode, vocab, cfg.freeze, lora)
     if cfg.gradient_checkpointing and cfg.mode != "full":

@@ -8,7 +8,9 @@ the tokenizer that built it.
 Packing puts several sequences in one row. Each sequence's ``position_ids`` restart at 0 and the
 collator returns no ``attention_mask``: transformers then finds the sequence boundaries from the
 positions (``masking_utils.find_packed_sequence_indices``) and builds a block-diagonal causal mask,
-so packed sequences never attend to each other. The first label of every sequence is set to -100:
+so packed sequences never attend to each other. That detection is skipped when a KV cache is passed,
+and Chameleon creates one whenever ``use_cache`` is on (its default, in training mode too): the model
+must run with ``use_cache=False`` (``finetune.train`` sets ``config.use_cache = False``). The first label of every sequence is set to -100:
 in a row of its own no token predicts it, and in a packed row the previous sequence's last token
 must not either. The loss of a packed batch is therefore the token-weighted loss of its sequences
 run one by one.
@@ -38,20 +40,17 @@ class DataError(ValueError):
 
 
 def read_manifest(folder: str | Path) -> dict:
-    """The manifest of a sequence folder, checked for format and version."""
-    path = Path(folder) / MANIFEST_NAME
+    """The checked manifest of a sequence folder (``medmax.dataset_io.read_manifest``), errors as DataError."""
+    from .dataset_io import read_manifest as _read
+
     if not Path(folder).is_dir():
         raise DataError(f"{folder}: dataset folder does not exist")
-    if not path.is_file():
-        raise DataError(f"{path}: missing; is {folder} a folder written by tokenization.build_sequences?")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != MANIFEST_VERSION:
-        raise DataError(
-            f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}, "
-            f"expected {MANIFEST_FORMAT!r} version {MANIFEST_VERSION}"
-        )
+    try:
+        manifest = _read(folder)
+    except (OSError, ValueError) as err:
+        raise DataError(str(err)) from None
     if not isinstance(manifest.get("special_ids"), dict):
-        raise DataError(f"{path}: no special_ids")
+        raise DataError(f"{Path(folder) / MANIFEST_NAME}: special_ids is not a mapping")
     return manifest
 
 
@@ -100,9 +99,9 @@ def load_sequences(folder: str | Path) -> SequenceData:
     """Read every shard of a sequence folder, checking that ids, labels and lengths agree row by row."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    shards = sorted(folder.glob("part-*.parquet"))
+    shards = [folder / name for name in manifest["files"]]
     if not shards:
-        raise DataError(f"{folder}: no part-*.parquet shards")
+        raise DataError(f"{folder}/{MANIFEST_NAME}: lists no shard files")
     ids, labels, lengths = [], [], []
     for shard in shards:
         table = pq.read_table(shard, columns=["input_ids", "labels", "length"])
@@ -294,7 +293,7 @@ def write_sequences(folder: str | Path, rows: list[tuple[list[int], list[int]]],
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     files = []
-    for s, start in enumerate(range(0, max(len(rows), 1), rows_per_shard)):
+    for s, start in enumerate(range(0, len(rows), rows_per_shard)):
         chunk = rows[start : start + rows_per_shard]
         table = pa.table({
             "input_ids": pa.array([list(map(int, r[0])) for r in chunk], type=pa.list_(pa.int32())),
@@ -307,7 +306,7 @@ def write_sequences(folder: str | Path, rows: list[tuple[list[int], list[int]]],
     n_tokens = sum(len(r[0]) for r in rows)
     n_loss = sum(sum(1 for x in r[1] if x != IGNORE_INDEX) for r in rows)
     manifest = {
-        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "special_ids": special_ids,
+        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "special_ids": special_ids, "tokenizer": None,
         "counts": {"sequences": len(rows)}, "token_stats": {"tokens": n_tokens, "loss_tokens": n_loss},
         "files": files,
     }
