@@ -1,0 +1,204 @@
+"""Image loading (every PIL mode and format, DICOM) and Chameleon's preprocessing."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from PIL import Image
+from pydicom.data import get_testdata_files
+
+from medmax.images import ImageLoadError, load_image, preprocess
+
+# Only files shipped inside the pydicom wheel: get_testdata_file(name) would try to download the rest.
+DICOM_FILES = {os.path.basename(f): f for f in get_testdata_files()}
+
+
+def _rgb(h=30, w=40, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _encode(image: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    return buf.getvalue()
+
+
+MODES_AND_FORMATS = [
+    (mode, fmt)
+    for mode, formats in {
+        "RGB": ("PNG", "JPEG", "TIFF", "BMP", "WEBP"),
+        "L": ("PNG", "JPEG", "TIFF", "BMP", "WEBP"),
+        "LA": ("PNG", "TIFF", "WEBP"),
+        "P": ("PNG", "TIFF", "BMP"),
+        "RGBA": ("PNG", "TIFF", "WEBP"),
+        "CMYK": ("JPEG", "TIFF"),
+        "1": ("PNG", "TIFF", "BMP"),
+    }.items()
+    for fmt in formats
+]
+
+
+@pytest.mark.parametrize("mode,fmt", MODES_AND_FORMATS, ids=[f"{m}-{f}" for m, f in MODES_AND_FORMATS])
+def test_every_mode_and_format_loads_as_rgb(mode, fmt):
+    source = Image.fromarray(_rgb()).convert(mode)
+    loaded = load_image(_encode(source, fmt))
+    assert loaded.mode == "RGB" and loaded.size == (40, 30)
+    if mode in ("RGB", "L") and fmt in ("PNG", "TIFF", "BMP", "WEBP"):  # lossless: the pixels survive
+        assert np.array_equal(np.asarray(loaded), np.asarray(source.convert("RGB")))
+
+
+def test_transparency_is_blended_on_white():
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., 0] = 200  # red channel 200, green and blue 0
+    rgba[0, 0, 3] = 0  # fully transparent -> white
+    rgba[0, 1, 3] = 255  # opaque -> unchanged
+    rgba[0, 2, 3] = 128  # half -> between
+    rgba[1:, :, 3] = 255
+    loaded = np.asarray(load_image(_encode(Image.fromarray(rgba, "RGBA"), "PNG")))
+    assert loaded[0, 0].tolist() == [255, 255, 255]
+    assert loaded[0, 1].tolist() == [200, 0, 0]
+    a = 128 / 255
+    assert loaded[0, 2].tolist() == [int((1 - a) * 255 + a * 200), int((1 - a) * 255), int((1 - a) * 255)]
+
+
+@pytest.mark.parametrize("dtype,fmt", [(np.uint16, "PNG"), (np.uint16, "TIFF"), (np.int32, "TIFF"), (np.float32, "TIFF")])
+def test_high_bit_depth_is_scaled_by_its_own_range(dtype, fmt):
+    values = np.linspace(1000, 3000, 30 * 40).reshape(30, 40).astype(dtype)  # a 12-bit-like ramp, far from 0 and 65535
+    source = Image.fromarray(values)
+    assert source.mode in ("I;16", "I", "F")
+    grey = np.asarray(load_image(_encode(source, fmt)))[..., 0]
+    assert grey.min() == 0 and grey.max() == 255
+    assert np.all(np.diff(grey.reshape(-1).astype(int)) >= 0)  # monotone ramp stays monotone
+
+
+def test_multi_frame_tiff_takes_the_asked_frame():
+    frames = [Image.fromarray(np.full((8, 8, 3), v, dtype=np.uint8)) for v in (10, 200)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "TIFF", save_all=True, append_images=frames[1:])
+    assert np.asarray(load_image(buf.getvalue()))[0, 0, 0] == 10
+    assert np.asarray(load_image(buf.getvalue(), frame=1))[0, 0, 0] == 200
+    with pytest.raises(ImageLoadError, match="frame 2 requested"):
+        load_image(buf.getvalue(), frame=2)
+
+
+def test_unreadable_inputs_raise_with_source_and_reason(tmp_path):
+    with pytest.raises(ImageLoadError, match="missing.png: cannot read file"):
+        load_image(tmp_path / "missing.png")
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(ImageLoadError, match="text.png: not a recognised image format"):
+        load_image(tmp_path / "text.png")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(_encode(Image.fromarray(_rgb(64, 64)), "PNG")[:200])
+    with pytest.raises(ImageLoadError, match="truncated.png"):
+        load_image(truncated)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(ImageLoadError, match="empty"):
+        load_image(tmp_path / "empty.jpg")
+
+
+# ---------------------------------------------------------------------------------------------- DICOM
+
+
+def _dicoms_with_pixels() -> list[str]:
+    files = []
+    for path in get_testdata_files():
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=False, force=True)
+        except Exception:  # not DICOM at all (README, json, icc...)
+            continue
+        if "PixelData" in ds:
+            files.append(path)
+    return files
+
+
+def test_every_bundled_dicom_loads_or_says_why():
+    files = _dicoms_with_pixels()
+    assert len(files) > 50
+    loaded, failed = 0, {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for path in files:
+            try:
+                image = load_image(path)
+            except ImageLoadError as exc:
+                assert exc.source == path and len(exc.reason) > 10
+                failed[os.path.basename(path)] = exc.reason
+                continue
+            assert image.mode == "RGB" and min(image.size) > 0
+            loaded += 1
+    # the few that fail are genuinely broken (truncated, invalid VR values, missing required elements)
+    assert loaded >= len(files) - 8, failed
+    assert "MR_truncated.dcm" in failed and "less than expected" in failed["MR_truncated.dcm"]
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm"])
+def test_ct_and_mr_give_sensible_images(name):
+    grey = np.asarray(load_image(DICOM_FILES[name])).astype(int)
+    assert np.array_equal(grey[..., 0], grey[..., 1])  # greyscale replicated to RGB
+    assert grey.std() > 20 and grey.max() - grey.min() > 150  # real contrast, not a constant or a sliver
+
+
+def _dicom_bytes(ds) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_monochrome1_is_inverted():
+    ds = pydicom.dcmread(DICOM_FILES["CT_small.dcm"])
+    normal = np.asarray(load_image(_dicom_bytes(ds))).astype(int)
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    inverted = np.asarray(load_image(_dicom_bytes(ds))).astype(int)
+    assert np.array_equal(inverted, 255 - normal)
+
+
+def test_window_centre_width_is_applied_after_rescale():
+    ds = pydicom.dcmread(DICOM_FILES["CT_small.dcm"])  # has RescaleSlope / Intercept, no window
+    hu = pydicom.pixels.apply_modality_lut(ds.pixel_array, ds)
+    ds.WindowCenter, ds.WindowWidth = float(np.median(hu)), 100.0
+    grey = np.asarray(load_image(_dicom_bytes(ds)))[..., 0]
+    assert np.all(grey[hu <= np.median(hu) - 60] == 0) and np.all(grey[hu >= np.median(hu) + 60] == 255)
+    inside = (hu > np.median(hu) - 40) & (hu < np.median(hu) + 40)
+    assert inside.any() and np.all((grey[inside] > 0) & (grey[inside] < 255))
+
+
+def test_dicom_colour_and_frames():
+    rgb = np.asarray(load_image(DICOM_FILES["SC_rgb_dcmtk_+eb+cr.dcm"])).astype(int)
+    ybr = np.asarray(load_image(DICOM_FILES["SC_ybr_full_422_uncompressed.dcm"])).astype(int)
+    assert rgb[0, 0].tolist() == [255, 0, 0]  # the test image's top band is pure red
+    assert np.abs(rgb - ybr).max() <= 8  # YBR_FULL_422 converted to RGB
+    palette = np.asarray(load_image(DICOM_FILES["examples_palette.dcm"]))
+    assert palette.reshape(-1, 3).std(axis=0).min() > 10 and not np.array_equal(palette[..., 0], palette[..., 2])
+    first, sixth = (np.asarray(load_image(DICOM_FILES["rtdose.dcm"], frame=f)) for f in (0, 5))
+    assert not np.array_equal(first, sixth)
+    with pytest.raises(ImageLoadError, match="frame 15 requested but the DICOM file has 15"):
+        load_image(DICOM_FILES["rtdose.dcm"], frame=15)
+
+
+# ---------------------------------------------------------------------------------------- preprocessing
+
+
+def test_preprocess_of_an_exact_size_image_is_a_pure_rescale():
+    pixels = _rgb(64, 64)
+    out = preprocess(Image.fromarray(pixels), 64)
+    assert out.shape == (3, 64, 64) and out.dtype == torch.float32
+    expected = torch.from_numpy(pixels).permute(2, 0, 1).double() / 255 * 2 - 1
+    assert torch.equal(out, expected.float())
+
+
+def test_preprocess_resizes_the_shorter_side_and_crops_the_centre():
+    wide = np.zeros((50, 200, 3), dtype=np.uint8)
+    wide[:, 75:125] = 255  # a white centre square of side 50, black beyond it
+    out = preprocess(Image.fromarray(wide), 32)
+    assert out.shape == (3, 32, 32)
+    assert out[:, :, 4:-4].min() > 0.9  # the crop is the centre square, away from LANCZOS ringing at its edges
+    tall = np.zeros((200, 50, 3), dtype=np.uint8)
+    tall[75:125] = 255
+    assert preprocess(Image.fromarray(tall), 32)[:, 4:-4].min() > 0.9
+    assert -1 <= float(out.min()) and float(out.max()) <= 1
