@@ -32,7 +32,7 @@ from .dataset_io import (
     write_manifest,
 )
 from .sequences import LengthDrop, RowError, SequenceBuilder, SequenceConfig
-from .vocab import load_tokenizer
+from .vocab import Vocabulary, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def _process_file(index: int) -> FileResult:
     cfg: BuildConfig = _STATE["config"]
     path = _STATE["inputs"][index]
     out = Path(cfg.output)
-    builder = SequenceBuilder(_STATE["tokenizer"], cfg.sequence, _STATE["resolver"])
+    builder = SequenceBuilder(_STATE["tokenizer"], cfg.sequence, _STATE["resolver"], _STATE["vocab"])
     writer = ShardWriter(out, index, cfg.keep, cfg.rows_per_shard)
     errors = ErrorLog(out / f"{ERRORS}.{index:05d}.tmp")
     result = FileResult(index, str(path))
@@ -253,7 +253,8 @@ def _setup(cfg: BuildConfig) -> dict:
         seq = SequenceConfig(**{**asdict(seq), "codes_per_image": vqgan.n_codes_per_image, "codebook_size": vqgan.n_embed})
     if seq.codes_per_image is None and table:
         seq = SequenceConfig(**{**asdict(seq), "codes_per_image": table_code_count(table, cfg.image_tokens)})
-    return {"tokenizer": tokenizer, "resolver": ImageCodes(table, vqgan, cfg.image_root), "sequence": seq}
+    vocab = Vocabulary.from_tokenizer(tokenizer)
+    return {"tokenizer": tokenizer, "vocab": vocab, "resolver": ImageCodes(table, vqgan, cfg.image_root), "sequence": seq}
 
 
 def _run_files(cfg: BuildConfig, n_files: int, total_rows: int | None) -> list[FileResult]:
@@ -280,8 +281,10 @@ def _run_files(cfg: BuildConfig, n_files: int, total_rows: int | None) -> list[F
 
 
 def _worker_init() -> None:
+    """One thread per worker process: the workers already fill the cores."""
     import torch
 
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     torch.set_num_threads(1)
 
 
@@ -309,7 +312,7 @@ def build_dataset(cfg: BuildConfig) -> dict:
     finally:
         _STATE.clear()
     _merge_errors(out, len(inputs))
-    manifest = _manifest(cfg, inputs, results, state["tokenizer"])
+    manifest = _manifest(cfg, inputs, results, state["vocab"])
     write_manifest(out, manifest)
     return manifest
 
@@ -331,10 +334,7 @@ def _codes_per_image(results: list[FileResult], configured: int | None) -> int |
     return configured if configured is not None else next(iter(seen), None)
 
 
-def _manifest(cfg: BuildConfig, inputs, results: list[FileResult], tokenizer) -> dict:
-    from .vocab import Vocabulary
-
-    vocab = Vocabulary.from_tokenizer(tokenizer)
+def _manifest(cfg: BuildConfig, inputs, results: list[FileResult], vocab: Vocabulary) -> dict:
     rejected = sum((r.rejected for r in results), Counter())
     written = sum(r.rows_written for r in results)
     total = sum(r.total_tokens for r in results)

@@ -89,14 +89,18 @@ class Built:
 
     input_ids: np.ndarray  # int32
     labels: np.ndarray  # int32, IGNORE_INDEX where no loss
-    answer: np.ndarray = field(repr=False)  # bool, tokens of the trained region (images included)
-    open_image: np.ndarray = field(repr=False)  # bool, boi and codes: a cut after them splits an image
+    answer: np.ndarray | int = field(repr=False)  # bool mask of the answer region (images included), or its start
     format: str = "medmax"
     n_images: int = 0
     truncated: bool = False
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def answer_mask(self) -> np.ndarray:
+        if isinstance(self.answer, np.ndarray):
+            return self.answer
+        return np.arange(len(self.input_ids)) >= self.answer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,9 +222,13 @@ class SequenceBuilder:
     cannot); code lists given in the row are used as they are.
     """
 
-    def __init__(self, tokenizer: Tokenizer, config: SequenceConfig | None = None, resolve_image: Callable | None = None):
+    def __init__(self, tokenizer: Tokenizer, config: SequenceConfig | None = None, resolve_image: Callable | None = None,
+                 vocab: Vocabulary | None = None):
         self.tokenizer = tokenizer
-        self.vocab = Vocabulary.from_tokenizer(tokenizer)
+        self.vocab = vocab or Vocabulary.from_tokenizer(tokenizer)
+        self._code_ids = self.vocab.code_to_id.astype(np.int32)  # (n_codes,) token id of each code
+        self._is_code = np.zeros(self.vocab.size, dtype=bool)  # (vocab,) which ids are image codes
+        self._is_code[self._code_ids] = True
         self.config = config or SequenceConfig()
         self.resolve_image = resolve_image
         self.codes_per_image = self.config.codes_per_image
@@ -231,8 +239,11 @@ class SequenceBuilder:
     # -- public API ---------------------------------------------------------------------------
 
     def build(self, row: dict) -> Built:
-        """One row -> one sequence (RowError / LengthDrop when it cannot be built)."""
-        return self.build_batch([row])[0]
+        """One row -> one sequence (raises RowError / LengthDrop when it cannot be built)."""
+        built = self.build_batch([row])[0]
+        if isinstance(built, RowError):
+            raise built
+        return built
 
     def build_batch(self, rows: Sequence[dict]) -> list[Built | RowError]:
         """Rows -> sequences or the RowError of each row, encoding all texts in two tokenizer calls."""
@@ -330,7 +341,7 @@ class SequenceBuilder:
         codes = self._codes(ref, index)
         block = np.empty(len(codes) + 2, dtype=np.int32)
         block[0], block[-1] = self.vocab.boi_id, self.vocab.eoi_id
-        block[1:-1] = self.vocab.codes_to_ids(codes)
+        block[1:-1] = self._code_ids[codes]
         return block
 
     def _codes(self, ref, index: int) -> np.ndarray:
@@ -345,7 +356,7 @@ class SequenceBuilder:
         self._check_count(len(codes), index)
         if codes.size and (codes.min() < 0 or codes.max() >= self.code_limit):
             raise RowError("bad_codes", f"image {index}: codes must lie in 0..{self.code_limit - 1}, got {codes.min()}..{codes.max()}")
-        return codes.astype(np.int64, copy=False)
+        return codes
 
     def _check_count(self, n: int, index: int) -> None:
         if self.codes_per_image is None:
@@ -371,20 +382,28 @@ class SequenceBuilder:
             raise text_ids
         if v.image_placeholder_id is None:
             raise RowError("untokenizable", "the tokenizer has no <image> token: MedMax rows need MedMax's modified tokenizer")
-        ids = np.asarray([v.bos_id, *text_ids, v.eos_id], dtype=np.int32)
+        text = np.asarray(text_ids, dtype=np.int32)
+        slots = np.flatnonzero(text == v.image_placeholder_id)
+        self._check_images(len(slots), plan.images)
+        parts, start = [np.array([v.bos_id], dtype=np.int32)], 0
+        for n, slot in enumerate(slots):
+            parts += [text[start:slot], self._image_block(plan.images[n], n)]
+            start = slot + 1
+        parts += [text[start:], np.array([v.eos_id], dtype=np.int32)]
+        ids = np.concatenate(parts)  # (T,)
         eot = np.flatnonzero(ids == v.eot_id)
         if not len(eot):
             raise RowError("no_end_of_turn", "MedMax row has no end-of-turn <reserved08706> between prompt and answer")
-        slots = np.flatnonzero(ids == v.image_placeholder_id)
-        self._check_images(len(slots), plan.images)
-        trained = np.arange(len(ids)) > eot[0]
-        # Split at the placeholders and put an image block in each.
-        parts, bounds = [], [-1, *slots.tolist(), len(ids)]
-        for n, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
-            if n:
-                parts.append(self._image_part(plan.images[n - 1], n - 1, bool(trained[start])))
-            parts.append(self._text_part(ids[start + 1 : stop], trained[start + 1 : stop]))
-        return self._join(parts, plan)
+        labels = ids.copy()
+        labels[: eot[0] + 1] = IGNORE_INDEX
+        if not self.config.image_loss and len(slots):
+            labels[self._image_positions(ids)] = IGNORE_INDEX
+        return Built(ids, labels, int(eot[0]) + 1, format="medmax", n_images=len(plan.images))
+
+    def _image_positions(self, ids: np.ndarray) -> np.ndarray:
+        """Bool mask of image blocks: boi, codes and eoi."""
+        v = self.vocab
+        return (ids == v.boi_id) | (ids == v.eoi_id) | self._is_code[ids]
 
     def _assemble_pieces(self, plan: Plan, encoded: dict) -> Built:
         self._check_images(self._count_images(plan.pieces), plan.images)
@@ -397,24 +416,22 @@ class SequenceBuilder:
             if isinstance(ids, RowError):
                 raise ids
             ids = np.asarray(ids, dtype=np.int32)
-            parts.append(self._text_part(ids, np.full(len(ids), piece.trained)))
+            parts.append(self._text_part(ids, piece.trained))
         return self._join(parts, plan)
 
-    def _text_part(self, ids: np.ndarray, trained: np.ndarray):
-        labels = np.where(trained, ids, IGNORE_INDEX).astype(np.int32)
-        return ids, labels, trained, np.zeros(len(ids), dtype=bool)
+    def _text_part(self, ids: np.ndarray, trained: bool):
+        labels = ids if trained else np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
+        return ids, labels, np.full(len(ids), trained)
 
     def _image_part(self, ref, index: int, trained: bool):
         block = self._image_block(ref, index)
         with_loss = trained and self.config.image_loss
         labels = block if with_loss else np.full(len(block), IGNORE_INDEX, dtype=np.int32)
-        open_image = np.ones(len(block), dtype=bool)
-        open_image[-1] = False  # a cut right after eoi keeps the image whole
-        return block, labels, np.full(len(block), trained), open_image
+        return block, labels, np.full(len(block), trained)
 
     def _join(self, parts, plan: Plan) -> Built:
-        ids, labels, answer, open_image = (np.concatenate([p[i] for p in parts]) for i in range(4))
-        return Built(ids, labels, answer, open_image, format=plan.format, n_images=len(plan.images))
+        ids, labels, answer = (np.concatenate([p[i] for p in parts]) for i in range(3))
+        return Built(ids, labels, answer, format=plan.format, n_images=len(plan.images))
 
     # -- length -------------------------------------------------------------------------------
 
@@ -424,11 +441,10 @@ class SequenceBuilder:
         if n is None or len(built) <= n:
             return built
         last = n - 1  # the last token kept
-        if built.open_image[last]:
+        ids = built.input_ids
+        if ids[last] == self.vocab.boi_id or self._is_code[ids[last]]:
             raise LengthDrop("too_long", f"{len(built)} tokens > max_length {n}: the cut would go through an image")
-        if not built.answer[last]:
+        answer = built.answer_mask()
+        if not answer[last]:
             raise LengthDrop("too_long", f"{len(built)} tokens > max_length {n}: the cut would fall before the answer")
-        return Built(
-            built.input_ids[:n], built.labels[:n], built.answer[:n], built.open_image[:n],
-            format=built.format, n_images=built.n_images, truncated=True,
-        )
+        return Built(ids[:n], built.labels[:n], answer[:n], format=built.format, n_images=built.n_images, truncated=True)
