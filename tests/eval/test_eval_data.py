@@ -1,0 +1,122 @@
+"""Eval data: MedMax schema, released-file converters, safe image paths, task registry, prompt styles."""
+
+import csv
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from eval.data import BadRow, convert_path_mmu, convert_pmc_vqa, load_medmax, load_records, probmed_pair_id, resolve_image
+from eval.prompts import build_prompt
+from eval.run import apply_limit
+from eval.tasks import TASKS, VQA_TASKS, select_tasks, task_for
+from medmax.generation import END_OF_TURN
+
+
+def test_registry_has_medmax_keys():
+    assert [t.key for t in VQA_TASKS] == [
+        "vqa_rad_closed", "slake_closed", "pathvqa_closed", "quilt_vqa_closed", "vqa_rad_open", "slake_open",
+        "pathvqa_open", "quilt_vqa_open", "pmc_vqa_mcq", "omnimed_vqa_mcq", "path_mmu_mcq", "probmed_closed"]
+    assert {"image_captioning_report", "image_generation_quilt", "visual_chat", "mm_out"} <= {t.key for t in TASKS}
+    assert [t.key for t in select_tasks("slake,probmed_closed")] == ["slake_closed", "slake_open", "probmed_closed"]
+    assert task_for("visual_chat", "conversation").key == "visual_chat"
+    with pytest.raises(ValueError, match="unknown task 'vqa_radd'"):
+        select_tasks("vqa_radd")
+
+
+def test_resolve_image_refuses_escapes(tmp_path):
+    root = tmp_path / "data"
+    (root / "img").mkdir(parents=True)
+    (root / "img" / "a.png").write_bytes(b"x")
+    (tmp_path / "outside.png").write_bytes(b"x")
+    (root / "img" / "link.png").symlink_to(tmp_path / "outside.png")
+    assert resolve_image(root, "img/a.png") == (root / "img" / "a.png").resolve()
+    for bad, why in [("/etc/passwd", "absolute"), ("../outside.png", r"'\.\.'"), ("img/../../outside.png", r"'\.\.'"),
+                     ("img/link.png", "link"), ("img/missing.png", "not found"), (None, "no image_path")]:
+        with pytest.raises(BadRow, match=why):
+            resolve_image(root, bad)
+
+
+def test_medmax_parquet_and_jsonl(tmp_path):
+    rows = [{"task_name": "vqa_rad", "question_type": "closed", "prompt": "q?", "answer": "yes", "image_path": "a.png"},
+            {"task_name": "visual_chat", "question_type": "conversation", "prompt": "<image>\nWhat?",
+             "answer": str({"gpt4_answer": "a mass", "domain": {"ct_scan": True}}), "image_path": "b.png"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"task_name": "x", "prompt": "p"}) + "\n")
+    records, problems = load_medmax(tmp_path)
+    assert [r.uid for r in records] == ["a.parquet:0", "a.parquet:1"]
+    assert records[1].answer["gpt4_answer"] == "a mass"  # MedMax stores the dict as a Python literal string
+    assert problems == [{"uid": "b.jsonl:0", "reason": "missing columns ['question_type', 'answer', 'image_path']"}]
+
+
+def test_converters_read_released_fields(tmp_path):
+    (tmp_path / "rad.json").write_text(json.dumps([
+        {"image_name": "synpic1.jpg", "question": "Is it normal?", "answer": "Yes", "answer_type": "CLOSED", "qid": 1},
+        {"image_name": "synpic2.jpg", "question": "Where?", "answer": "left", "answer_type": "OPEN", "qid": 2}]))
+    records, _ = load_records(tmp_path, "vqa_rad", Path("rad.json"))
+    assert [(r.question_type, r.answer, r.image_path) for r in records] == [
+        ("closed", "Yes", "VQA_RAD Image Folder/synpic1.jpg"), ("open", "left", "VQA_RAD Image Folder/synpic2.jpg")]
+
+    (tmp_path / "slake.json").write_text(json.dumps([
+        {"img_name": "xmlab1/source.jpg", "question": "Is this CT?", "answer": "Yes", "q_lang": "en", "answer_type": "CLOSED"},
+        {"img_name": "xmlab1/source.jpg", "question": "这是CT吗", "answer": "是", "q_lang": "zh", "answer_type": "CLOSED"}]))
+    records, _ = load_records(tmp_path, "slake", Path("slake.json"))
+    assert [r.prompt for r in records] == ["Is this CT?"] and records[0].image_path == "imgs/xmlab1/source.jpg"
+
+    (tmp_path / "omni.json").write_text(json.dumps([
+        {"question_id": "q1", "question": "Which modality?", "gt_answer": "MRI", "image_path": "Images/x/1.png",
+         "option_A": "CT", "option_B": "MRI", "option_C": "X-ray", "dataset": "x"}]))
+    records, _ = load_records(tmp_path, "omnimed", Path("omni.json"))
+    assert records[0].answer == "B" and records[0].options == {"A": "CT", "B": "MRI", "C": "X-ray"}
+    assert "(B) MRI" in records[0].prompt
+
+    (tmp_path / "probmed.json").write_text(json.dumps([
+        {"id": 7, "image": "a/1.jpg", "question": "<image>\nIs this a CT?", "answer": "yes", "qa_type": "modality_gt", "image_type": "ct_brain"},
+        {"id": 7, "image": "a/1.jpg", "question": "Is this an MRI?", "answer": "no", "qa_type": "modality_hallu", "image_type": "ct_brain"},
+        {"id": 7, "image": "a/1.jpg", "question": "Any abnormality?", "answer": "no", "qa_type": "abnormality", "image_type": "ct_brain"}]))
+    records, _ = load_records(tmp_path, "probmed", Path("probmed.json"))
+    assert [r.pair_id for r in records] == ["7:modality", "7:modality", None]
+    assert records[0].prompt == "Is this a CT?"
+    assert probmed_pair_id({"id": 3, "qa_type": "entity_hallu_2"}) == probmed_pair_id({"id": 3, "qa_type": "entity_gt_2"})
+
+
+def test_pmc_vqa_and_path_mmu(tmp_path):
+    with open(tmp_path / "test.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["Figure_path", "Question", "Answer", "Choice A", "Choice B", "Choice C", "Choice D", "Answer_label"])
+        w.writeheader()
+        w.writerow({"Figure_path": "PMC1_f1.jpg", "Question": "What organ?", "Answer": "Liver", "Choice A": " A:Lung",
+                    "Choice B": " B:Liver", "Choice C": " C:Brain", "Choice D": " D:Kidney", "Answer_label": "B"})
+    row = convert_pmc_vqa(tmp_path / "test.csv")[0]
+    assert row["answer"] == "B" and row["options"]["B"] == "Liver" and row["image_path"] == "images/PMC1_f1.jpg"
+
+    (tmp_path / "data.json").write_text(json.dumps({"PubMed": {
+        "test": [{"No": 1, "question": "Which stain?", "options": ["A) H&E", "B) PAS"], "answer": "B) PAS", "img": "p1.jpg"}],
+        "val": [{"No": 2, "question": "dev", "options": ["A) x", "B) y"], "answer": "A", "img": "p2.jpg"}]}}))
+    rows = convert_path_mmu(tmp_path / "data.json")
+    assert len(rows) == 1 and rows[0]["answer"] == "B" and rows[0]["options"] == {"A": "H&E", "B": "PAS"}
+
+
+def test_limit_is_deterministic_and_keeps_order(tmp_path):
+    records, _ = load_records(_schema(tmp_path, 20), "medmax")
+    a = apply_limit(records, 5, seed=0, key="vqa_rad_closed")
+    assert [r.uid for r in a] == [r.uid for r in apply_limit(records, 5, seed=0, key="vqa_rad_closed")]
+    assert len(a) == 5 and a == sorted(a, key=lambda r: int(r.uid.split(":")[1]))
+    assert [r.uid for r in a] != [r.uid for r in apply_limit(records, 5, seed=1, key="vqa_rad_closed")]
+
+
+def _schema(folder: Path, n: int) -> Path:
+    path = folder / "rows.jsonl"
+    path.write_text("".join(json.dumps({"task_name": "vqa_rad", "question_type": "closed", "prompt": f"q{i}",
+                                        "answer": "yes", "image_path": "a.png"}) + "\n" for i in range(n)))
+    return path
+
+
+def test_prompt_styles(tmp_path):
+    records, _ = load_records(_schema(tmp_path, 1), "medmax")
+    rec, task, img = records[0], select_tasks("vqa_rad_closed")[0], tmp_path / "a.png"
+    assert build_prompt(rec, task, "sft", img) == [img, "q0", END_OF_TURN]  # MedMax: image, question, end of turn
+    assert build_prompt(rec, task, "default", img) == [img, "q0"]
+    chameleon = build_prompt(rec, task, "chameleon", img)
+    assert chameleon[0] == img and chameleon[1].endswith("Question: q0\nAnswer:") and "'yes' or 'no'" in chameleon[1]

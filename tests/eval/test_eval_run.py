@@ -1,0 +1,128 @@
+"""End to end: a tiny model on a small synthetic set in MedMax's schema, all 12 VQA task names present."""
+
+import json
+
+import pytest
+from PIL import Image
+
+import eval.run as run
+from eval.tasks import VQA_TASKS
+
+ROWS_PER_TASK = 3
+ANSWERS = {"closed": "yes", "open": "upper left lesion", "mcq": "B"}
+OPTIONS = "\n(A) lung\n(B) liver\n(C) brain\n(D) kidney"
+BAD_ROWS = [
+    ({"task_name": "vqa_rad", "question_type": "closed", "image_path": "/etc/hostname"}, "is absolute"),
+    ({"task_name": "slake", "question_type": "open", "image_path": "../outside.png"}, "contains '..'"),
+    ({"task_name": "pmc_vqa", "question_type": "mcq", "image_path": "img/missing.png"}, "not found"),
+    ({"task_name": "made_up_task", "question_type": "closed", "image_path": "img/0.png"}, "unknown task 'made_up_task'"),
+]
+
+
+@pytest.fixture(scope="module")
+def eval_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaldata")
+    (root / "img").mkdir()
+    for i in range(ROWS_PER_TASK):
+        Image.new("RGB", (72, 64), (60 * i, 120, 200 - 50 * i)).save(root / "img" / f"{i}.png")
+    rows = []
+    for task in VQA_TASKS:
+        for i in range(ROWS_PER_TASK):
+            rows.append({"task_name": task.name, "question_type": task.type, "answer": ANSWERS[task.type],
+                         "prompt": "Is there a lesion in the image?" + (OPTIONS if task.type == "mcq" else ""),
+                         "image_path": f"img/{i}.png", "pair_id": f"{i // 2}:modality" if task.name == "probmed" else None})
+    rows.append({"task_name": "image_captioning", "question_type": "pmc_oa", "prompt": "", "answer": "a CT scan", "image_path": "img/0.png"})
+    rows.append({"task_name": "visual_chat", "question_type": "conversation", "prompt": "What is shown?\n<image>",
+                 "answer": str({"gpt4_answer": "a bright round lesion", "fig_caption": "c", "fig_label": "Fig 1",
+                                "in_text_mention": "m", "domain": {"ct_scan": True}}), "image_path": "img/1.png"})
+    rows += [{"prompt": "q", "answer": "yes", **bad} for bad, _ in BAD_ROWS]
+    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def _argv(tiny_model_dir, data, out, *extra):
+    return ["--model", str(tiny_model_dir), "--data", str(data), "--output", str(out), "--max-new-tokens", "4",
+            "--batch-size", "4", "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_model_dir, eval_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    results = run.main(_argv(tiny_model_dir, eval_data, out))
+    return out, results
+
+
+def test_every_vqa_task_is_scored(full_run):
+    out, results = full_run
+    for task in VQA_TASKS:
+        entry = results[task.key]
+        assert entry["n"] + entry["n_errors"] == ROWS_PER_TASK + (task.key in ("vqa_rad_closed", "slake_open", "pmc_vqa_mcq"))
+        assert entry["metric"] == ("recall" if task.type == "open" else "accuracy")
+        assert 0.0 <= entry["score"] <= 1.0 and entry["stderr"] is not None
+        rows = [json.loads(l) for l in (out / "predictions" / f"{task.key}.jsonl").read_text().splitlines()]
+        assert {"question", "image", "answer", "output"} <= set(rows[0])
+    assert set(results["probmed_closed"]["metrics"]) == {"accuracy", "paired_accuracy"}
+    assert results["probmed_closed"]["metrics"]["paired_accuracy"]["n"] == 2  # pair 0 (two rows) + pair 1 (one row)
+    assert results["visual_chat"]["metric"] == "token_f1" and results["visual_chat"]["n"] == 1
+    assert json.loads((out / "results.json").read_text()) == results
+    assert (out / "report.png").stat().st_size > 0 and "| vqa_rad_closed | accuracy |" in (out / "report.md").read_text()
+
+
+def test_bad_rows_are_reported_and_the_rest_completes(full_run):
+    out, results = full_run
+    problems = [json.loads(l) for l in (out / "problems.jsonl").read_text().splitlines()]
+    assert results["_problems"] == len(BAD_ROWS) == len(problems)
+    for _, reason in BAD_ROWS:
+        assert any(reason in p["reason"] for p in problems), reason
+    assert results["vqa_rad_closed"]["n_errors"] == 1
+    assert "no --clip-model" in results["image_captioning_pmc_oa"]["skipped"]
+    assert "no rows" in results["image_generation_report"]["skipped"]
+    assert "contains '..'" in (out / "report.md").read_text()
+
+
+def test_resume_after_interruption_gives_identical_results(tiny_model_dir, eval_data, full_run, tmp_path, monkeypatch):
+    out = tmp_path / "resumed"
+    real, calls = run.evaluate_batch, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run, "evaluate_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run.main(_argv(tiny_model_dir, eval_data, out))
+    assert not (out / "results.json").exists()
+    shard = out / "predictions" / "slake_closed.rank0.jsonl"
+    done_before = shard.read_text().count("\n")
+    with open(shard, "a") as f:
+        f.write('{"uid": "eval.jsonl:')  # a line cut short by the interruption
+    monkeypatch.setattr(run, "evaluate_batch", real)
+    run.main(_argv(tiny_model_dir, eval_data, out))
+    assert (out / "results.json").read_bytes() == (full_run[0] / "results.json").read_bytes()
+    assert done_before == ROWS_PER_TASK and shard.read_text().count("\n") == ROWS_PER_TASK  # nothing redone
+    for task in VQA_TASKS:
+        name = f"predictions/{task.key}.jsonl"
+        assert (out / name).read_text() == (full_run[0] / name).read_text()
+    run.main(_argv(tiny_model_dir, eval_data, out))  # a finished run reruns to the same file
+    assert (out / "results.json").read_bytes() == (full_run[0] / "results.json").read_bytes()
+
+
+def test_shards_merge_to_the_single_process_results(tiny_model_dir, eval_data, full_run, tmp_path):
+    out = tmp_path / "sharded"
+    tasks = "vqa_rad,pmc_vqa,probmed"
+    assert run.main(_argv(tiny_model_dir, eval_data, out, "--tasks", tasks, "--shard-rank", "1", "--num-shards", "2")) is None
+    results = run.main(_argv(tiny_model_dir, eval_data, out, "--tasks", tasks, "--shard-rank", "0", "--num-shards", "2"))
+    assert (out / "predictions" / "vqa_rad_closed.rank1.jsonl").is_file()
+    for key in ("vqa_rad_closed", "vqa_rad_open", "pmc_vqa_mcq", "probmed_closed"):
+        assert results[key] == full_run[1][key]
+
+
+def test_limit_and_flag_errors(tiny_model_dir, eval_data, tmp_path):
+    results = run.main(_argv(tiny_model_dir, eval_data, tmp_path / "lim", "--tasks", "slake_closed", "--limit", "2"))
+    assert results["slake_closed"]["n"] == 2 and set(results) - {"_problems"} == {"slake_closed"}
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        run.main(_argv(tiny_model_dir, eval_data, tmp_path / "x", "--tasks", "nope"))
+    with pytest.raises(ValueError, match="--limit"):
+        run.main(_argv(tiny_model_dir, eval_data, tmp_path / "x", "--limit", "0"))
