@@ -7,9 +7,11 @@ Output folder layout (what training reads)::
     DIR/manifest.json             {"format": "medmax-sequences", "version": 1, "special_ids", "tokenizer",
                                    "counts", "token_stats", "files", ...}
     DIR/errors.jsonl              one line per rejected or dropped row: file, row (1-based), kind, reason
+    DIR/progress/                 done-FFFFF.json once input file FFFFF is complete (what a resumed run skips)
 
 ``FFFFF`` is the input file's index and ``SSSS`` the shard within it, so a rerun writes the same names;
-:func:`clear_outputs` removes a previous run's files first, so reruns never append.
+:func:`clear_outputs` removes a previous run's files first, so reruns never append (a resumed run
+instead keeps the files of inputs recorded as done and rebuilds the others).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .sequences import Built, RowError
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+PROGRESS = "progress"  # per-input-file completion records and error lists, for --resume
 ERRORS = "errors.jsonl"
 FORMAT_NAME = "medmax-sequences"
 FORMAT_VERSION = 1
@@ -106,10 +109,23 @@ def _jsonl_batches(path: Path, batch_size: int):
 
 
 def clear_outputs(folder: Path) -> None:
-    """Remove a previous run's shards, manifest and error list (and nothing else)."""
+    """Remove a previous run's shards, manifest, error list and progress records (and nothing else)."""
     folder.mkdir(parents=True, exist_ok=True)
-    for path in [*folder.glob(SHARD_GLOB), *folder.glob("part-*.parquet.tmp"), folder / MANIFEST, folder / ERRORS]:
+    progress = folder / PROGRESS
+    for path in [*folder.glob("part-*.parquet*"), folder / MANIFEST, folder / ERRORS, *progress.glob("*.json*")]:
         path.unlink(missing_ok=True)
+    progress.mkdir(exist_ok=True)
+
+
+def clear_file_outputs(folder: Path, index: int) -> None:
+    """Remove what one input file (number ``index``) left behind, before building it again."""
+    for path in [*folder.glob(f"part-{index:05d}-*.parquet*"), *(folder / PROGRESS).glob(f"*-{index:05d}.json*")]:
+        path.unlink()
+
+
+def progress_paths(folder: Path, index: int) -> tuple[Path, Path]:
+    """The completion record and error list of one input file."""
+    return folder / PROGRESS / f"done-{index:05d}.json", folder / PROGRESS / f"errors-{index:05d}.jsonl"
 
 
 def _list_array(arrays: list[np.ndarray]) -> pa.ListArray:

@@ -10,6 +10,7 @@ encoded on the fly.
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -24,11 +25,14 @@ from .dataset_io import (
     ERRORS,
     FORMAT_NAME,
     FORMAT_VERSION,
+    MANIFEST,
     ErrorLog,
     ShardWriter,
+    clear_file_outputs,
     clear_outputs,
     find_inputs,
     iter_row_batches,
+    progress_paths,
     write_manifest,
 )
 from .sequences import LengthDrop, RowError, SequenceBuilder, SequenceConfig
@@ -54,6 +58,7 @@ class BuildConfig:
     rows_per_shard: int = 100_000
     keep: tuple[str, ...] = ("source", "task", "credential")  # passthrough columns (written as strings)
     strict: bool = False  # fail on the first rejected row
+    resume: bool = False  # keep the outputs of input files a previous run finished (same inputs and settings)
     progress: bool = True
 
     def __post_init__(self):
@@ -193,9 +198,10 @@ def _process_file(index: int) -> FileResult:
     cfg: BuildConfig = _STATE["config"]
     path = _STATE["inputs"][index]
     out = Path(cfg.output)
+    done, error_path = progress_paths(out, index)
     builder = SequenceBuilder(_STATE["tokenizer"], cfg.sequence, _STATE["resolver"], _STATE["vocab"])
     writer = ShardWriter(out, index, cfg.keep, cfg.rows_per_shard)
-    errors = ErrorLog(out / f"{ERRORS}.{index:05d}.tmp")
+    errors = ErrorLog(error_path)
     result = FileResult(index, str(path))
     try:
         for batch in iter_row_batches(path, cfg.batch_size):
@@ -206,6 +212,38 @@ def _process_file(index: int) -> FileResult:
     finally:
         errors.close()
     result.codes_per_image = builder.codes_per_image
+    fields = {**result.__dict__, "rejected": dict(result.rejected), "formats": dict(result.formats)}
+    record = {"input": _input_stamp(path), "settings": _STATE["fingerprint"], "result": fields}
+    done.write_text(json.dumps(record, sort_keys=True))  # written last: the file is complete
+    return result
+
+
+def _input_stamp(path: Path) -> dict:
+    stat = path.stat()
+    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _fingerprint(cfg: BuildConfig) -> dict:
+    """What must be unchanged for a finished input file to be kept by a resumed run."""
+    return json.loads(json.dumps({
+        "tokenizer": str(cfg.tokenizer), "sequence": asdict(cfg.sequence), "image_tokens": list(cfg.image_tokens),
+        "ckpt": cfg.ckpt, "image_root": cfg.image_root, "rows_per_shard": cfg.rows_per_shard, "keep": list(cfg.keep),
+    }))
+
+
+def _finished(out: Path, index: int, path: Path, fingerprint: dict) -> FileResult | None:
+    """The recorded result of an input file a previous run completed with the same input and settings."""
+    done, _ = progress_paths(out, index)
+    if not done.is_file():
+        return None
+    record = json.loads(done.read_text())
+    if record["input"] != _input_stamp(path) or record["settings"] != fingerprint:
+        logger.info("%s changed or settings differ since the last run: building it again", path)
+        return None
+    result = FileResult(**record["result"])
+    result.rejected, result.formats = Counter(result.rejected), Counter(result.formats)
+    if not all((out / name).is_file() for name in result.files):
+        return None
     return result
 
 
@@ -257,19 +295,19 @@ def _setup(cfg: BuildConfig) -> dict:
     return {"tokenizer": tokenizer, "vocab": vocab, "resolver": ImageCodes(table, vqgan, cfg.image_root), "sequence": seq}
 
 
-def _run_files(cfg: BuildConfig, n_files: int, total_rows: int | None) -> list[FileResult]:
+def _run_files(cfg: BuildConfig, indices: list[int], total_rows: int | None) -> list[FileResult]:
     bar = tqdm(total=total_rows, unit="row", desc="build sequences", disable=not cfg.progress)
     progress = _STATE["progress"]
     try:
-        if cfg.workers == 1 or n_files == 1:
+        if cfg.workers == 1 or len(indices) <= 1:
             results = []
-            for i in range(n_files):
+            for i in indices:
                 results.append(_process_file(i))
                 bar.update(progress.value - bar.n)
             return results
         ctx = multiprocessing.get_context("fork")  # workers inherit the tokenizer and code table
-        with ctx.Pool(min(cfg.workers, n_files), initializer=_worker_init) as pool:
-            pending = pool.map_async(_process_file, range(n_files), chunksize=1)
+        with ctx.Pool(min(cfg.workers, len(indices)), initializer=_worker_init) as pool:
+            pending = pool.map_async(_process_file, indices, chunksize=1)
             while not pending.ready():
                 pending.wait(0.5)
                 bar.update(progress.value - bar.n)
@@ -298,32 +336,50 @@ def _count_rows(paths) -> int | None:
 
 
 def build_dataset(cfg: BuildConfig) -> dict:
-    """Run a build; returns the manifest it wrote. A rerun replaces the previous outputs."""
+    """Run a build; returns the manifest it wrote. A rerun replaces the previous outputs (unless resuming)."""
     inputs = find_inputs(cfg.inputs)
     out = Path(cfg.output)
-    clear_outputs(out)
     state = _setup(cfg)
     cfg = BuildConfig(**{**cfg.__dict__, "sequence": state["sequence"]})
-    _STATE.update(state, config=cfg, inputs=inputs, progress=multiprocessing.get_context("fork").Value("q", 0))
-    if cfg.workers > 1 and len(inputs) == 1:
-        logger.warning("--workers %d but a single input file: parallelism is over input files", cfg.workers)
+    fingerprint = _fingerprint(cfg)
+    finished = _resume(out, inputs, fingerprint) if cfg.resume else {}
+    if not cfg.resume:
+        clear_outputs(out)
+    todo = [i for i in range(len(inputs)) if i not in finished]
+    for i in todo:
+        clear_file_outputs(out, i)
+    _STATE.update(state, config=cfg, inputs=inputs, fingerprint=fingerprint,
+                  progress=multiprocessing.get_context("fork").Value("q", 0))
+    if cfg.workers > 1 and len(todo) == 1:
+        logger.warning("--workers %d but a single input file to build: parallelism is over input files", cfg.workers)
     try:
-        results = _run_files(cfg, len(inputs), _count_rows(inputs))
+        results = _run_files(cfg, todo, _count_rows([inputs[i] for i in todo]))
     finally:
         _STATE.clear()
+    results = sorted([*results, *finished.values()], key=lambda r: r.index)
     _merge_errors(out, len(inputs))
     manifest = _manifest(cfg, inputs, results, state["vocab"])
     write_manifest(out, manifest)
     return manifest
 
 
+def _resume(out: Path, inputs: list[Path], fingerprint: dict) -> dict[int, FileResult]:
+    """Results of the input files a previous run finished; its manifest and merged errors are redone."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "progress").mkdir(exist_ok=True)
+    for name in (MANIFEST, ERRORS):
+        (out / name).unlink(missing_ok=True)
+    finished = {i: r for i, path in enumerate(inputs) if (r := _finished(out, i, path, fingerprint)) is not None}
+    logger.info("resume: %d of %d input files already built", len(finished), len(inputs))
+    return finished
+
+
 def _merge_errors(out: Path, n_files: int) -> None:
     with open(out / ERRORS, "w", encoding="utf-8") as merged:
         for i in range(n_files):
-            part = out / f"{ERRORS}.{i:05d}.tmp"
+            _, part = progress_paths(out, i)
             if part.is_file():
                 merged.write(part.read_text(encoding="utf-8"))
-                part.unlink()
 
 
 def _codes_per_image(results: list[FileResult], configured: int | None) -> int | None:

@@ -14,7 +14,8 @@ Usage::
 
 Writes ``OUTPUT/part-*.parquet``, ``OUTPUT/manifest.json`` and ``OUTPUT/errors.jsonl`` (see
 ``medmax.dataset_io``); a rerun replaces them. Rows that cannot be built are listed in errors.jsonl and
-counted; ``--strict`` stops at the first one instead.
+counted; ``--strict`` stops at the first one instead. ``--resume`` continues an interrupted build,
+keeping the input files it finished (unchanged inputs and settings) and rebuilding the others.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=1024, help="rows per tokenizer call")
     p.add_argument("--rows-per-shard", type=int, default=100_000)
     p.add_argument("--strict", action="store_true", help="fail on the first rejected row")
+    p.add_argument("--resume", action="store_true", help="keep input files a previous run into OUTPUT finished; build the rest")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -69,7 +71,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
         inputs=args.input, tokenizer=args.tokenizer, output=args.output, sequence=sequence,
         image_tokens=tuple(args.image_tokens), ckpt=args.ckpt, image_root=args.image_root,
         trust_checkpoint=args.trust_checkpoint, workers=args.workers, batch_size=args.batch_size,
-        rows_per_shard=args.rows_per_shard, keep=tuple(args.keep), strict=args.strict, progress=not args.no_progress,
+        rows_per_shard=args.rows_per_shard, keep=tuple(args.keep), strict=args.strict, resume=args.resume, progress=not args.no_progress,
     )
 
 

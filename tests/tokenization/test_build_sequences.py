@@ -164,3 +164,25 @@ def test_read_manifest_names_the_file(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "medmax-sequences", "version": 1}))
     with pytest.raises(ValueError, match="missing keys"):
         read_manifest(tmp_path)
+
+
+def test_resume_keeps_finished_files_and_rebuilds_the_rest(tmp_path, tiny_tokenizer_path, image_tokens, caplog):
+    files = [write_jsonl(tmp_path / f"in{i}.jsonl", MEDMAX + ["{bad"]) for i in range(2)]
+    args = ("--image-tokens", str(image_tokens))
+    out = run(tmp_path, files, tiny_tokenizer_path, "out", *args)
+    full_rows, full_errors = read_rows(out), (out / "errors.jsonl").read_text()
+    # An interrupted run: file 1 never finished (no completion record, a half-written shard).
+    (out / "progress" / "done-00001.json").unlink()
+    (out / "part-00001-0000.parquet").write_bytes(b"partial")
+    (out / "manifest.json").unlink()
+    kept = (out / "part-00000-0000.parquet").stat().st_mtime_ns
+    caplog.clear()
+    run(tmp_path, files, tiny_tokenizer_path, "out", *args, "--resume")
+    assert "resume: 1 of 2 input files already built" in caplog.text
+    assert (out / "part-00000-0000.parquet").stat().st_mtime_ns == kept
+    assert read_rows(out) == full_rows and (out / "errors.jsonl").read_text() == full_errors
+    assert read_manifest(out)["counts"]["rows_read"] == 8
+    # Different settings: nothing is kept.
+    caplog.clear()
+    run(tmp_path, files, tiny_tokenizer_path, "out", *args, "--resume", "--no-image-loss")
+    assert "resume: 0 of 2" in caplog.text
