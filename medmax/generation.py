@@ -17,9 +17,10 @@ Decoding follows Chameleon's inference (DESIGN.md):
 - interleaved: text until the model emits begin-of-image, a full image, back to text; up to
   ``max_images`` images and ``max_new_tokens`` text tokens.
 
-Prompts of different lengths are left-padded; the attention mask hides the padding and position ids
-count only real tokens, so a row's greedy output does not depend on the batch it runs in. Each phase
-(a text run, an image) prefills its own cache from the row's whole context so far.
+Prompts are decoded ``batch_size`` at a time, grouped by length. Within a batch they are left-padded;
+the attention mask hides the padding and position ids count only real tokens, so a row's greedy
+output does not depend on the batch it runs in. Each phase (a text run, an image) prefills its own
+cache from the row's whole context so far.
 
 Example::
 
@@ -48,6 +49,7 @@ from .vqgan import to_uint8
 logger = logging.getLogger(__name__)
 
 MODES = ("text", "image", "interleaved")
+_ENCODE_BATCH = 8  # prompt images per VQGAN encoder call
 
 
 class _EndOfTurn:
@@ -124,6 +126,7 @@ class GenerationConfig:
     guidance_scale_image: float = 1.2
     seed: int | None = None  # None: a fresh random seed
     decode_images: bool = True  # False: return codes only (no VQGAN decoder work)
+    batch_size: int = 16  # prompts decoded together (sorted by length to limit padding)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -135,6 +138,8 @@ class GenerationConfig:
                 raise ValueError(f"GenerationConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"GenerationConfig.repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.batch_size < 1:
+            raise ValueError(f"GenerationConfig.batch_size must be >= 1, got {self.batch_size}")
         if self.max_images < 0:
             raise ValueError(f"GenerationConfig.max_images must be >= 0, got {self.max_images}")
         if isinstance(self.stop_strings, str):
@@ -189,8 +194,7 @@ class Generator:
         if isinstance(seg, (str, _EndOfTurn)):
             return seg
         if isinstance(seg, (Path, Image.Image)):
-            vqgan = self._require_vqgan(f"the image in {where}")
-            del vqgan
+            self._require_vqgan(f"the image in {where}")
             return load_image(seg) if isinstance(seg, Path) else seg.convert("RGB")
         if isinstance(seg, ImageCodes):
             return self._check_codes(seg, where)
@@ -213,11 +217,14 @@ class Generator:
             return 1
         return self.n_image_tokens
 
-    def _check_prompts(self, prompts, config: GenerationConfig) -> list[list]:
-        """Load and validate every prompt before any model work; raise naming the prompt and segment."""
+    def _check_prompts(self, prompts, config: GenerationConfig) -> tuple[list[list], list[int]]:
+        """Load and validate every prompt before any model work; raise naming the prompt and segment.
+
+        -> the prompts with images loaded, and each prompt's length in tokens.
+        """
         if isinstance(prompts, (str, Image.Image, Path, ImageCodes, _EndOfTurn)):
             raise TypeError("prompts must be a list of prompts, each a list of segments")
-        checked = []
+        checked, lengths = [], []
         needed = self.n_image_tokens if config.mode == "image" else 1
         for i, prompt in enumerate(prompts):
             if isinstance(prompt, (str, Image.Image, Path, ImageCodes, _EndOfTurn)):
@@ -228,7 +235,8 @@ class Generator:
                 raise ValueError(f"prompt {i}: {length} tokens, and {config.mode} generation needs {needed} more, "
                                  f"longer than the model's context of {self.context_length}")
             checked.append(segs)
-        return checked
+            lengths.append(length)
+        return checked, lengths
 
     @torch.no_grad()
     def _encode_images(self, images: list[Image.Image]) -> list[list[int]]:
@@ -238,13 +246,15 @@ class Generator:
             return []
         vqgan = self._require_vqgan("images")
         param = next(vqgan.parameters())
-        pixels = torch.stack([preprocess(im, vqgan.resolution) for im in images])  # (N, 3, R, R)
-        codes = vqgan.encode_codes(pixels.to(param.device, param.dtype))  # (N, h*w)
-        return codes.cpu().tolist()
+        codes = []
+        for start in range(0, len(images), _ENCODE_BATCH):
+            pixels = torch.stack([preprocess(im, vqgan.resolution) for im in images[start : start + _ENCODE_BATCH]])
+            codes += vqgan.encode_codes(pixels.to(param.device, param.dtype)).cpu().tolist()  # (N, h*w)
+        return codes
 
     def encode_prompts(self, prompts, config: GenerationConfig | None = None) -> list[list[int]]:
         """Token ids of each prompt (validated; images tokenized with the VQGAN)."""
-        return self._encode_checked(self._check_prompts(prompts, config or GenerationConfig()))
+        return self._encode_checked(self._check_prompts(prompts, config or GenerationConfig())[0])
 
     def _encode_checked(self, checked: list[list]) -> list[list[int]]:
         pil = [s for segs in checked for s in segs if isinstance(s, Image.Image)]
@@ -305,7 +315,7 @@ class Generator:
         done = [False] * len(rows)
         for step in range(max(r.text_left for r in rows)):
             logits = apply_repetition_penalty(self.model.lm_head(hidden).float(), seen, config.repetition_penalty)
-            boi_ok = images_left & (lengths + 1 + img_room <= self.context_length)  # (B,)
+            boi_ok = images_left & (lengths + img_room <= self.context_length)  # (B,) room for boi, grid, eoi
             allowed = torch.where(boi_ok[:, None], allow[True], allow[False])  # (B, V)
             tokens = sample(logits.masked_fill(~allowed, float("-inf")), config.do_sample, config.temperature,
                             config.top_p, config.top_k, rng)  # (B,)
@@ -406,19 +416,27 @@ class Generator:
             row.images_left -= 1
 
     # ------------------------------------------------------------------------------ public API
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[Segment]], config: GenerationConfig | None = None) -> list[GenerationOutput]:
         """Generate for a batch of prompts; -> one GenerationOutput per prompt, in order."""
         config = config or GenerationConfig()
         if config.mode in ("image", "interleaved") and config.decode_images:
             self._require_vqgan(f"{config.mode} generation")
-        checked = self._check_prompts(prompts, config)
-        if not checked:
-            return []
-        rows = [_Row(context=ids, text_left=config.max_new_tokens, images_left=config.max_images)
-                for ids in self._encode_checked(checked)]
+        checked, lengths = self._check_prompts(prompts, config)
         rng = torch.Generator(device=self.device)
         rng.manual_seed(config.seed) if config.seed is not None else rng.seed()
+        order = sorted(range(len(checked)), key=lambda i: lengths[i])
+        outputs: list[GenerationOutput | None] = [None] * len(checked)
+        for start in range(0, len(order), config.batch_size):
+            chunk = order[start : start + config.batch_size]
+            for i, out in zip(chunk, self._generate_batch([checked[i] for i in chunk], config, rng)):
+                outputs[i] = out
+            logger.debug("generated %d / %d prompts", min(start + config.batch_size, len(order)), len(order))
+        return outputs
+
+    def _generate_batch(self, checked: list[list], config: GenerationConfig, rng: torch.Generator) -> list[GenerationOutput]:
+        rows = [_Row(context=ids, text_left=config.max_new_tokens, images_left=config.max_images)
+                for ids in self._encode_checked(checked)]
         if config.mode == "image":
             self._add_images(rows, config, rng)
             for r in rows:

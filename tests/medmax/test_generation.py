@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,8 @@ def test_batched_greedy_equals_unbatched(gen):
         batched = gen.generate(prompts, cfg)
         alone = [gen.generate([p], cfg)[0] for p in prompts]
         assert [o.token_ids for o in batched] == [o.token_ids for o in alone]
+        chunked = gen.generate(prompts, dataclasses.replace(cfg, batch_size=2))  # sorted by length, then restored
+        assert [o.token_ids for o in chunked] == [o.token_ids for o in alone]
 
 
 def test_eos_and_stop_strings_end_text(gen, tiny_vocab):
