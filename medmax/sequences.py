@@ -163,7 +163,8 @@ def _row_images(row: dict) -> list:
                 raise RowError("bad_field", f"modalities[{i}] must be {{'type': 'image', 'value': path or bytes}}, got {item!r:.80}")
             refs.append(item["value"])
         return refs
-    return _as_list(row.get("images", row.get("image")))
+    images = row.get("images")
+    return _as_list(images if images is not None else row.get("image"))
 
 
 def _turns(row: dict) -> list[tuple[str, str]]:
@@ -447,4 +448,5 @@ class SequenceBuilder:
         answer = built.answer_mask()
         if not answer[last]:
             raise LengthDrop("too_long", f"{len(built)} tokens > max_length {n}: the cut would fall before the answer")
-        return Built(ids[:n], built.labels[:n], answer[:n], format=built.format, n_images=built.n_images, truncated=True)
+        n_images = int((ids[:n] == self.vocab.boi_id).sum())
+        return Built(ids[:n], built.labels[:n], answer[:n], format=built.format, n_images=n_images, truncated=True)

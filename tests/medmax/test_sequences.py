@@ -187,3 +187,13 @@ def test_detect_format():
     assert detect_format({"conversations": [], "text": "a"}) == "conversation"
     with pytest.raises(RowError, match="fits no input format"):
         detect_format({"text": None, "other": 1})
+
+
+def test_llava_row_with_one_image_path_uses_the_resolver(tiny_tokenizer, tiny_vocab):
+    table = {"coco/1.jpg": np.array(codes(9))}
+    b = SequenceBuilder(tiny_tokenizer, resolve_image=table.__getitem__)
+    row = {"id": "1", "image": "coco/1.jpg", "images": None,
+           "conversations": [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "A lung."}]}
+    built = b.build(row)
+    assert built.format == "conversation" and built.n_images == 1
+    assert tiny_vocab.ids_to_codes(built.input_ids[tiny_vocab.is_image_code(built.input_ids)]).tolist() == codes(9)

@@ -186,3 +186,26 @@ def test_resume_keeps_finished_files_and_rebuilds_the_rest(tmp_path, tiny_tokeni
     caplog.clear()
     run(tmp_path, files, tiny_tokenizer_path, "out", *args, "--resume", "--no-image-loss")
     assert "resume: 0 of 2" in caplog.text
+
+
+def test_image_root_paths_are_encoded_and_kept_inside_the_root(tmp_path, tiny_tokenizer_path, tiny_vocab, tiny_vqgan, tiny_vqgan_dir, image_tokens):
+    root = tmp_path / "images"
+    (root / "new").mkdir(parents=True)
+    (root / "new" / "d.png").write_bytes(_png_bytes(1))
+    (tmp_path / "outside.png").write_bytes(_png_bytes(2))
+    rows = [
+        {"text": "Which organ?<image>" + EOT + "liver", "image_path": "new/d.png"},
+        {"text": "Which organ?<image>" + EOT + "liver", "image_path": "a.png"},  # from --image-tokens
+        {"text": "Which organ?<image>" + EOT + "liver", "image_path": "../outside.png"},
+    ]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = run(tmp_path, [src], tiny_tokenizer_path, "out", "--image-tokens", str(image_tokens),
+              "--ckpt", str(tiny_vqgan_dir), "--image-root", str(root))
+    first, second = read_rows(out)
+    expected = tiny_vqgan.encode_codes(preprocess(load_image(root / "new" / "d.png"), 64)[None])[0].tolist()
+    ids = np.array(first["input_ids"])
+    assert tiny_vocab.ids_to_codes(ids[tiny_vocab.is_image_code(ids)]).tolist() == expected
+    ids = np.array(second["input_ids"])
+    assert tiny_vocab.ids_to_codes(ids[tiny_vocab.is_image_code(ids)]).tolist() == codes(1)
+    (error,) = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert error["row"] == 3 and "leaves --image-root" in error["reason"]
