@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import re
+
 import yaml
 from transformers import TrainingArguments
 
@@ -17,6 +19,27 @@ from medmax.presets import MODEL_PRESETS
 MODES = ("full", "lora", "image-alignment")
 PRESET_PREFIX = "preset:"
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML where only true/false are booleans, so ``save_strategy: no`` stays the string "no"."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    key: [r for r in resolvers if r[0] != "tag:yaml.org,2002:bool"]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+_Yaml12Loader.add_implicit_resolver(  # 1e-3 is a float (YAML 1.1 wants 1.0e-3)
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789.")
+)
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_Yaml12Loader)
 
 
 class ConfigError(ValueError):
@@ -154,7 +177,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value")
-        result[key.strip()] = yaml.safe_load(value)
+        result[key.strip()] = parse_yaml(value)
     return result
 
 
@@ -162,7 +185,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), **extra) -> 
     """A config from a YAML file, then ``key=value`` overrides, then keyword arguments."""
     values = {}
     if path is not None:
-        values = yaml.safe_load(Path(path).read_text()) or {}
+        values = parse_yaml(Path(path).read_text()) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of settings")
     values.update(parse_overrides(list(overrides)))
