@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from medmax.image_tokens import PARTITION_GLOB
 from medmax.images import ImageLoadError, load_image, preprocess
-from medmax.vqgan import VQGAN, load_vqgan
+from medmax.vqgan import VQGAN, UntrustedCheckpointError, load_vqgan
 
 logger = logging.getLogger("tokenization.image_tokenize")
 
@@ -293,7 +293,10 @@ def _setup_device(args: argparse.Namespace, info: Dist) -> torch.device:
 
 
 def _setup_model(args: argparse.Namespace, device: torch.device) -> VQGAN:
-    model = load_vqgan(args.ckpt, trust_checkpoint=args.trust_checkpoint)
+    try:
+        model = load_vqgan(args.ckpt, trust_checkpoint=args.trust_checkpoint)
+    except (UntrustedCheckpointError, FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"--ckpt {args.ckpt}: {exc}") from exc
     model.decoder = None  # only the encoder half is needed here
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     return model.prepare_for_encoding(device=device, dtype=dtype, channels_last=args.channels_last or args.dtype == "bf16")
