@@ -1,0 +1,129 @@
+"""Every shipped config parses; bad settings and bad data stop before training with an error naming them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from finetune.config import ConfigError, load_config, parse_overrides, parse_yaml
+from finetune.demo_data import demo_rows
+from finetune.modes import NothingToTrainError
+from finetune.train import main as train_main
+from medmax.training_data import DataError, write_sequences
+
+ROOT = Path(__file__).parents[2]
+CONFIGS = sorted((ROOT / "finetune" / "configs").glob("*.yaml"))
+
+
+def test_configs_are_shipped():
+    names = {p.name for p in CONFIGS}
+    assert {"tiny_cpu.yaml", "quickstart.yaml", "lora_7b.yaml", "full_7b_zero3.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_parses_and_opens_with_its_command(path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the configs name their DeepSpeed / FSDP files relative to the repository
+    first = path.read_text().splitlines()[0]
+    assert re.match(r"# (python -m finetune\.|finetune/launch\.sh )", first), first
+    assert str(path.relative_to(ROOT)) in first
+    raw = parse_yaml(path.read_text())
+    extra = {"use_cpu": True}  # GPU configs (bf16) parse on a CPU-only machine too
+    if raw.get("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        extra["deepspeed"] = None  # TrainingArguments imports deepspeed to read it; the JSON is checked below
+    cfg = load_config(path, **extra)
+    assert cfg.mode in ("full", "lora", "image-alignment") and cfg.datasets
+    for key in ("deepspeed", "fsdp_config"):
+        if isinstance(raw.get(key), str):
+            assert isinstance(json.loads((ROOT / raw[key]).read_text()), dict)
+
+
+@pytest.mark.parametrize("name", ["ds_zero2.json", "ds_zero3.json", "fsdp_7b.json"])
+def test_distributed_configs_are_valid_json(name):
+    doc = json.loads((ROOT / "finetune" / "configs" / name).read_text())
+    if name.startswith("ds_"):
+        assert doc["zero_optimization"]["stage"] == int(name[7])
+
+
+def test_overrides_parse_as_yaml_with_only_true_false_booleans():
+    assert parse_overrides(["save_strategy=no", "packing=false", "learning_rate=1e-3", "freeze=[lm_head]"]) == {
+        "save_strategy": "no", "packing": False, "learning_rate": 1e-3, "freeze": ["lm_head"]}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["max_steps"])
+
+
+def test_launch_script_builds_the_torchrun_command():
+    out = subprocess.run([str(ROOT / "finetune" / "launch.sh"), str(CONFIGS[0]), "--nproc-per-node", "3",
+                          "--rdzv-endpoint", "host:1234", "max_steps=2", "--dry-run"],
+                         capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin", "NNODES": "2"}).stdout
+    assert "torch.distributed.run --nproc-per-node 3 --nnodes 2" in out
+    assert "--rdzv-endpoint host:1234" in out and "-m finetune.train --config" in out and "max_steps=2" in out
+
+
+@pytest.fixture(scope="module")
+def good_data(tiny_tokenizer, tiny_vocab, tmp_path_factory):
+    return write_sequences(tmp_path_factory.mktemp("good"), demo_rows(tiny_tokenizer, 8, n_codes=16),
+                           tiny_vocab.special_ids())
+
+
+def _run(tmp_path, data, *overrides):
+    train_main(["--config", str(ROOT / "finetune" / "configs" / "tiny_cpu.yaml"), f"datasets=[{data}]",
+                f"output_dir={tmp_path / 'out'}", "report_to=none", *overrides])
+
+
+def _bad_rows(tiny_tokenizer, tiny_vocab, tmp_path, edit):
+    rows = demo_rows(tiny_tokenizer, 8, n_codes=16)
+    special = dict(tiny_vocab.special_ids())
+    rows, special = edit(rows, special)
+    return write_sequences(tmp_path / "bad", rows, special)
+
+
+def test_folder_without_manifest_is_named(tmp_path, good_data):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=r"empty/manifest\.json"):
+        _run(tmp_path, empty)
+
+
+def test_too_long_without_packing_names_max_length(tmp_path, good_data):
+    with pytest.raises(DataError, match="longer than max_length=20"):
+        _run(tmp_path, good_data, "packing=false", "max_length=20")
+
+
+def test_ids_outside_the_vocabulary_are_named(tmp_path, tiny_tokenizer, tiny_vocab):
+    def edit(rows, special):
+        rows[3][0][5] = tiny_vocab.size + 7
+        return rows, special
+
+    data = _bad_rows(tiny_tokenizer, tiny_vocab, tmp_path, edit)
+    with pytest.raises(DataError, match=r"outside the model's vocabulary .*row 3"):
+        _run(tmp_path, data)
+
+
+def test_manifest_special_ids_must_match_the_tokenizer(tmp_path, tiny_tokenizer, tiny_vocab):
+    def edit(rows, special):
+        special["eot"] = special["eot"] + 1
+        return rows, special
+
+    data = _bad_rows(tiny_tokenizer, tiny_vocab, tmp_path, edit)
+    with pytest.raises(DataError, match=r"manifest\.json: special ids differ .*eot"):
+        _run(tmp_path, data)
+
+
+def test_a_mode_that_freezes_everything_stops(tmp_path, good_data):
+    with pytest.raises(NothingToTrainError, match="freeze"):
+        _run(tmp_path, good_data, "mode=image-alignment", "freeze=[trainable_rows]")
+    assert not (tmp_path / "out" / "checkpoint-1").exists()
+
+
+@pytest.mark.parametrize("override, setting", [
+    ("mode=partial", "mode"), ("tokenizer=null", "tokenizer"), ("model=preset:huge", "model"),
+    ("validation=1.5", "validation"), ("datasets=[]", "datasets"), ("no_such_setting=1", "no_such_setting"),
+])
+def test_bad_settings_name_the_setting(tmp_path, good_data, override, setting):
+    with pytest.raises(ConfigError, match=setting):
+        _run(tmp_path, good_data, override)
