@@ -292,6 +292,19 @@ class Generator:
                                past_key_values=cache, use_cache=True)
         return out.last_hidden_state[:, -1, :]
 
+    def _output_rows(self, ids: torch.Tensor):
+        """The output layer's rows for ``ids`` (n,): weight (n, C), bias (n,) or None.
+
+        Decoding only ever needs the logits of the ids it may emit, so text skips the image-code rows
+        and images compute nothing else.
+        """
+        head = self.model.lm_head
+        return head.weight[ids], None if head.bias is None else head.bias[ids]
+
+    def _logits(self, hidden: torch.Tensor, rows, ids: torch.Tensor) -> torch.Tensor:
+        """(B, C) hidden states -> (B, n) float logits of ``ids``, given their ``_output_rows``."""
+        return F.linear(hidden, *rows).float()
+
     @staticmethod
     def _step_inputs(tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor):
         """Extend mask / positions by one real token; -> ids (B, 1), mask (B, T+1), positions (B, 1)."""
@@ -305,7 +318,9 @@ class Generator:
         ids, mask, positions = self._left_pad([r.context for r in rows])
         cache = DynamicCache(config=self.model.config)
         hidden = self._forward(ids, mask, positions, cache)  # (B, C)
-        allow = {b: text_token_mask(v, b, self.device) for b in (False, True)}
+        cols = torch.nonzero(text_token_mask(v, allow_boi=True, device=self.device)).squeeze(1)  # (n,) ids
+        head_rows = self._output_rows(cols)
+        boi_col = int(torch.nonzero(cols == v.boi_id))
         seen = torch.zeros(len(rows), v.size, dtype=torch.bool, device=self.device)
         seen.scatter_(1, ids, mask.bool())
         lengths = torch.tensor([len(r.context) for r in rows], device=self.device)
@@ -313,18 +328,20 @@ class Generator:
         images_left = torch.tensor([r.images_left > 0 for r in rows], device=self.device)
         new = [[] for _ in rows]
         done = [False] * len(rows)
-        for step in range(max(r.text_left for r in rows)):
-            logits = apply_repetition_penalty(self.model.lm_head(hidden).float(), seen, config.repetition_penalty)
+        for _ in range(max(r.text_left for r in rows)):
+            logits = self._logits(hidden, head_rows, cols)  # (B, n)
+            if config.repetition_penalty != 1.0:
+                logits = apply_repetition_penalty(logits, seen[:, cols], config.repetition_penalty)
             boi_ok = images_left & (lengths + img_room <= self.context_length)  # (B,) room for boi, grid, eoi
-            allowed = torch.where(boi_ok[:, None], allow[True], allow[False])  # (B, V)
-            tokens = sample(logits.masked_fill(~allowed, float("-inf")), config.do_sample, config.temperature,
-                            config.top_p, config.top_k, rng)  # (B,)
+            logits[:, boi_col].masked_fill_(~boi_ok, float("-inf"))
+            picked = sample(logits, config.do_sample, config.temperature, config.top_p, config.top_k, rng)  # (B,)
+            tokens = cols[picked]
             seen[torch.arange(len(rows)), tokens] = True
             lengths += 1
             for r, tok in enumerate(tokens.tolist()):
                 if not done[r]:
                     new[r].append(tok)
-                    done[r] = self._text_finished(rows[r], new[r], tok, int(lengths[r]), config)
+                    done[r] = self._text_finished(rows[r], new[r], tok, len(rows[r].context) + len(new[r]), config)
             if all(done):
                 break
             ids, mask, positions = self._step_inputs(tokens, mask, positions)
@@ -379,13 +396,12 @@ class Generator:
         seqs = [streams[b][s] for s in range(n_streams) for b in range(B)]  # stream-major: (3B,)
         ids, mask, positions = self._left_pad(seqs)
         cache = DynamicCache(config=self.model.config)
-        head = self.model.lm_head  # only the image-code rows are needed: (n, C) and (n,)
-        weight, bias = head.weight[self._code_ids], None if head.bias is None else head.bias[self._code_ids]
+        rows = self._output_rows(self._code_ids)
         hidden = self._forward(ids, mask, positions, cache)  # (3B, C)
         codes = torch.empty(B, n_steps, dtype=torch.long, device=self.device)
         greedy = config.image_temperature == 0.0
         for step in range(n_steps):
-            logits = F.linear(hidden, weight, bias).float()  # (3B, n)
+            logits = self._logits(hidden, rows, self._code_ids)  # (3B, n)
             if config.guidance:
                 full, image_only, uncond = logits.chunk(3)
                 logits = instruct_guidance(full, image_only, uncond, config.guidance_scale_text,

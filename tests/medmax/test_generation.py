@@ -142,22 +142,22 @@ def test_eos_and_stop_strings_end_text(gen, tiny_vocab):
 
 
 # ------------------------------------------------------------------------------------------ interleaved
-def test_interleaved_alternates_and_images_are_complete(gen, tiny_vocab):
+def test_interleaved_alternates_and_images_are_complete(gen, tiny_vocab, monkeypatch):
     v = tiny_vocab
-    calls = {"n": 0}
+    text_steps = {"n": 0}
+    logits_of = gen._logits
 
-    def boi_on_third_text_step(module, args, logits):  # lm_head only runs in text phases
-        calls["n"] += 1
-        if calls["n"] == 3:
-            logits[..., v.boi_id] += 1000.0
+    def boi_on_third_text_step(hidden, rows, ids):
+        logits = logits_of(hidden, rows, ids)
+        if bool((ids == v.boi_id).any()):  # a text step (image steps never offer boi)
+            text_steps["n"] += 1
+            if text_steps["n"] == 3:
+                logits[:, ids == v.boi_id] += 1000.0
         return logits
 
-    handle = gen.model.lm_head.register_forward_hook(boi_on_third_text_step)
-    try:
-        (out,) = gen.generate([["Generate an image of a lung", END_OF_TURN]],
-                              GenerationConfig(mode="interleaved", max_new_tokens=6, do_sample=False, seed=0))
-    finally:
-        handle.remove()
+    monkeypatch.setattr(gen, "_logits", boi_on_third_text_step)
+    (out,) = gen.generate([["Generate an image of a lung", END_OF_TURN]],
+                          GenerationConfig(mode="interleaved", max_new_tokens=6, do_sample=False, seed=0))
     assert [type(s) for s in out.segments] == [TextOutput, ImageOutput, TextOutput]
     first, image, last = out.segments
     _assert_complete_image(gen, image)
