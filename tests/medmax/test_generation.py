@@ -94,11 +94,14 @@ def test_guidance_scales_of_one_reproduce_conditional_sampling(gen):
     assert [o.images[0].codes for o in guided] != [o.images[0].codes for o in plain]
 
 
-def test_image_seeds_reproduce(gen):
-    cfg = lambda seed: GenerationConfig(mode="image", seed=seed, decode_images=False)  # noqa: E731
-    prompt = [["Generate an image"]]
-    first, again, other = (gen.generate(prompt, cfg(s))[0].images[0].codes for s in (7, 7, 8))
-    assert first == again and first != other
+def test_seeds_reproduce_sampling(gen):
+    image = lambda seed: gen.generate([["Generate an image"]], GenerationConfig(  # noqa: E731
+        mode="image", seed=seed, decode_images=False))[0].token_ids
+    text = lambda seed: gen.generate([["Describe"]], GenerationConfig(  # noqa: E731
+        max_new_tokens=12, temperature=1.5, top_p=1.0, seed=seed))[0].token_ids
+    for run in (image, text):
+        first, again, other = run(7), run(7), run(8)
+        assert first == again and first != other
 
 
 # ------------------------------------------------------------------------------------------ text mode
