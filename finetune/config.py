@@ -96,6 +96,8 @@ class FinetuneConfig(TrainingArguments):
     report_to: str | list = field(default="tensorboard", metadata={"help": "tensorboard, wandb, none, or a list."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: rows carry position_ids."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    prediction_loss_only: bool = field(default=True, metadata={
+        "help": "Validation keeps only the loss (gathering (B, T, 65536) logits per batch would exhaust memory)."})
     optim: str = field(default="adamw_torch", metadata={"help": "Optimizer name (transformers' OptimizerNames)."})
 
     def __post_init__(self):

@@ -50,7 +50,7 @@ def _history(out: Path) -> list[dict]:
 
 
 def test_full_run_logs_curves_and_exports_a_standard_model(tmp_path, data_dir, tiny_tokenizer):
-    out = _train(tmp_path / "run", data_dir, "report_to=tensorboard")
+    out = _train(tmp_path / "run", data_dir, "report_to=tensorboard", r"freeze=[layers\.0\.mlp\.]")
     history = _history(out)
     losses = [h["loss"] for h in history if "loss" in h]
     assert len(losses) == 2 and all(h["tokens_per_s"] > 0 for h in history if "loss" in h)
@@ -59,7 +59,9 @@ def test_full_run_logs_curves_and_exports_a_standard_model(tmp_path, data_dir, t
     final = load_file(out / "model.safetensors")
     start = _initial_model(tiny_tokenizer)
     assert not torch.equal(final["lm_head.weight"], start["lm_head.weight"])
-    assert torch.equal(final["model.vqmodel.quantize.embedding.weight"], start["model.vqmodel.quantize.embedding.weight"])
+    frozen = [k for k in start if k.startswith(("model.vqmodel.", "model.layers.0.mlp."))]
+    assert len(frozen) > 3 and all(torch.equal(final[k], start[k]) for k in frozen)  # freeze pattern + vqmodel
+    assert not torch.equal(final["model.layers.0.self_attn.q_proj.weight"], start["model.layers.0.self_attn.q_proj.weight"])
 
     export_main(["--checkpoint", str(out / "checkpoint-2"), "--output", str(tmp_path / "model")])
     model = ChameleonForConditionalGeneration.from_pretrained(tmp_path / "model")
