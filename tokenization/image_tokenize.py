@@ -39,6 +39,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -55,6 +56,7 @@ logger = logging.getLogger("tokenization.image_tokenize")
 
 PATH_COLUMNS = ("img_path", "image_path")
 MANIFEST = "manifest.json"
+SUMMARY = "summary.json"  # the last run's closing summary
 SCHEMA = pa.schema([("img_path", pa.string()), ("img_tokens", pa.list_(pa.int32()))])
 _PROGRESS_KEY = "medmax_image_tokenize_done"
 
@@ -89,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, type=Path, help="VQGAN checkpoint (see the module docstring)")
     p.add_argument("--column", help="image-path column (default: img_path, else image_path)")
     p.add_argument("--image-root", type=Path, help="folder relative paths resolve against (default: the CSV's)")
-    p.add_argument("--partition-size", type=int, default=10_000, help="CSV rows per output file")
+    p.add_argument("--partition-size", type=int, default=2_000,
+                   help="CSV rows per output file (also the most work a kill can lose)")
     p.add_argument("--batch-size", type=int, default=8, help="images per VQGAN forward pass")
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes that decode and preprocess")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="fp32 is code-exact; bf16 is faster")
@@ -223,7 +226,7 @@ class PartitionWriter:
         self.pending: dict[int, dict] = {}  # k -> {"n": rows, "codes": {row: (path, codes)}, "errors": {...}}
         self.tokenized = self.failed = 0
 
-    def add(self, k: int, row: int, n_rows: int, img_path: str, codes: list[int] | None, error: str | None):
+    def add(self, k: int, row: int, n_rows: int, img_path: str, codes: np.ndarray | None, error: str | None):
         part = self.pending.setdefault(k, {"n": n_rows, "codes": {}, "errors": {}})
         if error is None:
             part["codes"][row] = (img_path, codes)
@@ -236,7 +239,7 @@ class PartitionWriter:
         errors = [{"img_path": p, "row": k * self.partition_size + row, "reason": r} for row, (p, r) in sorted(part["errors"].items())]
         _write_errors(error_path(self.output, k), errors)
         rows = [part["codes"][row] for row in sorted(part["codes"])]
-        table = pa.table({"img_path": [p for p, _ in rows], "img_tokens": [c for _, c in rows]}, schema=SCHEMA)
+        table = pa.table({"img_path": [p for p, _ in rows], "img_tokens": _list_array([c for _, c in rows])}, schema=SCHEMA)
         final = partition_path(self.output, self.rank, k)
         tmp = final.with_name(f".{final.name}.tmp")
         pq.write_table(table, tmp)
@@ -245,6 +248,14 @@ class PartitionWriter:
         self.failed += len(errors)
         for e in errors:
             logger.warning("partition %d: %s: %s", k, e["img_path"], e["reason"])
+
+
+def _list_array(codes: list[np.ndarray]) -> pa.ListArray:
+    """Rows of int32 codes -> an Arrow list<int32> column, without a Python int per code."""
+    lengths = np.array([len(c) for c in codes], dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    values = np.concatenate(codes).astype(np.int32) if codes else np.zeros(0, dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
 def _write_errors(path: Path, errors: list[dict]) -> None:
@@ -350,9 +361,9 @@ class Progress:
             self.bar.close()
 
 
-def _encode(model: VQGAN, pixels: torch.Tensor, device: torch.device) -> list[list[int]]:
+def _encode(model: VQGAN, pixels: torch.Tensor, device: torch.device) -> np.ndarray:
     pixels = pixels.to(device, non_blocking=True)
-    return model.encode_codes(pixels).cpu().tolist()  # (B, h*w)
+    return model.encode_codes(pixels).to(torch.int32).cpu().numpy()  # (B, h*w); 4 bytes a code while pending
 
 
 def run(args: argparse.Namespace, config: RunConfig, model: VQGAN, device: torch.device, info: Dist) -> PartitionWriter:
@@ -420,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
     if info.rank == 0:
         logger.info("summary: %s", json.dumps(summary))
+        (args.output / SUMMARY).write_text(json.dumps(summary, indent=2))
         print(
             f"tokenized {summary['tokenized']} images, failed {summary['failed']} (see {args.output / 'errors'}), "
             f"{summary['seconds']} s, {summary['images_per_s']} images/s"
