@@ -1,0 +1,198 @@
+"""A synthetic biomedical-style image set for the quickstart and tests: grey "scans", some with a bright lesion.
+
+Each image is a noisy grey ellipse (the "body") on a dark background; half carry a bright round
+lesion in one of four quadrants, of varying size. Every image comes with a closed (yes/no)
+question, a four-way multiple-choice question on the lesion's position (or its absence), an open
+question and a caption, so the whole pipeline (VQA training, evaluation, image generation from a
+caption) has something learnable to work on. Everything is drawn from one seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+POSITIONS = ("upper left", "upper right", "lower left", "lower right")
+_CENTRES = {"upper left": (0.3, 0.3), "upper right": (0.7, 0.3), "lower left": (0.3, 0.7), "lower right": (0.7, 0.7)}
+SIZES = ("small", "large")
+
+
+@dataclass(frozen=True)
+class Scan:
+    """One synthetic image and its ground truth."""
+
+    name: str
+    image: Image.Image
+    lesion: bool
+    position: str | None  # one of POSITIONS when lesion
+    size: str | None  # one of SIZES when lesion
+
+    @property
+    def caption(self) -> str:
+        if not self.lesion:
+            return "A grey scan with no lesion."
+        return f"A grey scan with a {self.size} bright lesion in the {self.position}."
+
+    def questions(self) -> list[dict]:
+        """Closed, multiple-choice and open questions with their answers (MedMax eval fields)."""
+        where = self.position if self.lesion else "no lesion"
+        options = list(POSITIONS)
+        letter = "ABCD"[options.index(self.position)] if self.lesion else None
+        mcq = [
+            {
+                "question_type": "closed",
+                "prompt": "Is there a lesion in this scan?",
+                "answer": "yes" if self.lesion else "no",
+            },
+            {
+                "question_type": "open",
+                "prompt": "Where is the lesion located?",
+                "answer": where,
+            },
+        ]
+        if self.lesion:
+            choices = " ".join(f"{'ABCD'[i]}) {opt}" for i, opt in enumerate(options))
+            mcq.append({
+                "question_type": "mcq",
+                "prompt": f"Where is the lesion? {choices}",
+                "answer": letter,
+                "options": options,
+            })
+        return mcq
+
+
+def _render(rng: np.random.Generator, size: int, lesion: bool, position: str | None, lesion_size: str | None) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size] / size  # (H, W) in [0, 1)
+    cx, cy = 0.5 + rng.uniform(-0.04, 0.04), 0.5 + rng.uniform(-0.04, 0.04)
+    rx, ry = rng.uniform(0.40, 0.47), rng.uniform(0.40, 0.47)
+    body = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1.0
+    level = rng.uniform(90, 130)
+    img = np.where(body, level, rng.uniform(5, 20))
+    img = img + rng.normal(0, rng.uniform(4, 12), img.shape)  # acquisition noise
+    if lesion:
+        px, py = _CENTRES[position]
+        px, py = px + rng.uniform(-0.05, 0.05), py + rng.uniform(-0.05, 0.05)
+        radius = rng.uniform(0.07, 0.10) if lesion_size == "small" else rng.uniform(0.13, 0.17)
+        disk = (xx - px) ** 2 + (yy - py) ** 2 <= radius**2
+        img = np.where(disk, rng.uniform(200, 245) + rng.normal(0, 5, img.shape), img)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_scans(n: int, seed: int = 0, size: int = 96, lesion_fraction: float = 0.5) -> list[Scan]:
+    """``n`` scans of ``size`` px; about ``lesion_fraction`` of them carry a lesion, positions and sizes balanced."""
+    rng = np.random.default_rng(seed)
+    scans = []
+    for i in range(n):
+        lesion = bool(rng.random() < lesion_fraction)
+        position = POSITIONS[int(rng.integers(4))] if lesion else None
+        lesion_size = SIZES[int(rng.integers(2))] if lesion else None
+        pixels = _render(rng, size, lesion, position, lesion_size)
+        scans.append(Scan(f"scan_{seed}_{i:05d}", Image.fromarray(pixels, mode="L"), lesion, position, lesion_size))
+    return scans
+
+
+# DICOM files bundled with pydicom that the quickstart passes through the image tokenizer,
+# to show real medical formats (CT, MR, ultrasound palette, multi-frame, JPEG 2000, YBR colour).
+# Only files that ship inside the package: pydicom's get_testdata_file() would try to download the others.
+DICOM_SAMPLES = (
+    "CT_small.dcm", "MR_small.dcm", "examples_palette.dcm", "JPEG2000.dcm", "examples_ybr_color.dcm",
+    "liver_1frame.dcm", "MR_small_RLE.dcm", "SC_rgb_jpeg_dcmtk.dcm", "rtdose.dcm", "JPEG-lossy.dcm",
+    "MR_small_jp2klossless.dcm", "SC_rgb_rle_2frame.dcm",
+)
+
+
+def bundled_dicom_folder():
+    """The folder of DICOM test files that ships inside the pydicom package (no download)."""
+    from pathlib import Path
+
+    import pydicom.data
+
+    return Path(pydicom.data.__file__).parent / "test_files"
+
+
+def _write_jsonl(path, rows) -> None:
+    import json
+
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def training_rows(scan: Scan, image_path: str) -> list[dict]:
+    """MedMax-format rows (``text`` with ``<image>`` and ``<reserved08706>``) for one training scan."""
+    from .vocab import END_OF_TURN, IMAGE_PLACEHOLDER
+
+    rows = [
+        {"text": f"{IMAGE_PLACEHOLDER}{q['prompt']}{END_OF_TURN}{q['answer']}", "image_path": image_path,
+         "source": "synthetic", "task": f"vqa_{q['question_type']}"}
+        for q in scan.questions()
+    ]
+    rows.append({"text": f"{IMAGE_PLACEHOLDER}Describe the scan.{END_OF_TURN}{scan.caption}", "image_path": image_path,
+                 "source": "synthetic", "task": "captioning"})
+    rows.append({"text": f"Generate a scan: {scan.caption}{END_OF_TURN}{IMAGE_PLACEHOLDER}", "image_path": image_path,
+                 "source": "synthetic", "task": "image_generation"})
+    return rows
+
+
+def eval_rows(scan: Scan, image_path: str, task_names: dict[str, str]) -> list[dict]:
+    """Rows in MedMax's eval schema (task_name, question_type, prompt, answer, image_path)."""
+    return [
+        {"task_name": task_names[q["question_type"]], "question_type": q["question_type"], "prompt": q["prompt"],
+         "answer": q["answer"], "image_path": image_path}
+        for q in scan.questions()
+    ]
+
+
+def write_dataset(folder, n_train: int, n_test: int, seed: int = 0, n_dicom: int = 0,
+                  task_names: dict[str, str] | None = None) -> dict:
+    """Write the quickstart's data folder and return the paths of what it wrote.
+
+    ``folder/images/*.png`` and ``folder/dicom/*.dcm``; ``images.csv`` (``img_path``, relative to the
+    folder) for the image tokenizer; ``train.jsonl`` and ``heldout.jsonl`` in MedMax's training
+    format; ``eval/eval.jsonl`` in MedMax's eval schema (held-out scans only) with its images.
+    """
+    import csv
+    import shutil
+    from pathlib import Path
+
+    folder = Path(folder)
+    task_names = task_names or {"closed": "synthetic", "mcq": "synthetic", "open": "synthetic"}
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "eval" / "images").mkdir(parents=True, exist_ok=True)
+    scans = make_scans(n_train + n_test, seed=seed)
+    paths, train, heldout, evalset = [], [], [], []
+    for i, scan in enumerate(scans):
+        rel = f"images/{scan.name}.png"
+        scan.image.save(folder / rel)
+        paths.append(rel)
+        if i < n_train:
+            train += training_rows(scan, rel)
+        else:
+            heldout += training_rows(scan, rel)
+            scan.image.save(folder / "eval" / rel)
+            evalset += eval_rows(scan, rel, task_names)
+    dicoms = []
+    if n_dicom:
+        (folder / "dicom").mkdir(exist_ok=True)
+        for name in DICOM_SAMPLES[:n_dicom]:
+            shutil.copy(bundled_dicom_folder() / name, folder / "dicom" / name)
+            dicoms.append(f"dicom/{name}")
+    with open(folder / "images.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["img_path"])
+        writer.writerows([[p] for p in paths + dicoms])
+    _write_jsonl(folder / "train.jsonl", train)
+    _write_jsonl(folder / "heldout.jsonl", heldout)
+    _write_jsonl(folder / "eval" / "eval.jsonl", evalset)
+    return {
+        "images_csv": folder / "images.csv",
+        "train_jsonl": folder / "train.jsonl",
+        "heldout_jsonl": folder / "heldout.jsonl",
+        "eval_dir": folder / "eval",
+        "n_images": len(paths),
+        "n_dicom": len(dicoms),
+        "n_train_rows": len(train),
+        "n_eval_rows": len(evalset),
+    }
