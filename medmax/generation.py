@@ -386,22 +386,41 @@ class Generator:
                 inside = False
         return [context + [v.boi_id], image_only + [v.boi_id], [v.bos_id, v.boi_id]]
 
+    def _stream_rows(self, contexts: list[list[int]], guidance: bool):
+        """The rows to run for a batch of contexts, without duplicates.
+
+        -> seqs (R token lists), owner (R,) the prompt each row belongs to, index (S*B,) the row that
+        computes each (stream, prompt) pair, stream-major. A prompt without images has an image-only
+        stream identical to its unconditional one (``<s><racm3:break>`` and the same codes after it),
+        so that stream is computed once: text-to-image guidance runs 2B rows, not 3B.
+        """
+        streams = [self._guidance_streams(c) for c in contexts]  # B x 3
+        B = len(streams)
+        seqs, owner, index = [st[0] for st in streams], list(range(B)), list(range(B))
+        if not guidance:
+            return seqs, torch.tensor(owner, device=self.device), torch.tensor(index, device=self.device)
+        with_images = [b for b in range(B) if streams[b][1] != streams[b][2]]
+        image_row = {b: B + k for k, b in enumerate(with_images)}
+        seqs += [streams[b][1] for b in with_images]
+        first_uncond = len(seqs)
+        seqs += [st[2] for st in streams]
+        owner += with_images + list(range(B))
+        index += [image_row.get(b, first_uncond + b) for b in range(B)] + [first_uncond + b for b in range(B)]
+        return seqs, torch.tensor(owner, device=self.device), torch.tensor(index, device=self.device)
+
     @torch.no_grad()
     def _run_image(self, contexts: list[list[int]], config: GenerationConfig, rng: torch.Generator) -> torch.Tensor:
         """Draw one full grid of codes per context (boi is forced after it); -> (B, n_codes_per_image) codes."""
         n_steps = self._require_vqgan("image generation").n_codes_per_image
-        B = len(contexts)
-        streams = [self._guidance_streams(c) for c in contexts]  # B x 3
-        n_streams = 3 if config.guidance else 1
-        seqs = [streams[b][s] for s in range(n_streams) for b in range(B)]  # stream-major: (3B,)
+        seqs, owner, index = self._stream_rows(contexts, config.guidance)  # R rows; (R,), (3B,)
         ids, mask, positions = self._left_pad(seqs)
         cache = DynamicCache(config=self.model.config)
         rows = self._output_rows(self._code_ids)
-        hidden = self._forward(ids, mask, positions, cache)  # (3B, C)
-        codes = torch.empty(B, n_steps, dtype=torch.long, device=self.device)
+        hidden = self._forward(ids, mask, positions, cache)  # (R, C)
+        codes = torch.empty(len(contexts), n_steps, dtype=torch.long, device=self.device)
         greedy = config.image_temperature == 0.0
         for step in range(n_steps):
-            logits = self._logits(hidden, rows, self._code_ids)  # (3B, n)
+            logits = self._logits(hidden, rows, self._code_ids)[index]  # (3B, n), stream-major
             if config.guidance:
                 full, image_only, uncond = logits.chunk(3)
                 logits = instruct_guidance(full, image_only, uncond, config.guidance_scale_text,
@@ -409,7 +428,7 @@ class Generator:
             codes[:, step] = sample(logits, not greedy, config.image_temperature, config.image_top_p,
                                     config.image_top_k, rng)
             if step + 1 < n_steps:
-                tokens = self._code_ids[codes[:, step]].repeat(n_streams)  # (3B,)
+                tokens = self._code_ids[codes[owner, step]]  # (R,)
                 ids, mask, positions = self._step_inputs(tokens, mask, positions)
                 hidden = self._forward(ids, mask, positions, cache)
         return codes

@@ -227,3 +227,9 @@ def test_guidance_streams_are_chameleons_three(gen, tiny_vocab):
     assert full == context + [v.boi_id]
     assert image_only == [v.bos_id, *image, v.boi_id]
     assert uncond == [v.bos_id, v.boi_id]
+    (text_only,) = gen.encode_prompts([["text only"]])
+    seqs, owner, index = gen._stream_rows([text_only, context], guidance=True)
+    assert len(seqs) == 5  # the text-only prompt's image-only stream is its unconditional one: run once
+    expected = [gen._guidance_streams(c)[s] for s in range(3) for c in (text_only, context)]  # stream-major
+    assert [seqs[i] for i in index.tolist()] == expected
+    assert owner.tolist() == [0, 1, 1, 0, 1]
