@@ -300,7 +300,7 @@ def _score_mm_image(row: dict, rec: EvalRecord, out, ctx: Context) -> None:
         return
     try:
         reference = _load(resolve_image(ctx.config.data, rec.image_path))
-    except BadRow as e:
+    except ValueError as e:  # BadRow or an unreadable reference image: the text score stands, the image is noted
         row["image_note"] = str(e)
         return
     row["image_clip"] = ctx.clip.image_image([out.images[0].image], [reference])[0]
@@ -324,13 +324,16 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
 
 
-def run_task(task: Task, records: list[EvalRecord], ctx: Context) -> None:
+def pending(task: Task, records: list[EvalRecord], config: EvalConfig) -> list[EvalRecord]:
+    """This shard's rows (every num_shards-th) that its predictions file does not hold yet."""
+    path = shard_path(config.output / "predictions", task.key, config.shard_rank)
+    done = {r["uid"] for r in read_rows(path)}
+    return [r for i, r in enumerate(records) if i % config.num_shards == config.shard_rank and r.uid not in done]
+
+
+def run_task(task: Task, mine: list[EvalRecord], ctx: Context) -> None:
     cfg = ctx.config
     path = shard_path(ctx.pred_dir, task.key, cfg.shard_rank)
-    done = {r["uid"] for r in read_rows(path)}
-    mine = [r for i, r in enumerate(records) if i % cfg.num_shards == cfg.shard_rank and r.uid not in done]
-    if not mine:
-        return
     start, count = time.perf_counter(), 0
     with open(path, "a", encoding="utf-8") as f, tqdm(total=len(mine), desc=task.key, disable=None) as bar:
         for i in range(0, len(mine), cfg.batch_size):
@@ -409,18 +412,26 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     return EvalConfig(**{k: v for k, v in vars(args).items()})
 
 
-def main(argv: list[str] | None = None) -> dict | None:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     config = config_from_args(build_parser().parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    evaluate(config, argv)
+    return 0
+
+
+def evaluate(config: EvalConfig, argv: list[str] | None = None) -> dict | None:
+    """Run (or resume) one evaluation; -> the results dict (None on a shard other than rank 0)."""
     tasks = select_tasks(config.tasks)
     records, problems = load_records(config.data, config.data_format, config.source, config.image_dir)
     groups, unknown = group_records(records, tasks)
     problems += unknown
     groups = {k: apply_limit(v, config.limit, config.seed, k) for k, v in groups.items()}
     skipped = _skipped(config, tasks, groups)
-    config.output.mkdir(parents=True, exist_ok=True)
+    (config.output / "predictions").mkdir(parents=True, exist_ok=True)
     if config.workers > 1:
+        if argv is None:
+            raise ValueError("--workers > 1 needs the command line to start its worker processes")
         _spawn_workers(config, argv)
         config.num_shards = config.workers
     else:
@@ -447,12 +458,14 @@ def _skipped(config: EvalConfig, tasks: list[Task], groups: dict) -> dict[str, s
 def _run_shard(config: EvalConfig, tasks: list[Task], groups: dict) -> None:
     marker = config.output / f".shard{config.shard_rank}.done"
     marker.unlink(missing_ok=True)
-    if any(groups[t.key] for t in tasks):
+    todo = {t.key: pending(t, groups[t.key], config) for t in tasks}
+    if any(todo.values()):  # a finished run only re-merges: no model load
         ctx = _setup(config, tasks)
         for task in tasks:
-            run_task(task, groups[task.key], ctx)
+            if todo[task.key]:
+                run_task(task, todo[task.key], ctx)
     marker.touch()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -81,15 +81,12 @@ def parse_mcq(output: str, options: dict[str, str] | None = None) -> str | None:
 
 
 def _letter_from_option_text(output: str, options: dict[str, str]) -> str | None:
-    """The one option whose normalised text appears as whole words in the output (longest wins; ties give None)."""
+    """The one option whose normalised text appears as whole words in the output; an option quoted only as part
+    of a longer quoted option ("cell" in "giant cell tumor") does not count; two or more gives None."""
     padded = f" {normalize(output)} "
-    hits = [(len(normalize(v)), k) for k, v in options.items() if normalize(v) and f" {normalize(v)} " in padded]
-    if not hits:
-        return None
-    hits.sort(reverse=True)
-    if len(hits) > 1 and hits[0][0] == hits[1][0]:
-        return None
-    return hits[0][1]
+    hits = {k: normalize(v) for k, v in options.items() if normalize(v) and f" {normalize(v)} " in padded}
+    kept = [k for k, v in hits.items() if not any(v != w and f" {v} " in f" {w} " for w in hits.values())]
+    return kept[0] if len(kept) == 1 else None
 
 
 def score_mcq(output: str, answer: str, options: dict[str, str] | None) -> bool:

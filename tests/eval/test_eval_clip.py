@@ -1,6 +1,7 @@
 """CLIP similarity from a local tiny random CLIPModel folder (nothing downloaded), captioning and image generation end to end."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,13 @@ from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 
 import eval.run as run
 from eval.clip_score import ClipScorer
+
+
+def _main(argv):
+    """Run the program as a user would; -> its results.json (None when it wrote none)."""
+    assert run.main(argv) == 0
+    path = Path(argv[argv.index("--output") + 1]) / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +57,7 @@ def test_captioning_and_image_generation_end_to_end(tiny_model_dir, clip_dir, tm
     (data / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     argv = ["--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "out"), "--device", "cpu",
             "--max-new-tokens", "6", "--tasks", "image_captioning_report,image_generation_quilt", "--clip-model", str(clip_dir)]
-    results = run.main(argv)
+    results = _main(argv)
     for key, n in (("image_captioning_report", 1), ("image_generation_quilt", 1)):
         assert results[key]["metric"] == "clip_similarity" and results[key]["n"] == n
         assert -1.0 <= results[key]["score"] <= 1.0

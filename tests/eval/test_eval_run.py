@@ -1,6 +1,7 @@
 """End to end: a tiny model on a small synthetic set in MedMax's schema, all 12 VQA task names present."""
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -8,7 +9,14 @@ from PIL import Image
 import eval.run as run
 from eval.tasks import VQA_TASKS
 
-ROWS_PER_TASK = 3
+
+def _main(argv):
+    """Run the program as a user would; -> its results.json (None when it wrote none)."""
+    assert run.main(argv) == 0
+    path = Path(argv[argv.index("--output") + 1]) / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+ROWS_PER_TASK = 2
 ANSWERS = {"closed": "yes", "open": "upper left lesion", "mcq": "B"}
 OPTIONS = "\n(A) lung\n(B) liver\n(C) brain\n(D) kidney"
 BAD_ROWS = [
@@ -41,14 +49,14 @@ def eval_data(tmp_path_factory):
 
 
 def _argv(tiny_model_dir, data, out, *extra):
-    return ["--model", str(tiny_model_dir), "--data", str(data), "--output", str(out), "--max-new-tokens", "4",
+    return ["--model", str(tiny_model_dir), "--data", str(data), "--output", str(out), "--max-new-tokens", "3",
             "--batch-size", "4", "--device", "cpu", *extra]
 
 
 @pytest.fixture(scope="module")
 def full_run(tiny_model_dir, eval_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
-    results = run.main(_argv(tiny_model_dir, eval_data, out))
+    results = _main(_argv(tiny_model_dir, eval_data, out))
     return out, results
 
 
@@ -62,7 +70,7 @@ def test_every_vqa_task_is_scored(full_run):
         rows = [json.loads(l) for l in (out / "predictions" / f"{task.key}.jsonl").read_text().splitlines()]
         assert {"question", "image", "answer", "output"} <= set(rows[0])
     assert set(results["probmed_closed"]["metrics"]) == {"accuracy", "paired_accuracy"}
-    assert results["probmed_closed"]["metrics"]["paired_accuracy"]["n"] == 2  # pair 0 (two rows) + pair 1 (one row)
+    assert results["probmed_closed"]["metrics"]["paired_accuracy"]["n"] == 1  # both rows form pair 0
     assert results["visual_chat"]["metric"] == "token_f1" and results["visual_chat"]["n"] == 1
     assert json.loads((out / "results.json").read_text()) == results
     assert (out / "report.png").stat().st_size > 0 and "| vqa_rad_closed | accuracy |" in (out / "report.md").read_text()
@@ -112,17 +120,27 @@ def test_resume_after_interruption_gives_identical_results(tiny_model_dir, eval_
 def test_shards_merge_to_the_single_process_results(tiny_model_dir, eval_data, full_run, tmp_path):
     out = tmp_path / "sharded"
     tasks = "vqa_rad,pmc_vqa,probmed"
-    assert run.main(_argv(tiny_model_dir, eval_data, out, "--tasks", tasks, "--shard-rank", "1", "--num-shards", "2")) is None
-    results = run.main(_argv(tiny_model_dir, eval_data, out, "--tasks", tasks, "--shard-rank", "0", "--num-shards", "2"))
+    assert _main(_argv(tiny_model_dir, eval_data, out, "--tasks", tasks, "--shard-rank", "1", "--num-shards", "2")) is None
+    results = _main(_argv(tiny_model_dir, eval_data, out, "--tasks", tasks, "--shard-rank", "0", "--num-shards", "2"))
     assert (out / "predictions" / "vqa_rad_closed.rank1.jsonl").is_file()
     for key in ("vqa_rad_closed", "vqa_rad_open", "pmc_vqa_mcq", "probmed_closed"):
         assert results[key] == full_run[1][key]
 
 
 def test_limit_and_flag_errors(tiny_model_dir, eval_data, tmp_path):
-    results = run.main(_argv(tiny_model_dir, eval_data, tmp_path / "lim", "--tasks", "slake_closed", "--limit", "2"))
+    results = _main(_argv(tiny_model_dir, eval_data, tmp_path / "lim", "--tasks", "slake_closed", "--limit", "2"))
     assert results["slake_closed"]["n"] == 2 and set(results) - {"_problems"} == {"slake_closed"}
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         run.main(_argv(tiny_model_dir, eval_data, tmp_path / "x", "--tasks", "nope"))
     with pytest.raises(ValueError, match="--limit"):
         run.main(_argv(tiny_model_dir, eval_data, tmp_path / "x", "--limit", "0"))
+
+
+@pytest.mark.slow
+def test_workers_spawn_shards_and_merge(tiny_model_dir, eval_data, full_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(run.__file__).resolve().parents[1])  # workers run `python -m eval.run`
+    out = tmp_path / "workers"
+    results = _main(_argv(tiny_model_dir, eval_data, out, "--tasks", "vqa_rad_closed,path_mmu", "--workers", "2"))
+    assert (out / "predictions" / "path_mmu_mcq.rank1.jsonl").is_file()
+    for key in ("vqa_rad_closed", "path_mmu_mcq"):
+        assert results[key] == full_run[1][key]
