@@ -66,6 +66,7 @@ class RunConfig:
     """What defines the output: a restarted run must agree on all of it."""
 
     input: str  # the CSV
+    ckpt: str  # the VQGAN checkpoint
     column: str  # its image-path column
     image_root: str  # relative paths resolve here; no path may leave it
     partition_size: int  # CSV rows per output partition
@@ -418,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         model = _setup_model(args, device)
         root = (args.image_root or args.input.parent).resolve()
         config = RunConfig(
-            input=str(args.input.resolve()), column=_pick_column(args.input, args.column), image_root=str(root),
+            input=str(args.input.resolve()), ckpt=str(args.ckpt.resolve()), column=_pick_column(args.input, args.column), image_root=str(root),
             partition_size=args.partition_size, resolution=model.resolution, n_embed=model.n_embed,
         )
         args.output.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -171,12 +172,19 @@ def test_torchrun_two_processes_match_one(dataset, tiny_vqgan_dir, tmp_path):
            "-m", "tokenization.image_tokenize", "--input", str(dataset), "--output", str(double),
            "--ckpt", str(tiny_vqgan_dir), "--partition-size", "2", "--batch-size", "3", "--workers", "0", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, so a hang takes the ranks down too
+    try:
+        stdout, stderr = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun did not finish in 150 s: {stderr[-3000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
     ranks = {p.name.split("-")[1] for p in partition_files(double)}
     assert ranks == {"rank00000", "rank00001"}  # both processes wrote partitions
     rows = _all_rows(double)
     assert len(rows) == len(set(rows)) == N_GOOD
     assert read_image_tokens(double) == read_image_tokens(single)
     assert _errors(double) == _errors(single)
-    assert "tokenized 11 images, failed 4" in proc.stdout
+    assert "tokenized 11 images, failed 4" in stdout
