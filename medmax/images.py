@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageSequence, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
@@ -283,15 +283,3 @@ def preprocess(image: Image.Image, resolution: int) -> torch.Tensor:
     pixels = pixels.to(torch.float64) / 255.0 * 2 - 1  # float64 then float32, as the reference rounds
     return pixels.permute(2, 0, 1).to(torch.float32).contiguous()
 
-
-def n_frames(source: str | Path | bytes) -> int:
-    """How many frames an image file holds (1 for single images)."""
-    name = _describe(source)
-    data = _read_bytes(source, name)
-    if _looks_like_dicom(data, name):
-        import pydicom
-
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        return int(ds.get("NumberOfFrames", 1) or 1)
-    with Image.open(io.BytesIO(data)) as image:
-        return sum(1 for _ in ImageSequence.Iterator(image))
