@@ -27,6 +27,7 @@ import ast
 import csv
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -84,6 +85,21 @@ def parse_options(value) -> dict | None:
     return {str(k).strip().upper(): str(v) for k, v in dict(value).items() if v is not None}
 
 
+_OPTION_LINE = re.compile(r"^\s*\(?([A-H])[).:]\s*(\S.*?)\s*$", re.MULTILINE)
+
+
+def options_from_prompt(prompt: str) -> dict | None:
+    """Options written into an MCQ prompt as lines "A: text", "(A) text", "A. text" (MedMax's rows carry no
+    options column); None unless the letters run A, B, ... with at least two of them."""
+    found = {}
+    for letter, text in _OPTION_LINE.findall(prompt or ""):
+        found.setdefault(letter, text)
+    letters = sorted(found)
+    if len(letters) < 2 or "".join(letters) != LETTERS[: len(letters)]:
+        return None
+    return {k: found[k] for k in letters}
+
+
 def parse_answer(value, task_name: str):
     """visual_chat answers are dicts; MedMax stores them as a string (JSON or Python literal)."""
     if task_name == "visual_chat" and isinstance(value, str):
@@ -117,6 +133,8 @@ def record_from_row(row: dict, uid: str) -> EvalRecord:
         answer = parse_answer(row["answer"], str(row["task_name"]))
     except (ValueError, SyntaxError) as e:
         raise BadRow(f"unreadable options/answer: {e}") from e
+    if options is None and row["question_type"] == "mcq":
+        options = options_from_prompt(str(row["prompt"] or ""))
     return EvalRecord(
         uid=uid,
         task_name=str(row["task_name"]),

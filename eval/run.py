@@ -388,13 +388,22 @@ def finish(config: EvalConfig, tasks: list[Task], groups: dict, skipped: dict, p
     return results
 
 
+def _run_token() -> str:
+    """Ties a shard's done marker to this launch (torchrun sets one id for all its ranks)."""
+    return os.environ.get("TORCHELASTIC_RUN_ID", "local")
+
+
+def _shard_done(marker: Path) -> bool:
+    return marker.is_file() and marker.read_text() == _run_token()
+
+
 def _wait_for_shards(config: EvalConfig) -> None:
     markers = [config.output / f".shard{r}.done" for r in range(config.num_shards)]
     deadline = time.monotonic() + config.merge_timeout_s
-    while not all(m.exists() for m in markers):
+    while not all(_shard_done(m) for m in markers):
         if time.monotonic() > deadline:
             logger.error("shards %s did not finish in %.0fs; merging what exists",
-                         [r for r, m in enumerate(markers) if not m.exists()], config.merge_timeout_s)
+                         [r for r, m in enumerate(markers) if not _shard_done(m)], config.merge_timeout_s)
             return
         time.sleep(2)
 
@@ -464,7 +473,7 @@ def _run_shard(config: EvalConfig, tasks: list[Task], groups: dict) -> None:
         for task in tasks:
             if todo[task.key]:
                 run_task(task, todo[task.key], ctx)
-    marker.touch()
+    marker.write_text(_run_token())
 
 
 if __name__ == "__main__":

@@ -120,3 +120,24 @@ def test_prompt_styles(tmp_path):
     assert build_prompt(rec, task, "default", img) == [img, "q0"]
     chameleon = build_prompt(rec, task, "chameleon", img)
     assert chameleon[0] == img and chameleon[1].endswith("Question: q0\nAnswer:") and "'yes' or 'no'" in chameleon[1]
+
+
+def test_mcq_options_read_from_the_prompt(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"task_name": "omnimed_vqa", "question_type": "mcq", "prompt": "Which?\nA: CT\nB: MRI scan",
+                                "answer": "MRI scan", "image_path": "a.png"}) + "\n")
+    rec = load_records(path)[0][0]
+    assert rec.options == {"A": "CT", "B": "MRI scan"}
+
+
+def test_visual_chat_image_order(tmp_path):
+    rows = [{"task_name": "visual_chat", "question_type": "conversation", "prompt": "What is this?\n<image>", "answer": "{}", "image_path": "a.png"},
+            {"task_name": "visual_chat", "question_type": "conversation", "prompt": "<image>\nWhat is this?", "answer": "{}", "image_path": "a.png"},
+            {"task_name": "visual_chat", "question_type": "detailed_description", "prompt": "<image>\nDescribe", "answer": "{}", "image_path": "a.png"}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task, img = select_tasks("visual_chat")[0], tmp_path / "a.png"
+    built = [build_prompt(r, task, "sft", img) for r in load_records(path)[0]]
+    assert built[0] == ["What is this?", img, END_OF_TURN]  # MedMax: a prompt ending in <image> puts the image last
+    assert built[1] == [img, "What is this?", END_OF_TURN]
+    assert built[2] == [img, "Analyze the image in a comprehensive and detailed manner.", END_OF_TURN]

@@ -82,3 +82,27 @@ def test_retries_with_backoff_then_gives_up(stub, tmp_path, caplog):
 def test_config_validation():
     with pytest.raises(ValueError, match="judge-url"):
         JudgeConfig("ftp://x", "m")
+
+
+def test_judge_inside_a_run_counts_unparseable_and_never_writes_the_key(stub, tiny_model_dir, tmp_path, monkeypatch, caplog):
+    import eval.run as run
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (64, 64), (10, 90, 200)).save(data / "a.png")
+    rows = [{"task_name": "slake", "question_type": "open", "prompt": f"Where is lesion {i}?", "answer": "left lung",
+             "image_path": "a.png"} for i in range(3)]
+    (data / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stub["script"] = [(200, "Correctness: 1"), (200, "no idea"), (200, "Correctness: 0")]
+    monkeypatch.setenv("MY_JUDGE_KEY", SECRET)
+    out = tmp_path / "out"
+    argv = ["--model", str(tiny_model_dir), "--data", str(data), "--output", str(out), "--device", "cpu", "--tasks", "slake_open",
+            "--max-new-tokens", "3", "--judge-url", stub["url"], "--judge-model", "m", "--judge-key-env", "MY_JUDGE_KEY"]
+    assert run.main(argv) == 0
+    entry = json.loads((out / "results.json").read_text())["slake_open"]
+    assert entry["judge_unparseable"] == 1 and entry["judge_failed"] == 0
+    assert entry["metrics"]["judge_accuracy"] == {"n": 2, "score": 0.5, "stderr": 0.5}
+    assert all(r["auth"] == f"Bearer {SECRET}" for r in stub["requests"])
+    written = "".join(p.read_text(errors="ignore") for p in out.rglob("*") if p.is_file() and p.suffix != ".png")
+    assert SECRET not in written and SECRET not in caplog.text
