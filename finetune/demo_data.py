@@ -5,8 +5,8 @@ Usage::
     python -m finetune.demo_data --output runs/demo/data --tokenizer preset:tiny --sequences 64
 
 Each sequence is ``<s> question <image: boi, random codes, eoi> <end of turn> answer </s>`` where the
-answer ("Yes." / "No.") is the parity of the first image code, so a model can learn it; loss only on
-the answer. With ``--image-targets`` the codes themselves carry the loss (image generation data).
+answer says whether the image was drawn from the "lesion" palette (codes 0..63, answer "Yes.") or
+the "normal" one (codes 64..127, "No."), so a small model learns it in a few steps; loss only on the answer. With ``--image-targets`` the codes themselves carry the loss (image generation data).
 The tiny tokenizer (``preset:tiny``) is written next to the data as ``tokenizer.json``.
 """
 
@@ -41,9 +41,10 @@ def demo_rows(tokenizer, n: int, n_codes: int = 64, seed: int = 0, image_targets
     rows = []
     for k in range(n):
         count = n_codes if lengths is None else max(1, lengths[k] - len(question) - 7)
-        codes = rng.integers(0, vocab.n_codes, size=count)
+        lesion = int(rng.integers(0, 2))
+        codes = rng.integers(0, 64, size=count) + (0 if lesion else 64)
         image = [vocab.boi_id, *vocab.codes_to_ids(codes).tolist(), vocab.eoi_id]
-        answer = answers[int(codes[0]) % 2] + [vocab.eos_id]
+        answer = answers[lesion] + [vocab.eos_id]
         prompt = [vocab.bos_id, *question, *image, vocab.eot_id]
         ids = prompt + answer
         if image_targets:
