@@ -141,3 +141,9 @@ def test_visual_chat_image_order(tmp_path):
     assert built[0] == ["What is this?", img, END_OF_TURN]  # MedMax: a prompt ending in <image> puts the image last
     assert built[1] == [img, "What is this?", END_OF_TURN]
     assert built[2] == [img, "Analyze the image in a comprehensive and detailed manner.", END_OF_TURN]
+
+
+def test_synthetic_tasks_are_selectable_but_not_in_all():
+    assert [t.key for t in select_tasks("synthetic")] == ["synthetic_closed", "synthetic_mcq", "synthetic_open"]
+    assert "synthetic" not in {t.name for t in select_tasks("all")}
+    assert task_for("synthetic", "mcq").kind == "mcq"

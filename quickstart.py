@@ -1,0 +1,189 @@
+"""The whole pipeline, end to end, on an embedded default: synthetic scans + pydicom's DICOM files, tiny models, CPU.
+
+Usage (what `make quickstart` runs):
+
+    python -m quickstart --output runs/quickstart            # full: ~1500 scans, a few minutes on 2 cores
+    python -m quickstart --output runs/qs --reduced          # the reduced run the test suite uses
+
+Every step calls the same program a user would call, as a subprocess:
+
+    1. data        synthetic scans (PNG) with closed / multiple-choice / open questions and captions,
+                   plus the DICOM files bundled in pydicom
+    2. vqgan       a tiny VQGAN (64 px, 8x8 codes), randomly initialised, saved as vqgan.yaml + safetensors
+    3. tokenize    torchrun --nproc-per-node 2 -m tokenization.image_tokenize
+    4. sequences   python -m tokenization.build_sequences (train and held-out)
+    5. train       finetune/launch.sh finetune/configs/quickstart.yaml, then python -m finetune.export
+    6. evaluate    python -m eval.run on the held-out questions (MedMax eval schema)
+    7. generate    medmax generate --mode image from a caption
+    8. report      OUTPUT/report/README.md with the results, the charts and the generated image
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+CHANCE = {"closed": 0.5, "mcq": 0.25}
+TARGETS = {"closed": 0.90, "mcq": 0.70}
+
+
+@dataclass
+class Sizes:
+    """How much data and training one run uses."""
+
+    n_train: int
+    n_test: int
+    max_steps: int
+    n_dicom: int
+
+
+FULL = Sizes(n_train=1500, n_test=200, max_steps=300, n_dicom=12)
+REDUCED = Sizes(n_train=300, n_test=60, max_steps=60, n_dicom=3)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="quickstart", description=__doc__.split("\n")[0])
+    p.add_argument("--output", type=Path, default=Path("runs/quickstart"), help="run folder (replaced)")
+    p.add_argument("--reduced", action="store_true", help="fewer images and steps (the test suite's setting)")
+    p.add_argument("--nproc", type=int, default=2, help="processes for image tokenization (torchrun)")
+    p.add_argument("--max-steps", type=int, help="override the training steps")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+class Steps:
+    """Runs each step as a subprocess, timing it."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.times: dict[str, float] = {}
+        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+        self.env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2))))
+
+    def run(self, name: str, cmd: list[str], **kw) -> None:
+        print(f"\n=== {name}: {' '.join(map(str, cmd))}", flush=True)
+        start = time.time()
+        subprocess.run([str(c) for c in cmd], check=True, cwd=HERE, env=kw.get("env", self.env))
+        self.times[name] = time.time() - start
+        print(f"=== {name} done in {self.times[name]:.1f} s", flush=True)
+
+    def timed(self, name: str, fn, *args):
+        start = time.time()
+        result = fn(*args)
+        self.times[name] = time.time() - start
+        print(f"=== {name} done in {self.times[name]:.1f} s", flush=True)
+        return result
+
+
+def _prepare(out: Path, sizes: Sizes, seed: int) -> dict:
+    """Step 1 and 2: the data folder, the tokenizer and the tiny VQGAN (library calls, no training)."""
+    import torch
+
+    from medmax.presets import VQGAN_PRESETS, build_tiny_tokenizer
+    from medmax.synthetic import POSITIONS, write_dataset
+    from medmax.vqgan import VQGAN, save_vqgan
+
+    data = write_dataset(out / "data", sizes.n_train, sizes.n_test, seed=seed, n_dicom=sizes.n_dicom)
+    data["tokenizer"] = out / "tokenizer.json"
+    build_tiny_tokenizer().save(str(data["tokenizer"]))
+    torch.manual_seed(seed)
+    save_vqgan(VQGAN.from_params(VQGAN_PRESETS["tiny"]), out / "vqgan")
+    data["generation_prompt"] = f"Generate a scan: A grey scan with a large bright lesion in the {POSITIONS[0]}."
+    return data
+
+
+def _copy_artifacts(out: Path, report: Path) -> dict[str, str]:
+    """Gather what the programs wrote into the report folder; returns name -> relative path."""
+    found = {}
+    wanted = {
+        "eval_chart": out / "eval" / "report.png",
+        "eval_report": out / "eval" / "report.md",
+        "results": out / "eval" / "results.json",
+        "loss_curve": out / "train" / "loss_curve.png",
+    }
+    pngs = sorted((out / "generated").glob("*.png"))
+    if pngs:
+        wanted["generated_image"] = pngs[0]
+    for name, src in wanted.items():
+        if src.is_file():
+            shutil.copy(src, report / src.name)
+            found[name] = src.name
+    return found
+
+
+def write_report(out: Path, data: dict, times: dict[str, float]) -> dict[str, float]:
+    """Step 8: OUTPUT/report/ with the artifacts and a README saying what ran; returns held-out accuracies."""
+    report = out / "report"
+    report.mkdir(exist_ok=True)
+    found = _copy_artifacts(out, report)
+    results = json.loads((out / "eval" / "results.json").read_text())
+    accuracy = {kind: results[f"synthetic_{kind}"]["score"] for kind in CHANCE if f"synthetic_{kind}" in results}
+    lines = [
+        "# Quickstart report",
+        "",
+        f"Data: {data['n_images']} synthetic scans ({data['n_train_rows']} training rows, {data['n_eval_rows']} held-out "
+        f"questions on unseen scans) and {data['n_dicom']} DICOM files bundled with pydicom, tokenized together.",
+        "",
+        "| held-out task | accuracy | chance | target |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {k} | {a:.3f} | {CHANCE[k]:.2f} | {TARGETS[k]:.2f} |" for k, a in accuracy.items()]
+    if "synthetic_open" in results:
+        lines.append(f"| open ({results['synthetic_open'].get('metric', 'score')}) | {results['synthetic_open']['score']:.3f} | | |")
+    lines += ["", "| step | seconds |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in times.items()]
+    lines += ["", "Artifacts in this folder:", ""] + [f"- `{v}` ({k.replace('_', ' ')})" for k, v in found.items()]
+    lines += ["", f"Generated from the prompt: \"{data['generation_prompt']}\"", "",
+              f"Everything else the run wrote is under `{out}`: data/, tokens/, sequences/, train/, model/, eval/, generated/."]
+    (report / "README.md").write_text("\n".join(lines) + "\n")
+    return accuracy
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    sizes = REDUCED if args.reduced else FULL
+    if args.max_steps:
+        sizes = Sizes(**{**sizes.__dict__, "max_steps": args.max_steps})
+    out = args.output.resolve()
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    steps = Steps(out)
+    total = time.time()
+    py = sys.executable
+
+    data = steps.timed("1-2 data, tokenizer, vqgan", _prepare, out, sizes, args.seed)
+    steps.run("3 tokenize", [py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+                             "-m", "tokenization.image_tokenize", "--input", data["images_csv"],
+                             "--output", out / "tokens", "--ckpt", out / "vqgan", "--batch-size", 32])
+    for split in ("train", "heldout"):
+        steps.run(f"4 sequences ({split})", [py, "-m", "tokenization.build_sequences", "--input", data[f"{split}_jsonl"],
+                                              "--tokenizer", data["tokenizer"], "--output", out / "sequences" / split,
+                                              "--image-tokens", out / "tokens", "--strict"])
+    steps.run("5 train", ["bash", "finetune/launch.sh", "finetune/configs/quickstart.yaml",
+                          f"output_dir={out / 'train'}", f"datasets={out / 'sequences' / 'train'}",
+                          f"validation={out / 'sequences' / 'heldout'}", f"tokenizer={data['tokenizer']}",
+                          f"vqgan={out / 'vqgan'}", f"max_steps={sizes.max_steps}", f"seed={args.seed}"],
+              env=dict(steps.env, NPROC_PER_NODE="1"))
+    steps.run("5 export", [py, "-m", "finetune.export", "--checkpoint", out / "train", "--output", out / "model"])
+    steps.run("6 evaluate", [py, "-m", "eval.run", "--model", out / "model", "--data", data["eval_dir"],
+                             "--output", out / "eval", "--tasks", "synthetic", "--prompt-style", "sft", "--batch-size", 32])
+    steps.run("7 generate", [py, "-m", "medmax", "generate", "--model", out / "model", "--mode", "image",
+                             "--prompt", data["generation_prompt"], "--output", out / "generated", "--seed", args.seed])
+    accuracy = steps.timed("8 report", write_report, out, data, steps.times)
+    print(f"\nquickstart finished in {time.time() - total:.0f} s; report: {out / 'report' / 'README.md'}")
+    for kind, acc in accuracy.items():
+        print(f"  held-out {kind:6s} accuracy {acc:.3f}   (chance {CHANCE[kind]:.2f}, target {TARGETS[kind]:.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
