@@ -202,6 +202,9 @@ def write_curves(output_dir: Path, history: list[dict]) -> None:
 
 def _resume_point(cfg: FinetuneConfig, resume: bool) -> str | None:
     if not resume:
+        if Path(cfg.output_dir).is_dir() and get_last_checkpoint(cfg.output_dir):
+            logger.warning("output_dir=%s already holds checkpoints; starting over (pass --resume to continue)",
+                           cfg.output_dir)
         return None
     last = get_last_checkpoint(cfg.output_dir) if Path(cfg.output_dir).is_dir() else None
     if last is None:
