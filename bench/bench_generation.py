@@ -141,14 +141,16 @@ class Cost:
 
 
 def image_cost(gen: Generator, prompts, guidance: bool) -> Cost:
-    """Matmul FLOPs and weight bytes read for one image per prompt (ours: image rows of the head only)."""
+    """Matmul FLOPs and weight bytes our implementation spends on one image per prompt.
+
+    Counts the rows it actually runs (distinct guidance streams) and the image rows of the head only.
+    """
     model = gen.model
     layer_params = sum(p.numel() for p in model.model.layers.parameters())
     n = gen.vqgan.n_codes_per_image
     head = len(gen._code_ids) * model.config.hidden_size
-    streams = 3 if guidance else 1
-    rows = streams * len(prompts)
-    prompt_tokens = sum(len(s) for c in gen.encode_prompts(prompts) for s in gen._guidance_streams(c)[:streams])
+    seqs, _, _ = gen._stream_rows(gen.encode_prompts(prompts), guidance)
+    rows, prompt_tokens = len(seqs), sum(map(len, seqs))
     flops = 2 * layer_params * (prompt_tokens + rows * (n - 1)) + 2 * head * rows * n
     return Cost(flops=flops, weight_bytes=(layer_params + head) * 4 * n)
 

@@ -320,7 +320,6 @@ class Generator:
         hidden = self._forward(ids, mask, positions, cache)  # (B, C)
         cols = torch.nonzero(text_token_mask(v, allow_boi=True, device=self.device)).squeeze(1)  # (n,) ids
         head_rows = self._output_rows(cols)
-        boi_col = int(torch.nonzero(cols == v.boi_id))
         seen = torch.zeros(len(rows), v.size, dtype=torch.bool, device=self.device)
         seen.scatter_(1, ids, mask.bool())
         lengths = torch.tensor([len(r.context) for r in rows], device=self.device)
@@ -329,13 +328,8 @@ class Generator:
         new = [[] for _ in rows]
         done = [False] * len(rows)
         for _ in range(max(r.text_left for r in rows)):
-            logits = self._logits(hidden, head_rows, cols)  # (B, n)
-            if config.repetition_penalty != 1.0:
-                logits = apply_repetition_penalty(logits, seen[:, cols], config.repetition_penalty)
             boi_ok = images_left & (lengths + img_room <= self.context_length)  # (B,) room for boi, grid, eoi
-            logits[:, boi_col].masked_fill_(~boi_ok, float("-inf"))
-            picked = sample(logits, config.do_sample, config.temperature, config.top_p, config.top_k, rng)  # (B,)
-            tokens = cols[picked]
+            tokens = self._pick_text_tokens(hidden, cols, head_rows, seen, boi_ok, config, rng)  # (B,)
             seen[torch.arange(len(rows)), tokens] = True
             lengths += 1
             for r, tok in enumerate(tokens.tolist()):
@@ -347,6 +341,16 @@ class Generator:
             ids, mask, positions = self._step_inputs(tokens, mask, positions)
             hidden = self._forward(ids, mask, positions, cache)
         return new
+
+    def _pick_text_tokens(self, hidden, cols, head_rows, seen, boi_ok, config: GenerationConfig, rng) -> torch.Tensor:
+        """One text step: (B, C) hidden -> (B,) token ids among ``cols`` (boi only where ``boi_ok``)."""
+        logits = self._logits(hidden, head_rows, cols)  # (B, n)
+        if config.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, seen[:, cols], config.repetition_penalty)
+        logits[:, cols == self.vocab.boi_id] = logits[:, cols == self.vocab.boi_id].masked_fill(
+            ~boi_ok[:, None], float("-inf"))
+        picked = sample(logits, config.do_sample, config.temperature, config.top_p, config.top_k, rng)  # (B,)
+        return cols[picked]
 
     def _text_finished(self, row: _Row, new: list[int], tok: int, length: int, config: GenerationConfig) -> bool:
         v = self.vocab
