@@ -89,7 +89,7 @@ def _prepare(out: Path, sizes: Sizes, seed: int) -> dict:
     import torch
 
     from medmax.presets import VQGAN_PRESETS, build_tiny_tokenizer
-    from medmax.synthetic import POSITIONS, write_dataset
+    from medmax.synthetic import GENERATION_PREFIX, POSITIONS, write_dataset
     from medmax.vqgan import VQGAN, save_vqgan
 
     data = write_dataset(out / "data", sizes.n_train, sizes.n_test, seed=seed, n_dicom=sizes.n_dicom)
@@ -97,7 +97,7 @@ def _prepare(out: Path, sizes: Sizes, seed: int) -> dict:
     build_tiny_tokenizer().save(str(data["tokenizer"]))
     torch.manual_seed(seed)
     save_vqgan(VQGAN.from_params(VQGAN_PRESETS["tiny"]), out / "vqgan")
-    data["generation_prompt"] = f"Generate a scan: A grey scan with a large bright lesion in the {POSITIONS[0]}."
+    data["generation_prompt"] = f"{GENERATION_PREFIX}A grey scan with a large bright lesion in the {POSITIONS[0]}."
     return data
 
 

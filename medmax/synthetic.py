@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+GENERATION_PREFIX = "Generate a scan: "
 POSITIONS = ("upper left", "upper right", "lower left", "lower right")
 _CENTRES = {"upper left": (0.3, 0.3), "upper right": (0.7, 0.3), "lower left": (0.3, 0.7), "lower right": (0.7, 0.7)}
 SIZES = ("small", "large")
@@ -120,8 +121,12 @@ def _write_jsonl(path, rows) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def training_rows(scan: Scan, image_path: str) -> list[dict]:
-    """MedMax-format rows (``text`` with ``<image>`` and ``<reserved08706>``) for one training scan."""
+def training_rows(scan: Scan, image_path: str, generation: bool = True) -> list[dict]:
+    """MedMax-format rows (``text`` with ``<image>`` and ``<reserved08706>``) for one training scan.
+
+    One row per question (image, question, end of turn, answer), and with ``generation`` one
+    image-generation row (caption, end of turn, the image as the answer, so its codes carry loss).
+    """
     from .vocab import END_OF_TURN, IMAGE_PLACEHOLDER
 
     rows = [
@@ -129,10 +134,9 @@ def training_rows(scan: Scan, image_path: str) -> list[dict]:
          "source": "synthetic", "task": f"vqa_{q['question_type']}"}
         for q in scan.questions()
     ]
-    rows.append({"text": f"{IMAGE_PLACEHOLDER}Describe the scan.{END_OF_TURN}{scan.caption}", "image_path": image_path,
-                 "source": "synthetic", "task": "captioning"})
-    rows.append({"text": f"Generate a scan: {scan.caption}{END_OF_TURN}{IMAGE_PLACEHOLDER}", "image_path": image_path,
-                 "source": "synthetic", "task": "image_generation"})
+    if generation:
+        rows.append({"text": f"{GENERATION_PREFIX}{scan.caption}{END_OF_TURN}{IMAGE_PLACEHOLDER}",
+                     "image_path": image_path, "source": "synthetic", "task": "image_generation"})
     return rows
 
 
@@ -146,12 +150,14 @@ def eval_rows(scan: Scan, image_path: str, task_names: dict[str, str]) -> list[d
 
 
 def write_dataset(folder, n_train: int, n_test: int, seed: int = 0, n_dicom: int = 0,
-                  task_names: dict[str, str] | None = None) -> dict:
+                  task_names: dict[str, str] | None = None, generation_every: int = 3) -> dict:
     """Write the quickstart's data folder and return the paths of what it wrote.
 
     ``folder/images/*.png`` and ``folder/dicom/*.dcm``; ``images.csv`` (``img_path``, relative to the
     folder) for the image tokenizer; ``train.jsonl`` and ``heldout.jsonl`` in MedMax's training
-    format; ``eval/eval.jsonl`` in MedMax's eval schema (held-out scans only) with its images.
+    format (shuffled; every ``generation_every``-th scan also gets an image-generation row, since
+    its 64 image codes cost as much training time as several questions); ``eval/eval.jsonl`` in
+    MedMax's eval schema (held-out scans only) with its images.
     """
     import csv
     import shutil
@@ -167,10 +173,11 @@ def write_dataset(folder, n_train: int, n_test: int, seed: int = 0, n_dicom: int
         rel = f"images/{scan.name}.png"
         scan.image.save(folder / rel)
         paths.append(rel)
+        rows = training_rows(scan, rel, generation=generation_every > 0 and i % generation_every == 0)
         if i < n_train:
-            train += training_rows(scan, rel)
+            train += rows
         else:
-            heldout += training_rows(scan, rel)
+            heldout += rows
             scan.image.save(folder / "eval" / rel)
             evalset += eval_rows(scan, rel, task_names)
     dicoms = []
@@ -183,6 +190,7 @@ def write_dataset(folder, n_train: int, n_test: int, seed: int = 0, n_dicom: int
         writer = csv.writer(f)
         writer.writerow(["img_path"])
         writer.writerows([[p] for p in paths + dicoms])
+    np.random.default_rng(seed).shuffle(train)
     _write_jsonl(folder / "train.jsonl", train)
     _write_jsonl(folder / "heldout.jsonl", heldout)
     _write_jsonl(folder / "eval" / "eval.jsonl", evalset)

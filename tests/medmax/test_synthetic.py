@@ -51,5 +51,8 @@ def test_write_dataset_keeps_heldout_scans_out_of_training(tmp_path):
     assert eval_rows and all((tmp_path / "eval" / r["image_path"]).is_file() for r in eval_rows)
     assert not train_images & {r["image_path"] for r in eval_rows}
     assert {r["question_type"] for r in eval_rows} <= {"closed", "mcq", "open"}
-    first = json.loads(open(info["train_jsonl"]).readline())
-    assert first["text"].startswith("<image>") and "<reserved08706>" in first["text"]
+    rows = [json.loads(line) for line in open(info["train_jsonl"])]
+    assert all(r["text"].count("<image>") == 1 and r["text"].count("<reserved08706>") == 1 for r in rows)
+    generation = [r for r in rows if r["task"] == "image_generation"]
+    assert len(generation) == 4  # scans 0, 3, 6, 9 of the 12 training scans
+    assert all(r["text"].endswith("<reserved08706><image>") for r in generation)
