@@ -97,6 +97,12 @@ def test_lora_trains_adapters_only_and_export_merges_them(tmp_path, data_dir, ti
     changed = {k for k in start if not torch.equal(merged[k], start[k])}
     assert changed and all(k.split(".")[-2].endswith("_proj") for k in changed)
     assert any(".q_proj." in k for k in changed) and any(".down_proj." in k for k in changed)
+    # the merge used the adapter's own rank and alpha: W = W0 + B @ A * alpha / r
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert (adapter_config["r"], adapter_config["lora_alpha"]) == (4, 8)
+    prefix, key = "base_model.model.model.layers.1.mlp.down_proj", "model.layers.1.mlp.down_proj.weight"
+    delta = adapters[f"{prefix}.lora_B.weight"] @ adapters[f"{prefix}.lora_A.weight"] * 8 / 4
+    torch.testing.assert_close(merged[key], start[key] + delta, atol=1e-6, rtol=1e-5)
 
 
 def test_image_alignment_trains_only_image_rows(tmp_path, data_dir, tiny_tokenizer, tiny_vocab):
