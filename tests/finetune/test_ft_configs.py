@@ -127,3 +127,31 @@ def test_a_mode_that_freezes_everything_stops(tmp_path, good_data):
 def test_bad_settings_name_the_setting(tmp_path, good_data, override, setting):
     with pytest.raises(ConfigError, match=setting):
         _run(tmp_path, good_data, override)
+
+
+def test_weighted_datasets_and_a_validation_folder(tmp_path, tiny_tokenizer, tiny_vocab):
+    from finetune.train import _setup_data
+
+    special = tiny_vocab.special_ids()
+    a = write_sequences(tmp_path / "a", demo_rows(tiny_tokenizer, 20, n_codes=8, seed=1), special)
+    b = write_sequences(tmp_path / "b", demo_rows(tiny_tokenizer, 20, n_codes=8, seed=2), special)
+    val = write_sequences(tmp_path / "val", demo_rows(tiny_tokenizer, 5, n_codes=8, seed=3), special)
+    cfg = load_config(ROOT / "finetune" / "configs" / "tiny_cpu.yaml", [f"datasets=[{a}:3, {{path: {b}, weight: 1}}]", f"validation={val}",
+                                    f"output_dir={tmp_path / 'out'}"])
+    assert [s.weight for s in cfg.dataset_specs()] == [3.0, 1.0] and cfg.eval_strategy == "steps"
+    train, held_out = _setup_data(cfg, tiny_vocab, tiny_vocab.size)
+    counts = [sum(1 for d, _ in train.order if d == k) for k in (0, 1)]
+    assert counts == [30, 10]  # 40 sequences per epoch, split 3:1, the first folder oversampled
+    assert len(held_out.order) == 5
+
+
+@pytest.mark.slow
+def test_launch_script_trains_with_two_cpu_processes(tmp_path, good_data):
+    """torchrun + gloo: two processes train, and the real-token count sums over both."""
+    out = tmp_path / "ddp"
+    subprocess.run([str(ROOT / "finetune" / "launch.sh"), str(ROOT / "finetune" / "configs" / "tiny_cpu.yaml"),
+                    "--nproc-per-node", "2", "--rdzv-endpoint", "localhost:29731", f"datasets=[{good_data}]",
+                    f"output_dir={out}", "report_to=none", "validation=null", "max_steps=2", "logging_steps=1",
+                    "save_strategy=no"], check=True, cwd=ROOT, timeout=600)
+    history = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history if "loss" in h] == [1, 2] and (out / "model.safetensors").is_file()
