@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -59,15 +60,15 @@ class SequenceData:
     """All sequences of one folder as flat arrays: sequence i is ``ids[offsets[i]:offsets[i + 1]]``."""
 
     folder: Path
-    ids: np.ndarray  # (N_tokens,) int64
-    labels: np.ndarray  # (N_tokens,) int64
+    ids: np.ndarray  # (N_tokens,) int32: 8 bytes a token with the labels, held in memory by every process
+    labels: np.ndarray  # (N_tokens,) int32
     offsets: np.ndarray  # (N + 1,) int64
     manifest: dict
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    @property
+    @cached_property
     def lengths(self) -> np.ndarray:  # (N,)
         return np.diff(self.offsets)
 
@@ -80,8 +81,8 @@ class SequenceData:
         parts = [self.sequence(int(i)) for i in index]
         lengths = np.array([len(p[0]) for p in parts], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
-        labels = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
+        ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
+        labels = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int32)
         return SequenceData(self.folder, ids, labels, offsets, self.manifest)
 
 
@@ -91,7 +92,7 @@ def _flat_list_column(table, name: str, path: Path) -> tuple[np.ndarray, np.ndar
         raise DataError(f"{path}: no column {name!r}")
     column = table.column(name).combine_chunks()
     offsets = column.offsets.to_numpy().astype(np.int64)
-    values = column.values.to_numpy().astype(np.int64)[offsets[0] : offsets[-1]]
+    values = column.values.to_numpy().astype(np.int32, copy=False)[offsets[0] : offsets[-1]]
     return values, offsets - offsets[0]
 
 
@@ -181,27 +182,33 @@ def weighted_order(sizes: list[int], weights: list[float], seed: int) -> list[tu
 def pack_greedy(lengths: list[int], max_length: int) -> list[list[int]]:
     """Bins of positions into ``lengths``, in order, each bin's total at most ``max_length``.
 
-    Best-fit over the open bins keeps the order of the (already shuffled) stream nearly intact
-    while filling rows well; every length must be at most ``max_length``.
+    Best fit: each sequence goes to the open bin with the least room that still holds it (a bisect
+    over the open bins sorted by room, so a million sequences pack in seconds), keeping the order of
+    the already shuffled stream nearly intact while filling rows well. Bins with less room than the
+    shortest sequence are closed. Every length must be at most ``max_length``.
     """
+    import bisect
+
+    shortest = min(lengths, default=1)
     bins: list[list[int]] = []
-    room: list[int] = []
+    open_keys: list[tuple[int, int]] = []  # (room, bin), sorted
     for i, n in enumerate(lengths):
-        fits = [b for b, r in enumerate(room) if r >= n]
-        if fits:
-            b = min(fits, key=lambda b: room[b])
-            bins[b].append(i)
-            room[b] -= n
+        k = bisect.bisect_left(open_keys, (n, -1))
+        if k < len(open_keys):
+            room, b = open_keys.pop(k)
         else:
-            bins.append([i])
-            room.append(max_length - n)
+            room, b = max_length, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        if room - n >= shortest:
+            bisect.insort(open_keys, (room - n, b))
     return bins
 
 
 def _example(parts: list[tuple[np.ndarray, np.ndarray]]) -> dict:
     """One training row from one or more sequences: positions restart and first labels are masked."""
-    ids = np.concatenate([p[0] for p in parts])
-    labels = np.concatenate([p[1] for p in parts]).copy()
+    ids = np.concatenate([p[0] for p in parts]).astype(np.int64)
+    labels = np.concatenate([p[1] for p in parts]).astype(np.int64)
     positions = np.concatenate([np.arange(len(p[0])) for p in parts])
     labels[positions == 0] = IGNORE_INDEX
     return {"input_ids": ids, "labels": labels, "position_ids": positions}
@@ -219,8 +226,9 @@ class SequenceDataset(torch.utils.data.Dataset):
         self.datasets = datasets
         weights = weights or [1.0] * len(datasets)
         self.order = weighted_order([len(d) for d in datasets], weights, seed)
+        self._lengths = [d.lengths for d in datasets]
         if packing:
-            lengths = [int(datasets[d].lengths[i]) for d, i in self.order]
+            lengths = [int(self._lengths[d][i]) for d, i in self.order]
             self.rows = pack_greedy(lengths, max_length)
         else:
             self.rows = [[k] for k in range(len(self.order))]
@@ -234,7 +242,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         return _example(parts)
 
     def n_tokens(self) -> int:
-        return int(sum(self.datasets[d].lengths[i] for d, i in self.order))
+        return int(sum(self._lengths[d][i] for d, i in self.order))
 
 
 @dataclass
