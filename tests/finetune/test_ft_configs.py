@@ -155,3 +155,12 @@ def test_launch_script_trains_with_two_cpu_processes(tmp_path, good_data):
                     "save_strategy=no"], check=True, cwd=ROOT, timeout=600)
     history = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history if "loss" in h] == [1, 2] and (out / "model.safetensors").is_file()
+
+
+def test_a_model_folder_without_the_vqgan_decoder_needs_the_vqgan_setting(tmp_path, good_data, tiny_tokenizer,
+                                                                          tiny_vqgan):
+    from medmax.model import new_model, save_model_dir
+
+    folder = save_model_dir(tmp_path / "hf", new_model("tiny", tiny_tokenizer, tiny_vqgan), tiny_tokenizer, None)
+    with pytest.raises(ConfigError, match="vqgan: .* only the VQGAN encoder"):
+        _run(tmp_path, good_data, f"model={folder}", "tokenizer=null", "vqgan=null")
