@@ -120,28 +120,48 @@ def _copy_artifacts(out: Path, report: Path) -> dict[str, str]:
     return found
 
 
+def _image_summary(out: Path) -> dict:
+    """What the image tokenizer did with the scans and the DICOM files (from its own output)."""
+    from medmax.image_tokens import read_image_tokens
+
+    tokenized = read_image_tokens([out / "tokens"])
+    failed = [json.loads(line) for f in sorted((out / "tokens" / "errors").glob("*.jsonl")) for line in f.open()]
+    return {
+        "tokenized": len(tokenized),
+        "dicom_tokenized": sum(p.startswith("dicom/") for p in tokenized),
+        "failed": [{"img_path": e["img_path"], "reason": e["reason"].splitlines()[0]} for e in failed],
+    }
+
+
 def write_report(out: Path, data: dict, times: dict[str, float]) -> dict[str, float]:
-    """Step 8: OUTPUT/report/ with the artifacts and a README saying what ran; returns held-out accuracies."""
+    """Step 8: OUTPUT/report/ with the artifacts, summary.json and a README; returns held-out accuracies."""
     report = out / "report"
     report.mkdir(exist_ok=True)
     found = _copy_artifacts(out, report)
     results = json.loads((out / "eval" / "results.json").read_text())
     accuracy = {kind: results[f"synthetic_{kind}"]["score"] for kind in CHANCE if f"synthetic_{kind}" in results}
+    images = _image_summary(out)
+    summary = {"accuracy": accuracy, "chance": CHANCE, "targets": TARGETS, "seconds": times, "images": images,
+               "open": results.get("synthetic_open"), "artifacts": found}
+    (report / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     lines = [
         "# Quickstart report",
         "",
         f"Data: {data['n_images']} synthetic scans ({data['n_train_rows']} training rows, {data['n_eval_rows']} held-out "
-        f"questions on unseen scans) and {data['n_dicom']} DICOM files bundled with pydicom, tokenized together.",
+        f"questions on scans the model never saw) and {data['n_dicom']} DICOM files bundled with pydicom.",
         "",
         "| held-out task | accuracy | chance | target |",
         "|---|---|---|---|",
     ]
     lines += [f"| {k} | {a:.3f} | {CHANCE[k]:.2f} | {TARGETS[k]:.2f} |" for k, a in accuracy.items()]
     if "synthetic_open" in results:
-        lines.append(f"| open ({results['synthetic_open'].get('metric', 'score')}) | {results['synthetic_open']['score']:.3f} | | |")
+        lines.append(f"| open ({results['synthetic_open']['metric']}) | {results['synthetic_open']['score']:.3f} | | |")
+    lines += ["", f"Image tokenizer: {images['tokenized']} images tokenized, {images['dicom_tokenized']} of them DICOM; "
+              f"{len(images['failed'])} reported as unreadable and left out (never replaced):", ""]
+    lines += [f"- `{e['img_path']}`: {e['reason']}" for e in images["failed"]] or ["- none"]
     lines += ["", "| step | seconds |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in times.items()]
     lines += ["", "Artifacts in this folder:", ""] + [f"- `{v}` ({k.replace('_', ' ')})" for k, v in found.items()]
-    lines += ["", f"Generated from the prompt: \"{data['generation_prompt']}\"", "",
+    lines += ["", f"`image_0.png` was drawn from the prompt \"{data['generation_prompt']}\".", "",
               f"Everything else the run wrote is under `{out}`: data/, tokens/, sequences/, train/, model/, eval/, generated/."]
     (report / "README.md").write_text("\n".join(lines) + "\n")
     return accuracy
@@ -169,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                                               "--tokenizer", data["tokenizer"], "--output", out / "sequences" / split,
                                               "--image-tokens", out / "tokens", "--strict"])
     steps.run("5 train", ["bash", "finetune/launch.sh", "finetune/configs/quickstart.yaml",
-                          f"output_dir={out / 'train'}", f"datasets={out / 'sequences' / 'train'}",
+                          f"output_dir={out / 'train'}", f"datasets=[{out / 'sequences' / 'train'}]",
                           f"validation={out / 'sequences' / 'heldout'}", f"tokenizer={data['tokenizer']}",
                           f"vqgan={out / 'vqgan'}", f"max_steps={sizes.max_steps}", f"seed={args.seed}"],
               env=dict(steps.env, NPROC_PER_NODE="1"))

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer
 from transformers import ChameleonForConditionalGeneration
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -32,8 +33,18 @@ logger = logging.getLogger(__name__)
 STANDARD_ARCHITECTURE = "ChameleonForConditionalGeneration"
 
 
+IGNORE_INDEX = -100
+
+
 class MedMaxChameleon(ChameleonForConditionalGeneration):
-    """Chameleon with unmasked logits: image codes can be trained on and sampled."""
+    """Chameleon with unmasked logits: image codes can be trained on and sampled.
+
+    In training mode with labels, the output head runs only on the positions that carry loss and
+    ``logits`` is None: answers are a small share of VQA tokens, and with a small model the head
+    over the whole vocabulary costs more than the transformer layers.
+    """
+
+    head_on_labelled_positions_only = True
 
     def forward(
         self,
@@ -59,12 +70,26 @@ class MedMaxChameleon(ChameleonForConditionalGeneration):
             **kwargs,
         )
         hidden = outputs.last_hidden_state  # (B, T, C)
+        if labels is not None and self.training and self.head_on_labelled_positions_only:
+            loss = self._labelled_loss(hidden, labels, kwargs.get("num_items_in_batch"))
+            return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])  # (B, T', V)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+    def _labelled_loss(self, hidden: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+        """Next-token cross-entropy over labelled positions; the same value as transformers' ForCausalLMLoss."""
+        targets = labels[:, 1:].to(hidden.device)  # (B, T-1): position t predicts token t+1
+        keep = targets != IGNORE_INDEX
+        logits = self.lm_head(hidden[:, :-1][keep]).float()  # (N, V), N = labelled positions
+        loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+        denom = num_items_in_batch if num_items_in_batch is not None else keep.sum()
+        if isinstance(denom, torch.Tensor):
+            denom = denom.to(loss.device)
+        return loss / denom
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save as a plain Chameleon checkpoint: config.json names the standard architecture."""
