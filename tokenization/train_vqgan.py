@@ -3,7 +3,7 @@
 Usage::
 
     python -m tokenization.train_vqgan --input data/images.csv --output data/vqgan \\
-        --preset tiny --steps 60 --batch-size 16 --lr 2e-3 --seed 0 --max-seconds 60
+        --preset tiny --steps 300 --batch-size 16 --lr 2e-3 --seed 0 --max-seconds 60 --threads 1
     # continue from a saved VQGAN (weights only; the optimizer starts afresh)
     python -m tokenization.train_vqgan --input data/images.csv --output data/vqgan2 --init data/vqgan --steps 60
 
