@@ -46,8 +46,8 @@ class Sizes:
     n_dicom: int
 
 
-FULL = Sizes(n_train=1500, n_test=200, max_steps=300, n_dicom=12)
-REDUCED = Sizes(n_train=300, n_test=60, max_steps=60, n_dicom=3)
+FULL = Sizes(n_train=1500, n_test=200, max_steps=200, n_dicom=12)
+REDUCED = Sizes(n_train=300, n_test=60, max_steps=80, n_dicom=3)
 
 
 def _parser() -> argparse.ArgumentParser:
