@@ -129,7 +129,7 @@ def _image_summary(out: Path) -> dict:
     return {
         "tokenized": len(tokenized),
         "dicom_tokenized": sum(p.startswith("dicom/") for p in tokenized),
-        "failed": [{"img_path": e["img_path"], "reason": e["reason"].splitlines()[0]} for e in failed],
+        "failed": [{"img_path": e["img_path"], "reason": " ".join(e["reason"].split())} for e in failed],
     }
 
 
@@ -161,7 +161,10 @@ def write_report(out: Path, data: dict, times: dict[str, float]) -> dict[str, fl
     lines += [f"- `{e['img_path']}`: {e['reason']}" for e in images["failed"]] or ["- none"]
     lines += ["", "| step | seconds |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in times.items()]
     lines += ["", "Artifacts in this folder:", ""] + [f"- `{v}` ({k.replace('_', ' ')})" for k, v in found.items()]
-    lines += ["", f"`image_0.png` was drawn from the prompt \"{data['generation_prompt']}\".", "",
+    lines += ["", f"`image_0.png` was drawn from the prompt \"{data['generation_prompt']}\": the model sampled its "
+              "8x8 codes with classifier-free guidance, and the VQGAN decoded them. The quickstart's VQGAN is randomly "
+              "initialised (its codes carry the lesion signal the questions need, but its decoder was never trained), so "
+              "the picture shows the codes, not a scan; `python -m tokenization.train_vqgan` trains one.", "",
               f"Everything else the run wrote is under `{out}`: data/, tokens/, sequences/, train/, model/, eval/, generated/."]
     (report / "README.md").write_text("\n".join(lines) + "\n")
     return accuracy
