@@ -120,7 +120,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise SystemExit(f"--frame must be >= 0, got {args.frame}")
 
 
-def _pick_column(csv: Path, column: str | None) -> str:
+def pick_column(csv: Path, column: str | None) -> str:
+    """The CSV column holding image paths: ``--column``, else img_path (MedMax) or image_path."""
     header = list(pd.read_csv(csv, nrows=0).columns)
     if column is not None:
         if column not in header:
@@ -419,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         model = _setup_model(args, device)
         root = (args.image_root or args.input.parent).resolve()
         config = RunConfig(
-            input=str(args.input.resolve()), ckpt=str(args.ckpt.resolve()), column=_pick_column(args.input, args.column), image_root=str(root),
+            input=str(args.input.resolve()), ckpt=str(args.ckpt.resolve()), column=pick_column(args.input, args.column), image_root=str(root),
             partition_size=args.partition_size, resolution=model.resolution, n_embed=model.n_embed,
         )
         args.output.mkdir(parents=True, exist_ok=True)

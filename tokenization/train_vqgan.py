@@ -36,7 +36,7 @@ from medmax.images import ImageLoadError, load_image, preprocess
 from medmax.presets import VQGAN_PRESETS
 from medmax.vqgan import VQGAN, load_vqgan, save_vqgan, to_uint8
 from medmax.vqgan_training import VQGANTrainConfig, config_dict, evaluate_reconstruction, train_vqgan
-from tokenization.image_tokenize import PATH_COLUMNS, resolve_image
+from tokenization.image_tokenize import pick_column, resolve_image
 
 logger = logging.getLogger("tokenization.train_vqgan")
 
@@ -65,18 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is often faster on a busy machine)")
     p.add_argument("--strict", action="store_true", help="exit 1 when any image could not be read")
     return p
-
-
-def _pick_column(csv: Path, column: str | None) -> str:
-    header = list(pd.read_csv(csv, nrows=0).columns)
-    if column is not None:
-        if column not in header:
-            raise SystemExit(f"--column {column!r} is not a column of {csv} (columns: {header})")
-        return column
-    for name in PATH_COLUMNS:
-        if name in header:
-            return name
-    raise SystemExit(f"{csv}: no img_path or image_path column (columns: {header}); name one with --column")
 
 
 def load_images(csv: Path, column: str, root: Path, resolution: int) -> tuple[torch.Tensor | None, list[dict]]:
@@ -138,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     vqgan = _setup_model(args)
     root = (args.image_root or args.input.parent).resolve()
-    pixels, errors = load_images(args.input, _pick_column(args.input, args.column), root, vqgan.resolution)
+    pixels, errors = load_images(args.input, pick_column(args.input, args.column), root, vqgan.resolution)
     args.output.mkdir(parents=True, exist_ok=True)
     _write_jsonl(args.output / "errors.jsonl", errors)
     if pixels is None:
