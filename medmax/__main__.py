@@ -31,9 +31,12 @@ The MedMax toolkit's programs (each has --help):
   medmax generate ...                                  text / image / interleaved generation (this command)
   python -m tokenization.image_tokenize ...            images -> VQGAN code shards (medmax-image-tokenize; torchrun for GPUs)
   python -m tokenization.build_sequences ...           text + codes -> training sequences (medmax-build-sequences)
+  python -m tokenization.train_vqgan ...               reconstruction training of a VQGAN (medmax-train-vqgan)
   finetune/launch.sh ... | python -m finetune.train ... fine-tuning, full or LoRA (medmax-train)
   python -m finetune.export ...                        merge and export a model folder (medmax-export)
+  python -m finetune.convert ...                       original Chameleon / MedMax layout -> model folder (medmax-convert)
   python -m eval.run ...                               biomedical VQA / captioning / image-generation evaluation (medmax-eval)
+  python -m quickstart ...                             the whole pipeline on tiny models and synthetic data (make quickstart)
 """
 
 
