@@ -25,15 +25,13 @@ from tokenizers import Tokenizer
 from transformers import ChameleonForConditionalGeneration
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .vocab import Vocabulary, load_tokenizer
+from .vocab import IGNORE_INDEX, Vocabulary, load_tokenizer
 from .vqgan import VQGAN, load_vqgan, save_vqgan
 
 logger = logging.getLogger(__name__)
 
 STANDARD_ARCHITECTURE = "ChameleonForConditionalGeneration"
 
-
-IGNORE_INDEX = -100
 
 
 class MedMaxChameleon(ChameleonForConditionalGeneration):

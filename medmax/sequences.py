@@ -36,11 +36,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from tokenizers import Tokenizer
 
-from .vocab import IMAGE_PLACEHOLDER, Vocabulary
+from .vocab import IGNORE_INDEX, IMAGE_PLACEHOLDER, Vocabulary
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 FORMATS = ("medmax", "conversation", "pretraining")
 CONTEXT_ROLES = {"system": "system", "user": "user", "human": "user"}
 ANSWER_ROLES = {"assistant": "assistant", "gpt": "assistant"}

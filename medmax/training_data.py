@@ -30,10 +30,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "medmax-sequences"
-MANIFEST_VERSION = 1
-IGNORE_INDEX = -100
+from .dataset_io import FORMAT_NAME as MANIFEST_FORMAT
+from .dataset_io import FORMAT_VERSION as MANIFEST_VERSION
+from .dataset_io import MANIFEST as MANIFEST_NAME
+from .vocab import IGNORE_INDEX
 
 
 class DataError(ValueError):

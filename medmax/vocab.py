@@ -23,6 +23,7 @@ BOS, PAD, EOS = "<s>", "<pad>", "</s>"
 BOI, EOI = "<racm3:break>", "<eoss>"
 END_OF_TURN = "<reserved08706>"
 IMAGE_PLACEHOLDER = "<image>"
+IGNORE_INDEX = -100  # label of a position that carries no loss (PyTorch cross-entropy's default)
 
 # Names a tokenizer file may have inside a checkpoint folder, most specific first.
 _TOKENIZER_FILES = (
