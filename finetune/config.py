@@ -107,6 +107,9 @@ class FinetuneConfig(TrainingArguments):
         super().__post_init__()
 
     def _check_fields(self) -> None:
+        for key in ("datasets", "freeze", "lora_target_modules"):  # `datasets=PATH` on the command line is one entry
+            if isinstance(getattr(self, key), str):
+                setattr(self, key, [getattr(self, key)])
         if self.mode not in MODES:
             raise ConfigError(f"mode={self.mode!r}: choose one of {MODES}")
         if not self.datasets:

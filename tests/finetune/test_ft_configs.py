@@ -164,3 +164,9 @@ def test_a_model_folder_without_the_vqgan_decoder_needs_the_vqgan_setting(tmp_pa
     folder = save_model_dir(tmp_path / "hf", new_model("tiny", tiny_tokenizer, tiny_vqgan), tiny_tokenizer, None)
     with pytest.raises(ConfigError, match="vqgan: .* only the VQGAN encoder"):
         _run(tmp_path, good_data, f"model={folder}", "tokenizer=null", "vqgan=null")
+
+
+def test_a_single_path_override_is_one_dataset_not_its_characters():
+    cfg = load_config(ROOT / "finetune/configs/tiny_cpu.yaml", ["datasets=/data/seq/train:2", "freeze=model.layers.0"])
+    assert [(s.path, s.weight) for s in cfg.dataset_specs()] == [("/data/seq/train", 2.0)]
+    assert cfg.freeze == ["model.layers.0"]
