@@ -23,7 +23,6 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .vqgan import VQGAN
@@ -31,6 +30,7 @@ from .vqgan import VQGAN
 logger = logging.getLogger(__name__)
 
 PIXEL_LOSSES = ("l1", "mse")
+PIXEL_WEIGHTS = ("none", "contrast")
 
 
 @dataclass
@@ -42,6 +42,8 @@ class VQGANTrainConfig:
     lr: float = 2e-3  # AdamW learning rate, constant
     weight_decay: float = 0.0  # AdamW decoupled weight decay (never applied to the codebook)
     pixel_loss: str = "l1"  # "l1" or "mse" on pixels in [-1, 1]
+    pixel_weight: str = "none"  # "none" or "contrast": see pixel_weights()
+    pixel_weight_alpha: float = 0.0  # contrast weighting strength (weight = 1 + alpha * |x - image mean|)
     vq_weight: float = 1.0  # weight of the quantizer's codebook + commitment loss
     init_codebook: bool = True  # k-means++ seed the codebook from encoder outputs before step 1
     init_images: int = 128  # images encoded to draw the initial codebook from
@@ -61,6 +63,10 @@ class VQGANTrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.pixel_loss not in PIXEL_LOSSES:
             raise ValueError(f"pixel_loss must be one of {PIXEL_LOSSES}, got {self.pixel_loss!r}")
+        if self.pixel_weight not in PIXEL_WEIGHTS:
+            raise ValueError(f"pixel_weight must be one of {PIXEL_WEIGHTS}, got {self.pixel_weight!r}")
+        if self.pixel_weight_alpha < 0:
+            raise ValueError(f"pixel_weight_alpha must be >= 0, got {self.pixel_weight_alpha}")
         if self.reseed_every < 0 or self.init_images < 1 or self.log_every < 1:
             raise ValueError("reseed_every must be >= 0, init_images and log_every >= 1")
         if self.max_seconds is not None and not self.max_seconds > 0:
@@ -138,12 +144,31 @@ def reseed_dead_codes(vqgan: VQGAN, counts: torch.Tensor, latents: torch.Tensor,
 # -------------------------------------------------------------------------------------- training
 
 
+def pixel_weights(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Contrast weights (B, 1, R, R) = 1 + alpha * |x - the image's mean|, averaged over channels.
+
+    Small bright (or dark) structures, which a plain mean loss lets the decoder smooth away because they
+    are a few percent of the pixels, count up to ``1 + 2 * alpha`` times as much as the background.
+    """
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+    return 1.0 + alpha * (x - mean).abs().mean(dim=1, keepdim=True)
+
+
+def pixel_loss(recon: torch.Tensor, x: torch.Tensor, config: VQGANTrainConfig) -> torch.Tensor:
+    """The config's L1 or MSE between (B, 3, R, R) tensors, weighted per pixel when ``pixel_weight`` asks."""
+    error = (recon - x).abs() if config.pixel_loss == "l1" else (recon - x) ** 2  # (B, 3, R, R)
+    if config.pixel_weight == "none":
+        return error.mean()
+    weight = pixel_weights(x, config.pixel_weight_alpha).expand_as(error)  # no gradient: x is data
+    return (weight * error).sum() / weight.sum()  # a weighted mean: the same scale as the unweighted loss
+
+
 def _forward(vqgan: VQGAN, x: torch.Tensor, config: VQGANTrainConfig) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
     """One training forward: (loss, its parts, detached latents (N, D), codes (N,))."""
     z = vqgan.quant_conv(vqgan.encoder(x))  # (B, D, h, w)
     quant, vq_loss, codes = vqgan.quantize(z)  # straight-through quantized latents, codebook + commitment loss
     recon = vqgan.decoder(vqgan.post_quant_conv(quant))  # (B, 3, R, R)
-    pixel = F.l1_loss(recon, x) if config.pixel_loss == "l1" else F.mse_loss(recon, x)
+    pixel = pixel_loss(recon, x, config)
     loss = pixel + config.vq_weight * vq_loss
     latents = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
     return loss, {"pixel_loss": float(pixel.detach()), "vq_loss": float(vq_loss.detach())}, latents, codes

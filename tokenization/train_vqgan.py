@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=VQGANTrainConfig.batch_size)
     p.add_argument("--lr", type=float, default=VQGANTrainConfig.lr)
     p.add_argument("--pixel-loss", choices=["l1", "mse"], default=VQGANTrainConfig.pixel_loss)
+    p.add_argument("--pixel-weight", choices=["none", "contrast"], default=VQGANTrainConfig.pixel_weight,
+                   help="contrast: weight each pixel by 1 + ALPHA * |pixel - image mean| (small bright structures count more)")
+    p.add_argument("--pixel-weight-alpha", type=float, default=VQGANTrainConfig.pixel_weight_alpha, help="ALPHA of --pixel-weight contrast")
     p.add_argument("--reseed-every", type=int, default=VQGANTrainConfig.reseed_every, help="steps between dead-code re-seeding (0: never)")
     p.add_argument("--no-init-codebook", action="store_true", help="keep the starting codebook instead of k-means++ seeding it")
     p.add_argument("--seed", type=int, default=VQGANTrainConfig.seed)
@@ -91,6 +94,7 @@ def _config(args: argparse.Namespace) -> VQGANTrainConfig:
     try:
         return VQGANTrainConfig(
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, pixel_loss=args.pixel_loss,
+            pixel_weight=args.pixel_weight, pixel_weight_alpha=args.pixel_weight_alpha,
             init_codebook=not args.no_init_codebook, reseed_every=args.reseed_every, max_seconds=args.max_seconds,
             seed=args.seed, device=args.device, progress=True,
         )

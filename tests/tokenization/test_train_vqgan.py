@@ -17,6 +17,8 @@ from medmax.vqgan_training import (
     VQGANTrainConfig,
     evaluate_reconstruction,
     kmeans_plus_plus,
+    pixel_loss,
+    pixel_weights,
     reseed_dead_codes,
     train_vqgan,
 )
@@ -122,6 +124,34 @@ def test_config_rejects_bad_values():
         VQGANTrainConfig(pixel_loss="l3")
     with pytest.raises(ValueError, match="steps"):
         VQGANTrainConfig(steps=0)
+    with pytest.raises(ValueError, match="pixel_weight"):
+        VQGANTrainConfig(pixel_weight="focal")
+    with pytest.raises(ValueError, match="pixel_weight_alpha"):
+        VQGANTrainConfig(pixel_weight="contrast", pixel_weight_alpha=-1.0)
+
+
+def test_contrast_weights_favour_pixels_far_from_the_image_mean():
+    x = torch.full((1, 3, 4, 4), -0.5)
+    x[..., 0, 0] = 1.0  # one bright pixel on a dark image
+    w = pixel_weights(x, alpha=4.0)  # (1, 1, 4, 4)
+    mean = x.mean()
+    assert w.shape == (1, 1, 4, 4)
+    assert torch.isclose(w[0, 0, 0, 0], 1 + 4.0 * (1.0 - mean))
+    assert torch.isclose(w[0, 0, 1, 1], 1 + 4.0 * (mean + 0.5).abs())
+    assert torch.equal(pixel_weights(x, alpha=0.0), torch.ones(1, 1, 4, 4))
+
+
+def test_contrast_weighting_makes_a_missed_bright_spot_cost_more():
+    x = torch.full((2, 3, 8, 8), -0.5)
+    x[:, :, 2:4, 2:4] = 0.9  # a small bright "lesion"
+    missed = x.clone()
+    missed[:, :, 2:4, 2:4] = -0.5  # reconstruction that smooths the lesion away
+    plain = pixel_loss(missed, x, VQGANTrainConfig())
+    weighted = pixel_loss(missed, x, VQGANTrainConfig(pixel_weight="contrast", pixel_weight_alpha=5.0))
+    assert weighted > 3 * plain
+    uniform_error = x + 0.1  # the same error everywhere: a weighted mean leaves its scale unchanged
+    assert torch.isclose(pixel_loss(uniform_error, x, VQGANTrainConfig(pixel_weight="contrast", pixel_weight_alpha=5.0)),
+                         torch.tensor(0.1))
 
 
 def test_program_reports_bad_image_and_saves_a_loadable_vqgan(scans, tmp_path):
