@@ -9,7 +9,8 @@ Every step calls the same program a user would call, as a subprocess:
 
     1. data        synthetic scans (PNG) with closed / multiple-choice / open questions and captions,
                    plus the DICOM files bundled in pydicom
-    2. vqgan       a tiny VQGAN (64 px, 8x8 codes), randomly initialised, saved as vqgan.yaml + safetensors
+    2. vqgan       python -m tokenization.train_vqgan: a tiny VQGAN (64 px, 8x8 codes) trained for a minute to
+                   reconstruct the scans (contrast-weighted, so the small bright lesions survive)
     3. tokenize    torchrun --nproc-per-node 2 -m tokenization.image_tokenize
     4. sequences   python -m tokenization.build_sequences (train and held-out)
     5. train       finetune/launch.sh finetune/configs/quickstart.yaml, then python -m finetune.export
@@ -44,10 +45,11 @@ class Sizes:
     n_test: int
     max_steps: int
     n_dicom: int
+    vqgan_seconds: int  # reconstruction training of the tiny VQGAN
 
 
-FULL = Sizes(n_train=1500, n_test=200, max_steps=200, n_dicom=12)
-REDUCED = Sizes(n_train=300, n_test=60, max_steps=80, n_dicom=3)
+FULL = Sizes(n_train=1500, n_test=200, max_steps=200, n_dicom=12, vqgan_seconds=60)
+REDUCED = Sizes(n_train=300, n_test=60, max_steps=80, n_dicom=3, vqgan_seconds=20)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,18 +87,13 @@ class Steps:
 
 
 def _prepare(out: Path, sizes: Sizes, seed: int) -> dict:
-    """Step 1 and 2: the data folder, the tokenizer and the tiny VQGAN (library calls, no training)."""
-    import torch
-
-    from medmax.presets import VQGAN_PRESETS, build_tiny_tokenizer
+    """Step 1: the data folder and the tokenizer (library calls)."""
+    from medmax.presets import build_tiny_tokenizer
     from medmax.synthetic import GENERATION_PREFIX, POSITIONS, write_dataset
-    from medmax.vqgan import VQGAN, save_vqgan
 
     data = write_dataset(out / "data", sizes.n_train, sizes.n_test, seed=seed, n_dicom=sizes.n_dicom)
     data["tokenizer"] = out / "tokenizer.json"
     build_tiny_tokenizer().save(str(data["tokenizer"]))
-    torch.manual_seed(seed)
-    save_vqgan(VQGAN.from_params(VQGAN_PRESETS["tiny"]), out / "vqgan")
     data["generation_prompt"] = f"{GENERATION_PREFIX}A grey scan with a large bright lesion in the {POSITIONS[0]}."
     return data
 
@@ -109,6 +106,7 @@ def _copy_artifacts(out: Path, report: Path) -> dict[str, str]:
         "eval_report": out / "eval" / "report.md",
         "results": out / "eval" / "results.json",
         "loss_curve": out / "train" / "loss_curve.png",
+        "vqgan_reconstructions": out / "vqgan" / "reconstructions.png",
     }
     pngs = sorted((out / "generated").glob("*.png"))
     if pngs:
@@ -162,9 +160,9 @@ def write_report(out: Path, data: dict, times: dict[str, float]) -> dict[str, fl
     lines += ["", "| step | seconds |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in times.items()]
     lines += ["", "Artifacts in this folder:", ""] + [f"- `{v}` ({k.replace('_', ' ')})" for k, v in found.items()]
     lines += ["", f"`image_0.png` was drawn from the prompt \"{data['generation_prompt']}\": the model sampled its "
-              "8x8 codes with classifier-free guidance, and the VQGAN decoded them. The quickstart's VQGAN is randomly "
-              "initialised (its codes carry the lesion signal the questions need, but its decoder was never trained), so "
-              "the picture shows the codes, not a scan; `python -m tokenization.train_vqgan` trains one.", "",
+              "8x8 codes with classifier-free guidance and the VQGAN decoded them. That VQGAN was trained in step 2 for "
+              f"{times.get('2 vqgan', 0):.0f} s; `reconstructions.png` shows scans (top) and what its codes keep of them "
+              "(bottom).", "",
               f"Everything else the run wrote is under `{out}`: data/, tokens/, sequences/, train/, model/, eval/, generated/."]
     (report / "README.md").write_text("\n".join(lines) + "\n")
     return accuracy
@@ -183,7 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     total = time.time()
     py = sys.executable
 
-    data = steps.timed("1-2 data, tokenizer, vqgan", _prepare, out, sizes, args.seed)
+    data = steps.timed("1 data, tokenizer", _prepare, out, sizes, args.seed)
+    steps.run("2 vqgan", [py, "-m", "tokenization.train_vqgan", "--input", data["images_csv"], "--output", out / "vqgan",
+                          "--preset", "tiny", "--steps", 300, "--batch-size", 16, "--lr", 5e-4, "--pixel-weight", "contrast",
+                          "--pixel-weight-alpha", 10, "--seed", args.seed, "--max-seconds", sizes.vqgan_seconds,
+                          "--threads", 2])
     steps.run("3 tokenize", [py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
                              "-m", "tokenization.image_tokenize", "--input", data["images_csv"],
                              "--output", out / "tokens", "--ckpt", out / "vqgan", "--batch-size", 32])

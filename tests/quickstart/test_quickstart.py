@@ -25,7 +25,7 @@ def test_every_step_leaves_its_output(run):
     record = json.loads((run / "generated" / "generation.json").read_text())
     assert sum(seg.get("type") == "image" for seg in record["segments"]) == 1
     report = (run / "report" / "README.md").read_text()
-    for artifact in ("report.png", "loss_curve.png", "image_0.png", "results.json"):
+    for artifact in ("report.png", "loss_curve.png", "image_0.png", "results.json", "reconstructions.png"):
         assert (run / "report" / artifact).is_file() and artifact in report
 
 
