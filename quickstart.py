@@ -48,7 +48,7 @@ class Sizes:
     vqgan_seconds: int  # reconstruction training of the tiny VQGAN
 
 
-FULL = Sizes(n_train=1500, n_test=200, max_steps=200, n_dicom=12, vqgan_seconds=60)
+FULL = Sizes(n_train=1500, n_test=200, max_steps=500, n_dicom=12, vqgan_seconds=60)
 REDUCED = Sizes(n_train=300, n_test=60, max_steps=80, n_dicom=3, vqgan_seconds=20)
 
 

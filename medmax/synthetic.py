@@ -150,13 +150,13 @@ def eval_rows(scan: Scan, image_path: str, task_names: dict[str, str]) -> list[d
 
 
 def write_dataset(folder, n_train: int, n_test: int, seed: int = 0, n_dicom: int = 0,
-                  task_names: dict[str, str] | None = None, generation_every: int = 3) -> dict:
+                  task_names: dict[str, str] | None = None, generation_every: int = 2) -> dict:
     """Write the quickstart's data folder and return the paths of what it wrote.
 
     ``folder/images/*.png`` and ``folder/dicom/*.dcm``; ``images.csv`` (``img_path``, relative to the
     folder) for the image tokenizer; ``train.jsonl`` and ``heldout.jsonl`` in MedMax's training
-    format (shuffled; every ``generation_every``-th scan also gets an image-generation row, since
-    its 64 image codes cost as much training time as several questions); ``eval/eval.jsonl`` in
+    format (shuffled; every ``generation_every``-th scan also gets an image-generation row (not every scan, since
+    its 64 image codes cost as much training time as several questions)); ``eval/eval.jsonl`` in
     MedMax's eval schema (held-out scans only) with its images.
     """
     import csv

@@ -54,5 +54,5 @@ def test_write_dataset_keeps_heldout_scans_out_of_training(tmp_path):
     rows = [json.loads(line) for line in open(info["train_jsonl"])]
     assert all(r["text"].count("<image>") == 1 and r["text"].count("<reserved08706>") == 1 for r in rows)
     generation = [r for r in rows if r["task"] == "image_generation"]
-    assert len(generation) == 4  # scans 0, 3, 6, 9 of the 12 training scans
+    assert len(generation) == 6  # scans 0, 2, 4, ... of the 12 training scans (generation_every=2)
     assert all(r["text"].endswith("<reserved08706><image>") for r in generation)
