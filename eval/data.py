@@ -160,12 +160,21 @@ def load_medmax(path: Path) -> tuple[list[EvalRecord], list[dict]]:
     """Records from a MedMax-schema file or folder, and a problem entry for each unreadable row."""
     records, problems = [], []
     for file in data_files(path):
-        for i, row in enumerate(_read_rows(file)):
-            uid = f"{file.name}:{i}"
-            try:
-                records.append(record_from_row(row, uid))
-            except BadRow as e:
-                problems.append({"uid": uid, "reason": str(e)})
+        recs, probs = _records(_read_rows(file), file.name)
+        records += recs
+        problems += probs
+    return records, problems
+
+
+def _records(rows, name: str) -> tuple[list[EvalRecord], list[dict]]:
+    """Rows to records (uid ``name:i``); a row that does not fit the schema becomes a problem entry."""
+    records, problems = [], []
+    for i, row in enumerate(rows):
+        uid = f"{name}:{i}"
+        try:
+            records.append(record_from_row(row, uid))
+        except BadRow as e:
+            problems.append({"uid": uid, "reason": str(e)})
     return records, problems
 
 
@@ -272,11 +281,4 @@ def load_records(data: Path, fmt: str = "medmax", source: Path | None = None, im
         raise ValueError(f"--data-format {fmt} needs --source (the benchmark's released file)")
     src = source if source.is_absolute() else data / source
     kwargs = {} if image_dir is None else {"image_dir": image_dir}
-    records, problems = [], []
-    for i, row in enumerate(CONVERTERS[fmt](src, **kwargs)):
-        uid = f"{src.name}:{i}"
-        try:
-            records.append(record_from_row(row, uid))
-        except BadRow as e:
-            problems.append({"uid": uid, "reason": str(e)})
-    return records, problems
+    return _records(CONVERTERS[fmt](src, **kwargs), src.name)
