@@ -33,6 +33,8 @@ from pathlib import Path, PurePosixPath
 
 import pyarrow.parquet as pq
 
+from medmax.paths import PathEscapeError, resolve_inside
+
 from .scoring import LETTERS, answer_letter
 
 logger = logging.getLogger(__name__)
@@ -68,9 +70,10 @@ def resolve_image(root: Path, rel: str | None) -> Path:
         raise BadRow(f"image_path {rel!r} is absolute; paths must be relative to the data folder")
     if ".." in PurePosixPath(text).parts:
         raise BadRow(f"image_path {rel!r} contains '..'; paths must stay inside the data folder")
-    path = (root / text).resolve()
-    if not path.is_relative_to(root.resolve()):
-        raise BadRow(f"image_path {rel!r} leaves the data folder through a link")
+    try:
+        path = resolve_inside(root, text)
+    except PathEscapeError:
+        raise BadRow(f"image_path {rel!r} leaves the data folder through a link") from None
     if not path.is_file():
         raise BadRow(f"image {rel!r} not found under {root}")
     return path

@@ -35,6 +35,7 @@ from .dataset_io import (
     progress_paths,
     write_manifest,
 )
+from .paths import PathEscapeError, resolve_inside
 from .sequences import LengthDrop, RowError, SequenceBuilder, SequenceConfig
 from .vocab import Vocabulary, load_tokenizer
 
@@ -133,9 +134,10 @@ class ImageCodes:
         return self._encode(bytes(ref))
 
     def _inside_root(self, ref: str) -> Path:
-        path = (self.root / ref).resolve()
-        if not path.is_relative_to(self.root):
-            raise RowError("missing_image", f"image path {ref!r} leaves --image-root {self.root}")
+        try:
+            path = resolve_inside(self.root, ref)
+        except PathEscapeError:
+            raise RowError("missing_image", f"image path {ref!r} leaves --image-root {self.root}") from None
         if not path.is_file():
             raise RowError("missing_image", f"image path {ref!r} not in --image-tokens nor under --image-root")
         return path

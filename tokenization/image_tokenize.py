@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from medmax.image_tokens import PARTITION_GLOB
 from medmax.images import ImageLoadError, load_image, preprocess
+from medmax.paths import PathEscapeError, resolve_inside
 from medmax.vqgan import VQGAN, UntrustedCheckpointError, load_vqgan
 
 logger = logging.getLogger("tokenization.image_tokenize")
@@ -163,10 +164,10 @@ def resolve_image(img_path: str, root: Path) -> Path:
     """A CSV path -> the file, refusing empty paths and paths that leave the image root."""
     if not img_path.strip():
         raise ImageLoadError(repr(img_path), "empty image path in the CSV")
-    path = (root / img_path).resolve()
-    if not path.is_relative_to(root):
-        raise ImageLoadError(img_path, f"path leaves the image root {root} (set --image-root to allow it)")
-    return path
+    try:
+        return resolve_inside(root, img_path)
+    except PathEscapeError:
+        raise ImageLoadError(img_path, f"path leaves the image root {root} (set --image-root to allow it)") from None
 
 
 # ---------------------------------------------------------------------------------------------- loading

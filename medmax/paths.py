@@ -1,0 +1,18 @@
+"""Paths read from data files stay inside their declared root (CSV image folder, --image-root, eval data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class PathEscapeError(ValueError):
+    """A path from a data file resolves (through '..' or a link) to somewhere outside its root."""
+
+
+def resolve_inside(root: str | Path, rel: str | Path) -> Path:
+    """``root / rel`` with links resolved; raises PathEscapeError when that lies outside ``root``."""
+    root = Path(root).resolve()
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root):
+        raise PathEscapeError(f"{str(rel)!r} leaves {root}")
+    return path
