@@ -8,6 +8,7 @@ Sequences built with it therefore match the real layout id for id.
 
 from __future__ import annotations
 
+import json
 import logging
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -80,10 +81,7 @@ def build_tiny_tokenizer(text_vocab_size: int = 1000) -> Tokenizer:
         vocab_size=text_vocab_size, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     text.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    text_model = text.to_str()
-    import json
-
-    trained = json.loads(text_model)["model"]
+    trained = json.loads(text.to_str())["model"]
     layout = chameleon_layout_tokens()
     vocab = {tok: i for i, tok in enumerate(layout)}
     for tok, idx in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):

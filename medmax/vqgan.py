@@ -151,6 +151,7 @@ class VQGAN(ChameleonVQVAE):
     def __init__(self, config: ChameleonVQVAEConfig, out_channels: int = 3, with_decoder: bool = True):
         super().__init__(config)
         self.decoder = Decoder(config, out_channels) if with_decoder else None
+        self._channels_last = False  # set by prepare_for_encoding
         self.eval()
 
     @classmethod
@@ -205,7 +206,7 @@ class VQGAN(ChameleonVQVAE):
         The pixels are cast to the encoder's dtype and memory format; quantization runs in the codebook's dtype.
         """
         weight = self.encoder.conv_in.weight
-        fmt = torch.channels_last if getattr(self, "_channels_last", False) else torch.contiguous_format
+        fmt = torch.channels_last if self._channels_last else torch.contiguous_format
         pixels = pixels.to(device=weight.device, dtype=weight.dtype).contiguous(memory_format=fmt)
         hidden = self.quant_conv(self.encoder(pixels))  # (B, embed_dim, h, w)
         _, _, indices = self.quantize(hidden.to(self.quantize.embedding.weight.dtype).contiguous())
