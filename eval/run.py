@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from . import report
-from .data import FORMATS, BadRow, EvalRecord, load_records, resolve_image
+from .data import FORMATS, BadRow, EvalRecord, load_record_image, load_records, record_image
 from .judge import Judge, JudgeConfig
 from .prompts import STYLES, build_prompt
 from .scoring import parse_mcq, score_closed, score_mcq, score_open
@@ -55,6 +55,9 @@ class EvalConfig:
     data_format: str = "medmax"
     source: Path | None = None  # released benchmark file (with --data-format other than medmax)
     image_dir: str | None = None  # converters: image folder inside --data (default per format)
+    split: str | None = None  # converters: vqa_rad / path_mmu / pathvqa split (default test)
+    lang: str | None = None  # slake: en (default), zh or all
+    trust_pickle: bool = False  # pathvqa: allow unpickling its .pkl question files
     limit: int | None = None  # per task, a seeded subsample keeping file order
     seed: int = 0
     batch_size: int = 16
@@ -97,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-format", default="medmax", choices=FORMATS)
     p.add_argument("--source", type=Path, help="a benchmark's released file (with --data-format)")
     p.add_argument("--image-dir", help="image folder inside --data for converted benchmarks")
+    p.add_argument("--split", help="vqa_rad: test|train|all, path_mmu: test|test_tiny|val, pathvqa: test|train|val|all (default test)")
+    p.add_argument("--lang", help="slake: en (default), zh or all")
+    p.add_argument("--trust-pickle", action="store_true", help="pathvqa: unpickle a .pkl question file (a pickle can run code)")
     p.add_argument("--limit", type=int, help="at most N rows per task (seeded, deterministic)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
@@ -197,7 +203,7 @@ def _prepare(task: Task, rec: EvalRecord, ctx: Context):
     image = None
     if task.kind in NEEDS_INPUT_IMAGE:
         try:
-            image = resolve_image(ctx.config.data, rec.image_path)
+            image = record_image(ctx.config.data, rec)  # a path, or embedded bytes decoded
         except BadRow as e:
             return None, {**_base_row(task, rec), "output": None, "error": str(e)}
     return build_prompt(rec, task, ctx.config.prompt_style, image), None
@@ -257,17 +263,11 @@ def _score(task: Task, rec: EvalRecord, out, ctx: Context) -> dict:
         if kind == "mm_out":
             _score_mm_image(row, rec, out, ctx)
     elif kind == "captioning":
-        image = _load(resolve_image(ctx.config.data, rec.image_path))
+        image = load_record_image(ctx.config.data, rec)
         row["clip"] = ctx.clip.image_text([image], [row["output"]])[0]
     elif kind == "image_generation":
         _score_generated_image(row, rec, out, ctx)
     return row
-
-
-def _load(path: Path):
-    from medmax.images import load_image
-
-    return load_image(path)
 
 
 def _judge(row: dict, rec: EvalRecord, ctx: Context) -> None:
@@ -296,10 +296,10 @@ def _score_mm_image(row: dict, rec: EvalRecord, out, ctx: Context) -> None:
     if not out.images:
         return
     row["output_image"] = _save_image(out.images[0].image, ctx, rec.uid)
-    if ctx.clip is None or not rec.image_path:
+    if ctx.clip is None or not (rec.image_path or rec.image_bytes):
         return
     try:
-        reference = _load(resolve_image(ctx.config.data, rec.image_path))
+        reference = load_record_image(ctx.config.data, rec)
     except ValueError as e:  # BadRow or an unreadable reference image: the text score stands, the image is noted
         row["image_note"] = str(e)
         return
@@ -432,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate(config: EvalConfig, argv: list[str] | None = None) -> dict | None:
     """Run (or resume) one evaluation; -> the results dict (None on a shard other than rank 0)."""
     tasks = select_tasks(config.tasks)
-    records, problems = load_records(config.data, config.data_format, config.source, config.image_dir)
+    records, problems = load_records(config.data, config.data_format, config.source, config.image_dir,
+                                     split=config.split, lang=config.lang, trust_pickle=config.trust_pickle)
     groups, unknown = group_records(records, tasks)
     problems += unknown
     groups = {k: apply_limit(v, config.limit, config.seed, k) for k, v in groups.items()}

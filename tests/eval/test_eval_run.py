@@ -22,7 +22,7 @@ OPTIONS = "\n(A) lung\n(B) liver\n(C) brain\n(D) kidney"
 BAD_ROWS = [
     ({"task_name": "vqa_rad", "question_type": "closed", "image_path": "/etc/hostname"}, "is absolute"),
     ({"task_name": "slake", "question_type": "open", "image_path": "../outside.png"}, "contains '..'"),
-    ({"task_name": "pmc_vqa", "question_type": "mcq", "image_path": "img/missing.png"}, "not found"),
+    ({"task_name": "pmc_vqa", "question_type": "mcq", "image_path": "img/missing.png", "answer": "A"}, "not found"),
     ({"task_name": "made_up_task", "question_type": "closed", "image_path": "img/0.png"}, "unknown task 'made_up_task'"),
 ]
 
