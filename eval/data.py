@@ -443,8 +443,9 @@ def convert_probmed(path: Path, opts: SourceOptions = SourceOptions()) -> list[d
     twin, 1 only when both are right; lone questions count alone. ProbMed's own ``calculate_score.py`` scores
     per image and category: modality, organ and abnormality agree with our pairs one for one, but for
     condition/finding and position it counts an image right only when every pair of that category on the image
-    is right, averages per category, then weights categories by their counts. So our paired number equals
-    ProbMed's per category where an image has one pair, and is higher or equal where it has several.
+    is right, and counts each image once, then averages per category and weights categories by their counts.
+    Ours counts each pair once, over all categories together: the two agree wherever an image has one pair of a
+    category, and differ (either way) where it has several.
     """
     image_dir = "" if opts.image_dir is None else opts.image_dir
     items = _read_json(path)
@@ -488,7 +489,7 @@ def convert_pathvqa(path: Path, opts: SourceOptions = SourceOptions()) -> list[d
     """
     split = opts.split or "test"
     image_dir = "images" if opts.image_dir is None else opts.image_dir
-    if path.suffix == ".pkl" or path.suffix in (".json", ".jsonl"):
+    if path.suffix in (".pkl", ".json", ".jsonl"):
         _check_file_split(path, split, "pathvqa")
         items = _read_pickle(path, opts.trust_pickle) if path.suffix == ".pkl" else _read_json_or_jsonl(path)
         return [_pathvqa_row(it, image_dir, f"{path.name}:{i}") for i, it in enumerate(items)]

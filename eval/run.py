@@ -8,7 +8,8 @@ Usage::
 
     # a benchmark's released file instead of the MedMax schema (images under --data):
     python -m eval.run --model runs/export --data data/vqa_rad --data-format vqa_rad \\
-        --source "VQA_RAD Dataset Public.json" --output runs/eval_rad
+        --source "VQA_RAD Dataset Public.json" [--split test] --output runs/eval_rad
+    # (every --data-format, --split, --lang and --trust-pickle: README, "Evaluation data")
 
     # several GPUs: torchrun --nproc-per-node 4 -m eval.run ... (each rank takes a shard; rank 0 merges)
 
