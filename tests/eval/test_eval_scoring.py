@@ -38,7 +38,10 @@ def test_closed_answers_that_are_not_yes_no_use_normalised_match():
 
 
 @pytest.mark.parametrize("output", ["B", "(B)", "B.", "B) liver", "Answer: B", "the answer is B", "The answer is (B).",
-                                    "answer: b is wrong, the answer is B", " B ", "Option B"])
+                                    "answer: b is wrong, the answer is B", " B ", "Option B",
+                                    # lower case and Unicode: real model output
+                                    "b", "(b)", "b)", "b.", "option b", "Option (b)", "I choose option b.", "（Ｂ）", "«B»",
+                                    "B。", "choice b"])
 def test_mcq_letter_formats(output):
     options = {"A": "lung", "B": "liver", "C": "brain", "D": "kidney"}
     assert parse_mcq(output, options) == "B"
@@ -140,14 +143,6 @@ def test_short_answers_a_reader_calls_yes_or_no(output, expected):
                                     "not sure", "positively unclear", "absently"])
 def test_short_answer_phrases_count_only_as_the_whole_answer(output):
     assert yes_no(output) is None
-
-
-@pytest.mark.parametrize("output", ["b", "(b)", "b)", "b.", "option b", "Option (b)", "I choose option b.", "（Ｂ）", "«B»", "B。",
-                                    "choice b"])
-def test_mcq_lower_case_and_unicode_letters(output):
-    options = {"A": "lung", "B": "liver", "C": "brain", "D": "kidney"}
-    assert parse_mcq(output, options) == "B"
-    assert score_mcq(output, "B", options)
 
 
 def test_mcq_lower_case_letters_are_not_articles():
