@@ -568,4 +568,10 @@ def load_records(data: Path, fmt: str = "medmax", source: Path | None = None, im
     src = source if source.is_absolute() else data / source
     if not src.exists():
         raise FileNotFoundError(f"--source {src}: does not exist")
-    return _records(CONVERTERS[fmt](src, opts), src.name)
+    try:
+        rows = CONVERTERS[fmt](src, opts)
+    except KeyError as e:
+        raise ValueError(f"--source {src}: a row has no field {e}; is this the {fmt} release?") from None
+    except (TypeError, AttributeError) as e:
+        raise ValueError(f"--source {src}: not laid out as the {fmt} release ({e})") from None
+    return _records(rows, src.name)

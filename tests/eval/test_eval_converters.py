@@ -292,6 +292,15 @@ def test_medmax_schema_rows_may_carry_image_bytes(tmp_path):
     assert isinstance(record_image(tmp_path, EvalRecord("u", "t", "closed", "q", "yes", None, image_bytes=_png())), Image.Image)
 
 
+def test_a_file_of_another_release_is_named_in_one_line(tmp_path):
+    _write_json(tmp_path / "test.json", [_slake(1, "q", "Yes", "en", "CLOSED")])
+    with pytest.raises(ValueError, match=r"test\.json: a row has no field 'image_name'; is this the vqa_rad release\?"):
+        load_records(tmp_path, "vqa_rad", Path("test.json"), split="all")
+    _write_json(tmp_path / "data.json", {"Atlas": {"test": []}})
+    with pytest.raises(ValueError, match="not laid out as the probmed release"):
+        load_records(tmp_path, "probmed", Path("data.json"))
+
+
 def test_every_format_is_listed():
     assert FORMATS == ("medmax", "vqa_rad", "slake", "pathvqa", "quilt_vqa", "pmc_vqa", "omnimed", "path_mmu", "probmed")
 
