@@ -279,3 +279,30 @@ def test_the_cache_holds_parsed_verdicts_only_and_survives_a_cut_last_line(hosti
     assert again.judge("q1", "a", "b").correct == 0 and len(hostile.requests) == 2  # from the cache
     assert again.judge("q3", "a", "b").correct == 1  # appended after the repaired cut
     assert [json.loads(line)["correct"] for line in cache.read_text().splitlines()] == [0, 1]
+
+
+def test_a_row_whose_judge_failed_is_judged_again_on_rerun(stub, tiny_model_dir, tmp_path):
+    """A failure is not cached, in the judge's cache or in the predictions: the rerun asks again."""
+    import eval.run as run
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (64, 64), (10, 90, 200)).save(data / "a.png")
+    rows = [{"task_name": "slake", "question_type": "open", "prompt": f"Where is lesion {i}?", "answer": "left lung",
+             "image_path": "a.png"} for i in range(2)]
+    (data / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    argv = ["--model", str(tiny_model_dir), "--data", str(data), "--output", str(out), "--device", "cpu", "--tasks", "slake_open",
+            "--max-new-tokens", "3", "--judge-url", stub["url"], "--judge-model", "m"]
+    stub["script"] = [(200, "Correctness: 1"), (400, "bad request")]
+    assert run.main(argv) == 0
+    entry = json.loads((out / "results.json").read_text())["slake_open"]
+    assert entry["judge_failed"] == 1 and entry["metrics"]["judge_accuracy"]["n"] == 1
+    stub["script"] = [(200, "Correctness: 0")]
+    assert run.main(argv) == 0
+    entry = json.loads((out / "results.json").read_text())["slake_open"]
+    assert entry["judge_failed"] == 0 and entry["metrics"]["judge_accuracy"] == {"n": 2, "score": 0.5, "stderr": 0.5}
+    assert len(stub["requests"]) == 3  # the first verdict came from the cache
+    merged = (out / "predictions" / "slake_open.jsonl").read_text().splitlines()
+    assert len(merged) == 2
