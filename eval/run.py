@@ -465,11 +465,6 @@ def _score_mm_image(row: dict, rec: EvalRecord, out, ctx: Context) -> None:
 
 
 # ------------------------------------------------------------------------------ predictions files
-def read_rows(path: Path) -> list[dict]:
-    """Rows of a predictions file, read only: an unfinished last line is skipped, never written back."""
-    return read_jsonl(path)
-
-
 def pending(task: Task, records: list[EvalRecord], config: EvalConfig, tag: str | None = None) -> list[EvalRecord]:
     """This shard's rows (every num_shards-th) that its own predictions file does not hold yet (under this
     fingerprint ``tag``), and rows whose judge request failed. The shard owns that file, so an unfinished last
@@ -502,7 +497,7 @@ def merge_task(task: Task, records: list[EvalRecord], pred_dir: Path, num_shards
     problem for each row no shard produced. Other ranks' files are only read."""
     by_uid: dict[str, dict] = {}
     for rank in range(num_shards):
-        for row in read_rows(shard_path(pred_dir, task.key, rank)):
+        for row in read_jsonl(shard_path(pred_dir, task.key, rank)):  # read only: never repaired by rank 0
             if isinstance(row.get("uid"), str) and (tag is None or row.get("fingerprint") == tag):
                 by_uid[row["uid"]] = row  # the last row of a uid (a failed judge request asked again)
     rows, missing = [], []

@@ -199,14 +199,15 @@ def test_torchrun_ranks_agree_on_a_launch_unique_id():
 
 
 @pytest.mark.slow
-def test_torchrun_eval_with_a_stale_marker(tiny_model_dir, data, single, tmp_path):
+def test_torchrun_relaunch_with_one_more_task(tiny_model_dir, data, single, tmp_path):
+    """The issue's reproduction under real torchrun: a finished 2-rank launch, then a relaunch with one more task;
+    the first launch's markers are still there and torchrun's own run id is the same for both launches."""
     out = tmp_path / "out"
-    out.mkdir()
-    (out / ".shard1.done").write_text(json.dumps({"run_id": "none", "fingerprint": "x"}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           "-m", "eval.run", *_argv(tiny_model_dir, data, out, "--tasks", TASKS)]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=600)
+    for tasks in ("vqa_rad_closed", TASKS):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+               "-m", "eval.run", *_argv(tiny_model_dir, data, out, "--tasks", tasks)]
+        subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=600)
     results = json.loads((out / "results.json").read_text())
     for key in TASKS.split(","):
         assert results[key] == single[key]
