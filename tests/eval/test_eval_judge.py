@@ -12,34 +12,6 @@ from eval.judge import Judge, JudgeConfig, parse_verdict
 SECRET = "sk-test-secret-123"
 
 
-@pytest.fixture
-def stub():
-    """A loopback server answering from a script: each entry is (status, reply text)."""
-    state = {"script": [], "requests": []}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            state["requests"].append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-            status, text = state["script"].pop(0) if state["script"] else (200, "Correctness: 1")
-            payload = json.dumps({"choices": [{"message": {"content": text}}]}).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    state["url"] = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    yield state
-    server.shutdown()
-    server.server_close()
-
-
 def _judge(stub, tmp_path, **kw):
     config = JudgeConfig(stub["url"], "judge-model", api_key=SECRET, cache_path=tmp_path / "cache.jsonl",
                          backoff_s=0.01, timeout_s=5, **kw)
@@ -85,16 +57,11 @@ def test_config_validation():
         JudgeConfig("ftp://x", "m")
 
 
-def test_judge_inside_a_run_counts_unparseable_and_never_writes_the_key(stub, tiny_model_dir, tmp_path, monkeypatch, caplog):
+def test_judge_inside_a_run_counts_unparseable_and_never_writes_the_key(stub, tiny_model_dir, tmp_path, monkeypatch, caplog,
+                                                                      open_questions):
     import eval.run as run
-    from PIL import Image
 
-    data = tmp_path / "data"
-    data.mkdir()
-    Image.new("RGB", (64, 64), (10, 90, 200)).save(data / "a.png")
-    rows = [{"task_name": "slake", "question_type": "open", "prompt": f"Where is lesion {i}?", "answer": "left lung",
-             "image_path": "a.png"} for i in range(3)]
-    (data / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = open_questions(3)
     stub["script"] = [(200, "Correctness: 1"), (200, "no idea"), (200, "Correctness: 0")]
     monkeypatch.setenv("MY_JUDGE_KEY", SECRET)
     out = tmp_path / "out"
@@ -281,17 +248,11 @@ def test_the_cache_holds_parsed_verdicts_only_and_survives_a_cut_last_line(hosti
     assert [json.loads(line)["correct"] for line in cache.read_text().splitlines()] == [0, 1]
 
 
-def test_a_row_whose_judge_failed_is_judged_again_on_rerun(stub, tiny_model_dir, tmp_path):
+def test_a_row_whose_judge_failed_is_judged_again_on_rerun(stub, tiny_model_dir, tmp_path, open_questions):
     """A failure is not cached, in the judge's cache or in the predictions: the rerun asks again."""
     import eval.run as run
-    from PIL import Image
 
-    data = tmp_path / "data"
-    data.mkdir()
-    Image.new("RGB", (64, 64), (10, 90, 200)).save(data / "a.png")
-    rows = [{"task_name": "slake", "question_type": "open", "prompt": f"Where is lesion {i}?", "answer": "left lung",
-             "image_path": "a.png"} for i in range(2)]
-    (data / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = open_questions(2)
     out = tmp_path / "out"
     argv = ["--model", str(tiny_model_dir), "--data", str(data), "--output", str(out), "--device", "cpu", "--tasks", "slake_open",
             "--max-new-tokens", "3", "--judge-url", stub["url"], "--judge-model", "m"]

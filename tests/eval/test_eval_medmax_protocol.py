@@ -14,8 +14,6 @@ import math
 import re
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -92,33 +90,6 @@ def test_answer_lengths_are_medmax_s():
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-@pytest.fixture
-def judge_server():
-    """An OpenAI-compatible judge on 127.0.0.1 answering from a script of reply texts."""
-    state = {"replies": [], "requests": []}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            state["requests"].append(body)
-            text = state["replies"].pop(0) if state["replies"] else "Correctness: 1"
-            payload = json.dumps({"choices": [{"message": {"content": text}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    state["url"] = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    yield state
-    server.shutdown()
-    server.server_close()
-
-
 @pytest.fixture(scope="module")
 def vqa_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("mpdata")
@@ -133,13 +104,12 @@ def vqa_data(tmp_path_factory):
     return root
 
 
-def test_a_medmax_run_generates_one_token_scores_by_medmax_and_counts_dropped_rows(tiny_model_dir, vqa_data, tmp_path,
-                                                                                    judge_server):
-    judge_server["replies"] = ["Correctness: 1", "I cannot tell.", "Correctness: 0"]
+def test_a_medmax_run_generates_one_token_scores_by_medmax_and_counts_dropped_rows(tiny_model_dir, vqa_data, tmp_path, stub):
+    stub["script"] = [(200, "Correctness: 1"), (200, "I cannot tell."), (200, "Correctness: 0")]
     out = tmp_path / "out"
     argv = ["--model", str(tiny_model_dir), "--data", str(vqa_data), "--output", str(out), "--device", "cpu",
             "--tasks", "vqa_rad_closed,pmc_vqa_mcq,slake_open", "--protocol", "medmax",
-            "--judge-url", judge_server["url"], "--judge-model", "gpt-4o-mini"]
+            "--judge-url", stub["url"], "--judge-model", "gpt-4o-mini"]
     assert run.main(argv) == 0
     preds = {key: [json.loads(line) for line in (out / "predictions" / f"{key}.jsonl").read_text().splitlines()]
              for key in ("vqa_rad_closed", "pmc_vqa_mcq", "slake_open")}
@@ -150,7 +120,7 @@ def test_a_medmax_run_generates_one_token_scores_by_medmax_and_counts_dropped_ro
         assert row["correct"] == mp.closed_correct(row["medmax_text"], row["answer"])
     for row in preds["pmc_vqa_mcq"]:
         assert row["medmax_text"] == row["raw_output"].upper().strip() and row["correct"] == (row["medmax_text"] == "B")
-    for row, sent in zip(preds["slake_open"], judge_server["requests"]):
+    for row, sent in zip(preds["slake_open"], [r["body"] for r in stub["requests"]]):
         assert row["n_new_tokens"] <= 60 and row["medmax_text"] == row["raw_output"].lower()
         assert row["medmax_text"] in sent["messages"][0]["content"]  # the judge sees the lower-cased answer
     results = json.loads((out / "results.json").read_text())

@@ -81,6 +81,14 @@ def _wait(predicate, seconds=60.0):
         time.sleep(0.05)
 
 
+def _assert_merged_like_single(rank0: Rank, out: Path, single: dict) -> None:
+    rank0.join(60)
+    assert rank0.error is None and rank0.code == 0
+    results = json.loads((out / "results.json").read_text())
+    for key in TASKS.split(","):
+        assert results[key] == single[key]
+
+
 def test_rank0_first_with_a_stale_marker_waits_for_this_launch(tiny_model_dir, data, single, tmp_path):
     out = tmp_path / "out"
     base = _argv(tiny_model_dir, data, out, "--tasks", "vqa_rad_closed")
@@ -96,11 +104,7 @@ def test_rank0_first_with_a_stale_marker_waits_for_this_launch(tiny_model_dir, d
     assert rank0.is_alive() and rank0.error is None  # ...and waits: the stale marker of launch-1 is not accepted
     assert "pmc_vqa_mcq" not in json.loads((out / "results.json").read_text())
     assert run.main(_rank(relaunch, 1, "launch-2")) == 0
-    rank0.join(60)
-    assert rank0.error is None and rank0.code == 0
-    results = json.loads((out / "results.json").read_text())
-    for key in TASKS.split(","):
-        assert results[key] == single[key]
+    _assert_merged_like_single(rank0, out, single)
 
 
 def test_a_rank_killed_mid_task_then_the_launch_repeated(tiny_model_dir, data, single, tmp_path, monkeypatch, capsys):
@@ -133,11 +137,7 @@ def test_a_rank_killed_mid_task_then_the_launch_repeated(tiny_model_dir, data, s
     rank0 = Rank(_rank(argv, 0, "launch-2"))  # the launch repeated
     rank0.start()
     assert run.main(_rank(argv, 1, "launch-2")) == 0
-    rank0.join(60)
-    assert rank0.error is None and rank0.code == 0
-    results = json.loads((out / "results.json").read_text())
-    for key in TASKS.split(","):
-        assert results[key] == single[key]
+    _assert_merged_like_single(rank0, out, single)
     lines = shard1.read_text().splitlines()
     assert len(lines) == 3 and len({json.loads(line)["uid"] for line in lines}) == 3  # rank 1's rows, none twice
 
