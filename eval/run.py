@@ -333,7 +333,10 @@ def _prepare(task: Task, rec: EvalRecord, ctx: Context):
             image = _input_image(rec, ctx)
         except IMAGE_FAILURES as e:
             return None, None, _failed_row(task, rec, _image_failure(rec, e))
-    return build_prompt(rec, task, ctx.config.prompt_style, image), image, None
+    try:
+        return build_prompt(rec, task, ctx.config.prompt_style, image), image, None
+    except ValueError as e:
+        return None, None, _failed_row(task, rec, f"cannot build the prompt: {e}")
 
 
 def _generate(task: Task, prompts: list, ctx: Context, seeds: list[int]) -> list:
