@@ -324,6 +324,6 @@ def test_eval_run_reads_embedded_images_and_the_source_flags(tiny_model_dir, tmp
     problems = [json.loads(line) for line in (out / "problems.jsonl").read_text().splitlines()]
     assert [p["uid"] for p in problems] == ["test-00000-of-00001.parquet:3"]
     assert problems[0]["reason"].startswith("embedded image 'test_0003.jpg': ")
-    path_mmu = [a if a != "pathvqa" else "path_mmu" for a in argv]
+    path_mmu = [{"pathvqa": "path_mmu", "test": "all", str(out): str(tmp_path / "out_mmu")}.get(a, a) for a in argv]
     with pytest.raises(ValueError, match="--split must be one of test, test_tiny, val for path_mmu, got 'all'"):
-        run.main([a if a != "test" else "all" for a in path_mmu])
+        run.main(path_mmu)
