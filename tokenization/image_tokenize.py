@@ -42,7 +42,8 @@ How the work is split, and why it cannot lose, repeat or mix a row:
   content digest of the VQGAN's encoder and codebook weights. A rerun with any difference stops
   before any work and names it; use a new ``--output``. When the run completes, the manifest also
   gets the row counts and a digest of the CSV's image paths, which ``build_sequences`` fingerprints.
-- The CSV is streamed one partition at a time; memory grows only by a 16-byte hash per distinct path.
+- The CSV is streamed one partition at a time; memory grows only by a hash per distinct path (about
+  100 bytes each, to find duplicates).
 """
 
 from __future__ import annotations
