@@ -16,7 +16,7 @@ Memory is bounded by :class:`ImageLimits`, not by what a file claims. Before any
 size in the header is checked: at most ``max_pixels`` (width x height of one frame) and an aspect ratio
 (long side / short side) of at most ``max_aspect_ratio``, the bound on what the resize in
 :func:`preprocess` allocates. Work at full resolution (transparency, scaling) is done a few rows at a
-time, so a decoded image costs about twice its decoded size, not twenty times. Programs raise the
+time, so an image costs about three times its decoded size, not twenty. Programs raise the
 limits with ``--max-image-pixels`` and ``--max-aspect-ratio``; library callers pass ``limits=``.
 Images are never downscaled before Chameleon's resize (Pillow's ``draft`` / ``reduce``), because that
 would change their codes; an image over the limits is an error, not a silently different input.
