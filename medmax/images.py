@@ -37,7 +37,7 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Union
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -54,7 +54,7 @@ _ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
 _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM", b"GIF87a", b"GIF89a", b"\x00\x00\x00\x0cjP  ")
 _STRIP_PIXELS = 1 << 18  # pixels per strip of full-resolution work (a few MB of temporaries)
 
-ImageSource = Union[str, Path, bytes, bytearray, memoryview, BinaryIO]
+ImageSource = str | Path | bytes | bytearray | memoryview | BinaryIO
 
 
 @dataclass(frozen=True)
