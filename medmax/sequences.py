@@ -66,6 +66,8 @@ IMAGE_COLUMNS = ("modalities", "images", "image")
 # Every column the builder reads; the others pass through to the shards (medmax.passthrough).
 CONSUMED_COLUMNS = ("text", "image_path", "image_tokens", "conversations", *IMAGE_COLUMNS)
 MEDMAX_MARKERS = (IMAGE_PLACEHOLDER, END_OF_TURN)
+# The training length of finetune's configs. MedMax's own training (training/data.py) cuts every row at 2048.
+DEFAULT_MAX_LENGTH = 4096
 
 
 class RowError(ValueError):
@@ -78,7 +80,11 @@ class RowError(ValueError):
 
 
 class LengthDrop(RowError):
-    """A row dropped by ``max_length`` (counted apart from rejected rows)."""
+    """A row dropped by ``max_length`` (counted apart from rejected rows); ``length`` is its token count."""
+
+    def __init__(self, kind: str, reason: str, length: int):
+        super().__init__(kind, reason)
+        self.length = length
 
 
 @dataclass
@@ -89,8 +95,8 @@ class SequenceConfig:
     placeholders: tuple[str, ...] = (IMAGE_PLACEHOLDER,)
     # Loss on image blocks (boi, codes, eoi) inside answers; off for understanding-only training.
     image_loss: bool = True
-    # Longest sequence kept; longer ones are truncated at the end of answer text or dropped.
-    max_length: int | None = None
+    # Longest sequence kept; longer ones are truncated at the end of answer text or dropped. None: no limit.
+    max_length: int | None = DEFAULT_MAX_LENGTH
     # Codes every image must have (the VQGAN grid); None: the first image seen fixes it.
     codes_per_image: int | None = None
     # VQGAN codebook size when known; codes must also lie below the vocabulary's n_codes.
@@ -527,10 +533,10 @@ class SequenceBuilder:
         last = n - 1  # the last token kept
         ids = built.input_ids
         if ids[last] == self.vocab.boi_id or self._is_code[ids[last]]:
-            raise LengthDrop("too_long", f"{len(built)} tokens > max_length {n}: the cut would go through an image")
+            raise LengthDrop("too_long", f"{len(built)} tokens > max_length {n}: the cut would go through an image", len(built))
         answer = built.answer_mask()
         if not answer[last]:
-            raise LengthDrop("too_long", f"{len(built)} tokens > max_length {n}: the cut would fall before the answer")
+            raise LengthDrop("too_long", f"{len(built)} tokens > max_length {n}: the cut would fall before the answer", len(built))
         n_images = int((ids[:n] == self.vocab.boi_id).sum())
         return Built(ids[:n], built.labels[:n], answer[:n], format=built.format, n_images=n_images, truncated=True)
 

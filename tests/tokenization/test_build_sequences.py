@@ -10,6 +10,7 @@ from PIL import Image
 
 from medmax.dataset_io import read_manifest, shard_paths
 from medmax.images import load_image, preprocess
+from medmax.passthrough import type_name
 from medmax.sequence_dataset import RowRejected
 from medmax.sequences import SequenceBuilder
 from tokenization.build_sequences import main
@@ -243,7 +244,9 @@ def test_resume_rebuilds_when_the_tokenizer_file_changes_in_place(tmp_path, imag
     build_tiny_tokenizer().save(str(path))
     src = write_jsonl(tmp_path / "in.jsonl", MEDMAX)
     first = read_rows(run(tmp_path, [src], path, "out", "--image-tokens", str(image_tokens)))
-    build_tiny_tokenizer(text_vocab_size=600).save(str(path))  # another tokenizer, same path
+    other = build_tiny_tokenizer()
+    other.add_tokens(["lesion"])  # another tokenizer, same path
+    other.save(str(path))
     caplog.clear()
     second = read_rows(run(tmp_path, [src], path, "out", "--image-tokens", str(image_tokens), "--resume"))
     assert "resume: 0 of 1" in caplog.text and first != second
@@ -278,9 +281,9 @@ def test_every_unconsumed_column_passes_through_with_its_type(tmp_path, tiny_tok
     src = write_jsonl(tmp_path / "in.jsonl", PASS_ROWS)
     out = run(tmp_path, [src], tiny_tokenizer_path, "out", "--image-tokens", str(image_tokens))
     table = pq.read_table(shard_paths(out)[0])
-    types = {f.name: str(f.type) for f in table.schema}
+    types = {f.name: type_name(f.type) for f in table.schema}
     assert {k: types[k] for k in ("qid", "n", "score", "tags", "meta", "ok", "late")} == {
-        "qid": "string", "n": "int64", "score": "double", "tags": "list<item: string>", "meta": "string", "ok": "bool", "late": "string"}
+        "qid": "string", "n": "int64", "score": "double", "tags": "list<string>", "meta": "string", "ok": "bool", "late": "string"}
     assert "text" not in types and "image_path" not in types
     first, second = table.to_pylist()
     assert (first["qid"], first["n"], first["score"], first["tags"], json.loads(first["meta"]), first["ok"], first["late"]) == (
@@ -318,7 +321,8 @@ def _spark_folder(tmp_path) -> tuple[Path, dict]:
     raw = tmp_path / "raw"
     raw.mkdir()
     for i in range(2):
-        pq.write_table(pa.Table.from_pylist(MEDMAX), raw / f"part-0000{i}-c0ffee.snappy.parquet")
+        rows = [{"text": "Is there a lesion?<image>" + EOT + "Yes.", "image_path": "a.png", "id": f"{i}-{n}"} for n in range(3)]
+        pq.write_table(pa.Table.from_pylist(rows), raw / f"part-0000{i}-c0ffee.snappy.parquet")
     return raw, {p.name: p.read_bytes() for p in raw.iterdir()}
 
 
