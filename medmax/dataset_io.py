@@ -285,7 +285,8 @@ class ShardWriter:
         if not self._pending:
             return
         chunk, self._pending = self._pending, []
-        names = dict.fromkeys(name for _, row in chunk for name in self.filter.select(row))
+        key_sets = dict.fromkeys(tuple(row) for _, row in chunk)  # rows share few key sets: select once per set
+        names = dict.fromkeys(name for keys in key_sets for name in self.filter.select(dict.fromkeys(keys)))
         values = {name: [row.get(name) for _, row in chunk] for name in names}
         for name, vals in values.items():
             self.types[name] = passthrough.merge_types(self.types.get(name, pa.null()), passthrough.infer_type(vals))
@@ -350,7 +351,7 @@ class ErrorLog:
         if named is not None:
             record.update(id_column=named[0], id=named[1])
         record.update(kind=err.kind, reason=err.reason)
-        self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._fh.write(json.dumps(record) + "\n")  # ASCII: a lone surrogate in an id or reason cannot break the file
 
     def close(self) -> None:
         self._fh.close()

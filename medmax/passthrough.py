@@ -11,7 +11,8 @@ Types, decided from the values (so JSONL and parquet inputs agree):
   floats) -> ``double``, bytes -> ``binary``, and lists of one of those (nested too) -> ``list<...>``;
 - anything else -- an object, a column or list mixing kinds, an integer beyond int64, a date -- becomes
   JSON text: a ``string`` column with field metadata ``{"encoding": "json"}`` holding ``json.dumps`` of
-  each value (strings quoted, bytes inside objects as base64, other non-JSON values as ``str()``).
+  each value (strings quoted, non-ASCII as ``\\u`` escapes so that even a lone surrogate survives,
+  bytes inside objects as base64, other non-JSON values as ``str()``).
 
 A column whose kind changes within a build (``1`` in one row, ``"a1"`` in another) is JSON for every
 row of that build; a column first seen late is null in the rows before. Every shard of a build has the
@@ -95,7 +96,7 @@ def infer_type(values: list):
     try:
         inferred = pa.array(present).type
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError):
-        return JSON  # uneven nesting, integers beyond int64
+        return JSON  # uneven nesting, integers beyond int64, strings with lone surrogates
     return inferred if _plain(inferred) else JSON
 
 
@@ -147,7 +148,7 @@ def _json_default(value):
 
 
 def to_json(value) -> str | None:
-    return None if value is None else json.dumps(value, ensure_ascii=False, default=_json_default)
+    return None if value is None else json.dumps(value, default=_json_default)
 
 
 def to_array(values: list, t) -> pa.Array:

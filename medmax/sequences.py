@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
+from itertools import chain
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -396,16 +397,19 @@ class SequenceBuilder:
             encoded = [e.ids for e in self.tokenizer.encode_batch(texts)]
         except Exception:  # noqa: BLE001 - one bad text: one at a time
             encoded = [self._encode_one(t, safe=False) for t in texts]
-        return [ids if isinstance(ids, RowError) or self._medmax_plain(t, ids) else self._medmax_safe(t)
-                for t, ids in zip(texts, encoded)]
+        typed = self._typed_rows(encoded)
+        escaped = ["\\" in t and any("\\" + m in t for m in MEDMAX_MARKERS) for t in texts]
+        return [self._medmax_safe(t) if typed_row or escape else ids for t, ids, typed_row, escape in zip(texts, encoded, typed, escaped)]
 
-    def _medmax_plain(self, text: str, ids: list[int]) -> bool:
-        """True when MedMax's own ids are right: no typed control token, no escaped marker."""
+    def _typed_rows(self, encoded: list) -> np.ndarray:
+        """(rows,) bool: which encodings hold a control id that came from typed text (one vectorised pass)."""
         before, after = self._wrap
-        inner = np.asarray(ids[len(before) : len(ids) - len(after)], dtype=np.int64)
-        if inner.size and self._typed[inner].any():
-            return False
-        return "\\" not in text or not any("\\" + m in text for m in MEDMAX_MARKERS)
+        inner = [ids[len(before) : len(ids) - len(after)] if not isinstance(ids, RowError) else [] for ids in encoded]
+        lengths = np.fromiter(map(len, inner), dtype=np.int64, count=len(inner))
+        flat = np.fromiter(chain.from_iterable(inner), dtype=np.int64, count=int(lengths.sum()))
+        hits = np.concatenate([[0], np.cumsum(self._typed[flat])])
+        ends = np.cumsum(lengths)
+        return hits[ends] - hits[ends - lengths] > 0
 
     def _medmax_safe(self, text: str):
         """The ids MedMax's encoding would give if only ``<image>`` / end-of-turn were control strings."""

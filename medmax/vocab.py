@@ -97,7 +97,10 @@ def control_mask(tokenizer: Tokenizer) -> np.ndarray:
     for idx, token in tokenizer.get_added_tokens_decoder().items():
         mask[idx] |= token.special
     for name, idx in tokenizer.get_vocab(with_added_tokens=True).items():
-        mask[idx] |= name in (BOS, PAD, EOS, BOI, EOI, END_OF_TURN, IMAGE_PLACEHOLDER) or image_token_code(name) is not None
+        if name in (BOS, PAD, EOS, BOI, EOI, END_OF_TURN, IMAGE_PLACEHOLDER):
+            mask[idx] = True
+        elif name.startswith(IMAGE_TOKEN_PREFIX):
+            mask[idx] |= image_token_code(name) is not None
     _CONTROL[id(tokenizer)] = (tokenizer, mask)  # holding the tokenizer keeps its id from being reused
     return mask
 

@@ -143,3 +143,15 @@ def test_an_input_column_named_like_an_output_column_needs_drop(tmp_path):
     with pytest.raises(ValueError, match=r"column 'format'.*--drop format"):
         writer.add(_built(), {"text": "t", "format": "x"})
         writer.close()
+
+
+def test_lone_surrogates_from_json_survive_as_escaped_json(tmp_path):
+    writer = ShardWriter(tmp_path, 0, ColumnFilter(), rows_per_shard=10)
+    writer.add(_built(), {"note": "ok \ud800", "id": "\ud801"})
+    (name,) = writer.close()
+    (row,) = pq.read_table(tmp_path / name).to_pylist()
+    assert json.loads(row["note"]) == "ok \ud800" and writer.columns == {"note": "json", "id": "json"}
+    log = ErrorLog(tmp_path / "e.jsonl")
+    log.add(Path("in.jsonl"), 1, RowError("untokenizable", "bad \ud802"), {"id": "\ud803"})
+    log.close()
+    assert json.loads((tmp_path / "e.jsonl").read_text())["id"] == "\ud803"

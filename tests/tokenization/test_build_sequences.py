@@ -438,3 +438,19 @@ def test_hf_image_structs_and_binary_columns_in_parquet(tmp_path, tiny_tokenizer
         expected = tiny_vqgan.encode_codes(preprocess(load_image(data), 64)[None])[0].tolist()
         ids = np.array(row["input_ids"])
         assert tiny_vocab.ids_to_codes(ids[tiny_vocab.is_image_code(ids)]).tolist() == expected
+
+
+def test_a_rerun_after_a_crash_clears_only_its_own_work_folder(tmp_path, tiny_tokenizer_path, image_tokens):
+    files = [write_jsonl(tmp_path / "in0.jsonl", MEDMAX), write_jsonl(tmp_path / "in1.jsonl", MEDMAX + ["{bad"])]
+    args = ("--image-tokens", str(image_tokens))
+    with pytest.raises(RowRejected):
+        run(tmp_path, files, tiny_tokenizer_path, "out", *args, "--strict")
+    partial = tmp_path / "out.partial"
+    (partial / "notes.txt").write_text("a user's file")
+    with pytest.raises(ValueError, match="notes.txt"):
+        run(tmp_path, files, tiny_tokenizer_path, "out", *args)
+    assert (partial / "notes.txt").read_text() == "a user's file"
+    (partial / "notes.txt").unlink()
+    out = run(tmp_path, files, tiny_tokenizer_path, "out", *args)
+    assert read_manifest(out)["counts"]["rows_read"] == 7 and not partial.exists()
+    assert not (out / ".build_sequences.json").exists()
