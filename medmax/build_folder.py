@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 MARKER = ".build_sequences.json"
 # What a build writes in its own work folder (the only names a fresh start there removes).
 _WORK_NAMES = (MARKER, MANIFEST, "errors.jsonl", "errors.jsonl.tmp", "part-*.parquet", "part-*.parquet.tmp",
-               f"{PROGRESS}/done-*.json", f"{PROGRESS}/errors-*.jsonl")
+               f"{PROGRESS}/done-*.json", f"{PROGRESS}/done-*.json.tmp", f"{PROGRESS}/errors-*.jsonl")
 
 
 class BuildFolder:

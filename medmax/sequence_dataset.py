@@ -240,7 +240,9 @@ def _process_file(index: int) -> FileResult:
     result.codes_per_image = builder.codes_per_image
     fields = {**result.__dict__, "rejected": dict(result.rejected), "formats": dict(result.formats)}
     record = {"input": stamp, "settings": _STATE["fingerprint"], "result": fields}
-    done.write_text(json.dumps(record, sort_keys=True))  # written last: the file is complete
+    tmp = done.with_name(done.name + ".tmp")
+    tmp.write_text(json.dumps(record, sort_keys=True))
+    tmp.replace(done)  # written last, whole: the file is complete
     return result
 
 
@@ -306,6 +308,7 @@ def image_token_fingerprint(folder: str | Path) -> dict:
     from .image_tokens import partition_files
 
     folder = Path(folder)
+    # summary.json is image_tokenize's timing report of its last run: it changes on every rerun, the codes do not
     records = {p.name: file_digest(p) for p in sorted(folder.glob("*.json")) if p.name != "summary.json"}
     partitions = {p.name: {"rows": pq.ParquetFile(p).metadata.num_rows, "sha256": file_digest(p)} for p in partition_files(folder)}
     return {"records": records, "partitions": partitions, "rows": sum(v["rows"] for v in partitions.values())}

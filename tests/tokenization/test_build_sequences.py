@@ -454,3 +454,16 @@ def test_a_rerun_after_a_crash_clears_only_its_own_work_folder(tmp_path, tiny_to
     out = run(tmp_path, files, tiny_tokenizer_path, "out", *args)
     assert read_manifest(out)["counts"]["rows_read"] == 7 and not partial.exists()
     assert not (out / ".build_sequences.json").exists()
+
+
+def test_a_cut_progress_record_is_rebuilt_with_a_warning(tmp_path, tiny_tokenizer_path, image_tokens, caplog):
+    files = [write_jsonl(tmp_path / "in0.jsonl", MEDMAX), write_jsonl(tmp_path / "in1.jsonl", MEDMAX + ["{bad"])]
+    args = ("--image-tokens", str(image_tokens))
+    with pytest.raises(RowRejected):
+        run(tmp_path, files, tiny_tokenizer_path, "out", *args, "--strict")
+    done = tmp_path / "out.partial" / "progress" / "done-00000.json"
+    done.write_text(done.read_text()[:40])  # a kill mid-write, as an older build could leave it
+    caplog.clear()
+    out = run(tmp_path, files, tiny_tokenizer_path, "out", *args, "--resume")
+    assert "unreadable progress record" in caplog.text and "resume: 0 of 2" in caplog.text
+    assert read_manifest(out)["counts"]["rows_read"] == 7
