@@ -634,7 +634,7 @@ def text_tokenizer_variants(tokenizer) -> dict[str, str]:
     with the reserved name restored, and ``text_tokenizer_modified.json`` as it is. Otherwise only
     ``text_tokenizer.json``.
     """
-    text = tokenizer.to_str()
+    text = tokenizer.to_str(pretty=True)
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     if IMAGE_PLACEHOLDER not in vocab or IMAGE_PLACEHOLDER_ORIGINAL in vocab:
         return {TEXT_TOKENIZER: text}
@@ -645,7 +645,7 @@ def text_tokenizer_variants(tokenizer) -> dict[str, str]:
     for token in doc.get("added_tokens", []):
         if token.get("content") == IMAGE_PLACEHOLDER:
             token["content"] = IMAGE_PLACEHOLDER_ORIGINAL
-    return {TEXT_TOKENIZER: json.dumps(doc, ensure_ascii=False), MEDMAX_TOKENIZER: text}
+    return {TEXT_TOKENIZER: json.dumps(doc, ensure_ascii=False, indent=2), MEDMAX_TOKENIZER: text}
 
 
 def write_original(out: str | Path, shards: list[dict[str, torch.Tensor]], params: MetaParams, tokenizer, vqgan,

@@ -146,7 +146,8 @@ def _attention_shard(x, s, i, p, shards):
     q, k, v = (x @ s[f"{a}.{w}.weight"].T for w in ("wq", "wk", "wv"))
     q = F.layer_norm(q.view(t, heads, hd), (hd,), s[f"{a}.q_normalization.weight"], s[f"{a}.q_normalization.bias"])
     k = F.layer_norm(k.view(t, kv, hd), (hd,), s[f"{a}.k_normalization.weight"], s[f"{a}.k_normalization.bias"])
-    q, k = _rotate_pairs(q, p["rope_theta"]), _rotate_pairs(k, p["rope_theta"])
+    theta = p.get("rope_theta", 10000.0)
+    q, k = _rotate_pairs(q, theta), _rotate_pairs(k, theta)
     k = k.repeat_interleave(heads // kv, dim=1)
     v = v.view(t, kv, hd).repeat_interleave(heads // kv, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd)
@@ -159,7 +160,7 @@ def meta_forward(shards: list[dict[str, torch.Tensor]], params: dict, tokens: to
     """(T,) token ids -> (T, vocab) logits, in float64, the way Meta's model-parallel ranks compute them."""
     p, n = params["model"], len(shards)
     shards = [{k: v.double() for k, v in s.items()} for s in shards]
-    eps = p["norm_eps"]
+    eps = p.get("norm_eps", 1e-5)  # a field params.json leaves out takes ModelArgs' default
     h = torch.cat([s["tok_embeddings.weight"][tokens] for s in shards], dim=-1)  # all-gather of embedding columns
     for i in range(p["n_layers"]):
         def attn(x):
@@ -171,7 +172,7 @@ def meta_forward(shards: list[dict[str, torch.Tensor]], params: dict, tokens: to
                        for s in shards)
 
         an, fn = shards[0][f"layers.{i}.attention_norm.weight"], shards[0][f"layers.{i}.ffn_norm.weight"]
-        if p["swin_norm"]:
+        if p.get("swin_norm", False):
             h = h + _rms(attn(h), an, eps)
             h = h + _rms(ffn(h), fn, eps)
         else:
