@@ -19,10 +19,11 @@ and ``vqgan/`` with the complete VQGAN (encoder and decoder).
 ``models/<size>/consolidated.pth`` (or ``consolidated.00.pth`` .. with ``--shards N``), ``params.json``
 and ``consolidate_params.json``; ``tokenizer/text_tokenizer.json`` and, when the tokenizer has MedMax's
 ``<image>``, ``text_tokenizer_modified.json``; ``tokenizer/vqgan.yaml`` and ``vqgan.ckpt`` (taming key
-names, ``{"state_dict": ...}``, plain tensors that load with ``weights_only=True``). Meta's ``chameleon``
-inference code and viewer (``chameleon/inference/loader.py`` loads ``models/7b``, ``image_tokenizer.py``
-the VQGAN), Anole's and MedMax's scripts built on it (MedMax's evaluation takes that folder), and
-transformers' ``convert_chameleon_weights_to_hf.py`` read it. Meta's layout holds one query/key
+names, ``{"state_dict": ...}``, plain tensors that load with ``weights_only=True``). Who reads it:
+Meta's ``chameleon`` inference code and viewer (``ChameleonInferenceModel(models/7b, text_tokenizer.json,
+vqgan.yaml, vqgan.ckpt)``; its loader needs ``consolidate_params.json`` and expects ``rope.freqs``),
+Anole's scripts and MedMax's ``evaluation.eval --ckpt FOLDER`` and demo (which load exactly those four
+paths), and transformers' ``convert_chameleon_weights_to_hf.py``. Meta's layout holds one query/key
 LayerNorm per model-parallel shard: the heads of each shard must share theirs. ``--shards`` defaults to
 the model's ``model_parallel_size`` (1 for 7B); a fine-tuned model whose heads' norms drifted apart is
 refused with the shard counts that hold it exactly. Tensors keep their dtype unless ``--dtype`` is given;
