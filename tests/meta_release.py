@@ -7,7 +7,8 @@ The files follow the Chameleon / Anole / MedMax releases as their readers take t
   ``vocab_size``, ``multiple_of``, ``ffn_dim_multiplier``, ``norm_eps``, ``rope_theta``, ``qk_normalization``,
   ``swin_norm``) under ``"model"`` (Meta's loader reads ``params["model"]``);
 - ``models/<size>/consolidate_params.json``: ``model_parallel_size`` (Meta's loader requires this file and
-  merges it last; transformers reads ``model_parallel_size`` from the merge);
+  merges it last; transformers reads ``model_parallel_size`` from the merge, so it is at the top level of one
+  of the two files; which one the readers do not show, and the reader here accepts either);
 - ``consolidated.pth`` (7B) or ``consolidated.00.pth`` .. ``03.pth`` (30B): flat dicts of tensors, each
   shard with its slice of every split weight, its own copy of the replicated norms, its own
   ``q_normalization`` / ``k_normalization`` (they differ between the 30B's shards) and ``rope.freqs``;

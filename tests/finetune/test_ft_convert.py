@@ -32,10 +32,8 @@ def _logits(folder: Path, ids: torch.Tensor = TEXT_IDS) -> torch.Tensor:
 VARIANTS = {
     "7b-like": dict(shards=1),
     "30b-like-4-shards": dict(shards=4),
-    "swin-norm": dict(shards=1, swin_norm=True),
-    "swin-norm-4-shards": dict(shards=4, swin_norm=True),
+    "swin-norm-2-shards-rope-theta-500000": dict(shards=2, swin_norm=True, rope_theta=500000.0),
     "grouped-kv-heads": dict(shards=1, n_kv_heads=2),
-    "rope-theta-500000": dict(shards=2, rope_theta=500000.0),
 }
 
 
@@ -258,3 +256,15 @@ def test_a_hugging_face_folder_needs_the_release_and_the_same_vqgan(tmp_path, ti
     assert "--original" in capsys.readouterr().err
     assert convert_main(["--input", str(hf), "--original", str(original), "--output", str(tmp_path / "out")]) == 2
     assert "model.vqmodel differs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["params.json top level", "counted from the files"])
+def test_model_parallel_size_may_sit_in_params_json_or_be_counted(tmp_path, tiny_tokenizer, tiny_vqgan, where):
+    root, state = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan, shards=4)
+    model_dir = root / "models" / "7b"
+    (model_dir / "consolidate_params.json").unlink()
+    if where == "params.json top level":
+        params = json.loads((model_dir / "params.json").read_text())
+        (model_dir / "params.json").write_text(json.dumps({"model_parallel_size": 4, **params}))
+    assert convert_main(["--input", str(root), "--output", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_parallel_size"] == 4
