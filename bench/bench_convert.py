@@ -50,8 +50,8 @@ VOCAB = 65536
 # The synthetic release
 
 
-def write_checkpoint(root: Path, dim: int, n_layers: int, n_heads: int, shards: int) -> int:
-    """A bf16 release in Meta's layout (random weights); returns the bytes of its consolidated*.pth files."""
+def write_checkpoint(root: Path, dim: int, n_layers: int, n_heads: int, shards: int) -> None:
+    """A bf16 release in Meta's layout (random weights)."""
     import torch
 
     from medmax.presets import VQGAN_PRESETS, build_tiny_tokenizer
@@ -72,7 +72,6 @@ def write_checkpoint(root: Path, dim: int, n_layers: int, n_heads: int, shards: 
     from medmax.vqgan import save_vqgan
 
     save_vqgan(VQGAN.from_params(VQGAN_PRESETS["tiny"]), tok_dir)
-    return sum((model_dir / n).stat().st_size for n in names)
 
 
 def ensure_checkpoint(workdir: Path, size: str, shards: int) -> tuple[Path, int]:
@@ -82,7 +81,9 @@ def ensure_checkpoint(workdir: Path, size: str, shards: int) -> tuple[Path, int]
     if manifest.is_file() and json.loads(manifest.read_text()).get("settings") == stamp:
         return root, json.loads(manifest.read_text())["bytes"]
     shutil.rmtree(root, ignore_errors=True)
-    nbytes = write_checkpoint(root, shards=shards, **SIZES[size])
+    cmd = [sys.executable, __file__, "--write-checkpoint", str(root), "--size", size, "--shards", str(shards)]
+    subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True)  # keeps this process small
+    nbytes = sum(p.stat().st_size for p in (root / "models" / "7b").glob("consolidated*.pth"))
     manifest.write_text(json.dumps({"settings": stamp, "bytes": nbytes}))
     return root, nbytes
 
@@ -126,18 +127,20 @@ def run_variant(variant: str, ckpt: Path, out: Path) -> None:
 
 
 def measure(variant: str, ckpt: Path, out: Path) -> dict:
-    """Wall time and peak RSS of one variant in a fresh process."""
+    """Wall time and peak RSS of one variant in a fresh process.
+
+    The peak is the child's own ``VmHWM``, read by the child as it ends: ``ru_maxrss`` from ``wait4``
+    would also count the pages of the parent it was forked from.
+    """
     cmd = [sys.executable, __file__, "--run-variant", variant, "--ckpt", str(ckpt), "--out", str(out)]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    err = proc.stderr.read().decode(errors="replace")
-    proc.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{variant} failed:\n{err[-2000:]}")
-    return {"seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024}
+    if done.returncode != 0:
+        raise SystemExit(f"{variant} failed:\n{done.stderr[-2000:]}")
+    peak = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
+    return {"seconds": seconds, "peak_rss_bytes": peak}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -223,11 +226,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "medmax_bench_convert"))
     parser.add_argument("--json", help="also write the record here")
     parser.add_argument("--run-variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--write-checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--size", choices=sorted(SIZES), help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.write_checkpoint:
+        write_checkpoint(Path(args.write_checkpoint), shards=args.shards, **SIZES[args.size])
+        return 0
     if args.run_variant:
+        from medmax.checkpoints import peak_rss_bytes
+
         run_variant(args.run_variant, Path(args.ckpt), Path(args.out))
+        print(json.dumps({"peak_rss_bytes": peak_rss_bytes()}))
         return 0
     if "ours" not in args.variants:
         parser.error("--variants must include ours (the parity reference)")
