@@ -179,9 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.input or args.hf_model or args.original):
         parser.error("--input is required")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from medmax.vqgan import UntrustedCheckpointError
+
     try:
         convert(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, UntrustedCheckpointError) as err:
         print(f"medmax-convert: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -46,6 +46,7 @@ import torch
 from medmax.checkpoints import load_complete_vqgan
 from medmax.model import MedMaxChameleon, save_model_dir
 from medmax.vocab import load_tokenizer
+from medmax.vqgan import UntrustedCheckpointError
 
 logger = logging.getLogger("finetune.export")
 
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         export_chameleon(args.checkpoint, args.output, args.shards, args.model_size, args.dtype, args.trust_checkpoint)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, UntrustedCheckpointError) as err:
         print(f"medmax-export: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -268,3 +268,15 @@ def test_model_parallel_size_may_sit_in_params_json_or_be_counted(tmp_path, tiny
         (model_dir / "params.json").write_text(json.dumps({"model_parallel_size": 4, **params}))
     assert convert_main(["--input", str(root), "--output", str(tmp_path / "out")]) == 0
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_parallel_size"] == 4
+
+
+def test_a_lightning_vqgan_checkpoint_with_objects_needs_trust(tmp_path, tiny_tokenizer, tiny_vqgan, capsys):
+    """Lightning stores hyper-parameters as objects; only --trust-checkpoint unpickles them (the .pth never)."""
+    import argparse
+
+    root, _ = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan)
+    ckpt = torch.load(root / "tokenizer" / "vqgan.ckpt", weights_only=True)
+    torch.save({**ckpt, "hyper_parameters": argparse.Namespace(embed_dim=32)}, root / "tokenizer" / "vqgan.ckpt")
+    assert convert_main(["--input", str(root), "--output", str(tmp_path / "out")]) == 2
+    assert "--trust-checkpoint" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert convert_main(["--input", str(root), "--output", str(tmp_path / "out"), "--trust-checkpoint"]) == 0
