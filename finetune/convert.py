@@ -64,9 +64,7 @@ def convert_original(path: str | Path, output: str | Path, model_size: str | Non
     from transformers import GenerationConfig
 
     from medmax.checkpoints import DEFAULT_SHARD_BYTES, fresh_output, load_complete_vqgan, write_weights
-    from medmax.meta_layout import OriginalCheckpoint, PlannedTensor
-    from medmax.model import STANDARD_ARCHITECTURE
-    from medmax.presets import chameleon_config
+    from medmax.meta_layout import OriginalCheckpoint
     from medmax.vocab import Vocabulary, load_tokenizer
     from medmax.vqgan import save_vqgan
 
@@ -74,13 +72,8 @@ def convert_original(path: str | Path, output: str | Path, model_size: str | Non
     tok = load_tokenizer(tokenizer or ckpt.tokenizer_path)
     vqgan = load_complete_vqgan(ckpt.vqgan_dir, trust_checkpoint)
     _check_vocab(Vocabulary.from_tokenizer(tok).size, ckpt.params.vocab_size, ckpt.model_dir)
-    items = ckpt.shards.plan(getattr(torch, dtype) if dtype else None)
-    for key, value in vqgan.state_dict().items():  # transformers' model.vqmodel: the VQGAN without its decoder
-        if not key.startswith("decoder."):
-            items.append(PlannedTensor(f"model.vqmodel.{key}", tuple(value.shape), value.dtype, lambda v=value: v))
-    config = chameleon_config("7b", tok, vqgan.params, **ckpt.params.hf_fields())  # every size field overridden
-    config.architectures = [STANDARD_ARCHITECTURE]
-    config.dtype = items[0].dtype
+    items = ckpt.shards.plan(getattr(torch, dtype) if dtype else None) + _vqmodel_items(vqgan)
+    config = _hf_config(ckpt.params, tok, vqgan, items[0].dtype)
     logger.info("converting %s: %d layers, %d shard(s), %s", ckpt.model_dir, ckpt.params.n_layers,
                 ckpt.params.model_parallel_size, config.dtype)
     with fresh_output(output) as folder:
@@ -91,6 +84,25 @@ def convert_original(path: str | Path, output: str | Path, model_size: str | Non
         save_vqgan(vqgan, folder / "vqgan")
     logger.info("wrote model folder %s", output)
     return Path(output)
+
+
+def _vqmodel_items(vqgan) -> list:
+    """transformers' ``model.vqmodel.*``: the VQGAN without its decoder, as stored."""
+    from medmax.meta_layout import PlannedTensor
+
+    return [PlannedTensor(f"model.vqmodel.{key}", tuple(value.shape), value.dtype, lambda v=value: v)
+            for key, value in vqgan.state_dict().items() if not key.startswith("decoder.")]
+
+
+def _hf_config(params, tokenizer, vqgan, dtype: torch.dtype):
+    """The ChameleonConfig of a release: sizes from params.json, vocabulary and vq_config from its files."""
+    from medmax.model import STANDARD_ARCHITECTURE
+    from medmax.presets import chameleon_config
+
+    config = chameleon_config("7b", tokenizer, vqgan.params, **params.hf_fields())  # every size field overridden
+    config.architectures = [STANDARD_ARCHITECTURE]
+    config.dtype = dtype
+    return config
 
 
 def _check_vocab(tokenizer_ids: int, model_ids: int, where: Path) -> None:

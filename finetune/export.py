@@ -114,11 +114,11 @@ def open_source(source: Path, dtype: str | None, trust_checkpoint: bool) -> Expo
         return ExportSource(model.config, state.__getitem__,
                             load_tokenizer(source / info.get("tokenizer", "tokenizer.json")),
                             load_complete_vqgan(info["vqgan"], trust_checkpoint))
+    from transformers import ChameleonConfig
+
     from medmax.checkpoints import FolderTensors, check_model_folder
 
     check_model_folder(source, trust_checkpoint=trust_checkpoint)
-    from transformers import ChameleonConfig
-
     return ExportSource(ChameleonConfig.from_pretrained(source), FolderTensors.open(source).get,
                         load_tokenizer(source / "tokenizer.json"), load_complete_vqgan(source / "vqgan", trust_checkpoint))
 
@@ -133,8 +133,9 @@ def export_chameleon(source: str | Path, output: str | Path, shards: int | None 
     shards = shards or getattr(src.config, "model_parallel_size", 1) or 1
     exact = exact_shard_counts(src.get, src.config)
     if shards not in exact:
-        raise ValueError(f"{source}: cannot be written as {shards} model-parallel shard(s): Meta's layout holds one "
-                         f"query/key LayerNorm per shard, so the heads of a shard must share theirs; "
+        raise ValueError(f"{source}: cannot be written as {shards} model-parallel shard(s) exactly: every size must "
+                         "divide by the shard count, and Meta's layout holds one query/key LayerNorm per shard, so the "
+                         "heads of a shard must share theirs (fine-tuning can move each head's apart); "
                          f"--shards {' or '.join(map(str, exact)) or '(none fits)'} would hold it exactly")
     params = MetaParams.from_hf_config(src.config, shards)
     meta = hf_to_meta(src.get, params, getattr(torch, dtype) if dtype else None)
