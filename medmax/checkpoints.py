@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
+_PARTIAL_MARK = ".medmax-partial"
 _ST_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
@@ -175,20 +176,26 @@ def fresh_output(output: str | Path) -> Iterator[Path]:
     """A folder to write into that becomes ``output`` only when the work completes.
 
     ``output`` must not exist or be empty: a conversion never mixes with, or deletes, earlier files.
-    The work goes to ``<output>.partial``; a failure removes that (it holds only what this run wrote).
+    The work goes to ``<output>.partial`` (marked as ours); a failure removes it, and so does the next run
+    when a killed run left it behind. A ``.partial`` folder without the mark is someone else's: refused.
     """
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise FileExistsError(f"{output}: already exists and is not empty; choose a new --output or remove it")
     partial = output.with_name(output.name + ".partial")
     if partial.exists():
-        raise FileExistsError(f"{partial}: left by an interrupted run; remove it and run again")
+        if not (partial / _PARTIAL_MARK).is_file():
+            raise FileExistsError(f"{partial}: exists and was not written by this toolkit; move it away")
+        logger.warning("%s: left by an interrupted run; starting again", partial)
+        shutil.rmtree(partial)
     partial.mkdir(parents=True)
+    (partial / _PARTIAL_MARK).write_text("written by medmax; removed when complete\n")
     try:
         yield partial
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    (partial / _PARTIAL_MARK).unlink()
     if output.exists():
         output.rmdir()  # empty, checked above
     os.replace(partial, output)

@@ -280,3 +280,13 @@ def test_a_lightning_vqgan_checkpoint_with_objects_needs_trust(tmp_path, tiny_to
     assert convert_main(["--input", str(root), "--output", str(tmp_path / "out")]) == 2
     assert "--trust-checkpoint" in capsys.readouterr().err and not (tmp_path / "out").exists()
     assert convert_main(["--input", str(root), "--output", str(tmp_path / "out"), "--trust-checkpoint"]) == 0
+
+
+def test_a_single_numbered_shard_is_a_one_shard_release(tmp_path, tiny_tokenizer, tiny_vqgan):
+    """transformers' converter and Meta's loader both accept consolidated.00.pth for a one-file model."""
+    root, state = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan)
+    model_dir = root / "models" / "7b"
+    (model_dir / "consolidated.pth").rename(model_dir / "consolidated.00.pth")
+    assert convert_main(["--input", str(root), "--output", str(tmp_path / "out")]) == 0
+    torch.testing.assert_close(_logits(tmp_path / "out"), meta_forward(state, release_params(), TEXT_IDS),
+                               atol=2e-5, rtol=1e-5)

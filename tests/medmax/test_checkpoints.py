@@ -68,6 +68,23 @@ def test_the_output_appears_only_when_the_work_completes(tmp_path):
     with fresh_output(tmp_path / "out") as partial:
         (partial / "done.bin").write_bytes(b"x")
     assert (tmp_path / "out" / "done.bin").is_file()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["done.bin"]
     with pytest.raises(FileExistsError, match="already exists and is not empty"):
         with fresh_output(tmp_path / "out"):
             pass
+
+
+def test_a_partial_folder_left_by_a_killed_run_is_redone_but_a_foreign_one_is_kept(tmp_path):
+    left = tmp_path / "out.partial"
+    left.mkdir()
+    (left / ".medmax-partial").write_text("")
+    (left / "half.bin").write_bytes(b"x")  # what a killed run leaves
+    with fresh_output(tmp_path / "out") as partial:
+        assert not (partial / "half.bin").exists()
+    foreign = tmp_path / "theirs.partial"
+    foreign.mkdir()
+    (foreign / "data.bin").write_bytes(b"keep")
+    with pytest.raises(FileExistsError, match="not written by this toolkit"):
+        with fresh_output(tmp_path / "theirs"):
+            pass
+    assert (foreign / "data.bin").read_bytes() == b"keep"
