@@ -40,7 +40,6 @@ logger = logging.getLogger(__name__)
 
 MAX_UPLOAD_MB = 32  # default limit of one uploaded file
 MAX_NEW_TOKENS = 1024  # the page's max-tokens slider goes no higher
-UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".dcm", ".dicom", ".dic"]
 
 
 class DemoError(ValueError):

@@ -24,7 +24,7 @@ import uuid
 from functools import partial
 from pathlib import Path
 
-from .demo import (MAX_NEW_TOKENS, UPLOAD_TYPES, Conversation, DemoError, Engine, Settings, Turn, turn_messages,
+from .demo import (MAX_NEW_TOKENS, Conversation, DemoError, Engine, Settings, Turn, turn_messages,
                    user_pieces)
 
 logger = logging.getLogger(__name__)
@@ -146,10 +146,11 @@ def build_app(engine: Engine, title: str = "MedMax demo"):
         gr.Markdown(f"## {title}\nAsk about a scan (PNG, JPEG, TIFF or DICOM), ask for an image, or both.")
         with gr.Row():
             with gr.Column(scale=3):
-                chat = gr.Chatbot(elem_id="chat", height=440, label="Conversation")
+                chat = gr.Chatbot(elem_id="chat", height="55vh", min_height=360, label="Conversation")
                 with gr.Row():
+                    # any file type: DICOM files often have no suffix; the content decides (a clear error otherwise)
                     attached = gr.File(label="Scans: PNG, JPEG, TIFF, DICOM", file_count="multiple",
-                                       file_types=UPLOAD_TYPES, elem_id="attach", height=130)
+                                       elem_id="attach", height=130)
                     seen = gr.Gallery(label="What the model sees", elem_id="preview", columns=2, height=130,
                                       object_fit="contain", allow_preview=False)
                 question = gr.Textbox(elem_id="ask", placeholder="Ask about the attached scans, or ask for an image…",

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from pydicom.data import get_testdata_files
 
-from medmax.synthetic import make_scans
+from medmax.synthetic import GENERATION_PREFIX, make_scans
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -194,7 +194,7 @@ def _walk_through(page: Page, server: str, files: dict) -> None:
 
     # image mode: a drawn image, with real pixels, and its PNG and codes to download
     page.mode("image")
-    page.ask("Generate an image of a grey scan with a large bright lesion in the lower right.", 3)
+    page.ask(f"{GENERATION_PREFIX}A grey scan with a large bright lesion in the lower right.", 3)
     drawn = page.wait.until(lambda _: [img for img in page.all("#chat img") if "/answers/" in img.get_attribute("src")])
     page.wait.until(lambda _: browser.execute_script(PIXEL_SPREAD_JS, drawn[-1]) > 2)  # not a blank square
     offered = page.wait.until(lambda _: [a.get_attribute("download") for a in page.all("#downloads a[download]")])
@@ -203,9 +203,13 @@ def _walk_through(page: Page, server: str, files: dict) -> None:
 
     # interleaved mode answers too; the page now shows all three modes
     page.mode("interleaved")
-    status = page.ask("Describe a scan with a small lesion, then draw it.", 4)
+    page.set_number("seed", 4)  # the seed the README's picture was taken with
+    status = page.ask(f"{GENERATION_PREFIX}A grey scan with a small bright lesion in the upper left.", 4)
     assert status.startswith("answer 4 done"), status
+    page.d.set_window_size(1400, 1700)  # tall enough for the whole conversation (the README's picture)
+    time.sleep(0.5)
     page.shot("4-three-modes")
+    page.d.set_window_size(1400, 1150)
 
     # a broken file: a clear message, and the server keeps serving
     page.attach(files["broken"])
