@@ -273,7 +273,9 @@ class Engine:
 
     @property
     def resolution(self) -> int:
-        return self.generator._require_vqgan("images").resolution
+        if self.generator.vqgan is None:
+            raise DemoError("this model folder has no vqgan/: it cannot read images")
+        return self.generator.vqgan.resolution
 
     def decode(self, ids: list[int]) -> str:
         return self.generator.tokenizer.decode(ids, skip_special_tokens=True)

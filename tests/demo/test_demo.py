@@ -98,6 +98,13 @@ def test_nothing_outside_the_app_folder_can_be_named(engine, tmp_path, name):
     assert gallery == [] and "not a file uploaded to this page" in status
 
 
+def test_a_model_without_vqgan_refuses_images_with_a_message(generator, scan_path, monkeypatch):
+    engine = Engine(generator, scan_path.parents[1])
+    monkeypatch.setattr(generator, "vqgan", None)
+    _, _, _, _, request, status = demo_app.start(engine, "What is it?", [str(scan_path)], Conversation(), *_controls())
+    assert request is None and "has no vqgan/" in status
+
+
 def test_bad_uploads_give_a_clear_message(engine):
     folder = engine.workdir / "bad"
     folder.mkdir(parents=True)
