@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 TAMING_WHEEL := taming-transformers-rom1504==0.0.6
 
-.PHONY: install test test-all quickstart bench clean
+.PHONY: install test test-all quickstart demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	# torch first, pinned, so that nothing below resolves a CUDA build or torchvision.
 	$(PIP) install -q torch==$(TORCH_VERSION)
 	echo "torch==$(TORCH_VERSION)" > $(VENV)/constraints.txt
-	$(PIP) install -q -c $(VENV)/constraints.txt -e ".[test]"
+	$(PIP) install -q -c $(VENV)/constraints.txt -e ".[test,demo]"
 	# The reference for the VQGAN parity tests; its PyPI metadata asks for an unpinned torch and torchvision.
 	$(PIP) install -q --no-deps $(TAMING_WHEEL)
 	touch $(STAMP)
@@ -31,6 +31,11 @@ test-all: $(STAMP)
 
 quickstart: $(STAMP)
 	$(PY) -m quickstart --output runs/quickstart
+
+# The browser demo on the quickstart's model (made first when missing); http://127.0.0.1:7860
+demo: $(STAMP)
+	test -f runs/quickstart/model/config.json || $(MAKE) quickstart
+	$(PY) -m medmax demo --model runs/quickstart/model
 
 clean:
 	rm -rf $(VENV) runs

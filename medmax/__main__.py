@@ -5,6 +5,7 @@ Usage::
     medmax generate --model runs/export --prompt "Generate an image of a chest X-ray" --mode image --output out/
     medmax generate --model runs/export --prompt "What organ is shown?" --image scan.png --mode text --output out/
     python -m medmax generate --model DIR --prompt "..." [--image PATH ...] --mode text|image|interleaved --output DIR
+    medmax demo --model runs/quickstart/model [--host 127.0.0.1] [--port 7860]   # the browser demo (pip install -e .[demo])
     medmax programs            # the other programs of the toolkit
 
 The prompt is encoded as training rows are: the text, then the images, then the end-of-turn token
@@ -29,6 +30,7 @@ from .vocab import IMAGE_PLACEHOLDER
 PROGRAMS = """\
 The MedMax toolkit's programs (each has --help):
   medmax generate ...                                  text / image / interleaved generation (this command)
+  medmax demo --model DIR                              a browser demo: chat about scans, draw images (make demo)
   python -m tokenization.image_tokenize ...            images -> VQGAN code shards (medmax-image-tokenize; torchrun for GPUs)
   python -m tokenization.build_sequences ...           text + codes -> training sequences (medmax-build-sequences)
   python -m tokenization.train_vqgan ...               reconstruction training of a VQGAN (medmax-train-vqgan)
@@ -67,7 +69,34 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
     g.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    _add_demo_parser(sub)
     return parser
+
+
+def _add_demo_parser(sub) -> None:
+    d = sub.add_parser("demo", help="serve a browser demo of a model folder (needs the 'demo' extra: Gradio)")
+    d.add_argument("--model", required=True, type=Path, help="model folder (config.json, tokenizer.json, vqgan/)")
+    d.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    d.add_argument("--port", type=int, default=7860)
+    d.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
+    d.add_argument("--max-batch-size", type=int, default=8, help="requests from several tabs run together, at most")
+    d.add_argument("--max-upload-mb", type=float, default=32, help="largest file a user may upload")
+    d.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cuda if available)")
+    d.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
+
+
+def _demo(args) -> int:
+    import torch
+
+    from .demo_app import serve
+
+    if not (args.model / "config.json").is_file():
+        raise FileNotFoundError(f"--model {args.model}: no config.json (a model folder from finetune.export)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    serve(args.model, host=args.host, port=args.port, share=args.share, device=device,
+          dtype=getattr(torch, args.dtype) if args.dtype else None, max_batch_size=args.max_batch_size,
+          max_upload_mb=args.max_upload_mb)
+    return 0
 
 
 def _prompt_segments(text: str, images: list, end_of_turn: bool) -> list:
@@ -148,13 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.command != "generate":
+    if args.command not in ("generate", "demo"):
         print(PROGRAMS, end="")
         return 0
     try:
-        return _generate(args)
-    except (ValueError, TypeError, ImageLoadError, FileNotFoundError) as err:
-        print(f"medmax generate: error: {err}", file=sys.stderr)
+        return _demo(args) if args.command == "demo" else _generate(args)
+    except (ValueError, TypeError, ImageLoadError, FileNotFoundError, ImportError) as err:
+        print(f"medmax {args.command}: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import numpy as np
 import torch
@@ -157,6 +157,9 @@ class _Row:
     text_left: int = 0
     images_left: int = 0
     finish_reason: str = ""
+    index: int = 0  # the prompt's position in ``generate``'s input
+    rng: torch.Generator | None = None  # the prompt's own generator (``generate(seeds=...)``)
+    on_step: Callable | None = None  # ``generate(on_step=...)``
 
 
 class Generator:
@@ -329,12 +332,14 @@ class Generator:
         done = [False] * len(rows)
         for _ in range(max(r.text_left for r in rows)):
             boi_ok = images_left & (lengths + img_room <= self.context_length)  # (B,) room for boi, grid, eoi
-            tokens = self._pick_text_tokens(hidden, cols, head_rows, seen, boi_ok, config, rng)  # (B,)
+            tokens = self._pick_text_tokens(hidden, cols, head_rows, seen, boi_ok, config, _row_rngs(rows, rng))
             seen[torch.arange(len(rows)), tokens] = True
             lengths += 1
             for r, tok in enumerate(tokens.tolist()):
                 if not done[r]:
                     new[r].append(tok)
+                    if rows[r].on_step:
+                        rows[r].on_step(rows[r].index, tok)
                     done[r] = self._text_finished(rows[r], new[r], tok, len(rows[r].context) + len(new[r]), config)
             if all(done):
                 break
@@ -444,7 +449,7 @@ class Generator:
 
     def _add_images(self, rows: list[_Row], config: GenerationConfig, rng: torch.Generator):
         """Generate one image for each row (whose context must not yet hold the boi) and append it."""
-        codes = self._run_image([r.context for r in rows], config, rng)  # (B, n)
+        codes = self._run_image([r.context for r in rows], config, _row_rngs(rows, rng))  # (B, n)
         images = self._decode_images(codes) if config.decode_images else [None] * len(rows)
         v = self.vocab
         for row, c, im in zip(rows, codes.cpu(), images):
@@ -453,29 +458,49 @@ class Generator:
             row.generated += ids
             row.segments.append(ImageOutput(image=im, codes=c.tolist()))
             row.images_left -= 1
+            if row.on_step:
+                row.on_step(row.index, row.segments[-1])
 
     # ------------------------------------------------------------------------------ public API
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[Sequence[Segment]], config: GenerationConfig | None = None) -> list[GenerationOutput]:
-        """Generate for a batch of prompts; -> one GenerationOutput per prompt, in order."""
+    def generate(self, prompts: Sequence[Sequence[Segment]], config: GenerationConfig | None = None, *,
+                 seeds: Sequence[int] | None = None, on_step: Callable | None = None) -> list[GenerationOutput]:
+        """Generate for a batch of prompts; -> one GenerationOutput per prompt, in order.
+
+        ``seeds``: one seed per prompt (instead of ``config.seed``); each prompt then samples from its own
+        generator, so its output does not depend on the other prompts of the batch.
+        ``on_step(index, item)`` is called as the output grows: with each text token id the prompt
+        ``index`` emits (end tokens included, before stop strings are cut) and with each drawn
+        :class:`ImageOutput`; it lets a caller stream the answer.
+        """
         config = config or GenerationConfig()
         if config.mode in ("image", "interleaved") and config.decode_images:
             self._require_vqgan(f"{config.mode} generation")
         checked, lengths = self._check_prompts(prompts, config)
+        if seeds is not None and len(seeds) != len(checked):
+            raise ValueError(f"generate: {len(seeds)} seeds for {len(checked)} prompts")
         rng = torch.Generator(device=self.device)
         rng.manual_seed(config.seed) if config.seed is not None else rng.seed()
         order = sorted(range(len(checked)), key=lambda i: lengths[i])
         outputs: list[GenerationOutput | None] = [None] * len(checked)
         for start in range(0, len(order), config.batch_size):
             chunk = order[start : start + config.batch_size]
-            for i, out in zip(chunk, self._generate_batch([checked[i] for i in chunk], config, rng)):
+            rows = [self._new_row(ids, i, config, seeds, on_step)
+                    for i, ids in zip(chunk, self._encode_checked([checked[i] for i in chunk]))]
+            for i, out in zip(chunk, self._generate_batch(rows, config, rng)):
                 outputs[i] = out
             logger.debug("generated %d / %d prompts", min(start + config.batch_size, len(order)), len(order))
         return outputs
 
-    def _generate_batch(self, checked: list[list], config: GenerationConfig, rng: torch.Generator) -> list[GenerationOutput]:
-        rows = [_Row(context=ids, text_left=config.max_new_tokens, images_left=config.max_images)
-                for ids in self._encode_checked(checked)]
+    def _new_row(self, ids: list[int], index: int, config: GenerationConfig, seeds, on_step) -> _Row:
+        rng = None
+        if seeds is not None:
+            rng = torch.Generator(device=self.device)
+            rng.manual_seed(int(seeds[index]))
+        return _Row(context=ids, text_left=config.max_new_tokens, images_left=config.max_images, index=index,
+                    rng=rng, on_step=on_step)
+
+    def _generate_batch(self, rows: list[_Row], config: GenerationConfig, rng: torch.Generator) -> list[GenerationOutput]:
         if config.mode == "image":
             self._add_images(rows, config, rng)
             for r in rows:
@@ -512,3 +537,8 @@ class Generator:
             return False
         row.finish_reason = ""
         return True
+
+
+def _row_rngs(rows: list[_Row], rng: torch.Generator):
+    """The rows' own generators when they have them (``generate(seeds=...)``), else the shared one."""
+    return [r.rng for r in rows] if rows and rows[0].rng is not None else rng

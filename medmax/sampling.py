@@ -67,11 +67,16 @@ def _top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, top_k: int,
-           generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) processed logits -> (B,) long token indices (into the V columns given)."""
+           generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """(B, V) processed logits -> (B,) long token indices (into the V columns given).
+
+    ``generator``: one for the batch, or a list with one per row (each row then draws only from its own).
+    """
     logits = logits.float()
     if not do_sample or temperature == 0.0:
         return logits.argmax(dim=-1)
     logits = _top_p(_top_k(logits / temperature, top_k), top_p)
     probs = logits.softmax(dim=-1)
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.multinomial(p[None], 1, generator=g) for p, g in zip(probs, generator)]).squeeze(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
