@@ -7,9 +7,9 @@ Usage::
     python -m medmax generate --model DIR --prompt "..." [--image PATH ...] --mode text|image|interleaved --output DIR
     medmax programs            # the other programs of the toolkit
 
-The prompt is encoded as training rows are: the text, then the images, then the end-of-turn token
-(``--no-end-of-turn`` leaves it out). Where the text holds ``<image>`` placeholders, the images go
-there instead, in order. ``--output`` receives ``image_<i>.png`` for every generated image and
+The prompt is laid out as training rows and ``eval.run`` lay it out (``medmax.prompting``): the images,
+then the text, then the end-of-turn token (``--no-end-of-turn`` leaves it out). Where the text holds
+``<image>`` placeholders, the images go there instead, in order. ``--output`` receives ``image_<i>.png`` for every generated image and
 ``generation.json`` recording the prompt, the settings and the output segments in order.
 
 This is the one module of ``medmax/`` that parses arguments and prints.
@@ -24,7 +24,6 @@ import logging
 import sys
 from pathlib import Path
 
-from .vocab import IMAGE_PLACEHOLDER
 
 PROGRAMS = """\
 The MedMax toolkit's programs (each has --help):
@@ -71,20 +70,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _prompt_segments(text: str, images: list, end_of_turn: bool) -> list:
-    """Text and images in training order; images replace <image> placeholders when the text has them."""
-    from .generation import END_OF_TURN
+    """The one prompt layout (``medmax.prompting``): images first, or where ``<image>`` placeholders put them."""
+    from .prompting import prompt_segments
 
-    pieces = text.split(IMAGE_PLACEHOLDER)
-    if len(pieces) == 1:
-        segments = [text, *images]
-    elif len(pieces) - 1 != len(images):
-        raise ValueError(f"--prompt has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders but {len(images)} --image given")
-    else:
-        segments = [pieces[0]]
-        for image, piece in zip(images, pieces[1:]):
-            segments += [image, piece]
-        segments = [s for s in segments if not (isinstance(s, str) and s == "")]
-    return segments + ([END_OF_TURN] if end_of_turn else [])
+    try:
+        return prompt_segments(text, images, end_of_turn=end_of_turn)
+    except ValueError as err:
+        raise ValueError(f"--prompt / --image: {err}") from None
 
 
 def _generation_config(args):

@@ -25,8 +25,12 @@ cache from the row's whole context so far.
 Example::
 
     gen = Generator.from_dir("runs/export")
-    out = gen.generate([["What is shown?", Path("scan.png"), END_OF_TURN]], GenerationConfig(do_sample=False))
+    prompt = prompt_segments("What is shown?", [Path("scan.png")], end_of_turn=True)  # image, text, end of turn
+    out = gen.generate([prompt], GenerationConfig(do_sample=False))
     out[0].text
+
+``medmax.prompting.prompt_segments`` is the one prompt layout (images first unless ``<image>``
+placeholders place them), shared with evaluation and the training data.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from PIL import Image
 from transformers import DynamicCache
 
 from .model import ModelBundle, load_model_dir
+from .prompting import END_OF_TURN, _EndOfTurn, prompt_segments  # noqa: F401  (re-exported)
 from .sampling import apply_repetition_penalty, instruct_guidance, sample, text_token_mask
 from .vqgan import to_uint8
 
@@ -50,16 +55,6 @@ logger = logging.getLogger(__name__)
 
 MODES = ("text", "image", "interleaved")
 _ENCODE_BATCH = 8  # prompt images per VQGAN encoder call
-
-
-class _EndOfTurn:
-    """The end-of-turn sentinel segment (``<reserved08706>``) between a prompt and its answer."""
-
-    def __repr__(self) -> str:
-        return "END_OF_TURN"
-
-
-END_OF_TURN = _EndOfTurn()
 
 
 @dataclass(frozen=True)

@@ -124,13 +124,14 @@ def _write_jsonl(path, rows) -> None:
 def training_rows(scan: Scan, image_path: str, generation: bool = True) -> list[dict]:
     """MedMax-format rows (``text`` with ``<image>`` and ``<reserved08706>``) for one training scan.
 
-    One row per question (image, question, end of turn, answer), and with ``generation`` one
+    One row per question (image, question, end of turn, answer: ``medmax.prompting``'s one layout), and with ``generation`` one
     image-generation row (caption, end of turn, the image as the answer, so its codes carry loss).
     """
+    from .prompting import place_images
     from .vocab import END_OF_TURN, IMAGE_PLACEHOLDER
 
     rows = [
-        {"text": f"{IMAGE_PLACEHOLDER}{q['prompt']}{END_OF_TURN}{q['answer']}", "image_path": image_path,
+        {"text": f"{place_images(q['prompt'], 1)}{END_OF_TURN}{q['answer']}", "image_path": image_path,
          "source": "synthetic", "task": f"vqa_{q['question_type']}"}
         for q in scan.questions()
     ]

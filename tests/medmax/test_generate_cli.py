@@ -48,7 +48,7 @@ def test_text_mode_with_image_placeholder(tiny_model_dir, scan, tmp_path):
     [
         (["--image", "{bad}"], "bad.png"),
         (["--image", "{missing}"], "missing.png"),
-        (["--prompt", "<image> and <image>", "--image", "{scan}"], "2 <image> placeholders but 1 --image"),
+        (["--prompt", "<image> and <image>", "--image", "{scan}"], "2 <image> placeholders but 1 images"),
         (["--max-new-tokens", "0"], "max_new_tokens"),
     ],
 )
@@ -81,3 +81,33 @@ def test_programs_lists_every_entry_point(capsys):
     for program in ("tokenization.image_tokenize", "tokenization.build_sequences", "finetune/launch.sh",
                     "finetune.train", "finetune.export", "eval.run", "medmax generate"):
         assert program in listing
+
+
+def test_generate_and_eval_run_build_the_same_ids(tiny_model_dir, scan, tmp_path, monkeypatch):
+    """One prompt layout: the README's `medmax generate --image` question and eval.run's row give one sequence."""
+    import shutil
+
+    import eval.run
+    from medmax.generation import Generator
+
+    built = []
+    original = Generator._encode_checked
+
+    def record(self, checked):
+        built.append(original(self, checked))
+        return built[-1]
+
+    monkeypatch.setattr(Generator, "_encode_checked", record)
+    question = "Is there a lesion in the image?"
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", question, "--image", str(scan), "--mode", "text",
+                 "--greedy", "--max-new-tokens", "1", "--output", str(tmp_path / "gen"), "--device", "cpu"]) == 0
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(scan, data / "scan.png")
+    (data / "eval.jsonl").write_text(json.dumps({"task_name": "vqa_rad", "question_type": "closed", "prompt": question,
+                                                 "answer": "yes", "image_path": "scan.png"}) + "\n")
+    assert eval.run.main(["--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "eval"),
+                          "--tasks", "vqa_rad_closed", "--max-new-tokens", "1", "--device", "cpu"]) == 0
+    (from_generate,), (from_eval,) = built
+    assert from_generate == from_eval
+    assert from_eval.index(8197) == 1  # <s>, then the image (<racm3:break> ...), then the question, as in training
