@@ -2,8 +2,9 @@
 
 A prompt is a list of segments: ``str`` (text), ``PIL.Image.Image`` or ``pathlib.Path`` (an image,
 tokenized with the bundle's VQGAN), :class:`ImageCodes` (raw VQGAN codes) and :data:`END_OF_TURN`.
-It is encoded the way training sequences are built: ``<s>``, then each segment in order (text via
-``tokenizer.encode(text).ids``; an image as ``boi + code ids + eoi``; the end-of-turn id).
+It is encoded the way training sequences are built: ``<s>``, then each segment in order (text with
+special-token parsing off, so typed ``<racm3:break>`` or ``</s>`` stay text; an image as
+``boi + code ids + eoi``; the end-of-turn id).
 
 Decoding follows Chameleon's inference (DESIGN.md):
 
@@ -154,6 +155,20 @@ class _Row:
     finish_reason: str = ""
 
 
+def _encode_text(tokenizer, text: str) -> list[int]:
+    """Ids of typed text with special-token parsing off: ``<racm3:break>`` typed is text, never begin-of-image.
+
+    Control tokens enter a prompt only through its structure (bos, images, END_OF_TURN). A private
+    stand-in for ``medmax.vocab.encode_text`` (being added on another branch); merge points this at it.
+    """
+    previous = tokenizer.encode_special_tokens
+    tokenizer.encode_special_tokens = True
+    try:
+        return tokenizer.encode(text, add_special_tokens=False).ids
+    finally:
+        tokenizer.encode_special_tokens = previous
+
+
 class Generator:
     """Generates text, images or both from a loaded model folder (see the module docstring)."""
 
@@ -207,7 +222,7 @@ class Generator:
 
     def _segment_length(self, seg) -> int:
         if isinstance(seg, str):
-            return len(self.tokenizer.encode(seg).ids)
+            return len(_encode_text(self.tokenizer, seg))
         if isinstance(seg, _EndOfTurn):
             return 1
         return self.n_image_tokens
@@ -260,7 +275,7 @@ class Generator:
             ids = [v.bos_id]
             for s in segs:
                 if isinstance(s, str):
-                    ids += self.tokenizer.encode(s).ids
+                    ids += _encode_text(self.tokenizer, s)
                 elif isinstance(s, _EndOfTurn):
                     ids.append(v.eot_id)
                 else:
