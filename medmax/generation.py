@@ -109,13 +109,13 @@ class GenerationConfig:
     max_new_tokens: int = 256  # text tokens (image codes are not counted)
     do_sample: bool = True  # text: sample (True) or greedy (False)
     temperature: float = 1.0  # text
-    top_p: float = 0.9  # text
+    top_p: float = 0.9  # text; in [0, 1]: 1 = off, 0 = the top token only (greedy)
     top_k: int = 0  # text; 0 = off
     repetition_penalty: float = 1.2  # text; 1.0 = off
     stop_strings: tuple[str, ...] = ()  # text ends at (and is cut before) the first one it contains
     max_images: int = 1  # interleaved: images the model may draw
     image_temperature: float = 0.7  # 0 = greedy codes
-    image_top_p: float = 0.9
+    image_top_p: float = 0.9  # in [0, 1], as top_p
     image_top_k: int = 0
     guidance: bool = True  # image: three-stream classifier-free guidance
     guidance_scale_text: float = 3.0
@@ -132,6 +132,9 @@ class GenerationConfig:
         for name in ("temperature", "image_temperature", "top_p", "image_top_p"):
             if getattr(self, name) < 0:
                 raise ValueError(f"GenerationConfig.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("top_p", "image_top_p"):
+            if getattr(self, name) > 1:
+                raise ValueError(f"GenerationConfig.{name} must lie in [0, 1] (0 = greedy, 1 = off), got {getattr(self, name)}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"GenerationConfig.repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.batch_size < 1:

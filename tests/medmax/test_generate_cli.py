@@ -111,3 +111,25 @@ def test_generate_and_eval_run_build_the_same_ids(tiny_model_dir, scan, tmp_path
     (from_generate,), (from_eval,) = built
     assert from_generate == from_eval
     assert from_eval.index(8197) == 1  # <s>, then the image (<racm3:break> ...), then the question, as in training
+
+
+def _generate(model, out, *extra):
+    assert main(["generate", "--model", str(model), "--prompt", "Is there a lesion?", "--output", str(out),
+                 "--device", "cpu", "--seed", "3", *extra]) == 0
+    return json.loads((out / "generation.json").read_text())
+
+
+def test_top_p_zero_is_greedy(tiny_model_dir, tmp_path):
+    """--top-p 0 and --image-top-p 0 keep only the most likely token (they crashed with NaN after loading)."""
+    text = ["--mode", "text", "--max-new-tokens", "6"]
+    assert _generate(tiny_model_dir, tmp_path / "p0", *text, "--top-p", "0")["token_ids"] == \
+        _generate(tiny_model_dir, tmp_path / "greedy", *text, "--greedy")["token_ids"]
+    image = ["--mode", "image"]
+    codes = _generate(tiny_model_dir, tmp_path / "ip0", *image, "--image-top-p", "0")["segments"][0]["codes"]
+    assert codes == _generate(tiny_model_dir, tmp_path / "it0", *image, "--image-temperature", "0")["segments"][0]["codes"]
+
+
+def test_top_p_above_one_is_refused_before_loading(tiny_model_dir, tmp_path, capsys):
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--mode", "text",
+                 "--output", str(tmp_path / "o"), "--top-p", "1.5"]) == 2
+    assert "top_p" in capsys.readouterr().err and not (tmp_path / "o").exists()
