@@ -10,7 +10,10 @@ Usage::
 The prompt is laid out as training rows and ``eval.run`` lay it out (``medmax.prompting``): the images,
 then the text, then the end-of-turn token (``--no-end-of-turn`` leaves it out). Where the text holds
 ``<image>`` placeholders, the images go there instead, in order. ``--output`` receives ``image_<i>.png`` for every generated image and
-``generation.json`` recording the prompt, the settings and the output segments in order.
+``generation.json`` recording the prompt, the settings and the output segments in order. A non-empty
+``--output`` is refused unless ``--overwrite`` is given, which removes only the files an earlier
+``medmax generate`` wrote there (its ``generation.json`` and the images it lists); an ``--output`` that
+cannot be written is refused before the model loads.
 
 This is the one module of ``medmax/`` that parses arguments and prints.
 """
@@ -21,7 +24,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -50,6 +55,8 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", action="append", default=[], type=Path, help="an input image (repeatable)")
     g.add_argument("--mode", required=True, choices=("text", "image", "interleaved"))
     g.add_argument("--output", required=True, type=Path, help="folder for the PNGs and generation.json")
+    g.add_argument("--overwrite", action="store_true",
+                   help="reuse a non-empty --output: removes the generation.json and images an earlier run wrote there")
     g.add_argument("--no-end-of-turn", action="store_true", help="do not close the prompt with the end-of-turn token")
     g.add_argument("--max-new-tokens", type=int, default=256, help="text tokens to generate at most")
     g.add_argument("--max-images", type=int, default=1, help="interleaved: images to draw at most")
@@ -91,10 +98,50 @@ def _generation_config(args):
     )
 
 
+RECORD = "generation.json"
+_OWN_IMAGE = re.compile(r"image_\d+\.png")
+
+
+def _written_before(folder: Path) -> list[str]:
+    """Files an earlier ``medmax generate`` wrote in ``folder``: its record and the images the record lists."""
+    try:
+        record = json.loads((folder / RECORD).read_text())
+        listed = [seg.get("path") for seg in record.get("segments", []) if isinstance(seg, dict)]
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [RECORD] + [p for p in listed if isinstance(p, str) and _OWN_IMAGE.fullmatch(p)]
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".medmax-write-check-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"--output {folder}: cannot write there ({err.strerror or err})") from None
+
+
+def _prepare_output(folder: Path, overwrite: bool, n_images: int) -> None:
+    """Before the model loads: a writable folder that is empty, or (--overwrite) cleared of an earlier run's files."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--output {folder}: exists and is not a folder")
+    _check_writable(folder)
+    existing = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".medmax-write-check-"))
+    if existing and not overwrite:
+        raise ValueError(f"--output {folder}: not empty ({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}); "
+                         "pass --overwrite to replace what an earlier medmax generate wrote there, or choose another folder")
+    earlier = _written_before(folder)
+    foreign = sorted(({RECORD, *(f"image_{i}.png" for i in range(n_images))} & set(existing)) - set(earlier))
+    if foreign:
+        raise ValueError(f"--output {folder}: {', '.join(foreign)} was not written by medmax generate (no {RECORD} "
+                         "lists it); move it away or choose another folder")
+    for name in earlier:
+        (folder / name).unlink(missing_ok=True)
+
+
 def _write_record(out, args, config, output_dir: Path) -> Path:
     from .generation import ImageOutput
 
-    output_dir.mkdir(parents=True, exist_ok=True)
     segments, n_images = [], 0
     for seg in out.segments:
         if isinstance(seg, ImageOutput):
@@ -109,8 +156,10 @@ def _write_record(out, args, config, output_dir: Path) -> Path:
         "config": dataclasses.asdict(config), "finish_reason": out.finish_reason,
         "segments": segments, "token_ids": out.token_ids,
     }
-    path = output_dir / "generation.json"
-    path.write_text(json.dumps(record, indent=2))
+    path = output_dir / RECORD
+    partial = output_dir / f".{RECORD}.partial"
+    partial.write_text(json.dumps(record, indent=2))
+    partial.replace(path)  # the record appears whole, after the images it lists
     return path
 
 
@@ -123,6 +172,8 @@ def _generate(args) -> int:
     config = _generation_config(args)  # bad settings fail here, before anything is loaded
     images = [load_image(p) for p in args.image]  # an unreadable image fails before the model loads
     segments = _prompt_segments(args.prompt, images, not args.no_end_of_turn)
+    n_images = {"text": 0, "image": 1, "interleaved": args.max_images}[args.mode]
+    _prepare_output(args.output, args.overwrite, n_images)  # a full or read-only folder fails before any work
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     generator = Generator.from_dir(args.model, device=device, dtype=dtype)
@@ -145,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return _generate(args)
-    except (ValueError, TypeError, ImageLoadError, FileNotFoundError) as err:
+    except (ValueError, ImageLoadError, FileNotFoundError) as err:  # a user's mistake; a TypeError is a bug
         print(f"medmax generate: error: {err}", file=sys.stderr)
         return 2
 

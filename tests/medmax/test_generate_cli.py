@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,3 +134,60 @@ def test_top_p_above_one_is_refused_before_loading(tiny_model_dir, tmp_path, cap
     assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--mode", "text",
                  "--output", str(tmp_path / "o"), "--top-p", "1.5"]) == 2
     assert "top_p" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_an_existing_output_is_refused_and_overwrite_clears_only_what_generate_wrote(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    first = _generate(tiny_model_dir, out, "--mode", "image")
+    (out / "notes.txt").write_text("the user's own file")
+    argv = ["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--mode", "text", "--output", str(out),
+            "--max-new-tokens", "2"]
+    assert main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert json.loads((out / "generation.json").read_text()) == first and (out / "image_0.png").is_file()
+    assert main(argv + ["--overwrite"]) == 0
+    assert json.loads((out / "generation.json").read_text())["config"]["mode"] == "text"
+    assert not (out / "image_0.png").exists()  # the earlier run's image is not left behind as an orphan
+    assert (out / "notes.txt").read_text() == "the user's own file"
+
+
+def test_overwrite_never_replaces_a_file_generate_did_not_write(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "image_0.png").write_bytes(b"someone else's picture")
+    (out / "generation.json").write_text(json.dumps({"segments": [{"type": "image", "path": "../escape.png"}]}))
+    (tmp_path / "escape.png").write_bytes(b"outside")
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--mode", "image", "--output", str(out),
+                 "--overwrite"]) == 2
+    assert "image_0.png" in capsys.readouterr().err
+    assert (out / "image_0.png").read_bytes() == b"someone else's picture" and (tmp_path / "escape.png").is_file()
+    assert (out / "generation.json").is_file()  # nothing is removed when the run is refused
+
+
+def test_an_unwritable_output_fails_before_loading(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import os
+
+    import medmax.generation
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(medmax.generation.Generator, "from_dir", refuse)
+    if os.geteuid() == 0:  # root writes through file modes; /sys refuses even root
+        out = Path("/sys/medmax-generate-test")
+    else:
+        (tmp_path / "ro").mkdir(mode=0o555)
+        out = tmp_path / "ro" / "out"
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--mode", "text", "--output", str(out)]) == 2
+    assert f"--output {out}" in capsys.readouterr().err
+
+
+def test_a_programming_error_keeps_its_traceback(tiny_model_dir, tmp_path, monkeypatch):
+    import medmax.generation
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug, not a user's mistake")
+
+    monkeypatch.setattr(medmax.generation.Generator, "generate", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--mode", "text", "--output", str(tmp_path / "o")])
