@@ -90,6 +90,8 @@ class FinetuneConfig(TrainingArguments):
         "help": "sdpa, eager or flash_attention_2; packing works with all three (boundaries come from positions)."})
     model_dtype: str = field(default="float32", metadata={
         "help": "dtype the weights are loaded in (float32, bfloat16); mixed precision is bf16=true."})
+    skip_memory_check: bool = field(default=False, metadata={
+        "help": "Load the model even when its config's sizes need more memory than is available (refused by default)."})
     trust_checkpoint: bool = field(default=False, metadata={
         "help": "Allow a legacy pickled VQGAN checkpoint (runs code from the file)."})
     # transformers' defaults we change: log to TensorBoard, our own columns reach the collator

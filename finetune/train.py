@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer
+from transformers import ChameleonConfig, Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from medmax.model import MedMaxChameleon, new_model, save_model_dir
+from medmax.model import MedMaxChameleon, check_config_fits, new_model, save_model_dir
 from medmax.training_data import (
     PackedCollator,
     PaddingCollator,
@@ -38,7 +38,7 @@ from medmax.training_data import (
     split_validation,
 )
 from medmax.vocab import Vocabulary, load_tokenizer
-from medmax.presets import VQGAN_PRESETS
+from medmax.presets import VQGAN_PRESETS, chameleon_config
 from medmax.vqgan import VQGAN, load_vqgan, save_vqgan
 
 from .config import PRESET_PREFIX, ConfigError, FinetuneConfig, load_config
@@ -118,6 +118,17 @@ def _setup_assets(cfg: FinetuneConfig):
     return tokenizer, Vocabulary.from_tokenizer(tokenizer), vqgan
 
 
+def _check_memory(cfg: FinetuneConfig, tokenizer, vqgan) -> None:
+    """Refuse a model whose parameters cannot fit in memory before any weight is allocated."""
+    dtype, override = getattr(torch, cfg.model_dtype), "skip_memory_check=true"
+    if cfg.is_preset:
+        config = chameleon_config(cfg.preset_name, tokenizer, vqgan.params)
+        check_config_fits(config, f"model={cfg.model}", dtype, allow=cfg.skip_memory_check, override=override)
+    else:
+        check_config_fits(ChameleonConfig.from_pretrained(cfg.model), f"{Path(cfg.model) / 'config.json'}", dtype,
+                          allow=cfg.skip_memory_check, override=override)
+
+
 def _setup_model(cfg: FinetuneConfig, tokenizer, vqgan, resume: bool) -> tuple[MedMaxChameleon, str | None]:
     """The model before the mode is applied, and the folder its base weights can be reloaded from."""
     dtype = getattr(torch, cfg.model_dtype)
@@ -138,8 +149,6 @@ def _model_vocab_size(cfg: FinetuneConfig, vocab: Vocabulary) -> int:
     """The model's vocabulary size, read before any weights are loaded."""
     if cfg.is_preset:
         return vocab.size
-    from transformers import ChameleonConfig
-
     size = ChameleonConfig.from_pretrained(cfg.model).vocab_size
     if vocab.size > size:
         raise ConfigError(f"tokenizer: {vocab.size} ids, but model={cfg.model} has only {size}")
@@ -217,6 +226,7 @@ def run(cfg: FinetuneConfig, resume: bool = False) -> Trainer:
     """Train with ``cfg``; returns the finished trainer."""
     checkpoint = _resume_point(cfg, resume)
     tokenizer, vocab, vqgan = _setup_assets(cfg)
+    _check_memory(cfg, tokenizer, vqgan)  # before the data is read and the weights allocated
     vocab_size = _model_vocab_size(cfg, vocab)
     train_set, val_set = _setup_data(cfg, vocab, vocab_size)
     model, base_dir = _setup_model(cfg, tokenizer, vqgan, resume)

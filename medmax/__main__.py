@@ -13,7 +13,8 @@ then the text, then the end-of-turn token (``--no-end-of-turn`` leaves it out). 
 ``generation.json`` recording the prompt, the settings and the output segments in order. A non-empty
 ``--output`` is refused unless ``--overwrite`` is given, which removes only the files an earlier
 ``medmax generate`` wrote there (its ``generation.json`` and the images it lists); an ``--output`` that
-cannot be written is refused before the model loads.
+cannot be written is refused before the model loads, and so is a ``config.json`` whose parameters
+need more memory than is available (``--skip-memory-check`` loads it anyway).
 
 This is the one module of ``medmax/`` that parses arguments and prints.
 """
@@ -73,6 +74,8 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
     g.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    g.add_argument("--skip-memory-check", action="store_true",
+                   help="load even when config.json's sizes need more memory than is available")
     return parser
 
 
@@ -176,7 +179,7 @@ def _generate(args) -> int:
     _prepare_output(args.output, args.overwrite, n_images)  # a full or read-only folder fails before any work
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    generator = Generator.from_dir(args.model, device=device, dtype=dtype)
+    generator = Generator.from_dir(args.model, device=device, dtype=dtype, skip_memory_check=args.skip_memory_check)
     (out,) = generator.generate([segments], config)
     path = _write_record(out, args, config, args.output)
     print(f"{out.finish_reason}: {len(out.images)} image(s), {len(out.text)} characters of text -> {path}")

@@ -186,8 +186,9 @@ class Generator:
         self._code_ids = self.vocab.image_id_tensor(self.device)[:n_codes]  # (n,) ids the image sampler may draw
 
     @classmethod
-    def from_dir(cls, path: str | Path, device=None, dtype: torch.dtype | None = None) -> "Generator":
-        return cls(load_model_dir(path, dtype=dtype, device=device))
+    def from_dir(cls, path: str | Path, device=None, dtype: torch.dtype | None = None,
+                 skip_memory_check: bool = False) -> "Generator":
+        return cls(load_model_dir(path, dtype=dtype, device=device, skip_memory_check=skip_memory_check))
 
     @property
     def n_image_tokens(self) -> int:

@@ -170,3 +170,13 @@ def test_a_single_path_override_is_one_dataset_not_its_characters():
     cfg = load_config(ROOT / "finetune/configs/tiny_cpu.yaml", ["datasets=/data/seq/train:2", "freeze=model.layers.0"])
     assert [(s.path, s.weight) for s in cfg.dataset_specs()] == [("/data/seq/train", 2.0)]
     assert cfg.freeze == ["model.layers.0"]
+
+
+def test_a_model_that_cannot_fit_in_memory_stops_before_allocating(tmp_path, good_data, monkeypatch):
+    import medmax.model
+    from medmax.model import ModelTooLargeError
+
+    monkeypatch.setattr(medmax.model, "_available_bytes", lambda device=None: 1 << 20)  # 1 MiB free
+    with pytest.raises(ModelTooLargeError, match="model=preset:tiny.*skip_memory_check=true"):
+        _run(tmp_path, good_data)
+    assert not (tmp_path / "out" / "checkpoint-1").exists()

@@ -191,3 +191,15 @@ def test_a_programming_error_keeps_its_traceback(tiny_model_dir, tmp_path, monke
     monkeypatch.setattr(medmax.generation.Generator, "generate", broken)
     with pytest.raises(TypeError, match="a bug"):
         main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--mode", "text", "--output", str(tmp_path / "o")])
+
+
+def test_a_model_too_large_for_memory_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 100000, "hidden_size": 4096}))
+    assert main(["generate", "--model", str(folder), "--prompt", "x", "--mode", "text", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "config.json" in err and "--skip-memory-check" in err and err.count("\n") == 1
