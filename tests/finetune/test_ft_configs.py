@@ -180,3 +180,23 @@ def test_a_model_that_cannot_fit_in_memory_stops_before_allocating(tmp_path, goo
     with pytest.raises(ModelTooLargeError, match="model=preset:tiny.*skip_memory_check=true"):
         _run(tmp_path, good_data)
     assert not (tmp_path / "out" / "checkpoint-1").exists()
+
+
+@pytest.mark.parametrize("override, named", [
+    ("fsdp=full_shard auto_wrap", "fsdp='full_shard auto_wrap'"),
+    (f"deepspeed={ROOT / 'finetune' / 'configs' / 'ds_zero3.json'}", "ds_zero3.json (ZeRO stage 3)"),
+    ("deepspeed={zero_optimization: {stage: 3}}", "ZeRO stage 3"),
+])
+def test_image_alignment_with_sharded_weights_is_refused_before_training(override, named):
+    """Documented unsupported (the trainable rows sit beside the sharded matrices); now refused in one line."""
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "finetune" / "configs" / "tiny_cpu.yaml", ["mode=image-alignment", override])
+    message = str(err.value)
+    assert "mode=image-alignment" in message and named in message and "\n" not in message
+
+
+def test_zero3_with_other_modes_is_not_refused_by_the_alignment_check():
+    from finetune.config import sharded_weights
+
+    assert sharded_weights(None, {"zero_optimization": {"stage": 2}}) is None
+    assert "ZeRO stage 3" in sharded_weights(None, {"zero_optimization": {"stage": 3}})
