@@ -25,7 +25,13 @@ fi
 CONFIG="$1"; shift
 [[ -f "$CONFIG" ]] || { echo "launch.sh: config $CONFIG does not exist" >&2; exit 2; }
 
-gpus() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -c '^GPU' || echo 0; }
+# GPUs nvidia-smi lists; 0 without nvidia-smi, or when it lists none (it exits non-zero, grep -c prints 0 and fails)
+gpus() {
+  local n=0
+  if command -v nvidia-smi >/dev/null 2>&1; then n="$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)"; fi
+  [[ "$n" =~ ^[0-9]+$ ]] || n=0
+  echo "$n"
+}
 NGPU="$(gpus)"
 NPROC="${NPROC_PER_NODE:-}"
 NNODES="${NNODES:-1}"

@@ -200,3 +200,19 @@ def test_zero3_with_other_modes_is_not_refused_by_the_alignment_check():
 
     assert sharded_weights(None, {"zero_optimization": {"stage": 2}}) is None
     assert "ZeRO stage 3" in sharded_weights(None, {"zero_optimization": {"stage": 3}})
+
+
+@pytest.mark.parametrize("listing, status, nproc, gloo", [
+    ("No devices were found", 6, "1", True),  # the driver is installed, the machine has no GPU
+    ("", 0, "1", True),
+    ("GPU 0: NVIDIA A100 (UUID: GPU-1)\nGPU 1: NVIDIA A100 (UUID: GPU-2)", 0, "2", False),
+])
+def test_launch_script_counts_gpus_from_nvidia_smi(tmp_path, listing, status, nproc, gloo):
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\nprintf '%s\\n' '{listing}'\nexit {status}\n")
+    fake.chmod(0o755)
+    run = subprocess.run([str(ROOT / "finetune" / "launch.sh"), str(CONFIGS[0]), "--dry-run"], capture_output=True,
+                         text=True, env={"PATH": f"{fake.parent}:/usr/bin:/bin"})
+    assert run.returncode == 0 and not run.stderr, run.stderr
+    assert f"--nproc-per-node {nproc} " in run.stdout and ("ddp_backend=gloo" in run.stdout) == gloo
