@@ -216,3 +216,4 @@ def test_launch_script_counts_gpus_from_nvidia_smi(tmp_path, listing, status, np
                          text=True, env={"PATH": f"{fake.parent}:/usr/bin:/bin"})
     assert run.returncode == 0 and not run.stderr, run.stderr
     assert f"--nproc-per-node {nproc} " in run.stdout and ("ddp_backend=gloo" in run.stdout) == gloo
+    assert "--rdzv-endpoint localhost:0 " in run.stdout  # one node: a free port, never another run's rendezvous
