@@ -9,8 +9,10 @@ Usage::
 
 The prompt is laid out as training rows and ``eval.run`` lay it out (``medmax.prompting``): the images,
 then the text, then the end-of-turn token (``--no-end-of-turn`` leaves it out). Where the text holds
-``<image>`` placeholders, the images go there instead, in order. ``--output`` receives ``image_<i>.png`` for every generated image and
-``generation.json`` recording the prompt, the settings and the output segments in order. A non-empty
+``<image>`` placeholders, the images go there instead, in order. Typed text is encoded with special-token
+parsing off (a typed ``<racm3:break>`` stays text). ``--output`` receives ``image_<i>.png`` for every
+generated image and ``generation.json`` recording the prompt, the settings and the output segments in
+order. ``--top-p 0`` / ``--image-top-p 0`` keep only the most likely token (greedy). A non-empty
 ``--output`` is refused unless ``--overwrite`` is given, which removes only the files an earlier
 ``medmax generate`` wrote there (its ``generation.json`` and the images it lists); an ``--output`` that
 cannot be written is refused before the model loads, and so is a ``config.json`` whose parameters
