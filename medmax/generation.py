@@ -2,8 +2,9 @@
 
 A prompt is a list of segments: ``str`` (text), ``PIL.Image.Image`` or ``pathlib.Path`` (an image,
 tokenized with the bundle's VQGAN), :class:`ImageCodes` (raw VQGAN codes) and :data:`END_OF_TURN`.
-It is encoded the way training sequences are built: ``<s>``, then each segment in order (text via
-``tokenizer.encode(text).ids``; an image as ``boi + code ids + eoi``; the end-of-turn id).
+It is encoded the way training sequences are built: ``<s>``, then each segment in order (text with
+special-token parsing off, so typed ``<racm3:break>`` or ``</s>`` stay text; an image as
+``boi + code ids + eoi``; the end-of-turn id).
 
 Decoding follows Chameleon's inference (DESIGN.md):
 
@@ -25,8 +26,12 @@ cache from the row's whole context so far.
 Example::
 
     gen = Generator.from_dir("runs/export")
-    out = gen.generate([["What is shown?", Path("scan.png"), END_OF_TURN]], GenerationConfig(do_sample=False))
+    prompt = prompt_segments("What is shown?", [Path("scan.png")], end_of_turn=True)  # image, text, end of turn
+    out = gen.generate([prompt], GenerationConfig(do_sample=False))
     out[0].text
+
+``medmax.prompting.prompt_segments`` is the one prompt layout (images first unless ``<image>``
+placeholders place them), shared with evaluation and the training data.
 """
 
 from __future__ import annotations
@@ -43,23 +48,15 @@ from PIL import Image
 from transformers import DynamicCache
 
 from .model import ModelBundle, load_model_dir
+from .prompting import END_OF_TURN, _EndOfTurn, prompt_segments  # noqa: F401  (re-exported)
 from .sampling import apply_repetition_penalty, instruct_guidance, sample, text_token_mask
+from .vocab import encode_text
 from .vqgan import to_uint8
 
 logger = logging.getLogger(__name__)
 
 MODES = ("text", "image", "interleaved")
 _ENCODE_BATCH = 8  # prompt images per VQGAN encoder call
-
-
-class _EndOfTurn:
-    """The end-of-turn sentinel segment (``<reserved08706>``) between a prompt and its answer."""
-
-    def __repr__(self) -> str:
-        return "END_OF_TURN"
-
-
-END_OF_TURN = _EndOfTurn()
 
 
 @dataclass(frozen=True)
@@ -113,13 +110,13 @@ class GenerationConfig:
     max_new_tokens: int = 256  # text tokens (image codes are not counted)
     do_sample: bool = True  # text: sample (True) or greedy (False)
     temperature: float = 1.0  # text
-    top_p: float = 0.9  # text
+    top_p: float = 0.9  # text; in [0, 1]: 1 = off, 0 = the top token only (greedy)
     top_k: int = 0  # text; 0 = off
     repetition_penalty: float = 1.2  # text; 1.0 = off
     stop_strings: tuple[str, ...] = ()  # text ends at (and is cut before) the first one it contains
     max_images: int = 1  # interleaved: images the model may draw
     image_temperature: float = 0.7  # 0 = greedy codes
-    image_top_p: float = 0.9
+    image_top_p: float = 0.9  # in [0, 1], as top_p
     image_top_k: int = 0
     guidance: bool = True  # image: three-stream classifier-free guidance
     guidance_scale_text: float = 3.0
@@ -136,6 +133,9 @@ class GenerationConfig:
         for name in ("temperature", "image_temperature", "top_p", "image_top_p"):
             if getattr(self, name) < 0:
                 raise ValueError(f"GenerationConfig.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("top_p", "image_top_p"):
+            if getattr(self, name) > 1:
+                raise ValueError(f"GenerationConfig.{name} must lie in [0, 1] (0 = greedy, 1 = off), got {getattr(self, name)}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"GenerationConfig.repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.batch_size < 1:
@@ -176,8 +176,9 @@ class Generator:
         self._code_ids = self.vocab.image_id_tensor(self.device)[:n_codes]  # (n,) ids the image sampler may draw
 
     @classmethod
-    def from_dir(cls, path: str | Path, device=None, dtype: torch.dtype | None = None) -> "Generator":
-        return cls(load_model_dir(path, dtype=dtype, device=device))
+    def from_dir(cls, path: str | Path, device=None, dtype: torch.dtype | None = None,
+                 skip_memory_check: bool = False) -> "Generator":
+        return cls(load_model_dir(path, dtype=dtype, device=device, skip_memory_check=skip_memory_check))
 
     @property
     def n_image_tokens(self) -> int:
@@ -215,7 +216,7 @@ class Generator:
 
     def _segment_length(self, seg) -> int:
         if isinstance(seg, str):
-            return len(self.tokenizer.encode(seg).ids)
+            return len(encode_text(self.tokenizer, seg))
         if isinstance(seg, _EndOfTurn):
             return 1
         return self.n_image_tokens
@@ -268,7 +269,7 @@ class Generator:
             ids = [v.bos_id]
             for s in segs:
                 if isinstance(s, str):
-                    ids += self.tokenizer.encode(s).ids
+                    ids += encode_text(self.tokenizer, s)
                 elif isinstance(s, _EndOfTurn):
                     ids.append(v.eot_id)
                 else:
