@@ -276,7 +276,7 @@ _TOP_MAP = (
 
 
 def _full_shapes(p: MetaParams) -> dict[str, tuple[int, ...]]:
-    """Unsharded shape of every Meta tensor name pattern ("{}" for the layer)."""
+    """Unsharded shape of each Meta tensor (layer tensors by their name after ``layers.N.``)."""
     d, q, kv = p.dim, p.n_heads * p.head_dim, p.kv_heads * p.head_dim
     shapes = {
         "attention.wq.weight": (q, d), "attention.wk.weight": (kv, d), "attention.wv.weight": (kv, d),
