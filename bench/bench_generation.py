@@ -31,7 +31,8 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from medmax.generation import END_OF_TURN, GenerationConfig, Generator
 from medmax.presets import make_model_dir
-from medmax.sampling import instruct_guidance, text_token_mask
+from medmax.generation.image import guidance_streams, stream_rows
+from medmax.generation.sampling import instruct_guidance, text_token_mask
 
 PROMPTS = [
     "Generate an image of a chest radiograph with a small nodule in the right lung.",
@@ -50,14 +51,14 @@ class SeparateStreamGuidance(LogitsProcessor):
 
     def __init__(self, gen: Generator, contexts: list[list[int]], text_scale: float, image_scale: float):
         self.gen, self.text_scale, self.image_scale = gen, text_scale, image_scale
-        streams = [gen._guidance_streams(c) for c in contexts]
+        streams = [guidance_streams(gen.vocab, c) for c in contexts]
         self.state = [self._prefill([s[k] for s in streams]) for k in (1, 2)]  # per stream: (logits, mask, cache)
         image_mask = torch.zeros(gen.vocab.size, dtype=torch.bool, device=gen.device)
-        image_mask[gen._code_ids] = True
+        image_mask[gen.image_decoder.code_ids] = True
         self.not_image = ~image_mask
 
     def _prefill(self, seqs):
-        ids, mask, _ = self.gen._left_pad(seqs)
+        ids, mask, _ = self.gen.runner.left_pad(seqs)
         cache = DynamicCache(config=self.gen.model.config)
         out = self.gen.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
         return [out.logits[:, -1].float(), mask, cache]
@@ -87,7 +88,7 @@ class TextOnly(LogitsProcessor):
 def baseline_image(gen: Generator, prompts, cfg: GenerationConfig) -> torch.Tensor:
     contexts = gen.encode_prompts(prompts, cfg)
     n = gen.vqgan.n_codes_per_image
-    ids, mask, _ = gen._left_pad([c + [gen.vocab.boi_id] for c in contexts])
+    ids, mask, _ = gen.runner.left_pad([c + [gen.vocab.boi_id] for c in contexts])
     guidance = SeparateStreamGuidance(gen, contexts, cfg.guidance_scale_text, cfg.guidance_scale_image)
     greedy = cfg.image_temperature == 0.0
     sampling = {} if greedy else dict(temperature=cfg.image_temperature, top_p=cfg.image_top_p, top_k=0)
@@ -99,7 +100,7 @@ def baseline_image(gen: Generator, prompts, cfg: GenerationConfig) -> torch.Tens
 
 def baseline_text(gen: Generator, prompts, max_new_tokens: int) -> list[list[int]]:
     contexts = gen.encode_prompts(prompts)
-    ids, mask, _ = gen._left_pad(contexts)
+    ids, mask, _ = gen.runner.left_pad(contexts)
     keep = TextOnly(text_token_mask(gen.vocab, allow_boi=False, device=gen.device))
     out = gen.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              logits_processor=LogitsProcessorList([keep]), pad_token_id=gen.vocab.pad_id,
@@ -148,8 +149,8 @@ def image_cost(gen: Generator, prompts, guidance: bool) -> Cost:
     model = gen.model
     layer_params = sum(p.numel() for p in model.model.layers.parameters())
     n = gen.vqgan.n_codes_per_image
-    head = len(gen._code_ids) * model.config.hidden_size
-    seqs, _, _ = gen._stream_rows(gen.encode_prompts(prompts), guidance)
+    head = len(gen.image_decoder.code_ids) * model.config.hidden_size
+    seqs, _, _ = stream_rows(gen.vocab, gen.encode_prompts(prompts), guidance)
     rows, prompt_tokens = len(seqs), sum(map(len, seqs))
     flops = 2 * layer_params * (prompt_tokens + rows * (n - 1)) + 2 * head * rows * n
     return Cost(flops=flops, weight_bytes=(layer_params + head) * 4 * n)

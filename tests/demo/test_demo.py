@@ -132,7 +132,7 @@ def test_conversation_is_one_context_in_the_training_layout(engine, generator, s
     assert conv.prompt() == [upload.image, "Is there a lesion?", END_OF_TURN, "Yes. Here it is:", drawn, END_OF_TURN,
                              "Where?", END_OF_TURN]
     (ids,) = generator.encode_prompts([conv.prompt()])
-    upload_codes = generator._encode_images([upload.image])[0]
+    upload_codes = generator.prompts.encode_images([upload.image])[0]
     row = {"conversations": [{"role": "user", "content": "<image>Is there a lesion?"},
                              {"role": "assistant", "content": "Yes. Here it is:<image>"},
                              {"role": "user", "content": "Where?"}, {"role": "assistant", "content": "Upper left."}],
@@ -272,7 +272,7 @@ def test_image_mode_puts_the_png_in_the_chat_and_offers_png_and_codes(engine, ge
 def test_interleaved_mode_keeps_text_and_images_in_emitted_order(engine, generator, monkeypatch):
     """The model is pushed to open an image after a few text tokens (its begin-of-image logit is raised)."""
     boi = generator.vocab.boi_id
-    original = generator._pick_text_tokens
+    original = generator.text_decoder.pick_tokens
     calls = {"n": 0}
 
     def pick(hidden, cols, head_rows, seen, boi_ok, config, rng):
@@ -280,7 +280,7 @@ def test_interleaved_mode_keeps_text_and_images_in_emitted_order(engine, generat
         tokens = original(hidden, cols, head_rows, seen, boi_ok, config, rng)
         return tokens.masked_fill(boi_ok & (calls["n"] == 3), boi)  # third step: begin-of-image
 
-    monkeypatch.setattr(generator, "_pick_text_tokens", pick)
+    monkeypatch.setattr(generator.text_decoder, "pick_tokens", pick)
     chat, conv, downloads, status = _ask(engine, {"text": "Describe and draw", "files": []}, mode="interleaved",
                                          max_new_tokens=6, temperature=1.5, top_p=1.0)[-1]
     kinds = ["text" if isinstance(p, str) else "image" for p in conv.turns[-1].pieces]

@@ -89,16 +89,16 @@ def test_generate_and_eval_run_build_the_same_ids(tiny_model_dir, scan, tmp_path
     import shutil
 
     import eval.run
-    from medmax.generation import Generator
+    from medmax.generation.prompts import PromptEncoder
 
     built = []
-    original = Generator._encode_checked
+    original = PromptEncoder.encode
 
     def record(self, checked):
         built.append(original(self, checked))
         return built[-1]
 
-    monkeypatch.setattr(Generator, "_encode_checked", record)
+    monkeypatch.setattr(PromptEncoder, "encode", record)
     question = "Is there a lesion in the image?"
     assert main(["generate", "--model", str(tiny_model_dir), "--prompt", question, "--image", str(scan), "--mode", "text",
                  "--greedy", "--max-new-tokens", "1", "--output", str(tmp_path / "gen"), "--device", "cpu"]) == 0

@@ -19,6 +19,7 @@ from medmax.generation import (
     ImageOutput,
     TextOutput,
 )
+from medmax.generation.image import guidance_streams, stream_rows
 from medmax.images import ImageLoadError, preprocess
 
 
@@ -147,7 +148,7 @@ def test_eos_and_stop_strings_end_text(gen, tiny_vocab):
 def test_interleaved_alternates_and_images_are_complete(gen, tiny_vocab, monkeypatch):
     v = tiny_vocab
     text_steps = {"n": 0}
-    logits_of = gen._logits
+    logits_of = gen.runner.logits
 
     def boi_on_third_text_step(hidden, rows, ids):
         logits = logits_of(hidden, rows, ids)
@@ -157,7 +158,7 @@ def test_interleaved_alternates_and_images_are_complete(gen, tiny_vocab, monkeyp
                 logits[:, ids == v.boi_id] += 1000.0
         return logits
 
-    monkeypatch.setattr(gen, "_logits", boi_on_third_text_step)
+    monkeypatch.setattr(gen.runner, "logits", boi_on_third_text_step)
     (out,) = gen.generate([["Generate an image of a lung", END_OF_TURN]],
                           GenerationConfig(mode="interleaved", max_new_tokens=6, do_sample=False, seed=0))
     assert [type(s) for s in out.segments] == [TextOutput, ImageOutput, TextOutput]
@@ -186,8 +187,8 @@ def no_model_work(gen, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("model work started before the input was validated")
 
-    monkeypatch.setattr(gen, "_forward", refuse)
-    monkeypatch.setattr(gen, "_encode_images", refuse)
+    monkeypatch.setattr(gen.runner, "forward", refuse)
+    monkeypatch.setattr(gen.prompts, "encode_images", refuse)
     return gen
 
 
@@ -222,14 +223,14 @@ def test_guidance_streams_are_chameleons_three(gen, tiny_vocab):
     codes = _codes(gen)
     (context,) = gen.encode_prompts([["Make it brighter", codes, "please", END_OF_TURN]])
     image = [v.boi_id, *[c + v.offset for c in codes.codes], v.eoi_id]
-    full, image_only, uncond = gen._guidance_streams(context)
+    full, image_only, uncond = guidance_streams(v, context)
     assert full == context + [v.boi_id]
     assert image_only == [v.bos_id, *image, v.boi_id]
     assert uncond == [v.bos_id, v.boi_id]
     (text_only,) = gen.encode_prompts([["text only"]])
-    seqs, owner, index = gen._stream_rows([text_only, context], guidance=True)
+    seqs, owner, index = stream_rows(v, [text_only, context], guidance=True)
     assert len(seqs) == 5  # the text-only prompt's image-only stream is its unconditional one: run once
-    expected = [gen._guidance_streams(c)[s] for s in range(3) for c in (text_only, context)]  # stream-major
+    expected = [guidance_streams(v, c)[s] for s in range(3) for c in (text_only, context)]  # stream-major
     assert [seqs[i] for i in index.tolist()] == expected
     assert owner.tolist() == [0, 1, 1, 0, 1]
 

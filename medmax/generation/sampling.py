@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .vocab import Vocabulary
+from ..vocab import Vocabulary
 
 
 def text_token_mask(vocab: Vocabulary, allow_boi: bool, device=None) -> torch.Tensor:

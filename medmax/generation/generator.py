@@ -1,0 +1,249 @@
+"""The generator: its config and outputs, batching prompts, and interleaving text and images.
+
+Interleaved mode runs text until the model emits begin-of-image, a full image, back to text; up to
+``max_images`` images and ``max_new_tokens`` text tokens. Prompts are decoded ``batch_size`` at a
+time, grouped by length. Each phase (a text run, an image) prefills its own cache from the row's
+whole context so far.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence, Union
+
+import torch
+from PIL import Image
+
+from ..model import ModelBundle, load_model_dir
+from .forward import ModelRunner
+from .image import ImageDecoder
+from .prompts import PromptEncoder, Segment
+from .text import TextDecoder
+
+logger = logging.getLogger(__name__)
+
+MODES = ("text", "image", "interleaved")
+
+
+@dataclass
+class TextOutput:
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ImageOutput:
+    image: Image.Image | None  # None when GenerationConfig.decode_images is False
+    codes: list[int]
+
+
+@dataclass
+class GenerationOutput:
+    """One prompt's result: ordered text and image segments, and every generated token id."""
+
+    segments: list[Union[TextOutput, ImageOutput]]
+    token_ids: list[int]
+    finish_reason: str  # "eos" (end of sequence / turn), "stop" (a stop string), "length", "image" (image mode)
+
+    @property
+    def text(self) -> str:
+        return "".join(s.text for s in self.segments if isinstance(s, TextOutput))
+
+    @property
+    def images(self) -> list[ImageOutput]:
+        return [s for s in self.segments if isinstance(s, ImageOutput)]
+
+
+@dataclass
+class GenerationConfig:
+    """How to decode. Defaults are Chameleon's inference defaults."""
+
+    mode: str = "text"  # "text", "image" or "interleaved"
+    max_new_tokens: int = 256  # text tokens (image codes are not counted)
+    do_sample: bool = True  # text: sample (True) or greedy (False)
+    temperature: float = 1.0  # text
+    top_p: float = 0.9  # text; in [0, 1]: 1 = off, 0 = the top token only (greedy)
+    top_k: int = 0  # text; 0 = off
+    repetition_penalty: float = 1.2  # text; 1.0 = off
+    stop_strings: tuple[str, ...] = ()  # text ends at (and is cut before) the first one it contains
+    max_images: int = 1  # interleaved: images the model may draw
+    image_temperature: float = 0.7  # 0 = greedy codes
+    image_top_p: float = 0.9  # in [0, 1], as top_p
+    image_top_k: int = 0
+    guidance: bool = True  # image: three-stream classifier-free guidance
+    guidance_scale_text: float = 3.0
+    guidance_scale_image: float = 1.2
+    seed: int | None = None  # None: a fresh random seed
+    decode_images: bool = True  # False: return codes only (no VQGAN decoder work)
+    batch_size: int = 16  # prompts decoded together (sorted by length to limit padding)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"GenerationConfig.mode: unknown mode {self.mode!r}; choose one of {MODES}")
+        if self.max_new_tokens < 1 and self.mode != "image":
+            raise ValueError(f"GenerationConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        for name in ("temperature", "image_temperature", "top_p", "image_top_p"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"GenerationConfig.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("top_p", "image_top_p"):
+            if getattr(self, name) > 1:
+                raise ValueError(f"GenerationConfig.{name} must lie in [0, 1] (0 = greedy, 1 = off), got {getattr(self, name)}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"GenerationConfig.repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.batch_size < 1:
+            raise ValueError(f"GenerationConfig.batch_size must be >= 1, got {self.batch_size}")
+        if self.max_images < 0:
+            raise ValueError(f"GenerationConfig.max_images must be >= 0, got {self.max_images}")
+        if isinstance(self.stop_strings, str):
+            self.stop_strings = (self.stop_strings,)
+        self.stop_strings = tuple(self.stop_strings)
+
+
+@dataclass
+class _Row:
+    """One prompt's state across the phases of a generation."""
+
+    context: list[int]  # prompt + everything generated so far
+    segments: list = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)
+    text_left: int = 0
+    images_left: int = 0
+    finish_reason: str = ""
+    index: int = 0  # the prompt's position in ``generate``'s input
+    rng: torch.Generator | None = None  # the prompt's own generator (``generate(seeds=...)``)
+    on_step: Callable | None = None  # ``generate(on_step=...)``
+
+
+class Generator:
+    """Generates text, images or both from a loaded model folder (see the package docstring).
+
+    Its parts: ``prompts`` (:class:`PromptEncoder`), ``runner`` (:class:`ModelRunner`, the model's
+    forward passes), ``text_decoder`` (:class:`TextDecoder`) and ``image_decoder`` (:class:`ImageDecoder`); this class
+    batches the prompts and interleaves text and images.
+    """
+
+    def __init__(self, bundle: ModelBundle):
+        self.model = bundle.model.eval()
+        self.tokenizer = bundle.tokenizer
+        self.vocab = bundle.vocab
+        self.vqgan = bundle.vqgan
+        self.runner = ModelRunner(self.model, self.vocab.pad_id)
+        self.device = self.runner.device
+        self.context_length = int(self.model.config.max_position_embeddings)
+        self.prompts = PromptEncoder(self.tokenizer, self.vocab, self.vqgan, self.context_length)
+        self.text_decoder = TextDecoder(self.runner, self.vocab, self.tokenizer, self.context_length)
+        self.image_decoder = ImageDecoder(self.runner, self.vocab, self.vqgan)
+
+    @classmethod
+    def from_dir(cls, path: str | Path, device=None, dtype: torch.dtype | None = None,
+                 skip_memory_check: bool = False) -> "Generator":
+        return cls(load_model_dir(path, dtype=dtype, device=device, skip_memory_check=skip_memory_check))
+
+    @property
+    def n_image_tokens(self) -> int:
+        """Tokens one image takes in a sequence: boi + grid + eoi."""
+        return self.prompts.n_image_tokens
+
+    def encode_prompts(self, prompts, config: GenerationConfig | None = None) -> list[list[int]]:
+        """Token ids of each prompt (validated; images tokenized with the VQGAN)."""
+        return self.prompts.encode(self.prompts.check(prompts, (config or GenerationConfig()).mode)[0])
+
+    # ------------------------------------------------------------------------------ public API
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Sequence[Segment]], config: GenerationConfig | None = None, *,
+                 seeds: Sequence[int] | None = None, on_step: Callable | None = None) -> list[GenerationOutput]:
+        """Generate for a batch of prompts; -> one GenerationOutput per prompt, in order.
+
+        ``seeds``: one seed per prompt (instead of ``config.seed``); each prompt then samples from its own
+        generator, so its output does not depend on the other prompts of the batch.
+        ``on_step(index, item)`` is called as the output grows: with each text token id the prompt
+        ``index`` emits (end tokens included, before stop strings are cut) and with each drawn
+        :class:`ImageOutput`; it lets a caller stream the answer.
+        """
+        config = config or GenerationConfig()
+        if config.mode in ("image", "interleaved") and config.decode_images:
+            self.prompts.require_vqgan(f"{config.mode} generation")
+        checked, lengths = self.prompts.check(prompts, config.mode)
+        if seeds is not None and len(seeds) != len(checked):
+            raise ValueError(f"generate: {len(seeds)} seeds for {len(checked)} prompts")
+        rng = torch.Generator(device=self.device)
+        rng.manual_seed(config.seed) if config.seed is not None else rng.seed()
+        order = sorted(range(len(checked)), key=lambda i: lengths[i])
+        outputs: list[GenerationOutput | None] = [None] * len(checked)
+        for start in range(0, len(order), config.batch_size):
+            chunk = order[start : start + config.batch_size]
+            rows = [self._new_row(ids, i, config, seeds, on_step)
+                    for i, ids in zip(chunk, self.prompts.encode([checked[i] for i in chunk]))]
+            for i, out in zip(chunk, self._generate_batch(rows, config, rng)):
+                outputs[i] = out
+            logger.debug("generated %d / %d prompts", min(start + config.batch_size, len(order)), len(order))
+        return outputs
+
+    def _new_row(self, ids: list[int], index: int, config: GenerationConfig, seeds, on_step) -> _Row:
+        rng = None
+        if seeds is not None:
+            rng = torch.Generator(device=self.device)
+            rng.manual_seed(int(seeds[index]))
+        return _Row(context=ids, text_left=config.max_new_tokens, images_left=config.max_images, index=index,
+                    rng=rng, on_step=on_step)
+
+    def _generate_batch(self, rows: list[_Row], config: GenerationConfig, rng: torch.Generator) -> list[GenerationOutput]:
+        if config.mode == "image":
+            self._add_images(rows, config, rng)
+            for r in rows:
+                r.finish_reason = "image"
+        else:
+            self._text_loop(rows, config, rng)
+        return [GenerationOutput(segments=r.segments, token_ids=r.generated, finish_reason=r.finish_reason) for r in rows]
+
+    def _text_loop(self, rows: list[_Row], config: GenerationConfig, rng: torch.Generator):
+        """Text phases, with an image after each begin-of-image the model emits (interleaved mode)."""
+        if config.mode == "text":
+            for r in rows:
+                r.images_left = 0
+        active = list(rows)
+        while active:
+            image_room = self.n_image_tokens if config.mode == "interleaved" else 0
+            new = self.text_decoder.run(active, config, _row_rngs(active, rng), image_room)
+            for row, ids in zip(active, new):
+                text, body = self.text_decoder.body(ids, config.stop_strings)
+                seg = TextOutput(text=text, token_ids=body)
+                if seg.token_ids:
+                    row.segments.append(seg)
+                row.text_left -= len(seg.token_ids)
+                kept = ids[:-1] if ids and ids[-1] == self.vocab.boi_id else ids
+                row.context += kept
+                row.generated += kept
+            drawing = [r for r in active if r.finish_reason == "image"]
+            if drawing:
+                self._add_images(drawing, config, rng)
+            active = [r for r in drawing if self._continues(r)]
+
+    def _add_images(self, rows: list[_Row], config: GenerationConfig, rng: torch.Generator):
+        """Generate one image for each row (whose context must not yet hold the boi) and append it."""
+        self.prompts.require_vqgan("image generation")
+        codes = self.image_decoder.draw([r.context for r in rows], config, _row_rngs(rows, rng))  # (B, n)
+        images = self.image_decoder.decode(codes) if config.decode_images else [None] * len(rows)
+        for row, c, im in zip(rows, codes.cpu(), images):
+            ids = self.image_decoder.token_ids(c)
+            row.context += ids
+            row.generated += ids
+            row.segments.append(ImageOutput(image=im, codes=c.tolist()))
+            row.images_left -= 1
+            if row.on_step:
+                row.on_step(row.index, row.segments[-1])
+
+    def _continues(self, row: _Row) -> bool:
+        """After an image: continue with text if budget and context remain."""
+        if row.text_left <= 0 or len(row.context) >= self.context_length:
+            row.finish_reason = "length"
+            return False
+        row.finish_reason = ""
+        return True
+
+
+def _row_rngs(rows: list[_Row], rng: torch.Generator):
+    """The rows' own generators when they have them (``generate(seeds=...)``), else the shared one."""
+    return [r.rng for r in rows] if rows and rows[0].rng is not None else rng
