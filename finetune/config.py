@@ -14,10 +14,10 @@ from pathlib import Path
 import yaml
 from transformers import TrainingArguments
 
-from medmax.presets import MODEL_PRESETS
+from medmax.model import MODEL_PRESETS
+from medmax.presets import PRESET_PREFIX, TOKENIZER_PRESETS, VQGAN_PRESETS, parse_preset  # noqa: F401
 
 MODES = ("full", "lora", "image-alignment")
-PRESET_PREFIX = "preset:"
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -120,10 +120,12 @@ class FinetuneConfig(TrainingArguments):
         self.dataset_specs()  # parses, raises on a bad entry
         if self.max_length <= 1:
             raise ConfigError(f"max_length={self.max_length}: must be at least 2")
+        try:
+            for key, choices in (("model", MODEL_PRESETS), ("tokenizer", TOKENIZER_PRESETS), ("vqgan", VQGAN_PRESETS)):
+                parse_preset(getattr(self, key), choices, key)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if self.is_preset:
-            name = self.preset_name
-            if name not in MODEL_PRESETS:
-                raise ConfigError(f"model={self.model!r}: unknown preset; choose from {sorted(MODEL_PRESETS)}")
             for key in ("tokenizer", "vqgan"):
                 if not getattr(self, key):
                     raise ConfigError(f"{key}: required when model is a preset ({self.model})")
@@ -139,11 +141,12 @@ class FinetuneConfig(TrainingArguments):
 
     @property
     def is_preset(self) -> bool:
-        return self.model.startswith(PRESET_PREFIX)
+        return self.preset_name is not None
 
     @property
-    def preset_name(self) -> str:
-        return self.model[len(PRESET_PREFIX):]
+    def preset_name(self) -> str | None:
+        """NAME when ``model`` is ``preset:NAME``, else None."""
+        return parse_preset(self.model, MODEL_PRESETS, "model")
 
     def dataset_specs(self) -> list[DatasetSpec]:
         specs = []

@@ -96,8 +96,7 @@ def _vqmodel_items(vqgan) -> list:
 
 def _hf_config(params, tokenizer, vqgan, dtype: torch.dtype):
     """The ChameleonConfig of a release: sizes from params.json, vocabulary and vq_config from its files."""
-    from medmax.model import STANDARD_ARCHITECTURE
-    from medmax.presets import chameleon_config
+    from medmax.model import STANDARD_ARCHITECTURE, chameleon_config
 
     config = chameleon_config("7b", tokenizer, vqgan.params, **params.hf_fields())  # every size field overridden
     config.architectures = [STANDARD_ARCHITECTURE]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medmax.presets import build_tiny_tokenizer
+from medmax.presets import TOKENIZER_PRESETS, parse_preset
 from medmax.prompting import END_OF_TURN, prompt_segments
 from medmax.training_data import IGNORE_INDEX, write_sequences
 from medmax.vocab import Vocabulary, load_tokenizer
@@ -31,7 +31,8 @@ QUESTION = "Is there a lesion in the image?"
 
 def resolve_tokenizer(spec: str):
     """``preset:tiny`` builds the tiny Chameleon-layout tokenizer; anything else is a path."""
-    return build_tiny_tokenizer() if spec == "preset:tiny" else load_tokenizer(spec)
+    name = parse_preset(spec, TOKENIZER_PRESETS, "tokenizer")
+    return TOKENIZER_PRESETS[name]() if name else load_tokenizer(spec)
 
 
 def demo_rows(tokenizer, n: int, n_codes: int = 64, seed: int = 0, image_targets: bool = False,

@@ -47,10 +47,11 @@ from medmax.training_data import (
     split_validation,
 )
 from medmax.vocab import Vocabulary, load_tokenizer
-from medmax.presets import VQGAN_PRESETS, chameleon_config
+from medmax.model import chameleon_config
+from medmax.presets import VQGAN_PRESETS, parse_preset
 from medmax.vqgan import VQGAN, load_vqgan, save_vqgan
 
-from .config import PRESET_PREFIX, ConfigError, FinetuneConfig, load_config
+from .config import ConfigError, FinetuneConfig, load_config
 from .demo_data import resolve_tokenizer
 from .modes import setup_mode, sync_trainable_rows
 
@@ -115,9 +116,10 @@ def _setup_assets(cfg: FinetuneConfig):
     if model_dir is not None and not (model_dir / "config.json").is_file():
         raise ConfigError(f"model={cfg.model}: not a Hugging Face folder (no config.json) and not preset:NAME")
     tokenizer = resolve_tokenizer(cfg.tokenizer) if cfg.tokenizer else load_tokenizer(model_dir)
-    if cfg.vqgan and cfg.vqgan.startswith(PRESET_PREFIX):  # random weights: CPU smoke runs and tests
+    vqgan_preset = parse_preset(cfg.vqgan, VQGAN_PRESETS, "vqgan")
+    if vqgan_preset:  # random weights: CPU smoke runs and tests
         torch.manual_seed(cfg.seed)
-        vqgan_path, vqgan = cfg.vqgan, VQGAN.from_params(VQGAN_PRESETS[cfg.vqgan[len(PRESET_PREFIX):]])
+        vqgan_path, vqgan = cfg.vqgan, VQGAN.from_params(VQGAN_PRESETS[vqgan_preset])
     else:
         vqgan_path = Path(cfg.vqgan) if cfg.vqgan else model_dir
         vqgan = load_vqgan(vqgan_path, trust_checkpoint=cfg.trust_checkpoint)

@@ -5,6 +5,10 @@ minimum on every call, so a model trained through it sees an infinite loss on im
 never draw one (Anole issue #30). :class:`MedMaxChameleon` computes the same logits without that
 mask and saves as a standard Chameleon checkpoint.
 
+The named model sizes (:data:`MODEL_PRESETS`, from the tests' tiny model to Chameleon 7B) and
+:func:`chameleon_config`, which turns a size into a config for a tokenizer and VQGAN, live here beside
+the model class.
+
 A model folder (what ``finetune.export`` writes and generation / evaluation load)::
 
     DIR/config.json, DIR/model.safetensors   Hugging Face Chameleon (from_pretrained, no custom code)
@@ -22,12 +26,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
-from transformers import ChameleonForConditionalGeneration
+from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .memory import MemoryBudgetError, available_bytes, check_fits
 from .vocab import IGNORE_INDEX, Vocabulary, load_tokenizer
-from .vqgan import VQGAN, load_vqgan, save_vqgan
+from .vqgan import VQGAN, hf_vq_config, load_vqgan, save_vqgan
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +93,42 @@ def check_config_fits(config, where: str, dtype: torch.dtype | None = None, devi
 
 def check_model_fits(folder: str | Path, dtype: torch.dtype | None = None, device=None, allow: bool = False):
     """Read ``folder/config.json`` and refuse before loading when its parameters cannot fit; -> the config."""
-    from transformers import ChameleonConfig
-
     config = ChameleonConfig.from_pretrained(folder)
     check_config_fits(config, str(Path(folder) / "config.json"), dtype, device, allow)
     return config
 
+
+# ------------------------------------------------------------------------------ model sizes
+# Chameleon-architecture sizes. `vocab_size` and `vq_config` come from the tokenizer and VQGAN.
+MODEL_PRESETS: dict[str, dict] = {
+    # tests: hidden 32, 2 layers
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4),
+    # quickstart: learns the synthetic task on two CPU cores in minutes
+    "small": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4),
+    # benchmarks: large enough that the matmuls dominate
+    "base": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8),
+    # Chameleon / Anole / MedMax 7B
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
+}
+
+
+def chameleon_config(preset: str, tokenizer: Tokenizer, vqgan_params: dict, **overrides):
+    """A transformers ``ChameleonConfig`` of a named size for this tokenizer and VQGAN."""
+    if preset not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose from {sorted(MODEL_PRESETS)}")
+    vocab = Vocabulary.from_tokenizer(tokenizer)
+    fields = dict(MODEL_PRESETS[preset])
+    fields.update(
+        vocab_size=vocab.size,
+        bos_token_id=vocab.bos_id,
+        pad_token_id=vocab.pad_id,
+        eos_token_id=vocab.eos_id,
+        max_position_embeddings=4096,
+        vq_config=hf_vq_config(vqgan_params).to_dict(),
+        vocabulary_map=tokenizer.get_vocab(with_added_tokens=True),
+    )
+    fields.update(overrides)
+    return ChameleonConfig(**fields)
 
 
 class MedMaxChameleon(ChameleonForConditionalGeneration):
@@ -163,8 +197,6 @@ class MedMaxChameleon(ChameleonForConditionalGeneration):
 
 def new_model(preset: str, tokenizer: Tokenizer, vqgan: VQGAN, seed: int = 0, **overrides) -> MedMaxChameleon:
     """A randomly initialised model of a named size whose vqmodel holds this VQGAN's encoder."""
-    from .presets import chameleon_config
-
     config = chameleon_config(preset, tokenizer, vqgan.params, **overrides)
     torch.manual_seed(seed)
     model = MedMaxChameleon(config)

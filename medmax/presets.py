@@ -1,4 +1,8 @@
-"""Named model sizes, and the tiny tokenizer / VQGAN / model used by tests, benchmarks and the quickstart.
+"""The tiny tokenizer / VQGAN / model used by tests, benchmarks and the quickstart, and ``preset:NAME`` specs.
+
+Model sizes live beside the model class (:data:`medmax.model.MODEL_PRESETS`, re-exported here). A
+setting that names a tokenizer, VQGAN or model may say ``preset:NAME`` instead of a path;
+:func:`parse_preset` is the one reader of that form.
 
 The tiny tokenizer keeps the exact Chameleon id layout (DESIGN.md): ``<s>`` 0, ``<pad>`` 1,
 ``</s>`` 2, the 8192 ``IMGIMG`` codes at 4..8195, ``<eoss>`` 8196, ``<racm3:break>`` 8197,
@@ -11,26 +15,18 @@ from __future__ import annotations
 import json
 import logging
 
+import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from .model import MODEL_PRESETS, chameleon_config, new_model, save_model_dir  # noqa: F401  (re-exported)
 from .vocab import BOI, BOS, END_OF_TURN, EOI, EOS, IMAGE_PLACEHOLDER, PAD, image_token_name
+from .vqgan import VQGAN
 
 logger = logging.getLogger(__name__)
 
 N_IMAGE_CODES = 8192
 FIRST_TEXT_ID = 8712  # after <image> at 8711
-
-# Chameleon-architecture sizes. `vocab_size` and `vq_config` come from the tokenizer and VQGAN.
-MODEL_PRESETS: dict[str, dict] = {
-    # tests: hidden 32, 2 layers
-    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4),
-    # quickstart: learns the synthetic task on two CPU cores in minutes
-    "small": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4),
-    # benchmarks: large enough that the matmuls dominate
-    "base": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8),
-    # Chameleon / Anole / MedMax 7B
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
-}
+PRESET_PREFIX = "preset:"
 
 # taming-transformers VQModel `model.params` blocks (the content of a vqgan.yaml).
 VQGAN_PRESETS: dict[str, dict] = {
@@ -96,43 +92,31 @@ def build_tiny_tokenizer(text_vocab_size: int = 1000) -> Tokenizer:
     return tok
 
 
-def chameleon_config(preset: str, tokenizer: Tokenizer, vqgan_params: dict, **overrides):
-    """A transformers ``ChameleonConfig`` of a named size for this tokenizer and VQGAN."""
-    from transformers import ChameleonConfig
-
-    from .vocab import Vocabulary
-    from .vqgan import hf_vq_config
-
-    if preset not in MODEL_PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; choose from {sorted(MODEL_PRESETS)}")
-    vocab = Vocabulary.from_tokenizer(tokenizer)
-    fields = dict(MODEL_PRESETS[preset])
-    fields.update(
-        vocab_size=vocab.size,
-        bos_token_id=vocab.bos_id,
-        pad_token_id=vocab.pad_id,
-        eos_token_id=vocab.eos_id,
-        max_position_embeddings=4096,
-        vq_config=hf_vq_config(vqgan_params).to_dict(),
-        vocabulary_map=tokenizer.get_vocab(with_added_tokens=True),
-    )
-    fields.update(overrides)
-    return ChameleonConfig(**fields)
-
-
 def make_model_dir(folder, model_preset: str = "tiny", vqgan_preset: str = "tiny", seed: int = 0, vqgan=None, **overrides):
     """Write a randomly initialised model folder (tokenizer, model, VQGAN) of named sizes.
 
     Tests, benchmarks and the quickstart start from this; pass ``vqgan`` to reuse a trained one.
     """
-    import torch
-
-    from .model import new_model, save_model_dir
-    from .vqgan import VQGAN
-
     tokenizer = build_tiny_tokenizer()
     if vqgan is None:
         torch.manual_seed(seed)
         vqgan = VQGAN.from_params(VQGAN_PRESETS[vqgan_preset])
     model = new_model(model_preset, tokenizer, vqgan, seed=seed, **overrides)
     return save_model_dir(folder, model, tokenizer, vqgan)
+
+
+# What ``preset:NAME`` can name, per kind of setting.
+TOKENIZER_PRESETS = {"tiny": build_tiny_tokenizer}
+
+
+def parse_preset(spec, choices, setting: str) -> str | None:
+    """The NAME of a ``preset:NAME`` spec, or None when ``spec`` is not one (a path, or empty).
+
+    Raises ValueError naming ``setting`` when NAME is not among ``choices``.
+    """
+    if not isinstance(spec, str) or not spec.startswith(PRESET_PREFIX):
+        return None
+    name = spec[len(PRESET_PREFIX):]
+    if name not in choices:
+        raise ValueError(f"{setting}={spec!r}: unknown preset; choose from {sorted(choices)}")
+    return name

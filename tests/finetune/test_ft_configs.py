@@ -123,6 +123,7 @@ def test_a_mode_that_freezes_everything_stops(tmp_path, good_data):
 @pytest.mark.parametrize("override, setting", [
     ("mode=partial", "mode"), ("tokenizer=null", "tokenizer"), ("model=preset:huge", "model"),
     ("validation=1.5", "validation"), ("datasets=[]", "datasets"), ("no_such_setting=1", "no_such_setting"),
+    ("vqgan=preset:huge", "vqgan='preset:huge': unknown preset"), ("tokenizer=preset:huge", "tokenizer='preset:huge'"),
 ])
 def test_bad_settings_name_the_setting(tmp_path, good_data, override, setting):
     with pytest.raises(ConfigError, match=setting):

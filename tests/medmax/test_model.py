@@ -71,7 +71,8 @@ def test_labelled_positions_loss_equals_the_full_head_loss(tiny_model_dir, tiny_
 # ------------------------------------------------------------------------------------------ memory check
 def test_parameter_estimate_matches_the_real_count(tiny_tokenizer):
     from medmax.model import estimate_parameter_bytes
-    from medmax.presets import VQGAN_PRESETS, chameleon_config
+    from medmax.model import chameleon_config
+    from medmax.presets import VQGAN_PRESETS
 
     for preset, vq in (("tiny", "tiny"), ("small", "tiny"), ("7b", "chameleon")):
         config = chameleon_config(preset, tiny_tokenizer, VQGAN_PRESETS[vq])
