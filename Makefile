@@ -32,5 +32,9 @@ test-all: $(STAMP)
 quickstart: $(STAMP)
 	$(PY) -m quickstart --output runs/quickstart
 
+# Every benchmark at full size, then BENCHMARKS.md from the records (BENCH_FLAGS=--quick for the small sizes).
+bench: $(STAMP)
+	PYTHON=$(PY) bench/run_all.sh $(BENCH_FLAGS)
+
 clean:
 	rm -rf $(VENV) runs
