@@ -143,14 +143,14 @@ def _generate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .images import ImageLoadError
-
     parser = _build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command != "generate":
         print(PROGRAMS, end="")
         return 0
+    from .images import ImageLoadError  # after parsing: --help and `programs` never load torch
+
     try:
         return _generate(args)
     except (ValueError, TypeError, ImageLoadError, FileNotFoundError) as err:
