@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medmax.generation import END_OF_TURN
-
 from .data import EvalRecord
 from .tasks import Task
 
@@ -63,5 +61,7 @@ def build_prompt(record: EvalRecord, task: Task, style: str, image: Path | None)
     if style == "chameleon" and task.kind in _CHAMELEON_INSTRUCTIONS:
         segments = [s if not isinstance(s, str) else chameleon_text(s, task.kind) for s in segments]
     if style == "sft":
+        from medmax.generation import END_OF_TURN  # here, not at the top: eval.run --help must not load torch
+
         segments = segments + [END_OF_TURN]
     return segments

@@ -30,7 +30,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from . import report
@@ -148,6 +147,8 @@ class Context:
 
 
 def _device(config: EvalConfig) -> str:
+    import torch  # in the functions that use it: --help must not load torch
+
     if config.device:
         return config.device
     if torch.cuda.is_available():
@@ -156,6 +157,8 @@ def _device(config: EvalConfig) -> str:
 
 
 def _setup(config: EvalConfig, tasks: list[Task]) -> Context:
+    import torch
+
     from medmax.generation import Generator
 
     device = _device(config)
