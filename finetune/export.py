@@ -18,12 +18,14 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from medmax.model import MedMaxChameleon, save_model_dir
 from medmax.vocab import load_tokenizer
-from medmax.vqgan import load_vqgan
+
+if TYPE_CHECKING:  # names for annotations only: the programs import them when they run
+    import torch
+
+    from medmax.model import MedMaxChameleon
 
 logger = logging.getLogger("finetune.export")
 
@@ -44,6 +46,8 @@ def read_run_info(checkpoint: Path) -> dict:
 
 def load_trained_model(checkpoint: Path, info: dict, dtype: torch.dtype) -> MedMaxChameleon:
     """The checkpoint's weights as a plain model: LoRA merged, image-alignment rows already in place."""
+    from medmax.model import MedMaxChameleon  # torch and transformers load here, not for --help
+
     if (checkpoint / "adapter_config.json").is_file():
         from peft import PeftModel
 
@@ -62,6 +66,11 @@ def load_trained_model(checkpoint: Path, info: dict, dtype: torch.dtype) -> MedM
 
 def export(checkpoint: str | Path, output: str | Path, dtype: str = "float32", trust_checkpoint: bool = False) -> Path:
     """Write the model folder of ``checkpoint`` to ``output``; returns ``output``."""
+    import torch
+
+    from medmax.model import save_model_dir
+    from medmax.vqgan import load_vqgan
+
     checkpoint = Path(checkpoint)
     info = read_run_info(checkpoint)
     model = load_trained_model(checkpoint, info, getattr(torch, dtype))
