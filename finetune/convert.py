@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from medmax.model import MedMaxChameleon, save_model_dir
 from medmax.vocab import Vocabulary, load_tokenizer
-from medmax.vqgan import load_vqgan
+
+if TYPE_CHECKING:  # names for annotations only: the programs import them when they run
+    from medmax.model import MedMaxChameleon
 
 logger = logging.getLogger("finetune.convert")
 
@@ -43,6 +43,8 @@ def original_tokenizer(original: Path) -> Path:
 
 def check_same_encoder(model: MedMaxChameleon, vqgan, hf_model: Path, original: Path) -> None:
     """The HF model's vqmodel must be the original VQGAN's encoder half, tensor for tensor."""
+    import torch
+
     ours = model.model.vqmodel.state_dict()
     theirs = {k: v for k, v in vqgan.state_dict().items() if not k.startswith("decoder.")}
     differ = [k for k in ours if k not in theirs or not torch.equal(ours[k].float(), theirs[k].float())]
@@ -53,6 +55,11 @@ def check_same_encoder(model: MedMaxChameleon, vqgan, hf_model: Path, original: 
 
 def convert(original: str | Path, hf_model: str | Path, output: str | Path, tokenizer: str | Path | None = None,
             dtype: str = "bfloat16", trust_checkpoint: bool = False) -> Path:
+    import torch  # torch and transformers load here, not for --help
+
+    from medmax.model import MedMaxChameleon, save_model_dir
+    from medmax.vqgan import load_vqgan
+
     original, hf_model = Path(original), Path(hf_model)
     vqgan = load_vqgan(original / "tokenizer", trust_checkpoint=trust_checkpoint)
     model = MedMaxChameleon.from_pretrained(hf_model, dtype=getattr(torch, dtype))
