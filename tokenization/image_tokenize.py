@@ -38,20 +38,20 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-import torch.distributed as dist
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from medmax.image_tokens import PARTITION_GLOB
-from medmax.images import ImageLoadError, load_image, preprocess
 from medmax.paths import PathEscapeError, resolve_inside
-from medmax.vqgan import VQGAN, UntrustedCheckpointError, load_vqgan
+
+if TYPE_CHECKING:  # annotations only: torch, pandas and the VQGAN load in the functions that run, not for --help
+    import torch
+
+    from medmax.vqgan import VQGAN
 
 logger = logging.getLogger("tokenization.image_tokenize")
 
@@ -123,6 +123,8 @@ def _validate(args: argparse.Namespace) -> None:
 
 def pick_column(csv: Path, column: str | None) -> str:
     """The CSV column holding image paths: ``--column``, else img_path (MedMax) or image_path."""
+    import pandas as pd
+
     header = list(pd.read_csv(csv, nrows=0).columns)
     if column is not None:
         if column not in header:
@@ -139,6 +141,8 @@ def pick_column(csv: Path, column: str | None) -> str:
 
 def iter_partitions(config: RunConfig) -> Iterator[tuple[int, list[str]]]:
     """Stream the CSV as ``(partition index, the paths of its rows)``, one partition in memory at a time."""
+    import pandas as pd
+
     reader = pd.read_csv(
         config.input, usecols=[config.column], dtype=str, keep_default_na=False, skip_blank_lines=False, chunksize=config.partition_size
     )
@@ -162,6 +166,8 @@ def finished_partitions(output: Path) -> set[int]:
 
 def resolve_image(img_path: str, root: Path) -> Path:
     """A CSV path -> the file, refusing empty paths and paths that leave the image root."""
+    from medmax.images import ImageLoadError
+
     if not img_path.strip():
         raise ImageLoadError(repr(img_path), "empty image path in the CSV")
     try:
@@ -173,17 +179,21 @@ def resolve_image(img_path: str, root: Path) -> Path:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-class ImageRows(IterableDataset):
+class ImageRows:
     """This rank's unfinished partitions, row by row: ``(k, row, n_rows, img_path, pixels | None, error | None)``.
 
     Rows are dealt to DataLoader workers round-robin; each item says how many rows its partition has,
-    so the main process knows when a partition is complete.
+    so the main process knows when a partition is complete. A torch ``IterableDataset`` (registered as
+    one in :func:`run`, so that importing this program for --help does not load torch).
     """
 
     def __init__(self, config: RunConfig, dist_info: Dist, skip: set[int], frame: int = 0):
         self.config, self.dist, self.skip, self.frame = config, dist_info, skip, frame
 
     def __iter__(self):
+        import torch
+        from torch.utils.data import get_worker_info
+
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
         if info is not None:
@@ -199,6 +209,8 @@ class ImageRows(IterableDataset):
                 seen += 1
 
     def _load(self, img_path: str, root: Path) -> tuple[torch.Tensor | None, str | None]:
+        from medmax.images import ImageLoadError, load_image, preprocess
+
         try:
             image = load_image(resolve_image(img_path, root), frame=self.frame)
             return preprocess(image, self.config.resolution), None  # (3, R, R)
@@ -210,6 +222,8 @@ class ImageRows(IterableDataset):
 
 def collate(items: list[tuple]) -> dict:
     """Stack the readable images of a batch; keep every row's bookkeeping."""
+    import torch
+
     ok = [it for it in items if it[4] is not None]
     return {
         "rows": [(k, row, n, path, err) for k, row, n, path, _, err in items],
@@ -279,6 +293,9 @@ def count_errors(output: Path) -> int:
 
 
 def _setup_dist() -> Dist:
+    import torch
+    import torch.distributed as dist
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     info = Dist(
         rank=int(os.environ.get("RANK", "0")),
@@ -293,6 +310,8 @@ def _setup_dist() -> Dist:
 
 
 def _setup_device(args: argparse.Namespace, info: Dist) -> torch.device:
+    import torch
+
     if args.device is None:
         device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
     else:
@@ -307,6 +326,10 @@ def _setup_device(args: argparse.Namespace, info: Dist) -> torch.device:
 
 
 def _setup_model(args: argparse.Namespace, device: torch.device) -> VQGAN:
+    import torch
+
+    from medmax.vqgan import UntrustedCheckpointError, load_vqgan
+
     try:
         model = load_vqgan(args.ckpt, trust_checkpoint=args.trust_checkpoint)
     except (UntrustedCheckpointError, FileNotFoundError, ValueError) as exc:
@@ -342,6 +365,8 @@ class Progress:
     """Global images done, shared through the process group's store; a tqdm bar on rank 0."""
 
     def __init__(self, info: Dist, total: int, initial: int, enabled: bool):
+        import torch.distributed as dist
+
         self.store = dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
         self.bar = None
         if info.rank == 0 and enabled:
@@ -365,11 +390,16 @@ class Progress:
 
 
 def _encode(model: VQGAN, pixels: torch.Tensor, device: torch.device) -> np.ndarray:
+    import torch
+
     pixels = pixels.to(device, non_blocking=True)
     return model.encode_codes(pixels).to(torch.int32).cpu().numpy()  # (B, h*w); 4 bytes a code while pending
 
 
 def run(args: argparse.Namespace, config: RunConfig, model: VQGAN, device: torch.device, info: Dist) -> PartitionWriter:
+    from torch.utils.data import DataLoader, IterableDataset
+
+    IterableDataset.register(ImageRows)  # DataLoader streams it (see ImageRows)
     skip = finished_partitions(args.output)
     dataset = ImageRows(config, info, skip, frame=args.frame)
     loader = DataLoader(
@@ -395,6 +425,9 @@ def run(args: argparse.Namespace, config: RunConfig, model: VQGAN, device: torch
 
 
 def _summarise(writer: PartitionWriter, seconds: float, device: torch.device, info: Dist, output: Path) -> dict:
+    import torch
+    import torch.distributed as dist
+
     counts = torch.tensor([writer.tokenized, writer.failed], dtype=torch.long)
     if dist.is_initialized():
         counts = counts.to(device if device.type == "cuda" else "cpu")
@@ -415,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _validate(args)
+    import torch.distributed as dist  # after parsing: --help does not load torch
+
     info = _setup_dist()
     try:
         device = _setup_device(args, info)
