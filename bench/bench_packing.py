@@ -3,7 +3,7 @@
 Usage::
 
     python bench/bench_packing.py            # preset base, 64 sequences, rows of 2048
-    python bench/bench_packing.py --quick    # preset small, 64 sequences, rows of 1024
+    python bench/bench_packing.py --quick    # preset small, 32 sequences, rows of 1024
 
 Both variants train the same freshly initialised model (same seed) with AdamW in fp32 on the same fixed,
 length-skewed sequences (seeded: 70% of lengths in 64..256, 22% in 256..1024, 8% up to the maximum):
@@ -170,9 +170,9 @@ def same_loss(a: tuple[int, float], b: tuple[int, float]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="preset small, max length 1024")
+    parser.add_argument("--quick", action="store_true", help="preset small, 32 sequences, max length 1024")
     parser.add_argument("--preset", default=None, help="model preset (default base; small with --quick)")
-    parser.add_argument("--sequences", type=int, help="sequences in the fixed dataset (default 64)")
+    parser.add_argument("--sequences", type=int, help="sequences in the fixed dataset (default 64; quick 32)")
     parser.add_argument("--max-length", type=int, default=None, help="longest sequence and packed row (2048; quick 1024)")
     parser.add_argument("--rows", type=int, default=1, help="packed rows per step")
     parser.add_argument("--batch", type=int, default=4, help="padded sequences per step (MedMax style)")
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     preset = args.preset or ("small" if args.quick else "base")
     max_length = args.max_length or (1024 if args.quick else 2048)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    n = args.sequences or 64
+    n = args.sequences or (32 if args.quick else 64)
     setup = Setup(preset, n, max_length, args.rows, args.batch, args.seed, device)
     lengths = setup.lengths
     bench = Benchmark(

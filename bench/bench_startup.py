@@ -3,7 +3,7 @@
 Usage::
 
     python bench/bench_startup.py            # 12 images for the tokenizer runs, batch sizes 1/2/4/8 on 8 images
-    python bench/bench_startup.py --quick    # 4 images, batch sizes 1/4
+    python bench/bench_startup.py --quick    # 4 images, batch sizes 1/2/4
     python bench/bench_startup.py --only help
 
 Every variant is a whole process, timed from launch to exit, its peak RSS read with ``wait4``:
@@ -199,7 +199,7 @@ def batch_case(csv: Path, ckpt: Path, work: Path, n: int, sizes: list[int]) -> C
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="4 images, batch sizes 1 and 4")
+    p.add_argument("--quick", action="store_true", help="4 images, batch sizes 1, 2 and 4")
     p.add_argument("--only", choices=("help", "tokenizer", "batch"), action="append",
                    help="run only these parts (repeatable; default: all)")
     p.add_argument("--images", type=int, help="images of the tokenizer run (default 12; quick 4)")
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     parts = args.only or ["help", "tokenizer", "batch"]
     n = args.images or (4 if args.quick else 12)
-    n_batch, sizes = (4, [1, 4]) if args.quick else (8, [1, 2, 4, 8])
+    n_batch, sizes = (4, [1, 2, 4]) if args.quick else (8, [1, 2, 4, 8])
     bench = Benchmark(
         name="startup" if parts == ["help", "tokenizer", "batch"] else "startup-" + "-".join(parts),
         title="Start-up and whole-process runs", size=size_label(args.quick, args.images),
