@@ -196,12 +196,12 @@ def peak_rss_bytes() -> int | None:
 
 
 class ChildrenRss:
-    """Peak of the summed RSS of this process's descendants (worker processes), sampled every 0.1 s.
+    """Peak of the summed RSS of this process's descendants (worker processes), sampled every 0.2 s.
 
     Shared copy-on-write pages count once per process, so this overstates what the workers add.
     """
 
-    def __init__(self, every: float = 0.1):
+    def __init__(self, every: float = 0.2):
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, args=(every,), daemon=True)

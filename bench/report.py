@@ -41,7 +41,7 @@ A target is judged on the median of at least 3 rounds (or on every round, where 
 so) and marked met or missed as measured. *spread* is (max - min) / median of the ratio.
 Peak memory is the peak RSS of the process during that variant's run (reset before each run), or of
 the child process for whole-program runs; "+ workers" is the peak of the summed RSS of worker
-processes a run started (sampled every 0.1 s); on CUDA, `max_memory_allocated` as well.
+processes a run started (sampled every 0.2 s); on CUDA, `max_memory_allocated` as well.
 
 **Reproduce everything:** `make bench` (the full sizes; it runs `bench/run_all.sh`, which ends with
 `python bench/report.py`), or `bench/run_all.sh --quick` for the small sizes. One benchmark:
