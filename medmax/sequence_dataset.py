@@ -6,38 +6,52 @@ batch size and the image-code table, whatever the input size. Image codes come f
 (``image_tokens`` / code lists), from ``image_tokens`` folders written by ``tokenization.image_tokenize``
 (joined by image path), or, with a VQGAN checkpoint, from image bytes (or paths under ``image_root``)
 encoded on the fly.
+
+The build runs in a work folder beside the output and replaces it only when complete
+(``medmax.build_folder``). A resumed build keeps an input file's shards only when its fingerprint is
+unchanged: the input's content (sha256), the tokenizer file's content, each image-token folder's
+records and partitions (their ``*.json`` files but the timing summary, each partition's row count and
+sha256), the VQGAN's weights, and every setting that changes a shard.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 from tqdm.auto import tqdm
 
+from . import passthrough
+from .build_folder import BuildFolder
 from .dataset_io import (
     ERRORS,
     FORMAT_NAME,
     FORMAT_VERSION,
-    MANIFEST,
+    MAX_ROW_BYTES,
     ErrorLog,
     ShardWriter,
     clear_file_outputs,
-    clear_outputs,
+    conform_shard,
+    file_digest,
     find_inputs,
     iter_row_batches,
     progress_paths,
+    row_id,
+    shard_types,
     write_manifest,
 )
+from .passthrough import ColumnFilter
 from .paths import PathEscapeError, resolve_inside
 from .sequences import LengthDrop, RowError, SequenceBuilder, SequenceConfig
-from .vocab import Vocabulary, load_tokenizer
+from .vocab import Vocabulary, load_tokenizer, tokenizer_file
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +62,7 @@ class BuildConfig:
 
     inputs: list[str]  # JSONL / parquet files, folders or globs
     tokenizer: str  # tokenizer.json or a checkpoint folder holding one
-    output: str  # folder for shards, manifest.json and errors.jsonl
+    output: str  # folder for shards, manifest.json and errors.jsonl (built beside it, swapped in when complete)
     sequence: SequenceConfig = field(default_factory=SequenceConfig)
     image_tokens: tuple[str, ...] = ()  # folders written by tokenization.image_tokenize
     ckpt: str | None = None  # VQGAN (or model folder holding one) to encode image bytes on the fly
@@ -57,7 +71,9 @@ class BuildConfig:
     workers: int = 1  # processes, each taking whole input files
     batch_size: int = 1024  # rows encoded per tokenizer call
     rows_per_shard: int = 100_000
-    keep: tuple[str, ...] = ("source", "task", "credential")  # passthrough columns (written as strings)
+    keep: tuple[str, ...] | None = None  # passthrough allow-list; None: every column the builder does not read
+    drop: tuple[str, ...] = ()  # passthrough deny-list
+    max_row_bytes: int = MAX_ROW_BYTES  # a longer JSONL line (or parquet row's text) is that row's error
     strict: bool = False  # fail on the first rejected row
     resume: bool = False  # keep the outputs of input files a previous run finished (same inputs and settings)
     progress: bool = True
@@ -69,6 +85,13 @@ class BuildConfig:
             raise ValueError("--batch-size and --rows-per-shard must be positive")
         if self.image_root is not None and self.ckpt is None:
             raise ValueError("--image-root needs --ckpt (images read from disk are encoded with the VQGAN)")
+        if self.max_row_bytes < 1:
+            raise ValueError(f"--max-row-bytes must be positive, got {self.max_row_bytes}")
+        self.columns  # noqa: B018 - validates --keep / --drop
+
+    @property
+    def columns(self) -> ColumnFilter:
+        return ColumnFilter(None if self.keep is None else tuple(self.keep), tuple(self.drop))
 
 
 class RowRejected(RuntimeError):
@@ -173,6 +196,7 @@ class FileResult:
     rows_written: int = 0
     rejected: Counter = field(default_factory=Counter)
     dropped_for_length: int = 0
+    longest_dropped: int = 0  # tokens of the longest row dropped for length
     truncated: int = 0
     formats: Counter = field(default_factory=Counter)
     total_tokens: int = 0
@@ -198,15 +222,15 @@ _STATE: dict = {}
 
 def _process_file(index: int) -> FileResult:
     cfg: BuildConfig = _STATE["config"]
-    path = _STATE["inputs"][index]
-    out = Path(cfg.output)
-    done, error_path = progress_paths(out, index)
+    path, work = _STATE["inputs"][index], _STATE["work"]
+    stamp = _input_stamp(path)  # before reading: the content this build saw
+    done, error_path = progress_paths(work, index)
     builder = SequenceBuilder(_STATE["tokenizer"], cfg.sequence, _STATE["resolver"], _STATE["vocab"])
-    writer = ShardWriter(out, index, cfg.keep, cfg.rows_per_shard)
+    writer = ShardWriter(work, index, cfg.columns, cfg.rows_per_shard)
     errors = ErrorLog(error_path)
     result = FileResult(index, str(path))
     try:
-        for batch in iter_row_batches(path, cfg.batch_size):
+        for batch in iter_row_batches(path, cfg.batch_size, cfg.max_row_bytes):
             _process_batch(batch, builder, writer, errors, result, path, cfg.strict)
             with _STATE["progress"].get_lock():
                 _STATE["progress"].value += len(batch)
@@ -215,38 +239,34 @@ def _process_file(index: int) -> FileResult:
         errors.close()
     result.codes_per_image = builder.codes_per_image
     fields = {**result.__dict__, "rejected": dict(result.rejected), "formats": dict(result.formats)}
-    record = {"input": _input_stamp(path), "settings": _STATE["fingerprint"], "result": fields}
-    done.write_text(json.dumps(record, sort_keys=True))  # written last: the file is complete
+    record = {"input": stamp, "settings": _STATE["fingerprint"], "result": fields}
+    tmp = done.with_name(done.name + ".tmp")
+    tmp.write_text(json.dumps(record, sort_keys=True))
+    tmp.replace(done)  # written last, whole: the file is complete
     return result
 
 
 def _input_stamp(path: Path) -> dict:
-    stat = path.stat()
-    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"path": str(path), "size": path.stat().st_size, "sha256": file_digest(path)}
 
 
-def _fingerprint(cfg: BuildConfig) -> dict:
-    """What must be unchanged for a finished input file to be kept by a resumed run."""
-    return json.loads(json.dumps({
-        "tokenizer": str(cfg.tokenizer), "sequence": asdict(cfg.sequence), "image_tokens": list(cfg.image_tokens),
-        "ckpt": cfg.ckpt, "image_root": cfg.image_root, "rows_per_shard": cfg.rows_per_shard, "keep": list(cfg.keep),
-    }))
-
-
-def _finished(out: Path, index: int, path: Path, fingerprint: dict) -> FileResult | None:
-    """The recorded result of an input file a previous run completed with the same input and settings."""
-    done, _ = progress_paths(out, index)
+def _finished(work: Path, index: int, path: Path, fingerprint: dict) -> FileResult | None:
+    """The recorded result of an input file a previous run completed with the same content and settings."""
+    done, _ = progress_paths(work, index)
     if not done.is_file():
         return None
-    record = json.loads(done.read_text())
-    if record["input"] != _input_stamp(path) or record["settings"] != fingerprint:
-        logger.info("%s changed or settings differ since the last run: building it again", path)
+    try:
+        record = json.loads(done.read_text())
+        same_input = record["input"]["path"] == str(path) and record["input"]["size"] == path.stat().st_size
+        if not (same_input and record["settings"] == fingerprint and record["input"]["sha256"] == file_digest(path)):
+            logger.info("%s changed or settings differ since the last run: building it again", path)
+            return None
+        result = FileResult(**record["result"])
+    except (ValueError, KeyError, TypeError):
+        logger.warning("%s: unreadable progress record; building %s again", done, path)
         return None
-    result = FileResult(**record["result"])
     result.rejected, result.formats = Counter(result.rejected), Counter(result.formats)
-    if not all((out / name).is_file() for name in result.files):
-        return None
-    return result
+    return result if all((work / name).is_file() for name in result.files) else None
 
 
 def _process_batch(batch, builder, writer, errors, result, path, strict) -> None:
@@ -255,23 +275,64 @@ def _process_batch(batch, builder, writer, errors, result, path, strict) -> None
     parsed = [r for r in rows if isinstance(r, dict)]
     built_iter = iter(builder.build_batch(parsed))
     for number, row in zip(numbers, rows):
-        built = next(built_iter) if isinstance(row, dict) else row  # a RowError for unparsable lines
+        built = next(built_iter) if isinstance(row, dict) else row  # a RowError for unreadable rows
         result.rows_read += 1
         if isinstance(built, RowError):
-            _reject(built, number, path, errors, result, strict)
+            _reject(built, number, row if isinstance(row, dict) else None, path, errors, result, strict)
         else:
             writer.add(built, row)
             result.count(built)
 
 
-def _reject(err: RowError, number: int, path, errors: ErrorLog, result: FileResult, strict: bool) -> None:
-    errors.add(path, number, err)
+def _reject(err: RowError, number: int, row: dict | None, path, errors: ErrorLog, result: FileResult, strict: bool) -> None:
+    errors.add(path, number, err, row)
     if isinstance(err, LengthDrop):
         result.dropped_for_length += 1
+        result.longest_dropped = max(result.longest_dropped, err.length)
         return
     result.rejected[err.kind] += 1
     if strict:
-        raise RowRejected(f"{path} row {number}: {err.reason} ({err.kind}; --strict stops at the first bad row)")
+        named = row_id(row)
+        where = f" ({named[0]} {named[1]!r})" if named else ""
+        raise RowRejected(f"{path} row {number}{where}: {err.reason} ({err.kind}; --strict stops at the first bad row)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints: what a finished input file's shards depend on
+
+
+def image_token_fingerprint(folder: str | Path) -> dict:
+    """An image-token folder by content: its records (``*.json`` but the timing summary) and partitions."""
+    import pyarrow.parquet as pq
+
+    from .image_tokens import partition_files
+
+    folder = Path(folder)
+    # summary.json is image_tokenize's timing report of its last run: it changes on every rerun, the codes do not
+    records = {p.name: file_digest(p) for p in sorted(folder.glob("*.json")) if p.name != "summary.json"}
+    partitions = {p.name: {"rows": pq.ParquetFile(p).metadata.num_rows, "sha256": file_digest(p)} for p in partition_files(folder)}
+    return {"records": records, "partitions": partitions, "rows": sum(v["rows"] for v in partitions.values())}
+
+
+def _weights_digest(module) -> str:
+    """sha256 over a module's state dict (names and values, as float32)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _fingerprint(cfg: BuildConfig, vqgan) -> dict:
+    """What must be unchanged for a finished input file to be kept by a resumed run."""
+    return json.loads(json.dumps({
+        "tokenizer_sha256": file_digest(tokenizer_file(cfg.tokenizer)),
+        "sequence": asdict(cfg.sequence),
+        "image_tokens": [image_token_fingerprint(f) for f in cfg.image_tokens],
+        "vqgan": None if vqgan is None else {"weights_sha256": _weights_digest(vqgan), "resolution": vqgan.resolution},
+        "image_root": None if cfg.image_root is None else str(Path(cfg.image_root).resolve()),
+        "rows_per_shard": cfg.rows_per_shard, "keep": cfg.keep, "drop": list(cfg.drop), "max_row_bytes": cfg.max_row_bytes,
+    }))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +355,8 @@ def _setup(cfg: BuildConfig) -> dict:
     if seq.codes_per_image is None and table:
         seq = SequenceConfig(**{**asdict(seq), "codes_per_image": table_code_count(table, cfg.image_tokens)})
     vocab = Vocabulary.from_tokenizer(tokenizer)
-    return {"tokenizer": tokenizer, "vocab": vocab, "resolver": ImageCodes(table, vqgan, cfg.image_root), "sequence": seq}
+    return {"tokenizer": tokenizer, "vocab": vocab, "resolver": ImageCodes(table, vqgan, cfg.image_root), "sequence": seq,
+            "vqgan": vqgan}
 
 
 def _run_files(cfg: BuildConfig, indices: list[int], total_rows: int | None) -> list[FileResult]:
@@ -338,19 +400,19 @@ def _count_rows(paths) -> int | None:
 
 
 def build_dataset(cfg: BuildConfig) -> dict:
-    """Run a build; returns the manifest it wrote. A rerun replaces the previous outputs (unless resuming)."""
+    """Run a build; returns the manifest it wrote. The output is replaced only once the new one is complete."""
     inputs = find_inputs(cfg.inputs)
-    out = Path(cfg.output)
+    folder = BuildFolder(cfg.output)
+    folder.check([*inputs, *(Path(spec) for spec in cfg.inputs if Path(spec).is_dir())])
     state = _setup(cfg)
-    cfg = BuildConfig(**{**cfg.__dict__, "sequence": state["sequence"]})
-    fingerprint = _fingerprint(cfg)
-    finished = _resume(out, inputs, fingerprint) if cfg.resume else {}
-    if not cfg.resume:
-        clear_outputs(out)
+    cfg = replace(cfg, sequence=state["sequence"])
+    fingerprint = _fingerprint(cfg, state["vqgan"])
+    work = folder.start(cfg.resume)
+    finished = _resume(work, inputs, fingerprint) if cfg.resume else {}
     todo = [i for i in range(len(inputs)) if i not in finished]
     for i in todo:
-        clear_file_outputs(out, i)
-    _STATE.update(state, config=cfg, inputs=inputs, fingerprint=fingerprint,
+        clear_file_outputs(work, i)
+    _STATE.update(state, config=cfg, inputs=inputs, work=work, fingerprint=fingerprint,
                   progress=multiprocessing.get_context("fork").Value("q", 0))
     if cfg.workers > 1 and len(todo) == 1:
         logger.warning("--workers %d but a single input file to build: parallelism is over input files", cfg.workers)
@@ -359,29 +421,42 @@ def build_dataset(cfg: BuildConfig) -> dict:
     finally:
         _STATE.clear()
     results = sorted([*results, *finished.values()], key=lambda r: r.index)
-    _merge_errors(out, len(inputs))
-    manifest = _manifest(cfg, inputs, results, state["vocab"])
-    write_manifest(out, manifest)
+    columns = _unify_columns(work, results)
+    _merge_errors(work, len(inputs))
+    manifest = _manifest(cfg, inputs, results, state["vocab"], columns, fingerprint)
+    manifest["written"] = [name for name in folder.written() if name != "manifest.json"]
+    write_manifest(work, manifest)
+    folder.finish()
     return manifest
 
 
-def _resume(out: Path, inputs: list[Path], fingerprint: dict) -> dict[int, FileResult]:
-    """Results of the input files a previous run finished; its manifest and merged errors are redone."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "progress").mkdir(exist_ok=True)
-    for name in (MANIFEST, ERRORS):
-        (out / name).unlink(missing_ok=True)
-    finished = {i: r for i, path in enumerate(inputs) if (r := _finished(out, i, path, fingerprint)) is not None}
+def _resume(work: Path, inputs: list[Path], fingerprint: dict) -> dict[int, FileResult]:
+    """Results of the input files an earlier run finished with the same content and settings."""
+    finished = {i: r for i, path in enumerate(inputs) if (r := _finished(work, i, path, fingerprint)) is not None}
     logger.info("resume: %d of %d input files already built", len(finished), len(inputs))
     return finished
 
 
-def _merge_errors(out: Path, n_files: int) -> None:
-    with open(out / ERRORS, "w", encoding="utf-8") as merged:
+def _unify_columns(work: Path, results: list[FileResult]) -> dict:
+    """One passthrough schema for every shard of the build (input files may disagree); returns it."""
+    per_shard = [(name, shard_types(work / name)) for r in results for name in r.files]
+    merged: dict = {}
+    for _, types in per_shard:
+        for column, t in types.items():
+            merged[column] = passthrough.merge_types(merged.get(column, pa.null()), t)
+    for name, types in per_shard:
+        conform_shard(work / name, merged)
+    return merged
+
+
+def _merge_errors(work: Path, n_files: int) -> None:
+    tmp = work / (ERRORS + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as merged:
         for i in range(n_files):
-            _, part = progress_paths(out, i)
+            _, part = progress_paths(work, i)
             if part.is_file():
                 merged.write(part.read_text(encoding="utf-8"))
+    tmp.replace(work / ERRORS)
 
 
 def _codes_per_image(results: list[FileResult], configured: int | None) -> int | None:
@@ -392,7 +467,7 @@ def _codes_per_image(results: list[FileResult], configured: int | None) -> int |
     return configured if configured is not None else next(iter(seen), None)
 
 
-def _manifest(cfg: BuildConfig, inputs, results: list[FileResult], vocab: Vocabulary) -> dict:
+def _manifest(cfg: BuildConfig, inputs, results: list[FileResult], vocab: Vocabulary, columns: dict, fingerprint: dict) -> dict:
     rejected = sum((r.rejected for r in results), Counter())
     written = sum(r.rows_written for r in results)
     total = sum(r.total_tokens for r in results)
@@ -401,6 +476,7 @@ def _manifest(cfg: BuildConfig, inputs, results: list[FileResult], vocab: Vocabu
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "tokenizer": str(cfg.tokenizer),
+        "tokenizer_sha256": fingerprint["tokenizer_sha256"],
         "special_ids": vocab.special_ids(),
         "image_code_offset": vocab.offset,
         "codes_per_image": _codes_per_image(results, cfg.sequence.codes_per_image),
@@ -411,6 +487,7 @@ def _manifest(cfg: BuildConfig, inputs, results: list[FileResult], vocab: Vocabu
             "rejected": dict(sorted(rejected.items())),
             "rejected_total": sum(rejected.values()),
             "dropped_for_length": sum(r.dropped_for_length for r in results),
+            "longest_dropped": max((r.longest_dropped for r in results), default=0),
             "truncated": sum(r.truncated for r in results),
             "by_format": dict(sorted(sum((r.formats for r in results), Counter()).items())),
         },
@@ -422,11 +499,14 @@ def _manifest(cfg: BuildConfig, inputs, results: list[FileResult], vocab: Vocabu
             "max_length": max((b for _, b in lengths), default=None),
         },
         "files": [name for r in results for name in r.files],
+        "columns": {name: passthrough.type_name(t) for name, t in columns.items()},
         "inputs": [str(p) for p in inputs],
         "settings": {
             **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg.sequence).items()},
             "image_tokens": list(cfg.image_tokens),
             "ckpt": cfg.ckpt,
-            "keep": list(cfg.keep),
+            "keep": cfg.keep,
+            "drop": list(cfg.drop),
+            "max_row_bytes": cfg.max_row_bytes,
         },
     }

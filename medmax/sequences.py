@@ -3,12 +3,17 @@
 Three input formats, detected from a row's fields (:func:`detect_format`):
 
 - ``medmax``: ``text`` with ``<image>`` placeholders and the end-of-turn ``<reserved08706>`` between
-  prompt and answer, images as ``image_tokens`` (raw codes: one list, or a list per image) or
-  ``image_path`` (one path or a list). Ids follow MedMax's published algorithm exactly:
+  prompt and answer, images as ``image_tokens`` (raw codes: one list, or a list per image),
+  ``image_path`` (one path or a list), or embedded like the other formats' (``images`` / ``image`` /
+  ``modalities``). Ids follow MedMax's published algorithm (``src/tokenization.py``):
   ``[bos] + tokenizer.encode(text).ids + [eos]`` (the whole text encoded at once, post-processor
   included), each placeholder id replaced by ``[boi] + codes mapped through the vocabulary + [eoi]``.
   Labels: -100 up to and including the first end-of-turn, the ids after it.
-  Unlike the published script, each placeholder gets its own image.
+  Unlike the published script, each placeholder gets its own image, and -- on purpose -- only
+  ``<image>`` and ``<reserved08706>`` are structure: any other control string typed in the text
+  (``</s>``, ``<s>``, ``<pad>``, ``<racm3:break>``, ``<eoss>``, other reserved tokens) stays text,
+  where MedMax's script turns it into the control token. Rows without such strings (and without an
+  escape, below) get MedMax's ids exactly.
 - ``conversation``: ``conversations`` as ``[{role, content}]`` or ``[{from, value}]`` (LLaVA's
   human / gpt), images as ``modalities`` (``[{"type": "image", "value": path or bytes}]``),
   ``images`` or ``image``, matched in order to the placeholders across all turns. Every turn is its
@@ -17,9 +22,15 @@ Three input formats, detected from a row's fields (:func:`detect_format`):
 - ``pretraining``: ``text`` (+ optional ``modalities`` / ``images``) without turns; every token after
   ``bos`` carries loss.
 
-Text of conversations and pretraining rows is encoded piecewise between placeholders with
-``add_special_tokens=False`` (``bos`` / ``eos`` are added here once). ``SequenceConfig.image_loss``
-switches the loss on image blocks (``boi``, codes, ``eoi``) inside answers.
+An image is a code list, a path (looked up in the image-token folders, or read under an image root),
+image bytes, or a Hugging Face ``datasets`` image struct ``{"bytes": ..., "path": ...}`` (bytes first).
+
+Control tokens enter only through structure: ``bos``, ``eos``, end-of-turns, image blocks and, in
+MedMax rows, the two markers above. Text is encoded with :func:`medmax.vocab.encode_texts`
+(special-token parsing off), so typed control strings stay text. The one documented exception is the
+image placeholder (``<image>``, plus any ``SequenceConfig.placeholders``) in every format, and the
+end-of-turn in MedMax rows: a backslash before one (``\\<image>``) writes it as literal text.
+``SequenceConfig.image_loss`` switches the loss on image blocks (``boi``, codes, ``eoi``) inside answers.
 
 A row that cannot be built raises :class:`RowError` with a short ``kind`` (counted per kind) and a
 message naming the reason; nothing is silently repaired.
@@ -29,20 +40,35 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Callable, Sequence
+from itertools import chain
 from dataclasses import dataclass, field
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from .vocab import IGNORE_INDEX, IMAGE_PLACEHOLDER, Vocabulary
+from .vocab import (
+    END_OF_TURN,
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER,
+    ControlTokenInText,
+    Vocabulary,
+    control_mask,
+    encode_texts,
+    split_markers,
+)
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("medmax", "conversation", "pretraining")
 CONTEXT_ROLES = {"system": "system", "user": "user", "human": "user"}
 ANSWER_ROLES = {"assistant": "assistant", "gpt": "assistant"}
+IMAGE_COLUMNS = ("modalities", "images", "image")
+# Every column the builder reads; the others pass through to the shards (medmax.passthrough).
+CONSUMED_COLUMNS = ("text", "image_path", "image_tokens", "conversations", *IMAGE_COLUMNS)
+MEDMAX_MARKERS = (IMAGE_PLACEHOLDER, END_OF_TURN)
+# The training length of finetune's configs. MedMax's own training (training/data.py) cuts every row at 2048.
+DEFAULT_MAX_LENGTH = 4096
 
 
 class RowError(ValueError):
@@ -55,7 +81,11 @@ class RowError(ValueError):
 
 
 class LengthDrop(RowError):
-    """A row dropped by ``max_length`` (counted apart from rejected rows)."""
+    """A row dropped by ``max_length`` (counted apart from rejected rows); ``length`` is its token count."""
+
+    def __init__(self, kind: str, reason: str, length: int):
+        super().__init__(kind, reason)
+        self.length = length
 
 
 @dataclass
@@ -66,8 +96,8 @@ class SequenceConfig:
     placeholders: tuple[str, ...] = (IMAGE_PLACEHOLDER,)
     # Loss on image blocks (boi, codes, eoi) inside answers; off for understanding-only training.
     image_loss: bool = True
-    # Longest sequence kept; longer ones are truncated at the end of answer text or dropped.
-    max_length: int | None = None
+    # Longest sequence kept; longer ones are truncated at the end of answer text or dropped. None: no limit.
+    max_length: int | None = DEFAULT_MAX_LENGTH
     # Codes every image must have (the VQGAN grid); None: the first image seen fixes it.
     codes_per_image: int | None = None
     # VQGAN codebook size when known; codes must also lie below the vocabulary's n_codes.
@@ -112,17 +142,21 @@ def detect_format(row: dict) -> str:
     if "conversations" in has:
         return "conversation"
     if "text" in has:
-        if has & {"image_path", "image_tokens"}:
+        if has & {"image_path", "image_tokens"} or _has_turn_marker(row["text"]):
             return "medmax"
-        if has & {"modalities", "images", "image"}:
-            return "pretraining"
-        text = row["text"]
-        return "medmax" if isinstance(text, str) and "<reserved08706>" in text else "pretraining"
+        return "pretraining"
     raise RowError(
         "unknown_format",
         f"row fits no input format (columns {sorted(has)}): expected 'conversations', "
         "'text' + 'image_path'/'image_tokens' (MedMax), or 'text' [+ 'modalities'] (pretraining)",
     )
+
+
+def _has_turn_marker(text) -> bool:
+    """Whether text holds an end-of-turn that is not escaped (which makes a ``text`` row a MedMax row)."""
+    if not isinstance(text, str) or END_OF_TURN not in text:
+        return False
+    return any(marker for _, marker in split_markers(text, (END_OF_TURN,)))
 
 
 def _as_list(value) -> list:
@@ -143,14 +177,27 @@ def _text_field(row: dict, name: str) -> str:
 
 
 def _medmax_images(row: dict) -> list:
-    """Image references of a MedMax row: code lists when ``image_tokens`` is there, else paths."""
+    """Image references of a MedMax row: code lists when ``image_tokens`` is there, else paths, else embedded."""
     tokens = row.get("image_tokens")
     if tokens is not None:
         tokens = _as_list(tokens)
         if tokens and isinstance(tokens[0], (list, tuple, np.ndarray)):
             return [np.asarray(t) for t in tokens]  # one list per image
         return [np.asarray(tokens)] if tokens else []
-    return _as_list(row.get("image_path"))
+    if row.get("image_path") is not None:
+        return _as_list(row["image_path"])
+    return _row_images(row)
+
+
+def _image_source(ref, index: int):
+    """A Hugging Face image struct ``{"bytes", "path"}`` -> its bytes, else its path; anything else as it is."""
+    if not isinstance(ref, dict) or not {"bytes", "path"} & ref.keys():
+        return ref
+    if ref.get("bytes") is not None:
+        return ref["bytes"]
+    if ref.get("path") is not None:
+        return ref["path"]
+    raise RowError("missing_image", f"image {index} is an image struct with neither bytes nor a path")
 
 
 def _row_images(row: dict) -> list:
@@ -211,7 +258,7 @@ class _Piece:
 class Plan:
     format: str
     images: list  # image references (codes, paths or bytes), one per placeholder, in order
-    whole_text: str | None = None  # medmax: encoded at once with special tokens
+    whole_text: str | None = None  # medmax: encoded at once, as MedMax does (see _encode_medmax)
     pieces: list[_Piece] = field(default_factory=list)  # conversation / pretraining
 
 
@@ -234,7 +281,9 @@ class SequenceBuilder:
         self.codes_per_image = self.config.codes_per_image
         limit = self.vocab.n_codes if self.config.codebook_size is None else min(self.vocab.n_codes, self.config.codebook_size)
         self.code_limit = limit
-        self._split = re.compile("(" + "|".join(re.escape(p) for p in self.config.placeholders) + ")")
+        self._typed = control_mask(tokenizer).copy()  # (vocab,) control ids that typed text must not give
+        self._typed[[i for i in (self.vocab.image_placeholder_id, self.vocab.eot_id) if i is not None]] = False
+        self._wrap = _post_processor_ids(tokenizer)  # what tokenizer.encode(text) adds around the text
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -277,14 +326,17 @@ class SequenceBuilder:
 
     # -- planning -----------------------------------------------------------------------------
 
-    def _text_pieces(self, text: str, trained: bool, first_image: int) -> list[_Piece]:
-        """Split text on placeholders: text pieces and image pieces numbered from ``first_image``."""
+    def _text_pieces(self, text: str, trained: bool, first_image: int, markers: tuple[str, ...] = ()) -> list[_Piece]:
+        """Split text on placeholders: text pieces and image pieces numbered from ``first_image``.
+
+        ``markers`` are extra strings whose escapes are honoured (they cannot occur unescaped here).
+        """
         pieces, n = [], first_image
-        for part in self._split.split(text):
-            if part in self.config.placeholders:
+        for part, marker in split_markers(text, (*self.config.placeholders, *markers)):
+            if marker is not None:
                 pieces.append(_Piece(trained, image=n))
                 n += 1
-            elif part:
+            else:
                 pieces.append(_Piece(trained, text=part))
         return pieces
 
@@ -305,34 +357,75 @@ class SequenceBuilder:
     def _plan_pretraining(self, row: dict) -> Plan:
         v = self.vocab
         pieces = [_Piece(False, ids=(v.bos_id,))]
-        pieces += self._text_pieces(_text_field(row, "text"), True, 0)
+        # An unescaped end-of-turn would have made this a MedMax row; \<reserved08706> is its literal text.
+        pieces += self._text_pieces(_text_field(row, "text"), True, 0, (END_OF_TURN,))
         pieces.append(_Piece(True, ids=(v.eos_id,)))
         return Plan("pretraining", _row_images(row), pieces=pieces)
 
     # -- encoding -----------------------------------------------------------------------------
 
     def _encode_all(self, plans) -> tuple[dict, dict]:
-        """Encode every text of a batch: {id(plan): ids} for whole texts, {id(piece): ids} for pieces."""
+        """Encode every text of a batch: {id(plan): ids} for MedMax texts, {id(piece): ids} for pieces."""
         whole = [p for p in plans if isinstance(p, Plan) and p.whole_text is not None]
         parts = [x for p in plans if isinstance(p, Plan) for x in p.pieces if x.text is not None]
+        whole_ids = self._encode_medmax([p.whole_text for p in whole])
+        part_ids = self._encode_safe([x.text for x in parts])
+        return {id(p): e for p, e in zip(whole, whole_ids)}, {id(x): e for x, e in zip(parts, part_ids)}
+
+    def _encode_safe(self, texts: list[str]) -> list:
+        """Typed text -> ids (control strings stay text); a text that fails is its row's RowError."""
+        if not texts:
+            return []
         try:
-            whole_ids = self.tokenizer.encode_batch([p.whole_text for p in whole]) if whole else []
-            part_ids = self.tokenizer.encode_batch([x.text for x in parts], add_special_tokens=False) if parts else []
-        except Exception:  # one bad text fails the whole batch call: fall back to one row at a time
-            return self._encode_each(whole, parts)
-        return (
-            {id(p): e.ids for p, e in zip(whole, whole_ids)},
-            {id(x): e.ids for x, e in zip(parts, part_ids)},
-        )
+            return encode_texts(self.tokenizer, texts)
+        except Exception:  # one bad text fails the whole batch call: find it one text at a time
+            return [self._encode_one(t) for t in texts]
 
-    def _encode_each(self, whole, parts) -> tuple[dict, dict]:
-        def encode(text, special):
-            try:
-                return self.tokenizer.encode(text, add_special_tokens=special).ids
-            except Exception as err:  # noqa: BLE001 - reported per row by _assemble
-                return RowError("untokenizable", f"the tokenizer cannot encode the text: {err}")
+    def _encode_one(self, text: str, safe: bool = True):
+        try:
+            return encode_texts(self.tokenizer, [text])[0] if safe else self.tokenizer.encode(text).ids
+        except ControlTokenInText as err:
+            return RowError("control_token_in_text", str(err))
+        except Exception as err:  # noqa: BLE001 - reported per row by _assemble
+            return RowError("untokenizable", f"the tokenizer cannot encode the text: {err}")
 
-        return ({id(p): encode(p.whole_text, True) for p in whole}, {id(x): encode(x.text, False) for x in parts})
+    def _encode_medmax(self, texts: list[str]) -> list:
+        """MedMax texts -> ids as MedMax's script makes them, unless typed control strings or escapes need the safe path."""
+        if not texts:
+            return []
+        try:
+            encoded = [e.ids for e in self.tokenizer.encode_batch(texts)]
+        except Exception:  # noqa: BLE001 - one bad text: one at a time
+            encoded = [self._encode_one(t, safe=False) for t in texts]
+        typed = self._typed_rows(encoded)
+        escaped = ["\\" in t and any("\\" + m in t for m in MEDMAX_MARKERS) for t in texts]
+        return [self._medmax_safe(t) if typed_row or escape else ids for t, ids, typed_row, escape in zip(texts, encoded, typed, escaped)]
+
+    def _typed_rows(self, encoded: list) -> np.ndarray:
+        """(rows,) bool: which encodings hold a control id that came from typed text (one vectorised pass)."""
+        before, after = self._wrap
+        inner = [ids[len(before) : len(ids) - len(after)] if not isinstance(ids, RowError) else [] for ids in encoded]
+        lengths = np.fromiter(map(len, inner), dtype=np.int64, count=len(inner))
+        flat = np.fromiter(chain.from_iterable(inner), dtype=np.int64, count=int(lengths.sum()))
+        hits = np.concatenate([[0], np.cumsum(self._typed[flat])])
+        ends = np.cumsum(lengths)
+        return hits[ends] - hits[ends - lengths] > 0
+
+    def _medmax_safe(self, text: str):
+        """The ids MedMax's encoding would give if only ``<image>`` / end-of-turn were control strings."""
+        v = self.vocab
+        pieces = split_markers(text, MEDMAX_MARKERS)
+        if v.image_placeholder_id is None and any(m == IMAGE_PLACEHOLDER for _, m in pieces):
+            return RowError("untokenizable", "the tokenizer has no <image> token: MedMax rows need MedMax's modified tokenizer")
+        encoded = self._encode_safe([t for t, _ in pieces if t is not None])
+        bad = next((e for e in encoded if isinstance(e, RowError)), None)
+        if bad is not None:
+            return bad
+        texts, marker_ids = iter(encoded), {IMAGE_PLACEHOLDER: v.image_placeholder_id, END_OF_TURN: v.eot_id}
+        ids = list(self._wrap[0])
+        for part, marker in pieces:
+            ids += next(texts) if part is not None else [marker_ids[marker]]
+        return ids + list(self._wrap[1])
 
     # -- assembly -----------------------------------------------------------------------------
 
@@ -345,6 +438,7 @@ class SequenceBuilder:
         return block
 
     def _codes(self, ref, index: int) -> np.ndarray:
+        ref = _image_source(ref, index)
         if isinstance(ref, (str, bytes, bytearray)):
             if self.resolve_image is None:
                 what = "a path" if isinstance(ref, str) else "image bytes"
@@ -443,9 +537,21 @@ class SequenceBuilder:
         last = n - 1  # the last token kept
         ids = built.input_ids
         if ids[last] == self.vocab.boi_id or self._is_code[ids[last]]:
-            raise LengthDrop("too_long", f"{len(built)} tokens > max_length {n}: the cut would go through an image")
+            raise LengthDrop("too_long", f"{len(built)} tokens > max_length {n}: the cut would go through an image", len(built))
         answer = built.answer_mask()
         if not answer[last]:
-            raise LengthDrop("too_long", f"{len(built)} tokens > max_length {n}: the cut would fall before the answer")
+            raise LengthDrop("too_long", f"{len(built)} tokens > max_length {n}: the cut would fall before the answer", len(built))
         n_images = int((ids[:n] == self.vocab.boi_id).sum())
         return Built(ids[:n], built.labels[:n], answer[:n], format=built.format, n_images=n_images, truncated=True)
+
+
+def _post_processor_ids(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """The ids ``tokenizer.encode(text)`` puts before and after the text's own (none without a post-processor)."""
+    if tokenizer.post_processor is None:
+        return [], []
+    bare = tokenizer.encode("a", add_special_tokens=False).ids
+    full = tokenizer.encode("a").ids
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return full[:start], full[start + len(bare) :]
+    raise ValueError("cannot tell which ids the tokenizer's post-processor adds around a text")

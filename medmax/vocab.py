@@ -3,13 +3,21 @@
 Chameleon-family tokenizers name each VQGAN code with an ``IMGIMG`` token whose letters
 spell the code (A..J for digits 0..9, one trailing letter ignored): ``IMGIMGBCDZ`` is code 123.
 Every id the rest of the project uses comes from here, never from a hard-coded table.
+
+User text is encoded with :func:`encode_text`: every string a user can type (``</s>``, ``<racm3:break>``,
+``<reserved08706>``, ...) is read as text, never as a control token. Control tokens enter a sequence only
+through its structure (segments, roles, images), which the caller adds as ids. Where a format marks
+structure inside text (the ``<image>`` placeholder), :func:`split_markers` finds the markers, and a
+backslash before a marker (``\\<image>``) writes the marker's text literally.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,17 +65,114 @@ def image_token_name(code: int) -> str:
     return IMAGE_TOKEN_PREFIX + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a ``tokenizers`` tokenizer from a JSON file or a checkpoint folder that holds one."""
+def tokenizer_file(path: str | Path) -> Path:
+    """The tokenizer JSON file that ``path`` names: the file itself, or the one a checkpoint folder holds."""
     path = Path(path)
     if path.is_file():
-        return Tokenizer.from_file(str(path))
+        return path
     if path.is_dir():
         for name in _TOKENIZER_FILES:
             if (path / name).is_file():
-                return Tokenizer.from_file(str(path / name))
+                return path / name
         raise FileNotFoundError(f"{path}: no tokenizer file found (looked for {', '.join(_TOKENIZER_FILES)})")
     raise FileNotFoundError(f"{path}: tokenizer file or folder does not exist")
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a ``tokenizers`` tokenizer from a JSON file or a checkpoint folder that holds one."""
+    return Tokenizer.from_file(str(tokenizer_file(path)))
+
+
+# ---------------------------------------------------------------------------------------------
+# User text: never a control token
+
+
+class ControlTokenInText(ValueError):
+    """The tokenizer turned typed text into a control token even with special-token parsing off."""
+
+
+_SPECIALS_AS_TEXT = threading.Lock()
+_CONTROL: dict[int, tuple[Tokenizer, np.ndarray]] = {}  # id(tokenizer) -> (tokenizer, bool mask over ids)
+
+
+def control_mask(tokenizer: Tokenizer) -> np.ndarray:
+    """(vocab,) bool: ids that must never come from typed text (special added tokens and image codes)."""
+    cached = _CONTROL.get(id(tokenizer))
+    if cached is not None and cached[0] is tokenizer:
+        return cached[1]
+    mask = np.zeros(tokenizer.get_vocab_size(with_added_tokens=True), dtype=bool)
+    for idx, token in tokenizer.get_added_tokens_decoder().items():
+        mask[idx] |= token.special
+    for name, idx in tokenizer.get_vocab(with_added_tokens=True).items():
+        if name in (BOS, PAD, EOS, BOI, EOI, END_OF_TURN, IMAGE_PLACEHOLDER):
+            mask[idx] = True
+        elif name.startswith(IMAGE_TOKEN_PREFIX):
+            mask[idx] |= image_token_code(name) is not None
+    _CONTROL[id(tokenizer)] = (tokenizer, mask)  # holding the tokenizer keeps its id from being reused
+    return mask
+
+
+def encode_texts(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Ids of user texts with special-token parsing off (``encode_special_tokens``), no bos / eos added.
+
+    Raises :class:`ControlTokenInText` if a control id still comes out (a tokenizer whose control
+    token is a non-special added token, or whose merges spell an image code): never silently kept.
+    """
+    with _SPECIALS_AS_TEXT:  # the switch lives on the tokenizer object: set it for this call only
+        before = tokenizer.encode_special_tokens
+        tokenizer.encode_special_tokens = True
+        try:
+            encodings = tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        finally:
+            tokenizer.encode_special_tokens = before
+    out = [e.ids for e in encodings]
+    mask = control_mask(tokenizer)
+    for text, ids in zip(texts, out):
+        if ids and mask[ids].any():
+            bad = [tokenizer.id_to_token(i) for i in ids if mask[i]]
+            raise ControlTokenInText(f"text {text[:60]!r} still encodes to control tokens {bad[:3]} with special-token parsing off")
+    return out
+
+
+def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Ids of one user text, typed control strings read as text (see :func:`encode_texts`)."""
+    return encode_texts(tokenizer, [text])[0]
+
+
+def split_markers(text: str, markers: tuple[str, ...]) -> list[tuple[str | None, str | None]]:
+    """Split text at structure markers: ``(text, None)`` pieces and ``(None, marker)`` pieces, in order.
+
+    Backslashes right before a marker escape it: an odd run writes the marker as literal text, and each
+    pair is one literal backslash (``\\<image>`` is the text ``<image>``; ``\\\\<image>`` is a backslash,
+    then the marker). Backslashes anywhere else are text.
+    """
+    out: list[tuple[str | None, str | None]] = []
+    pending, at = "", 0
+    for match in _marker_pattern(markers).finditer(text):
+        run, marker = match.group(1), match.group(2)
+        pending += text[at : match.start()] + "\\" * (len(run) // 2)
+        at = match.end()
+        if len(run) % 2:
+            pending += marker
+            continue
+        if pending:
+            out.append((pending, None))
+        out.append((None, marker))
+        pending = ""
+    pending += text[at:]
+    if pending:
+        out.append((pending, None))
+    return out
+
+
+_PATTERNS: dict[tuple[str, ...], re.Pattern] = {}
+
+
+def _marker_pattern(markers: tuple[str, ...]) -> re.Pattern:
+    """``(backslashes)(marker)``, longest marker first."""
+    if markers not in _PATTERNS:
+        _PATTERNS[markers] = re.compile(r"(\\*)(" + "|".join(re.escape(m) for m in sorted(markers, key=len, reverse=True)) + ")")
+    return _PATTERNS[markers]
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ except SystemExit as exc:
 print("HEAVY", ",".join(m for m in {heavy!r} if m in sys.modules))
 """
 
-CASES = [(name, ["--help"]) for name in sorted(SCRIPTS)] + [("medmax", ["generate", "--help"])]
+CASES = [(name, ["--help"]) for name in sorted(SCRIPTS)] + [("medmax", ["generate", "--help"]), ("medmax", ["demo", "--help"])]
 
 
 @pytest.mark.parametrize("name,argv", CASES, ids=[" ".join([n, *a]) for n, a in CASES])

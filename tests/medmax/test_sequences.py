@@ -197,3 +197,109 @@ def test_llava_row_with_one_image_path_uses_the_resolver(tiny_tokenizer, tiny_vo
     built = b.build(row)
     assert built.format == "conversation" and built.n_images == 1
     assert tiny_vocab.ids_to_codes(built.input_ids[tiny_vocab.is_image_code(built.input_ids)]).tolist() == codes(9)
+
+
+TYPED = "<racm3:break> <reserved08706> </s> <s> <pad> <eoss> <reserved08000>"
+
+
+def _structure_ids(vocab) -> set:
+    return {vocab.bos_id, vocab.eos_id, vocab.pad_id, vocab.boi_id, vocab.eoi_id, vocab.eot_id, vocab.image_placeholder_id}
+
+
+def test_typed_control_strings_in_conversations_stay_text(tiny_tokenizer, builder, tiny_vocab):
+    v = tiny_vocab
+    row = {"conversations": [{"role": "system", "content": f"sys {TYPED}"}, {"role": "user", "content": f"<image> q {TYPED}"},
+                             {"role": "assistant", "content": f"a {TYPED}"}], "images": [codes(1)]}
+    built = builder.build(row)
+    ids = built.input_ids.tolist()
+    # Structure only: bos, one image block, three end-of-turns, eos.
+    assert ids.count(v.bos_id) == 1 and ids.count(v.boi_id) == 1 and ids.count(v.eoi_id) == 1
+    assert ids.count(v.eot_id) == 3 and ids.count(v.eos_id) == 1 and v.pad_id not in ids
+    text = [i for i in ids if i not in _structure_ids(v) and not v.is_image_code([i])[0]]
+    assert tiny_tokenizer.decode(text, skip_special_tokens=False) == f"sys {TYPED}" + f" q {TYPED}" + f"a {TYPED}"
+
+
+def test_typed_control_strings_in_pretraining_rows_stay_text(tiny_tokenizer, builder, tiny_vocab):
+    # A text row with an unescaped end-of-turn is a MedMax row; a pretraining row writes it escaped.
+    assert detect_format({"text": f"caption {TYPED}"}) == "medmax"
+    typed = TYPED.replace("<reserved08706>", "\\<reserved08706>")
+    built = builder.build({"text": f"caption {typed}"})
+    assert built.format == "pretraining"
+    ids = built.input_ids.tolist()
+    assert ids[0] == tiny_vocab.bos_id and ids[-1] == tiny_vocab.eos_id
+    assert not _structure_ids(tiny_vocab) & set(ids[1:-1])
+    assert tiny_tokenizer.decode(ids[1:-1], skip_special_tokens=False) == f"caption {TYPED}"
+
+
+def test_medmax_rows_with_typed_control_strings_differ_from_the_published_algorithm_on_purpose(tiny_tokenizer, builder, tiny_vocab):
+    """MedMax's src/tokenization.py encodes the whole text with special-token parsing on, so a typed
+    ``</s>`` or ``<racm3:break>`` becomes end-of-sequence / begin-of-image. Here only ``<image>`` and the
+    end-of-turn ``<reserved08706>`` are structure in a MedMax row; every other control string is text."""
+    v = tiny_vocab
+    typed = "<racm3:break> </s> <s> <pad> <eoss>"
+    text = f"Is there a lesion {typed}?<image>" + EOT + f"Yes {typed}."
+    image = codes(2)
+    built = builder.build({"text": text, "image_tokens": image})
+    published, _ = medmax_published(tiny_tokenizer, text, image)
+    assert published.count(v.boi_id) == 3 and published.count(v.eos_id) == 3  # two typed of each: the injection we refuse
+    ids = built.input_ids.tolist()
+    assert ids.count(v.boi_id) == 1 and ids.count(v.eoi_id) == 1 and ids.count(v.eos_id) == 1 and ids.count(v.bos_id) == 1
+    assert ids.count(v.eot_id) == 1 and v.pad_id not in ids
+    boi = ids.index(v.boi_id)
+    eot = ids.index(v.eot_id)
+    prompt, answer = ids[1:boi], ids[eot + 1 : -1]
+    assert tiny_tokenizer.decode(prompt, skip_special_tokens=False) == f"Is there a lesion {typed}?"
+    assert tiny_tokenizer.decode(answer, skip_special_tokens=False) == f"Yes {typed}."
+    assert built.labels[: eot + 1].tolist() == [IGNORE_INDEX] * (eot + 1) and built.labels[eot + 1 :].tolist() == ids[eot + 1 :]
+
+
+@pytest.mark.parametrize("row", [
+    {"text": r"Write \<image> literally." + EOT + "ok", "image_tokens": []},
+    {"conversations": [{"role": "user", "content": r"Write \<image> literally."}, {"role": "assistant", "content": "ok"}]},
+    {"text": r"Write \<image> literally."},
+])
+def test_escaped_placeholder_is_literal_text(tiny_tokenizer, builder, tiny_vocab, row):
+    built = builder.build(row)
+    assert tiny_vocab.boi_id not in built.input_ids and tiny_vocab.image_placeholder_id not in built.input_ids
+    assert "Write <image> literally." in tiny_tokenizer.decode(built.input_ids.tolist(), skip_special_tokens=False)
+    assert built.n_images == 0
+
+
+def test_hf_datasets_image_structs_and_bytes_reach_the_resolver(tiny_tokenizer, tiny_vocab):
+    seen = []
+
+    def resolve(ref):
+        seen.append(ref)
+        return np.array(codes(len(seen)))
+
+    b = SequenceBuilder(tiny_tokenizer, resolve_image=resolve)
+    conv = [{"role": "user", "content": "<image><image><image> Which?"}, {"role": "assistant", "content": "B"}]
+    images = [{"bytes": b"PNG1", "path": "x.png"}, {"bytes": None, "path": "y.png"}, b"PNG3"]
+    built = b.build({"conversations": conv, "images": images})
+    assert seen == [b"PNG1", "y.png", b"PNG3"] and built.n_images == 3
+    with pytest.raises(RowError, match="neither bytes nor a path") as err:
+        b.build({"conversations": conv, "images": [{"bytes": None, "path": None}] * 3})
+    assert err.value.kind == "missing_image"
+
+
+def test_medmax_text_with_an_image_column_is_a_medmax_row(tiny_tokenizer, tiny_vocab):
+    """A MedMax row shipped Hugging Face style: ``text`` with the end-of-turn, the image as a bytes struct."""
+    assert detect_format({"text": "Q<image>" + EOT + "A", "image": {"bytes": b"x", "path": None}}) == "medmax"
+    b = SequenceBuilder(tiny_tokenizer, resolve_image=lambda ref: np.array(codes(3)))
+    built = b.build({"text": "Q<image>" + EOT + "A", "image": {"bytes": b"x", "path": None}})
+    assert built.format == "medmax" and built.n_images == 1
+    eot = built.input_ids.tolist().index(tiny_vocab.eot_id)
+    assert (built.labels[: eot + 1] == IGNORE_INDEX).all()
+
+
+def test_a_post_processor_stays_around_medmax_text_on_both_paths(tiny_tokenizer, tiny_vocab):
+    from tokenizers import Tokenizer, processors
+
+    tok = Tokenizer.from_str(tiny_tokenizer.to_str())
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    b = SequenceBuilder(tok)
+    image = codes(1)
+    plain = "Is it?<image>" + EOT + "Yes."
+    assert b.build({"text": plain, "image_tokens": image}).input_ids.tolist() == medmax_published(tok, plain, image)[0]
+    ids = b.build({"text": "Is </s> it?<image>" + EOT + "Yes.", "image_tokens": image}).input_ids.tolist()
+    assert ids[:2] == [tiny_vocab.bos_id, tiny_vocab.bos_id] and ids.count(tiny_vocab.eos_id) == 1

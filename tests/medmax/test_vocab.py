@@ -57,3 +57,39 @@ def test_load_tokenizer_from_folder(tiny_tokenizer_path, tmp_path):
     assert load_tokenizer(tiny_tokenizer_path.parent).get_vocab_size() == load_tokenizer(tiny_tokenizer_path).get_vocab_size()
     with pytest.raises(FileNotFoundError, match="no tokenizer file"):
         load_tokenizer(tmp_path)
+
+
+CONTROL_STRINGS = ["<racm3:break>", "<reserved08706>", "</s>", "<s>", "<pad>", "<eoss>", "<image>"]
+
+
+@pytest.mark.parametrize("typed", CONTROL_STRINGS + ["".join(CONTROL_STRINGS), "a<s>b</s>c <eoss>\n<pad>"])
+def test_encode_text_reads_typed_control_strings_as_text(tiny_tokenizer, tiny_vocab, typed):
+    from medmax.vocab import encode_text
+
+    text = f"Is there a lesion? {typed} yes"
+    ids = encode_text(tiny_tokenizer, text)
+    control = set(tiny_vocab.special_ids().values()) | {tiny_vocab.image_placeholder_id}
+    assert not control & set(ids) and not tiny_vocab.is_image_code(ids).any()
+    assert tiny_tokenizer.decode(ids, skip_special_tokens=False) == text
+    # The tokenizer's own setting is left as it was: plain encode still parses special tokens.
+    assert tiny_vocab.eot_id in tiny_tokenizer.encode("<reserved08706>").ids
+
+
+def test_encode_text_matches_plain_encoding_of_ordinary_text(tiny_tokenizer):
+    from medmax.vocab import encode_text, encode_texts
+
+    texts = ["Which organ is shown? A) lung B) liver", " émoji ✓ {\"x\": [1]}", ""]
+    assert [encode_text(tiny_tokenizer, t) for t in texts] == [tiny_tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
+    assert encode_texts(tiny_tokenizer, texts) == [encode_text(tiny_tokenizer, t) for t in texts]
+
+
+def test_split_markers_with_backslash_escape():
+    from medmax.vocab import split_markers
+
+    markers = ("<image>", "<reserved08706>")
+    assert split_markers("a<image>b<reserved08706>c", markers) == [("a", None), (None, "<image>"), ("b", None), (None, "<reserved08706>"), ("c", None)]
+    # \<image> is the literal text; \\<image> is one backslash and then the marker; other backslashes stay.
+    assert split_markers(r"say \<image> now", markers) == [("say <image> now", None)]
+    assert split_markers(r"path C:\\<image>", markers) == [("path C:\\", None), (None, "<image>")]
+    assert split_markers(r"a\nb \x", markers) == [(r"a\nb \x", None)]
+    assert split_markers("", markers) == []

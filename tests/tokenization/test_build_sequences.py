@@ -10,6 +10,7 @@ from PIL import Image
 
 from medmax.dataset_io import read_manifest, shard_paths
 from medmax.images import load_image, preprocess
+from medmax.passthrough import type_name
 from medmax.sequence_dataset import RowRejected
 from medmax.sequences import SequenceBuilder
 from tokenization.build_sequences import main
@@ -74,7 +75,9 @@ def test_medmax_rows_with_image_tokens_folder(tmp_path, tiny_tokenizer, tiny_tok
         expected = builder.build({"text": source["text"], "image_tokens": [table[p] for p in paths]})
         assert row["input_ids"] == expected.input_ids.tolist() and row["labels"] == expected.labels.tolist()
         assert row["length"] == len(row["input_ids"])
-    assert [r["source"] for r in rows] == ["pmc", "x", None] and rows[1]["task"] == "3"
+    assert [r["source"] for r in rows] == ["pmc", "x", None]
+    assert [r["task"] for r in rows] == ['"vqa"', "3", None]  # "vqa" and 3 in one column: JSON text
+    assert [r["extra"] for r in rows] == [None, None, '{"nested": true}']
     stats = manifest["token_stats"]
     assert stats["total_tokens"] == sum(r["length"] for r in rows)
     assert stats["trained_tokens"] == sum(sum(x != -100 for x in r["labels"]) for r in rows)
@@ -167,22 +170,26 @@ def test_read_manifest_names_the_file(tmp_path):
 
 
 def test_resume_keeps_finished_files_and_rebuilds_the_rest(tmp_path, tiny_tokenizer_path, image_tokens, caplog):
-    files = [write_jsonl(tmp_path / f"in{i}.jsonl", MEDMAX + ["{bad"]) for i in range(2)]
+    files = [write_jsonl(tmp_path / "in0.jsonl", MEDMAX), write_jsonl(tmp_path / "in1.jsonl", MEDMAX + ["{bad"])]
     args = ("--image-tokens", str(image_tokens))
-    out = run(tmp_path, files, tiny_tokenizer_path, "out", *args)
-    full_rows, full_errors = read_rows(out), (out / "errors.jsonl").read_text()
-    # An interrupted run: file 1 never finished (no completion record, a half-written shard).
-    (out / "progress" / "done-00001.json").unlink()
-    (out / "part-00001-0000.parquet").write_bytes(b"partial")
-    (out / "manifest.json").unlink()
-    kept = (out / "part-00000-0000.parquet").stat().st_mtime_ns
+    full = run(tmp_path, files, tiny_tokenizer_path, "full", *args)
+    full_rows, full_errors = read_rows(full), (full / "errors.jsonl").read_text()
+    # An interrupted run: --strict stops it in file 1, after file 0 finished (one worker takes the files in order).
+    with pytest.raises(RowRejected):
+        run(tmp_path, files, tiny_tokenizer_path, "out", *args, "--strict")
+    out = tmp_path / "out"
+    assert not out.exists()  # the unfinished build stays beside it, in out.partial
+    kept = (tmp_path / "out.partial" / "part-00000-0000.parquet").stat().st_mtime_ns
     caplog.clear()
     run(tmp_path, files, tiny_tokenizer_path, "out", *args, "--resume")
     assert "resume: 1 of 2 input files already built" in caplog.text
     assert (out / "part-00000-0000.parquet").stat().st_mtime_ns == kept
     assert read_rows(out) == full_rows and (out / "errors.jsonl").read_text() == full_errors
-    assert read_manifest(out)["counts"]["rows_read"] == 8
-    # Different settings: nothing is kept.
+    assert read_manifest(out)["counts"]["rows_read"] == 7 and not (tmp_path / "out.partial").exists()
+    # Resuming a finished build keeps everything; different settings keep nothing.
+    caplog.clear()
+    run(tmp_path, files, tiny_tokenizer_path, "out", *args, "--resume")
+    assert "resume: 2 of 2" in caplog.text and read_rows(out) == full_rows
     caplog.clear()
     run(tmp_path, files, tiny_tokenizer_path, "out", *args, "--resume", "--no-image-loss")
     assert "resume: 0 of 2" in caplog.text
@@ -209,3 +216,254 @@ def test_image_root_paths_are_encoded_and_kept_inside_the_root(tmp_path, tiny_to
     assert tiny_vocab.ids_to_codes(ids[tiny_vocab.is_image_code(ids)]).tolist() == codes(1)
     (error,) = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
     assert error["row"] == 3 and "leaves --image-root" in error["reason"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume fingerprints follow content, not paths (issue 11)
+
+
+def test_resume_rebuilds_when_the_image_token_folder_gains_images(tmp_path, tiny_tokenizer_path, image_tokens, caplog):
+    rows = MEDMAX + [{"text": "Q<image>" + EOT + "A", "image_path": "new.png"}]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = run(tmp_path, [src], tiny_tokenizer_path, "out", "--image-tokens", str(image_tokens))
+    assert read_manifest(out)["counts"]["rejected"] == {"missing_image": 1}
+    # image_tokenize ran again into the same folder and tokenized the missing image
+    pq.write_table(pa.table({"img_path": ["new.png"], "img_tokens": [codes(4)]}), image_tokens / "tokens-rank00000-part000001.parquet")
+    caplog.clear()
+    run(tmp_path, [src], tiny_tokenizer_path, "out", "--image-tokens", str(image_tokens), "--resume")
+    assert "resume: 0 of 1" in caplog.text
+    counts = read_manifest(out)["counts"]
+    assert counts["rows_written"] == 4 and counts["rejected_total"] == 0
+
+
+def test_resume_rebuilds_when_the_tokenizer_file_changes_in_place(tmp_path, image_tokens, caplog):
+    from medmax.presets import build_tiny_tokenizer
+
+    path = tmp_path / "tok" / "tokenizer.json"
+    path.parent.mkdir()
+    build_tiny_tokenizer().save(str(path))
+    src = write_jsonl(tmp_path / "in.jsonl", MEDMAX)
+    first = read_rows(run(tmp_path, [src], path, "out", "--image-tokens", str(image_tokens)))
+    other = build_tiny_tokenizer()
+    other.add_tokens(["lesion"])  # another tokenizer, same path
+    other.save(str(path))
+    caplog.clear()
+    second = read_rows(run(tmp_path, [src], path, "out", "--image-tokens", str(image_tokens), "--resume"))
+    assert "resume: 0 of 1" in caplog.text and first != second
+
+
+def test_resume_notices_an_input_rewritten_with_the_same_size_and_time(tmp_path, tiny_tokenizer_path, image_tokens, caplog):
+    import os
+
+    src = write_jsonl(tmp_path / "in.jsonl", MEDMAX)
+    stat = src.stat()
+    out = run(tmp_path, [src], tiny_tokenizer_path, "out", "--image-tokens", str(image_tokens))
+    src.write_text(src.read_text().replace("Yes.", "No!!"))
+    os.utime(src, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert src.stat().st_size == stat.st_size
+    caplog.clear()
+    run(tmp_path, [src], tiny_tokenizer_path, "out", "--image-tokens", str(image_tokens), "--resume")
+    assert "resume: 0 of 1" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# Every input column survives (issue 11)
+
+
+PASS_ROWS = [
+    {"text": "Q<image>" + EOT + "A", "image_path": "a.png", "qid": "q1", "n": 1, "score": 0.5, "tags": ["x", "y"], "meta": {"k": 1}, "ok": True},
+    {"text": "Q<image>" + EOT + "B", "image_path": "b.png", "qid": "q2", "n": 2, "score": 1, "tags": [], "meta": None, "ok": False, "late": "z"},
+    {"text": "Q<image>" + EOT + "C", "image_path": "gone.png", "qid": "q3"},
+]
+
+
+def test_every_unconsumed_column_passes_through_with_its_type(tmp_path, tiny_tokenizer_path, image_tokens):
+    src = write_jsonl(tmp_path / "in.jsonl", PASS_ROWS)
+    out = run(tmp_path, [src], tiny_tokenizer_path, "out", "--image-tokens", str(image_tokens))
+    table = pq.read_table(shard_paths(out)[0])
+    types = {f.name: type_name(f.type) for f in table.schema}
+    assert {k: types[k] for k in ("qid", "n", "score", "tags", "meta", "ok", "late")} == {
+        "qid": "string", "n": "int64", "score": "double", "tags": "list<string>", "meta": "string", "ok": "bool", "late": "string"}
+    assert "text" not in types and "image_path" not in types
+    first, second = table.to_pylist()
+    assert (first["qid"], first["n"], first["score"], first["tags"], json.loads(first["meta"]), first["ok"], first["late"]) == (
+        "q1", 1, 0.5, ["x", "y"], {"k": 1}, True, None)
+    assert (second["score"], second["tags"], second["meta"], second["late"]) == (1.0, [], None, "z")
+    assert read_manifest(out)["columns"]["meta"] == "json"
+    (error,) = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert (error["row"], error["id_column"], error["id"]) == (3, "qid", "q3")
+
+
+def test_keep_is_an_allow_list_and_drop_a_deny_list(tmp_path, tiny_tokenizer_path, image_tokens):
+    src = write_jsonl(tmp_path / "in.jsonl", PASS_ROWS[:2])
+    kept = run(tmp_path, [src], tiny_tokenizer_path, "kept", "--image-tokens", str(image_tokens), "--keep", "qid", "image_path")
+    names = pq.read_schema(shard_paths(kept)[0]).names
+    assert names == ["input_ids", "labels", "length", "format", "qid", "image_path"]
+    assert [r["image_path"] for r in read_rows(kept)] == ["a.png", "b.png"]
+    dropped = run(tmp_path, [src], tiny_tokenizer_path, "dropped", "--image-tokens", str(image_tokens), "--drop", "meta", "tags")
+    names = pq.read_schema(shard_paths(dropped)[0]).names
+    assert set(names) == {"input_ids", "labels", "length", "format", "qid", "n", "score", "ok", "late"}
+    none = run(tmp_path, [src], tiny_tokenizer_path, "none", "--image-tokens", str(image_tokens), "--keep")
+    assert pq.read_schema(shard_paths(none)[0]).names == ["input_ids", "labels", "length", "format"]
+
+
+def test_strict_error_names_the_rows_id(tmp_path, tiny_tokenizer_path, image_tokens):
+    src = write_jsonl(tmp_path / "in.jsonl", PASS_ROWS)
+    with pytest.raises(RowRejected, match=r"in\.jsonl row 3 \(qid 'q3'\): no image codes"):
+        run(tmp_path, [src], tiny_tokenizer_path, "out", "--image-tokens", str(image_tokens), "--strict")
+
+
+# ---------------------------------------------------------------------------------------------
+# Never destroy input (issue 12)
+
+
+def _spark_folder(tmp_path) -> tuple[Path, dict]:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(2):
+        rows = [{"text": "Is there a lesion?<image>" + EOT + "Yes.", "image_path": "a.png", "id": f"{i}-{n}"} for n in range(3)]
+        pq.write_table(pa.Table.from_pylist(rows), raw / f"part-0000{i}-c0ffee.snappy.parquet")
+    return raw, {p.name: p.read_bytes() for p in raw.iterdir()}
+
+
+def test_output_that_is_the_input_folder_is_refused_and_nothing_is_deleted(tmp_path, tiny_tokenizer_path, image_tokens):
+    raw, before = _spark_folder(tmp_path)
+    for output in (raw, tmp_path):  # the input folder itself, and a folder that contains it
+        with pytest.raises(ValueError, match="--output .* input"):
+            main(["--input", str(raw), "--tokenizer", str(tiny_tokenizer_path), "--output", str(output),
+                  "--image-tokens", str(image_tokens), "--no-progress"])
+        assert {p.name: p.read_bytes() for p in raw.iterdir()} == before
+
+
+def test_input_file_inside_the_output_folder_is_refused(tmp_path, tiny_tokenizer_path, image_tokens):
+    out = tmp_path / "out"
+    out.mkdir()
+    src = write_jsonl(out / "in.jsonl", MEDMAX)
+    with pytest.raises(ValueError, match="--output .* input"):
+        run(tmp_path, [src], tiny_tokenizer_path, "out", "--image-tokens", str(image_tokens))
+    assert src.read_text() and sorted(p.name for p in out.iterdir()) == ["in.jsonl"]
+
+
+def test_an_output_folder_holding_files_this_program_did_not_write_is_refused(tmp_path, tiny_tokenizer_path, image_tokens):
+    src = write_jsonl(tmp_path / "in.jsonl", MEDMAX)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "part-00000-0000.parquet").write_bytes(b"a user's file that happens to look like a shard")
+    with pytest.raises(ValueError, match="did not write.*part-00000-0000.parquet"):
+        run(tmp_path, [src], tiny_tokenizer_path, "out", "--image-tokens", str(image_tokens))
+    assert (out / "part-00000-0000.parquet").read_bytes().startswith(b"a user's file")
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_a_rebuild_replaces_only_the_files_its_manifest_lists(tmp_path, tiny_tokenizer_path, image_tokens):
+    src = write_jsonl(tmp_path / "in.jsonl", MEDMAX)
+    out = run(tmp_path, [src], tiny_tokenizer_path, "out", "--image-tokens", str(image_tokens), "--rows-per-shard", "1")
+    assert len(read_manifest(out)["files"]) == 3
+    run(tmp_path, [src], tiny_tokenizer_path, "out", "--image-tokens", str(image_tokens))
+    assert sorted(p.name for p in out.glob("part-*")) == ["part-00000-0000.parquet"]
+    assert len(read_rows(out)) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image_tokens", "in.jsonl", "out"]  # no staging left behind
+
+
+def test_a_failed_resume_leaves_the_finished_output_readable(tmp_path, tiny_tokenizer_path, image_tokens):
+    files = [write_jsonl(tmp_path / f"in{i}.jsonl", MEDMAX) for i in range(2)]
+    out = run(tmp_path, files, tiny_tokenizer_path, "out", "--image-tokens", str(image_tokens))
+    manifest, rows = read_manifest(out), read_rows(out)
+    write_jsonl(files[1], MEDMAX + [{"text": "Q<image>" + EOT + "A", "image_path": "gone.png"}])
+    with pytest.raises(RowRejected):
+        run(tmp_path, files, tiny_tokenizer_path, "out", "--image-tokens", str(image_tokens), "--resume", "--strict")
+    assert read_manifest(out) == manifest and read_rows(out) == rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows that would cost the machine (issue 12)
+
+
+def test_default_max_length_drops_and_reports_runaway_rows(tmp_path, tiny_tokenizer_path, capsys):
+    rows = [{"text": "Q" + EOT + "word " * 6000}, {"text": "Q" + EOT + "short"}]
+    out = run(tmp_path, [write_jsonl(tmp_path / "in.jsonl", rows)], tiny_tokenizer_path)
+    manifest = read_manifest(out)
+    assert manifest["settings"]["max_length"] == 4096
+    assert manifest["counts"]["dropped_for_length"] == 0 and manifest["counts"]["truncated"] == 1
+    assert read_manifest(out)["token_stats"]["max_length"] == 4096
+    assert "truncated 1" in capsys.readouterr().err
+    rows = [{"text": "word " * 6000 + EOT + "Q"}]
+    out = run(tmp_path, [write_jsonl(tmp_path / "in2.jsonl", rows)], tiny_tokenizer_path, "out2")
+    assert read_manifest(out)["counts"]["dropped_for_length"] == 1
+    err = capsys.readouterr().err
+    assert "dropped for length 1" in err and "--max-length" in err
+    out = run(tmp_path, [write_jsonl(tmp_path / "in2.jsonl", rows)], tiny_tokenizer_path, "out3", "--max-length", "0")
+    assert read_manifest(out)["counts"]["rows_written"] == 1
+
+
+def test_bad_bytes_and_huge_lines_are_row_errors_not_run_aborts(tmp_path, tiny_tokenizer_path):
+    src = tmp_path / "in.jsonl"
+    good = json.dumps({"text": "Q" + EOT + "A"}).encode()
+    src.write_bytes(good + b"\n" + b'{"text": "Q\xff' + EOT.encode() + b'A"}\n' + json.dumps({"text": "x" * 5000}).encode() + b"\n" + good + b"\n")
+    out = run(tmp_path, [src], tiny_tokenizer_path, "out", "--max-row-bytes", "4096")
+    counts = read_manifest(out)["counts"]
+    assert counts["rows_written"] == 2 and counts["rejected"] == {"invalid_utf8": 1, "row_too_large": 1}
+
+
+def test_typed_control_strings_in_conversation_rows_stay_text(tmp_path, tiny_tokenizer, tiny_tokenizer_path, tiny_vocab):
+    conv = [{"role": "user", "content": "Hi </s><racm3:break><reserved08706>"}, {"role": "assistant", "content": "<eoss><s><pad>ok"}]
+    out = run(tmp_path, [write_jsonl(tmp_path / "in.jsonl", [{"conversations": conv}])], tiny_tokenizer_path)
+    (row,) = read_rows(out)
+    v = tiny_vocab
+    ids = row["input_ids"]
+    assert (ids.count(v.eos_id), ids.count(v.eot_id), ids.count(v.bos_id), ids.count(v.boi_id)) == (1, 2, 1, 0)
+    assert v.eoi_id not in ids and v.pad_id not in ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedded images in parquet rows, as Hugging Face datasets ship them (issue 10)
+
+
+def test_hf_image_structs_and_binary_columns_in_parquet(tmp_path, tiny_tokenizer_path, tiny_vocab, tiny_vqgan, tiny_vqgan_dir):
+    one, two = _png_bytes(3), _png_bytes(4)
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    conv = [{"role": "user", "content": "<image> Which organ?"}, {"role": "assistant", "content": "liver"}]
+    table = pa.table({
+        "conversations": [conv, conv],
+        "images": pa.array([[{"bytes": one, "path": "scan1.png"}], [{"bytes": two, "path": None}]], type=pa.list_(image_type)),
+        "id": ["r1", "r2"],
+    })
+    pq.write_table(table, tmp_path / "hf.parquet")
+    medmax = pa.table({"text": ["Which organ?<image>" + EOT + "liver"], "image": [one], "id": ["r3"]})  # plain binary column
+    pq.write_table(medmax, tmp_path / "binary.parquet")
+    out = run(tmp_path, [tmp_path / "hf.parquet", tmp_path / "binary.parquet"], tiny_tokenizer_path, "out", "--ckpt", str(tiny_vqgan_dir))
+    rows = read_rows(out)
+    assert [r["id"] for r in rows] == ["r1", "r2", "r3"] and [r["format"] for r in rows] == ["conversation", "conversation", "medmax"]
+    for row, data in zip(rows, (one, two, one)):
+        expected = tiny_vqgan.encode_codes(preprocess(load_image(data), 64)[None])[0].tolist()
+        ids = np.array(row["input_ids"])
+        assert tiny_vocab.ids_to_codes(ids[tiny_vocab.is_image_code(ids)]).tolist() == expected
+
+
+def test_a_rerun_after_a_crash_clears_only_its_own_work_folder(tmp_path, tiny_tokenizer_path, image_tokens):
+    files = [write_jsonl(tmp_path / "in0.jsonl", MEDMAX), write_jsonl(tmp_path / "in1.jsonl", MEDMAX + ["{bad"])]
+    args = ("--image-tokens", str(image_tokens))
+    with pytest.raises(RowRejected):
+        run(tmp_path, files, tiny_tokenizer_path, "out", *args, "--strict")
+    partial = tmp_path / "out.partial"
+    (partial / "notes.txt").write_text("a user's file")
+    with pytest.raises(ValueError, match="notes.txt"):
+        run(tmp_path, files, tiny_tokenizer_path, "out", *args)
+    assert (partial / "notes.txt").read_text() == "a user's file"
+    (partial / "notes.txt").unlink()
+    out = run(tmp_path, files, tiny_tokenizer_path, "out", *args)
+    assert read_manifest(out)["counts"]["rows_read"] == 7 and not partial.exists()
+    assert not (out / ".build_sequences.json").exists()
+
+
+def test_a_cut_progress_record_is_rebuilt_with_a_warning(tmp_path, tiny_tokenizer_path, image_tokens, caplog):
+    files = [write_jsonl(tmp_path / "in0.jsonl", MEDMAX), write_jsonl(tmp_path / "in1.jsonl", MEDMAX + ["{bad"])]
+    args = ("--image-tokens", str(image_tokens))
+    with pytest.raises(RowRejected):
+        run(tmp_path, files, tiny_tokenizer_path, "out", *args, "--strict")
+    done = tmp_path / "out.partial" / "progress" / "done-00000.json"
+    done.write_text(done.read_text()[:40])  # a kill mid-write, as an older build could leave it
+    caplog.clear()
+    out = run(tmp_path, files, tiny_tokenizer_path, "out", *args, "--resume")
+    assert "unreadable progress record" in caplog.text and "resume: 0 of 2" in caplog.text
+    assert read_manifest(out)["counts"]["rows_read"] == 7
