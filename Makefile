@@ -40,5 +40,9 @@ demo: $(STAMP)
 	test -f runs/quickstart/model/config.json || $(MAKE) quickstart
 	$(PY) -m medmax demo --model runs/quickstart/model
 
+# Every benchmark at full size, then BENCHMARKS.md from the records (BENCH_FLAGS=--quick for the small sizes).
+bench: $(STAMP)
+	PYTHON=$(PY) bench/run_all.sh $(BENCH_FLAGS)
+
 clean:
 	rm -rf $(VENV) runs

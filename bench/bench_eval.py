@@ -2,34 +2,35 @@
 
 Usage::
 
-    python bench/bench_eval.py            # "small" model, 64 questions, batch 16
+    python bench/bench_eval.py            # "small" model, 64 open questions, batch 16, 3 rounds
     python bench/bench_eval.py --quick    # "tiny" model, 16 questions
 
-Both sides run the evaluation suite's own row path (``eval.run.evaluate_batch``: image check, prompt,
-generation, scoring) on the same questions in the same process; the only difference is how many
-questions share one ``Generator.generate`` call. The predictions must be identical.
+Both modes run the whole evaluation program, ``eval.run.main``, in this process on the same model folder
+and questions, into a fresh output folder each time: ``--batch-size 1`` (one question per generate call,
+as MedMax's loop does) and ``--batch-size 16``. They alternate in interleaved rounds, and the
+predictions of the batched run must equal the one-at-a-time predictions row for row, in every round.
+Seconds include loading the model folder (the same for both modes).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import torch
-from PIL import Image
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
-from eval import run  # noqa: E402
-from eval.data import load_medmax  # noqa: E402
-from eval.tasks import select_tasks  # noqa: E402
-from medmax.presets import make_model_dir  # noqa: E402
+from harness import Benchmark, command_line, Case, Result, Target, Variant, add_arguments, run_benchmark, size_label  # noqa: E402
 
 QUESTIONS = ["Where is the lesion located?", "What modality is this?", "Which organ is shown?", "Describe the image."]
+TASK = "slake_open"
 
 
 def make_data(root: Path, n: int) -> Path:
@@ -42,43 +43,56 @@ def make_data(root: Path, n: int) -> Path:
     return root
 
 
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
+def predictions(out: Path) -> list[tuple[str, str]]:
+    rows = [json.loads(line) for line in (out / "predictions" / f"{TASK}.jsonl").read_text().splitlines() if line]
+    return sorted((r["uid"], r["output"]) for r in rows)
 
 
-def main(argv=None) -> dict:
+def evaluation(model: Path, data: Path, out: Path, batch_size: int, max_new_tokens: int, n: int):
+    from eval.run import main as eval_main
+
+    def run() -> Result:
+        shutil.rmtree(out, ignore_errors=True)
+        eval_main(["--model", str(model), "--data", str(data), "--output", str(out), "--tasks", TASK, "--device", "cpu",
+                   "--batch-size", str(batch_size), "--max-new-tokens", str(max_new_tokens)])
+        return Result(work={"questions": n}, output=predictions(out))
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, 16 questions")
     parser.add_argument("--questions", type=int)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the 2 cores are shared)")
+    add_arguments(parser)
     args = parser.parse_args(argv)
     n = args.questions or (16 if args.quick else 64)
     preset = "tiny" if args.quick else "small"
-    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    from medmax.presets import make_model_dir
+
+    bench = Benchmark(
+        name="eval", title="Evaluation: batched vs one question at a time", size=size_label(args.quick, args.questions),
+        description=__doc__.split("\n\n", 2)[2].strip(),
+        settings={"model_preset": preset, "questions": n, "batch_size": args.batch_size,
+                  "max_new_tokens": args.max_new_tokens, "image_px": 64, "threads": args.threads},
+        command=command_line(argv))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        make_model_dir(tmp / "model", preset, seed=0)
+        model = make_model_dir(tmp / "model", preset, seed=0)
         data = make_data(tmp / "data", n)
-        config = run.EvalConfig(model=tmp / "model", data=data, output=tmp / "out", tasks="slake_open", device="cpu",
-                                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-        task = select_tasks("slake_open")[0]
-        records, _ = load_medmax(data)
-        ctx = run._setup(config, [task])
-        run.evaluate_batch(task, records[:2], ctx)  # warm-up
-        single, t_single = timed(lambda: [row for rec in records for row in run.evaluate_batch(task, [rec], ctx)])
-        bs = args.batch_size
-        batched, t_batched = timed(lambda: [row for i in range(0, n, bs) for row in run.evaluate_batch(task, records[i : i + bs], ctx)])
-    same = sum(a == b for a, b in zip(single, batched))
-    result = {"model": preset, "questions": n, "batch_size": bs, "max_new_tokens": args.max_new_tokens,
-              "one_at_a_time_q_per_s": n / t_single, "batched_q_per_s": n / t_batched, "speedup": t_single / t_batched,
-              "identical_rows": f"{same}/{n}"}
-    print(json.dumps(result, indent=2))
-    assert same == n, f"batched predictions differ from one-at-a-time on {n - same} of {n} questions"
-    return result
+        single = evaluation(model, data, tmp / "single", 1, args.max_new_tokens, n)
+        batched = evaluation(model, data, tmp / "batched", args.batch_size, args.max_new_tokens, n)
+        case = Case(f"{n} open questions, {preset} model", unit="questions", variants=[
+            Variant("one at a time (--batch-size 1, MedMax's loop)", single),
+            Variant(f"batched (--batch-size {args.batch_size})", batched)])
+        target = Target(case.name, case.variants[1].name, "ratio", ">=", 3.0, f"batch {args.batch_size} >= 3x one at a time")
+        return run_benchmark(bench, [case], [target], args)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -44,7 +44,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -257,6 +256,8 @@ class Context:
 
 
 def _device(config: EvalConfig) -> str:
+    import torch  # in the functions that use it: --help must not load torch
+
     if config.device:
         return config.device
     if torch.cuda.is_available():
@@ -277,6 +278,8 @@ def _judge(config: EvalConfig) -> Judge | None:
 
 
 def _setup(config: EvalConfig, tasks: list[Task]) -> Context:
+    import torch
+
     from medmax.generation import Generator
 
     device = _device(config)

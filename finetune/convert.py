@@ -32,8 +32,10 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # names for annotations only: torch loads when a conversion runs, not for --help
+    import torch
 
 logger = logging.getLogger("finetune.convert")
 
@@ -61,6 +63,8 @@ def convert_original(path: str | Path, output: str | Path, model_size: str | Non
                      tokenizer: str | Path | None = None, trust_checkpoint: bool = False,
                      allow_norm_mismatch: bool = False, max_shard_bytes: int | None = None) -> Path:
     """Original layout -> model folder, one tensor at a time; ``dtype`` None keeps the stored dtypes."""
+    import torch  # torch loads here, not for --help
+
     from transformers import GenerationConfig
 
     from medmax.checkpoints import DEFAULT_SHARD_BYTES, fresh_output, load_complete_vqgan, write_weights
@@ -111,6 +115,8 @@ def _check_vocab(tokenizer_ids: int, model_ids: int, where: Path) -> None:
 
 def check_same_encoder(model, vqgan, hf_model: Path, original: Path) -> None:
     """The HF model's vqmodel must be the original VQGAN's encoder half, tensor for tensor."""
+    import torch
+
     ours = model.model.vqmodel.state_dict()
     theirs = {k: v for k, v in vqgan.state_dict().items() if not k.startswith("decoder.")}
     differ = [k for k in ours if k not in theirs or not torch.equal(ours[k].float(), theirs[k].float())]
@@ -122,6 +128,8 @@ def check_same_encoder(model, vqgan, hf_model: Path, original: Path) -> None:
 def convert_hf(hf_model: str | Path, original: str | Path, output: str | Path, tokenizer: str | Path | None = None,
                dtype: str | None = "bfloat16", trust_checkpoint: bool = False) -> Path:
     """A Hugging Face Chameleon folder + the original ``tokenizer/`` -> model folder (adds the VQGAN decoder)."""
+    import torch
+
     from medmax.checkpoints import fresh_output, load_complete_vqgan
     from medmax.meta_layout import original_tokenizer
     from medmax.model import MedMaxChameleon, save_model_dir

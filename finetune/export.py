@@ -39,14 +39,14 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-
-from medmax.checkpoints import load_complete_vqgan
-from medmax.model import MedMaxChameleon, save_model_dir
 from medmax.vocab import load_tokenizer
-from medmax.vqgan import UntrustedCheckpointError
+
+if TYPE_CHECKING:  # names for annotations only: the functions import them when they run, not for --help
+    import torch
+
+    from medmax.model import MedMaxChameleon
 
 logger = logging.getLogger("finetune.export")
 
@@ -67,6 +67,8 @@ def read_run_info(checkpoint: Path) -> dict:
 
 def load_trained_model(checkpoint: Path, info: dict, dtype: torch.dtype) -> MedMaxChameleon:
     """The checkpoint's weights as a plain model: LoRA merged, image-alignment rows already in place."""
+    from medmax.model import MedMaxChameleon  # torch and transformers load here, not for --help
+
     if (checkpoint / "adapter_config.json").is_file():
         from peft import PeftModel
 
@@ -85,6 +87,11 @@ def load_trained_model(checkpoint: Path, info: dict, dtype: torch.dtype) -> MedM
 
 def export(checkpoint: str | Path, output: str | Path, dtype: str = "float32", trust_checkpoint: bool = False) -> Path:
     """Write the model folder of ``checkpoint`` to ``output``; returns ``output``."""
+    import torch
+
+    from medmax.checkpoints import load_complete_vqgan
+    from medmax.model import save_model_dir
+
     checkpoint = Path(checkpoint)
     info = read_run_info(checkpoint)
     model = load_trained_model(checkpoint, info, getattr(torch, dtype))
@@ -107,6 +114,10 @@ class ExportSource:
 
 def open_source(source: Path, dtype: str | None, trust_checkpoint: bool) -> ExportSource:
     """A training checkpoint (LoRA merged in memory) or a model folder (tensors read one at a time)."""
+    import torch
+
+    from medmax.checkpoints import FolderTensors, check_model_folder, load_complete_vqgan
+
     if (source / RUN_FILE).is_file():
         info = read_run_info(source)
         model = load_trained_model(source, info, getattr(torch, dtype) if dtype else "auto")
@@ -116,8 +127,6 @@ def open_source(source: Path, dtype: str | None, trust_checkpoint: bool) -> Expo
                             load_complete_vqgan(info["vqgan"], trust_checkpoint))
     from transformers import ChameleonConfig
 
-    from medmax.checkpoints import FolderTensors, check_model_folder
-
     check_model_folder(source, trust_checkpoint=trust_checkpoint)
     return ExportSource(ChameleonConfig.from_pretrained(source), FolderTensors.open(source).get,
                         load_tokenizer(source / "tokenizer.json"), load_complete_vqgan(source / "vqgan", trust_checkpoint))
@@ -126,6 +135,8 @@ def open_source(source: Path, dtype: str | None, trust_checkpoint: bool) -> Expo
 def export_chameleon(source: str | Path, output: str | Path, shards: int | None = None, model_size: str = "7b",
                      dtype: str | None = None, trust_checkpoint: bool = False) -> Path:
     """Write Meta's original layout (module docstring) of a training checkpoint or model folder."""
+    import torch
+
     from medmax.checkpoints import fresh_output
     from medmax.meta_layout import MetaParams, exact_shard_counts, hf_to_meta, write_original
 
@@ -161,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.shards is not None and args.shards < 1:
         parser.error("--shards must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from medmax.vqgan import UntrustedCheckpointError
+
     if args.format == "model":
         export(args.checkpoint, args.output, args.dtype or "float32", args.trust_checkpoint)
         return 0

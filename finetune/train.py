@@ -31,29 +31,16 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import ChameleonConfig, Trainer
-from transformers.trainer_utils import get_last_checkpoint
-
-from medmax.model import MedMaxChameleon, check_config_fits, new_model, save_model_dir
-from medmax.training_data import (
-    PackedCollator,
-    PaddingCollator,
-    SequenceDataset,
-    check_sequences,
-    load_sequences,
-    read_manifest,
-    split_validation,
-)
 from medmax.vocab import Vocabulary, load_tokenizer
-from medmax.model import chameleon_config
-from medmax.presets import VQGAN_PRESETS, parse_preset
-from medmax.vqgan import VQGAN, load_vqgan, save_vqgan
 
-from .config import ConfigError, FinetuneConfig, load_config
-from .demo_data import resolve_tokenizer
-from .modes import setup_mode, sync_trainable_rows
+if TYPE_CHECKING:  # annotations only: torch, transformers and the recipe load when a run starts, not for --help
+    from transformers import Trainer
+
+    from medmax.model import MedMaxChameleon
+
+    from .config import FinetuneConfig
 
 logger = logging.getLogger("finetune.train")
 
@@ -61,8 +48,12 @@ RUN_FILE = "medmax_run.json"
 BASE_MODEL_DIR = "base_model"
 
 
-class MedMaxTrainer(Trainer):
-    """Trainer that logs real (non-padding) tokens/s and saves what export needs with every checkpoint."""
+class MedMaxTrainerMixin:
+    """Trainer that logs real (non-padding) tokens/s and saves what export needs with every checkpoint.
+
+    Mixed into transformers' ``Trainer`` by :func:`medmax_trainer` when a run starts, so that importing this
+    program (for ``--help``) does not load transformers.
+    """
 
     def __init__(self, *args, run_info: dict, tokenizer_obj, **kwargs):
         super().__init__(*args, **kwargs)
@@ -87,16 +78,27 @@ class MedMaxTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def _all_processes(self, count: int) -> int:
+        import torch
+
         if self.accelerator.num_processes == 1:
             return count
         value = torch.tensor([count], device=self.accelerator.device)
         return int(self.accelerator.reduce(value, reduction="sum").item())
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        from .modes import sync_trainable_rows
+
         sync_trainable_rows(self.model)
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             write_run_info(Path(output_dir or self.args.output_dir), self.run_info, self.tokenizer_obj)
+
+
+def medmax_trainer(**kwargs) -> Trainer:
+    """A ``MedMaxTrainer``: transformers' Trainer with :class:`MedMaxTrainerMixin`."""
+    from transformers import Trainer
+
+    return type("MedMaxTrainer", (MedMaxTrainerMixin, Trainer), {"__module__": __name__})(**kwargs)
 
 
 def write_run_info(folder: Path, info: dict, tokenizer) -> None:
@@ -112,6 +114,14 @@ def write_run_info(folder: Path, info: dict, tokenizer) -> None:
 
 def _setup_assets(cfg: FinetuneConfig):
     """Tokenizer, vocabulary and the complete VQGAN, with errors naming the setting."""
+    import torch
+
+    from medmax.presets import VQGAN_PRESETS, parse_preset
+    from medmax.vqgan import VQGAN, load_vqgan
+
+    from .config import PRESET_PREFIX, ConfigError
+    from .demo_data import resolve_tokenizer
+
     model_dir = None if cfg.is_preset else Path(cfg.model)
     if model_dir is not None and not (model_dir / "config.json").is_file():
         raise ConfigError(f"model={cfg.model}: not a Hugging Face folder (no config.json) and not preset:NAME")
@@ -131,6 +141,11 @@ def _setup_assets(cfg: FinetuneConfig):
 
 def _check_memory(cfg: FinetuneConfig, tokenizer, vqgan) -> None:
     """Refuse a model whose parameters cannot fit in memory before any weight is allocated."""
+    import torch
+    from transformers import ChameleonConfig
+
+    from medmax.model import chameleon_config, check_config_fits
+
     dtype, override = getattr(torch, cfg.model_dtype), "skip_memory_check=true"
     if cfg.is_preset:
         config = chameleon_config(cfg.preset_name, tokenizer, vqgan.params)
@@ -142,6 +157,10 @@ def _check_memory(cfg: FinetuneConfig, tokenizer, vqgan) -> None:
 
 def _setup_model(cfg: FinetuneConfig, tokenizer, vqgan, resume: bool) -> tuple[MedMaxChameleon, str | None]:
     """The model before the mode is applied, and the folder its base weights can be reloaded from."""
+    import torch
+
+    from medmax.model import MedMaxChameleon, new_model, save_model_dir
+
     dtype = getattr(torch, cfg.model_dtype)
     saved_base = Path(cfg.output_dir) / BASE_MODEL_DIR
     if cfg.is_preset and resume and saved_base.is_dir():
@@ -160,6 +179,10 @@ def _model_vocab_size(cfg: FinetuneConfig, vocab: Vocabulary) -> int:
     """The model's vocabulary size, read before any weights are loaded."""
     if cfg.is_preset:
         return vocab.size
+    from transformers import ChameleonConfig
+
+    from .config import ConfigError
+
     size = ChameleonConfig.from_pretrained(cfg.model).vocab_size
     if vocab.size > size:
         raise ConfigError(f"tokenizer: {vocab.size} ids, but model={cfg.model} has only {size}")
@@ -168,6 +191,8 @@ def _model_vocab_size(cfg: FinetuneConfig, vocab: Vocabulary) -> int:
 
 def _setup_data(cfg: FinetuneConfig, vocab: Vocabulary, vocab_size: int):
     """Training and validation datasets, checked against the model and tokenizer before any step."""
+    from medmax.training_data import SequenceDataset, check_sequences, load_sequences, split_validation
+
     specs = cfg.dataset_specs()
     special = vocab.special_ids()
     train = []
@@ -194,6 +219,8 @@ def _setup_data(cfg: FinetuneConfig, vocab: Vocabulary, vocab_size: int):
 
 
 def _collator(cfg: FinetuneConfig, vocab: Vocabulary):
+    from medmax.training_data import PackedCollator, PaddingCollator
+
     if cfg.packing:
         return PackedCollator(vocab.pad_id, cfg.max_length if cfg.pad_to_max_length else None)
     return PaddingCollator(vocab.pad_id)
@@ -241,6 +268,10 @@ def last_complete_checkpoint(output_dir: Path) -> Path | None:
 
 
 def _resume_point(cfg: FinetuneConfig, resume: bool) -> Path | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .config import ConfigError
+
     output_dir = Path(cfg.output_dir)
     if not resume:
         if output_dir.is_dir() and get_last_checkpoint(cfg.output_dir):
@@ -263,6 +294,8 @@ def _file_digest(path: Path, h) -> None:
 
 def folder_digest(folder: str | Path) -> str:
     """sha256 of a sequence folder's content: its manifest and every data file it lists (not its path)."""
+    from medmax.training_data import read_manifest
+
     folder = Path(folder)
     h = hashlib.sha256()
     manifest = read_manifest(folder)
@@ -306,6 +339,8 @@ def fingerprint_differences(before: dict, now: dict) -> list[str]:
 
 def _check_resume(checkpoint: Path, fingerprint: dict, anyway: bool) -> None:
     """Stop a resume that would continue another run's training with other data, tokenizer or mode."""
+    from .config import ConfigError
+
     try:
         before = json.loads((checkpoint / RUN_FILE).read_text()).get("fingerprint")
     except (OSError, ValueError):
@@ -325,6 +360,10 @@ def _check_resume(checkpoint: Path, fingerprint: dict, anyway: bool) -> None:
 
 def run(cfg: FinetuneConfig, resume: bool = False, resume_anyway: bool = False) -> Trainer:
     """Train with ``cfg``; returns the finished trainer. ``resume_anyway`` resumes without the fingerprint check."""
+    from medmax.vqgan import save_vqgan
+
+    from .modes import setup_mode
+
     checkpoint = _resume_point(cfg, resume or resume_anyway)
     tokenizer, vocab, vqgan = _setup_assets(cfg)
     fingerprint = run_fingerprint(cfg, tokenizer)
@@ -345,8 +384,8 @@ def run(cfg: FinetuneConfig, resume: bool = False, resume_anyway: bool = False) 
         save_vqgan(vqgan, output_dir / "vqgan")
     info = {"mode": cfg.mode, "model": cfg.model, "base_model": base_dir if cfg.mode == "lora" else None,
             "vqgan": str(output_dir / "vqgan"), "tokenizer": "tokenizer.json", "fingerprint": fingerprint}
-    trainer = MedMaxTrainer(model=model, args=cfg, train_dataset=train_set, eval_dataset=val_set,
-                            data_collator=_collator(cfg, vocab), run_info=info, tokenizer_obj=tokenizer)
+    trainer = medmax_trainer(model=model, args=cfg, train_dataset=train_set, eval_dataset=val_set,
+                             data_collator=_collator(cfg, vocab), run_info=info, tokenizer_obj=tokenizer)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if val_set is not None:
         trainer.evaluate()
@@ -371,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .config import load_config  # after parsing: --help does not load transformers
+
     cfg = load_config(args.config, args.overrides)
     run(cfg, resume=args.resume, resume_anyway=args.resume_anyway)
     return 0

@@ -220,14 +220,14 @@ def _generate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .images import ImageLoadError
-
     parser = _build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command not in ("generate", "demo"):
         print(PROGRAMS, end="")
         return 0
+    from .images import ImageLoadError  # after parsing: --help and `programs` never load torch
+
     try:
         return _demo(args) if args.command == "demo" else _generate(args)
     except (ValueError, ImageLoadError, FileNotFoundError, ImportError) as err:  # a user's mistake; a TypeError is a bug

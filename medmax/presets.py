@@ -1,6 +1,6 @@
 """The tiny tokenizer / VQGAN / model used by tests, benchmarks and the quickstart, and ``preset:NAME`` specs.
 
-Model sizes live beside the model class (:data:`medmax.model.MODEL_PRESETS`, re-exported here). A
+Model sizes live beside the model class (:data:`medmax.model.MODEL_PRESETS`). A
 setting that names a tokenizer, VQGAN or model may say ``preset:NAME`` instead of a path;
 :func:`parse_preset` is the one reader of that form.
 
@@ -15,12 +15,9 @@ from __future__ import annotations
 import json
 import logging
 
-import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .model import MODEL_PRESETS, chameleon_config, new_model, save_model_dir  # noqa: F401  (re-exported)
 from .vocab import BOI, BOS, END_OF_TURN, EOI, EOS, IMAGE_PLACEHOLDER, PAD, image_token_name
-from .vqgan import VQGAN
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +94,11 @@ def make_model_dir(folder, model_preset: str = "tiny", vqgan_preset: str = "tiny
 
     Tests, benchmarks and the quickstart start from this; pass ``vqgan`` to reuse a trained one.
     """
+    import torch  # here, not at the top: programs read VQGAN_PRESETS and parse_preset for --help
+
+    from .model import new_model, save_model_dir  # this module imports the model, never the reverse
+    from .vqgan import VQGAN
+
     tokenizer = build_tiny_tokenizer()
     if vqgan is None:
         torch.manual_seed(seed)

@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from tokenizers import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,13 @@ _TOKENIZER_FILES = (
     "tokenizer/text_tokenizer_modified.json",
     "tokenizer/text_tokenizer.json",
 )
+
+
+def _is_tensor(x) -> bool:
+    """A torch tensor? Answered without importing torch (no tensor exists before torch is imported),
+    so that programs can import this module for --help without paying for torch."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
 
 
 def image_token_code(name: str) -> int | None:
@@ -234,16 +241,20 @@ class Vocabulary:
 
     def codes_to_ids(self, codes):
         """Map raw VQGAN codes (list, numpy or torch) to token ids; raises on codes out of range."""
-        is_torch = isinstance(codes, torch.Tensor)
+        is_torch = _is_tensor(codes)
         arr = codes.cpu().numpy() if is_torch else np.asarray(codes, dtype=np.int64)
         if arr.size and (arr.min() < 0 or arr.max() >= self.n_codes):
             raise ValueError(f"image codes must lie in 0..{self.n_codes - 1}, got {arr.min()}..{arr.max()}")
         ids = arr + self.offset if self.offset is not None else self.code_to_id[arr]
-        return torch.from_numpy(ids).to(codes.device) if is_torch else ids
+        if not is_torch:
+            return ids
+        import torch  # already loaded: the input is a tensor
+
+        return torch.from_numpy(ids).to(codes.device)
 
     def ids_to_codes(self, ids):
         """Map image-code token ids back to raw codes; raises on any id that is not an image code."""
-        is_torch = isinstance(ids, torch.Tensor)
+        is_torch = _is_tensor(ids)
         arr = ids.cpu().numpy() if is_torch else np.asarray(ids, dtype=np.int64)
         if self.offset is not None:
             codes = arr - self.offset
@@ -254,11 +265,17 @@ class Vocabulary:
             bad = codes < 0
         if bad.any():
             raise ValueError(f"ids {np.unique(arr[bad])[:8].tolist()} are not image-code tokens")
-        return torch.from_numpy(codes).to(ids.device) if is_torch else codes
+        if not is_torch:
+            return codes
+        import torch  # already loaded: the input is a tensor
+
+        return torch.from_numpy(codes).to(ids.device)
 
     def is_image_code(self, ids):
         """Boolean mask of which ids are image-code tokens (numpy or torch, like the input)."""
-        if isinstance(ids, torch.Tensor):
+        if _is_tensor(ids):
+            import torch
+
             if self.offset is not None:
                 return (ids >= self.offset) & (ids < self.offset + self.n_codes)
             table = torch.zeros(self.size, dtype=torch.bool, device=ids.device)
@@ -271,6 +288,8 @@ class Vocabulary:
 
     def image_id_tensor(self, device=None) -> torch.Tensor:
         """All image-code token ids, as a long tensor (for masking logits)."""
+        import torch
+
         return torch.from_numpy(self.code_to_id).to(device)
 
     def special_ids(self) -> dict:

@@ -58,13 +58,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
-import torch
-import torch.distributed as dist
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from medmax.image_tokens import (
     FORMAT,
@@ -84,7 +81,11 @@ from medmax.image_tokens import (
 from medmax.images import ImageLimits, ImageLoadError, allow_in_pillow, load_image, preprocess
 from medmax.memory import MemoryBudgetError
 from medmax.paths import PathEscapeError, resolve_inside
-from medmax.vqgan import VQGAN, CheckpointError, load_vqgan
+
+if TYPE_CHECKING:  # annotations only: torch, pandas and the VQGAN load in the functions that run, not for --help
+    import torch
+
+    from medmax.vqgan import VQGAN
 
 logger = logging.getLogger("tokenization.image_tokenize")
 
@@ -181,6 +182,8 @@ def _validate(args: argparse.Namespace) -> ImageLimits:
 
 def pick_column(csv: Path, column: str | None) -> str:
     """The CSV column holding image paths: ``--column``, else img_path (MedMax) or image_path."""
+    import pandas as pd
+
     try:
         header = list(pd.read_csv(csv, nrows=0, encoding_errors="surrogateescape").columns)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
@@ -212,6 +215,8 @@ def iter_partitions(source: Source) -> Iterator[tuple[int, list[str]]]:
 
     Bytes that are not UTF-8 become lone surrogates (``surrogateescape``), so such a row fails alone.
     """
+    import pandas as pd
+
     reader = pd.read_csv(source.csv, usecols=[source.column], skip_blank_lines=False, chunksize=source.partition_size, **_CSV_OPTIONS)
     try:
         with reader:
@@ -315,18 +320,22 @@ def _remove(paths: list[Path]) -> None:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-class ImageRows(IterableDataset):
+class ImageRows:
     """This rank's partitions to do, row by row: ``(k, row, n_rows, img_path, pixels | None, error | None, duplicate)``.
 
     Rows are dealt to DataLoader workers round-robin; each item says how many rows its partition has,
     so the main process knows when a partition is complete. A row's failure, whatever it is, is that
-    row's error: it never ends the batch, the partition or the run.
+    row's error: it never ends the batch, the partition or the run. A torch ``IterableDataset`` (registered as
+    one in :func:`run`, so that importing this program for --help does not load torch).
     """
 
     def __init__(self, source: Source, settings: Settings, plan: Plan):
         self.source, self.settings, self.plan = source, settings, plan
 
     def __iter__(self):
+        import torch
+        from torch.utils.data import get_worker_info
+
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
         if info is not None:
@@ -357,6 +366,8 @@ class ImageRows(IterableDataset):
 
 def collate(items: list[tuple]) -> dict:
     """Stack the readable images of a batch; keep every row's bookkeeping."""
+    import torch
+
     ok = [it for it in items if it[4] is not None]
     return {
         "rows": [(k, row, n, path, err, dup) for k, row, n, path, _, err, dup in items],
@@ -430,6 +441,9 @@ def _write_errors(path: Path, errors: list[dict]) -> None:
 
 
 def _setup_dist() -> Dist:
+    import torch
+    import torch.distributed as dist
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     info = Dist(
         rank=int(os.environ.get("RANK", "0")),
@@ -444,6 +458,8 @@ def _setup_dist() -> Dist:
 
 
 def _setup_device(args: argparse.Namespace, info: Dist) -> torch.device:
+    import torch
+
     if args.device is None:
         device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
     else:
@@ -462,6 +478,10 @@ def _setup_device(args: argparse.Namespace, info: Dist) -> torch.device:
 
 def _setup_model(args: argparse.Namespace, device: torch.device) -> tuple[VQGAN, str]:
     """The encoder, ready on ``device`` in ``--dtype``, and the digest of the weights that decide its codes."""
+    import torch
+
+    from medmax.vqgan import CheckpointError, load_vqgan
+
     try:
         model = load_vqgan(args.ckpt, trust_checkpoint=args.trust_checkpoint, skip_memory_check=args.skip_memory_check)
     except (CheckpointError, MemoryBudgetError, FileNotFoundError, ValueError) as exc:
@@ -517,6 +537,8 @@ class Progress:
     """Global images done, shared through the process group's store; a tqdm bar on rank 0."""
 
     def __init__(self, info: Dist, total: int, initial: int, enabled: bool):
+        import torch.distributed as dist
+
         self.store = dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
         self.bar = None
         if info.rank == 0 and enabled:
@@ -540,12 +562,17 @@ class Progress:
 
 
 def _encode(model: VQGAN, pixels: torch.Tensor, device: torch.device) -> np.ndarray:
+    import torch
+
     pixels = pixels.to(device, non_blocking=True)
     return model.encode_codes(pixels).to(torch.int32).cpu().numpy()  # (B, h*w); 4 bytes a code while pending
 
 
 def run(args: argparse.Namespace, source: Source, settings: Settings, plan: Plan, model: VQGAN, device: torch.device, info: Dist) -> PartitionWriter:
     """Tokenize this rank's planned partitions."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    IterableDataset.register(ImageRows)  # DataLoader streams it (see ImageRows)
     loader = DataLoader(
         ImageRows(source, settings, plan), batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate,
         pin_memory=device.type == "cuda", persistent_workers=False,
@@ -591,6 +618,9 @@ def finish_folder(output: Path, plan: Plan) -> dict:
 
 def _run_counts(writer: PartitionWriter, device: torch.device) -> dict:
     """This run's counts, summed over the ranks."""
+    import torch
+    import torch.distributed as dist
+
     counts = torch.tensor([writer.tokenized, writer.failed, writer.duplicate, len(writer.published)], dtype=torch.long)
     if dist.is_initialized():
         counts = counts.to(device if device.type == "cuda" else "cpu")
@@ -601,6 +631,9 @@ def _run_counts(writer: PartitionWriter, device: torch.device) -> dict:
 
 def _share(value: int, device: torch.device) -> int:
     """Rank 0's ``value`` on every rank (-1 tells the others that rank 0 failed)."""
+    import torch
+    import torch.distributed as dist
+
     if not dist.is_initialized():
         return value
     tensor = torch.tensor([value], dtype=torch.long, device=device if device.type == "cuda" else "cpu")
@@ -661,6 +694,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     limits = _validate(args)
     allow_in_pillow(limits)
+    import torch.distributed as dist  # after parsing: --help does not load torch
+
     info = _setup_dist()
     try:
         failed = _tokenize(args, limits, info)

@@ -30,17 +30,16 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-import torch
-from PIL import Image
-from tqdm.auto import tqdm
-
-from medmax.images import ImageLoadError, load_image, preprocess
 from medmax.presets import VQGAN_PRESETS
-from medmax.vqgan import VQGAN, load_vqgan, save_vqgan, to_uint8
-from medmax.vqgan_training import VQGANTrainConfig, config_dict, evaluate_reconstruction, train_vqgan
+from medmax.vqgan_train_config import VQGANTrainConfig
 from tokenization.image_tokenize import pick_column, resolve_image
+
+if TYPE_CHECKING:  # annotations only: torch and the VQGAN load when a run starts, not for --help
+    import torch
+
+    from medmax.vqgan import VQGAN
 
 logger = logging.getLogger("tokenization.train_vqgan")
 
@@ -76,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_images(csv: Path, column: str, root: Path, resolution: int) -> tuple[torch.Tensor | None, list[dict]]:
     """Every row's image as (N, 3, R, R) in [-1, 1] (None when none loads), and the failures ``{row, img_path, error}``."""
+    import pandas as pd
+    import torch
+    from tqdm.auto import tqdm
+
+    from medmax.images import ImageLoadError, load_image, preprocess
+
     paths = pd.read_csv(csv, usecols=[column], dtype=str, keep_default_na=False, skip_blank_lines=False)[column].tolist()
     pixels, errors = [], []
     for row, img_path in enumerate(tqdm(paths, desc="images", unit="img")):
@@ -88,6 +93,10 @@ def load_images(csv: Path, column: str, root: Path, resolution: int) -> tuple[to
 
 
 def _setup_model(args: argparse.Namespace) -> VQGAN:
+    import torch
+
+    from medmax.vqgan import VQGAN, load_vqgan
+
     if args.init is not None:
         return load_vqgan(args.init)
     torch.manual_seed(args.seed)  # the random initial weights
@@ -108,6 +117,11 @@ def _config(args: argparse.Namespace) -> VQGANTrainConfig:
 
 def save_reconstructions(vqgan: VQGAN, pixels: torch.Tensor, path: Path) -> None:
     """A PNG grid: the first images on the top row, their encode -> decode reconstructions below."""
+    import torch
+    from PIL import Image
+
+    from medmax.vqgan import to_uint8
+
     x = pixels[:N_SHOWN]
     recon = vqgan.decode_codes(vqgan.encode_codes(x)).cpu()
     rows = [torch.cat(list(to_uint8(t)), dim=1) for t in (x, recon)]  # each (R, n*R, 3)
@@ -128,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_images < 1:
         raise SystemExit(f"--eval-images must be >= 1, got {args.eval_images}")
     config = _config(args)
+    import torch  # after parsing: --help does not load torch
+
+    from medmax.vqgan import save_vqgan
+    from medmax.vqgan_training import config_dict, evaluate_reconstruction, train_vqgan
+
     if args.threads is not None:
         if args.threads < 1:
             raise SystemExit(f"--threads must be >= 1, got {args.threads}")
