@@ -35,6 +35,7 @@ from PIL import Image
 from .generation import END_OF_TURN, MODES, GenerationConfig, ImageCodes, ImageOutput
 from .images import ImageLoadError, load_image, resize_and_crop
 from .paths import PathEscapeError, resolve_inside
+from .prompting import prompt_segments
 
 logger = logging.getLogger(__name__)
 
@@ -148,12 +149,12 @@ class Turn:
 
 
 def user_pieces(images: list[ShownImage], text: str) -> list[Piece]:
-    """One user turn's content.
-
-    PROMPT LAYOUT: images first, then the question, as training rows, MedMax's SFT prompts and
-    eval.prompts ("sft") do. Switch to the toolkit's single prompt-layout function once it lands.
-    """
-    return [*images, *([text] if text else [])]
+    """One user turn's content in the toolkit's one prompt layout (:func:`medmax.prompting.prompt_segments`):
+    the images first, then the question; or each image at its ``<image>`` placeholder in the text."""
+    try:
+        return prompt_segments(text, images)
+    except ValueError as err:
+        raise DemoError(f"question: {err}") from err
 
 
 @dataclass

@@ -69,9 +69,10 @@ def start(engine: Engine, text: str, files, conversation: Conversation, *control
             raise DemoError("type a question or attach an image first")
         upload_id = uuid.uuid4().hex
         images = [engine.add_upload(path, upload_id, k) for k, path in enumerate(paths)]
+        turn = Turn("user", user_pieces(images, text))
     except DemoError as err:
         return text, files, conversation.messages(), conversation, None, _status(err)
-    conversation = Conversation([*conversation.turns, Turn("user", user_pieces(images, text))], conversation.answered)
+    conversation = Conversation([*conversation.turns, turn], conversation.answered)
     request = engine.submit(conversation.prompt(), settings)
     status = f"answering ({settings.mode} mode, seed {settings.seed})"
     return "", None, conversation.messages(), conversation, request, status

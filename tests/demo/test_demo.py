@@ -141,6 +141,14 @@ def test_conversation_is_one_context_in_the_training_layout(engine, generator, s
     assert list(built.input_ids[: len(ids)]) == ids
 
 
+def test_placeholders_put_images_where_the_question_says(engine, scan_path):
+    a, b = (engine.add_upload(scan_path, "u", k) for k in range(2))
+    assert user_pieces([a, b], "Compare <image> with <image>.") == ["Compare ", a, " with ", b, "."]
+    _, _, _, _, request, status = demo_app.start(engine, "Compare <image> with <image>.", [str(scan_path)],
+                                                 Conversation(), *_controls())
+    assert request is None and "2 <image> placeholders but 1 images" in status
+
+
 # ------------------------------------------------------------------------------------------ settings and batching
 def test_settings_are_validated_with_the_setting_named():
     for controls, name in [(_controls(top_p=0), "top-p"), (_controls(mode="video"), "mode"),
