@@ -4,7 +4,7 @@ Model sizes live beside the model class (:data:`medmax.model.MODEL_PRESETS`). A
 setting that names a tokenizer, VQGAN or model may say ``preset:NAME`` instead of a path;
 :func:`parse_preset` is the one reader of that form.
 
-The tiny tokenizer keeps the exact Chameleon id layout (DESIGN.md): ``<s>`` 0, ``<pad>`` 1,
+The tiny tokenizer keeps the exact Chameleon id layout (README, "Vocabulary"; ``medmax.vocab``): ``<s>`` 0, ``<pad>`` 1,
 ``</s>`` 2, the 8192 ``IMGIMG`` codes at 4..8195, ``<eoss>`` 8196, ``<racm3:break>`` 8197,
 ``<reserved08706>`` 8710 and ``<image>`` 8711, followed by a small byte-level BPE for text.
 Sequences built with it therefore match the real layout id for id.

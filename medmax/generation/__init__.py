@@ -6,7 +6,7 @@ It is encoded the way training sequences are built: ``<s>``, then each segment i
 special-token parsing off, so typed ``<racm3:break>`` or ``</s>`` stay text; an image as
 ``boi + code ids + eoi``; the end-of-turn id).
 
-Decoding follows Chameleon's inference (DESIGN.md):
+Decoding follows Chameleon's inference code (facebookresearch/chameleon):
 
 - text: only text tokens and end-of-sequence (begin-of-image only in interleaved mode while images
   remain); greedy or temperature / top-k / top-p; repetition penalty; stop strings; a length limit.
