@@ -36,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from bench_image_tokenize import code_agreement, read_codes  # noqa: E402  (one reader of both pipelines' codes)
 from harness import (ROOT, Benchmark, Case, command_line, Result, Target, Variant, add_arguments, run_benchmark,  # noqa: E402
                      run_process, size_label)
 
@@ -122,23 +123,6 @@ def make_checkpoints(folder: Path) -> tuple[Path, Path]:
     shutil.copy(ours / "vqgan.yaml", ref / "vqgan.yaml")
     torch.save({"state_dict": model.state_dict()}, ref / "vqgan.ckpt")
     return ours, ref
-
-
-def read_codes(folder: Path) -> dict[str, list[int]]:
-    import pyarrow.parquet as pq
-
-    codes = {}
-    for path in sorted(folder.glob("*.parquet")):
-        table = pq.read_table(path, columns=["img_path", "img_tokens"])
-        codes.update(zip(table.column("img_path").to_pylist(), table.column("img_tokens").to_pylist()))
-    return codes
-
-
-def code_agreement(a: dict, b: dict) -> float:
-    if a.keys() != b.keys():
-        return 0.0
-    pairs = [(x, y) for k in a for x, y in zip(a[k], b[k])]
-    return sum(x == y for x, y in pairs) / max(len(pairs), 1)
 
 
 def reference_variant(csv: Path, ckpt: Path, out: Path, n: int, bs: int) -> Variant:
