@@ -6,17 +6,20 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
+# Where torch comes from. Empty: pip's configured indexes (on PyPI, torch for Linux x86-64 is the CUDA build).
+# For a CPU-only install: make test TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+TORCH_INDEX_URL ?=
 TAMING_WHEEL := taming-transformers-rom1504==0.0.6
 
-.PHONY: install test test-all quickstart bench clean
+.PHONY: install test test-all quickstart demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# torch first, pinned, so that nothing below resolves a CUDA build or torchvision.
-	$(PIP) install -q torch==$(TORCH_VERSION)
+	# torch first, pinned (from TORCH_INDEX_URL when set), so that nothing below re-resolves it or pulls torchvision.
+	$(PIP) install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	echo "torch==$(TORCH_VERSION)" > $(VENV)/constraints.txt
-	$(PIP) install -q -c $(VENV)/constraints.txt -e ".[test]"
+	$(PIP) install -q -c $(VENV)/constraints.txt -e ".[test,demo]"
 	# The reference for the VQGAN parity tests; its PyPI metadata asks for an unpinned torch and torchvision.
 	$(PIP) install -q --no-deps $(TAMING_WHEEL)
 	touch $(STAMP)
@@ -31,6 +34,11 @@ test-all: $(STAMP)
 
 quickstart: $(STAMP)
 	$(PY) -m quickstart --output runs/quickstart
+
+# The browser demo on the quickstart's model (made first when missing); http://127.0.0.1:7860
+demo: $(STAMP)
+	test -f runs/quickstart/model/config.json || $(MAKE) quickstart
+	$(PY) -m medmax demo --model runs/quickstart/model
 
 clean:
 	rm -rf $(VENV) runs

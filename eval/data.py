@@ -1,4 +1,4 @@
-"""Evaluation data: MedMax's eval schema, and converters from each benchmark's released files.
+"""Evaluation data: MedMax's eval schema, and converters from each benchmark's files as their authors publish them.
 
 MedMax schema (parquet or JSONL, one row per question)::
 
@@ -8,17 +8,17 @@ MedMax schema (parquet or JSONL, one row per question)::
     prompt         the question (MCQ prompts carry their options)
     answer         the gold answer (visual_chat: a dict with gpt4_answer, fig_caption, fig_label,
                    in_text_mention, domain; a JSON or Python-literal string of it is accepted)
-    image_path     relative to the data folder; absolute paths and '..' are refused
+    image_path     relative to the data folder; absolute paths and '..' are refused. Or the image itself:
+                   an ``image`` (or ``image_path``) column holding ``{"bytes", "path"}`` as Hugging Face
+                   datasets store an Image feature in parquet, or raw bytes
     options        optional: {"A": text, ...} (or its JSON string), used to map text answers to letters
     pair_id        optional: ProbMed question pairs (a question and its adversarial twin share one)
 
-Released files the converters read (field names as published):
-    vqa_rad    VQA_RAD Dataset Public.json: image_name, question, answer, answer_type (CLOSED/OPEN)
-    slake      test.json: img_name, question, answer, answer_type, q_lang (only "en" is kept)
-    pmc_vqa    test.csv / test_2.csv: Figure_path, Question, Choice A..D, Answer_label or Answer
-    omnimed    QA_information/**/*.json: question, gt_answer (option text), option_A..D, image_path, question_id
-    path_mmu   data.json: {subset: {split: [{No, question, options ["A) ..."], answer, img}]}}, test splits
-    probmed    test.json: id, image, question, answer, qa_type (modality_gt / modality_hallu ...), image_type
+An MCQ row whose gold answer names no single option (see ``eval.scoring.resolve_gold``) is a problem
+row when it is loaded, never a silent "wrong". Each converter below names the release it reads and
+its fields in its docstring; ``SourceOptions`` carries the choices a release leaves open (split,
+language, trusting a pickle). A converted row's uid is ``<file>:<its place in that file>``, so a uid
+names the same question whatever split or language is chosen.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import ast
 import csv
 import json
 import logging
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -35,12 +36,12 @@ import pyarrow.parquet as pq
 
 from medmax.paths import PathEscapeError, resolve_inside
 
-from .scoring import LETTERS, answer_letter
+from .scoring import LETTERS, UnresolvedGold, resolve_gold, yes_no
 
 logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("task_name", "question_type", "prompt", "answer", "image_path")
-FORMATS = ("medmax", "vqa_rad", "slake", "pmc_vqa", "omnimed", "path_mmu", "probmed")
+FORMATS = ("medmax", "vqa_rad", "slake", "pathvqa", "quilt_vqa", "pmc_vqa", "omnimed", "path_mmu", "probmed")
 
 
 @dataclass
@@ -50,17 +51,34 @@ class EvalRecord:
     question_type: str
     prompt: str
     answer: object  # str, or a dict for visual_chat
-    image_path: str | None
+    image_path: str | None  # a file under the data folder; for an embedded image, the name it was stored under
     options: dict | None = None
     pair_id: str | None = None
     extra: dict = field(default_factory=dict)
+    image_bytes: bytes | None = None  # the image itself, when the row embeds it (parquet, HF datasets style)
 
 
 class BadRow(ValueError):
     """A row that cannot be evaluated; the run reports it and goes on."""
 
 
-# ---------------------------------------------------------------- image paths
+@dataclass(frozen=True)
+class SourceOptions:
+    """Choices a released file leaves open; each applies to the formats in ``_OPTION_FORMATS``."""
+
+    image_dir: str | None = None  # image folder inside --data (default per format)
+    split: str | None = None  # vqa_rad / path_mmu / pathvqa: which split (default test)
+    lang: str | None = None  # slake: en (default), zh or all
+    trust_pickle: bool = False  # pathvqa: unpickle a .pkl question file (a pickle can run code)
+
+
+SPLITS = {"vqa_rad": ("test", "train", "all"), "path_mmu": ("test", "test_tiny", "val"),
+          "pathvqa": ("test", "train", "val", "all")}
+LANGS = ("en", "zh", "all")
+_OPTION_FORMATS = {"split": tuple(SPLITS), "lang": ("slake",), "trust_pickle": ("pathvqa",)}
+
+
+# ---------------------------------------------------------------- images
 def resolve_image(root: Path, rel: str | None) -> Path:
     """The image file a row names, kept inside ``root``: absolute paths, '..' and escaping links are refused."""
     if not rel:
@@ -77,6 +95,39 @@ def resolve_image(root: Path, rel: str | None) -> Path:
     if not path.is_file():
         raise BadRow(f"image {rel!r} not found under {root}")
     return path
+
+
+def record_image(root: Path, rec: EvalRecord):
+    """A generation segment for the row's image: its embedded bytes decoded (RGB ``PIL.Image``), else its file path."""
+    if rec.image_bytes is None:
+        return resolve_image(root, rec.image_path)
+    return load_record_image(root, rec)
+
+
+def load_record_image(root: Path, rec: EvalRecord):
+    """The row's image as RGB ``PIL.Image`` through ``medmax.images.load_image``; BadRow when it cannot be read."""
+    from medmax.images import ImageLoadError, load_image
+
+    source = rec.image_bytes if rec.image_bytes is not None else resolve_image(root, rec.image_path)
+    try:
+        return load_image(source)
+    except ImageLoadError as e:
+        name = f"embedded image {rec.image_path or '(no name)'!r}" if rec.image_bytes is not None else f"image {rec.image_path!r}"
+        raise BadRow(f"{name}: {e.reason}") from None
+
+
+def _image_fields(row: dict) -> tuple[bytes | None, str | None]:
+    """(embedded bytes, path) from ``image_path`` or ``image``: a path string, raw bytes, or ``{"bytes", "path"}``."""
+    value = row.get("image_path")
+    if value in (None, "") and "image" in row:
+        value = row["image"]
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value), None
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return bytes(value["bytes"]), value.get("path") or None
+        value = value.get("path")
+    return None, (str(value) if value else None)
 
 
 # ---------------------------------------------------------------- MedMax schema
@@ -128,7 +179,7 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 def record_from_row(row: dict, uid: str) -> EvalRecord:
-    missing = [c for c in REQUIRED_COLUMNS if c not in row]
+    missing = [c for c in REQUIRED_COLUMNS if c not in row and not (c == "image_path" and "image" in row)]
     if missing:
         raise BadRow(f"missing columns {missing}")
     try:
@@ -138,15 +189,22 @@ def record_from_row(row: dict, uid: str) -> EvalRecord:
         raise BadRow(f"unreadable options/answer: {e}") from e
     if options is None and row["question_type"] == "mcq":
         options = options_from_prompt(str(row["prompt"] or ""))
+    if row["question_type"] == "mcq":
+        try:
+            resolve_gold(answer, options)
+        except UnresolvedGold as e:
+            raise BadRow(str(e)) from None
+    image_bytes, image_path = _image_fields(row)
     return EvalRecord(
         uid=uid,
         task_name=str(row["task_name"]),
         question_type=str(row["question_type"]),
         prompt="" if row["prompt"] is None else str(row["prompt"]),
         answer=answer,
-        image_path=row["image_path"] or None,
+        image_path=image_path,
         options=options,
         pair_id=None if row.get("pair_id") in (None, "") else str(row["pair_id"]),
+        image_bytes=image_bytes,
     )
 
 
@@ -170,21 +228,24 @@ def load_medmax(path: Path) -> tuple[list[EvalRecord], list[dict]]:
 
 
 def _records(rows, name: str) -> tuple[list[EvalRecord], list[dict]]:
-    """Rows to records (uid ``name:i``); a row that does not fit the schema becomes a problem entry."""
+    """Rows to records (uid: a converter's ``_uid``, else ``name:i``); a row that does not fit is a problem entry."""
     records, problems = [], []
     for i, row in enumerate(rows):
-        uid = f"{name}:{i}"
+        uid = row.pop("_uid", None) or f"{name}:{i}"
         try:
+            if "_problem" in row:  # a converter found the row unusable
+                raise BadRow(row["_problem"])
             records.append(record_from_row(row, uid))
         except BadRow as e:
             problems.append({"uid": uid, "reason": str(e)})
     return records, problems
 
 
-# ---------------------------------------------------------------- converters to the MedMax schema
-def _row(task, qtype, prompt, answer, image, options=None, pair_id=None) -> dict:
-    return {"task_name": task, "question_type": qtype, "prompt": prompt, "answer": answer, "image_path": image,
-            "options": options, "pair_id": pair_id}
+# ---------------------------------------------------------------- shared by the converters
+def _row(task, qtype, prompt, answer, image, options=None, pair_id=None, uid=None) -> dict:
+    row = {"task_name": task, "question_type": qtype, "prompt": prompt, "answer": answer, "image_path": image,
+           "options": options, "pair_id": pair_id}
+    return row if uid is None else {**row, "_uid": uid}
 
 
 def mcq_prompt(question: str, options: dict[str, str]) -> str:
@@ -195,18 +256,113 @@ def _join(image_dir: str, name: str) -> str:
     return str(PurePosixPath(image_dir) / name) if image_dir else name
 
 
-def convert_vqa_rad(path: Path, image_dir: str = "VQA_RAD Image Folder") -> list[dict]:
-    items = json.loads(path.read_text())
-    return [_row("vqa_rad", str(it["answer_type"]).strip().lower(), it["question"], str(it["answer"]).strip(),
-                 _join(image_dir, it["image_name"])) for it in items]
+def _image(value, image_dir: str):
+    """A released image field: embedded ``{"bytes", "path"}`` kept as is, a file name joined to ``image_dir``."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return value
+        value = value.get("path")
+    return _join(image_dir, str(value)) if value else None
 
 
-def convert_slake(path: Path, image_dir: str = "imgs") -> list[dict]:
-    items = json.loads(path.read_text())
-    kept = [it for it in items if it.get("q_lang") == "en"]
-    logger.info("%s: %d of %d SLAKE questions are English; the rest are left out", path, len(kept), len(items))
-    return [_row("slake", str(it["answer_type"]).strip().lower(), it["question"], str(it["answer"]).strip(),
-                 _join(image_dir, it["img_name"])) for it in kept]
+def _answer_type(value) -> str:
+    """Released answer types ("CLOSED", "CLOSED " with VQA-RAD's trailing space, "open") as closed / open."""
+    return str(value).strip().lower()
+
+
+def _mcq_gold(answer, options: dict[str, str]):
+    """The gold letter when the answer names one option; otherwise the answer as released (the row then loads
+    as a problem naming why)."""
+    try:
+        return resolve_gold(answer, options)
+    except UnresolvedGold:
+        return answer
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def _read_json_or_jsonl(path: Path) -> list[dict]:
+    return _read_rows(path) if path.suffix == ".jsonl" else _read_json(path)
+
+
+def _split_in_name(path: Path) -> str | None:
+    """The split a file's name states (testset.json, test_qa.pkl, test-00000-of-00001.parquet), if any."""
+    words = set(re.split(r"[^a-z]+", path.name.lower())) | {path.stem.lower().removesuffix("set")}
+    found = [s for s in ("train", "val", "test") if s in words or (s == "val" and "validation" in words)]
+    return found[0] if len(found) == 1 else None
+
+
+def _check_file_split(path: Path, split: str, fmt: str) -> None:
+    """For a release whose files are the splits: refuse a file whose name says another split than ``split``."""
+    named = _split_in_name(path)
+    if split == "all" or named == split:
+        return
+    if named is None:
+        raise ValueError(f"{path}: the file name names no split, so it cannot be checked against --split {split}; "
+                         f"pass --split all to read every row of it as {fmt}")
+    raise ValueError(f"{path} holds the {named} split, not {split}; pass --split {named} to evaluate on it")
+
+
+def _parquet_files(path: Path, split: str) -> list[Path]:
+    """A parquet file, or a folder's ``<split>-*.parquet`` files (Hugging Face's ``data/`` layout; val = validation)."""
+    if path.is_file():
+        return [path]
+    files = sorted(path.rglob("*.parquet"))
+    if split != "all":
+        files = [f for f in files if _split_in_name(f) == split]
+    if not files:
+        raise FileNotFoundError(f"{path}: no {'' if split == 'all' else split + ' '}parquet files")
+    return files
+
+
+# ---------------------------------------------------------------- converters to the MedMax schema
+def convert_vqa_rad(path: Path, opts: SourceOptions = SourceOptions()) -> list[dict]:
+    """VQA-RAD (Lau et al. 2018, OSF release): ``VQA_RAD Dataset Public.json``, one list holding the train and
+    the test questions. Fields: qid, phrase_type, qid_linked_id, image_case_url, image_name, image_organ,
+    evaluation, question, question_rephrase, question_relation, question_frame, question_type, answer,
+    answer_type. Test rows have phrase_type ``test_freeform`` (308) or ``test_para`` (143): the 451 questions
+    of the common ``testset.json``; train rows ``freeform`` / ``para`` / ``frame``. answer_type is "CLOSED" or
+    "OPEN", a few with a trailing space; some answers are integers. Images: ``VQA_RAD Image Folder/<image_name>``.
+
+    Also reads the common split files ``trainset.json`` / ``testset.json`` (qid, image_name, image_organ, answer,
+    answer_type, question_type, question, phrase_type without the ``test_`` prefix): there the file is the split,
+    and a file whose name says another split than ``--split`` is refused.
+    """
+    items, split = _read_json(path), opts.split or "test"
+    image_dir = "VQA_RAD Image Folder" if opts.image_dir is None else opts.image_dir
+    if any(str(it.get("phrase_type", "")).strip().startswith("test_") for it in items):
+        keep = [i for i, it in enumerate(items) if split == "all" or _is_rad_test(it) == (split == "test")]
+    else:
+        _check_file_split(path, split, "vqa_rad")
+        keep = list(range(len(items)))
+    logger.info("%s: %d of %d VQA-RAD questions are in the %s split", path, len(keep), len(items), split)
+    return [_row("vqa_rad", _answer_type(items[i]["answer_type"]), items[i]["question"], str(items[i]["answer"]).strip(),
+                 _join(image_dir, items[i]["image_name"]), uid=f"{path.name}:{i}") for i in keep]
+
+
+def _is_rad_test(item: dict) -> bool:
+    return str(item.get("phrase_type", "")).strip().startswith("test_")
+
+
+def convert_slake(path: Path, opts: SourceOptions = SourceOptions()) -> list[dict]:
+    """SLAKE (Liu et al. 2021): ``Slake1.0/test.json`` (and train.json, validate.json; the file is the split).
+    Fields: img_id, img_name, question, answer, q_lang ("en" / "zh"), location, modality, answer_type
+    ("CLOSED" / "OPEN"), base_type, content_type, triple, qid. Images: ``imgs/<img_name>``.
+
+    Chinese rows are left out unless ``--lang zh`` or ``--lang all``: the English rows are the benchmark the
+    MedMax paper reports. Kept Chinese answers are scored character by character (``eval.scoring.normalize``).
+    """
+    items, lang = _read_json(path), opts.lang or "en"
+    image_dir = "imgs" if opts.image_dir is None else opts.image_dir
+    keep = [i for i, it in enumerate(items) if lang == "all" or it.get("q_lang") == lang]
+    logger.info("%s: %d of %d SLAKE questions kept (--lang %s)", path, len(keep), len(items), lang)
+    return [_row("slake", _answer_type(items[i]["answer_type"]), items[i]["question"], str(items[i]["answer"]).strip(),
+                 _join(image_dir, items[i]["img_name"]), uid=f"{path.name}:{i}") for i in keep]
 
 
 def _strip_choice(letter: str, text: str) -> str:
@@ -217,65 +373,192 @@ def _strip_choice(letter: str, text: str) -> str:
     return text
 
 
-def convert_pmc_vqa(path: Path, image_dir: str = "images") -> list[dict]:
+def convert_pmc_vqa(path: Path, opts: SourceOptions = SourceOptions()) -> list[dict]:
+    """PMC-VQA (Zhang et al. 2023, xmcmic/PMC-VQA): ``test.csv`` / ``test_clean.csv`` with columns Figure_path,
+    Question, Answer, Choice A .. Choice D (written " A:Lung"), Answer_label. Images: ``images/<Figure_path>``."""
+    image_dir = "images" if opts.image_dir is None else opts.image_dir
     rows = []
     with open(path, newline="", encoding="utf-8") as f:
         for it in csv.DictReader(f):
             options = {k: _strip_choice(k, it[f"Choice {k}"]) for k in "ABCD" if it.get(f"Choice {k}")}
             answer = it.get("Answer_label") or it["Answer"]
-            rows.append(_row("pmc_vqa", "mcq", mcq_prompt(it["Question"], options), answer_letter(answer, options) or answer,
+            rows.append(_row("pmc_vqa", "mcq", mcq_prompt(it["Question"], options), _mcq_gold(answer, options),
                              _join(image_dir, it["Figure_path"]), options))
     return rows
 
 
-def convert_omnimed(path: Path, image_dir: str = "") -> list[dict]:
+def convert_omnimed(path: Path, opts: SourceOptions = SourceOptions()) -> list[dict]:
+    """OmniMedVQA (Hu et al. 2024): ``QA_information/{Open-access,Restricted-access}/<dataset>.json``, lists of
+    {dataset, question_id, question_type, question, gt_answer (the option's text), option_A .. option_D,
+    image_path (relative to the release root, e.g. ``Images/ACRIMA/...``), modality_type}. The gold letter is the
+    option whose text equals gt_answer exactly, else the one that matches it normalised; a gt_answer that matches
+    no option (or two alike) makes the row a reported problem."""
+    image_dir = "" if opts.image_dir is None else opts.image_dir
     files = sorted(path.rglob("*.json")) if path.is_dir() else [path]
     rows = []
     for file in files:
-        for it in json.loads(file.read_text()):
+        name = file.relative_to(path).as_posix() if path.is_dir() else file.name
+        for i, it in enumerate(_read_json(file)):
             options = {k: str(it[f"option_{k}"]) for k in LETTERS if it.get(f"option_{k}") not in (None, "")}
-            letter = answer_letter(it["gt_answer"], options)
-            rows.append(_row("omnimed_vqa", "mcq", mcq_prompt(it["question"], options), letter or it["gt_answer"],
-                             _join(image_dir, it["image_path"]), options))
+            rows.append(_row("omnimed_vqa", "mcq", mcq_prompt(it["question"], options), _mcq_gold(it["gt_answer"], options),
+                             _join(image_dir, it["image_path"]), options, uid=f"{name}:{i}"))
     return rows
 
 
-def convert_path_mmu(path: Path, image_dir: str = "images") -> list[dict]:
-    data = json.loads(path.read_text())
+def convert_path_mmu(path: Path, opts: SourceOptions = SourceOptions()) -> list[dict]:
+    """PathMMU (Sun et al. 2024, jamessyx/PathMMU): ``data.json`` = {subset (PubMed, SocialPath, EduContent,
+    Atlas, PathCLS): {split (val, test_tiny, test): [{No, img, question, options ["A) text", ...], answer
+    ("B) text"), explanation, source_img?}]}}. ``test_tiny`` is a subset of ``test``, so one split is read
+    (default test). Option text may itself hold ")" ("Both A) and C)"). Images: ``images/<img>``."""
+    data, split = _read_json(path), opts.split or "test"
+    image_dir = "images" if opts.image_dir is None else opts.image_dir
     rows = []
     for subset in sorted(data):
-        for split in sorted(s for s in data[subset] if s.startswith("test")):
-            for it in data[subset][split]:
-                options = {}
-                for i, opt in enumerate(it["options"]):
-                    letter = LETTERS[i]
-                    options[letter] = _strip_choice(letter, opt)
-                rows.append(_row("path_mmu", "mcq", mcq_prompt(it["question"], options), str(it["answer"]).strip()[:1].upper(),
-                                 _join(image_dir, it["img"]), options))
+        for it in data[subset].get(split, []):
+            options = {LETTERS[i]: _strip_choice(LETTERS[i], opt) for i, opt in enumerate(it["options"])}
+            rows.append(_row("path_mmu", "mcq", mcq_prompt(it["question"], options), _mcq_gold(it["answer"], options),
+                             _join(image_dir, it["img"]), options, uid=f"{path.name}:{subset}/{split}/{it['No']}"))
     return rows
+
+
+_PROBMED_ROLES = ("gt", "hallu")
 
 
 def probmed_pair_id(item: dict) -> str | None:
-    """A question and its adversarial twin share ``<image id>:<qa_type without gt/hallu>``; others stand alone."""
+    """A question and its adversarial twin share ``<image_type>|<image>|<qa_type without gt/hallu>``; abnormality
+    questions stand alone. Keyed on the image, not ``id``: ProbMed's ids from MedICaT and ChestX-ray14 overlap."""
     parts = str(item["qa_type"]).split("_")
-    if "gt" not in parts and "hallu" not in parts:
+    if not any(p in _PROBMED_ROLES for p in parts):
         return None
-    return f"{item['id']}:" + "_".join(p for p in parts if p not in ("gt", "hallu"))
+    return f"{item.get('image_type', '')}|{item['image']}|" + "_".join(p for p in parts if p not in _PROBMED_ROLES)
 
 
-def convert_probmed(path: Path, image_dir: str = "") -> list[dict]:
-    items = json.loads(path.read_text())
+def convert_probmed(path: Path, opts: SourceOptions = SourceOptions()) -> list[dict]:
+    """ProbMed (Yan et al. 2024, rippleripple/ProbMed): ``test.json``, a list of {id, image, image_type, qa_type,
+    question (may start with ``<image>``), answer ("yes" / "no")}. qa_type: modality_gt / modality_hallu,
+    body_part_gt / body_part_hallu, abnormality, entity_gt_N / entity_hallu_N, entity_hallu (alone, when the
+    image has no abnormality), and the grounding pairs.
+
+    Paired metric (``paired_accuracy`` in results.json): one value per pair of a question and its hallucinated
+    twin, 1 only when both are right; lone questions count alone. ProbMed's own ``calculate_score.py`` scores
+    per image and category: modality, organ and abnormality agree with our pairs one for one, but for
+    condition/finding and position it counts an image right only when every pair of that category on the image
+    is right, and counts each image once, then averages per category and weights categories by their counts.
+    Ours counts each pair once, over all categories together: the two agree wherever an image has one pair of a
+    category, and differ (either way) where it has several.
+    """
+    image_dir = "" if opts.image_dir is None else opts.image_dir
+    items = _read_json(path)
     return [_row("probmed", "closed", str(it["question"]).replace("<image>", "").strip(), str(it["answer"]).strip().lower(),
                  _join(image_dir, it["image"]), None, probmed_pair_id(it)) for it in items]
 
 
-CONVERTERS = {"vqa_rad": convert_vqa_rad, "slake": convert_slake, "pmc_vqa": convert_pmc_vqa,
-              "omnimed": convert_omnimed, "path_mmu": convert_path_mmu, "probmed": convert_probmed}
+def _closed_or_open(answer: str) -> str:
+    return "closed" if str(answer).strip().lower() in ("yes", "no") else "open"
 
 
-def load_records(data: Path, fmt: str = "medmax", source: Path | None = None, image_dir: str | None = None):
+def _pathvqa_image(value, image_dir: str):
+    """Embedded bytes as they are; a released image name ("test_0000") -> ``images/test/test_0000.jpg``."""
+    if isinstance(value, dict) and value.get("bytes"):
+        return value
+    name = str(value.get("path") if isinstance(value, dict) else value)
+    folder = name.split("_")[0] if name.split("_")[0] in ("train", "val", "test") else ""
+    return _join(image_dir, _join(folder, name if PurePosixPath(name).suffix else f"{name}.jpg"))
+
+
+def _read_pickle(path: Path, trusted: bool) -> list[dict]:
+    if not trusted:
+        raise ValueError(f"{path}: a pickle can run code when loaded; pass --trust-pickle only if you trust this file, "
+                         "or give the JSON or parquet release")
+    with open(path, "rb") as f:
+        return pickle.load(f)  # the user chose to trust this file (--trust-pickle)
+
+
+def convert_pathvqa(path: Path, opts: SourceOptions = SourceOptions()) -> list[dict]:
+    """PathVQA (He et al. 2020). Two releases:
+
+    - Hugging Face flaviagiammarino/path-vqa: ``data/{train,validation,test}-000NN-of-000MM.parquet``, columns
+      image ({bytes, path}: the image embedded), question, answer. ``--source`` is a parquet file or the folder,
+      from which the ``--split`` files are read (default test).
+    - The authors' release (UCSD-AI4H/PathVQA): ``pvqa/qas/test/test_qa.pkl``, a pickled list of {image
+      ("test_0000"), question, answer}, images ``pvqa/images/test/test_0000.jpg``; the same list as JSON/JSONL
+      is read too. A ``.pkl`` is only unpickled with ``--trust-pickle``.
+
+    Neither release has an answer type: yes/no answers are closed questions, the rest open (as the authors split
+    them); an ``answer_type`` field, where present, is used instead.
+    """
+    split = opts.split or "test"
+    image_dir = "images" if opts.image_dir is None else opts.image_dir
+    if path.suffix in (".pkl", ".json", ".jsonl"):
+        _check_file_split(path, split, "pathvqa")
+        items = _read_pickle(path, opts.trust_pickle) if path.suffix == ".pkl" else _read_json_or_jsonl(path)
+        return [_pathvqa_row(it, image_dir, f"{path.name}:{i}") for i, it in enumerate(items)]
+    rows = []
+    for file in _parquet_files(path, split):
+        rows += [_pathvqa_row(it, image_dir, f"{file.name}:{i}") for i, it in enumerate(_read_rows(file))]
+    return rows
+
+
+def _pathvqa_row(item: dict, image_dir: str, uid: str) -> dict:
+    answer = str(item["answer"]).strip()
+    qtype = _answer_type(item["answer_type"]) if item.get("answer_type") else _closed_or_open(answer)
+    return _row("pathvqa", qtype, item["question"], answer, _pathvqa_image(item["image"], image_dir), uid=uid)
+
+
+def convert_quilt_vqa(path: Path, opts: SourceOptions = SourceOptions()) -> list[dict]:
+    """Quilt-VQA (Seyfioglu et al. 2024). Hugging Face wisdomik/Quilt_VQA: ``data/train-*.parquet`` (its only
+    split is the evaluation set), columns image ({bytes, path}), question, answer, answer_type (closed / open),
+    context (the narrator's words the question came from; never shown to the model). Quilt-LLaVA's evaluation
+    JSON (``quiltvqa_test_w_ans.json``) has the same fields with answer_type "CLOSED" / "OPEN", the image as a
+    file name under ``images/``, and ``yes_no_answer`` beside the sentence answer of closed questions.
+
+    A closed question's gold is ``yes_no_answer`` when present, else its answer when that is yes/no or starts
+    with yes/no ("Yes, there is necrosis"); a closed answer holding no yes/no is a reported problem row.
+    """
+    image_dir = "images" if opts.image_dir is None else opts.image_dir
+    if path.suffix in (".json", ".jsonl"):
+        named = [(f"{path.name}:{i}", it) for i, it in enumerate(_read_json_or_jsonl(path))]
+    else:
+        named = [(f"{f.name}:{i}", it) for f in _parquet_files(path, "all") for i, it in enumerate(_read_rows(f))]
+    return [_quilt_row(it, image_dir, uid) for uid, it in named]
+
+
+def _quilt_row(item: dict, image_dir: str, uid: str) -> dict:
+    qtype, answer = _answer_type(item["answer_type"]), str(item["answer"]).strip()
+    row = _row("quilt_vqa", qtype, item["question"], answer, _image(item["image"], image_dir), uid=uid)
+    if qtype != "closed":
+        return row
+    gold = item.get("yes_no_answer") or answer
+    words = gold.split()
+    decided = yes_no(words[0]) if words else None
+    if decided is None:
+        return {**row, "_problem": f"closed question whose answer {answer!r} holds no yes/no"}
+    return {**row, "answer": decided}
+
+
+CONVERTERS = {"vqa_rad": convert_vqa_rad, "slake": convert_slake, "pathvqa": convert_pathvqa, "quilt_vqa": convert_quilt_vqa,
+              "pmc_vqa": convert_pmc_vqa, "omnimed": convert_omnimed, "path_mmu": convert_path_mmu, "probmed": convert_probmed}
+
+
+def _check_options(fmt: str, opts: SourceOptions) -> None:
+    """Refuse a choice the format does not make (it would be silently ignored) or a value it does not know."""
+    for name, formats in _OPTION_FORMATS.items():
+        if getattr(opts, name) not in (None, False) and fmt not in formats:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} applies to {', '.join(formats)}, not --data-format {fmt}")
+    if opts.split is not None and opts.split not in SPLITS[fmt]:
+        raise ValueError(f"--split must be one of {', '.join(SPLITS[fmt])} for {fmt}, got {opts.split!r}")
+    if opts.lang is not None and opts.lang not in LANGS:
+        raise ValueError(f"--lang must be one of {', '.join(LANGS)}, got {opts.lang!r}")
+
+
+def load_records(data: Path, fmt: str = "medmax", source: Path | None = None, image_dir: str | None = None, *,
+                 split: str | None = None, lang: str | None = None, trust_pickle: bool = False):
     """Records and per-row problems. ``medmax``: ``data`` is the schema folder/file. Otherwise ``source`` is the
-    released file (or folder for OmniMedVQA), relative to ``data`` unless absolute, and images live under ``data``."""
+    released file (or folder for OmniMedVQA and the parquet releases), relative to ``data`` unless absolute, and
+    images live under ``data``."""
+    opts = SourceOptions(image_dir, split, lang, trust_pickle)
+    _check_options(fmt, opts)
     if fmt == "medmax":
         return load_medmax(data)
     if fmt not in CONVERTERS:
@@ -283,5 +566,12 @@ def load_records(data: Path, fmt: str = "medmax", source: Path | None = None, im
     if source is None:
         raise ValueError(f"--data-format {fmt} needs --source (the benchmark's released file)")
     src = source if source.is_absolute() else data / source
-    kwargs = {} if image_dir is None else {"image_dir": image_dir}
-    return _records(CONVERTERS[fmt](src, **kwargs), src.name)
+    if not src.exists():
+        raise FileNotFoundError(f"--source {src}: does not exist")
+    try:
+        rows = CONVERTERS[fmt](src, opts)
+    except KeyError as e:
+        raise ValueError(f"--source {src}: a row has no field {e}; is this the {fmt} release?") from None
+    except (TypeError, AttributeError) as e:
+        raise ValueError(f"--source {src}: not laid out as the {fmt} release ({e})") from None
+    return _records(rows, src.name)

@@ -7,14 +7,16 @@ Facts taken from MedMax's evaluation code (``evaluation/eval_utils.py``):
   ``Question: <question>\\nAnswer:``, after the image; no end-of-turn.
 - ``default``: the image, then the question text.
 Visual chat puts the image after the text when MedMax's prompt ends with ``<image>``, before it otherwise,
-and uses a fixed instruction for ``detailed_description`` questions.
+and uses a fixed instruction for ``detailed_description`` questions. The order itself comes from
+``medmax.prompting.prompt_segments``, the one layout ``medmax generate`` and the training data use too
+(a placeholder in the middle of a visual-chat prompt places the image there).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from medmax.generation import END_OF_TURN
+from medmax.prompting import END_OF_TURN, prompt_segments
 
 from .data import EvalRecord
 from .tasks import Task
@@ -41,18 +43,17 @@ def chameleon_text(question: str, kind: str) -> str:
 
 
 def _content(record: EvalRecord, task: Task, image: Path | None) -> list:
-    """Image and text segments, before the style's framing."""
+    """Image and text segments, before the style's framing; the order is ``medmax.prompting``'s one layout."""
     if task.kind in ("image_generation", "mm_out"):
         return [record.prompt]
     if task.kind == "visual_chat":
-        text = record.prompt.replace(IMAGE_TAG, "").strip()
         if record.question_type == "detailed_description":
-            return [image, DETAILED_DESCRIPTION]
-        return [text, image] if record.prompt.rstrip().endswith(IMAGE_TAG) else [image, text]
-    text = record.prompt.replace(IMAGE_TAG, "").strip()
+            return prompt_segments(DETAILED_DESCRIPTION, [image])
+        return prompt_segments(record.prompt, [image], strip=True)  # a prompt ending in <image> puts it last
+    text = record.prompt.replace(IMAGE_TAG, "").strip()  # MedMax's VQA code puts the image first, tag or not
     if task.kind == "captioning" and not text:
         text = CAPTION_FALLBACK
-    return [image, text]
+    return prompt_segments(text, [image])
 
 
 def build_prompt(record: EvalRecord, task: Task, style: str, image: Path | None) -> list:

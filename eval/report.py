@@ -1,7 +1,8 @@
-"""Metrics from prediction rows, and the three outputs: results.json, report.md, report.png.
+"""Metrics from prediction rows, and the outputs: results.json, results_medmax.json, report.md, report.png.
 
 Everything here is a pure function of the prediction rows, so a resumed run that reads the same rows
-back writes a byte-identical results.json.
+back writes a byte-identical results.json. Each task's entry names the protocol that scored it
+(``toolkit``, or ``medmax`` for the VQA tasks under ``--protocol medmax``), and so does report.md.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import json
 import logging
 from pathlib import Path
 
+from . import medmax_protocol
+from .jsonl import write_atomic
 from .scoring import mean_stderr, paired_accuracy
 from .tasks import Task
 
@@ -28,8 +31,11 @@ _METRICS = {
 }
 
 
-def task_metrics(task: Task, rows: list[dict]) -> dict:
-    """results.json entry: n, metric, score, stderr (of the primary metric), every sub-metric, error counts."""
+def task_metrics(task: Task, rows: list[dict], protocol: str = "toolkit") -> dict:
+    """results.json entry: n, metric, score, stderr (of the primary metric), every sub-metric, error counts,
+    and the protocol that scored it."""
+    if medmax_protocol.applies(protocol, task):
+        return medmax_protocol.task_metrics(task, rows)
     good = [r for r in rows if not r.get("error")]
     primary, fields = _METRICS[task.kind]
     metrics = {name: mean_stderr(r[f] for r in good if r.get(f) is not None).as_dict() for name, f in fields.items()}
@@ -37,7 +43,7 @@ def task_metrics(task: Task, rows: list[dict]) -> dict:
         metrics["paired_accuracy"] = mean_stderr(paired_accuracy(good)).as_dict()
     if any("judge" in r for r in good):
         metrics["judge_accuracy"] = mean_stderr(r["judge"] for r in good if r.get("judge") is not None).as_dict()
-    entry = {"metric": primary, **metrics[primary], "metrics": metrics, "n_errors": len(rows) - len(good)}
+    entry = {"metric": primary, **metrics[primary], "metrics": metrics, "n_errors": len(rows) - len(good), "protocol": "toolkit"}
     if any("judge" in r for r in good):
         entry["judge_unparseable"] = sum(r.get("judge_status") == "unparseable" for r in good)
         entry["judge_failed"] = sum(r.get("judge_status") == "failed" for r in good)
@@ -45,24 +51,44 @@ def task_metrics(task: Task, rows: list[dict]) -> dict:
 
 
 def write_results(path: Path, results: dict) -> None:
-    path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    write_atomic(path, json.dumps(results, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def _fmt(value, digits=4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+_PROTOCOL_NOTES = {
+    "toolkit": "toolkit: whole-word yes/no, option letters in any common form, token recall/F1 for open answers",
+    "medmax": "medmax: MedMax's evaluation/vqa.py rules (1-token closed/MCQ answers scored by substring / exact "
+              "match; open answers by a GPT judge, rows without a verdict dropped and counted)",
+}
+
+
+def _counts(entry: dict) -> str:
+    parts = [f"{entry[k]} {label}" for k, label in (("n_dropped", "dropped (no verdict)"), ("n_judge_failed", "judge failed"),
+                                                    ("judge_unparseable", "judge unparseable"), ("judge_failed", "judge failed"))
+             if entry.get(k)]
+    return f"{entry['n_errors']}" + (f" ({', '.join(parts)})" if parts else "")
+
+
 def write_markdown(path: Path, results: dict, problems: list[dict], settings: dict) -> None:
-    lines = ["# Evaluation report", "", "| task | metric | n | score | stderr | errors |", "|---|---|---|---|---|---|"]
+    protocols = sorted({e["protocol"] for k, e in results.items() if not k.startswith("_") and "protocol" in e})
+    lines = ["# Evaluation report", "", "The protocol column says which rules produced each number:", ""]
+    lines += [f"- {_PROTOCOL_NOTES[p]}" for p in protocols]
+    lines += ["", "MedMax's results layout (accuracy, std_err) of the same numbers is in results_medmax.json.", "",
+              "| task | protocol | metric | n | score | stderr | errors |", "|---|---|---|---|---|---|---|"]
     for key in sorted(k for k in results if not k.startswith("_")):
         entry = results[key]
         if "skipped" in entry:
-            lines.append(f"| {key} | skipped: {entry['skipped']} | | | | |")
+            lines.append(f"| {key} | | skipped: {entry['skipped']} | | | | |")
             continue
-        lines.append(f"| {key} | {entry['metric']} | {entry['n']} | {_fmt(entry['score'])} | {_fmt(entry['stderr'])} | {entry['n_errors']} |")
+        proto = entry["protocol"]
+        lines.append(f"| {key} | {proto} | {entry['metric']} | {entry['n']} | {_fmt(entry['score'])} | "
+                     f"{_fmt(entry['stderr'])} | {_counts(entry)} |")
         for name, m in sorted(entry["metrics"].items()):
             if name != entry["metric"]:
-                lines.append(f"| {key} | {name} | {m['n']} | {_fmt(m['score'])} | {_fmt(m['stderr'])} | |")
+                lines.append(f"| {key} | {proto} | {name} | {m['n']} | {_fmt(m['score'])} | {_fmt(m['stderr'])} | |")
     lines += ["", "## Settings", ""] + [f"- {k}: {v}" for k, v in sorted(settings.items())]
     lines += ["", f"## Rows not evaluated ({len(problems)})", ""]
     lines += [f"- `{p['uid']}`: {p['reason']}" for p in problems[:200]]

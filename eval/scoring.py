@@ -1,29 +1,65 @@
-"""Scoring rules for the evaluation suite, written to avoid MedMax's known miscounts.
+"""Scoring rules for the evaluation suite (the default ``toolkit`` protocol), written to avoid MedMax's
+known miscounts.
 
 MedMax's published suite scores closed questions by substring (``'no' in output``), so "not",
 "none", "normal" or "node" count as "no", generates a single token, and compares MCQ output to the
 letter verbatim, so "(B)" or "Answer: B" score zero. Here every rule works on whole words of a
 normalised text, and every metric carries n and its standard error.
+
+Normalisation (:func:`normalize`), in this order:
+
+- Unicode NFKC, so full-width ``Ｙｅｓ``, ligatures and the ideographic space read as their plain forms;
+- case folded;
+- every Unicode punctuation and symbol character (categories ``P*`` and ``S*``: em dash, ellipsis,
+  guillemets, CJK full stop, check marks, arrows ...) becomes a space, so it separates words;
+- each CJK ideograph (and kana) is a word of its own, since those scripts write no spaces (SLAKE's
+  Chinese answers compare character by character, as Chinese VQA metrics usually do);
+- the articles a, an, the are dropped; whitespace is collapsed.
+
+Closed (yes/no) answers, :func:`yes_no`:
+
+- the first whole word that is a yes word (``yes``, ``yep``, ``yeah``) or a no word (``no``,
+  ``nope``) decides; words that merely contain "no" (``not``, ``none``, ``normal``, ``node``) never do;
+- when the whole answer is one of a few short phrases a reader takes as yes or no, that decides:
+  no = ``absent``, ``not present``, ``not seen``, ``not visible``, ``negative``;
+  yes = ``present``, ``seen``, ``visible``, ``positive``. Only the whole answer counts, so
+  "absent from the left lung but present on the right" decides nothing.
+
+Multiple choice, :func:`parse_mcq`: a leading letter in either case (``B``, ``b``, ``(b)``, ``B.``,
+``option b``, ``（Ｂ）``), a stated upper-case letter (``Answer: B``, ``the answer is B``; a lower-case
+``a`` after "answer is" is an article), a letter after ``option``/``choice`` in either case, else the one
+option whose text the answer quotes. The gold letter (:func:`resolve_gold`) is the answer itself when it
+is a letter, else the option whose text equals the answer exactly, else the one option whose normalised
+text equals it; a gold that resolves to no option, or to two, raises :class:`UnresolvedGold`. The
+converters call it when they load a row, so such a row is a reported problem, never a silent "wrong".
 """
 
 from __future__ import annotations
 
 import math
 import re
-import string
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 
 _ARTICLES = {"a", "an", "the"}
-_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
-YES_WORDS = frozenset({"yes"})
-NO_WORDS = frozenset({"no"})
+_CJK = re.compile("([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f])")
+YES_WORDS = frozenset({"yes", "yep", "yeah"})
+NO_WORDS = frozenset({"no", "nope"})
+YES_PHRASES = frozenset({"present", "seen", "visible", "positive"})
+NO_PHRASES = frozenset({"absent", "not present", "not seen", "not visible", "negative"})
 LETTERS = "ABCDEFGH"
 
 
+def _is_separator(char: str) -> bool:
+    return unicodedata.category(char)[0] in "PS"
+
+
 def normalize(text: str) -> str:
-    """Lower case, punctuation to spaces, articles dropped, whitespace collapsed."""
-    words = _PUNCT.sub(" ", str(text).lower()).split()
+    """NFKC, case folded, Unicode punctuation and symbols to spaces, CJK characters split, articles dropped."""
+    text = unicodedata.normalize("NFKC", str(text)).casefold()
+    text = "".join(" " if _is_separator(c) else c for c in text)
+    words = _CJK.sub(r" \1 ", text).split()
     return " ".join(w for w in words if w not in _ARTICLES)
 
 
@@ -33,8 +69,14 @@ def tokens(text: str) -> list[str]:
 
 # ---------------------------------------------------------------- closed (yes / no)
 def yes_no(text: str) -> str | None:
-    """'yes' or 'no' from the first whole word that is one of them, else None ("not", "none" never count)."""
-    for word in tokens(text):
+    """'yes' or 'no': a short whole-answer phrase, else the first yes/no word; None when neither (see the module doc)."""
+    words = tokens(text)
+    whole = " ".join(words)
+    if whole in YES_PHRASES:
+        return "yes"
+    if whole in NO_PHRASES:
+        return "no"
+    for word in words:
         if word in YES_WORDS:
             return "yes"
         if word in NO_WORDS:
@@ -43,7 +85,7 @@ def yes_no(text: str) -> str | None:
 
 
 def score_closed(output: str, answer: str) -> bool:
-    """Yes/no answers by the first yes/no word; other answers by normalised match of the leading words."""
+    """Yes/no answers by :func:`yes_no`; other answers by normalised match of the leading words."""
     gold = normalize(answer)
     if gold in ("yes", "no"):
         return yes_no(output) == gold
@@ -52,32 +94,62 @@ def score_closed(output: str, answer: str) -> bool:
 
 
 # ---------------------------------------------------------------- multiple choice
-_LEADING_LETTER = re.compile(r"^\s*(?:option\s+)?\(?([A-H])\)?(?=$|[\s]*[.:)\],;]|\s*$)")
+class UnresolvedGold(ValueError):
+    """An MCQ row whose gold answer names no single option: the row cannot be scored."""
+
+
+# a letter alone at the start, in either case, behind optional brackets/"option", followed by the end or punctuation
+# (a dash or apostrophe after it makes a word: "B-cell", "A's")
+_LEADING_LETTER = re.compile(r"^\W*(?:(?:option|choice)\W*)?([A-Ha-h])(?![^\W_])(?=\s*$|\s*(?![-\u2010-\u2015\u2212'\u2019])[^\w\s])",
+                             re.IGNORECASE)
+_OPTION_LETTER = re.compile(r"\b(?:option|choice)\s*\(?([A-Ha-h])(?![^\W_])", re.IGNORECASE)
 _STATED_LETTER = re.compile(r"\b(?:answer|option|choice)\s*(?:is|:|=)?\s*(?:option\s+)?\(?((?-i:[A-H]))\)?(?![A-Za-z])", re.IGNORECASE)
+_LETTER_AND_TEXT = re.compile(r"^\(?([A-Ha-h])[).:]\s*(\S.*)$", re.DOTALL)
 
 
-def answer_letter(answer: str, options: dict[str, str] | None) -> str | None:
-    """The gold option letter: the answer itself when it is one, or the option whose text it matches (OmniMedVQA)."""
-    text = str(answer).strip()
-    letter = text.strip("().: ").upper()
-    if len(letter) == 1 and letter in LETTERS and (not options or letter in options):
-        return letter
-    if options:
-        gold = normalize(text)
-        for key, value in options.items():
-            if normalize(value) == gold:
-                return key
-    return None
+def resolve_gold(answer, options: dict[str, str] | None) -> str:
+    """The gold option letter (see the module doc); raises :class:`UnresolvedGold` naming the answer and options."""
+    text = unicodedata.normalize("NFKC", str(answer)).strip()
+    bare = text.strip("()[].: ").upper()
+    if len(bare) == 1 and bare in LETTERS and (not options or bare in options):
+        return bare
+    if not options:
+        raise UnresolvedGold(f"MCQ answer {str(answer)!r} is not an option letter and the row has no options")
+    exact = [k for k, v in options.items() if unicodedata.normalize("NFKC", str(v)).strip() == text]
+    if len(exact) == 1:
+        return exact[0]
+    paired = _LETTER_AND_TEXT.match(text)  # "B) Skeletal muscle": PathMMU writes the letter and the option
+    if paired and paired.group(1).upper() in options:
+        letter = paired.group(1).upper()
+        if normalize(options[letter]) == normalize(paired.group(2)):
+            return letter
+        raise UnresolvedGold(f"MCQ answer {str(answer)!r} names option {letter}, whose text is {options[letter]!r}")
+    gold = normalize(text)
+    similar = [k for k, v in options.items() if normalize(v) == gold]
+    if len(similar) == 1 and not exact:
+        return similar[0]
+    named = ", ".join(exact or similar or options)
+    why = "matches options" if (exact or similar) else "matches none of the options"
+    raise UnresolvedGold(f"MCQ answer {str(answer)!r} {why} {named}")
+
+
+def answer_letter(answer, options: dict[str, str] | None) -> str | None:
+    """:func:`resolve_gold`, or None when the gold names no single option."""
+    try:
+        return resolve_gold(answer, options)
+    except UnresolvedGold:
+        return None
 
 
 def parse_mcq(output: str, options: dict[str, str] | None = None) -> str | None:
-    """The option letter an output names: "B", "(B)", "B.", "Answer: B", "the answer is B", else the quoted option text."""
+    """The option letter an output names: "B", "b", "(b)", "B.", "option b", "Answer: B", else the quoted option text."""
     allowed = set(options) if options else set(LETTERS)
-    for pattern in (_LEADING_LETTER, _STATED_LETTER):
-        match = pattern.search(output)
+    text = unicodedata.normalize("NFKC", str(output))
+    for pattern in (_LEADING_LETTER, _STATED_LETTER, _OPTION_LETTER):
+        match = pattern.search(text)
         if match and match.group(1).upper() in allowed:
             return match.group(1).upper()
-    return _letter_from_option_text(output, options) if options else None
+    return _letter_from_option_text(text, options) if options else None
 
 
 def _letter_from_option_text(output: str, options: dict[str, str]) -> str | None:
@@ -90,8 +162,8 @@ def _letter_from_option_text(output: str, options: dict[str, str]) -> str | None
 
 
 def score_mcq(output: str, answer: str, options: dict[str, str] | None) -> bool:
-    gold = answer_letter(answer, options)
-    return gold is not None and parse_mcq(output, options) == gold
+    """Whether the output names the gold option; a gold naming no single option raises :class:`UnresolvedGold`."""
+    return parse_mcq(output, options) == resolve_gold(answer, options)
 
 
 # ---------------------------------------------------------------- open

@@ -1,7 +1,9 @@
 """The task registry: MedMax's 12 VQA tasks plus captioning, image generation, visual chat and mm_out.
 
 A task is one (task_name, question_type) of MedMax's eval schema; its key in results.json is
-MedMax's ``"{task}_{type}"`` (``vqa_rad_closed``, ``image_captioning_pmc_oa``), so numbers compare.
+MedMax's ``"{task}_{type}"`` (``vqa_rad_closed``, ``image_captioning_pmc_oa``). The keys match MedMax's,
+but the numbers compare with MedMax's paper only under ``--protocol medmax`` (eval/medmax_protocol.py):
+the default toolkit protocol scores with other rules and a longer answer.
 """
 
 from __future__ import annotations

@@ -6,10 +6,10 @@ One YAML per run, ``key=value`` overrides on top (values parsed as YAML: ``max_s
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-
-import re
 
 import yaml
 from transformers import TrainingArguments
@@ -72,7 +72,8 @@ class FinetuneConfig(TrainingArguments):
                 "{path: ..., weight: ...}. Weights are relative sampling rates per epoch."})
     validation: str | None = field(default=None, metadata={
         "help": "A sequence folder, or a fraction (e.g. 0.05) held out of every training folder; none by default."})
-    mode: str = field(default="lora", metadata={"help": f"One of {MODES}."})
+    mode: str = field(default="lora", metadata={
+        "help": f"One of {MODES}. image-alignment is refused with FSDP or DeepSpeed ZeRO-3 (use DDP or ZeRO-2)."})
     freeze: list = field(default_factory=list, metadata={
         "help": "Regular expressions (re.search) over parameter names to freeze in addition to the mode."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (mode lora)."})
@@ -90,6 +91,8 @@ class FinetuneConfig(TrainingArguments):
         "help": "sdpa, eager or flash_attention_2; packing works with all three (boundaries come from positions)."})
     model_dtype: str = field(default="float32", metadata={
         "help": "dtype the weights are loaded in (float32, bfloat16); mixed precision is bf16=true."})
+    skip_memory_check: bool = field(default=False, metadata={
+        "help": "Load the model even when its config's sizes need more memory than is available (refused by default)."})
     trust_checkpoint: bool = field(default=False, metadata={
         "help": "Allow a legacy pickled VQGAN checkpoint (runs code from the file)."})
     # transformers' defaults we change: log to TensorBoard, our own columns reach the collator
@@ -129,6 +132,10 @@ class FinetuneConfig(TrainingArguments):
         self.validation_fraction()  # raises on a bad value
         if self.model_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"model_dtype={self.model_dtype!r}: choose float32, bfloat16 or float16")
+        sharded = sharded_weights(self.fsdp, self.deepspeed) if self.mode == "image-alignment" else None
+        if sharded:
+            raise ConfigError(f"mode=image-alignment with {sharded}: not supported (the trainable image rows sit beside "
+                              "weight matrices this setting shards); use DDP or deepspeed ZeRO-2")
 
     @property
     def is_preset(self) -> bool:
@@ -162,6 +169,24 @@ class FinetuneConfig(TrainingArguments):
         if not 0 < value < 1:
             raise ConfigError(f"validation={self.validation}: a fraction must lie strictly between 0 and 1")
         return value
+
+
+def sharded_weights(fsdp, deepspeed) -> str | None:
+    """The setting that shards the weight matrices themselves (FSDP, DeepSpeed ZeRO-3), named; None otherwise."""
+    if fsdp:
+        return f"fsdp={' '.join(fsdp) if isinstance(fsdp, list) else fsdp!r}"
+    doc = deepspeed
+    if isinstance(deepspeed, (str, Path)):
+        try:
+            doc = json.loads(Path(deepspeed).read_text())
+        except OSError:
+            return None  # a missing file is transformers' to report
+        except ValueError as err:
+            raise ConfigError(f"deepspeed={deepspeed}: not valid JSON ({err})") from None
+    stage = ((doc or {}).get("zero_optimization") or {}).get("stage") if isinstance(doc, dict) else None
+    if stage == 3:
+        return f"deepspeed={deepspeed} (ZeRO stage 3)" if isinstance(deepspeed, (str, Path)) else "deepspeed (ZeRO stage 3)"
+    return None
 
 
 def _has_weight(entry: str) -> bool:

@@ -4,7 +4,8 @@ Usage::
 
     python -m finetune.demo_data --output runs/demo/data --tokenizer preset:tiny --sequences 64
 
-Each sequence is ``<s> question <image: boi, random codes, eoi> <end of turn> answer </s>`` where the
+Each sequence is ``<s> <image: boi, random codes, eoi> question <end of turn> answer </s>`` (the one
+prompt layout of ``medmax.prompting``, as generation and evaluation build prompts) where the
 answer says whether the image was drawn from the "lesion" palette (codes 0..63, answer "Yes.") or
 the "normal" one (codes 64..127, "No."), so a small model learns it in a few steps; loss only on the answer. With ``--image-targets`` the codes themselves carry the loss (image generation data).
 The tiny tokenizer (``preset:tiny``) is written next to the data as ``tokenizer.json``.
@@ -19,10 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from medmax.presets import build_tiny_tokenizer
+from medmax.prompting import END_OF_TURN, prompt_segments
 from medmax.training_data import IGNORE_INDEX, write_sequences
 from medmax.vocab import Vocabulary, load_tokenizer
 
 logger = logging.getLogger("finetune.demo_data")
+
+QUESTION = "Is there a lesion in the image?"
 
 
 def resolve_tokenizer(spec: str):
@@ -35,7 +39,7 @@ def demo_rows(tokenizer, n: int, n_codes: int = 64, seed: int = 0, image_targets
     """``n`` (input_ids, labels) pairs; ``lengths`` (optional) sets each sequence's image length instead."""
     vocab = Vocabulary.from_tokenizer(tokenizer)
     rng = np.random.default_rng(seed)
-    question = tokenizer.encode("Is there a lesion in the image?", add_special_tokens=False).ids
+    question = tokenizer.encode(QUESTION, add_special_tokens=False).ids
     answers = {0: tokenizer.encode("No.", add_special_tokens=False).ids,
                1: tokenizer.encode("Yes.", add_special_tokens=False).ids}
     rows = []
@@ -44,14 +48,20 @@ def demo_rows(tokenizer, n: int, n_codes: int = 64, seed: int = 0, image_targets
         lesion = int(rng.integers(0, 2))
         codes = rng.integers(0, 64, size=count) + (0 if lesion else 64)
         image = [vocab.boi_id, *vocab.codes_to_ids(codes).tolist(), vocab.eoi_id]
+        prompt = [vocab.bos_id]
+        for seg in prompt_segments(QUESTION, [image], end_of_turn=True):  # the one layout: image, question, eot
+            if isinstance(seg, str):
+                prompt += question
+            elif seg is END_OF_TURN:
+                prompt.append(vocab.eot_id)
+            else:
+                prompt += seg
         answer = answers[lesion] + [vocab.eos_id]
-        prompt = [vocab.bos_id, *question, *image, vocab.eot_id]
-        ids = prompt + answer
-        if image_targets:
-            labels = [IGNORE_INDEX] * (len(question) + 2) + image[1:] + [IGNORE_INDEX] * (len(answer) + 1)
-        else:
-            labels = [IGNORE_INDEX] * len(prompt) + answer
-        rows.append((ids, labels))
+        labels = [IGNORE_INDEX] * len(prompt) + (answer if not image_targets else [IGNORE_INDEX] * len(answer))
+        if image_targets:  # the codes and eoi carry the loss
+            start = prompt.index(vocab.boi_id) + 1
+            labels[start : start + len(image) - 1] = image[1:]
+        rows.append((prompt + answer, labels))
     return rows
 
 

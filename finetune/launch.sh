@@ -12,25 +12,32 @@
 #   --nproc-per-node  NPROC_PER_NODE   number of GPUs (nvidia-smi), else 1
 #   --nnodes          NNODES           1
 #   --node-rank       NODE_RANK        0
-#   --rdzv-endpoint   RDZV_ENDPOINT    MASTER_ADDR:MASTER_PORT when both are set, else localhost:29500
+#   --rdzv-endpoint   RDZV_ENDPOINT    MASTER_ADDR:MASTER_PORT when both are set, else localhost:0 on one node
+#                                      (a free port, so runs side by side never join each other), else localhost:29500
 #   --rdzv-id         RDZV_ID          medmax
 #   PYTHON (environment)               .venv/bin/python when present, else python
 # Without a CUDA device the run uses the gloo backend (ddp_backend=gloo; a later override wins).
 set -euo pipefail
 
 if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
-  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 CONFIG="$1"; shift
 [[ -f "$CONFIG" ]] || { echo "launch.sh: config $CONFIG does not exist" >&2; exit 2; }
 
-gpus() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -c '^GPU' || echo 0; }
+# GPUs nvidia-smi lists; 0 without nvidia-smi, or when it lists none (it exits non-zero, grep -c prints 0 and fails)
+gpus() {
+  local n=0
+  if command -v nvidia-smi >/dev/null 2>&1; then n="$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)"; fi
+  [[ "$n" =~ ^[0-9]+$ ]] || n=0
+  echo "$n"
+}
 NGPU="$(gpus)"
 NPROC="${NPROC_PER_NODE:-}"
 NNODES="${NNODES:-1}"
 NODE_RANK="${NODE_RANK:-0}"
-if [[ -n "${MASTER_ADDR:-}" && -n "${MASTER_PORT:-}" ]]; then DEFAULT_RDZV="$MASTER_ADDR:$MASTER_PORT"; else DEFAULT_RDZV="localhost:29500"; fi
+if [[ -n "${MASTER_ADDR:-}" && -n "${MASTER_PORT:-}" ]]; then DEFAULT_RDZV="$MASTER_ADDR:$MASTER_PORT"; else DEFAULT_RDZV=""; fi
 RDZV="${RDZV_ENDPOINT:-$DEFAULT_RDZV}"
 RDZV_ID="${RDZV_ID:-medmax}"
 DRY=0
@@ -46,6 +53,7 @@ while [[ $# -gt 0 ]]; do
     *) ARGS+=("$1"); shift ;;
   esac
 done
+if [[ -z "$RDZV" ]]; then if [[ "$NNODES" == 1 ]]; then RDZV="localhost:0"; else RDZV="localhost:29500"; fi; fi
 if [[ -z "$NPROC" ]]; then if [[ "$NGPU" -gt 0 ]]; then NPROC="$NGPU"; else NPROC=1; fi; fi
 BACKEND=()
 if [[ "$NGPU" -eq 0 ]]; then BACKEND=(ddp_backend=gloo); fi

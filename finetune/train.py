@@ -4,7 +4,7 @@ Usage::
 
     # one process (CPU or one GPU)
     python -m finetune.train --config finetune/configs/tiny_cpu.yaml
-    # overrides on top of the YAML, and resuming from the last checkpoint of output_dir
+    # overrides on top of the YAML, and resuming from the last complete checkpoint of output_dir
     python -m finetune.train --config finetune/configs/tiny_cpu.yaml max_steps=20 learning_rate=1e-3 --resume
     # several processes / nodes: finetune/launch.sh wraps torchrun
     finetune/launch.sh finetune/configs/lora_7b.yaml --nproc-per-node 8
@@ -13,11 +13,19 @@ The output folder receives checkpoints (``checkpoint-N/``), the final weights, `
 ``vqgan/`` (the complete VQGAN), ``medmax_run.json`` (where each piece came from),
 ``log_history.jsonl``, ``loss_curve.png`` and TensorBoard logs. ``python -m finetune.export`` turns
 the output folder or any checkpoint into a model folder.
+
+``--resume`` continues from the newest *complete* checkpoint (one whose ``trainer_state.json``, written
+last, is readable; a folder cut short by a kill is skipped with a warning). It refuses, naming the
+difference, to continue a run whose mode, tokenizer, dataset content (manifest and data files, not
+their paths), dataset weights or validation set differ from the ones recorded in the checkpoint's
+``medmax_run.json``; ``--resume-anyway`` continues regardless. A model whose ``config.json`` sizes need
+more memory than is available stops before any allocation (``skip_memory_check=true`` to try anyway).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -25,20 +33,21 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer
+from transformers import ChameleonConfig, Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from medmax.model import MedMaxChameleon, new_model, save_model_dir
+from medmax.model import MedMaxChameleon, check_config_fits, new_model, save_model_dir
 from medmax.training_data import (
     PackedCollator,
     PaddingCollator,
     SequenceDataset,
     check_sequences,
     load_sequences,
+    read_manifest,
     split_validation,
 )
 from medmax.vocab import Vocabulary, load_tokenizer
-from medmax.presets import VQGAN_PRESETS
+from medmax.presets import VQGAN_PRESETS, chameleon_config
 from medmax.vqgan import VQGAN, load_vqgan, save_vqgan
 
 from .config import PRESET_PREFIX, ConfigError, FinetuneConfig, load_config
@@ -118,6 +127,17 @@ def _setup_assets(cfg: FinetuneConfig):
     return tokenizer, Vocabulary.from_tokenizer(tokenizer), vqgan
 
 
+def _check_memory(cfg: FinetuneConfig, tokenizer, vqgan) -> None:
+    """Refuse a model whose parameters cannot fit in memory before any weight is allocated."""
+    dtype, override = getattr(torch, cfg.model_dtype), "skip_memory_check=true"
+    if cfg.is_preset:
+        config = chameleon_config(cfg.preset_name, tokenizer, vqgan.params)
+        check_config_fits(config, f"model={cfg.model}", dtype, allow=cfg.skip_memory_check, override=override)
+    else:
+        check_config_fits(ChameleonConfig.from_pretrained(cfg.model), f"{Path(cfg.model) / 'config.json'}", dtype,
+                          allow=cfg.skip_memory_check, override=override)
+
+
 def _setup_model(cfg: FinetuneConfig, tokenizer, vqgan, resume: bool) -> tuple[MedMaxChameleon, str | None]:
     """The model before the mode is applied, and the folder its base weights can be reloaded from."""
     dtype = getattr(torch, cfg.model_dtype)
@@ -138,8 +158,6 @@ def _model_vocab_size(cfg: FinetuneConfig, vocab: Vocabulary) -> int:
     """The model's vocabulary size, read before any weights are loaded."""
     if cfg.is_preset:
         return vocab.size
-    from transformers import ChameleonConfig
-
     size = ChameleonConfig.from_pretrained(cfg.model).vocab_size
     if vocab.size > size:
         raise ConfigError(f"tokenizer: {vocab.size} ids, but model={cfg.model} has only {size}")
@@ -200,23 +218,117 @@ def write_curves(output_dir: Path, history: list[dict]) -> None:
     plt.close(fig)
 
 
-def _resume_point(cfg: FinetuneConfig, resume: bool) -> str | None:
+def _is_complete(checkpoint: Path) -> bool:
+    """Trainer writes trainer_state.json last (after weights, optimizer and RNG state): a checkpoint without a
+    readable one was cut short while being written."""
+    try:
+        return "global_step" in json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def last_complete_checkpoint(output_dir: Path) -> Path | None:
+    """The newest ``checkpoint-N`` that was written completely; incomplete newer ones are skipped with a warning."""
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+    for checkpoint in sorted(found, key=lambda p: int(p.name.split("-", 1)[1]), reverse=True):
+        if _is_complete(checkpoint):
+            return checkpoint
+        logger.warning("%s is incomplete (no readable trainer_state.json: training stopped while it was being "
+                       "written); skipping it", checkpoint)
+    return None
+
+
+def _resume_point(cfg: FinetuneConfig, resume: bool) -> Path | None:
+    output_dir = Path(cfg.output_dir)
     if not resume:
-        if Path(cfg.output_dir).is_dir() and get_last_checkpoint(cfg.output_dir):
+        if output_dir.is_dir() and get_last_checkpoint(cfg.output_dir):
             logger.warning("output_dir=%s already holds checkpoints; starting over (pass --resume to continue)",
                            cfg.output_dir)
         return None
-    last = get_last_checkpoint(cfg.output_dir) if Path(cfg.output_dir).is_dir() else None
+    last = last_complete_checkpoint(output_dir) if output_dir.is_dir() else None
     if last is None:
-        raise ConfigError(f"--resume: no checkpoint-N folder in output_dir={cfg.output_dir}")
+        raise ConfigError(f"--resume: no complete checkpoint-N folder in output_dir={cfg.output_dir}")
     logger.info("resuming from %s", last)
     return last
 
 
-def run(cfg: FinetuneConfig, resume: bool = False) -> Trainer:
-    """Train with ``cfg``; returns the finished trainer."""
-    checkpoint = _resume_point(cfg, resume)
+# ------------------------------------------------------------------------------ what a run continues
+def _file_digest(path: Path, h) -> None:
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+
+
+def folder_digest(folder: str | Path) -> str:
+    """sha256 of a sequence folder's content: its manifest and every data file it lists (not its path)."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    manifest = read_manifest(folder)
+    _file_digest(folder / "manifest.json", h)
+    for name in manifest.get("files") or sorted(p.name for p in folder.glob("*.parquet")):
+        h.update(name.encode())
+        _file_digest(folder / name, h)
+    return h.hexdigest()
+
+
+def run_fingerprint(cfg: FinetuneConfig, tokenizer) -> dict:
+    """What a resumed run must share with the run it continues: mode, tokenizer and the data's content."""
+    fraction = cfg.validation_fraction()
+    return {
+        "mode": cfg.mode,
+        "tokenizer": hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
+        "datasets": [{"digest": folder_digest(s.path), "weight": s.weight, "path": s.path} for s in cfg.dataset_specs()],
+        "validation": fraction if fraction is not None else (folder_digest(cfg.validation) if cfg.validation else None),
+    }
+
+
+def fingerprint_differences(before: dict, now: dict) -> list[str]:
+    """How ``now`` differs from the run that wrote ``before``, one phrase per difference (paths do not count)."""
+    diffs = []
+    if before.get("mode") != now["mode"]:
+        diffs.append(f"mode={before.get('mode')} (this run: {now['mode']})")
+    if before.get("tokenizer") != now["tokenizer"]:
+        diffs.append(f"another tokenizer (sha256 {str(before.get('tokenizer'))[:12]}, this run {now['tokenizer'][:12]})")
+    old, new = before.get("datasets") or [], now["datasets"]
+    if len(old) != len(new):
+        diffs.append(f"{len(old)} dataset folders (this run: {len(new)})")
+    for k, (a, b) in enumerate(zip(old, new)):
+        if a.get("digest") != b["digest"]:
+            diffs.append(f"datasets[{k}]={a.get('path')} holding other content than {b['path']}")
+        elif a.get("weight") != b["weight"]:
+            diffs.append(f"datasets[{k}] weight {a.get('weight')} (this run: {b['weight']})")
+    if before.get("validation") != now["validation"]:
+        diffs.append("another validation set")
+    return diffs
+
+
+def _check_resume(checkpoint: Path, fingerprint: dict, anyway: bool) -> None:
+    """Stop a resume that would continue another run's training with other data, tokenizer or mode."""
+    try:
+        before = json.loads((checkpoint / RUN_FILE).read_text()).get("fingerprint")
+    except (OSError, ValueError):
+        before = None
+    if before is None:
+        logger.warning("%s records no fingerprint (written by an older version): cannot check that this run "
+                       "continues it with the same data, tokenizer and mode", checkpoint)
+        return
+    diffs = fingerprint_differences(before, fingerprint)
+    if not diffs:
+        return
+    message = f"--resume: {checkpoint} was trained with {'; '.join(diffs)}"
+    if not anyway:
+        raise ConfigError(f"{message}; pass --resume-anyway to continue regardless, or choose another output_dir")
+    logger.warning("%s; continuing anyway (--resume-anyway)", message)
+
+
+def run(cfg: FinetuneConfig, resume: bool = False, resume_anyway: bool = False) -> Trainer:
+    """Train with ``cfg``; returns the finished trainer. ``resume_anyway`` resumes without the fingerprint check."""
+    checkpoint = _resume_point(cfg, resume or resume_anyway)
     tokenizer, vocab, vqgan = _setup_assets(cfg)
+    fingerprint = run_fingerprint(cfg, tokenizer)
+    if checkpoint is not None:
+        _check_resume(checkpoint, fingerprint, resume_anyway)
+    _check_memory(cfg, tokenizer, vqgan)  # before the data is read and the weights allocated
     vocab_size = _model_vocab_size(cfg, vocab)
     train_set, val_set = _setup_data(cfg, vocab, vocab_size)
     model, base_dir = _setup_model(cfg, tokenizer, vqgan, resume)
@@ -230,10 +342,10 @@ def run(cfg: FinetuneConfig, resume: bool = False) -> Trainer:
     if cfg.should_save:
         save_vqgan(vqgan, output_dir / "vqgan")
     info = {"mode": cfg.mode, "model": cfg.model, "base_model": base_dir if cfg.mode == "lora" else None,
-            "vqgan": str(output_dir / "vqgan"), "tokenizer": "tokenizer.json"}
+            "vqgan": str(output_dir / "vqgan"), "tokenizer": "tokenizer.json", "fingerprint": fingerprint}
     trainer = MedMaxTrainer(model=model, args=cfg, train_dataset=train_set, eval_dataset=val_set,
                             data_collator=_collator(cfg, vocab), run_info=info, tokenizer_obj=tokenizer)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if val_set is not None:
         trainer.evaluate()
     trainer.save_model(str(output_dir))
@@ -246,7 +358,10 @@ def run(cfg: FinetuneConfig, resume: bool = False) -> Trainer:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML file of settings (finetune/configs/*.yaml)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the last complete checkpoint in output_dir (same data, tokenizer and mode)")
+    parser.add_argument("--resume-anyway", action="store_true",
+                        help="resume even when the data, tokenizer or mode differ from the checkpoint's run")
     parser.add_argument("overrides", nargs="*", help="key=value settings on top of the YAML")
     return parser
 
@@ -255,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, args.overrides)
-    run(cfg, resume=args.resume)
+    run(cfg, resume=args.resume, resume_anyway=args.resume_anyway)
     return 0
 
 

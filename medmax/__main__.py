@@ -5,12 +5,19 @@ Usage::
     medmax generate --model runs/export --prompt "Generate an image of a chest X-ray" --mode image --output out/
     medmax generate --model runs/export --prompt "What organ is shown?" --image scan.png --mode text --output out/
     python -m medmax generate --model DIR --prompt "..." [--image PATH ...] --mode text|image|interleaved --output DIR
+    medmax demo --model runs/quickstart/model [--host 127.0.0.1] [--port 7860]   # the browser demo (pip install -e .[demo])
     medmax programs            # the other programs of the toolkit
 
-The prompt is encoded as training rows are: the text, then the images, then the end-of-turn token
-(``--no-end-of-turn`` leaves it out). Where the text holds ``<image>`` placeholders, the images go
-there instead, in order. ``--output`` receives ``image_<i>.png`` for every generated image and
-``generation.json`` recording the prompt, the settings and the output segments in order.
+The prompt is laid out as training rows and ``eval.run`` lay it out (``medmax.prompting``): the images,
+then the text, then the end-of-turn token (``--no-end-of-turn`` leaves it out). Where the text holds
+``<image>`` placeholders, the images go there instead, in order. Typed text is encoded with special-token
+parsing off (a typed ``<racm3:break>`` stays text). ``--output`` receives ``image_<i>.png`` for every
+generated image and ``generation.json`` recording the prompt, the settings and the output segments in
+order. ``--top-p 0`` / ``--image-top-p 0`` keep only the most likely token (greedy). A non-empty
+``--output`` is refused unless ``--overwrite`` is given, which removes only the files an earlier
+``medmax generate`` wrote there (its ``generation.json`` and the images it lists); an ``--output`` that
+cannot be written is refused before the model loads, and so is a ``config.json`` whose parameters
+need more memory than is available (``--skip-memory-check`` loads it anyway).
 
 This is the one module of ``medmax/`` that parses arguments and prints.
 """
@@ -21,14 +28,16 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import sys
+import tempfile
 from pathlib import Path
 
-from .vocab import IMAGE_PLACEHOLDER
 
 PROGRAMS = """\
 The MedMax toolkit's programs (each has --help):
   medmax generate ...                                  text / image / interleaved generation (this command)
+  medmax demo --model DIR                              a browser demo: chat about scans, draw images (make demo)
   python -m tokenization.image_tokenize ...            images -> VQGAN code shards (medmax-image-tokenize; torchrun for GPUs)
   python -m tokenization.build_sequences ...           text + codes -> training sequences (medmax-build-sequences)
   python -m tokenization.train_vqgan ...               reconstruction training of a VQGAN (medmax-train-vqgan)
@@ -51,40 +60,64 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", action="append", default=[], type=Path, help="an input image (repeatable)")
     g.add_argument("--mode", required=True, choices=("text", "image", "interleaved"))
     g.add_argument("--output", required=True, type=Path, help="folder for the PNGs and generation.json")
+    g.add_argument("--overwrite", action="store_true",
+                   help="reuse a non-empty --output: removes the generation.json and images an earlier run wrote there")
     g.add_argument("--no-end-of-turn", action="store_true", help="do not close the prompt with the end-of-turn token")
     g.add_argument("--max-new-tokens", type=int, default=256, help="text tokens to generate at most")
     g.add_argument("--max-images", type=int, default=1, help="interleaved: images to draw at most")
     g.add_argument("--greedy", action="store_true", help="greedy text decoding (default: sampling)")
     g.add_argument("--temperature", type=float, default=1.0, help="text temperature")
-    g.add_argument("--top-p", type=float, default=0.9, help="text top-p")
+    g.add_argument("--top-p", type=float, default=0.9, help="text top-p, in [0, 1]: 1 keeps every token, 0 only the most likely (greedy)")
     g.add_argument("--repetition-penalty", type=float, default=1.2, help="text repetition penalty (1.0 = off)")
     g.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     g.add_argument("--image-temperature", type=float, default=0.7)
-    g.add_argument("--image-top-p", type=float, default=0.9)
+    g.add_argument("--image-top-p", type=float, default=0.9, help="image top-p, in [0, 1] (0 = greedy codes)")
     g.add_argument("--cfg-text", type=float, default=3.0, help="guidance scale for the text condition")
     g.add_argument("--cfg-image", type=float, default=1.2, help="guidance scale for the image condition")
     g.add_argument("--no-guidance", action="store_true", help="sample images without classifier-free guidance")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
     g.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    g.add_argument("--skip-memory-check", action="store_true",
+                   help="load even when config.json's sizes need more memory than is available")
+    _add_demo_parser(sub)
     return parser
 
 
-def _prompt_segments(text: str, images: list, end_of_turn: bool) -> list:
-    """Text and images in training order; images replace <image> placeholders when the text has them."""
-    from .generation import END_OF_TURN
+def _add_demo_parser(sub) -> None:
+    d = sub.add_parser("demo", help="serve a browser demo of a model folder (needs the 'demo' extra: Gradio)")
+    d.add_argument("--model", required=True, type=Path, help="model folder (config.json, tokenizer.json, vqgan/)")
+    d.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    d.add_argument("--port", type=int, default=7860)
+    d.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
+    d.add_argument("--max-batch-size", type=int, default=8, help="requests from several tabs run together, at most")
+    d.add_argument("--max-upload-mb", type=float, default=32, help="largest file a user may upload")
+    d.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cuda if available)")
+    d.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
 
-    pieces = text.split(IMAGE_PLACEHOLDER)
-    if len(pieces) == 1:
-        segments = [text, *images]
-    elif len(pieces) - 1 != len(images):
-        raise ValueError(f"--prompt has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders but {len(images)} --image given")
-    else:
-        segments = [pieces[0]]
-        for image, piece in zip(images, pieces[1:]):
-            segments += [image, piece]
-        segments = [s for s in segments if not (isinstance(s, str) and s == "")]
-    return segments + ([END_OF_TURN] if end_of_turn else [])
+
+def _demo(args) -> int:
+    import torch
+
+    from .demo_app import serve
+
+    if not (args.model / "config.json").is_file():
+        raise FileNotFoundError(f"--model {args.model}: no config.json (a model folder from finetune.export)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    serve(args.model, host=args.host, port=args.port, share=args.share, device=device,
+          dtype=getattr(torch, args.dtype) if args.dtype else None, max_batch_size=args.max_batch_size,
+          max_upload_mb=args.max_upload_mb)
+    return 0
+
+
+def _prompt_segments(text: str, images: list, end_of_turn: bool) -> list:
+    """The one prompt layout (``medmax.prompting``): images first, or where ``<image>`` placeholders put them."""
+    from .prompting import prompt_segments
+
+    try:
+        return prompt_segments(text, images, end_of_turn=end_of_turn)
+    except ValueError as err:
+        raise ValueError(f"--prompt / --image: {err}") from None
 
 
 def _generation_config(args):
@@ -99,10 +132,50 @@ def _generation_config(args):
     )
 
 
+RECORD = "generation.json"
+_OWN_IMAGE = re.compile(r"image_\d+\.png")
+
+
+def _written_before(folder: Path) -> list[str]:
+    """Files an earlier ``medmax generate`` wrote in ``folder``: its record and the images the record lists."""
+    try:
+        record = json.loads((folder / RECORD).read_text())
+        listed = [seg.get("path") for seg in record.get("segments", []) if isinstance(seg, dict)]
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [RECORD] + [p for p in listed if isinstance(p, str) and _OWN_IMAGE.fullmatch(p)]
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".medmax-write-check-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"--output {folder}: cannot write there ({err.strerror or err})") from None
+
+
+def _prepare_output(folder: Path, overwrite: bool, n_images: int) -> None:
+    """Before the model loads: a writable folder that is empty, or (--overwrite) cleared of an earlier run's files."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--output {folder}: exists and is not a folder")
+    _check_writable(folder)
+    existing = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".medmax-write-check-"))
+    if existing and not overwrite:
+        raise ValueError(f"--output {folder}: not empty ({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}); "
+                         "pass --overwrite to replace what an earlier medmax generate wrote there, or choose another folder")
+    earlier = _written_before(folder)
+    foreign = sorted(({RECORD, *(f"image_{i}.png" for i in range(n_images))} & set(existing)) - set(earlier))
+    if foreign:
+        raise ValueError(f"--output {folder}: {', '.join(foreign)} was not written by medmax generate (no {RECORD} "
+                         "lists it); move it away or choose another folder")
+    for name in earlier:
+        (folder / name).unlink(missing_ok=True)
+
+
 def _write_record(out, args, config, output_dir: Path) -> Path:
     from .generation import ImageOutput
 
-    output_dir.mkdir(parents=True, exist_ok=True)
     segments, n_images = [], 0
     for seg in out.segments:
         if isinstance(seg, ImageOutput):
@@ -117,8 +190,10 @@ def _write_record(out, args, config, output_dir: Path) -> Path:
         "config": dataclasses.asdict(config), "finish_reason": out.finish_reason,
         "segments": segments, "token_ids": out.token_ids,
     }
-    path = output_dir / "generation.json"
-    path.write_text(json.dumps(record, indent=2))
+    path = output_dir / RECORD
+    partial = output_dir / f".{RECORD}.partial"
+    partial.write_text(json.dumps(record, indent=2))
+    partial.replace(path)  # the record appears whole, after the images it lists
     return path
 
 
@@ -131,9 +206,11 @@ def _generate(args) -> int:
     config = _generation_config(args)  # bad settings fail here, before anything is loaded
     images = [load_image(p) for p in args.image]  # an unreadable image fails before the model loads
     segments = _prompt_segments(args.prompt, images, not args.no_end_of_turn)
+    n_images = {"text": 0, "image": 1, "interleaved": args.max_images}[args.mode]
+    _prepare_output(args.output, args.overwrite, n_images)  # a full or read-only folder fails before any work
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    generator = Generator.from_dir(args.model, device=device, dtype=dtype)
+    generator = Generator.from_dir(args.model, device=device, dtype=dtype, skip_memory_check=args.skip_memory_check)
     (out,) = generator.generate([segments], config)
     path = _write_record(out, args, config, args.output)
     print(f"{out.finish_reason}: {len(out.images)} image(s), {len(out.text)} characters of text -> {path}")
@@ -148,13 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.command != "generate":
+    if args.command not in ("generate", "demo"):
         print(PROGRAMS, end="")
         return 0
     try:
-        return _generate(args)
-    except (ValueError, TypeError, ImageLoadError, FileNotFoundError) as err:
-        print(f"medmax generate: error: {err}", file=sys.stderr)
+        return _demo(args) if args.command == "demo" else _generate(args)
+    except (ValueError, ImageLoadError, FileNotFoundError, ImportError) as err:  # a user's mistake; a TypeError is a bug
+        print(f"medmax {args.command}: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -2,8 +2,9 @@
 
 A prompt is a list of segments: ``str`` (text), ``PIL.Image.Image`` or ``pathlib.Path`` (an image,
 tokenized with the bundle's VQGAN), :class:`ImageCodes` (raw VQGAN codes) and :data:`END_OF_TURN`.
-It is encoded the way training sequences are built: ``<s>``, then each segment in order (text via
-``tokenizer.encode(text).ids``; an image as ``boi + code ids + eoi``; the end-of-turn id).
+It is encoded the way training sequences are built: ``<s>``, then each segment in order (text with
+special-token parsing off, so typed ``<racm3:break>`` or ``</s>`` stay text; an image as
+``boi + code ids + eoi``; the end-of-turn id).
 
 Decoding follows Chameleon's inference (DESIGN.md):
 
@@ -25,8 +26,12 @@ cache from the row's whole context so far.
 Example::
 
     gen = Generator.from_dir("runs/export")
-    out = gen.generate([["What is shown?", Path("scan.png"), END_OF_TURN]], GenerationConfig(do_sample=False))
+    prompt = prompt_segments("What is shown?", [Path("scan.png")], end_of_turn=True)  # image, text, end of turn
+    out = gen.generate([prompt], GenerationConfig(do_sample=False))
     out[0].text
+
+``medmax.prompting.prompt_segments`` is the one prompt layout (images first unless ``<image>``
+placeholders place them), shared with evaluation and the training data.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import numpy as np
 import torch
@@ -43,23 +48,15 @@ from PIL import Image
 from transformers import DynamicCache
 
 from .model import ModelBundle, load_model_dir
+from .prompting import END_OF_TURN, _EndOfTurn, prompt_segments  # noqa: F401  (re-exported)
 from .sampling import apply_repetition_penalty, instruct_guidance, sample, text_token_mask
+from .vocab import encode_text
 from .vqgan import to_uint8
 
 logger = logging.getLogger(__name__)
 
 MODES = ("text", "image", "interleaved")
 _ENCODE_BATCH = 8  # prompt images per VQGAN encoder call
-
-
-class _EndOfTurn:
-    """The end-of-turn sentinel segment (``<reserved08706>``) between a prompt and its answer."""
-
-    def __repr__(self) -> str:
-        return "END_OF_TURN"
-
-
-END_OF_TURN = _EndOfTurn()
 
 
 @dataclass(frozen=True)
@@ -113,13 +110,13 @@ class GenerationConfig:
     max_new_tokens: int = 256  # text tokens (image codes are not counted)
     do_sample: bool = True  # text: sample (True) or greedy (False)
     temperature: float = 1.0  # text
-    top_p: float = 0.9  # text
+    top_p: float = 0.9  # text; in [0, 1]: 1 = off, 0 = the top token only (greedy)
     top_k: int = 0  # text; 0 = off
     repetition_penalty: float = 1.2  # text; 1.0 = off
     stop_strings: tuple[str, ...] = ()  # text ends at (and is cut before) the first one it contains
     max_images: int = 1  # interleaved: images the model may draw
     image_temperature: float = 0.7  # 0 = greedy codes
-    image_top_p: float = 0.9
+    image_top_p: float = 0.9  # in [0, 1], as top_p
     image_top_k: int = 0
     guidance: bool = True  # image: three-stream classifier-free guidance
     guidance_scale_text: float = 3.0
@@ -136,6 +133,9 @@ class GenerationConfig:
         for name in ("temperature", "image_temperature", "top_p", "image_top_p"):
             if getattr(self, name) < 0:
                 raise ValueError(f"GenerationConfig.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("top_p", "image_top_p"):
+            if getattr(self, name) > 1:
+                raise ValueError(f"GenerationConfig.{name} must lie in [0, 1] (0 = greedy, 1 = off), got {getattr(self, name)}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"GenerationConfig.repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.batch_size < 1:
@@ -157,6 +157,9 @@ class _Row:
     text_left: int = 0
     images_left: int = 0
     finish_reason: str = ""
+    index: int = 0  # the prompt's position in ``generate``'s input
+    rng: torch.Generator | None = None  # the prompt's own generator (``generate(seeds=...)``)
+    on_step: Callable | None = None  # ``generate(on_step=...)``
 
 
 class Generator:
@@ -173,8 +176,9 @@ class Generator:
         self._code_ids = self.vocab.image_id_tensor(self.device)[:n_codes]  # (n,) ids the image sampler may draw
 
     @classmethod
-    def from_dir(cls, path: str | Path, device=None, dtype: torch.dtype | None = None) -> "Generator":
-        return cls(load_model_dir(path, dtype=dtype, device=device))
+    def from_dir(cls, path: str | Path, device=None, dtype: torch.dtype | None = None,
+                 skip_memory_check: bool = False) -> "Generator":
+        return cls(load_model_dir(path, dtype=dtype, device=device, skip_memory_check=skip_memory_check))
 
     @property
     def n_image_tokens(self) -> int:
@@ -212,7 +216,7 @@ class Generator:
 
     def _segment_length(self, seg) -> int:
         if isinstance(seg, str):
-            return len(self.tokenizer.encode(seg).ids)
+            return len(encode_text(self.tokenizer, seg))
         if isinstance(seg, _EndOfTurn):
             return 1
         return self.n_image_tokens
@@ -265,7 +269,7 @@ class Generator:
             ids = [v.bos_id]
             for s in segs:
                 if isinstance(s, str):
-                    ids += self.tokenizer.encode(s).ids
+                    ids += encode_text(self.tokenizer, s)
                 elif isinstance(s, _EndOfTurn):
                     ids.append(v.eot_id)
                 else:
@@ -329,12 +333,14 @@ class Generator:
         done = [False] * len(rows)
         for _ in range(max(r.text_left for r in rows)):
             boi_ok = images_left & (lengths + img_room <= self.context_length)  # (B,) room for boi, grid, eoi
-            tokens = self._pick_text_tokens(hidden, cols, head_rows, seen, boi_ok, config, rng)  # (B,)
+            tokens = self._pick_text_tokens(hidden, cols, head_rows, seen, boi_ok, config, _row_rngs(rows, rng))
             seen[torch.arange(len(rows)), tokens] = True
             lengths += 1
             for r, tok in enumerate(tokens.tolist()):
                 if not done[r]:
                     new[r].append(tok)
+                    if rows[r].on_step:
+                        rows[r].on_step(rows[r].index, tok)
                     done[r] = self._text_finished(rows[r], new[r], tok, len(rows[r].context) + len(new[r]), config)
             if all(done):
                 break
@@ -444,7 +450,7 @@ class Generator:
 
     def _add_images(self, rows: list[_Row], config: GenerationConfig, rng: torch.Generator):
         """Generate one image for each row (whose context must not yet hold the boi) and append it."""
-        codes = self._run_image([r.context for r in rows], config, rng)  # (B, n)
+        codes = self._run_image([r.context for r in rows], config, _row_rngs(rows, rng))  # (B, n)
         images = self._decode_images(codes) if config.decode_images else [None] * len(rows)
         v = self.vocab
         for row, c, im in zip(rows, codes.cpu(), images):
@@ -453,29 +459,49 @@ class Generator:
             row.generated += ids
             row.segments.append(ImageOutput(image=im, codes=c.tolist()))
             row.images_left -= 1
+            if row.on_step:
+                row.on_step(row.index, row.segments[-1])
 
     # ------------------------------------------------------------------------------ public API
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[Sequence[Segment]], config: GenerationConfig | None = None) -> list[GenerationOutput]:
-        """Generate for a batch of prompts; -> one GenerationOutput per prompt, in order."""
+    def generate(self, prompts: Sequence[Sequence[Segment]], config: GenerationConfig | None = None, *,
+                 seeds: Sequence[int] | None = None, on_step: Callable | None = None) -> list[GenerationOutput]:
+        """Generate for a batch of prompts; -> one GenerationOutput per prompt, in order.
+
+        ``seeds``: one seed per prompt (instead of ``config.seed``); each prompt then samples from its own
+        generator, so its output does not depend on the other prompts of the batch.
+        ``on_step(index, item)`` is called as the output grows: with each text token id the prompt
+        ``index`` emits (end tokens included, before stop strings are cut) and with each drawn
+        :class:`ImageOutput`; it lets a caller stream the answer.
+        """
         config = config or GenerationConfig()
         if config.mode in ("image", "interleaved") and config.decode_images:
             self._require_vqgan(f"{config.mode} generation")
         checked, lengths = self._check_prompts(prompts, config)
+        if seeds is not None and len(seeds) != len(checked):
+            raise ValueError(f"generate: {len(seeds)} seeds for {len(checked)} prompts")
         rng = torch.Generator(device=self.device)
         rng.manual_seed(config.seed) if config.seed is not None else rng.seed()
         order = sorted(range(len(checked)), key=lambda i: lengths[i])
         outputs: list[GenerationOutput | None] = [None] * len(checked)
         for start in range(0, len(order), config.batch_size):
             chunk = order[start : start + config.batch_size]
-            for i, out in zip(chunk, self._generate_batch([checked[i] for i in chunk], config, rng)):
+            rows = [self._new_row(ids, i, config, seeds, on_step)
+                    for i, ids in zip(chunk, self._encode_checked([checked[i] for i in chunk]))]
+            for i, out in zip(chunk, self._generate_batch(rows, config, rng)):
                 outputs[i] = out
             logger.debug("generated %d / %d prompts", min(start + config.batch_size, len(order)), len(order))
         return outputs
 
-    def _generate_batch(self, checked: list[list], config: GenerationConfig, rng: torch.Generator) -> list[GenerationOutput]:
-        rows = [_Row(context=ids, text_left=config.max_new_tokens, images_left=config.max_images)
-                for ids in self._encode_checked(checked)]
+    def _new_row(self, ids: list[int], index: int, config: GenerationConfig, seeds, on_step) -> _Row:
+        rng = None
+        if seeds is not None:
+            rng = torch.Generator(device=self.device)
+            rng.manual_seed(int(seeds[index]))
+        return _Row(context=ids, text_left=config.max_new_tokens, images_left=config.max_images, index=index,
+                    rng=rng, on_step=on_step)
+
+    def _generate_batch(self, rows: list[_Row], config: GenerationConfig, rng: torch.Generator) -> list[GenerationOutput]:
         if config.mode == "image":
             self._add_images(rows, config, rng)
             for r in rows:
@@ -512,3 +538,8 @@ class Generator:
             return False
         row.finish_reason = ""
         return True
+
+
+def _row_rngs(rows: list[_Row], rng: torch.Generator):
+    """The rows' own generators when they have them (``generate(seeds=...)``), else the shared one."""
+    return [r.rng for r in rows] if rows and rows[0].rng is not None else rng

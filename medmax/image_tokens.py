@@ -1,23 +1,118 @@
-"""Read the token files ``tokenization.image_tokenize`` writes: ``img_path`` -> raw VQGAN codes.
+"""Image-token folders, the format ``tokenization.image_tokenize`` writes: ``img_path`` -> raw VQGAN codes.
 
-A finished partition is a parquet file named ``tokens-rank{R:05d}-part{P:06d}.parquet`` (see
-:data:`PARTITION_GLOB`) with columns ``img_path`` (string, as written in the CSV) and ``img_tokens``
-(list of int, codes ``0..n_embed-1``, row-major). Partitions being written carry a ``.tmp`` suffix and
-are renamed only when complete; readers here see finished files only.
+A folder holds:
+
+- ``tokens-rank{R:05d}-part{P:06d}.parquet`` (see :data:`PARTITION_GLOB`): the finished partition ``P``
+  (CSV rows ``P * partition_size`` onwards), written by rank ``R``. Columns ``img_path`` (string, as
+  written in the CSV) and ``img_tokens`` (list of int32, codes ``0..n_embed-1``, row-major). Its
+  file metadata key ``medmax.partition`` (JSON) says what the partition covers: ``partition``,
+  ``rows`` (CSV rows in it), ``written``, ``failed``, ``duplicate`` (rows whose path an earlier row
+  already had), ``digest`` (sha256 of its rows' paths and duplicate flags) and ``errors`` (the failed
+  rows: ``row``, ``img_path``, ``reason``). A partition is written as a hidden ``.tmp`` file and
+  renamed when complete; readers here see finished files only.
+- ``errors/part{P:06d}.jsonl``: the failed rows of partition ``P``, one JSON object a line.
+- ``manifest.json`` (:func:`read_manifest`), version 2:
+
+  - ``format``: ``"medmax-image-tokens"``; ``version``: 2.
+  - ``settings``: everything that decides a code or whether a row fails; a resume must match all of
+    it. ``vqgan_digest`` (sha256 of the VQGAN's encoder, ``quant_conv`` and codebook weights and sizes:
+    :meth:`medmax.vqgan.VQGAN.codes_digest`, never its path), ``resolution``, ``n_embed``, ``dtype``
+    (``fp32`` / ``bf16``), ``channels_last``, ``device_type`` (``cpu`` / ``cuda``), ``frame``,
+    ``max_image_pixels``, ``max_aspect_ratio``, ``column``, ``image_root`` and ``partition_size``.
+  - ``complete``: true when every row of the CSV the last run read is in exactly one partition;
+    false while a run is under way or after it was killed.
+  - ``rows`` (when complete): ``input`` = ``written`` + ``failed`` + ``duplicate``.
+  - ``rows_digest`` (when complete): sha256 over the partitions' digests, i.e. the content of the
+    image-path column; it changes when any row is added, removed or edited.
+  - ``input``, ``ckpt``: the paths the last run was given (for people; nothing is keyed on them).
+
+- ``summary.json``: the last run's closing summary.
+
+:func:`folder_fingerprint` is what a consumer (``build_sequences``) records to notice that a folder's
+codes or rows changed: the settings, the row counts and the rows digest.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 logger = logging.getLogger(__name__)
 
 PARTITION_GLOB = "tokens-rank*-part*.parquet"
 COLUMNS = ("img_path", "img_tokens")
+SCHEMA = pa.schema([("img_path", pa.string()), ("img_tokens", pa.list_(pa.int32()))])
+MANIFEST = "manifest.json"
+SUMMARY = "summary.json"
+FORMAT, VERSION = "medmax-image-tokens", 2
+PARTITION_KEY = b"medmax.partition"  # parquet file metadata: what the partition covers
+
+
+def partition_path(folder: Path, rank: int, k: int) -> Path:
+    return folder / f"tokens-rank{rank:05d}-part{k:06d}.parquet"
+
+
+def partition_index(path: Path) -> int:
+    """``tokens-rank00001-part000007.parquet`` -> 7."""
+    return int(path.stem.rsplit("part", 1)[1])
+
+
+def error_path(folder: Path, k: int) -> Path:
+    return folder / "errors" / f"part{k:06d}.jsonl"
+
+
+def partition_info(path: Path) -> dict | None:
+    """The ``medmax.partition`` metadata of a finished partition (its footer only), None if it has none."""
+    metadata = pq.read_schema(path).metadata or {}
+    return json.loads(metadata[PARTITION_KEY]) if PARTITION_KEY in metadata else None
+
+
+def write_partition(path: Path, table: pa.Table, info: dict) -> None:
+    """Write a partition with its metadata as a hidden ``.tmp`` file, then rename it into place."""
+    table = table.replace_schema_metadata({PARTITION_KEY: json.dumps(info)})
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomically (a temporary file, then a rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(folder: str | Path) -> dict | None:
+    """The folder's ``manifest.json`` (fields in the module docstring), None if it has none."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def folder_fingerprint(folder: str | Path) -> dict:
+    """What decides a folder's content: its settings, row counts and rows digest (from its manifest).
+
+    A folder written before manifests had version 2 gives its old manifest and the number of rows in
+    its partition files instead.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise ValueError(f"{folder}: not an image-token folder (no {MANIFEST})")
+    if manifest.get("format") != FORMAT:
+        written = sum(pq.read_metadata(p).num_rows for p in partition_files(folder))
+        return {"settings": manifest, "rows": {"written": written}, "complete": None, "rows_digest": None}
+    return {key: manifest.get(key) for key in ("settings", "rows", "complete", "rows_digest")}
 
 
 def partition_files(folder: str | Path) -> list[Path]:
@@ -30,6 +125,9 @@ def partition_files(folder: str | Path) -> list[Path]:
 
 def iter_image_tokens(folder: str | Path) -> Iterator[tuple[str, list[int]]]:
     """Yield ``(img_path, codes)`` from every finished partition of one output folder."""
+    manifest = read_manifest(folder) or {}
+    if manifest.get("complete") is False:
+        logger.warning("%s: its last image_tokenize run did not finish; some rows may be missing or stale", folder)
     for path in partition_files(folder):
         table = pq.read_table(path, columns=list(COLUMNS))
         for img_path, codes in zip(table.column("img_path").to_pylist(), table.column("img_tokens").to_pylist()):

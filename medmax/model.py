@@ -25,12 +25,75 @@ from tokenizers import Tokenizer
 from transformers import ChameleonForConditionalGeneration
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .memory import MemoryBudgetError, available_bytes, check_fits
 from .vocab import IGNORE_INDEX, Vocabulary, load_tokenizer
 from .vqgan import VQGAN, load_vqgan, save_vqgan
 
 logger = logging.getLogger(__name__)
 
 STANDARD_ARCHITECTURE = "ChameleonForConditionalGeneration"
+SKIP_MEMORY_CHECK = "--skip-memory-check"  # how the programs name the override of the check below
+
+
+ModelTooLargeError = MemoryBudgetError  # a config whose parameters cannot fit; the message names the file and sizes
+
+
+# ------------------------------------------------------------------------------ memory check before allocating
+def _vq_encoder_parameters(vq) -> int:
+    """Parameters of the VQGAN encoder, quantizer and 1x1 convs a Chameleon checkpoint carries (weights only)."""
+    ch, mult = vq.base_channels, list(vq.channel_multiplier)
+    n, block_in = 9 * vq.in_channels * ch, ch
+    for level, m in enumerate(mult):
+        block_out = ch * m
+        for _ in range(vq.num_res_blocks):  # two 3x3 convs, and a 1x1 shortcut when the width changes
+            n += 9 * block_in * block_out + 9 * block_out * block_out + (block_in * block_out if block_in != block_out else 0)
+            block_in = block_out
+        n += 9 * block_in * block_in if level < len(mult) - 1 else 0  # downsampling conv
+    n += 2 * 18 * block_in * block_in + 4 * block_in * block_in  # middle: two residual blocks and attention
+    n += 9 * block_in * vq.latent_channels * (2 if vq.double_latent else 1)
+    return n + vq.num_embeddings * vq.embed_dim + 2 * vq.latent_channels * vq.embed_dim
+
+
+def estimate_parameter_bytes(config, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes the parameters of a ``ChameleonConfig`` take in ``dtype``, from the sizes alone (nothing allocated).
+
+    Counts the weight matrices (biases and norms are a rounding error); within a few percent of the
+    real count for every preset (tests/medmax/test_model.py).
+    """
+    h, inter, heads = config.hidden_size, config.intermediate_size, config.num_attention_heads
+    kv = h // heads * (config.num_key_value_heads or heads)
+    layer = 2 * h * h + 2 * h * kv + 3 * h * inter  # q, o; k, v; gate, up, down
+    heads_out = 1 if config.tie_word_embeddings else 2
+    n = config.num_hidden_layers * layer + heads_out * config.vocab_size * h + _vq_encoder_parameters(config.vq_config)
+    return n * torch.tensor([], dtype=dtype).element_size()
+
+
+def _available_bytes(device=None) -> int | None:
+    """Free memory of a CUDA device, else what the host allows (``medmax.memory``); None when unknown."""
+    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    return available_bytes()
+
+
+def check_config_fits(config, where: str, dtype: torch.dtype | None = None, device=None, allow: bool = False,
+                      override: str = SKIP_MEMORY_CHECK) -> None:
+    """Refuse a ``ChameleonConfig`` (read from ``where``) whose parameters cannot fit, before anything is allocated.
+
+    ``override`` names the flag or setting that skips the check, for the message.
+    """
+    dtype = dtype or torch.float32
+    check_fits(estimate_parameter_bytes(config, dtype), f"{where}: the model's {config.num_hidden_layers} layers of "
+               f"width {config.hidden_size} in {str(dtype).removeprefix('torch.')}", allow=allow,
+               override=override, available=_available_bytes(device))
+
+
+def check_model_fits(folder: str | Path, dtype: torch.dtype | None = None, device=None, allow: bool = False):
+    """Read ``folder/config.json`` and refuse before loading when its parameters cannot fit; -> the config."""
+    from transformers import ChameleonConfig
+
+    config = ChameleonConfig.from_pretrained(folder)
+    check_config_fits(config, str(Path(folder) / "config.json"), dtype, device, allow)
+    return config
 
 
 
@@ -132,11 +195,17 @@ def save_model_dir(folder: str | Path, model, tokenizer: Tokenizer, vqgan: VQGAN
     return folder
 
 
-def load_model_dir(folder: str | Path, dtype: torch.dtype | None = None, device=None, trust_checkpoint: bool = False) -> ModelBundle:
-    """Load a model folder once: model (eval mode), tokenizer, vocabulary and VQGAN (None if absent)."""
+def load_model_dir(folder: str | Path, dtype: torch.dtype | None = None, device=None, trust_checkpoint: bool = False,
+                   skip_memory_check: bool = False) -> ModelBundle:
+    """Load a model folder once: model (eval mode), tokenizer, vocabulary and VQGAN (None if absent).
+
+    A config whose parameters cannot fit in the available memory is refused before anything is
+    allocated (:class:`ModelTooLargeError`), unless ``skip_memory_check``.
+    """
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: not a model folder (no config.json)")
+    check_model_fits(folder, dtype, device, allow=skip_memory_check)
     model = MedMaxChameleon.from_pretrained(folder, dtype=dtype or torch.float32)
     model.to(device).eval()
     tokenizer = load_tokenizer(folder)

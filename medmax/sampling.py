@@ -56,22 +56,31 @@ def _top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probability mass reaches ``p`` (the top token always stays)."""
+    """Keep the smallest set of tokens whose probability mass reaches ``p``; the top token always stays.
+
+    So ``p = 0`` keeps the top token alone: sampling becomes greedy (the limit of nucleus sampling as p -> 0).
+    """
     if p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= p  # mass before this token already >= p
+    probs = sorted_logits.softmax(dim=-1)
+    drop_sorted = (probs.cumsum(dim=-1) - probs) >= p  # mass before this token already >= p
+    drop_sorted[:, 0] = False
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
 
 def sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, top_k: int,
-           generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) processed logits -> (B,) long token indices (into the V columns given)."""
+           generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """(B, V) processed logits -> (B,) long token indices (into the V columns given).
+
+    ``generator``: one for the batch, or a list with one per row (each row then draws only from its own).
+    """
     logits = logits.float()
     if not do_sample or temperature == 0.0:
         return logits.argmax(dim=-1)
     logits = _top_p(_top_k(logits / temperature, top_k), top_p)
     probs = logits.softmax(dim=-1)
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.multinomial(p[None], 1, generator=g) for p, g in zip(probs, generator)]).squeeze(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

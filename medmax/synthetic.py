@@ -5,6 +5,10 @@ lesion in one of four quadrants, of varying size. Every image comes with a close
 question, a four-way multiple-choice question on the lesion's position (or its absence), an open
 question and a caption, so the whole pipeline (VQA training, evaluation, image generation from a
 caption) has something learnable to work on. Everything is drawn from one seed.
+
+:func:`faithfulness` measures text-to-image faithfulness on this task: for images drawn from prompts
+naming a lesion's size and quadrant, :func:`locate_lesion` finds the brightest blob in the decoded
+pixels, and the share whose quadrant and size both match the prompt is compared with chance (1/8).
 """
 
 from __future__ import annotations
@@ -124,18 +128,19 @@ def _write_jsonl(path, rows) -> None:
 def training_rows(scan: Scan, image_path: str, generation: bool = True) -> list[dict]:
     """MedMax-format rows (``text`` with ``<image>`` and ``<reserved08706>``) for one training scan.
 
-    One row per question (image, question, end of turn, answer), and with ``generation`` one
+    One row per question (image, question, end of turn, answer: ``medmax.prompting``'s one layout), and with ``generation`` one
     image-generation row (caption, end of turn, the image as the answer, so its codes carry loss).
     """
+    from .prompting import place_images
     from .vocab import END_OF_TURN, IMAGE_PLACEHOLDER
 
     rows = [
-        {"text": f"{IMAGE_PLACEHOLDER}{q['prompt']}{END_OF_TURN}{q['answer']}", "image_path": image_path,
+        {"text": f"{place_images(q['prompt'], 1)}{END_OF_TURN}{q['answer']}", "image_path": image_path,
          "source": "synthetic", "task": f"vqa_{q['question_type']}"}
         for q in scan.questions()
     ]
     if generation:
-        rows.append({"text": f"{GENERATION_PREFIX}{scan.caption}{END_OF_TURN}{IMAGE_PLACEHOLDER}",
+        rows.append({"text": f"{generation_prompt(scan)}{END_OF_TURN}{IMAGE_PLACEHOLDER}",
                      "image_path": image_path, "source": "synthetic", "task": "image_generation"})
     return rows
 
@@ -149,17 +154,27 @@ def eval_rows(scan: Scan, image_path: str, task_names: dict[str, str]) -> list[d
     ]
 
 
+def _write_csv(path, img_paths: list[str]) -> None:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["img_path"])
+        writer.writerows([[p] for p in img_paths])
+
+
 def write_dataset(folder, n_train: int, n_test: int, seed: int = 0, n_dicom: int = 0,
                   task_names: dict[str, str] | None = None, generation_every: int = 2) -> dict:
     """Write the quickstart's data folder and return the paths of what it wrote.
 
     ``folder/images/*.png`` and ``folder/dicom/*.dcm``; ``images.csv`` (``img_path``, relative to the
-    folder) for the image tokenizer; ``train.jsonl`` and ``heldout.jsonl`` in MedMax's training
+    folder) for the image tokenizer; ``train_images.csv``, the training scans alone (what a VQGAN may be
+    trained on, so that held-out scans stay unseen by every step); ``train.jsonl`` and ``heldout.jsonl`` in MedMax's training
     format (shuffled; every ``generation_every``-th scan also gets an image-generation row (not every scan, since
     its 64 image codes cost as much training time as several questions)); ``eval/eval.jsonl`` in
-    MedMax's eval schema (held-out scans only) with its images.
+    MedMax's eval schema (held-out scans only) with its images. The returned ``heldout_lesions`` lists each
+    held-out scan with a lesion: its generation prompt, the lesion's position and size, and its image.
     """
-    import csv
     import shutil
     from pathlib import Path
 
@@ -168,7 +183,7 @@ def write_dataset(folder, n_train: int, n_test: int, seed: int = 0, n_dicom: int
     (folder / "images").mkdir(parents=True, exist_ok=True)
     (folder / "eval" / "images").mkdir(parents=True, exist_ok=True)
     scans = make_scans(n_train + n_test, seed=seed)
-    paths, train, heldout, evalset = [], [], [], []
+    paths, train, heldout, evalset, lesions = [], [], [], [], []
     for i, scan in enumerate(scans):
         rel = f"images/{scan.name}.png"
         scan.image.save(folder / rel)
@@ -180,22 +195,24 @@ def write_dataset(folder, n_train: int, n_test: int, seed: int = 0, n_dicom: int
             heldout += rows
             scan.image.save(folder / "eval" / rel)
             evalset += eval_rows(scan, rel, task_names)
+            if scan.lesion:
+                lesions.append({"prompt": generation_prompt(scan), "position": scan.position, "size": scan.size,
+                                "image_path": rel})
     dicoms = []
     if n_dicom:
         (folder / "dicom").mkdir(exist_ok=True)
         for name in DICOM_SAMPLES[:n_dicom]:
             shutil.copy(bundled_dicom_folder() / name, folder / "dicom" / name)
             dicoms.append(f"dicom/{name}")
-    with open(folder / "images.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["img_path"])
-        writer.writerows([[p] for p in paths + dicoms])
+    _write_csv(folder / "images.csv", paths + dicoms)
+    _write_csv(folder / "train_images.csv", paths[:n_train])
     np.random.default_rng(seed).shuffle(train)
     _write_jsonl(folder / "train.jsonl", train)
     _write_jsonl(folder / "heldout.jsonl", heldout)
     _write_jsonl(folder / "eval" / "eval.jsonl", evalset)
     return {
         "images_csv": folder / "images.csv",
+        "train_images_csv": folder / "train_images.csv",
         "train_jsonl": folder / "train.jsonl",
         "heldout_jsonl": folder / "heldout.jsonl",
         "eval_dir": folder / "eval",
@@ -203,4 +220,72 @@ def write_dataset(folder, n_train: int, n_test: int, seed: int = 0, n_dicom: int
         "n_dicom": len(dicoms),
         "n_train_rows": len(train),
         "n_eval_rows": len(evalset),
+        "heldout_lesions": lesions,
     }
+
+
+# ------------------------------------------------------------------------------ text-to-image faithfulness
+SIZE_BOUNDARY = 0.115  # lesion radius / image width: small lesions are drawn at 0.07-0.10, large at 0.13-0.17
+MIN_CONTRAST = 40.0  # grey levels the brightest blob must stand above the body to count as a lesion
+
+
+def _smooth(a: np.ndarray) -> np.ndarray:
+    """3x3 box mean (edges replicated), so a single noisy pixel is not the brightest blob."""
+    p = np.pad(a, 1, mode="edge")
+    return sum(p[dy : dy + a.shape[0], dx : dx + a.shape[1]] for dy in range(3) for dx in range(3)) / 9.0
+
+
+def _blob(mask: np.ndarray, seed: tuple[int, int]) -> np.ndarray:
+    """The 4-connected component of ``mask`` containing ``seed``: (N, 2) pixel coordinates."""
+    seen = np.zeros_like(mask)
+    stack, pixels = [seed], []
+    seen[seed] = True
+    while stack:
+        y, x = stack.pop()
+        pixels.append((y, x))
+        for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+            if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
+                seen[ny, nx] = True
+                stack.append((ny, nx))
+    return np.array(pixels)
+
+
+def locate_lesion(image: Image.Image) -> tuple[str, str] | None:
+    """Where the brightest blob lies and how large it is: (position, size) from POSITIONS x SIZES, or None.
+
+    The blob is the connected region around the brightest (smoothed) pixel that is brighter than half
+    way between the body's grey level and that peak; its centroid gives the quadrant, its area the
+    radius (small below SIZE_BOUNDARY of the width). A peak less than MIN_CONTRAST above the body
+    is no lesion. Works on decoded (blurry) images as well as on the rendered scans.
+    """
+    a = _smooth(np.asarray(image.convert("L"), dtype=np.float64))  # (H, W)
+    h, w = a.shape
+    body = float(np.median(a[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4]))
+    peak_at = np.unravel_index(int(np.argmax(a)), a.shape)
+    if a[peak_at] - body < MIN_CONTRAST:
+        return None
+    pixels = _blob(a >= (body + a[peak_at]) / 2, peak_at)
+    cy, cx = pixels.mean(axis=0) / np.array([h, w])
+    position = f"{'upper' if cy < 0.5 else 'lower'} {'left' if cx < 0.5 else 'right'}"
+    radius = np.sqrt(len(pixels) / np.pi) / w
+    return position, SIZES[0] if radius < SIZE_BOUNDARY else SIZES[1]
+
+
+def generation_prompt(scan: Scan) -> str:
+    """The text a training row asks to draw ``scan`` with; it names the lesion's size and quadrant."""
+    return f"{GENERATION_PREFIX}{scan.caption}"
+
+
+def faithfulness(images: list[Image.Image], targets: list[tuple[str, str]]) -> dict:
+    """Share of images whose brightest blob matches the requested (position, size), against chance 1/8.
+
+    Also the shares for position alone (chance 1/4) and size alone (chance 1/2), and what was found per image.
+    """
+    found = [locate_lesion(im) for im in images]
+    both = [f == tuple(t) for f, t in zip(found, targets)]
+    where = [f is not None and f[0] == t[0] for f, t in zip(found, targets)]
+    size = [f is not None and f[1] == t[1] for f, t in zip(found, targets)]
+    n = max(len(targets), 1)
+    return {"n": len(targets), "match": sum(both) / n, "chance": 1 / (len(POSITIONS) * len(SIZES)),
+            "position_match": sum(where) / n, "size_match": sum(size) / n, "no_lesion_found": found.count(None),
+            "found": [list(f) if f else None for f in found]}

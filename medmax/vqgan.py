@@ -15,6 +15,7 @@ Checkpoints accepted by :func:`load_vqgan`:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -30,25 +31,104 @@ from transformers.models.chameleon.modeling_chameleon import (
     ChameleonVQVAEEncoderResnetBlock,
 )
 
+from .memory import check_fits
+from .torch_files import CheckpointError, UntrustedCheckpointError, load_torch_file
+
 logger = logging.getLogger(__name__)
+
+__all__ = ["VQGAN", "CheckpointError", "UntrustedCheckpointError", "load_vqgan", "save_vqgan", "read_vqgan_yaml",
+           "estimate_vqgan_parameters", "to_uint8"]
 
 YAML_NAME = "vqgan.yaml"
 WEIGHT_NAMES = ("vqgan.safetensors", "vqgan.ckpt")
 _STATE_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
-
-
-class UntrustedCheckpointError(RuntimeError):
-    """A checkpoint needs full unpickling, which runs code from the file; the user must opt in."""
+_CODE_PREFIXES = ("encoder.", "quant_conv.", "quantize.")  # what decides the codes; the decoder does not
+_SKIP_FLAG = "--skip-memory-check (skip_memory_check=True)"
 
 
 def read_vqgan_yaml(path: str | Path) -> dict:
-    """The VQModel ``params`` (``embed_dim``, ``n_embed``, ``ddconfig``) of a taming / Chameleon vqgan.yaml."""
-    with open(path) as f:
-        doc = yaml.safe_load(f)
+    """The VQModel ``params`` (``embed_dim``, ``n_embed``, ``ddconfig``) of a taming / Chameleon vqgan.yaml, validated."""
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
     params = doc.get("model", {}).get("params", doc) if isinstance(doc, dict) else None
-    if not isinstance(params, dict) or not {"embed_dim", "n_embed", "ddconfig"} <= params.keys():
+    if not isinstance(params, dict) or not {"embed_dim", "n_embed", "ddconfig"} <= params.keys() or not isinstance(params["ddconfig"], dict):
         raise ValueError(f"{path}: expected model.params with embed_dim, n_embed and ddconfig")
-    return {"embed_dim": params["embed_dim"], "n_embed": params["n_embed"], "ddconfig": dict(params["ddconfig"])}
+    params = {"embed_dim": params["embed_dim"], "n_embed": params["n_embed"], "ddconfig": dict(params["ddconfig"])}
+    validate_params(params, str(path))
+    return params
+
+
+def validate_params(params: dict, source: str = "VQGAN params") -> None:
+    """Raise ``ValueError`` naming the key when a taming ``params`` block cannot describe a VQGAN."""
+    dd = params["ddconfig"]
+    sizes = {"embed_dim": params["embed_dim"], "n_embed": params["n_embed"], **{f"ddconfig.{k}": dd.get(k) for k in ("ch", "z_channels", "resolution", "num_res_blocks")}}
+    sizes["ddconfig.in_channels"] = dd.get("in_channels", 3)
+    for key, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{source}: {key} must be a positive integer, got {value!r}")
+    mult = dd.get("ch_mult")
+    if not isinstance(mult, (list, tuple)) or not mult or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in mult):
+        raise ValueError(f"{source}: ddconfig.ch_mult must be a non-empty list of positive integers, got {mult!r}")
+    if any(dd["ch"] * m % 32 for m in [1, *mult]):
+        raise ValueError(f"{source}: ddconfig.ch {dd['ch']} times every ch_mult must be a multiple of 32 (GroupNorm's 32 groups)")
+    if dd["resolution"] % 2 ** (len(mult) - 1):
+        raise ValueError(f"{source}: ddconfig.resolution {dd['resolution']} must be divisible by 2**{len(mult) - 1} ({len(mult)} levels)")
+
+
+def estimate_vqgan_parameters(params: dict, with_decoder: bool = True) -> int:
+    """The exact parameter count of the :class:`VQGAN` a ``params`` block builds, computed without building it."""
+    dd = params["ddconfig"]
+    ch, mult, blocks = dd["ch"], list(dd["ch_mult"]), dd["num_res_blocks"]
+    attn, z, e = set(dd.get("attn_resolutions") or []), dd["z_channels"], params["embed_dim"]
+    n, block_in, res = _conv(dd.get("in_channels", 3), ch, 3), ch, dd["resolution"]
+    for level, m in enumerate(mult):  # encoder: transformers' ChameleonVQVAEEncoder
+        block_in = ch * ([1, *mult][level])
+        for _ in range(blocks):
+            n += _resnet(block_in, ch * m)
+            block_in = ch * m
+            n += _attention(block_in) if res in attn else 0
+        if level != len(mult) - 1:
+            n, res = n + _conv(block_in, block_in, 3), res // 2
+    n += 2 * _resnet(block_in, block_in) + _attention(block_in) + 2 * block_in + _conv(block_in, 2 * z if dd.get("double_z") else z, 3)
+    n += params["n_embed"] * e + _conv(z, e, 1) + _conv(e, z, 1)  # codebook, quant_conv, post_quant_conv
+    return n + (_decoder_parameters(params) if with_decoder else 0)
+
+
+def _decoder_parameters(params: dict) -> int:
+    """taming's ``Decoder`` (this module's :class:`Decoder`)."""
+    dd = params["ddconfig"]
+    ch, mult, attn = dd["ch"], list(dd["ch_mult"]), set(dd.get("attn_resolutions") or [])
+    block_in, res = ch * mult[-1], dd["resolution"] // 2 ** (len(mult) - 1)
+    n = _conv(dd["z_channels"], block_in, 3) + 2 * _resnet(block_in, block_in) + _attention(block_in)
+    for level in reversed(range(len(mult))):
+        for _ in range(dd["num_res_blocks"] + 1):
+            n += _resnet(block_in, ch * mult[level])
+            block_in = ch * mult[level]
+            n += _attention(block_in) if res in attn else 0
+        if level != 0:
+            n, res = n + _conv(block_in, block_in, 3), res * 2
+    return n + 2 * block_in + _conv(block_in, dd.get("out_ch", 3), 3)
+
+
+def _conv(cin: int, cout: int, k: int) -> int:
+    return cin * cout * k * k + cout
+
+
+def _resnet(cin: int, cout: int) -> int:  # two GroupNorms, two 3x3 convs, a 1x1 shortcut when the width changes
+    return 2 * cin + _conv(cin, cout, 3) + 2 * cout + _conv(cout, cout, 3) + (_conv(cin, cout, 1) if cin != cout else 0)
+
+
+def _attention(c: int) -> int:  # GroupNorm, q, k, v, proj_out
+    return 2 * c + 4 * _conv(c, c, 1)
+
+
+def check_vqgan_fits(params: dict, source: str, with_decoder: bool = True, copies: int = 1, skip: bool = False) -> None:
+    """:func:`medmax.memory.check_fits` for ``copies`` fp32 copies of the weights a ``params`` block describes."""
+    n = estimate_vqgan_parameters(params, with_decoder)
+    check_fits(4 * n * copies, f"{source}: a VQGAN of {n:,} parameters", allow=skip, override=_SKIP_FLAG)
 
 
 def hf_vq_config(params: dict) -> ChameleonVQVAEConfig:
@@ -155,7 +235,10 @@ class VQGAN(ChameleonVQVAE):
         self.eval()
 
     @classmethod
-    def from_params(cls, params: dict, with_decoder: bool = True) -> "VQGAN":
+    def from_params(cls, params: dict, with_decoder: bool = True, skip_memory_check: bool = False) -> "VQGAN":
+        """Build from a taming ``params`` block, after checking its sizes and that its weights fit in memory."""
+        validate_params(params)
+        check_vqgan_fits(params, "VQGAN params", with_decoder, skip=skip_memory_check)
         return cls(hf_vq_config(params), params["ddconfig"].get("out_ch", 3), with_decoder)
 
     @property
@@ -180,6 +263,20 @@ class VQGAN(ChameleonVQVAE):
     @property
     def n_embed(self) -> int:
         return self.config.num_embeddings
+
+    def codes_digest(self) -> str:
+        """sha256 of everything that decides the codes: the sizes, and the encoder, ``quant_conv`` and codebook
+        weights as float32. The decoder is left out, so decoder-only fine-tuning keeps every code (and digest).
+        Take it before :meth:`prepare_for_encoding` casts the encoder to another dtype."""
+        digest = hashlib.sha256()
+        sizes = {k: v for k, v in self.params["ddconfig"].items() if k not in ("out_ch", "dropout")}
+        digest.update(json.dumps({"embed_dim": self.config.embed_dim, "n_embed": self.n_embed, **sizes}, sort_keys=True).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            if name.startswith(_CODE_PREFIXES):
+                values = tensor.detach().to("cpu", torch.float32).contiguous()
+                digest.update(f"{name}:{tuple(values.shape)}".encode())
+                digest.update(values.numpy().tobytes())
+        return digest.hexdigest()
 
     def prepare_for_encoding(self, device=None, dtype: torch.dtype = torch.float32, channels_last: bool | None = None) -> "VQGAN":
         """Ready the encoder for fast inference, in place: on ``device``, encoder and ``quant_conv`` in ``dtype``.
@@ -238,29 +335,30 @@ def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
 
 def _load_state(path: Path, trust_checkpoint: bool) -> dict:
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # the safe unpickler refuses anything but tensors and plain containers
-        if not trust_checkpoint:
-            raise UntrustedCheckpointError(
-                f"{path}: cannot be loaded with weights_only=True ({type(exc).__name__}: {exc}). Loading it "
-                "fully runs code stored in the file; pass --trust-checkpoint (trust_checkpoint=True) only if you trust it"
-            ) from exc
-        logger.warning("%s: loading with full unpickling because trust_checkpoint was given", path)
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    return obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    obj = load_torch_file(path, trust=trust_checkpoint)
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for k, v in state.items() if str(k).startswith(_STATE_PREFIXES)):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
+    return state
 
 
-def _vqgan_from_state(params: dict, state: dict, source: Path) -> VQGAN:
+def _vqgan_from_state(params: dict, state: dict, source: Path, params_source: str | Path) -> VQGAN:
     state = {k: v for k, v in state.items() if k.startswith(_STATE_PREFIXES)}
     has_decoder = any(k.startswith("decoder.") for k in state)
-    model = VQGAN.from_params(params, with_decoder=has_decoder)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    model = VQGAN.from_params(params, with_decoder=has_decoder, skip_memory_check=True)  # checked before loading
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # size mismatches
+        raise CheckpointError(f"{source}: weights do not fit {params_source} ({' '.join(str(exc).split())[:500]})") from exc
     if missing or unexpected:
-        raise ValueError(f"{source}: weights do not fit the YAML config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise CheckpointError(f"{source}: weights do not fit {params_source} (missing {missing[:5]}, unexpected {unexpected[:5]})")
     if not has_decoder:
         logger.warning("%s: no decoder weights; this VQGAN can encode but not decode", source)
     return model.eval()
@@ -275,13 +373,15 @@ def _find_vqgan_files(path: Path) -> tuple[Path, Path] | None:
     return None
 
 
-def _load_hf_vqmodel(path: Path) -> VQGAN:
+def _load_hf_vqmodel(path: Path, skip_memory_check: bool) -> VQGAN:
     from safetensors import safe_open
 
     config = json.loads((path / "config.json").read_text())
     if "vq_config" not in config:
         raise ValueError(f"{path}/config.json has no vq_config: not a Chameleon checkpoint")
     params = params_from_hf(ChameleonVQVAEConfig(**{k: v for k, v in config["vq_config"].items() if k in ChameleonVQVAEConfig.__dataclass_fields__}))
+    validate_params(params, f"{path}/config.json vq_config")
+    check_vqgan_fits(params, f"{path}/config.json", with_decoder=False, copies=2, skip=skip_memory_check)
     prefix, state = "model.vqmodel.", {}
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
@@ -290,11 +390,17 @@ def _load_hf_vqmodel(path: Path) -> VQGAN:
                     state[key[len(prefix):]] = f.get_tensor(key)
     if not state:
         raise ValueError(f"{path}: no model.vqmodel.* tensors in its safetensors files")
-    return _vqgan_from_state(params, state, path)
+    return _vqgan_from_state(params, state, path, f"{path}/config.json")
 
 
-def load_vqgan(path: str | Path, trust_checkpoint: bool = False, device=None, dtype=None) -> VQGAN:
-    """Load a VQGAN from any of the layouts in the module docstring."""
+def load_vqgan(path: str | Path, trust_checkpoint: bool = False, device=None, dtype=None, skip_memory_check: bool = False) -> VQGAN:
+    """Load a VQGAN from any of the layouts in the module docstring.
+
+    The sizes in the YAML (or ``config.json``) are validated and the weights' memory is checked against
+    available memory before anything is read (``skip_memory_check`` overrides the latter). A weights
+    file that is broken raises :class:`CheckpointError`; one that needs full unpickling raises
+    :class:`UntrustedCheckpointError` unless ``trust_checkpoint``.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: VQGAN checkpoint does not exist")
@@ -305,9 +411,11 @@ def load_vqgan(path: str | Path, trust_checkpoint: bool = False, device=None, dt
     else:
         files = _find_vqgan_files(path)
     if files is not None:
-        model = _vqgan_from_state(read_vqgan_yaml(files[0]), _load_state(files[1], trust_checkpoint), files[1])
+        params = read_vqgan_yaml(files[0])
+        check_vqgan_fits(params, str(files[0]), copies=2, skip=skip_memory_check)  # the state dict and the model
+        model = _vqgan_from_state(params, _load_state(files[1], trust_checkpoint), files[1], files[0])
     elif (path / "config.json").is_file():
-        model = _load_hf_vqmodel(path)
+        model = _load_hf_vqmodel(path, skip_memory_check)
     else:
         raise FileNotFoundError(
             f"{path}: no VQGAN found (expected vqgan.yaml + vqgan.ckpt|vqgan.safetensors here, in tokenizer/ or vqgan/, "

@@ -7,72 +7,121 @@ Usage::
     # N processes (CPU: gloo; GPU: nccl, one device per local rank)
     torchrun --nproc-per-node N -m tokenization.image_tokenize --input data/images.csv \\
         --output data/image_tokens --ckpt CKPT --batch-size 16 --workers 4 --dtype bf16
+    # images larger than the default limits (64 Mpx, aspect ratio 20)
+    python -m tokenization.image_tokenize ... --max-image-pixels 200000000 --max-aspect-ratio 50
 
 The CSV column ``img_path`` (MedMax) or ``image_path`` (or ``--column NAME``) names each image;
 relative paths resolve against ``--image-root`` (default: the CSV's folder) and no path may leave it.
 ``--ckpt`` is a MedMax / Chameleon / Anole folder (``tokenizer/vqgan.{yaml,ckpt}``), a folder holding
 ``vqgan.yaml`` and ``vqgan.ckpt`` (or ``.safetensors``), or a Hugging Face Chameleon checkpoint.
 
-How the work is split, and why it cannot lose or repeat a row:
+Every CSV row ends as exactly one of: written (its codes are in a partition), failed (listed in
+``errors/part*.jsonl`` with the reason: unreadable, over a limit, not valid UTF-8, out of memory...)
+or skipped as a duplicate (an earlier row has the same path; its codes are that row's). The closing
+line and ``summary.json`` count all three, and they add up to the CSV's rows. A failed row never
+takes down its batch or a later partition; the run exits 0 unless ``--strict`` is given and a row failed.
+
+Limits (see ``medmax.images.ImageLimits``): an image whose header says more than ``--max-image-pixels``
+(default 67,108,864 = 8192 x 8192) or an aspect ratio over ``--max-aspect-ratio`` (default 20) is a
+failed row, checked before it is decoded. A VQGAN config whose weights would not fit in the memory
+available is refused before anything is allocated (``--skip-memory-check`` to try anyway).
+
+How the work is split, and why it cannot lose, repeat or mix a row:
 - CSV rows are cut into global partitions of ``--partition-size`` consecutive rows; partition ``k``
   belongs to rank ``k % world_size``. Every row is in exactly one partition, for any world size,
   batch size or worker count (no sampler padding).
 - A partition is written as ``.tmp`` and renamed to ``tokens-rank{R}-part{K}.parquet`` only when all
-  of its rows are encoded or failed; its failures go to ``errors/part{K}.jsonl`` first. A restarted run
-  skips partitions whose parquet exists, whatever world size wrote it, and redoes the rest.
-- The CSV is streamed one partition at a time, so memory does not grow with the number of rows.
-
-Output rows: ``img_path`` (exactly as in the CSV) and ``img_tokens`` (raw codes ``0..n_embed-1``,
-row-major). Unreadable images are never written: they are listed in ``errors/*.jsonl`` with the reason
-and counted in the summary; the run exits 0 unless ``--strict`` is given and something failed.
+  of its rows are written, failed or skipped; the file records a digest of its rows (their paths and
+  duplicate flags).
+- A rerun is keyed on content, not paths: each partition of the CSV as it is now is compared with the
+  digest of the finished file; an unchanged partition is kept, a changed one (rows appended, edited
+  or removed before it) is redone, and partitions past the CSV's end are removed. So appended rows
+  are tokenized, and rows edited out of a half-done run leave nothing stale and lose nothing.
+- ``manifest.json`` records every setting that can change a code (``--dtype``, ``--channels-last``,
+  ``--frame``, the limits, the device type, the partition cut, the column and image root) and a
+  content digest of the VQGAN's encoder and codebook weights. A rerun with any difference stops
+  before any work and names it; use a new ``--output``. When the run completes, the manifest also
+  gets the row counts and a digest of the CSV's image paths, which ``build_sequences`` fingerprints.
+- The CSV is streamed one partition at a time; memory grows only by a hash per distinct path (about
+  100 bytes each, to find duplicates).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from medmax.image_tokens import PARTITION_GLOB
-from medmax.images import ImageLoadError, load_image, preprocess
+from medmax.image_tokens import (
+    FORMAT,
+    MANIFEST,
+    PARTITION_GLOB,
+    SCHEMA,
+    SUMMARY,
+    VERSION,
+    error_path,
+    partition_index,
+    partition_info,
+    partition_path,
+    read_manifest,
+    write_json,
+    write_partition,
+)
+from medmax.images import ImageLimits, ImageLoadError, allow_in_pillow, load_image, preprocess
+from medmax.memory import MemoryBudgetError
 from medmax.paths import PathEscapeError, resolve_inside
-from medmax.vqgan import VQGAN, UntrustedCheckpointError, load_vqgan
+from medmax.vqgan import VQGAN, CheckpointError, load_vqgan
 
 logger = logging.getLogger("tokenization.image_tokenize")
 
 PATH_COLUMNS = ("img_path", "image_path")
-MANIFEST = "manifest.json"
-SUMMARY = "summary.json"  # the last run's closing summary
-SCHEMA = pa.schema([("img_path", pa.string()), ("img_tokens", pa.list_(pa.int32()))])
 _PROGRESS_KEY = "medmax_image_tokenize_done"
+_CSV_OPTIONS = dict(dtype=object, keep_default_na=False, encoding_errors="surrogateescape")  # bad bytes become one row's error
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """What defines the output: a restarted run must agree on all of it."""
+class Settings:
+    """Everything that decides a code or whether a row fails: a rerun into the same folder must agree on all of it."""
 
-    input: str  # the CSV
-    ckpt: str  # the VQGAN checkpoint
-    column: str  # its image-path column
-    image_root: str  # relative paths resolve here; no path may leave it
-    partition_size: int  # CSV rows per output partition
+    vqgan_digest: str  # VQGAN.codes_digest(): the encoder, quant_conv and codebook weights, not their path
     resolution: int  # VQGAN input side, from the checkpoint
     n_embed: int  # codebook size, from the checkpoint
+    dtype: str  # fp32 (code-exact) or bf16
+    channels_last: bool  # memory layout of the encoder (bf16 implies it); changes float rounding
+    device_type: str  # cpu or cuda: different kernels, different rounding at near-ties
+    frame: int  # frame of multi-frame images
+    max_image_pixels: int  # images over it are failed rows
+    max_aspect_ratio: float  # images over it are failed rows
+    column: str  # the CSV's image-path column
+    image_root: str  # relative paths resolve here; no path may leave it
+    partition_size: int  # CSV rows per output partition
+
+    @property
+    def limits(self) -> ImageLimits:
+        return ImageLimits(max_pixels=self.max_image_pixels, max_aspect_ratio=self.max_aspect_ratio)
+
+
+FLAGS = {  # how a user changes each setting, for the message naming a difference
+    "vqgan_digest": "--ckpt (the VQGAN's weights)", "resolution": "--ckpt (the VQGAN's resolution)",
+    "n_embed": "--ckpt (the VQGAN's codebook size)", "dtype": "--dtype", "channels_last": "--channels-last",
+    "device_type": "--device", "frame": "--frame", "max_image_pixels": "--max-image-pixels",
+    "max_aspect_ratio": "--max-aspect-ratio", "column": "--column", "image_root": "--image-root",
+    "partition_size": "--partition-size",
+}
 
 
 @dataclass(frozen=True)
@@ -103,13 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when available, else cpu)")
     p.add_argument("--threads", type=int, help="torch CPU threads per process (default: cores / local processes)")
     p.add_argument("--frame", type=int, default=0, help="frame of multi-frame images (DICOM, TIFF) to take")
+    p.add_argument("--max-image-pixels", type=int, default=ImageLimits.max_pixels,
+                   help="an image with more pixels (width x height, from its header) is a failed row (default: %(default)s)")
+    p.add_argument("--max-aspect-ratio", type=float, default=ImageLimits.max_aspect_ratio,
+                   help="an image whose long side / short side is larger is a failed row (default: %(default)s)")
+    p.add_argument("--skip-memory-check", action="store_true", help="load a VQGAN even if its weights seem not to fit in memory")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow a checkpoint that needs full unpickling")
     p.add_argument("--strict", action="store_true", help="exit non-zero when any image failed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
-def _validate(args: argparse.Namespace) -> None:
+def _validate(args: argparse.Namespace) -> ImageLimits:
     if not args.input.is_file():
         raise SystemExit(f"--input {args.input}: no such CSV file")
     for flag in ("partition_size", "batch_size"):
@@ -119,11 +173,18 @@ def _validate(args: argparse.Namespace) -> None:
         raise SystemExit(f"--workers must be >= 0, got {args.workers}")
     if args.frame < 0:
         raise SystemExit(f"--frame must be >= 0, got {args.frame}")
+    try:
+        return ImageLimits(max_pixels=args.max_image_pixels, max_aspect_ratio=args.max_aspect_ratio)
+    except ValueError as exc:
+        raise SystemExit(f"--max-image-pixels / --max-aspect-ratio: {exc}") from None
 
 
 def pick_column(csv: Path, column: str | None) -> str:
     """The CSV column holding image paths: ``--column``, else img_path (MedMax) or image_path."""
-    header = list(pd.read_csv(csv, nrows=0).columns)
+    try:
+        header = list(pd.read_csv(csv, nrows=0, encoding_errors="surrogateescape").columns)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
+        raise SystemExit(f"{csv}: cannot read the CSV header ({exc})") from None
     if column is not None:
         if column not in header:
             raise SystemExit(f"--column {column!r} is not a column of {csv} (columns: {header})")
@@ -137,82 +198,168 @@ def pick_column(csv: Path, column: str | None) -> str:
 # ----------------------------------------------------------------------------------- CSV and partitions
 
 
-def iter_partitions(config: RunConfig) -> Iterator[tuple[int, list[str]]]:
-    """Stream the CSV as ``(partition index, the paths of its rows)``, one partition in memory at a time."""
-    reader = pd.read_csv(
-        config.input, usecols=[config.column], dtype=str, keep_default_na=False, skip_blank_lines=False, chunksize=config.partition_size
-    )
-    with reader:
-        for k, frame in enumerate(reader):
-            yield k, frame[config.column].tolist()
+@dataclass(frozen=True)
+class Source:
+    """Where the rows come from: the CSV and how it is read and cut."""
+
+    csv: str
+    column: str
+    partition_size: int
 
 
-def partition_path(output: Path, rank: int, k: int) -> Path:
-    return output / f"tokens-rank{rank:05d}-part{k:06d}.parquet"
+def iter_partitions(source: Source) -> Iterator[tuple[int, list[str]]]:
+    """Stream the CSV as ``(partition index, the paths of its rows)``, one partition in memory at a time.
+
+    Bytes that are not UTF-8 become lone surrogates (``surrogateescape``), so such a row fails alone.
+    """
+    reader = pd.read_csv(source.csv, usecols=[source.column], skip_blank_lines=False, chunksize=source.partition_size, **_CSV_OPTIONS)
+    try:
+        with reader:
+            for k, frame in enumerate(reader):
+                yield k, [str(p) for p in frame[source.column].tolist()]
+    except pd.errors.ParserError as exc:
+        raise SystemExit(f"--input {source.csv}: cannot be parsed as CSV ({exc})") from None
 
 
-def error_path(output: Path, k: int) -> Path:
-    return output / "errors" / f"part{k:06d}.jsonl"
+def _path_bytes(img_path: str) -> bytes:
+    return img_path.encode("utf-8", "surrogateescape")
 
 
-def finished_partitions(output: Path) -> set[int]:
-    """Indices of the partitions already written, by any rank of any earlier run."""
-    return {int(p.stem.rsplit("part", 1)[1]) for p in output.glob(PARTITION_GLOB)}
+def display_path(img_path: str) -> str:
+    """A CSV path as text for messages and errors/*.jsonl: bytes that are not UTF-8 shown as ``\\xff``."""
+    return _path_bytes(img_path).decode("utf-8", "backslashreplace")
+
+
+def rows_digest(paths: list[str], duplicates: frozenset[int]) -> str:
+    """sha256 of a partition's rows: each path (length-prefixed) and whether it repeats an earlier row."""
+    digest = hashlib.sha256()
+    for row, img_path in enumerate(paths):
+        data = _path_bytes(img_path)
+        digest.update(len(data).to_bytes(8, "little") + data + (b"D" if row in duplicates else b"-"))
+    return digest.hexdigest()
 
 
 def resolve_image(img_path: str, root: Path) -> Path:
-    """A CSV path -> the file, refusing empty paths and paths that leave the image root."""
+    """A CSV path -> the file, refusing empty paths, bytes that are not UTF-8 and paths that leave the image root."""
     if not img_path.strip():
         raise ImageLoadError(repr(img_path), "empty image path in the CSV")
+    if display_path(img_path) != img_path:
+        raise ImageLoadError(display_path(img_path), "the image path is not valid UTF-8 in the CSV")
     try:
         return resolve_inside(root, img_path)
     except PathEscapeError:
         raise ImageLoadError(img_path, f"path leaves the image root {root} (set --image-root to allow it)") from None
 
 
+# ------------------------------------------------------------------------------------------------ plan
+
+
+@dataclass
+class Plan:
+    """What this rank must do, from the CSV as it is now and the partitions already in the folder."""
+
+    n_rows: int  # rows in the CSV
+    digests: list[str]  # rows_digest of every partition
+    todo: dict[int, frozenset[int]]  # this rank's partitions to (re)write -> their duplicate rows
+    done_rows: int  # rows in partitions already finished with the right digest (any rank)
+
+
+def finished_files(output: Path) -> dict[int, list[tuple[Path, dict]]]:
+    """Partition index -> its finished files (any rank, any run) with their metadata."""
+    found: dict[int, list[tuple[Path, dict]]] = {}
+    for path in sorted(output.glob(PARTITION_GLOB)):
+        try:
+            info = partition_info(path)
+        except (OSError, pa.ArrowInvalid) as exc:
+            logger.warning("%s: unreadable (%s); its partition is redone", path, exc)
+            continue
+        if info is None:
+            raise SystemExit(f"{path}: not written by this version of image_tokenize (no partition metadata); use a new --output")
+        found.setdefault(partition_index(path), []).append((path, info))
+    return found
+
+
+def make_plan(source: Source, output: Path, info: Dist) -> Plan:
+    """Stream the CSV once: each partition's digest and duplicate rows; keep what matches, plan the rest."""
+    finished, seen = finished_files(output), set()
+    plan = Plan(n_rows=0, digests=[], todo={}, done_rows=0)
+    for k, paths in iter_partitions(source):
+        duplicates = frozenset(_mark_duplicates(paths, seen))
+        plan.digests.append(rows_digest(paths, duplicates))
+        plan.n_rows += len(paths)
+        good = [path for path, meta in finished.get(k, []) if meta.get("digest") == plan.digests[k]]
+        if good:
+            plan.done_rows += len(paths)
+        elif k % info.world_size == info.rank:
+            plan.todo[k] = duplicates
+        if k % info.world_size == info.rank:  # this rank looks after its partitions' leftovers
+            _remove([path for path, _ in finished.get(k, []) if path not in good[:1]])
+    return plan
+
+
+def _mark_duplicates(paths: list[str], seen: set[bytes]) -> Iterator[int]:
+    """Rows whose path an earlier row of the CSV had (``seen`` holds 16-byte hashes of every path so far)."""
+    for row, img_path in enumerate(paths):
+        key = hashlib.blake2b(_path_bytes(img_path), digest_size=16).digest()
+        if key in seen:
+            yield row
+        seen.add(key)
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        logger.info("removing %s: its rows are no longer the CSV's", path.name)
+        path.unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------------------------------------- loading
 
 
 class ImageRows(IterableDataset):
-    """This rank's unfinished partitions, row by row: ``(k, row, n_rows, img_path, pixels | None, error | None)``.
+    """This rank's partitions to do, row by row: ``(k, row, n_rows, img_path, pixels | None, error | None, duplicate)``.
 
     Rows are dealt to DataLoader workers round-robin; each item says how many rows its partition has,
-    so the main process knows when a partition is complete.
+    so the main process knows when a partition is complete. A row's failure, whatever it is, is that
+    row's error: it never ends the batch, the partition or the run.
     """
 
-    def __init__(self, config: RunConfig, dist_info: Dist, skip: set[int], frame: int = 0):
-        self.config, self.dist, self.skip, self.frame = config, dist_info, skip, frame
+    def __init__(self, source: Source, settings: Settings, plan: Plan):
+        self.source, self.settings, self.plan = source, settings, plan
 
     def __iter__(self):
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
         if info is not None:
             torch.set_num_threads(1)
-        root = Path(self.config.image_root)
         seen = 0
-        for k, paths in iter_partitions(self.config):
-            if k % self.dist.world_size != self.dist.rank or k in self.skip:
+        for k, paths in iter_partitions(self.source):
+            if k not in self.plan.todo:
                 continue
+            duplicates = self.plan.todo[k]
+            if rows_digest(paths, duplicates) != self.plan.digests[k]:
+                raise RuntimeError(f"--input {self.source.csv} changed while it was being tokenized (partition {k}); run again")
             for row, img_path in enumerate(paths):
                 if seen % n_workers == worker:
-                    yield (k, row, len(paths), img_path, *self._load(img_path, root))
+                    loaded = (None, None) if row in duplicates else self._load(img_path)
+                    yield (k, row, len(paths), img_path, *loaded, row in duplicates)
                 seen += 1
 
-    def _load(self, img_path: str, root: Path) -> tuple[torch.Tensor | None, str | None]:
+    def _load(self, img_path: str) -> tuple[torch.Tensor | None, str | None]:
+        limits = self.settings.limits
         try:
-            image = load_image(resolve_image(img_path, root), frame=self.frame)
-            return preprocess(image, self.config.resolution), None  # (3, R, R)
+            image = load_image(resolve_image(img_path, Path(self.settings.image_root)), frame=self.settings.frame, limits=limits)
+            return preprocess(image, self.settings.resolution, limits), None  # (3, R, R)
         except ImageLoadError as exc:
             return None, exc.reason
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            return None, f"cannot preprocess image ({type(exc).__name__}: {exc})"
+        except Exception as exc:  # MemoryError, or anything a decoder raises: this row's failure, never the batch's
+            return None, f"cannot load or preprocess the image ({type(exc).__name__}: {exc})"
 
 
 def collate(items: list[tuple]) -> dict:
     """Stack the readable images of a batch; keep every row's bookkeeping."""
     ok = [it for it in items if it[4] is not None]
     return {
-        "rows": [(k, row, n, path, err) for k, row, n, path, _, err in items],
+        "rows": [(k, row, n, path, err, dup) for k, row, n, path, _, err, dup in items],
         "ok": [(k, row) for k, row, *_ in ok],
         "pixels": torch.stack([it[4] for it in ok]) if ok else None,  # (B_ok, 3, R, R)
     }
@@ -224,31 +371,37 @@ def collate(items: list[tuple]) -> dict:
 class PartitionWriter:
     """Collects rows per partition and publishes a partition (errors, then parquet) once it is complete."""
 
-    def __init__(self, output: Path, rank: int, partition_size: int):
-        self.output, self.rank, self.partition_size = output, rank, partition_size
-        self.pending: dict[int, dict] = {}  # k -> {"n": rows, "codes": {row: (path, codes)}, "errors": {...}}
-        self.tokenized = self.failed = 0
+    def __init__(self, output: Path, rank: int, partition_size: int, digests: list[str]):
+        self.output, self.rank, self.partition_size, self.digests = output, rank, partition_size, digests
+        self.pending: dict[int, dict] = {}  # k -> {"n": rows, "codes": {row: (path, codes)}, "errors": {...}, "duplicates": set}
+        self.tokenized = self.failed = self.duplicate = 0
+        self.published: list[int] = []
 
-    def add(self, k: int, row: int, n_rows: int, img_path: str, codes: np.ndarray | None, error: str | None):
-        part = self.pending.setdefault(k, {"n": n_rows, "codes": {}, "errors": {}})
-        if error is None:
+    def add(self, k: int, row: int, n_rows: int, img_path: str, codes: np.ndarray | None, error: str | None, duplicate: bool = False):
+        part = self.pending.setdefault(k, {"n": n_rows, "codes": {}, "errors": {}, "duplicates": set()})
+        if duplicate:
+            part["duplicates"].add(row)
+        elif error is None:
             part["codes"][row] = (img_path, codes)
         else:
             part["errors"][row] = (img_path, error)
-        if len(part["codes"]) + len(part["errors"]) == part["n"]:
+        if len(part["codes"]) + len(part["errors"]) + len(part["duplicates"]) == part["n"]:
             self._publish(k, self.pending.pop(k))
 
     def _publish(self, k: int, part: dict) -> None:
-        errors = [{"img_path": p, "row": k * self.partition_size + row, "reason": r} for row, (p, r) in sorted(part["errors"].items())]
+        errors = [{"img_path": display_path(p), "row": k * self.partition_size + row, "reason": r} for row, (p, r) in sorted(part["errors"].items())]
         _write_errors(error_path(self.output, k), errors)
         rows = [part["codes"][row] for row in sorted(part["codes"])]
         table = pa.table({"img_path": [p for p, _ in rows], "img_tokens": _list_array([c for _, c in rows])}, schema=SCHEMA)
+        info = {"partition": k, "rows": part["n"], "written": len(rows), "failed": len(errors), "duplicate": len(part["duplicates"]),
+                "digest": self.digests[k], "errors": errors}
         final = partition_path(self.output, self.rank, k)
-        tmp = final.with_name(f".{final.name}.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, final)
+        write_partition(final, table, info)
+        _remove([p for p in self.output.glob(f"tokens-rank*-part{k:06d}.parquet") if p != final])  # an older run's, now replaced
         self.tokenized += len(rows)
         self.failed += len(errors)
+        self.duplicate += len(part["duplicates"])
+        self.published.append(k)
         for e in errors:
             logger.warning("partition %d: %s: %s", k, e["img_path"], e["reason"])
 
@@ -262,17 +415,15 @@ def _list_array(codes: list[np.ndarray]) -> pa.ListArray:
 
 
 def _write_errors(path: Path, errors: list[dict]) -> None:
+    """errors/partK.jsonl with exactly these rows (none: no file); unchanged files are left alone."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(e) + "\n" for e in errors)
     if not errors:
         path.unlink(missing_ok=True)
-        return
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(e) + "\n" for e in errors))
-    os.replace(tmp, path)
-
-
-def count_errors(output: Path) -> int:
-    return sum(len(p.read_text().splitlines()) for p in (output / "errors").glob("part*.jsonl"))
+    elif not path.is_file() or path.read_text() != text:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 # -------------------------------------------------------------------------------------------- setup
@@ -301,38 +452,62 @@ def _setup_device(args: argparse.Namespace, info: Dist) -> torch.device:
             device = torch.device("cuda", info.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        if args.dtype == "fp32":  # cuDNN's TF32 convolutions (on by default) would round fp32 away from taming's codes
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
     threads = args.threads or max(1, (os.cpu_count() or 1) // info.local_world_size)
     torch.set_num_threads(threads)
     return device
 
 
-def _setup_model(args: argparse.Namespace, device: torch.device) -> VQGAN:
+def _setup_model(args: argparse.Namespace, device: torch.device) -> tuple[VQGAN, str]:
+    """The encoder, ready on ``device`` in ``--dtype``, and the digest of the weights that decide its codes."""
     try:
-        model = load_vqgan(args.ckpt, trust_checkpoint=args.trust_checkpoint)
-    except (UntrustedCheckpointError, FileNotFoundError, ValueError) as exc:
+        model = load_vqgan(args.ckpt, trust_checkpoint=args.trust_checkpoint, skip_memory_check=args.skip_memory_check)
+    except (CheckpointError, MemoryBudgetError, FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"--ckpt {args.ckpt}: {exc}") from exc
     model.decoder = None  # only the encoder half is needed here
+    digest = model.codes_digest()  # before the encoder is cast to --dtype
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    return model.prepare_for_encoding(device=device, dtype=dtype, channels_last=args.channels_last or args.dtype == "bf16")
+    return model.prepare_for_encoding(device=device, dtype=dtype, channels_last=args.channels_last or args.dtype == "bf16"), digest
 
 
-def _check_manifest(output: Path, config: RunConfig, info: Dist) -> None:
-    """A restarted run must cut the CSV the same way, or partitions would overlap."""
-    path = output / MANIFEST
-    expected = asdict(config)
-    if path.is_file():
-        found = json.loads(path.read_text())
-        changed = {k: (found.get(k), v) for k, v in expected.items() if found.get(k) != v}
-        if changed:
-            raise SystemExit(f"{output} holds a run with other settings {changed} (was, now); use a new --output")
-    elif info.rank == 0:
-        tmp = path.with_name(f".{MANIFEST}.tmp")
-        tmp.write_text(json.dumps(expected, indent=2))
-        os.replace(tmp, path)
+def _settings(args: argparse.Namespace, model: VQGAN, digest: str, device: torch.device, limits: ImageLimits) -> Settings:
+    return Settings(
+        vqgan_digest=digest, resolution=model.resolution, n_embed=model.n_embed, dtype=args.dtype,
+        channels_last=args.channels_last or args.dtype == "bf16", device_type=device.type, frame=args.frame,
+        max_image_pixels=limits.max_pixels, max_aspect_ratio=limits.max_aspect_ratio,
+        column=pick_column(args.input, args.column), image_root=str((args.image_root or args.input.parent).resolve()),
+        partition_size=args.partition_size,
+    )
 
 
-def _count_rows(config: RunConfig) -> int:
-    return sum(len(paths) for _, paths in iter_partitions(config))
+def _check_manifest(output: Path, settings: Settings) -> None:
+    """Refuse a folder holding tokens made with other settings, or files this program did not write."""
+    manifest = read_manifest(output)
+    if manifest is None:
+        if any(output.glob(PARTITION_GLOB)):
+            raise SystemExit(f"--output {output} holds image-token partitions but no {MANIFEST}; use a new --output")
+        return
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise SystemExit(f"--output {output} was written by an earlier image_tokenize, whose manifest does not record "
+                         "what decides the codes; use a new --output")
+    found = manifest.get("settings", {})
+    changed = [f"{FLAGS[f.name]} was {_show(found.get(f.name))}, now {_show(getattr(settings, f.name))}"
+               for f in fields(Settings) if found.get(f.name) != getattr(settings, f.name)]
+    if changed:
+        raise SystemExit(f"--output {output} holds image tokens made with other settings: {'; '.join(changed)}. "
+                         "Use a new --output (or the settings it was made with)")
+
+
+def _show(value) -> str:
+    return f"{value[:12]}..." if isinstance(value, str) and len(value) == 64 else str(value)
+
+
+def _start_manifest(args: argparse.Namespace, settings: Settings) -> None:
+    """Mark the folder as being written: complete again only when a run finishes."""
+    write_json(args.output / MANIFEST, {"format": FORMAT, "version": VERSION, "settings": asdict(settings), "complete": False,
+                                        "input": str(args.input.resolve()), "ckpt": str(args.ckpt.resolve())})
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -369,23 +544,20 @@ def _encode(model: VQGAN, pixels: torch.Tensor, device: torch.device) -> np.ndar
     return model.encode_codes(pixels).to(torch.int32).cpu().numpy()  # (B, h*w); 4 bytes a code while pending
 
 
-def run(args: argparse.Namespace, config: RunConfig, model: VQGAN, device: torch.device, info: Dist) -> PartitionWriter:
-    skip = finished_partitions(args.output)
-    dataset = ImageRows(config, info, skip, frame=args.frame)
+def run(args: argparse.Namespace, source: Source, settings: Settings, plan: Plan, model: VQGAN, device: torch.device, info: Dist) -> PartitionWriter:
+    """Tokenize this rank's planned partitions."""
     loader = DataLoader(
-        dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate,
+        ImageRows(source, settings, plan), batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate,
         pin_memory=device.type == "cuda", persistent_workers=False,
     )
-    total = _count_rows(config) if info.rank == 0 and not args.no_progress else 0
-    done_rows = sum(min(config.partition_size, total - k * config.partition_size) for k in skip) if total else 0
-    progress = Progress(info, total, done_rows, enabled=not args.no_progress)
-    writer = PartitionWriter(args.output, info.rank, config.partition_size)
+    progress = Progress(info, plan.n_rows, plan.done_rows, enabled=not args.no_progress)
+    writer = PartitionWriter(args.output, info.rank, settings.partition_size, plan.digests)
     try:
         for batch in loader:
             codes = _encode(model, batch["pixels"], device) if batch["pixels"] is not None else []
             by_row = dict(zip(batch["ok"], codes))
-            for k, row, n, path, err in batch["rows"]:
-                writer.add(k, row, n, path, by_row.get((k, row)), err)
+            for k, row, n, path, err, dup in batch["rows"]:
+                writer.add(k, row, n, path, by_row.get((k, row)), err, dup)
             progress.update(len(batch["rows"]))
     finally:
         progress.close()
@@ -394,52 +566,108 @@ def run(args: argparse.Namespace, config: RunConfig, model: VQGAN, device: torch
     return writer
 
 
-def _summarise(writer: PartitionWriter, seconds: float, device: torch.device, info: Dist, output: Path) -> dict:
-    counts = torch.tensor([writer.tokenized, writer.failed], dtype=torch.long)
+def finish_folder(output: Path, plan: Plan) -> dict:
+    """After every rank is done: drop partitions past the CSV's end, bring errors/ in line with the
+    partitions, and count every row of the CSV as written, failed or duplicate."""
+    files = finished_files(output)
+    _remove([path for k, entries in files.items() if k >= len(plan.digests) for path, _ in entries])
+    for path in (output / "errors").glob("part*.jsonl"):
+        if int(path.stem.removeprefix("part")) >= len(plan.digests):
+            path.unlink()
+    rows = {"input": plan.n_rows, "written": 0, "failed": 0, "duplicate": 0}
+    for k, digest in enumerate(plan.digests):
+        good = [(path, meta) for path, meta in files.get(k, []) if meta["digest"] == digest]
+        if not good:
+            raise RuntimeError(f"{output}: partition {k} was not written; run again to finish it")
+        _remove([path for path, _ in good[1:]])
+        meta = good[0][1]
+        _write_errors(error_path(output, k), meta["errors"])
+        for key in ("written", "failed", "duplicate"):
+            rows[key] += meta[key]
+    if rows["written"] + rows["failed"] + rows["duplicate"] != plan.n_rows:
+        raise RuntimeError(f"{output}: the partitions account for a different number of rows than the CSV's {plan.n_rows}")
+    return rows
+
+
+def _run_counts(writer: PartitionWriter, device: torch.device) -> dict:
+    """This run's counts, summed over the ranks."""
+    counts = torch.tensor([writer.tokenized, writer.failed, writer.duplicate, len(writer.published)], dtype=torch.long)
     if dist.is_initialized():
         counts = counts.to(device if device.type == "cuda" else "cpu")
         dist.all_reduce(counts)
-        dist.barrier()
-    tokenized, failed = (int(x) for x in counts.cpu())
-    return {
-        "tokenized": tokenized,
-        "failed": failed,
-        "failed_total": count_errors(output),
-        "seconds": round(seconds, 2),
-        "images_per_s": round((tokenized + failed) / max(seconds, 1e-9), 3),
-        "world_size": info.world_size,
+        dist.barrier()  # every rank has published: the folder is final
+    return dict(zip(("tokenized", "failed", "duplicate", "partitions"), (int(x) for x in counts.cpu())))
+
+
+def _share(value: int, device: torch.device) -> int:
+    """Rank 0's ``value`` on every rank (-1 tells the others that rank 0 failed)."""
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.long, device=device if device.type == "cuda" else "cpu")
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())
+
+
+def _close(args: argparse.Namespace, settings: Settings, plan: Plan, this_run: dict, seconds: float) -> dict:
+    """Rank 0: finish the folder, write the complete manifest and the summary, print the closing line."""
+    rows = finish_folder(args.output, plan)
+    write_json(args.output / MANIFEST, {
+        "format": FORMAT, "version": VERSION, "settings": asdict(settings), "complete": True, "rows": rows,
+        "rows_digest": hashlib.sha256("".join(plan.digests).encode()).hexdigest(),
+        "input": str(args.input.resolve()), "ckpt": str(args.ckpt.resolve()),
+    })
+    done = this_run["tokenized"] + this_run["failed"] + this_run["duplicate"]
+    summary = {
+        "rows": rows["input"], "written": rows["written"], "failed": rows["failed"], "duplicate": rows["duplicate"],
+        "tokenized": this_run["tokenized"], "this_run": this_run, "seconds": round(seconds, 2),
+        "images_per_s": round(done / max(seconds, 1e-9), 3), "vqgan_digest": settings.vqgan_digest,
     }
+    logger.info("summary: %s", json.dumps(summary))
+    write_json(args.output / SUMMARY, summary)
+    print(
+        f"{rows['input']} rows: {rows['written']} written, {rows['failed']} failed (reasons in {args.output / 'errors'}), "
+        f"{rows['duplicate']} skipped as duplicates; this run tokenized {this_run['tokenized']} images in "
+        f"{this_run['partitions']} partition(s), {summary['seconds']} s, {summary['images_per_s']} images/s"
+    )
+    return summary
+
+
+def _tokenize(args: argparse.Namespace, limits: ImageLimits, info: Dist) -> int:
+    """Set up, plan, run and close; the number of failed rows in the folder."""
+    device = _setup_device(args, info)
+    model, digest = _setup_model(args, device)
+    settings = _settings(args, model, digest, device, limits)
+    args.output.mkdir(parents=True, exist_ok=True)
+    _check_manifest(args.output, settings)
+    if info.rank == 0:
+        _start_manifest(args, settings)
+    source = Source(str(args.input.resolve()), settings.column, settings.partition_size)
+    plan = make_plan(source, args.output, info)
+    start = time.perf_counter()
+    this_run = _run_counts(run(args, source, settings, plan, model, device, info), device)
+    failed = -1
+    try:
+        if info.rank == 0:
+            failed = _close(args, settings, plan, this_run, time.perf_counter() - start)["failed"]
+    finally:
+        failed = _share(failed, device)
+    if failed < 0:
+        raise SystemExit(f"rank {info.rank}: rank 0 could not finish {args.output}")
+    return failed
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _validate(args)
+    limits = _validate(args)
+    allow_in_pillow(limits)
     info = _setup_dist()
     try:
-        device = _setup_device(args, info)
-        model = _setup_model(args, device)
-        root = (args.image_root or args.input.parent).resolve()
-        config = RunConfig(
-            input=str(args.input.resolve()), ckpt=str(args.ckpt.resolve()), column=pick_column(args.input, args.column), image_root=str(root),
-            partition_size=args.partition_size, resolution=model.resolution, n_embed=model.n_embed,
-        )
-        args.output.mkdir(parents=True, exist_ok=True)
-        _check_manifest(args.output, config, info)
-        start = time.perf_counter()
-        writer = run(args, config, model, device, info)
-        summary = _summarise(writer, time.perf_counter() - start, device, info, args.output)
+        failed = _tokenize(args, limits, info)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if info.rank == 0:
-        logger.info("summary: %s", json.dumps(summary))
-        (args.output / SUMMARY).write_text(json.dumps(summary, indent=2))
-        print(
-            f"tokenized {summary['tokenized']} images, failed {summary['failed']} (see {args.output / 'errors'}), "
-            f"{summary['seconds']} s, {summary['images_per_s']} images/s"
-        )
-    return 1 if args.strict and summary["failed_total"] > 0 else 0
+    return 1 if args.strict and failed > 0 else 0
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from eval.data import BadRow, convert_path_mmu, convert_pmc_vqa, load_medmax, load_records, probmed_pair_id, resolve_image
+from eval.data import BadRow, convert_path_mmu, convert_pmc_vqa, load_medmax, load_records, resolve_image
 from eval.prompts import build_prompt
 from eval.run import apply_limit
 from eval.tasks import TASKS, VQA_TASKS, select_tasks, task_for
@@ -51,35 +51,18 @@ def test_medmax_parquet_and_jsonl(tmp_path):
     assert problems == [{"uid": "b.jsonl:0", "reason": "missing columns ['question_type', 'answer', 'image_path']"}]
 
 
-def test_converters_read_released_fields(tmp_path):
-    (tmp_path / "rad.json").write_text(json.dumps([
-        {"image_name": "synpic1.jpg", "question": "Is it normal?", "answer": "Yes", "answer_type": "CLOSED", "qid": 1},
-        {"image_name": "synpic2.jpg", "question": "Where?", "answer": "left", "answer_type": "OPEN", "qid": 2}]))
-    records, _ = load_records(tmp_path, "vqa_rad", Path("rad.json"))
-    assert [(r.question_type, r.answer, r.image_path) for r in records] == [
-        ("closed", "Yes", "VQA_RAD Image Folder/synpic1.jpg"), ("open", "left", "VQA_RAD Image Folder/synpic2.jpg")]
-
-    (tmp_path / "slake.json").write_text(json.dumps([
-        {"img_name": "xmlab1/source.jpg", "question": "Is this CT?", "answer": "Yes", "q_lang": "en", "answer_type": "CLOSED"},
-        {"img_name": "xmlab1/source.jpg", "question": "这是CT吗", "answer": "是", "q_lang": "zh", "answer_type": "CLOSED"}]))
-    records, _ = load_records(tmp_path, "slake", Path("slake.json"))
-    assert [r.prompt for r in records] == ["Is this CT?"] and records[0].image_path == "imgs/xmlab1/source.jpg"
-
-    (tmp_path / "omni.json").write_text(json.dumps([
-        {"question_id": "q1", "question": "Which modality?", "gt_answer": "MRI", "image_path": "Images/x/1.png",
-         "option_A": "CT", "option_B": "MRI", "option_C": "X-ray", "dataset": "x"}]))
-    records, _ = load_records(tmp_path, "omnimed", Path("omni.json"))
-    assert records[0].answer == "B" and records[0].options == {"A": "CT", "B": "MRI", "C": "X-ray"}
-    assert "(B) MRI" in records[0].prompt
-
-    (tmp_path / "probmed.json").write_text(json.dumps([
-        {"id": 7, "image": "a/1.jpg", "question": "<image>\nIs this a CT?", "answer": "yes", "qa_type": "modality_gt", "image_type": "ct_brain"},
-        {"id": 7, "image": "a/1.jpg", "question": "Is this an MRI?", "answer": "no", "qa_type": "modality_hallu", "image_type": "ct_brain"},
-        {"id": 7, "image": "a/1.jpg", "question": "Any abnormality?", "answer": "no", "qa_type": "abnormality", "image_type": "ct_brain"}]))
-    records, _ = load_records(tmp_path, "probmed", Path("probmed.json"))
-    assert [r.pair_id for r in records] == ["7:modality", "7:modality", None]
-    assert records[0].prompt == "Is this a CT?"
-    assert probmed_pair_id({"id": 3, "qa_type": "entity_hallu_2"}) == probmed_pair_id({"id": 3, "qa_type": "entity_gt_2"})
+def test_mcq_gold_naming_no_option_is_a_problem_when_loading(tmp_path):
+    rows = [{"task_name": "omnimed_vqa", "question_type": "mcq", "prompt": "Which?\nA: CT\nB: MRI", "answer": "ultrasound",
+             "image_path": "a.png"},
+            {"task_name": "pmc_vqa", "question_type": "mcq", "prompt": "Which organ?", "answer": "liver", "image_path": "a.png"},
+            {"task_name": "path_mmu", "question_type": "mcq", "prompt": "Which?\nA) Both (x) and (y)\nB) Neither A) nor B)",
+             "answer": "B) Neither A) nor B)", "image_path": "a.png"}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records, problems = load_records(path)
+    assert problems == [{"uid": "rows.jsonl:0", "reason": "MCQ answer 'ultrasound' matches none of the options A, B"},
+                        {"uid": "rows.jsonl:1", "reason": "MCQ answer 'liver' is not an option letter and the row has no options"}]
+    assert [r.uid for r in records] == ["rows.jsonl:2"] and records[0].options == {"A": "Both (x) and (y)", "B": "Neither A) nor B)"}
 
 
 def test_pmc_vqa_and_path_mmu(tmp_path):

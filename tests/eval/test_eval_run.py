@@ -22,7 +22,7 @@ OPTIONS = "\n(A) lung\n(B) liver\n(C) brain\n(D) kidney"
 BAD_ROWS = [
     ({"task_name": "vqa_rad", "question_type": "closed", "image_path": "/etc/hostname"}, "is absolute"),
     ({"task_name": "slake", "question_type": "open", "image_path": "../outside.png"}, "contains '..'"),
-    ({"task_name": "pmc_vqa", "question_type": "mcq", "image_path": "img/missing.png"}, "not found"),
+    ({"task_name": "pmc_vqa", "question_type": "mcq", "image_path": "img/missing.png", "answer": "A"}, "not found"),
     ({"task_name": "made_up_task", "question_type": "closed", "image_path": "img/0.png"}, "unknown task 'made_up_task'"),
 ]
 
@@ -73,7 +73,7 @@ def test_every_vqa_task_is_scored(full_run):
     assert results["probmed_closed"]["metrics"]["paired_accuracy"]["n"] == 1  # both rows form pair 0
     assert results["visual_chat"]["metric"] == "token_f1" and results["visual_chat"]["n"] == 1
     assert json.loads((out / "results.json").read_text()) == results
-    assert (out / "report.png").stat().st_size > 0 and "| vqa_rad_closed | accuracy |" in (out / "report.md").read_text()
+    assert (out / "report.png").stat().st_size > 0 and "| vqa_rad_closed | toolkit | accuracy |" in (out / "report.md").read_text()
 
 
 def test_bad_rows_are_reported_and_the_rest_completes(full_run):
@@ -120,20 +120,24 @@ def test_resume_after_interruption_gives_identical_results(tiny_model_dir, eval_
 def test_shards_merge_to_the_single_process_results(tiny_model_dir, eval_data, full_run, tmp_path):
     out = tmp_path / "sharded"
     tasks = "vqa_rad,pmc_vqa,probmed"
-    assert _main(_argv(tiny_model_dir, eval_data, out, "--tasks", tasks, "--shard-rank", "1", "--num-shards", "2")) is None
-    results = _main(_argv(tiny_model_dir, eval_data, out, "--tasks", tasks, "--shard-rank", "0", "--num-shards", "2"))
+    shard = ("--tasks", tasks, "--num-shards", "2", "--run-id", "launch-1")
+    assert _main(_argv(tiny_model_dir, eval_data, out, *shard, "--shard-rank", "1")) is None
+    results = _main(_argv(tiny_model_dir, eval_data, out, *shard, "--shard-rank", "0"))
     assert (out / "predictions" / "vqa_rad_closed.rank1.jsonl").is_file()
     for key in ("vqa_rad_closed", "vqa_rad_open", "pmc_vqa_mcq", "probmed_closed"):
         assert results[key] == full_run[1][key]
 
 
-def test_limit_and_flag_errors(tiny_model_dir, eval_data, tmp_path):
+def test_limit_and_flag_errors(tiny_model_dir, eval_data, tmp_path, capsys):
     results = _main(_argv(tiny_model_dir, eval_data, tmp_path / "lim", "--tasks", "slake_closed", "--limit", "2"))
-    assert results["slake_closed"]["n"] == 2 and set(results) - {"_problems"} == {"slake_closed"}
-    with pytest.raises(ValueError, match="unknown task 'nope'"):
-        run.main(_argv(tiny_model_dir, eval_data, tmp_path / "x", "--tasks", "nope"))
-    with pytest.raises(ValueError, match="--limit"):
-        run.main(_argv(tiny_model_dir, eval_data, tmp_path / "x", "--limit", "0"))
+    assert results["slake_closed"]["n"] == 2 and {k for k in results if not k.startswith("_")} == {"slake_closed"}
+    capsys.readouterr()
+    for extra, message in ((["--tasks", "nope"], "unknown task 'nope'"), (["--limit", "0"], "--limit must be >= 1"),
+                           (["--judge-url", "ftp://judge"], "--judge-url must start with http")):
+        assert run.main(_argv(tiny_model_dir, eval_data, tmp_path / "x", *extra)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("eval.run: error: ") and message in err[0]
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow
@@ -144,3 +148,42 @@ def test_workers_spawn_shards_and_merge(tiny_model_dir, eval_data, full_run, tmp
     assert (out / "predictions" / "path_mmu_mcq.rank1.jsonl").is_file()
     for key in ("vqa_rad_closed", "path_mmu_mcq"):
         assert results[key] == full_run[1][key]
+
+
+def test_one_bad_row_never_takes_down_its_batch(tiny_model_dir, tmp_path, monkeypatch):
+    """A broken image, an image whose decoding runs out of memory, and a prompt whose generation raises are
+    each that row's reported failure; the other rows of the same batch are scored (issue 12)."""
+    import medmax.images
+    from medmax.generation import Generator
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("good.png", "huge.png"):
+        Image.new("RGB", (64, 64), (10, 90, 200)).save(data / name)
+    (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not a png" * 8)
+    images = ["good.png", "broken.png", "huge.png", "good.png", "good.png"]
+    rows = [{"task_name": "vqa_rad", "question_type": "closed", "prompt": ("EXPLODE " if i == 3 else "") + f"Lesion {i}?",
+             "answer": "yes", "image_path": image} for i, image in enumerate(images)]
+    (data / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    real_load, real_generate = medmax.images.load_image, Generator.generate
+
+    def load_image(source, **kwargs):
+        if str(source).endswith("huge.png"):
+            raise MemoryError  # stands in for a decompression that exhausts memory
+        return real_load(source, **kwargs)
+
+    def generate(self, prompts, config=None):
+        if any(isinstance(s, str) and "EXPLODE" in s for p in prompts for s in p):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_generate(self, prompts, config)
+
+    monkeypatch.setattr(medmax.images, "load_image", load_image)
+    monkeypatch.setattr(Generator, "generate", generate)
+    out = tmp_path / "out"
+    results = _main(_argv(tiny_model_dir, data, out, "--tasks", "vqa_rad_closed", "--batch-size", "8"))
+    assert results["vqa_rad_closed"]["n"] == 2 and results["vqa_rad_closed"]["n_errors"] == 3
+    reasons = {p["uid"]: p["reason"] for p in map(json.loads, (out / "problems.jsonl").read_text().splitlines())}
+    assert "broken.png" in reasons["rows.jsonl:1"]
+    assert "memory" in reasons["rows.jsonl:2"].lower() and "huge.png" in reasons["rows.jsonl:2"]
+    assert "RuntimeError" in reasons["rows.jsonl:3"] and "illegal memory access" in reasons["rows.jsonl:3"]
+    assert set(reasons) == {"rows.jsonl:1", "rows.jsonl:2", "rows.jsonl:3"}

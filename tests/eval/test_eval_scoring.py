@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from eval.scoring import (answer_letter, exact_match, mean_stderr, normalize, paired_accuracy, parse_mcq, score_closed,
-                          score_mcq, token_f1, token_recall, yes_no)
+from eval.scoring import (UnresolvedGold, answer_letter, exact_match, mean_stderr, normalize, paired_accuracy, parse_mcq,
+                          resolve_gold, score_closed, score_mcq, token_f1, token_recall, tokens, yes_no)
 
 
 @pytest.mark.parametrize("output", ["not sure", "none", "Normal study.", "a lymph node", "nothing", "Noted.", "unknown"])
@@ -38,7 +38,10 @@ def test_closed_answers_that_are_not_yes_no_use_normalised_match():
 
 
 @pytest.mark.parametrize("output", ["B", "(B)", "B.", "B) liver", "Answer: B", "the answer is B", "The answer is (B).",
-                                    "answer: b is wrong, the answer is B", " B ", "Option B"])
+                                    "answer: b is wrong, the answer is B", " B ", "Option B",
+                                    # lower case and Unicode: real model output
+                                    "b", "(b)", "b)", "b.", "option b", "Option (b)", "I choose option b.", "（Ｂ）", "«B»",
+                                    "B。", "choice b"])
 def test_mcq_letter_formats(output):
     options = {"A": "lung", "B": "liver", "C": "brain", "D": "kidney"}
     assert parse_mcq(output, options) == "B"
@@ -97,3 +100,82 @@ def test_mean_stderr_never_nan():
     assert one.n == 1 and one.score == 1.0 and one.stderr is None
     m = mean_stderr([1, 0, 1, 0])
     assert m.score == 0.5 and math.isclose(m.stderr, math.sqrt((4 * 0.25 / 3) / 4))
+
+
+# ---------------------------------------------------------------- real model output: Unicode, case, short answers
+@pytest.mark.parametrize("output", ["Ｙｅｓ", "Yes—there is", "Yes…", "«Yes»", "Yes。", "✓ Yes", "Yes✓", "“Yes”", "¡Yes!",
+                                    "Yes–no doubt", "【Yes】", "Yes・", "YES"])
+def test_unicode_punctuation_and_symbols_separate_words(output):
+    assert yes_no(output) == "yes"
+    assert score_closed(output, "yes") and not score_closed(output, "no")
+
+
+@pytest.mark.parametrize("output", ["Ｎｏ", "No—none seen", "No…", "«No»", "No。", "✗No"])
+def test_unicode_no(output):
+    assert yes_no(output) == "no" and score_closed(output, "no")
+
+
+def test_normalize_is_nfkc_and_splits_on_every_punctuation_and_symbol():
+    assert normalize("Ｌｅｆｔ　Ｌｕｎｇ") == "left lung"  # full-width letters and the ideographic space
+    assert normalize("left—lung…") == "left lung"
+    assert normalize("ﬁbrosis") == "fibrosis"  # the fi ligature
+    assert normalize("left→lung ± mass ©") == "left lung mass"
+    assert score_closed("Left lung。", "left lung")
+
+
+def test_cjk_characters_are_words():
+    # SLAKE's Chinese answers carry no spaces; each ideograph is a word so answers compare word by word
+    assert tokens("是的，有") == ["是", "的", "有"]
+    assert score_closed("是的", "是") and not score_closed("不是", "是")
+    assert token_recall("左肺", "左肺") == 1.0
+
+
+@pytest.mark.parametrize("output,expected", [
+    ("Nope", "no"), ("nope.", "no"), ("Not present.", "no"), ("Absent", "no"), ("absent.", "no"), ("Negative.", "no"),
+    ("not seen", "no"), ("Yep", "yes"), ("Yeah, there is", "yes"), ("Present.", "yes"), ("Positive", "yes"),
+])
+def test_short_answers_a_reader_calls_yes_or_no(output, expected):
+    assert yes_no(output) == expected
+    assert score_closed(output, expected)
+
+
+@pytest.mark.parametrize("output", ["The mass is absent from the left lung but present on the right", "presentation",
+                                    "not sure", "positively unclear", "absently"])
+def test_short_answer_phrases_count_only_as_the_whole_answer(output):
+    assert yes_no(output) is None
+
+
+def test_mcq_lower_case_letters_are_not_articles():
+    options = {"A": "lung", "B": "liver", "C": "brain", "D": "kidney"}
+    assert parse_mcq("a mass", options) is None
+    assert parse_mcq("a", options) == "A"  # the whole answer is the letter
+    cells = {"A": "T-cell lymphoma", "B": "B-cell lymphoma"}
+    assert parse_mcq("B-cell lymphoma", cells) == "B" and parse_mcq("A—T-cell lymphoma", cells) == "A"
+    assert parse_mcq("B–cell lymphoma", {"A": "T-cell lymphoma", "C": "B-cell lymphoma"}) == "C"  # en dash: still a word
+
+
+def test_gold_that_matches_no_option_is_an_error_not_a_wrong_answer():
+    options = {"A": "CT", "B": "MRI"}
+    with pytest.raises(UnresolvedGold, match="'ultrasound' matches none of the options A, B"):
+        resolve_gold("ultrasound", options)
+    with pytest.raises(UnresolvedGold):
+        score_mcq("B", "ultrasound", options)
+    with pytest.raises(UnresolvedGold, match="no options"):
+        resolve_gold("MRI", None)
+
+
+def test_gold_exact_option_text_wins_over_a_normalised_match():
+    options = {"A": "T-1", "B": "T 1", "C": "T2"}  # A and B normalise alike
+    assert resolve_gold("T 1", options) == "B" and resolve_gold("T-1", options) == "A"
+    with pytest.raises(UnresolvedGold, match="A, B"):
+        resolve_gold("t—1", options)  # neither exact: ambiguous
+    assert resolve_gold("t2", options) == "C"
+
+
+def test_gold_written_as_letter_and_text():
+    options = {"A": "Hemorrhagic stroma", "B": "Both A) and C)", "C": "Fibrous (collagenous) stroma"}
+    assert resolve_gold("B) Both A) and C)", options) == "B"  # PathMMU's answers repeat the option
+    assert resolve_gold("(C) Fibrous (collagenous) stroma", options) == "C"
+    assert resolve_gold("b", options) == "B"
+    with pytest.raises(UnresolvedGold):
+        resolve_gold("A) Fibrous (collagenous) stroma", options)  # the letter and the text disagree

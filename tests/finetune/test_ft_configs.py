@@ -170,3 +170,50 @@ def test_a_single_path_override_is_one_dataset_not_its_characters():
     cfg = load_config(ROOT / "finetune/configs/tiny_cpu.yaml", ["datasets=/data/seq/train:2", "freeze=model.layers.0"])
     assert [(s.path, s.weight) for s in cfg.dataset_specs()] == [("/data/seq/train", 2.0)]
     assert cfg.freeze == ["model.layers.0"]
+
+
+def test_a_model_that_cannot_fit_in_memory_stops_before_allocating(tmp_path, good_data, monkeypatch):
+    import medmax.model
+    from medmax.model import ModelTooLargeError
+
+    monkeypatch.setattr(medmax.model, "_available_bytes", lambda device=None: 1 << 20)  # 1 MiB free
+    with pytest.raises(ModelTooLargeError, match="model=preset:tiny.*skip_memory_check=true"):
+        _run(tmp_path, good_data)
+    assert not (tmp_path / "out" / "checkpoint-1").exists()
+
+
+@pytest.mark.parametrize("override, named", [
+    ("fsdp=full_shard auto_wrap", "fsdp='full_shard auto_wrap'"),
+    (f"deepspeed={ROOT / 'finetune' / 'configs' / 'ds_zero3.json'}", "ds_zero3.json (ZeRO stage 3)"),
+    ("deepspeed={zero_optimization: {stage: 3}}", "ZeRO stage 3"),
+])
+def test_image_alignment_with_sharded_weights_is_refused_before_training(override, named):
+    """Documented unsupported (the trainable rows sit beside the sharded matrices); now refused in one line."""
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "finetune" / "configs" / "tiny_cpu.yaml", ["mode=image-alignment", override])
+    message = str(err.value)
+    assert "mode=image-alignment" in message and named in message and "\n" not in message
+
+
+def test_zero3_with_other_modes_is_not_refused_by_the_alignment_check():
+    from finetune.config import sharded_weights
+
+    assert sharded_weights(None, {"zero_optimization": {"stage": 2}}) is None
+    assert "ZeRO stage 3" in sharded_weights(None, {"zero_optimization": {"stage": 3}})
+
+
+@pytest.mark.parametrize("listing, status, nproc, gloo", [
+    ("No devices were found", 6, "1", True),  # the driver is installed, the machine has no GPU
+    ("", 0, "1", True),
+    ("GPU 0: NVIDIA A100 (UUID: GPU-1)\nGPU 1: NVIDIA A100 (UUID: GPU-2)", 0, "2", False),
+])
+def test_launch_script_counts_gpus_from_nvidia_smi(tmp_path, listing, status, nproc, gloo):
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\nprintf '%s\\n' '{listing}'\nexit {status}\n")
+    fake.chmod(0o755)
+    run = subprocess.run([str(ROOT / "finetune" / "launch.sh"), str(CONFIGS[0]), "--dry-run"], capture_output=True,
+                         text=True, env={"PATH": f"{fake.parent}:/usr/bin:/bin"})
+    assert run.returncode == 0 and not run.stderr, run.stderr
+    assert f"--nproc-per-node {nproc} " in run.stdout and ("ddp_backend=gloo" in run.stdout) == gloo
+    assert "--rdzv-endpoint localhost:0 " in run.stdout  # one node: a free port, never another run's rendezvous

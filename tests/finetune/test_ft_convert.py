@@ -1,28 +1,233 @@
-"""Original Chameleon layout + transformers-converted model -> a model folder that keeps the VQGAN decoder."""
+"""medmax-convert: every released layout into a model folder, checked against a forward pass in Meta's parameterisation.
+
+The original-layout fixtures (``tests/meta_release.py``) are written with the file names, nesting and quirks of
+the Chameleon / Anole / MedMax releases; see that module's docstring for the sources.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import pytest
 import torch
-import yaml
 
 from finetune.convert import main as convert_main
-from medmax.model import load_model_dir, new_model
+from medmax.checkpoints import check_model_folder
+from medmax.model import MedMaxChameleon, load_model_dir, new_model
 from medmax.presets import VQGAN_PRESETS
 from medmax.vqgan import VQGAN
+from tests.meta_release import meta_forward, release_params, write_release
+
+TEXT_IDS = torch.tensor([8712, 8800, 9001, 8750, 9100, 8999, 8713, 9200, 8760, 9050, 8901, 9265])
 
 
-def _original_layout(root, vqgan, tokenizer):
-    """CKPT/tokenizer/{vqgan.yaml, vqgan.ckpt, text_tokenizer.json} as Chameleon ships them."""
-    folder = root / "tokenizer"
-    folder.mkdir(parents=True)
-    (folder / "vqgan.yaml").write_text(yaml.safe_dump({"model": {"target": "taming.models.vqgan.VQModel",
-                                                                  "params": vqgan.params}}))
-    state = dict(vqgan.state_dict())
-    state["loss.discriminator.weight"] = torch.zeros(2)  # training leftovers the loader ignores
-    torch.save({"state_dict": state}, folder / "vqgan.ckpt")
-    tokenizer.save(str(folder / "text_tokenizer.json"))
-    return root
+def _logits(folder: Path, ids: torch.Tensor = TEXT_IDS) -> torch.Tensor:
+    model = MedMaxChameleon.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=ids[None]).logits[0].double()
+
+
+VARIANTS = {
+    "7b-like": dict(shards=1),
+    "30b-like-4-shards": dict(shards=4),
+    "swin-norm-2-shards-rope-theta-500000": dict(shards=2, swin_norm=True, rope_theta=500000.0),
+    "grouped-kv-heads": dict(shards=1, n_kv_heads=2),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_converted_logits_equal_the_meta_layout_forward(tmp_path, tiny_tokenizer, tiny_vqgan, variant):
+    settings = VARIANTS[variant]
+    root, state = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan, **settings)
+    assert convert_main(["--input", str(root), "--output", str(tmp_path / "out")]) == 0
+    params = release_params(**{k: v for k, v in settings.items() if k != "shards"})
+    expected = meta_forward(state, params, TEXT_IDS)
+    got = _logits(tmp_path / "out")
+    assert expected.abs().max() > 1  # logits far from zero: a wrong mapping cannot hide in the tolerance
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_without_the_rotary_permutation_the_logits_would_differ(tmp_path, tiny_tokenizer, tiny_vqgan):
+    """The comparison above can fail: the same weights with wq/wk left in Meta's row order give other logits."""
+    root, state = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan, shards=1)
+    convert_main(["--input", str(root), "--output", str(tmp_path / "out")])
+    model = MedMaxChameleon.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            layer.self_attn.q_proj.weight.copy_(state[0][f"layers.{i}.attention.wq.weight"])
+            layer.self_attn.k_proj.weight.copy_(state[0][f"layers.{i}.attention.wk.weight"])
+        wrong = model(input_ids=TEXT_IDS[None]).logits[0].double()
+    expected = meta_forward(state, release_params(), TEXT_IDS)
+    assert (wrong - expected).abs().max() > 1e-2
+
+
+def test_config_tokenizer_and_vqgan_of_a_medmax_release(tmp_path, tiny_tokenizer, tiny_vqgan):
+    root, _ = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan, shards=4, swin_norm=True,
+                            rope_theta=500000.0, vocab_size=9280)
+    convert_main(["--input", str(root), "--output", str(tmp_path / "out")])
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["rope_parameters"]["rope_theta"] == 500000.0
+    assert config["max_position_embeddings"] == 16384  # transformers' converter's rule above theta 10000
+    assert (config["swin_norm"], config["vocab_size"], config["model_parallel_size"]) == (True, 9280, 4)
+    assert (config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]) == (32, 96, 4)
+    assert config["vocabulary_map"] == tiny_tokenizer.get_vocab(with_added_tokens=True)
+    assert config["image_token_id"] == 8711  # MedMax's <image>, the id of Chameleon's <reserved08707>
+    assert config["vq_config"]["num_embeddings"] == tiny_vqgan.n_embed
+    bundle = load_model_dir(tmp_path / "out")
+    assert bundle.tokenizer.get_vocab() == tiny_tokenizer.get_vocab()  # text_tokenizer_modified.json preferred
+    for key, value in tiny_vqgan.state_dict().items():
+        assert torch.equal(bundle.vqgan.state_dict()[key], value), key  # decoder included
+    assert check_model_folder(tmp_path / "out")["tensors"] > 0
+
+
+def test_a_chameleon_release_keeps_its_own_tokenizer(tmp_path, tiny_tokenizer, tiny_vqgan):
+    root, _ = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan, medmax=False)
+    convert_main(["--input", str(root), "--output", str(tmp_path / "out")])
+    vocab = json.loads((tmp_path / "out" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert vocab["<reserved08707>"] == 8711 and "<image>" not in vocab
+
+
+def test_a_release_in_bfloat16_stays_bfloat16_and_can_be_cast(tmp_path, tiny_tokenizer, tiny_vqgan):
+    from safetensors import safe_open
+
+    root, state = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan, dtype=torch.bfloat16)
+    convert_main(["--input", str(root), "--output", str(tmp_path / "bf16")])
+    convert_main(["--input", str(root), "--output", str(tmp_path / "fp32"), "--dtype", "float32"])
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
+        embed = f.get_tensor("model.embed_tokens.weight")
+        assert torch.equal(embed, state[0]["tok_embeddings.weight"])  # bf16, bit for bit
+        assert f.get_tensor("model.vqmodel.encoder.conv_in.weight").dtype == torch.float32  # the VQGAN as stored
+    with safe_open(str(tmp_path / "fp32" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.float32
+
+
+def test_several_weight_files_with_an_index_load_the_same_model(tmp_path, tiny_tokenizer, tiny_vqgan):
+    from finetune.convert import convert_original
+
+    root, state = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan, shards=4)
+    convert_original(root, tmp_path / "out", max_shard_bytes=300_000)
+    assert len(list((tmp_path / "out").glob("model-*-of-*.safetensors"))) > 1
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    torch.testing.assert_close(_logits(tmp_path / "out"), meta_forward(state, release_params(), TEXT_IDS),
+                               atol=2e-5, rtol=1e-5)
+
+
+def test_the_models_folder_itself_and_a_choice_of_size(tmp_path, tiny_tokenizer, tiny_vqgan):
+    root, _ = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan, size="30b", shards=4)
+    assert convert_main(["--input", str(root / "models" / "30b"), "--output", str(tmp_path / "a")]) == 0
+    assert convert_main(["--input", str(root), "--model-size", "30b", "--output", str(tmp_path / "b")]) == 0
+    assert convert_main(["--input", str(root), "--model-size", "7b", "--output", str(tmp_path / "c")]) == 2
+
+
+def _rewrite_shard(path: Path, **changes) -> None:
+    state = torch.load(path, weights_only=True)
+    state.update(changes)
+    torch.save(state, path)
+
+
+def test_replicated_norms_that_differ_between_shards_are_refused_or_averaged(tmp_path, tiny_tokenizer, tiny_vqgan, capsys):
+    root, state = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan, shards=4)
+    shard = root / "models" / "7b" / "consolidated.02.pth"
+    changed = state[2]["layers.1.ffn_norm.weight"] + 0.5
+    _rewrite_shard(shard, **{"layers.1.ffn_norm.weight": changed})
+    assert convert_main(["--input", str(root), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "consolidated.02.pth" in err and "layers.1.ffn_norm.weight" in err
+    assert not (tmp_path / "out").exists()
+    assert convert_main(["--input", str(root), "--output", str(tmp_path / "avg"), "--allow-norm-mismatch"]) == 0
+    model = MedMaxChameleon.from_pretrained(tmp_path / "avg", dtype=torch.float32)
+    expected = (3 * state[0]["layers.1.ffn_norm.weight"] + changed) / 4
+    torch.testing.assert_close(model.model.layers[1].post_attention_layernorm.weight.detach(), expected)
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("missing-shard", "3 checkpoint file(s) but model_parallel_size 4"),
+    ("wrong-shape", "layers.0.attention.wq.weight is (4, 32)"),
+    ("no-qk-norm", "qk_normalization is false"),
+    ("extra-tensor", "unexpected ['layers.0.attention.bogus.weight']"),
+    ("gap-in-numbering", "are not numbered 00..03"),
+])
+def test_a_broken_release_is_refused_with_the_file_and_the_reason(tmp_path, tiny_tokenizer, tiny_vqgan, capsys,
+                                                                 fault, message):
+    root, state = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan, shards=4)
+    model_dir = root / "models" / "7b"
+    if fault == "missing-shard":
+        (model_dir / "consolidated.03.pth").unlink()
+    elif fault == "wrong-shape":
+        _rewrite_shard(model_dir / "consolidated.01.pth", **{"layers.0.attention.wq.weight": torch.zeros(4, 32)})
+    elif fault == "no-qk-norm":
+        params = json.loads((model_dir / "params.json").read_text())
+        params["model"]["qk_normalization"] = False
+        (model_dir / "params.json").write_text(json.dumps(params))
+    elif fault == "extra-tensor":
+        _rewrite_shard(model_dir / "consolidated.00.pth", **{"layers.0.attention.bogus.weight": torch.zeros(2)})
+    else:
+        (model_dir / "consolidated.03.pth").rename(model_dir / "consolidated.04.pth")
+    assert convert_main(["--input", str(root), "--output", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.mkdir, (str(Path(os.environ["MEDMAX_TEST_MARKER"])),))
+
+
+def test_a_pickle_that_runs_code_is_never_unpickled(tmp_path, tiny_tokenizer, tiny_vqgan, capsys, monkeypatch):
+    root, state = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan)
+    marker = tmp_path / "code-ran"
+    monkeypatch.setenv("MEDMAX_TEST_MARKER", str(marker))
+    torch.save({**state[0], "extra": _RunsCode()}, root / "models" / "7b" / "consolidated.pth")
+    assert convert_main(["--input", str(root), "--output", str(tmp_path / "out")]) == 2
+    assert "not a plain tensor checkpoint" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_a_legacy_non_zip_checkpoint_is_read_whole_with_a_warning(tmp_path, tiny_tokenizer, tiny_vqgan, caplog):
+    root, state = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan)
+    torch.save(state[0], root / "models" / "7b" / "consolidated.pth", _use_new_zipfile_serialization=False)
+    assert convert_main(["--input", str(root), "--output", str(tmp_path / "out")]) == 0
+    assert "cannot be memory-mapped" in caplog.text
+    torch.testing.assert_close(_logits(tmp_path / "out"), meta_forward(state, release_params(), TEXT_IDS),
+                               atol=2e-5, rtol=1e-5)
+
+
+def test_rope_freqs_that_disagree_with_rope_theta_are_reported(tmp_path, tiny_tokenizer, tiny_vqgan, caplog):
+    root, state = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan)
+    _rewrite_shard(root / "models" / "7b" / "consolidated.pth", **{"rope.freqs": state[0]["rope.freqs"] * 2})
+    assert convert_main(["--input", str(root), "--output", str(tmp_path / "out")]) == 0
+    assert "rope.freqs does not match rope_theta" in caplog.text
+
+
+def test_an_existing_output_is_never_mixed_with(tmp_path, tiny_tokenizer, tiny_vqgan, capsys):
+    root, _ = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert convert_main(["--input", str(root), "--output", str(out)]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_a_model_folder_is_checked_and_nothing_is_written(tmp_path, tiny_model_dir, caplog, capsys):
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in tiny_model_dir.rglob("*"))
+    assert convert_main(["--input", str(tiny_model_dir)]) == 0
+    assert "valid model folder, nothing to convert" in caplog.text
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in tiny_model_dir.rglob("*")) == before
+    assert convert_main(["--input", str(tiny_model_dir), "--output", str(tmp_path / "copy")]) == 2
+    assert "already a model folder" in capsys.readouterr().err and not (tmp_path / "copy").exists()
+
+
+def test_a_model_folder_whose_vqgan_does_not_belong_is_reported(tmp_path, tiny_tokenizer, tiny_vqgan, capsys):
+    from medmax.model import save_model_dir
+
+    torch.manual_seed(99)
+    other = VQGAN.from_params(VQGAN_PRESETS["tiny"])
+    save_model_dir(tmp_path / "model", new_model("tiny", tiny_tokenizer, tiny_vqgan), tiny_tokenizer, other)
+    assert convert_main(["--input", str(tmp_path / "model")]) == 2
+    assert "differs from vqgan/" in capsys.readouterr().err
 
 
 def _hf_folder(path, tokenizer, vqgan):
@@ -31,21 +236,57 @@ def _hf_folder(path, tokenizer, vqgan):
     return path
 
 
-def test_convert_keeps_the_decoder_and_tokenizer(tmp_path, tiny_tokenizer, tiny_vqgan):
-    original = _original_layout(tmp_path / "ckpt", tiny_vqgan, tiny_tokenizer)
+def test_a_hugging_face_folder_gets_the_decoder_and_tokenizer_of_the_release(tmp_path, tiny_tokenizer, tiny_vqgan):
+    original, _ = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan)
     hf = _hf_folder(tmp_path / "hf", tiny_tokenizer, tiny_vqgan)
-    convert_main(["--original", str(original), "--hf-model", str(hf), "--output", str(tmp_path / "out"),
-                  "--dtype", "float32"])
+    assert convert_main(["--input", str(hf), "--original", str(original), "--output", str(tmp_path / "out"),
+                         "--dtype", "float32"]) == 0
     bundle = load_model_dir(tmp_path / "out")
     for key, value in tiny_vqgan.state_dict().items():
         assert torch.equal(bundle.vqgan.state_dict()[key], value), key  # decoder included
     assert bundle.tokenizer.get_vocab() == tiny_tokenizer.get_vocab()
+    check_model_folder(tmp_path / "out")
 
 
-def test_convert_refuses_a_model_from_another_vqgan(tmp_path, tiny_tokenizer, tiny_vqgan):
-    original = _original_layout(tmp_path / "ckpt", tiny_vqgan, tiny_tokenizer)
+def test_a_hugging_face_folder_needs_the_release_and_the_same_vqgan(tmp_path, tiny_tokenizer, tiny_vqgan, capsys):
+    original, _ = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan)
     torch.manual_seed(99)
-    other = VQGAN.from_params(VQGAN_PRESETS["tiny"])
-    hf = _hf_folder(tmp_path / "hf", tiny_tokenizer, other)
-    with pytest.raises(ValueError, match="model.vqmodel differs"):
-        convert_main(["--original", str(original), "--hf-model", str(hf), "--output", str(tmp_path / "out")])
+    hf = _hf_folder(tmp_path / "hf", tiny_tokenizer, VQGAN.from_params(VQGAN_PRESETS["tiny"]))
+    assert convert_main(["--input", str(hf), "--output", str(tmp_path / "out")]) == 2
+    assert "--original" in capsys.readouterr().err
+    assert convert_main(["--input", str(hf), "--original", str(original), "--output", str(tmp_path / "out")]) == 2
+    assert "model.vqmodel differs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["params.json top level", "counted from the files"])
+def test_model_parallel_size_may_sit_in_params_json_or_be_counted(tmp_path, tiny_tokenizer, tiny_vqgan, where):
+    root, state = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan, shards=4)
+    model_dir = root / "models" / "7b"
+    (model_dir / "consolidate_params.json").unlink()
+    if where == "params.json top level":
+        params = json.loads((model_dir / "params.json").read_text())
+        (model_dir / "params.json").write_text(json.dumps({"model_parallel_size": 4, **params}))
+    assert convert_main(["--input", str(root), "--output", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_parallel_size"] == 4
+
+
+def test_a_lightning_vqgan_checkpoint_with_objects_needs_trust(tmp_path, tiny_tokenizer, tiny_vqgan, capsys):
+    """Lightning stores hyper-parameters as objects; only --trust-checkpoint unpickles them (the .pth never)."""
+    import argparse
+
+    root, _ = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan)
+    ckpt = torch.load(root / "tokenizer" / "vqgan.ckpt", weights_only=True)
+    torch.save({**ckpt, "hyper_parameters": argparse.Namespace(embed_dim=32)}, root / "tokenizer" / "vqgan.ckpt")
+    assert convert_main(["--input", str(root), "--output", str(tmp_path / "out")]) == 2
+    assert "--trust-checkpoint" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert convert_main(["--input", str(root), "--output", str(tmp_path / "out"), "--trust-checkpoint"]) == 0
+
+
+def test_a_single_numbered_shard_is_a_one_shard_release(tmp_path, tiny_tokenizer, tiny_vqgan):
+    """transformers' converter and Meta's loader both accept consolidated.00.pth for a one-file model."""
+    root, state = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan)
+    model_dir = root / "models" / "7b"
+    (model_dir / "consolidated.pth").rename(model_dir / "consolidated.00.pth")
+    assert convert_main(["--input", str(root), "--output", str(tmp_path / "out")]) == 0
+    torch.testing.assert_close(_logits(tmp_path / "out"), meta_forward(state, release_params(), TEXT_IDS),
+                               atol=2e-5, rtol=1e-5)

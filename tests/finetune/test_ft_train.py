@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from tokenizers import Tokenizer
 from transformers import ChameleonForConditionalGeneration
 
 from finetune.demo_data import demo_rows
@@ -71,16 +73,48 @@ def test_full_run_logs_curves_and_exports_a_standard_model(tmp_path, data_dir, t
     assert (tmp_path / "model" / "tokenizer.json").is_file()
 
 
-def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, data_dir):
-    whole = _train(tmp_path / "whole", data_dir, "validation=null")
-    # an interruption right after the step-2 save: only checkpoint-2 exists
+@pytest.fixture(scope="module")
+def whole_run(data_dir, tmp_path_factory):
+    """4 steps without interruption: checkpoint-2 and checkpoint-4."""
+    return _train(tmp_path_factory.mktemp("whole") / "run", data_dir, "validation=null")
+
+
+def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, data_dir, whole_run, caplog):
+    whole = whole_run
+    # an interruption right after the step-2 save, and a kill while checkpoint-4 was being written
     shutil.copytree(whole / "checkpoint-2", tmp_path / "cut" / "checkpoint-2")
+    (tmp_path / "cut" / "checkpoint-4").mkdir()
+    shutil.copy(whole / "checkpoint-4" / "config.json", tmp_path / "cut" / "checkpoint-4")
     resumed = _train(tmp_path / "cut", data_dir, "validation=null", resume=True)
+    assert "checkpoint-4 is incomplete" in caplog.text and f"resuming from {tmp_path / 'cut' / 'checkpoint-2'}" in caplog.text
     a, b = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0, msg=key)
     assert [h["loss"] for h in _history(resumed) if "loss" in h][-1] == [h["loss"] for h in _history(whole) if "loss" in h][-1]
+
+
+def test_resume_refuses_another_dataset_tokenizer_or_mode(tmp_path, data_dir, whole_run, tiny_tokenizer, tiny_vocab,
+                                                         caplog):
+    from tokenizers import AddedToken
+
+    from finetune.config import ConfigError
+
+    out = tmp_path / "run"
+    shutil.copytree(whole_run / "checkpoint-2", out / "checkpoint-2")
+    other = write_sequences(tmp_path / "other", demo_rows(tiny_tokenizer, 48, n_codes=32, seed=1), tiny_vocab.special_ids())
+    tokenizer = Tokenizer.from_str(tiny_tokenizer.to_str())
+    tokenizer.add_tokens([AddedToken("lesion-free", normalized=False)])
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    for overrides, named in (([], "datasets[0]"), (["mode=lora"], "mode=full (this run: lora)"),
+                             ([f"tokenizer={tmp_path / 'tokenizer.json'}"], "tokenizer")):
+        with pytest.raises(ConfigError, match=re.escape(named) + ".*--resume-anyway"):
+            _train(out, other if not overrides else data_dir, "validation=null", *overrides, resume=True)
+    moved = shutil.copytree(data_dir, tmp_path / "moved")  # the same content elsewhere is the same data
+    _train(out, moved, "validation=null", "max_steps=2", resume=True)
+    train_main(["--config", CONFIG, f"datasets=[{other}]", f"output_dir={out}", "report_to=none", "validation=null",
+                "max_steps=2", "disable_tqdm=true", "--resume-anyway"])
+    assert "continuing anyway" in caplog.text
 
 
 def test_lora_trains_adapters_only_and_export_merges_them(tmp_path, data_dir, tiny_tokenizer):

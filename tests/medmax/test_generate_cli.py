@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,7 +49,7 @@ def test_text_mode_with_image_placeholder(tiny_model_dir, scan, tmp_path):
     [
         (["--image", "{bad}"], "bad.png"),
         (["--image", "{missing}"], "missing.png"),
-        (["--prompt", "<image> and <image>", "--image", "{scan}"], "2 <image> placeholders but 1 --image"),
+        (["--prompt", "<image> and <image>", "--image", "{scan}"], "2 <image> placeholders but 1 images"),
         (["--max-new-tokens", "0"], "max_new_tokens"),
     ],
 )
@@ -81,3 +82,124 @@ def test_programs_lists_every_entry_point(capsys):
     for program in ("tokenization.image_tokenize", "tokenization.build_sequences", "finetune/launch.sh",
                     "finetune.train", "finetune.export", "eval.run", "medmax generate"):
         assert program in listing
+
+
+def test_generate_and_eval_run_build_the_same_ids(tiny_model_dir, scan, tmp_path, monkeypatch):
+    """One prompt layout: the README's `medmax generate --image` question and eval.run's row give one sequence."""
+    import shutil
+
+    import eval.run
+    from medmax.generation import Generator
+
+    built = []
+    original = Generator._encode_checked
+
+    def record(self, checked):
+        built.append(original(self, checked))
+        return built[-1]
+
+    monkeypatch.setattr(Generator, "_encode_checked", record)
+    question = "Is there a lesion in the image?"
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", question, "--image", str(scan), "--mode", "text",
+                 "--greedy", "--max-new-tokens", "1", "--output", str(tmp_path / "gen"), "--device", "cpu"]) == 0
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(scan, data / "scan.png")
+    (data / "eval.jsonl").write_text(json.dumps({"task_name": "vqa_rad", "question_type": "closed", "prompt": question,
+                                                 "answer": "yes", "image_path": "scan.png"}) + "\n")
+    assert eval.run.main(["--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "eval"),
+                          "--tasks", "vqa_rad_closed", "--max-new-tokens", "1", "--device", "cpu"]) == 0
+    (from_generate,), (from_eval,) = built
+    assert from_generate == from_eval
+    assert from_eval.index(8197) == 1  # <s>, then the image (<racm3:break> ...), then the question, as in training
+
+
+def _generate(model, out, *extra):
+    assert main(["generate", "--model", str(model), "--prompt", "Is there a lesion?", "--output", str(out),
+                 "--device", "cpu", "--seed", "3", *extra]) == 0
+    return json.loads((out / "generation.json").read_text())
+
+
+def test_top_p_zero_is_greedy(tiny_model_dir, tmp_path):
+    """--top-p 0 and --image-top-p 0 keep only the most likely token (they crashed with NaN after loading)."""
+    text = ["--mode", "text", "--max-new-tokens", "6"]
+    assert _generate(tiny_model_dir, tmp_path / "p0", *text, "--top-p", "0")["token_ids"] == \
+        _generate(tiny_model_dir, tmp_path / "greedy", *text, "--greedy")["token_ids"]
+    image = ["--mode", "image"]
+    codes = _generate(tiny_model_dir, tmp_path / "ip0", *image, "--image-top-p", "0")["segments"][0]["codes"]
+    assert codes == _generate(tiny_model_dir, tmp_path / "it0", *image, "--image-temperature", "0")["segments"][0]["codes"]
+
+
+def test_top_p_above_one_is_refused_before_loading(tiny_model_dir, tmp_path, capsys):
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--mode", "text",
+                 "--output", str(tmp_path / "o"), "--top-p", "1.5"]) == 2
+    assert "top_p" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_an_existing_output_is_refused_and_overwrite_clears_only_what_generate_wrote(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    first = _generate(tiny_model_dir, out, "--mode", "image")
+    (out / "notes.txt").write_text("the user's own file")
+    argv = ["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--mode", "text", "--output", str(out),
+            "--max-new-tokens", "2"]
+    assert main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert json.loads((out / "generation.json").read_text()) == first and (out / "image_0.png").is_file()
+    assert main(argv + ["--overwrite"]) == 0
+    assert json.loads((out / "generation.json").read_text())["config"]["mode"] == "text"
+    assert not (out / "image_0.png").exists()  # the earlier run's image is not left behind as an orphan
+    assert (out / "notes.txt").read_text() == "the user's own file"
+
+
+def test_overwrite_never_replaces_a_file_generate_did_not_write(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "image_0.png").write_bytes(b"someone else's picture")
+    (out / "generation.json").write_text(json.dumps({"segments": [{"type": "image", "path": "../escape.png"}]}))
+    (tmp_path / "escape.png").write_bytes(b"outside")
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--mode", "image", "--output", str(out),
+                 "--overwrite"]) == 2
+    assert "image_0.png" in capsys.readouterr().err
+    assert (out / "image_0.png").read_bytes() == b"someone else's picture" and (tmp_path / "escape.png").is_file()
+    assert (out / "generation.json").is_file()  # nothing is removed when the run is refused
+
+
+def test_an_unwritable_output_fails_before_loading(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import os
+
+    import medmax.generation
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(medmax.generation.Generator, "from_dir", refuse)
+    if os.geteuid() == 0:  # root writes through file modes; /sys refuses even root
+        out = Path("/sys/medmax-generate-test")
+    else:
+        (tmp_path / "ro").mkdir(mode=0o555)
+        out = tmp_path / "ro" / "out"
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--mode", "text", "--output", str(out)]) == 2
+    assert f"--output {out}" in capsys.readouterr().err
+
+
+def test_a_programming_error_keeps_its_traceback(tiny_model_dir, tmp_path, monkeypatch):
+    import medmax.generation
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug, not a user's mistake")
+
+    monkeypatch.setattr(medmax.generation.Generator, "generate", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--mode", "text", "--output", str(tmp_path / "o")])
+
+
+def test_a_model_too_large_for_memory_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 100000, "hidden_size": 4096}))
+    assert main(["generate", "--model", str(folder), "--prompt", "x", "--mode", "text", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "config.json" in err and "--skip-memory-check" in err and err.count("\n") == 1

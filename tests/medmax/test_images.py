@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import struct
+import subprocess
+import sys
 import warnings
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -13,7 +19,10 @@ import torch
 from PIL import Image
 from pydicom.data import get_testdata_files
 
-from medmax.images import ImageLoadError, load_image, preprocess
+from medmax import images
+from medmax.images import ImageLimits, ImageLoadError, load_image, preprocess
+
+REPO = Path(__file__).resolve().parents[2]
 
 # Only files shipped inside the pydicom wheel: get_testdata_file(name) would try to download the rest.
 DICOM_FILES = {os.path.basename(f): f for f in get_testdata_files()}
@@ -202,3 +211,144 @@ def test_preprocess_resizes_the_shorter_side_and_crops_the_centre():
     tall[75:125] = 255
     assert preprocess(Image.fromarray(tall), 32)[:, 4:-4].min() > 0.9
     assert -1 <= float(out.min()) and float(out.max()) <= 1
+
+
+# ------------------------------------------------------------------------------------ sources and formats
+
+
+def test_a_png_named_dcm_is_read_by_its_content(tmp_path):
+    """Issue 12: a valid PNG named .dcm was reported as "DICOM has no pixel data"."""
+    pixels = _rgb(20, 30)
+    (tmp_path / "scan.dcm").write_bytes(_encode(Image.fromarray(pixels), "PNG"))
+    assert np.array_equal(np.asarray(load_image(tmp_path / "scan.dcm")), pixels)
+    ds = pydicom.dcmread(DICOM_FILES["CT_small.dcm"])  # and the reverse: DICOM content under an image name
+    (tmp_path / "ct.png").write_bytes(_dicom_bytes(ds))
+    assert np.array_equal(np.asarray(load_image(tmp_path / "ct.png")), np.asarray(load_image(DICOM_FILES["CT_small.dcm"])))
+    (tmp_path / "text.dcm").write_text("neither DICOM nor an image")
+    with pytest.raises(ImageLoadError, match="text.dcm: .*not a DICOM file.* nor a recognised image format"):
+        load_image(tmp_path / "text.dcm")
+
+
+def test_bytes_and_file_like_sources(tmp_path):
+    """Embedded images (parquet bytes, uploads) load like files: bytes, memoryview, BytesIO, an open file."""
+    data = _encode(Image.fromarray(_rgb()), "PNG")
+    (tmp_path / "a.png").write_bytes(data)
+    expected = np.asarray(load_image(tmp_path / "a.png"))
+    with open(tmp_path / "a.png", "rb") as f:
+        sources = [data, bytearray(data), memoryview(data), io.BytesIO(data), f, str(tmp_path / "a.png")]
+        for source in sources:
+            assert np.array_equal(np.asarray(load_image(source)), expected), type(source)
+    with pytest.raises(ImageLoadError, match=r"<BytesIO>: not a recognised image format"):
+        load_image(io.BytesIO(b"junk"))
+    with pytest.raises(ImageLoadError, match=r"<3 bytes>: not a recognised image format"):
+        load_image(b"abc")
+
+
+# ------------------------------------------------------------------------------------------- limits
+
+
+def _png(width: int, height: int, pixel: bytes) -> bytes:
+    """A PNG of one repeated pixel (1 byte: greyscale, 4 bytes: RGBA), streamed: tiny on disk, huge decoded."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    colour_type = {1: 0, 3: 2, 4: 6}[len(pixel)]
+    z, row = zlib.compressobj(6), b"\x00" + pixel * width
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_limits_refuse_before_decoding_and_can_be_raised():
+    strip = _png(10, 300, b"\x80")  # aspect ratio 30
+    with pytest.raises(ImageLoadError, match=r"10x300, aspect ratio 30 is over the limit of 20 \(max_aspect_ratio; --max-aspect-ratio"):
+        load_image(strip)
+    assert load_image(strip, limits=ImageLimits(max_aspect_ratio=40)).size == (10, 300)
+    with pytest.raises(ImageLoadError, match=r"aspect ratio"):  # an image built in memory is checked too
+        preprocess(Image.new("RGB", (10, 300)), 16)
+    assert preprocess(Image.new("RGB", (10, 300)), 16, limits=ImageLimits(max_aspect_ratio=40)).shape == (3, 16, 16)
+    big = _png(3000, 2000, b"\x80")
+    with pytest.raises(ImageLoadError, match=r"3000x2000 = 6,000,000 pixels, over the limit of 5,000,000"):
+        load_image(big, limits=ImageLimits(max_pixels=5_000_000))
+    assert load_image(big).size == (3000, 2000)
+    ds = pydicom.dcmread(DICOM_FILES["CT_small.dcm"])  # DICOM: checked from Rows x Columns, before decoding
+    with pytest.raises(ImageLoadError, match=r"128x128 = 16,384 pixels, over the limit of 10,000"):
+        load_image(_dicom_bytes(ds), limits=ImageLimits(max_pixels=10_000))
+
+
+def test_memory_error_while_loading_is_that_images_error(monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(images, "to_rgb", no_memory)
+    with pytest.raises(ImageLoadError, match="out of memory"):
+        load_image(_encode(Image.fromarray(_rgb()), "PNG"))
+
+
+def test_blending_and_scaling_in_strips_equal_the_whole_image(monkeypatch):
+    """Transparency and high-bit-depth work is done a few rows at a time; the pixels are the same."""
+    rng = np.random.default_rng(3)
+    rgba = rng.integers(0, 256, (37, 23, 4), dtype=np.uint8)
+    deep = Image.fromarray(rng.integers(0, 5000, (37, 23)).astype(np.uint16))
+    whole = [np.asarray(load_image(_encode(Image.fromarray(rgba, "RGBA"), "PNG"))), np.asarray(load_image(_encode(deep, "PNG")))]
+    alpha = rgba[..., 3:4] / 255.0  # Chameleon's _whiten_transparency, on the whole array
+    assert np.array_equal(whole[0], ((1 - alpha) * 255 + alpha * rgba[..., :3]).astype(np.uint8))
+    monkeypatch.setattr(images, "_STRIP_PIXELS", 50)  # two or three rows a strip
+    strips = [np.asarray(load_image(_encode(Image.fromarray(rgba, "RGBA"), "PNG"))), np.asarray(load_image(_encode(deep, "PNG")))]
+    assert all(np.array_equal(a, b) for a, b in zip(whole, strips))
+
+
+PEAK = """
+import json, resource, sys
+from medmax.images import ImageLoadError, load_image, preprocess
+preprocess(load_image(sys.argv[1]), 64)  # warm up: imports, plugins, first allocations
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for path in sys.argv[2:]:
+    try:
+        preprocess(load_image(path), 64)
+        outcome = "ok"
+    except ImageLoadError as exc:
+        outcome = exc.reason
+    print(json.dumps({"outcome": outcome, "mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}))
+"""
+
+
+def _peaks(tmp_path, *paths) -> list[dict]:
+    """Load and preprocess each path in turn in a fresh process: the outcomes, and the growth of its peak RSS (MB) so far."""
+    warm = tmp_path / "warm.png"
+    Image.new("RGBA", (64, 64), (1, 2, 3, 100)).save(warm)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", PEAK, str(warm), *map(str, paths)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return [json.loads(line) for line in proc.stdout.splitlines()[-len(paths):]]
+
+
+def test_memory_stays_bounded_on_hostile_pngs(tmp_path):
+    """Issue 12: a 178-byte 1x100000 PNG took loading to 2.46 GB; an 8000x8000 RGBA PNG to 5.18 GB.
+
+    Here a 3000x3000 half-transparent RGBA PNG (36 MB decoded; 650 MB with the whole-image float blend)
+    loads within a few times its decoded size, and the 1x100000 strip is refused by its aspect ratio
+    before any resize (it took 2 GB and 15 s).
+    """
+    strip = tmp_path / "strip.png"
+    strip.write_bytes(_png(1, 100_000, b"\x80"))
+    rgba = tmp_path / "rgba.png"
+    rgba.write_bytes(_png(3000, 3000, b"\xc8\x0a\x0a\x80"))
+    assert strip.stat().st_size < 300 and rgba.stat().st_size < 100_000
+    refused, loaded = _peaks(tmp_path, strip, rgba)  # smallest first: the peak only grows
+    assert "aspect ratio 100000" in refused["outcome"] and refused["mb"] < 50, refused
+    assert loaded["outcome"] == "ok" and loaded["mb"] < 200, loaded
+
+
+def test_dicom_in_strips_equals_whole(monkeypatch):
+    """Every DICOM path (min-max, window, VOI LUT table, colour, palette) gives the same pixels by strips."""
+    ds = pydicom.dcmread(DICOM_FILES["CT_small.dcm"])
+    item = pydicom.Dataset()
+    item.add_new(0x00283002, "US", [256, 0, 12])  # LUT Descriptor: 256 entries from value 0, 12-bit output
+    item.add_new(0x00283006, "US", [int(v) for v in np.linspace(0, 4095, 256)])  # LUT Data
+    ds.VOILUTSequence = pydicom.Sequence([item])
+    sources = [_dicom_bytes(ds)] + [DICOM_FILES[n] for n in ("CT_small.dcm", "MR_small.dcm", "SC_rgb_dcmtk_+eb+cr.dcm", "examples_palette.dcm")]
+    whole = [np.asarray(load_image(s)) for s in sources]
+    assert whole[0].std() > 10 and not np.array_equal(whole[0], whole[1])  # the VOI LUT took effect
+    monkeypatch.setattr(images, "_STRIP_PIXELS", 37)  # strips of a single row, or a few
+    assert all(np.array_equal(np.asarray(load_image(s)), w) for s, w in zip(sources, whole))

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 from transformers import ChameleonForConditionalGeneration
 
@@ -65,3 +66,53 @@ def test_labelled_positions_loss_equals_the_full_head_loss(tiny_model_dir, tiny_
     # with Trainer's num_items_in_batch (gradient accumulation) the sum is divided by that count
     summed = model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(100)).loss
     torch.testing.assert_close(summed, full * (labels[:, 1:] != -100).sum() / 100, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ memory check
+def test_parameter_estimate_matches_the_real_count(tiny_tokenizer):
+    from medmax.model import estimate_parameter_bytes
+    from medmax.presets import VQGAN_PRESETS, chameleon_config
+
+    for preset, vq in (("tiny", "tiny"), ("small", "tiny"), ("7b", "chameleon")):
+        config = chameleon_config(preset, tiny_tokenizer, VQGAN_PRESETS[vq])
+        with torch.device("meta"):  # counts without allocating
+            real = sum(p.numel() for p in MedMaxChameleon(config).parameters())
+        assert abs(estimate_parameter_bytes(config, torch.bfloat16) / 2 - real) < 0.01 * real, preset
+
+
+def _folder_with(tiny_model_dir, tmp_path, **sizes):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **sizes}))
+    return folder
+
+
+def test_an_absurd_config_is_refused_before_allocating(tiny_model_dir, tmp_path):
+    import time
+
+    from medmax.model import ModelTooLargeError
+
+    folder = _folder_with(tiny_model_dir, tmp_path, num_hidden_layers=100000, hidden_size=4096, intermediate_size=11008)
+    start = time.perf_counter()
+    try:
+        load_model_dir(folder)
+    except ModelTooLargeError as err:
+        message = str(err)
+    else:
+        raise AssertionError("an 8-TB model was loaded")
+    assert time.perf_counter() - start < 10
+    assert f"{folder / 'config.json'}" in message and "100000 layers" in message and "--skip-memory-check" in message
+
+
+def test_the_check_uses_available_memory_and_can_be_overridden(tiny_model_dir, monkeypatch, caplog):
+    import medmax.model
+    from medmax.model import ModelTooLargeError
+
+    monkeypatch.setattr(medmax.model, "_available_bytes", lambda device=None: 1 << 20)  # 1 MiB free
+    with pytest.raises(ModelTooLargeError, match="only 1.0 MiB"):
+        load_model_dir(tiny_model_dir)
+    assert load_model_dir(tiny_model_dir, skip_memory_check=True).model is not None
+    assert "the check was overridden" in caplog.text

@@ -56,3 +56,40 @@ def test_write_dataset_keeps_heldout_scans_out_of_training(tmp_path):
     generation = [r for r in rows if r["task"] == "image_generation"]
     assert len(generation) == 6  # scans 0, 2, 4, ... of the 12 training scans (generation_every=2)
     assert all(r["text"].endswith("<reserved08706><image>") for r in generation)
+
+
+def test_vqgan_training_list_holds_training_scans_only(tmp_path):
+    """The quickstart trains its VQGAN on this list: no held-out scan may be in it."""
+    info = write_dataset(tmp_path, n_train=12, n_test=5, seed=0, n_dicom=1)
+    with open(info["train_images_csv"]) as f:
+        listed = [r["img_path"] for r in csv.DictReader(f)]
+    train_images = {json.loads(line)["image_path"] for line in open(info["train_jsonl"])}
+    held_out = {json.loads(line)["image_path"] for line in open(info["heldout_jsonl"])}
+    assert set(listed) == train_images and len(listed) == 12 and not set(listed) & held_out
+    lesions = info["heldout_lesions"]  # the quickstart's faithfulness prompts
+    assert lesions and {r["image_path"] for r in lesions} <= held_out
+    assert all(r["size"] in r["prompt"] and r["position"] in r["prompt"] for r in lesions)
+
+
+def test_locate_lesion_finds_known_lesions_even_blurred():
+    from PIL import ImageFilter
+
+    from medmax.synthetic import locate_lesion
+
+    scans = make_scans(120, seed=7, size=64)
+    for blur in (0, 2.0):  # 2 px of blur stands in for a VQGAN decode
+        found = [locate_lesion(s.image.filter(ImageFilter.GaussianBlur(blur)) if blur else s.image) for s in scans]
+        assert all(f == ((s.position, s.size) if s.lesion else None) for f, s in zip(found, scans)), blur
+
+
+def test_faithfulness_counts_matches_against_one_in_eight():
+    from medmax.synthetic import SIZES, faithfulness
+
+    scans = [s for s in make_scans(60, seed=2, size=64) if s.lesion][:8] + make_scans(4, seed=3, lesion_fraction=0.0)
+    targets = [(s.position, s.size) for s in scans[:4]]  # right
+    targets += [(s.position, SIZES[1 - SIZES.index(s.size)]) for s in scans[4:6]]  # right place, wrong size
+    targets += [(POSITIONS[(POSITIONS.index(s.position) + 1) % 4], s.size) for s in scans[6:8]]  # wrong place
+    targets += [("upper left", "small")] * 4  # no lesion drawn at all
+    result = faithfulness([s.image for s in scans], targets)
+    assert (result["n"], result["match"], result["chance"]) == (12, 4 / 12, 1 / 8)
+    assert (result["position_match"], result["size_match"], result["no_lesion_found"]) == (6 / 12, 6 / 12, 4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,8 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from medmax.image_tokens import iter_image_tokens, partition_files, read_image_tokens
+from medmax.image_tokens import folder_fingerprint, iter_image_tokens, partition_files, read_image_tokens, read_manifest
 from medmax.images import load_image, preprocess
+from medmax.vqgan import VQGAN, save_vqgan
 from tokenization import image_tokenize
 from tokenization.image_tokenize import main
 
@@ -115,7 +117,7 @@ def test_resume_after_a_crash_finishes_only_what_is_missing(dataset, tiny_vqgan_
     rows = _all_rows(out)
     assert len(rows) == len(set(rows)) == N_GOOD and set(_errors(out)) == set(BAD)
 
-    with pytest.raises(SystemExit, match="partition_size"):  # a different cut would overlap the finished partitions
+    with pytest.raises(SystemExit, match="--partition-size was 3, now 4"):  # a different cut would overlap the finished partitions
         _run(dataset, out, tiny_vqgan_dir, "--partition-size", "4")
 
 
@@ -187,4 +189,184 @@ def test_torchrun_two_processes_match_one(dataset, tiny_vqgan_dir, tmp_path):
     assert len(rows) == len(set(rows)) == N_GOOD
     assert read_image_tokens(double) == read_image_tokens(single)
     assert _errors(double) == _errors(single)
-    assert "tokenized 11 images, failed 4" in stdout
+    assert "15 rows: 11 written, 4 failed" in stdout
+
+
+# ------------------------------------------------------------------- resume: settings, weights, content
+
+
+def _manifest(out: Path) -> dict:
+    manifest = read_manifest(out)
+    assert manifest is not None and manifest["complete"] is True
+    rows = manifest["rows"]
+    assert rows["input"] == rows["written"] + rows["failed"] + rows["duplicate"]  # every row counted once
+    return manifest
+
+
+def _good_csv(path: Path, indices) -> Path:
+    path.write_text("img_path\n" + "".join(f"imgs/{i}.png\n" for i in indices))
+    return path
+
+
+def _published(monkeypatch) -> list[int]:
+    """Record the partitions a run publishes."""
+    publish, redone = image_tokenize.PartitionWriter._publish, []
+    monkeypatch.setattr(image_tokenize.PartitionWriter, "_publish", lambda self, k, part: (redone.append(k), publish(self, k, part)))
+    return redone
+
+
+def test_a_resume_with_any_setting_that_changes_codes_is_refused(dataset, tiny_vqgan, tiny_vqgan_dir, tmp_path):
+    """Issue 11: --dtype, --channels-last and --frame were not in the manifest; a bf16 restart mixed codes."""
+    out = tmp_path / "out"
+    assert _run(dataset, out, tiny_vqgan_dir, "--partition-size", "5") == 0
+    settings = _manifest(out)["settings"]
+    assert settings["dtype"] == "fp32" and settings["vqgan_digest"] == tiny_vqgan.codes_digest()
+    for flag in (["--dtype", "bf16"], ["--channels-last"], ["--frame", "1"], ["--max-image-pixels", "1000000"],
+                 ["--max-aspect-ratio", "5"], ["--partition-size", "4"]):
+        with pytest.raises(SystemExit, match=rf"holds image tokens made with other settings: {flag[0]} was .*, now "):
+            _run(dataset, out, tiny_vqgan_dir, "--partition-size", "5", *flag)
+
+
+def test_the_vqgan_is_known_by_its_weights_not_its_path(dataset, tiny_vqgan, tiny_vqgan_dir, tmp_path, monkeypatch):
+    out, ckpt = tmp_path / "out", tmp_path / "vqgan"
+    shutil.copytree(tiny_vqgan_dir, ckpt)
+    assert _run(dataset, out, ckpt, "--partition-size", "5") == 0
+    moved = tmp_path / "moved"
+    shutil.copytree(ckpt, moved)
+    redone = _published(monkeypatch)
+    assert _run(dataset, out, moved, "--partition-size", "5") == 0 and redone == []  # same weights elsewhere: all done
+    torch.manual_seed(99)
+    save_vqgan(VQGAN.from_params(tiny_vqgan.params), ckpt)  # other weights at the same path
+    with pytest.raises(SystemExit, match=r"--ckpt \(the VQGAN's weights\) was [0-9a-f]{12}.*, now [0-9a-f]{12}"):
+        _run(dataset, out, ckpt, "--partition-size", "5")
+
+
+def test_appended_rows_are_tokenized_on_rerun(dataset, tiny_vqgan_dir, tmp_path, monkeypatch, capsys):
+    """Issue 12: a finished run, 10 rows appended, the same command: "tokenized 0 images", exit 0 even with --strict."""
+    csv, root = _good_csv(tmp_path / "data.csv", range(8)), str(dataset.parent)
+    out = tmp_path / "out"
+    assert _run(csv, out, tiny_vqgan_dir, "--image-root", root, "--partition-size", "3", "--strict") == 0
+    before = {p.name: p.stat().st_mtime_ns for p in partition_files(out)}
+    with open(csv, "a") as f:
+        f.write("imgs/8.png\nimgs/9.png\nimgs/missing.png\nimgs/10.png\n")
+    redone = _published(monkeypatch)
+    assert _run(csv, out, tiny_vqgan_dir, "--image-root", root, "--partition-size", "3", "--strict") == 1  # the missing one
+    assert sorted(redone) == [2, 3]  # the partial last partition and the new one; 0 and 1 are kept as they were
+    kept = [p for p in partition_files(out) if p.name.endswith(("part000000.parquet", "part000001.parquet"))]
+    assert len(kept) == 2 and all(p.stat().st_mtime_ns == before[p.name] for p in kept)
+    assert sorted(read_image_tokens(out)) == sorted(f"imgs/{i}.png" for i in range(11))
+    assert list(_errors(out)) == ["imgs/missing.png"]
+    assert _manifest(out)["rows"] == {"input": 12, "written": 11, "failed": 1, "duplicate": 0}
+    assert "12 rows: 11 written, 1 failed" in capsys.readouterr().out
+
+
+def test_rows_edited_out_after_a_kill_lose_nothing(dataset, tiny_vqgan_dir, tmp_path, monkeypatch):
+    """Issue 12: a run killed mid-way, rows edited out of the CSV, rerun: three good rows were lost."""
+    csv, root, out = _good_csv(tmp_path / "data.csv", range(11)), str(dataset.parent), tmp_path / "out"
+    publish, calls = image_tokenize.PartitionWriter._publish, []
+
+    def crash_on_third(self, k, part):
+        calls.append(k)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        publish(self, k, part)
+
+    monkeypatch.setattr(image_tokenize.PartitionWriter, "_publish", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        _run(csv, out, tiny_vqgan_dir, "--image-root", root, "--partition-size", "3")
+    monkeypatch.setattr(image_tokenize.PartitionWriter, "_publish", publish)
+    kept = [0, 2, 3, 5, 6, 8, 9, 10]
+    _good_csv(csv, kept)  # rows 1, 4 and 7 edited out: every later row moves to another partition
+    assert _run(csv, out, tiny_vqgan_dir, "--image-root", root, "--partition-size", "3") == 0
+    rows = _all_rows(out)
+    assert sorted(rows) == sorted(f"imgs/{i}.png" for i in kept) and len(rows) == len(set(rows))
+    assert _manifest(out)["rows"] == {"input": 8, "written": 8, "failed": 0, "duplicate": 0}
+
+
+def test_shrinking_the_csv_removes_partitions_past_its_end(dataset, tiny_vqgan_dir, tmp_path):
+    csv, root, out = _good_csv(tmp_path / "data.csv", ["missing", *range(1, 9)]), str(dataset.parent), tmp_path / "out"
+    assert _run(csv, out, tiny_vqgan_dir, "--image-root", root, "--partition-size", "3") == 0
+    assert list(_errors(out)) == ["imgs/missing.png"] and len(partition_files(out)) == 3
+    _good_csv(csv, range(4))
+    assert _run(csv, out, tiny_vqgan_dir, "--image-root", root, "--partition-size", "3") == 0
+    assert sorted(_all_rows(out)) == sorted(f"imgs/{i}.png" for i in range(4)) and _errors(out) == {}
+    assert len(partition_files(out)) == 2 and _manifest(out)["rows"]["input"] == 4
+
+
+def test_the_same_csv_elsewhere_resumes_without_redoing_anything(dataset, tiny_vqgan_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert _run(dataset, out, tiny_vqgan_dir, "--partition-size", "5") == 0
+    fingerprint = folder_fingerprint(out)
+    copy = tmp_path / "copy.csv"
+    copy.write_bytes(dataset.read_bytes())
+    redone = _published(monkeypatch)
+    assert _run(copy, out, tiny_vqgan_dir, "--partition-size", "5", "--image-root", str(dataset.parent)) == 0
+    assert redone == [] and folder_fingerprint(out) == fingerprint
+    assert fingerprint["rows"] == {"input": 15, "written": 11, "failed": 4, "duplicate": 0}
+
+
+def test_duplicate_paths_are_tokenized_once_and_counted(dataset, tiny_vqgan_dir, tmp_path):
+    csv = tmp_path / "dups.csv"
+    csv.write_text("img_path\nimgs/0.png\nimgs/1.png\nimgs/0.png\nimgs/missing.png\nimgs/missing.png\nimgs/2.png\n")
+    out = tmp_path / "out"
+    assert _run(csv, out, tiny_vqgan_dir, "--image-root", str(dataset.parent), "--partition-size", "2") == 0
+    rows = _all_rows(out)
+    assert sorted(rows) == ["imgs/0.png", "imgs/1.png", "imgs/2.png"] and len(rows) == 3
+    assert len((out / "errors" / "part000001.jsonl").read_text().splitlines()) == 1
+    assert _manifest(out)["rows"] == {"input": 6, "written": 3, "failed": 1, "duplicate": 2}
+
+
+def test_invalid_utf8_in_a_row_is_that_rows_error(dataset, tiny_vqgan_dir, tmp_path):
+    """Issue 12: invalid UTF-8 in one CSV row aborted the whole run."""
+    csv = tmp_path / "bytes.csv"
+    csv.write_bytes(b"img_path,caption\nimgs/0.png,ok\nimgs/\xff1.png,x\nimgs/2.png,caf\xe9 in another column\n")
+    out = tmp_path / "out"
+    assert _run(csv, out, tiny_vqgan_dir, "--image-root", str(dataset.parent)) == 0
+    assert sorted(read_image_tokens(out)) == ["imgs/0.png", "imgs/2.png"]
+    errors = _errors(out)
+    assert list(errors) == ["imgs/\\xff1.png"] and "not valid UTF-8" in errors["imgs/\\xff1.png"]
+
+
+def test_hostile_images_are_failed_rows_that_never_take_down_their_batch(dataset, tiny_vqgan_dir, tmp_path, monkeypatch):
+    """Issue 12: an image too large for memory crashed its partition and every later one."""
+    root = tmp_path / "root"
+    shutil.copytree(dataset.parent / "imgs", root / "imgs")
+    Image.new("L", (1, 100_000), 128).save(root / "imgs" / "strip.png")  # a few hundred bytes; 2 GB in the old resize
+    Image.new("RGB", (400, 300), (9, 9, 9)).save(root / "imgs" / "big.png")
+    shutil.copy(root / "imgs" / "3.png", root / "imgs" / "boom.png")
+    load = image_tokenize.load_image
+
+    def out_of_memory_on_boom(source, **kwargs):
+        if str(source).endswith("boom.png"):
+            raise MemoryError
+        return load(source, **kwargs)
+
+    monkeypatch.setattr(image_tokenize, "load_image", out_of_memory_on_boom)
+    csv = _good_csv(tmp_path / "data.csv", [0, "strip", 1, "big", "boom", 2, 4])
+    out = tmp_path / "out"
+    assert _run(csv, out, tiny_vqgan_dir, "--image-root", str(root), "--batch-size", "8", "--partition-size", "3",
+                "--max-image-pixels", "100000") == 0
+    assert sorted(read_image_tokens(out)) == ["imgs/0.png", "imgs/1.png", "imgs/2.png", "imgs/4.png"]
+    errors = _errors(out)
+    assert "aspect ratio 100000 is over the limit of 20" in errors["imgs/strip.png"] and "--max-aspect-ratio" in errors["imgs/strip.png"]
+    assert "120,000 pixels, over the limit of 100,000" in errors["imgs/big.png"]
+    assert "MemoryError" in errors["imgs/boom.png"]
+    assert _manifest(out)["rows"] == {"input": 7, "written": 4, "failed": 3, "duplicate": 0}
+
+
+def test_a_broken_checkpoint_is_not_called_untrusted(dataset, tiny_vqgan, tmp_path):
+    import yaml
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "vqgan.yaml").write_text(yaml.safe_dump({"model": {"params": tiny_vqgan.params}}))
+    torch.save({"state_dict": tiny_vqgan.state_dict()}, ckpt / "vqgan.ckpt")
+    data = (ckpt / "vqgan.ckpt").read_bytes()
+    (ckpt / "vqgan.ckpt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SystemExit, match=r"vqgan\.ckpt: truncated or corrupt") as info:
+        _run(dataset, tmp_path / "out", ckpt)
+    assert "trust" not in str(info.value)
+    huge = {**tiny_vqgan.params, "n_embed": 10**10}
+    (ckpt / "vqgan.yaml").write_text(yaml.safe_dump({"model": {"params": huge}}))
+    with pytest.raises(SystemExit, match=r"--skip-memory-check"):
+        _run(dataset, tmp_path / "out", ckpt)

@@ -1,0 +1,15 @@
+"""The mistakes eval.run reports as one line (``eval.run: error: ...``, exit code 2) instead of a traceback."""
+
+from __future__ import annotations
+
+
+class EvalError(ValueError):
+    """A setting, input or output folder that cannot be used as given; the message names it and why."""
+
+
+class FingerprintMismatch(EvalError):
+    """An output folder holds predictions made from other inputs or settings."""
+
+
+class ShardError(EvalError):
+    """Shards of one launch that cannot agree or did not all finish."""

@@ -1,0 +1,368 @@
+"""The browser demo's logic: uploads, the conversation's token context, settings, batching, streaming.
+
+``medmax demo --model DIR`` serves a Gradio page (:mod:`medmax.demo_app`, a thin layer over this
+module). Everything here runs without a browser and without Gradio:
+
+- :func:`load_upload` reads one uploaded file (PNG, JPEG, TIFF, DICOM... through
+  :func:`medmax.images.load_image`) after checking that its path lies inside the app's temporary
+  folder and that it is not over the size limit; :func:`model_view` is what the model sees of it
+  (windowed, resized and centre-cropped to the VQGAN resolution).
+- :class:`Conversation` holds the turns. Its :meth:`Conversation.prompt` is one token context in the
+  layout of training rows and evaluation: each user turn is its images, then its text, then the
+  end-of-turn; each answer is its text and drawn images (as their exact codes), then the end-of-turn.
+- :class:`Settings` are the page's controls; :func:`group_requests` groups requests whose settings
+  agree except for the seed; :meth:`Engine.run_batch` runs each group as ONE ``Generator.generate``
+  call with a seed per request, so an answer depends on its prompt, settings and seed only, never on
+  who else asked at the same time; and streams each answer as it grows into a per-request channel
+  that :meth:`Engine.events` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Union
+
+from PIL import Image
+
+from .generation import END_OF_TURN, MODES, GenerationConfig, ImageCodes, ImageOutput
+from .images import ImageLoadError, load_image, resize_and_crop
+from .paths import PathEscapeError, resolve_inside
+
+logger = logging.getLogger(__name__)
+
+MAX_UPLOAD_MB = 32  # default limit of one uploaded file
+MAX_NEW_TOKENS = 1024  # the page's max-tokens slider goes no higher
+
+
+class DemoError(ValueError):
+    """Something the page shows to its user as one line (a bad upload, a bad setting, a failed answer)."""
+
+
+# ---------------------------------------------------------------------------------------------- uploads
+def load_upload(path: str | Path, root: Path, max_bytes: int) -> Image.Image:
+    """An uploaded file as an RGB image; DemoError naming the file and the reason otherwise.
+
+    ``path`` comes from the browser: it must resolve inside ``root`` (the app's temporary folder).
+    """
+    name = Path(str(path)).name or str(path)
+    try:
+        inside = resolve_inside(root, path)
+    except (PathEscapeError, OSError, ValueError) as err:
+        raise DemoError(f"{name}: not a file uploaded to this page ({err})") from err
+    if not inside.is_file():
+        raise DemoError(f"{name}: no such uploaded file")
+    size = inside.stat().st_size
+    if size > max_bytes:
+        raise DemoError(f"{name}: {size / 2**20:.1f} MB is over the upload limit of {max_bytes / 2**20:g} MB")
+    try:
+        return load_image(inside)
+    except ImageLoadError as err:
+        raise DemoError(f"{name}: cannot be read as an image or DICOM ({err.reason})") from err
+    except (MemoryError, Image.DecompressionBombError) as err:
+        raise DemoError(f"{name}: too large to decode ({err})") from err
+
+
+def model_view(image: Image.Image, resolution: int) -> Image.Image:
+    """What the model sees of a loaded image: resized (shorter side) and centre-cropped to the VQGAN's resolution."""
+    return resize_and_crop(image, resolution)
+
+
+# ---------------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class Settings:
+    """The page's generation controls. ``seed`` is per request; the rest decides which requests batch together."""
+
+    mode: str = "text"
+    temperature: float = 1.0  # 0 = greedy text
+    top_p: float = 0.9  # text
+    guidance_scale_text: float = 3.0
+    guidance_scale_image: float = 1.2
+    image_temperature: float = 0.7  # 0 = greedy codes
+    max_new_tokens: int = 128
+    seed: int = 0
+
+    def __post_init__(self):
+        checks = {
+            "mode": (self.mode in MODES, f"one of {', '.join(MODES)}"),
+            "temperature": (self.temperature >= 0, ">= 0"),
+            "top-p": (0 < self.top_p <= 1, "in (0, 1]"),
+            "text guidance scale": (self.guidance_scale_text >= 0, ">= 0"),
+            "image guidance scale": (self.guidance_scale_image >= 0, ">= 0"),
+            "image temperature": (self.image_temperature >= 0, ">= 0"),
+            "max tokens": (1 <= self.max_new_tokens <= MAX_NEW_TOKENS, f"in 1..{MAX_NEW_TOKENS}"),
+            "seed": (self.seed >= 0, ">= 0"),
+        }
+        for name, (ok, rule) in checks.items():
+            if not ok:
+                raise DemoError(f"setting {name} must be {rule}")
+
+    @classmethod
+    def from_page(cls, mode, temperature, top_p, cfg_text, cfg_image, image_temperature, max_new_tokens, seed) -> "Settings":
+        """From the page's raw control values (numbers may arrive as floats or None)."""
+        try:
+            return cls(mode=str(mode), temperature=float(temperature), top_p=float(top_p),
+                       guidance_scale_text=float(cfg_text), guidance_scale_image=float(cfg_image),
+                       image_temperature=float(image_temperature), max_new_tokens=int(max_new_tokens), seed=int(seed))
+        except (TypeError, ValueError) as err:
+            if isinstance(err, DemoError):
+                raise
+            raise DemoError(f"settings: a control holds no number ({err})") from err
+
+    def batch_key(self) -> "Settings":
+        return dataclasses.replace(self, seed=0)
+
+    def generation_config(self, batch_size: int) -> GenerationConfig:
+        return GenerationConfig(
+            mode=self.mode, max_new_tokens=self.max_new_tokens, max_images=1, do_sample=self.temperature > 0,
+            temperature=self.temperature, top_p=self.top_p, image_temperature=self.image_temperature,
+            guidance_scale_text=self.guidance_scale_text, guidance_scale_image=self.guidance_scale_image,
+            batch_size=batch_size)
+
+
+# ---------------------------------------------------------------------------------------------- conversation
+@dataclass
+class ShownImage:
+    """An image in the conversation: an upload (``image``) or a drawn one (``codes``), and its PNG on disk."""
+
+    path: Path
+    image: Image.Image | None = None  # uploads: the loaded image, tokenized by the model's VQGAN
+    codes: ImageCodes | None = None  # drawn images: their exact codes
+    codes_path: Path | None = None
+
+
+Piece = Union[str, ShownImage]
+
+
+@dataclass
+class Turn:
+    role: str  # "user" or "assistant"
+    pieces: list[Piece]
+
+
+def user_pieces(images: list[ShownImage], text: str) -> list[Piece]:
+    """One user turn's content.
+
+    PROMPT LAYOUT: images first, then the question, as training rows, MedMax's SFT prompts and
+    eval.prompts ("sft") do. Switch to the toolkit's single prompt-layout function once it lands.
+    """
+    return [*images, *([text] if text else [])]
+
+
+@dataclass
+class Conversation:
+    """The turns of one chat; :meth:`prompt` is its whole token context for the next answer."""
+
+    turns: list[Turn] = field(default_factory=list)
+    answered: int = 0  # answers generated in this chat so far, re-runs included (numbers the page's status)
+
+    def prompt(self) -> list:
+        """Generator segments: every turn's content followed by the end-of-turn (the conversation layout)."""
+        segments = []
+        for turn in self.turns:
+            for piece in turn.pieces:
+                if isinstance(piece, str):
+                    segments.append(piece)
+                else:
+                    segments.append(piece.codes if piece.codes is not None else piece.image)
+            segments.append(END_OF_TURN)
+        return segments
+
+    def without_last_answer(self) -> "Conversation":
+        """The conversation up to and including the last user turn (for a re-run)."""
+        turns = list(self.turns)
+        while turns and turns[-1].role == "assistant":
+            turns.pop()
+        return Conversation(turns, self.answered)
+
+    def messages(self) -> list[dict]:
+        """Chat messages for the page: text as is, images by their PNG path."""
+        return [message for turn in self.turns for message in turn_messages(turn.role, turn.pieces)]
+
+
+def turn_messages(role: str, pieces: list[Piece]) -> list[dict]:
+    out = []
+    for piece in pieces:
+        if isinstance(piece, str):
+            out.append({"role": role, "content": piece})
+        else:
+            out.append({"role": role, "content": {"path": str(piece.path), "alt_text": piece.path.name}})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- requests
+@dataclass
+class Request:
+    """One answer to generate: the conversation's prompt and the settings it was asked with."""
+
+    id: str
+    prompt: list
+    settings: Settings
+
+
+@dataclass
+class Event:
+    """What a request's channel carries: the answer so far ("partial"), the final one ("done"), or an "error"."""
+
+    kind: str
+    pieces: list[Piece] = field(default_factory=list)
+    error: str = ""
+    finish_reason: str = ""
+
+
+def group_requests(requests: list[Request]) -> list[list[int]]:
+    """Indices of requests whose settings agree except for the seed, in order of first appearance."""
+    groups: dict[Settings, list[int]] = {}
+    for i, request in enumerate(requests):
+        groups.setdefault(request.settings.batch_key(), []).append(i)
+    return list(groups.values())
+
+
+class _Answer:
+    """One request's answer as it grows: text decoded from its token ids so far, and the images drawn."""
+
+    def __init__(self, engine: "Engine", request: Request):
+        self.engine, self.request = engine, request
+        self.pieces: list[Piece] = []
+        self.text_ids: list[int] = []
+
+    def step(self, item) -> None:
+        if isinstance(item, ImageOutput):
+            self.text_ids = []
+            self.pieces.append(self.engine.save_drawn(self.request.id, item, len(self._images())))
+        elif item not in self.engine.end_ids:
+            if not self.text_ids:
+                self.pieces.append("")
+            self.text_ids.append(item)
+            self.pieces[-1] = self.engine.decode(self.text_ids)
+        self.engine.put(self.request.id, Event("partial", list(self.pieces)))
+
+    def _images(self) -> list[ShownImage]:
+        return [p for p in self.pieces if isinstance(p, ShownImage)]
+
+    def final(self, out) -> Event:
+        """The finished answer: the generator's own text segments (stop strings cut), the images as drawn."""
+        images, pieces = iter(self._images()), []
+        for seg in out.segments:
+            pieces.append(next(images) if isinstance(seg, ImageOutput) else seg.text)
+        return Event("done", pieces, finish_reason=out.finish_reason)
+
+
+class Engine:
+    """Runs requests on one Generator: batches of same-settings requests, answers streamed per request."""
+
+    def __init__(self, generator, workdir: Path, max_batch_size: int = 8, max_upload_bytes: int = MAX_UPLOAD_MB * 2**20):
+        if max_batch_size < 1:
+            raise DemoError(f"max batch size must be >= 1, got {max_batch_size}")
+        self.generator = generator
+        self.workdir = Path(workdir).resolve()
+        self.max_batch_size = max_batch_size
+        self.max_upload_bytes = max_upload_bytes
+        v = generator.vocab
+        self.end_ids = {v.eos_id, v.eot_id, v.boi_id}
+        self._channels: dict[str, queue.Queue] = {}
+        self._lock = threading.Lock()
+        self.generate_calls = 0  # Generator.generate calls made (the batching test reads it)
+
+    @property
+    def resolution(self) -> int:
+        if self.generator.vqgan is None:
+            raise DemoError("this model folder has no vqgan/: it cannot read images")
+        return self.generator.vqgan.resolution
+
+    def decode(self, ids: list[int]) -> str:
+        return self.generator.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # -------------------------------------------------------------------------------- files
+    def folder(self, kind: str, request_id: str) -> Path:
+        path = self.workdir / kind / request_id
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def add_upload(self, path: str | Path, upload_id: str, k: int) -> ShownImage:
+        """Load one upload and save the model's view of it as a PNG for the page."""
+        image = load_upload(path, self.workdir, self.max_upload_bytes)
+        shown = self.folder("uploads", upload_id) / f"view_{k}.png"
+        model_view(image, self.resolution).save(shown)
+        return ShownImage(path=shown, image=image)
+
+    def save_drawn(self, request_id: str, out: ImageOutput, k: int) -> ShownImage:
+        folder = self.folder("answers", request_id)
+        png, codes_path = folder / f"image_{k}.png", folder / f"image_{k}.codes.json"
+        out.image.save(png)
+        grid = list(self.generator.vqgan.grid_shape)
+        codes_path.write_text(json.dumps({"codes": out.codes, "grid": grid}))
+        return ShownImage(path=png, codes=ImageCodes(out.codes), codes_path=codes_path)
+
+    # -------------------------------------------------------------------------------- requests
+    def submit(self, prompt: list, settings: Settings) -> Request:
+        """A new request with its channel open (before it runs, so no event is missed)."""
+        request = Request(id=uuid.uuid4().hex, prompt=prompt, settings=settings)
+        with self._lock:
+            self._channels[request.id] = queue.Queue()
+        return request
+
+    def put(self, request_id: str, event: Event) -> None:
+        with self._lock:
+            channel = self._channels.get(request_id)
+        if channel is not None:
+            channel.put(event)
+
+    def run_batch(self, requests: list[Request]) -> list[str]:
+        """Run requests (several tabs' at once): one ``generate`` call per settings group; -> "done" or the error, each."""
+        results = [""] * len(requests)
+        for group in group_requests(requests):
+            for start in range(0, len(group), self.max_batch_size):
+                chunk = group[start : start + self.max_batch_size]
+                for i, result in zip(chunk, self._run_group([requests[i] for i in chunk])):
+                    results[i] = result
+        return results
+
+    def _run_group(self, requests: list[Request]) -> list[str]:
+        answers = [_Answer(self, r) for r in requests]
+        config = requests[0].settings.generation_config(batch_size=len(requests))
+        try:
+            self.generate_calls += 1
+            outs = self.generator.generate([r.prompt for r in requests], config,
+                                           seeds=[r.settings.seed for r in requests],
+                                           on_step=lambda i, item: answers[i].step(item))
+        except Exception as err:  # noqa: BLE001 - every failure goes to the page with its reason
+            if len(requests) > 1:  # one bad prompt must not fail the others: run each alone
+                return [self._run_group([r])[0] for r in requests]
+            logger.exception("generation failed for request %s", requests[0].id)
+            reason = f"generation failed: {type(err).__name__}: {err}"
+            self.put(requests[0].id, Event("error", error=reason))
+            return [reason]
+        for answer, out in zip(answers, outs):
+            self.put(answer.request.id, answer.final(out))
+        return ["done"] * len(requests)
+
+    def events(self, request_id: str, timeout: float = 600.0, merge: bool = True) -> Iterator[Event]:
+        """The request's events until its "done" or "error"; ``merge``: partials waiting together give only the latest."""
+        with self._lock:
+            channel = self._channels.get(request_id)
+        if channel is None:
+            raise DemoError(f"request {request_id}: unknown or already finished")
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    event = channel.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    yield Event("error", error=f"no answer within {timeout:g} s (the server is busy); try again")
+                    return
+                while merge and event.kind == "partial" and not channel.empty():
+                    event = channel.get_nowait()
+                yield event
+                if event.kind in ("done", "error"):
+                    return
+        finally:
+            with self._lock:
+                self._channels.pop(request_id, None)

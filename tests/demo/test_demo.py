@@ -1,0 +1,320 @@
+"""The demo's logic without a browser: uploads, prompt layout, settings, batching, seeds, streaming, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_files
+
+from medmax import demo_app
+from medmax.demo import (
+    Conversation,
+    DemoError,
+    Engine,
+    Settings,
+    ShownImage,
+    Turn,
+    group_requests,
+    load_upload,
+    model_view,
+    user_pieces,
+)
+from medmax.generation import END_OF_TURN, Generator, ImageCodes
+from medmax.sequences import SequenceBuilder
+
+# Only files shipped inside the pydicom wheel (no download), as tests/medmax/test_images.py does.
+DICOM_FILES = {os.path.basename(f): f for f in get_testdata_files()}
+CONTROLS = ("text", 1.0, 0.9, 3.0, 1.2, 0.7, 8, 0)  # mode, temperature, top-p, cfg text, cfg image, image temp, max tokens, seed
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_model_dir):
+    return Generator.from_dir(tiny_model_dir)
+
+
+@pytest.fixture
+def engine(generator, tmp_path):
+    return Engine(generator, tmp_path / "app", max_batch_size=4, max_upload_bytes=2**20)
+
+
+@pytest.fixture
+def scan_path(engine):
+    """A synthetic scan 'uploaded' into the app's temporary folder, as Gradio stores uploads."""
+    path = engine.workdir / "upload-1" / "scan.png"
+    path.parent.mkdir(parents=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _controls(**changes):
+    names = ("mode", "temperature", "top_p", "cfg_text", "cfg_image", "image_temperature", "max_new_tokens", "seed")
+    values = dict(zip(names, CONTROLS))
+    values.update(changes)
+    return tuple(values[n] for n in names)
+
+
+def _ask(engine, message, conversation=None, **changes):
+    """start -> run (the batch function) -> show (the stream), as the page chains them; -> the last page update."""
+    _, _, _, conversation, request, status = demo_app.start(engine, message.get("text"), message.get("files"),
+                                                            conversation or Conversation(), *_controls(**changes))
+    assert request is not None, status
+    assert demo_app.run(engine, [request]) == [["done"]]
+    return list(demo_app.show(engine, request, conversation))
+
+
+# ------------------------------------------------------------------------------------------ uploads
+def test_uploads_load_png_and_dicom_with_a_preview_at_the_model_resolution(engine, scan_path):
+    dicom = engine.workdir / "upload-2" / "CT_small.dcm"
+    dicom.parent.mkdir()
+    dicom.write_bytes(open(DICOM_FILES["CT_small.dcm"], "rb").read())
+    for path in (scan_path, dicom):
+        shown = engine.add_upload(str(path), "u", 0)
+        assert shown.image.mode == "RGB"
+        view = Image.open(shown.path)
+        assert view.size == (engine.resolution, engine.resolution)
+        assert np.asarray(view).std() > 5  # the windowed scan, not a blank square
+        assert shown.path.is_relative_to(engine.workdir)
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../../etc/hostname", "link.png"])
+def test_nothing_outside_the_app_folder_can_be_named(engine, tmp_path, name):
+    outside = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8)).save(outside)
+    (engine.workdir).mkdir(parents=True, exist_ok=True)
+    (engine.workdir / "link.png").symlink_to(outside)  # a link inside that points out
+    path = name if name.startswith("/") else str(engine.workdir / name)
+    with pytest.raises(DemoError, match="not a file uploaded to this page"):
+        load_upload(path, engine.workdir, 2**20)
+    # through the page's handlers: an error in the status line, no request, nothing previewed
+    _, _, _, conv, request, status = demo_app.start(engine, "hi", [path], Conversation(), *_controls())
+    assert request is None and conv.turns == [] and "not a file uploaded to this page" in status
+    gallery, status = demo_app.preview(engine, [{"path": path}])
+    assert gallery == [] and "not a file uploaded to this page" in status
+
+
+def test_a_model_without_vqgan_refuses_images_with_a_message(generator, scan_path, monkeypatch):
+    engine = Engine(generator, scan_path.parents[1])
+    monkeypatch.setattr(generator, "vqgan", None)
+    _, _, _, _, request, status = demo_app.start(engine, "What is it?", [str(scan_path)], Conversation(), *_controls())
+    assert request is None and "has no vqgan/" in status
+
+
+def test_bad_uploads_give_a_clear_message(engine):
+    folder = engine.workdir / "bad"
+    folder.mkdir(parents=True)
+    (folder / "notes.png").write_bytes(b"these are notes, not pixels")
+    (folder / "broken.dcm").write_bytes(open(DICOM_FILES["CT_small.dcm"], "rb").read()[:400])
+    (folder / "huge.png").write_bytes(b"\0" * (2**20 + 1))
+    cases = {"notes.png": "cannot be read as an image", "broken.dcm": "cannot be read as an image or DICOM",
+             "huge.png": "over the upload limit of 1 MB"}
+    for name, reason in cases.items():
+        with pytest.raises(DemoError, match=reason) as err:
+            load_upload(folder / name, engine.workdir, 2**20)
+        assert str(err.value).startswith(name) and "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------ prompt layout
+def test_conversation_is_one_context_in_the_training_layout(engine, generator, scan_path):
+    """User turns are image then text then end-of-turn; the ids equal a conversation row built for training."""
+    upload = engine.add_upload(scan_path, "u", 0)
+    drawn = ImageCodes(list(range(generator.vqgan.n_codes_per_image)))
+    conv = Conversation([
+        Turn("user", user_pieces([upload], "Is there a lesion?")),
+        Turn("assistant", ["Yes. Here it is:", ShownImage(path=upload.path, codes=drawn)]),
+        Turn("user", user_pieces([], "Where?")),
+    ])
+    assert conv.prompt() == [upload.image, "Is there a lesion?", END_OF_TURN, "Yes. Here it is:", drawn, END_OF_TURN,
+                             "Where?", END_OF_TURN]
+    (ids,) = generator.encode_prompts([conv.prompt()])
+    upload_codes = generator._encode_images([upload.image])[0]
+    row = {"conversations": [{"role": "user", "content": "<image>Is there a lesion?"},
+                             {"role": "assistant", "content": "Yes. Here it is:<image>"},
+                             {"role": "user", "content": "Where?"}, {"role": "assistant", "content": "Upper left."}],
+           "images": [upload_codes, list(drawn.codes)]}
+    built = SequenceBuilder(generator.tokenizer).build(row)
+    assert list(built.input_ids[: len(ids)]) == ids
+
+
+# ------------------------------------------------------------------------------------------ settings and batching
+def test_settings_are_validated_with_the_setting_named():
+    for controls, name in [(_controls(top_p=0), "top-p"), (_controls(mode="video"), "mode"),
+                           (_controls(max_new_tokens=0), "max tokens"), (_controls(seed=-1), "seed"),
+                           (_controls(temperature=None), "holds no number")]:
+        with pytest.raises(DemoError, match=name):
+            Settings.from_page(*controls)
+
+
+def test_same_settings_group_together_whatever_their_seed(engine):
+    a, b = Settings(seed=1), Settings(seed=2)
+    hot, image = Settings(temperature=1.5), Settings(mode="image")
+    requests = [engine.submit(["q"], s) for s in (a, hot, b, image, a)]
+    assert group_requests(requests) == [[0, 2, 4], [1], [3]]
+
+
+class _CountingGenerator:
+    """The real generator, recording each generate call's prompt count and settings."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def generate(self, prompts, config, **kw):
+        self.calls.append((len(prompts), config.temperature, config.mode))
+        return self.inner.generate(prompts, config, **kw)
+
+
+def test_a_batch_makes_one_generate_call_per_settings_group(generator, tmp_path):
+    counting = _CountingGenerator(generator)
+    engine = Engine(counting, tmp_path, max_batch_size=8)
+    settings = [Settings(max_new_tokens=4, seed=s) for s in (1, 2, 3)] + [Settings(max_new_tokens=4, temperature=0.5)]
+    requests = [engine.submit([f"question {i}", END_OF_TURN], s) for i, s in enumerate(settings)]
+    assert engine.run_batch(requests) == ["done"] * 4
+    assert counting.calls == [(3, 1.0, "text"), (1, 0.5, "text")]
+    for r in requests:
+        assert [e.kind for e in engine.events(r.id, timeout=1)][-1] == "done"
+
+
+def test_max_batch_size_splits_a_group(generator, tmp_path):
+    counting = _CountingGenerator(generator)
+    engine = Engine(counting, tmp_path, max_batch_size=2)
+    requests = [engine.submit(["q", END_OF_TURN], Settings(max_new_tokens=2, seed=s)) for s in range(3)]
+    engine.run_batch(requests)
+    assert [c[0] for c in counting.calls] == [2, 1]
+
+
+@pytest.mark.parametrize("mode", ["text", "image"])
+def test_an_answer_depends_on_its_seed_not_on_its_batch(engine, mode):
+    """Re-running with the same seed gives the same answer, alone or batched with another tab's request."""
+    prompt = ["Is there a lesion?", END_OF_TURN]
+    mine = Settings(mode=mode, max_new_tokens=12, temperature=1.5, top_p=1.0, seed=7)
+
+    def answer(*requests):
+        engine.run_batch(list(requests))
+        (done,) = [e for e in engine.events(requests[0].id, timeout=1) if e.kind == "done"]
+        return [p if isinstance(p, str) else p.codes.codes for p in done.pieces]
+
+    alone = answer(engine.submit(prompt, mine))
+    again = answer(engine.submit(prompt, mine))
+    batched = answer(engine.submit(prompt, mine), engine.submit(["Describe the scan", END_OF_TURN],
+                                                                  Settings(mode=mode, max_new_tokens=12, temperature=1.5,
+                                                                           top_p=1.0, seed=99)))
+    other_seed = answer(engine.submit(prompt, Settings(mode=mode, max_new_tokens=12, temperature=1.5, top_p=1.0, seed=8)))
+    assert alone and alone == again == batched
+    assert other_seed != alone
+
+
+def test_rerun_with_the_same_seed_reproduces_the_answer(engine, scan_path):
+    first = _ask(engine, {"text": "Is there a lesion?", "files": [str(scan_path)]}, max_new_tokens=10)
+    chat, conv, _, status = first[-1]
+    assert status.startswith("answer 1 done")
+    chat2, conv2, request, _ = demo_app.rerun(engine, conv, *_controls(max_new_tokens=10))
+    assert len(conv2.turns) == 1  # the last answer is dropped before asking again
+    demo_app.run(engine, [request])
+    chat3, conv3, _, status = list(demo_app.show(engine, request, conv2))[-1]
+    assert chat3 == chat and conv3.prompt() == conv.prompt() and status.startswith("answer 2 done")
+
+
+# ------------------------------------------------------------------------------------------ streaming and files
+def test_text_streams_token_by_token(engine):
+    request = engine.submit(["Describe the scan", END_OF_TURN], Settings(max_new_tokens=12, temperature=1.5, top_p=1.0, seed=3))
+    engine.run_batch([request])
+    events = list(engine.events(request.id, timeout=1, merge=False))
+    partial = [e.pieces[0] for e in events if e.kind == "partial"]
+    (done,) = [e for e in events if e.kind == "done"]
+    assert len(partial) >= 4 and partial == sorted(partial, key=len)  # one update per token, growing
+    assert all(done.pieces[0].startswith(p) or p.startswith(done.pieces[0]) for p in partial)
+
+
+class _SlowGenerator(_CountingGenerator):
+    """Each streamed step takes 20 ms, so a reader sees the answer grow."""
+
+    def generate(self, prompts, config, on_step=None, **kw):
+        def slow(i, item):
+            time.sleep(0.02)
+            on_step(i, item)
+
+        return self.inner.generate(prompts, config, on_step=slow, **kw)
+
+
+def test_the_page_shows_the_answer_while_it_grows(generator, tmp_path):
+    engine = Engine(_SlowGenerator(generator), tmp_path)
+    _, _, _, conv, request, _ = demo_app.start(engine, "Describe the scan", None, Conversation(),
+                                               *_controls(max_new_tokens=12, temperature=1.5, top_p=1.0, seed=3))
+    worker = threading.Thread(target=demo_app.run, args=(engine, [request]))
+    worker.start()
+    updates = list(demo_app.show(engine, request, conv))
+    worker.join()
+    growing = [chat[-1]["content"] for chat, _, _, status in updates if status == "answering…"]
+    assert len(growing) >= 3 and all(isinstance(t, str) for t in growing)
+    assert updates[-1][3].startswith("answer 1 done") and updates[-1][0][-1]["content"].startswith(growing[0])
+
+
+def test_image_mode_puts_the_png_in_the_chat_and_offers_png_and_codes(engine, generator):
+    chat, conv, downloads, status = _ask(engine, {"text": "Generate an image of a scan", "files": []}, mode="image")[-1]
+    image_message = chat[-1]["content"]
+    png, codes_file = downloads
+    assert image_message["path"] == png and png.endswith(".png") and codes_file.endswith(".codes.json")
+    assert Image.open(png).size == (generator.vqgan.resolution,) * 2
+    record = json.loads(open(codes_file).read())
+    assert record["grid"] == list(generator.vqgan.grid_shape)
+    assert len(record["codes"]) == generator.vqgan.n_codes_per_image
+    assert conv.turns[-1].pieces[0].codes.codes == tuple(record["codes"])  # the context keeps the exact codes
+
+
+def test_interleaved_mode_keeps_text_and_images_in_emitted_order(engine, generator, monkeypatch):
+    """The model is pushed to open an image after a few text tokens (its begin-of-image logit is raised)."""
+    boi = generator.vocab.boi_id
+    original = generator._pick_text_tokens
+    calls = {"n": 0}
+
+    def pick(hidden, cols, head_rows, seen, boi_ok, config, rng):
+        calls["n"] += 1
+        tokens = original(hidden, cols, head_rows, seen, boi_ok, config, rng)
+        return tokens.masked_fill(boi_ok & (calls["n"] == 3), boi)  # third step: begin-of-image
+
+    monkeypatch.setattr(generator, "_pick_text_tokens", pick)
+    chat, conv, downloads, status = _ask(engine, {"text": "Describe and draw", "files": []}, mode="interleaved",
+                                         max_new_tokens=6, temperature=1.5, top_p=1.0)[-1]
+    kinds = ["text" if isinstance(p, str) else "image" for p in conv.turns[-1].pieces]
+    assert kinds[:2] == ["text", "image"]
+    assert [m["content"] if isinstance(m["content"], str) else "image" for m in chat[1:3]][1] == "image"
+
+
+def test_a_generation_error_reaches_the_page_and_spares_the_other_requests(engine):
+    too_long = " ".join(["lesion"] * 5000)
+    bad = engine.submit([too_long, END_OF_TURN], Settings(max_new_tokens=4))
+    good = engine.submit(["Is there a lesion?", END_OF_TURN], Settings(max_new_tokens=4, seed=3))
+    assert demo_app.run(engine, [bad, None, good])[0][1] == ""
+    chat, _, _, status = list(demo_app.show(engine, bad, Conversation()))[-1]
+    assert "generation failed" in status and "context" in status and "generation failed" in chat[-1]["content"]
+    assert list(demo_app.show(engine, good, Conversation()))[-1][3].startswith("answer 1 done")
+
+
+def test_empty_question_is_refused(engine):
+    _, _, _, _, request, status = demo_app.start(engine, "  ", [], Conversation(), *_controls())
+    assert request is None and "type a question or attach an image" in status
+
+
+def test_model_view_is_the_centre_crop_at_the_vqgan_resolution():
+    wide = Image.new("RGB", (200, 100), "black")
+    wide.paste(Image.new("RGB", (100, 100), "white"), (50, 0))  # the centre square is white
+    view = np.asarray(model_view(wide, 32))
+    assert view.shape == (32, 32, 3) and view.min() > 200
+
+
+def test_the_page_batches_its_generation_event(engine):
+    gr = pytest.importorskip("gradio")
+    app = demo_app.build_app(engine)
+    assert isinstance(app, gr.Blocks)
+    batched = [fn for fn in app.fns.values() if fn.batch]
+    assert len(batched) == 2  # the question's and the re-run's generation
+    assert {fn.max_batch_size for fn in batched} == {engine.max_batch_size}
+    assert {fn.concurrency_limit for fn in batched} == {1}
