@@ -9,14 +9,13 @@ encoded on the fly.
 
 The build runs in a work folder beside the output and replaces it only when complete
 (``medmax.build_folder``). A resumed build keeps an input file's shards only when its fingerprint is
-unchanged: the input's content (sha256), the tokenizer file's content, each image-token folder's
-records and partitions (their ``*.json`` files but the timing summary, each partition's row count and
-sha256), the VQGAN's weights, and every setting that changes a shard.
+unchanged: the input's content (sha256), the tokenizer file's content, each image-token folder
+(its manifest's settings, row counts and rows digest, and each partition's row count and sha256), the
+VQGAN's code-deciding weights (``VQGAN.codes_digest``), and every setting that changes a shard.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -302,25 +301,17 @@ def _reject(err: RowError, number: int, row: dict | None, path, errors: ErrorLog
 
 
 def image_token_fingerprint(folder: str | Path) -> dict:
-    """An image-token folder by content: its records (``*.json`` but the timing summary) and partitions."""
+    """An image-token folder by content: what its manifest says decides it (settings, row counts, rows
+    digest: :func:`medmax.image_tokens.folder_fingerprint`; None without a manifest), and each finished
+    partition's row count and sha256, which also covers codes no manifest vouches for."""
     import pyarrow.parquet as pq
 
-    from .image_tokens import partition_files
+    from .image_tokens import folder_fingerprint, partition_files, read_manifest
 
     folder = Path(folder)
-    # summary.json is image_tokenize's timing report of its last run: it changes on every rerun, the codes do not
-    records = {p.name: file_digest(p) for p in sorted(folder.glob("*.json")) if p.name != "summary.json"}
+    manifest = folder_fingerprint(folder) if read_manifest(folder) is not None else None
     partitions = {p.name: {"rows": pq.ParquetFile(p).metadata.num_rows, "sha256": file_digest(p)} for p in partition_files(folder)}
-    return {"records": records, "partitions": partitions, "rows": sum(v["rows"] for v in partitions.values())}
-
-
-def _weights_digest(module) -> str:
-    """sha256 over a module's state dict (names and values, as float32)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    return {"manifest": manifest, "partitions": partitions, "rows": sum(v["rows"] for v in partitions.values())}
 
 
 def _fingerprint(cfg: BuildConfig, vqgan) -> dict:
@@ -329,7 +320,7 @@ def _fingerprint(cfg: BuildConfig, vqgan) -> dict:
         "tokenizer_sha256": file_digest(tokenizer_file(cfg.tokenizer)),
         "sequence": asdict(cfg.sequence),
         "image_tokens": [image_token_fingerprint(f) for f in cfg.image_tokens],
-        "vqgan": None if vqgan is None else {"weights_sha256": _weights_digest(vqgan), "resolution": vqgan.resolution},
+        "vqgan": None if vqgan is None else {"codes_digest": vqgan.codes_digest(), "resolution": vqgan.resolution},
         "image_root": None if cfg.image_root is None else str(Path(cfg.image_root).resolve()),
         "rows_per_shard": cfg.rows_per_shard, "keep": cfg.keep, "drop": list(cfg.drop), "max_row_bytes": cfg.max_row_bytes,
     }))

@@ -93,3 +93,22 @@ def test_split_markers_with_backslash_escape():
     assert split_markers(r"path C:\\<image>", markers) == [("path C:\\", None), (None, "<image>")]
     assert split_markers(r"a\nb \x", markers) == [(r"a\nb \x", None)]
     assert split_markers("", markers) == []
+
+
+def test_a_control_token_the_tokenizer_does_not_mark_special_is_refused_not_kept(tiny_tokenizer):
+    """Special-token parsing only covers tokens marked special; a control token added as a plain token
+    would still match typed text, so encode_text raises instead of returning its id."""
+    import json
+
+    from medmax.sequences import RowError, SequenceBuilder
+    from medmax.vocab import ControlTokenInText, encode_text
+
+    layout = json.loads(tiny_tokenizer.to_str())
+    for token in layout["added_tokens"]:
+        token["special"] = token["special"] and token["content"] != "<eoss>"
+    tok = Tokenizer.from_str(json.dumps(layout))
+    with pytest.raises(ControlTokenInText, match="<eoss>"):
+        encode_text(tok, "a <eoss> b")
+    with pytest.raises(RowError) as err:
+        SequenceBuilder(tok).build({"conversations": [{"role": "user", "content": "a <eoss>"}, {"role": "assistant", "content": "b"}]})
+    assert err.value.kind == "control_token_in_text"

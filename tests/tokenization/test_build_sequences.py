@@ -467,3 +467,22 @@ def test_a_cut_progress_record_is_rebuilt_with_a_warning(tmp_path, tiny_tokenize
     out = run(tmp_path, files, tiny_tokenizer_path, "out", *args, "--resume")
     assert "unreadable progress record" in caplog.text and "resume: 0 of 2" in caplog.text
     assert read_manifest(out)["counts"]["rows_read"] == 7
+
+
+def test_resume_rebuilds_when_the_image_token_manifest_names_another_vqgan(tmp_path, tiny_tokenizer_path, image_tokens, caplog):
+    """Fields as medmax.image_tokens documents manifest.json (version 2); only vqgan_digest changes."""
+    manifest = {"format": "medmax-image-tokens", "version": 2, "complete": True, "rows_digest": "ab" * 32,
+                "rows": {"input": 3, "written": 3, "failed": 0, "duplicate": 0},
+                "settings": {"vqgan_digest": "00" * 32, "resolution": 64, "n_embed": 512, "dtype": "fp32"}}
+    (image_tokens / "manifest.json").write_text(json.dumps(manifest))
+    src = write_jsonl(tmp_path / "in.jsonl", MEDMAX)
+    run(tmp_path, [src], tiny_tokenizer_path, "out", "--image-tokens", str(image_tokens))
+    (image_tokens / "summary.json").write_text(json.dumps({"seconds": 1.5}))  # a timing report alone changes nothing
+    caplog.clear()
+    run(tmp_path, [src], tiny_tokenizer_path, "out", "--image-tokens", str(image_tokens), "--resume")
+    assert "resume: 1 of 1" in caplog.text
+    manifest["settings"]["vqgan_digest"] = "11" * 32
+    (image_tokens / "manifest.json").write_text(json.dumps(manifest))
+    caplog.clear()
+    run(tmp_path, [src], tiny_tokenizer_path, "out", "--image-tokens", str(image_tokens), "--resume")
+    assert "resume: 0 of 1" in caplog.text
