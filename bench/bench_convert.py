@@ -3,14 +3,15 @@
 Usage::
 
     .venv/bin/python bench/bench_convert.py                      # ~1.4 GB bf16 checkpoint, 1 shard, 3 rounds
-    .venv/bin/python bench/bench_convert.py --shards 4 --rounds 5 --json runs/bench_convert.json
-    .venv/bin/python bench/bench_convert.py --quick              # ~90 MB, a smoke check
+    .venv/bin/python bench/bench_convert.py --shards 4 --rounds 5   # a "custom" record
+    .venv/bin/python bench/bench_convert.py --quick              # ~90 MB
+    .venv/bin/python bench/report.py                             # then rewrite BENCHMARKS.md
 
 A synthetic checkpoint in Meta's layout (``models/7b/params.json`` + ``consolidated*.pth``, random bf16
 weights, Chameleon's 65536-id vocabulary) is written once into ``--workdir``. Each variant then converts
-it in a fresh process, in interleaved rounds whose order rotates; a process's peak resident set size
-(``ru_maxrss`` from ``wait4``, file-backed mapped pages included) and wall time are recorded, with the
-machine's load average and thread count. Variants:
+it in a fresh process, in the harness's interleaved rounds whose order rotates; each process's peak
+resident set size (its own ``VmHWM``, read as it ends, file-backed mapped pages included), wall and CPU
+time are recorded, with the machine's load average and thread count. Variants:
 
 - ``ours``: ``finetune.convert.convert_original``: memory-mapped shards, one tensor converted and
   streamed to safetensors at a time, converted pages released;
@@ -21,8 +22,10 @@ machine's load average and thread count. Variants:
   holds the model in RAM.
 - ``startup``: imports the same modules and converts nothing (the fixed cost inside every figure).
 
-Parity: every variant's tensors must equal ``ours``' tensor for tensor, or the script exits 1.
-The headline figure is ``ours``' median peak RSS divided by the checkpoint's size on disk.
+Parity: in every round, every converting variant's tensors (a digest of each tensor's dtype, shape and
+bytes) must equal ``ours``' tensor for tensor, or the script exits 1. The target (issue 15):
+``ours``' peak RSS divided by the checkpoint's size on disk <= 1.3, median of the rounds
+(``peak_rss_x_checkpoint``; the ratio column is conversion speed relative to ``ours``).
 """
 
 from __future__ import annotations
@@ -31,19 +34,20 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from harness import (ROOT, Benchmark, Case, ProcessRun, Result, Target, Variant, add_arguments,  # noqa: E402
+                     command_line, digest, fmt, run_benchmark, run_process, size_label)
 
 VARIANTS = ("ours", "ours-no-release", "save-file", "whole", "startup")
 SIZES = {"full": dict(dim=2048, n_layers=8, n_heads=16), "quick": dict(dim=512, n_layers=4, n_heads=8)}
 VOCAB = 65536
+TARGET_X = 1.3  # issue 15: ours' peak RSS at most 1.3x the checkpoint size
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -126,110 +130,89 @@ def run_variant(variant: str, ckpt: Path, out: Path) -> None:
     convert.convert_original(ckpt, out)
 
 
-def measure(variant: str, ckpt: Path, out: Path) -> dict:
-    """Wall time and peak RSS of one variant in a fresh process.
+def measure(variant: str, ckpt: Path, out: Path) -> ProcessRun:
+    """Wall time, CPU time and peak RSS of one variant in a fresh process.
 
     The peak is the child's own ``VmHWM``, read by the child as it ends: ``ru_maxrss`` from ``wait4``
-    would also count the pages of the parent it was forked from.
+    can also count the pages of the parent it was forked from.
     """
     cmd = [sys.executable, __file__, "--run-variant", variant, "--ckpt", str(ckpt), "--out", str(out)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    start = time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"{variant} failed:\n{done.stderr[-2000:]}")
-    peak = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
-    return {"seconds": seconds, "peak_rss_bytes": peak}
+    run = run_process(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
+    run.peak_rss_bytes = json.loads(run.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
+    return run
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Parity and the report
+# Parity and the cases
 
 
-def same_tensors(a: Path, b: Path) -> list[str]:
-    """Names whose tensors differ (or exist in one folder only) between two converted folders."""
+def tensor_digests(folder: Path) -> dict[str, str]:
+    """name -> digest of dtype, shape and bytes of every tensor of a converted folder (read one at a time)."""
     import torch
 
     from medmax.checkpoints import FolderTensors
 
-    ta, tb = FolderTensors.open(a), FolderTensors.open(b)
-    names = sorted(set(ta.files) | set(tb.files))
-    return [n for n in names if n not in ta.files or n not in tb.files or not torch.equal(ta.get(n), tb.get(n))]
+    tensors = FolderTensors.open(folder)
+    out = {}
+    for name in sorted(tensors.files):
+        t = tensors.get(name).contiguous()
+        out[name] = digest(f"{t.dtype}{tuple(t.shape)}".encode() + t.view(-1).view(torch.uint8).numpy().tobytes())
+    return out
 
 
-def summarise(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+def same_share(a: dict | None, b: dict | None) -> float:
+    """Share of tensor names (in either folder) whose tensors are identical."""
+    if a is None or b is None:
+        return 0.0
+    names = set(a) | set(b)
+    return sum(a.get(n) == b.get(n) for n in names) / len(names) if names else 1.0
 
 
-def run(args: argparse.Namespace) -> dict:
-    size = "quick" if args.quick else "full"
-    workdir = Path(args.workdir)
-    ckpt, nbytes = ensure_checkpoint(workdir, size, args.shards)
-    load_before = os.getloadavg()
-    rows: dict[str, list[dict]] = {v: [] for v in args.variants}
-    for r in range(args.rounds):
-        order = args.variants[r % len(args.variants):] + args.variants[: r % len(args.variants)]
-        for variant in order:
-            out = Path(tempfile.mkdtemp(dir=workdir)) / "out"
-            rows[variant].append(measure(variant, ckpt, out))
-            if r == 0 and variant not in ("startup", "ours"):
-                rows[variant][-1]["out"] = out
-            elif r == 0 and variant == "ours":
-                reference = out
-                continue
-            else:
-                shutil.rmtree(out.parent, ignore_errors=True)
-        if r == 0:
-            check_parity(reference, rows)
-    return {
-        "benchmark": "convert", "checkpoint_bytes": nbytes, "shards": args.shards, "size": size, **SIZES[size],
-        "rounds": args.rounds, "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count(),
-        "load_before": load_before, "load_after": os.getloadavg(),
-        "variants": {v: {"seconds": summarise([x["seconds"] for x in rows[v]]),
-                         "peak_rss_bytes": summarise([x["peak_rss_bytes"] for x in rows[v]]),
-                         "peak_rss_x_checkpoint": summarise([x["peak_rss_bytes"] / nbytes for x in rows[v]])}
-                     for v in args.variants},
-    }
+def variant(name: str, ckpt: Path, workdir: Path, nbytes: int, convert: bool = True) -> Variant:
+    def run() -> Result:
+        out = Path(tempfile.mkdtemp(dir=workdir)) / "out"
+        try:
+            proc = measure(name, ckpt, out)
+            output = tensor_digests(out) if convert else None
+        finally:
+            shutil.rmtree(out.parent, ignore_errors=True)
+        return Result({"conversions": 1}, output=output, peak_rss_bytes=proc.peak_rss_bytes,
+                      cpu_seconds=proc.cpu_seconds, figures={"peak_rss_x_checkpoint": proc.peak_rss_bytes / nbytes})
+
+    return Variant(name, run)
 
 
-def check_parity(reference: Path, rows: dict) -> None:
-    for variant, runs in rows.items():
-        out = runs[0].pop("out", None)
-        if out is None:
-            continue
-        differ = same_tensors(reference, out)
-        shutil.rmtree(out.parent, ignore_errors=True)
-        if differ:
-            raise SystemExit(f"parity: {variant} differs from ours in {len(differ)} tensors, e.g. {differ[:3]}")
-    shutil.rmtree(reference.parent, ignore_errors=True)
+def cases(names: list[str], ckpt: Path, workdir: Path, nbytes: int) -> tuple[list[Case], list[Target]]:
+    converting = [variant(n, ckpt, workdir, nbytes) for n in names if n != "startup"]
+    conv = Case(f"convert a {nbytes / 1e6:.0f} MB checkpoint, whole process", unit="conversions",
+                agreement=same_share, variants=converting)
+    found = [conv]
+    if "startup" in names:
+        found.append(Case("start-up only (the imports of a conversion, nothing converted)", unit="runs",
+                          variants=[variant("startup", ckpt, workdir, nbytes, convert=False)]))
+    target = Target(conv.name, "ours", "peak_rss_x_checkpoint", "<=", TARGET_X,
+                    f"convert: ours' peak RSS <= {TARGET_X}x the checkpoint size")
+    return found, [target]
 
 
-def report(record: dict) -> str:
-    gb = record["checkpoint_bytes"] / 1e9
-    lines = [f"checkpoint {gb:.2f} GB ({record['shards']} shard(s)), {record['rounds']} rounds, "
-             f"load {record['load_before'][0]:.1f} -> {record['load_after'][0]:.1f}",
-             f"{'variant':<16} {'peak RSS GB (min..max)':<26} {'x checkpoint':>12} {'seconds (min..max)':>22}"]
-    for name, v in record["variants"].items():
-        rss, x, s = v["peak_rss_bytes"], v["peak_rss_x_checkpoint"], v["seconds"]
-        lines.append(f"{name:<16} {rss['median'] / 1e9:5.2f} ({rss['min'] / 1e9:.2f}..{rss['max'] / 1e9:.2f}){'':<9}"
-                     f" {x['median']:>11.2f}x {s['median']:>9.1f} ({s['min']:.1f}..{s['max']:.1f})")
-    return "\n".join(lines)
+def _notes(record: dict) -> list[str]:
+    return ["peak RSS as a multiple of the checkpoint size (median (min-max)): " + "; ".join(
+        f"{v}: {fmt(e['summary']['peak_rss_x_checkpoint'])}x"
+        for case in record["cases"].values() for v, e in case["variants"].items())]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shards", type=int, default=1, choices=[1, 2, 4])
-    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="a ~90 MB checkpoint")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "medmax_bench_convert"))
-    parser.add_argument("--json", help="also write the record here")
     parser.add_argument("--run-variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--write-checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--size", choices=sorted(SIZES), help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    add_arguments(parser)
     args = parser.parse_args(argv)
     if args.write_checkpoint:
         write_checkpoint(Path(args.write_checkpoint), shards=args.shards, **SIZES[args.size])
@@ -240,15 +223,20 @@ def main(argv: list[str] | None = None) -> int:
         run_variant(args.run_variant, Path(args.ckpt), Path(args.out))
         print(json.dumps({"peak_rss_bytes": peak_rss_bytes()}))
         return 0
-    if "ours" not in args.variants:
-        parser.error("--variants must include ours (the parity reference)")
-    Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    record = run(args)
-    print(report(record))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=2))
-    return 0
+    if args.variants[0] != "ours":
+        parser.error("--variants must start with ours (the parity reference)")
+    size = "quick" if args.quick else "full"
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt, nbytes = ensure_checkpoint(workdir, size, args.shards)
+    custom = args.shards if args.shards != 1 else None, None if args.variants == list(VARIANTS) else args.variants
+    bench = Benchmark(name="convert", title="Checkpoint conversion: peak memory", size=size_label(args.quick, *custom),
+                      description=__doc__.split("\n\n", 2)[2].strip(),
+                      settings={"checkpoint_bytes": nbytes, "shards": args.shards, **SIZES[size], "vocab": VOCAB,
+                                "dtype": "bf16", "variants": args.variants},
+                      command=command_line(argv))
+    found, targets = cases(args.variants, ckpt, workdir, nbytes)
+    return run_benchmark(bench, found, targets, args, notes=_notes)
 
 
 if __name__ == "__main__":
