@@ -95,17 +95,15 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-class LoadSampler:
-    """Samples the 1-minute load average every few seconds while a benchmark runs."""
+class _Sampler:
+    """A background thread that calls ``_loop(every)`` from ``with`` entry until exit."""
 
-    def __init__(self, every: float = 5.0):
-        self.samples: list[float] = []
+    def __init__(self, every: float):
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, args=(every,), daemon=True)
 
     def _loop(self, every: float) -> None:
-        while not self._stop.wait(every):
-            self.samples.append(os.getloadavg()[0])
+        raise NotImplementedError
 
     def __enter__(self):
         self._thread.start()
@@ -114,6 +112,18 @@ class LoadSampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+
+
+class LoadSampler(_Sampler):
+    """Samples the 1-minute load average every few seconds while a benchmark runs."""
+
+    def __init__(self, every: float = 5.0):
+        self.samples: list[float] = []
+        super().__init__(every)
+
+    def _loop(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self.samples.append(os.getloadavg()[0])
 
 
 def _cpu_model() -> str:
@@ -195,7 +205,7 @@ def peak_rss_bytes() -> int | None:
     return kib * 1024
 
 
-class ChildrenRss:
+class ChildrenRss(_Sampler):
     """Peak of the summed RSS of this process's descendants (worker processes), sampled every 0.2 s.
 
     Shared copy-on-write pages count once per process, so this overstates what the workers add.
@@ -203,8 +213,7 @@ class ChildrenRss:
 
     def __init__(self, every: float = 0.2):
         self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, args=(every,), daemon=True)
+        super().__init__(every)
 
     def _loop(self, every: float) -> None:
         try:
@@ -220,14 +229,6 @@ class ChildrenRss:
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def _cuda():
