@@ -671,9 +671,16 @@ def _tokenize(args: argparse.Namespace, limits: ImageLimits, info: Dist) -> int:
     model, digest = _setup_model(args, device)
     settings = _settings(args, model, digest, device, limits)
     args.output.mkdir(parents=True, exist_ok=True)
-    _check_manifest(args.output, settings)
-    if info.rank == 0:
-        _start_manifest(args, settings)
+    ready = -1
+    try:
+        if info.rank == 0:  # the one rank that checks the folder and claims it
+            _check_manifest(args.output, settings)
+            _start_manifest(args, settings)
+            ready = 0
+    finally:  # no rank writes a partition before rank 0 has checked the folder
+        ready = _share(ready, device)
+    if ready < 0:
+        raise SystemExit(f"rank {info.rank}: rank 0 refused --output {args.output} (its message says why)")
     source = Source(str(args.input.resolve()), settings.column, settings.partition_size)
     plan = make_plan(source, args.output, info)
     start = time.perf_counter()
