@@ -10,6 +10,9 @@ Usage::
     # images larger than the default limits (64 Mpx, aspect ratio 20)
     python -m tokenization.image_tokenize ... --max-image-pixels 200000000 --max-aspect-ratio 50
 
+``--batch-size`` defaults per device: 1 on CPU, where a larger batch only adds memory traffic (measured
+in BENCHMARKS.md), and 16 on CUDA. fp32 codes do not depend on it.
+
 The CSV column ``img_path`` (MedMax) or ``image_path`` (or ``--column NAME``) names each image;
 relative paths resolve against ``--image-root`` (default: the CSV's folder) and no path may leave it.
 ``--ckpt`` is a MedMax / Chameleon / Anole folder (``tokenizer/vqgan.{yaml,ckpt}``), a folder holding
@@ -136,6 +139,14 @@ class Dist:
 # ------------------------------------------------------------------------------------------- arguments
 
 
+# Images per VQGAN forward pass when --batch-size is not given, by device type. On CPU the convolutions
+# already use every core at batch 1 and a larger batch only costs memory traffic: on 2 cores at 512 px,
+# batch 8 took 6.3 s an image against 4.9 s at batch 1 (fp32; bench/bench_startup.py --only batch, and
+# BENCHMARKS.md). On CUDA a batch is what fills the device; 16 is MedMax's order of magnitude (its
+# default is 64) kept small enough for a 7B job's neighbour on the GPU. Not measured here: no GPU.
+DEFAULT_BATCH_SIZE = {"cpu": 1, "cuda": 16}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="image_tokenize", description=__doc__.split("\n\n")[0])
     p.add_argument("--input", required=True, type=Path, help="CSV with one image path per row")
@@ -145,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", type=Path, help="folder relative paths resolve against (default: the CSV's)")
     p.add_argument("--partition-size", type=int, default=2_000,
                    help="CSV rows per output file (also the most work a kill can lose)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per VQGAN forward pass")
+    p.add_argument("--batch-size", type=int,
+                   help="images per VQGAN forward pass (default: %s)" % ", ".join(f"{n} on {d}" for d, n in DEFAULT_BATCH_SIZE.items()))
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes that decode and preprocess")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="fp32 is code-exact; bf16 is faster")
     p.add_argument("--channels-last", action="store_true",
@@ -168,7 +180,7 @@ def _validate(args: argparse.Namespace) -> ImageLimits:
     if not args.input.is_file():
         raise SystemExit(f"--input {args.input}: no such CSV file")
     for flag in ("partition_size", "batch_size"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.workers < 0:
         raise SystemExit(f"--workers must be >= 0, got {args.workers}")
@@ -654,6 +666,7 @@ def _close(args: argparse.Namespace, settings: Settings, plan: Plan, this_run: d
         "rows": rows["input"], "written": rows["written"], "failed": rows["failed"], "duplicate": rows["duplicate"],
         "tokenized": this_run["tokenized"], "this_run": this_run, "seconds": round(seconds, 2),
         "images_per_s": round(done / max(seconds, 1e-9), 3), "vqgan_digest": settings.vqgan_digest,
+        "batch_size": args.batch_size,
     }
     logger.info("summary: %s", json.dumps(summary))
     write_json(args.output / SUMMARY, summary)
@@ -668,6 +681,7 @@ def _close(args: argparse.Namespace, settings: Settings, plan: Plan, this_run: d
 def _tokenize(args: argparse.Namespace, limits: ImageLimits, info: Dist) -> int:
     """Set up, plan, run and close; the number of failed rows in the folder."""
     device = _setup_device(args, info)
+    args.batch_size = args.batch_size or DEFAULT_BATCH_SIZE.get(device.type, 1)
     model, digest = _setup_model(args, device)
     settings = _settings(args, model, digest, device, limits)
     args.output.mkdir(parents=True, exist_ok=True)

@@ -382,3 +382,14 @@ def test_a_broken_checkpoint_is_not_called_untrusted(dataset, tiny_vqgan, tmp_pa
     (ckpt / "vqgan.yaml").write_text(yaml.safe_dump({"model": {"params": huge}}))
     with pytest.raises(SystemExit, match=r"--skip-memory-check"):
         _run(dataset, tmp_path / "out", ckpt)
+
+
+def test_default_batch_size_is_chosen_per_device_and_recorded(dataset, tiny_vqgan_dir, tmp_path):
+    """On CPU a forward pass takes one image unless --batch-size says otherwise (see DEFAULT_BATCH_SIZE)."""
+    _run(dataset, tmp_path / "default", tiny_vqgan_dir)
+    _run(dataset, tmp_path / "given", tiny_vqgan_dir, "--batch-size", "3")
+    summary = {name: json.loads((tmp_path / name / "summary.json").read_text()) for name in ("default", "given")}
+    assert summary["default"]["batch_size"] == image_tokenize.DEFAULT_BATCH_SIZE["cpu"] == 1
+    assert summary["given"]["batch_size"] == 3
+    assert read_image_tokens(tmp_path / "default") == read_image_tokens(tmp_path / "given")  # fp32: batching is invisible
+    assert "1 on cpu" in image_tokenize.build_parser().format_help()
