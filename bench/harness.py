@@ -143,8 +143,9 @@ def _version(package: str) -> str | None:
 
 
 def _git(*args: str) -> str:
+    """git's output, unstripped: `status --porcelain` lines start with a meaningful space."""
     try:
-        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=30).stdout.strip()
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -153,7 +154,7 @@ def git_state() -> dict:
     """The commit measured, and whether program files differed from it (records and reports excluded)."""
     changed = [line[3:] for line in _git("status", "--porcelain").splitlines()
                if not line[3:].startswith(("bench/results/", "BENCHMARKS.md"))]
-    return {"commit": _git("rev-parse", "HEAD") or None, "dirty_files": changed}
+    return {"commit": _git("rev-parse", "HEAD").strip() or None, "dirty_files": changed}
 
 
 def threads() -> dict:

@@ -170,3 +170,19 @@ def test_report_check_fails_until_the_file_is_regenerated(tmp_path):
 def test_benchmarks_md_is_generated_from_the_committed_records():
     """BENCHMARKS.md and bench/results/*.json cannot drift apart: rerun `python bench/report.py` after a benchmark."""
     assert report.main(["--check"]) == 0
+
+
+def test_git_state_names_modified_files_whole(tmp_path, monkeypatch):
+    """`git status --porcelain` starts a modified tracked file's line with a space; the path must survive."""
+    import subprocess
+
+    repo = tmp_path / "repo"
+    (repo / "bench").mkdir(parents=True)
+    (repo / "bench" / "script.py").write_text("a\n")
+    (repo / "other.py").write_text("b\n")
+    for cmd in (["init", "-q"], ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        subprocess.run(["git", "-C", str(repo), *cmd], check=True)
+    (repo / "bench" / "script.py").write_text("changed\n")
+    (repo / "other.py").write_text("changed\n")
+    monkeypatch.setattr(harness, "ROOT", repo)
+    assert sorted(harness.git_state()["dirty_files"]) == ["bench/script.py", "other.py"]
