@@ -169,9 +169,9 @@ def tokenizer_case(csv: Path, ckpts: tuple[Path, Path], work: Path, n: int, warm
     return case, targets
 
 
-def batch_case(csv: Path, ckpt: Path, work: Path, n: int, sizes: list[int]) -> Case:
+def batch_case(csv: Path, ckpt: Path, work: Path, n: int, sizes: list[int], dtypes: list[str]) -> Case:
     variants = []
-    for dtype in ("fp32", "bf16"):
+    for dtype in dtypes:
         for b in sizes:
             flags = ("--batch-size", str(b), "--dtype", dtype)
             variants.append(ours_variant(f"ours {dtype} --batch-size {b}", csv, ckpt, work / f"b{dtype}{b}", n, *flags,
@@ -187,16 +187,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=("help", "tokenizer", "batch"), action="append",
                    help="run only these parts (repeatable; default: all)")
     p.add_argument("--images", type=int, help="images of the tokenizer run (default 12; quick 4)")
+    p.add_argument("--batch-sizes", type=lambda v: [int(x) for x in v.split(",")],
+                   help="batch sizes of the batch part, comma-separated (default 1,2,4,8; quick 1,2,4)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), action="append",
+                   help="dtypes of the batch part (repeatable; default both)")
     add_arguments(p)
     args = p.parse_args(argv)
     parts = args.only or ["help", "tokenizer", "batch"]
     n = args.images or (4 if args.quick else 12)
     n_batch, sizes = (4, [1, 2, 4]) if args.quick else (8, [1, 2, 4, 8])
+    sizes, dtypes = args.batch_sizes or sizes, args.dtype or ["fp32", "bf16"]
     bench = Benchmark(
         name="startup" if parts == ["help", "tokenizer", "batch"] else "startup-" + "-".join(parts),
         title="Start-up and whole-process runs", size=size_label(args.quick, args.images),
         description=__doc__.split("\n\n", 2)[2].strip(),
-        settings={"parts": parts, "tokenizer_images": n, "batch_images": n_batch, "batch_sizes": sizes,
+        settings={"parts": parts, "tokenizer_images": n, "batch_images": n_batch, "batch_sizes": sizes, "batch_dtypes": dtypes,
                   "image": "640x480 JPEG", "vqgan": "chameleon 512 px, random weights"},
         command=command_line(argv))
     work = Path(tempfile.mkdtemp(prefix="bench_startup_"))
@@ -212,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 case, t = tokenizer_case(make_images(data, n), ckpts, work, n, make_images(data, 1))
                 cases.append(case), targets.extend(t)
             if "batch" in parts:
-                cases.append(batch_case(make_images(data, n_batch), ckpts[0], work, n_batch, sizes))
+                cases.append(batch_case(make_images(data, n_batch), ckpts[0], work, n_batch, sizes, dtypes))
         return run_benchmark(bench, cases, targets, args, notes=_notes)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -227,6 +232,8 @@ def _notes(record: dict) -> list[str]:
         if name.startswith("batch size"):
             for dtype in ("fp32", "bf16"):
                 rates = {v: e["summary"]["images/s"]["median"] for v, e in case["variants"].items() if dtype in v}
+                if not rates:
+                    continue
                 best = max(rates, key=rates.get)
                 notes.append(f"batch size, {dtype}: fastest per image is `{best.split(' ', 2)[2]}` "
                              f"({rates[best]:.3f} images/s median, loop time); "

@@ -10,8 +10,8 @@ Usage::
     # images larger than the default limits (64 Mpx, aspect ratio 20)
     python -m tokenization.image_tokenize ... --max-image-pixels 200000000 --max-aspect-ratio 50
 
-``--batch-size`` defaults per device: 1 on CPU, where a larger batch only adds memory traffic (measured
-in BENCHMARKS.md), and 16 on CUDA. fp32 codes do not depend on it.
+``--batch-size`` defaults per device: 1 on CPU, where batches of 4 or 8 are no faster and take 2.5x the
+memory (measured in BENCHMARKS.md), and 16 on CUDA. fp32 codes do not depend on it.
 
 The CSV column ``img_path`` (MedMax) or ``image_path`` (or ``--column NAME``) names each image;
 relative paths resolve against ``--image-root`` (default: the CSV's folder) and no path may leave it.
@@ -140,10 +140,11 @@ class Dist:
 
 
 # Images per VQGAN forward pass when --batch-size is not given, by device type. On CPU the convolutions
-# already use every core at batch 1 and a larger batch only costs memory traffic: on 2 cores at 512 px,
-# batch 8 took 6.3 s an image against 4.9 s at batch 1 (fp32; bench/bench_startup.py --only batch, and
-# BENCHMARKS.md). On CUDA a batch is what fills the device; 16 is MedMax's order of magnitude (its
-# default is 64) kept small enough for a 7B job's neighbour on the GPU. Not measured here: no GPU.
+# already keep every core busy at batch 1: at 512 px on 2 cores, batches of 1, 4 and 8 ran at the same
+# images/s (ratios 0.99 and 1.01, 3 interleaved rounds), while peak RSS went from 1.3 GB to 3.3 GB
+# (bench/results/startup-batch-full-*.json: `python bench/bench_startup.py --only batch --dtype fp32
+# --batch-sizes 1,4,8`). On CUDA a batch is what fills the device; 16 is MedMax's order of magnitude (its
+# default is 64) kept small enough to share a GPU. Not measured here: no GPU.
 DEFAULT_BATCH_SIZE = {"cpu": 1, "cuda": 16}
 
 
