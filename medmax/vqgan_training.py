@@ -300,7 +300,7 @@ class Trainer:
             parts = self._train_step()
             reseeded += self._maybe_reseed(parts.pop("_latents"), parts.pop("_codes"))
             seconds = time.perf_counter() - start
-            stopped = self.config.max_seconds is not None and seconds >= self.config.max_seconds
+            stopped = self._out_of_time(seconds)
             last = stopped or self.step == self.config.steps
             if self.step % self.config.log_every == 0 or last:
                 self._record(parts, reseeded, self.seconds_before + seconds, self.cpu_before + time.process_time() - cpu_start, bar)
@@ -415,7 +415,24 @@ class Trainer:
                 p.grad /= self.info.world_size
 
     # -- records, evaluation, TensorBoard
+    def _out_of_time(self, seconds: float) -> bool:
+        """Rank 0's clock decides for every process, so that all stop after the same step."""
+        if self.config.max_seconds is None:
+            return False
+        flag = torch.tensor([float(seconds >= self.config.max_seconds)], device=self.device)
+        self._broadcast(flag)
+        return bool(flag.item())
+
+    def _mean_over_processes(self, parts: dict) -> dict:
+        """Each loss averaged over the processes: the loss of the global batch (codes_in_batch: the mean per process)."""
+        if self.info.world_size == 1:
+            return parts
+        values = torch.tensor([float(v) for v in parts.values()], dtype=torch.float64, device=self.device)
+        self._all_reduce(values)
+        return dict(zip(parts, (values / self.info.world_size).tolist()))
+
     def _record(self, parts: dict, reseeded: int, seconds: float, cpu_seconds: float, bar) -> None:
+        parts = self._mean_over_processes(parts)
         record = {"step": self.step, **parts, "reseeded": reseeded, "seconds": seconds, "cpu_seconds": cpu_seconds}
         self.history.append(record)
         shown = {k: f"{record[k]:.4f}" for k in ("loss", "nll_loss", "g_loss", "d_loss") if k in record}

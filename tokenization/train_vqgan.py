@@ -124,7 +124,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--autocast", choices=AUTOCASTS, help="auto: bf16 on CUDA, none on CPU")
     g.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
     g.add_argument("--device", help="cpu, cuda (one device per local rank) or cuda:N (default: cpu)")
-    g.add_argument("--threads", type=int, help="torch CPU threads per process (default: the CPUs shared by the local processes)")
+    g.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's choice; under torchrun the CPUs / local processes)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--strict", action="store_true", help="exit 1 when any image could not be read")
 
@@ -178,7 +178,8 @@ def _setup_device(config: VQGANTrainConfig, info: Dist, threads: int | None) -> 
         torch.cuda.set_device(torch.device(config.device))
     if threads is not None and threads < 1:
         raise VQGANConfigError(f"--threads must be >= 1, got {threads}")
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // info.local_world_size))
+    if threads is not None or info.local_world_size > 1:  # several processes share the CPUs
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // info.local_world_size))
 
 
 def _load(csv: Path, args: argparse.Namespace, resolution: int, progress: bool) -> tuple[torch.Tensor | None, list[dict]]:
