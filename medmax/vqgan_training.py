@@ -229,6 +229,7 @@ class Trainer:
         self.amp = config.autocast == "bf16" or (config.autocast == "auto" and self.device.type == "cuda")
         self.train_codes = config.train == "all"
         self.step, self.history, self.evals, self.seconds_before, self.cpu_before = 0, [], [], 0.0, 0.0
+        self.evaluated_at = None  # the step of the last evaluation, on every process
         self.counts = torch.zeros(vqgan.n_embed, dtype=torch.long, device=self.device)  # code use since the last re-seeding
         self._setup_model()
         self._setup_optimizers()
@@ -313,7 +314,7 @@ class Trainer:
         bar.close()
         if stopped:
             logger.info("stopping after step %d of %d: max_seconds=%s reached", self.step, self.config.steps, self.config.max_seconds)
-        if not self.evals or self.evals[-1]["step"] != self.step:
+        if self.evaluated_at != self.step:
             self._evaluate()
         seconds = self.history[-1]["seconds"] if self.history else self.seconds_before
         self._save(seconds, self.history[-1]["cpu_seconds"] if self.history else self.cpu_before)
@@ -443,6 +444,7 @@ class Trainer:
                     self.writer.add_scalar(f"train/{key}", value, self.step)
 
     def _evaluate(self) -> None:
+        self.evaluated_at = self.step
         pixels = self.ctx.eval_pixels
         if pixels is None or not self.is_main:
             self._barrier()
@@ -487,7 +489,7 @@ class Trainer:
             return
         state = {"step": self.step, "identity": self._identity(), "vqgan": self.vqgan.state_dict(),
                  "opt_ae": self.opt_ae.state_dict(), "counts": self.counts.cpu(), "history": self.history, "evals": self.evals,
-                 "seconds": seconds, "cpu_seconds": cpu_seconds}
+                 "seconds": seconds, "cpu_seconds": cpu_seconds, "evaluated_at": self.evaluated_at}
         if self.disc is not None:
             state.update(disc=self.disc.state_dict(), opt_d=self.opt_d.state_dict())
         path = self.ctx.output / CHECKPOINT
@@ -511,6 +513,7 @@ class Trainer:
             self.opt_d.load_state_dict(state["opt_d"])
         self.counts.copy_(state["counts"])
         self.step, self.history, self.evals = state["step"], state["history"], state["evals"]
+        self.evaluated_at = state["evaluated_at"]
         self.seconds_before, self.cpu_before = state["seconds"], state["cpu_seconds"]
         logger.info("%s: resuming the run at step %d of %d", path, self.step, self.config.steps)
         return True

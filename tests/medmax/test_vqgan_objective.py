@@ -1,6 +1,6 @@
 """taming's VQGAN objective: the adaptive weight, the discriminator and its losses, LPIPS from a local file, the metrics.
 
-Tiny models throughout (a 16 px VQGAN, an 8-filter discriminator, an LPIPS with 4-8 channels); the
+Tiny models throughout (the tiny 64 px VQGAN preset, an 8-filter discriminator, an LPIPS with 4-8 channels); the
 LPIPS stand-in file is built here with the key layout of taming's ``LPIPS`` state dict
 (``net.slice1.0.weight`` ..., ``lin0.model.1.weight``, ``scaling_layer.shift``), which is also the
 ``lpips`` package's (plus its duplicate ``lins.*`` keys), and torchvision's ``features.N.weight``.
@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from medmax.perceptual import LPIPS, load_lpips
+from medmax.presets import VQGAN_PRESETS
 from medmax.torch_files import CheckpointError
 from medmax.vqgan import VQGAN
 from medmax.vqgan_eval import lesion_survival, perplexity, psnr, ssim
@@ -28,14 +29,12 @@ from medmax.vqgan_objective import (
     vanilla_d_loss,
 )
 
-SMALL = dict(embed_dim=16, n_embed=64, ddconfig=dict(double_z=False, z_channels=16, resolution=16, in_channels=3, out_ch=3,
-                                                     ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0))
 WIDTHS = (4, 8, 8, 8, 8)
 
 
 def _vqgan(seed=0) -> VQGAN:
     torch.manual_seed(seed)
-    return VQGAN.from_params(SMALL).train()
+    return VQGAN.from_params(VQGAN_PRESETS["tiny"]).train()
 
 
 def _disc(seed=0) -> PatchDiscriminator:
@@ -50,7 +49,7 @@ def _losses(vqgan, disc, x):
 
 
 def test_adaptive_weight_equals_an_independent_computation():
-    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
     vqgan, disc = _vqgan(), _disc()
     nll, g = _losses(vqgan, disc, x)
     got = adaptive_weight(nll, g, vqgan.decoder.conv_out.weight, disc_weight=0.8)
