@@ -138,7 +138,8 @@ def kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator) -
 def init_codebook(vqgan: VQGAN, pixels: torch.Tensor, n_images: int, batch_size: int, generator: torch.Generator) -> None:
     """Set the codebook to a k-means++ sample of the encoder's latents of ``n_images`` random images."""
     pick = torch.randperm(pixels.shape[0], generator=generator)[:n_images]
-    latents = torch.cat([encode_latents(vqgan, pixels[pick[i:i + batch_size]]) for i in range(0, len(pick), batch_size)])
+    device = vqgan.quantize.embedding.weight.device
+    latents = torch.cat([encode_latents(vqgan, pixels[pick[i:i + batch_size]].to(device)) for i in range(0, len(pick), batch_size)])
     weight = vqgan.quantize.embedding.weight
     weight.copy_(kmeans_plus_plus(latents.float().cpu(), vqgan.n_embed, generator).to(weight))
 
@@ -280,7 +281,7 @@ class Trainer:
     def _start_fresh(self) -> None:
         c = self.config
         if c.init_codebook and self.train_codes:
-            init_codebook(self.vqgan, self.pixels.to(self.device), c.init_images, c.batch_size, torch.Generator().manual_seed(c.seed))
+            init_codebook(self.vqgan, self.pixels, c.init_images, c.batch_size, torch.Generator().manual_seed(c.seed))
             self._broadcast(self.vqgan.quantize.embedding.weight)
         elif c.init_codebook:
             logger.info("train=decoder: the codebook is frozen, so it is not re-seeded by k-means++")
@@ -449,13 +450,13 @@ class Trainer:
         if pixels is None or not self.is_main:
             self._barrier()
             return
-        record = {"step": self.step, **evaluate_vqgan(self.vqgan, pixels.to(self.device))}
+        record = {"step": self.step, **evaluate_vqgan(self.vqgan, pixels)}
         self.evals.append(record)
         logger.info("step %d: held-out PSNR %.2f dB, SSIM %.3f, codes %d, perplexity %.1f, lesions kept %s of %d", self.step,
                     record["psnr"], record["ssim"], record["codes_used"], record["perplexity"], _share(record), record["lesions"])
         if self.ctx.output is not None:
             (self.ctx.output / "eval").mkdir(parents=True, exist_ok=True)
-            save_grid(self.vqgan, pixels.to(self.device), self.ctx.output / "eval" / f"step{self.step:06d}.png")
+            save_grid(self.vqgan, pixels, self.ctx.output / "eval" / f"step{self.step:06d}.png")
         if self.writer is not None:
             for key, value in record.items():
                 if key != "step" and value is not None:

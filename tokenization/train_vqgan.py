@@ -217,8 +217,9 @@ def _data(args, vqgan, progress: bool, is_main: bool):
     if is_main:
         args.output.mkdir(parents=True, exist_ok=True)
         _write_jsonl(args.output / "errors.jsonl", errors)
-    if pixels is None:
-        raise VQGANConfigError(f"--input {args.input}: none of its images could be read (see {args.output / 'errors.jsonl'})")
+    for flag, csv, loaded in (("--input", args.input, pixels), ("--eval-input", args.eval_input, held)):
+        if csv is not None and loaded is None:
+            raise VQGANConfigError(f"{flag} {csv}: none of its images could be read (see {args.output / 'errors.jsonl'})")
     held = pixels[: args.eval_images] if held is None else held[: args.eval_images]
     return pixels, held, errors
 

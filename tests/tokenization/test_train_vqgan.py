@@ -366,3 +366,10 @@ def test_torchrun_two_processes_share_each_global_batch(scans, gan_yaml, tmp_pat
     assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-6)
     assert two[1]["pixel_loss"] == pytest.approx(one[1]["pixel_loss"], rel=1e-5)
     assert "d_loss" in two[1] and load_vqgan(tmp_path / "two").codes_digest() != load_vqgan(init).codes_digest()
+
+
+def test_a_discriminator_too_deep_for_the_images_is_refused_before_training(pixels):
+    from medmax.vqgan_train_config import VQGANConfigError
+
+    with pytest.raises(VQGANConfigError, match=r"disc_num_layers 3 is too many for 16 px images .*use at most 2"):
+        _trainer(pixels, _gan_config(disc_num_layers=3))
