@@ -40,7 +40,7 @@ The MedMax toolkit's programs (each has --help):
   medmax demo --model DIR                              a browser demo: chat about scans, draw images (make demo)
   python -m tokenization.image_tokenize ...            images -> VQGAN code shards (medmax-image-tokenize; torchrun for GPUs)
   python -m tokenization.build_sequences ...           text + codes -> training sequences (medmax-build-sequences)
-  python -m tokenization.train_vqgan ...               reconstruction training of a VQGAN (medmax-train-vqgan)
+  python -m tokenization.train_vqgan ...               VQGAN training / fine-tuning, taming objective (medmax-train-vqgan)
   finetune/launch.sh ... | python -m finetune.train ... fine-tuning, full or LoRA (medmax-train)
   python -m finetune.export ...                        merge and export a model folder (medmax-export)
   python -m finetune.convert ...                       original Chameleon / MedMax layout -> model folder (medmax-convert)

@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
+from medmax import image_csv
 from medmax.image_tokens import (
     FORMAT,
     MANIFEST,
@@ -81,9 +82,11 @@ from medmax.image_tokens import (
     write_json,
     write_partition,
 )
+from medmax.distributed import Dist
+from medmax.distributed import setup_distributed as _setup_dist
+from medmax.image_csv import display_path, path_bytes, resolve_image
 from medmax.images import ImageLimits, ImageLoadError, allow_in_pillow, load_image, preprocess
 from medmax.memory import MemoryBudgetError
-from medmax.paths import PathEscapeError, resolve_inside
 
 if TYPE_CHECKING:  # annotations only: torch, pandas and the VQGAN load in the functions that run, not for --help
     import torch
@@ -92,7 +95,6 @@ if TYPE_CHECKING:  # annotations only: torch, pandas and the VQGAN load in the f
 
 logger = logging.getLogger("tokenization.image_tokenize")
 
-PATH_COLUMNS = ("img_path", "image_path")
 _PROGRESS_KEY = "medmax_image_tokenize_done"
 _CSV_OPTIONS = dict(dtype=object, keep_default_na=False, encoding_errors="surrogateescape")  # bad bytes become one row's error
 
@@ -126,14 +128,6 @@ FLAGS = {  # how a user changes each setting, for the message naming a differenc
     "max_aspect_ratio": "--max-aspect-ratio", "column": "--column", "image_root": "--image-root",
     "partition_size": "--partition-size",
 }
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    local_world_size: int = 1
 
 
 # ------------------------------------------------------------------------------------------- arguments
@@ -194,21 +188,11 @@ def _validate(args: argparse.Namespace) -> ImageLimits:
 
 
 def pick_column(csv: Path, column: str | None) -> str:
-    """The CSV column holding image paths: ``--column``, else img_path (MedMax) or image_path."""
-    import pandas as pd
-
+    """The CSV column holding image paths (:func:`medmax.image_csv.pick_column`), a bad one ending the run."""
     try:
-        header = list(pd.read_csv(csv, nrows=0, encoding_errors="surrogateescape").columns)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
-        raise SystemExit(f"{csv}: cannot read the CSV header ({exc})") from None
-    if column is not None:
-        if column not in header:
-            raise SystemExit(f"--column {column!r} is not a column of {csv} (columns: {header})")
-        return column
-    for name in PATH_COLUMNS:
-        if name in header:
-            return name
-    raise SystemExit(f"{csv}: no img_path or image_path column (columns: {header}); name one with --column")
+        return image_csv.pick_column(csv, column)
+    except image_csv.ImageCSVError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 # ----------------------------------------------------------------------------------- CSV and partitions
@@ -239,34 +223,13 @@ def iter_partitions(source: Source) -> Iterator[tuple[int, list[str]]]:
         raise SystemExit(f"--input {source.csv}: cannot be parsed as CSV ({exc})") from None
 
 
-def _path_bytes(img_path: str) -> bytes:
-    return img_path.encode("utf-8", "surrogateescape")
-
-
-def display_path(img_path: str) -> str:
-    """A CSV path as text for messages and errors/*.jsonl: bytes that are not UTF-8 shown as ``\\xff``."""
-    return _path_bytes(img_path).decode("utf-8", "backslashreplace")
-
-
 def rows_digest(paths: list[str], duplicates: frozenset[int]) -> str:
     """sha256 of a partition's rows: each path (length-prefixed) and whether it repeats an earlier row."""
     digest = hashlib.sha256()
     for row, img_path in enumerate(paths):
-        data = _path_bytes(img_path)
+        data = path_bytes(img_path)
         digest.update(len(data).to_bytes(8, "little") + data + (b"D" if row in duplicates else b"-"))
     return digest.hexdigest()
-
-
-def resolve_image(img_path: str, root: Path) -> Path:
-    """A CSV path -> the file, refusing empty paths, bytes that are not UTF-8 and paths that leave the image root."""
-    if not img_path.strip():
-        raise ImageLoadError(repr(img_path), "empty image path in the CSV")
-    if display_path(img_path) != img_path:
-        raise ImageLoadError(display_path(img_path), "the image path is not valid UTF-8 in the CSV")
-    try:
-        return resolve_inside(root, img_path)
-    except PathEscapeError:
-        raise ImageLoadError(img_path, f"path leaves the image root {root} (set --image-root to allow it)") from None
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -318,7 +281,7 @@ def make_plan(source: Source, output: Path, info: Dist) -> Plan:
 def _mark_duplicates(paths: list[str], seen: set[bytes]) -> Iterator[int]:
     """Rows whose path an earlier row of the CSV had (``seen`` holds 16-byte hashes of every path so far)."""
     for row, img_path in enumerate(paths):
-        key = hashlib.blake2b(_path_bytes(img_path), digest_size=16).digest()
+        key = hashlib.blake2b(path_bytes(img_path), digest_size=16).digest()
         if key in seen:
             yield row
         seen.add(key)
@@ -451,23 +414,6 @@ def _write_errors(path: Path, errors: list[dict]) -> None:
 
 
 # -------------------------------------------------------------------------------------------- setup
-
-
-def _setup_dist() -> Dist:
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    info = Dist(
-        rank=int(os.environ.get("RANK", "0")),
-        world_size=world,
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))),
-    )
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-    return info
 
 
 def _setup_device(args: argparse.Namespace, info: Dist) -> torch.device:

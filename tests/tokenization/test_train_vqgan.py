@@ -1,4 +1,5 @@
-"""VQGAN reconstruction training: error falls, the codebook is used, saved weights round-trip, bad images are reported.
+"""VQGAN training: error falls, the codebook is used, saved weights round-trip, bad images are reported; taming's
+full objective (discriminator switch-on, decoder-only, resume, perceptual weights) and the shipped configs.
 
 A 16 px VQGAN (8x8 codes, 64-entry codebook) keeps a few dozen CPU steps within seconds; the trainer
 has no size-specific code, the 64 px tiny preset runs through the same functions.
@@ -6,14 +7,18 @@ has no size-specific code, the 64 px tiny preset runs through the same functions
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from medmax.images import preprocess
 from medmax.synthetic import make_scans
 from medmax.vqgan import VQGAN, load_vqgan, save_vqgan
 from medmax.vqgan_training import (
+    RunContext,
+    Trainer,
     VQGANTrainConfig,
     evaluate_reconstruction,
     kmeans_plus_plus,
@@ -182,3 +187,189 @@ def test_program_reports_bad_image_and_saves_a_loadable_vqgan(scans, tmp_path):
     good = torch.stack([preprocess(s.image, 16) for s in scans[:12]])  # the broken row is not replaced by anything
     assert evaluate_reconstruction(load_vqgan(out), good)["l1"] == pytest.approx(summary["after"]["l1"], abs=1e-6)
     assert main(args + ["--output", str(tmp_path / "strict"), "--strict"]) == 1
+
+
+# ------------------------------------------------------------------------- taming's full objective
+
+
+def _gan_config(**overrides) -> VQGANTrainConfig:
+    base = dict(steps=4, batch_size=4, lr=1e-3, disc_start=2, disc_weight=0.8, disc_num_layers=2, disc_ndf=8, init_images=16, reseed_every=2, log_every=1,
+                tensorboard=False, save_every=0, seed=3)
+    return VQGANTrainConfig(**{**base, **overrides})
+
+
+def _trainer(pixels, config, **context) -> Trainer:
+    return Trainer(_small_vqgan(), pixels[:16], config, RunContext(**context))
+
+
+def test_discriminator_is_not_updated_before_disc_start(pixels):
+    before = _trainer(pixels, _gan_config(steps=3, disc_start=3))
+    initial = {k: v.clone() for k, v in before.disc.state_dict().items()}
+    history = before.run()
+    assert all(torch.equal(v, initial[k]) for k, v in before.disc.state_dict().items())  # running stats too
+    assert not any("d_loss" in r or "g_loss" in r for r in history)
+
+    after = _trainer(pixels, _gan_config(steps=5, disc_start=3))
+    history = after.run()
+    assert [("d_loss" in r, "g_loss" in r) for r in history] == [(False, False)] * 3 + [(True, True)] * 2
+    assert not torch.equal(after.disc.main[0].weight, initial["main.0.weight"])
+    assert all(r["d_weight"] > 0 for r in history[3:])
+
+
+def test_decoder_only_training_leaves_encoder_and_codebook_bit_identical(pixels):
+    trainer = _trainer(pixels, _gan_config(train="decoder", disc_start=1, steps=3))
+    frozen = {k: v.clone() for k, v in trainer.vqgan.state_dict().items() if k.startswith(("encoder.", "quant_conv.", "quantize."))}
+    decoder = trainer.vqgan.decoder.conv_out.weight.detach().clone()
+    digest = trainer.vqgan.codes_digest()
+    trainer.run()
+    state = trainer.vqgan.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in frozen.items())
+    assert not torch.equal(trainer.vqgan.decoder.conv_out.weight, decoder)  # the decoder did learn
+    assert trainer.vqgan.codes_digest() == digest
+
+
+def test_training_all_weights_changes_the_codes_and_image_tokenize_refuses_to_mix_them(scans, gan_yaml, tmp_path):
+    from tokenization.image_tokenize import main as tokenize
+
+    data = _image_csv(scans[:6], tmp_path / "data")
+    old = save_vqgan(_small_vqgan(), tmp_path / "old")
+    new = tmp_path / "new"
+    assert main(["--input", str(data), "--output", str(new), "--init", str(old), "--steps", "2", "--batch-size", "4",
+                 "--train", "all", "--disc-start", "0", "--config", str(gan_yaml), "--no-progress", "--no-tensorboard", "--threads", "1"]) == 0
+    summary = json.loads((new / "summary.json").read_text())
+    assert summary["codes_changed"] and load_vqgan(new).codes_digest() != load_vqgan(old).codes_digest()
+    tokens = tmp_path / "tokens"
+    assert tokenize(["--input", str(data), "--output", str(tokens), "--ckpt", str(old), "--workers", "0", "--no-progress"]) == 0
+    with pytest.raises(SystemExit, match=r"other settings: --ckpt \(the VQGAN's weights\) was"):
+        tokenize(["--input", str(data), "--output", str(tokens), "--ckpt", str(new), "--workers", "0", "--no-progress"])
+
+
+def _image_csv(scans, folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    for scan in scans:
+        scan.image.save(folder / f"{scan.name}.png")
+    with open(folder / "images.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["img_path"]] + [[f"{s.name}.png"] for s in scans])
+    return folder / "images.csv"
+
+
+@pytest.fixture(scope="module")
+def gan_yaml(tmp_path_factory):
+    path = tmp_path_factory.mktemp("config") / "tiny_gan.yaml"
+    path.write_text("disc_num_layers: 2\ndisc_ndf: 8\nlog_every: 1\n")  # a 16 px image fits a 2-layer PatchGAN
+    return path
+
+
+def _program(data, out, init, gan_yaml, *extra):
+    return main(["--input", str(data), "--output", str(out), "--init", str(init), "--batch-size", "4", "--disc-start", "1",
+                 "--config", str(gan_yaml),
+                 "--seed", "5", "--no-progress", "--no-tensorboard", "--eval-images", "4", "--threads", "1", *extra])
+
+
+def test_resume_continues_the_same_run(scans, gan_yaml, tmp_path):
+    data = _image_csv(scans[:8], tmp_path / "data")
+    init = save_vqgan(_small_vqgan(), tmp_path / "init")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert _program(data, straight, init, gan_yaml, "--steps", "4") == 0
+    assert _program(data, resumed, init, gan_yaml, "--steps", "2") == 0  # stopped after 2 steps: the checkpoint is there
+    assert _program(data, resumed, init, gan_yaml, "--steps", "4") == 0  # the same command, more steps: it continues
+    a, b = load_vqgan(straight), load_vqgan(resumed)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    history = [json.loads(line) for line in (resumed / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history] == [1, 2, 3, 4]
+    straight_history = [json.loads(line) for line in (straight / "history.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in history] == [r["loss"] for r in straight_history]
+    assert "d_loss" in history[-1]
+    with pytest.raises(SystemExit, match=r"other settings: lr was 0.0005, now 0.001"):
+        _program(data, resumed, init, gan_yaml, "--steps", "6", "--lr", "1e-3")
+
+
+def test_without_perceptual_weights_the_term_is_off_with_one_warning(pixels, caplog):
+    trainer = _trainer(pixels, _gan_config(steps=2, disc_start=None))
+    history = trainer.run()
+    warnings = [r for r in caplog.records if "perceptual" in r.getMessage() and r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "--perceptual-weights" in warnings[0].getMessage()
+    assert all(r["perceptual_loss"] == 0.0 for r in history)
+
+
+def test_perceptual_weights_add_the_lpips_term(scans, gan_yaml, tmp_path):
+    from medmax.perceptual import LPIPS
+
+    torch.manual_seed(0)
+    lpips = LPIPS((4, 8, 8, 8, 8))
+    for p in lpips.parameters():
+        p.data.uniform_(0.0, 0.2)
+    save_file({k: v.contiguous() for k, v in lpips.state_dict().items()}, str(tmp_path / "lpips.safetensors"))
+    data = _image_csv(scans[:8], tmp_path / "data")
+    out = tmp_path / "out"
+    assert _program(data, out, save_vqgan(_small_vqgan(), tmp_path / "init"), gan_yaml, "--steps", "2",
+                    "--perceptual-weights", str(tmp_path / "lpips.safetensors")) == 0
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert all(r["perceptual_loss"] > 0 for r in history)
+    assert history[0]["nll_loss"] == pytest.approx(history[0]["pixel_loss"] + history[0]["perceptual_loss"], rel=1e-5)
+    evals = [json.loads(line) for line in (out / "evals.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2] and {"psnr", "ssim", "perplexity", "lesion_survival"} <= evals[0].keys()
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "tokenization" / "configs").glob("vqgan_*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_vqgan_config_parses_and_opens_with_its_command(path):
+    from medmax.vqgan_train_config import read_config_yaml
+    from tokenization.train_vqgan import build_parser, resolve_settings
+
+    first = path.read_text().splitlines()[0]
+    assert "-m tokenization.train_vqgan" in first and f"tokenization/configs/{path.name}" in first, first
+    values = read_config_yaml(path)
+    args = build_parser().parse_args(["--config", str(path), "--input", "x.csv", "--output", "out"])
+    config, start = resolve_settings(args)
+    assert config.disc_start is not None and {k: getattr(config, k) for k in values if k not in ("init", "preset")} == {
+        k: tuple(v) if k == "adam_betas" else v for k, v in values.items() if k not in ("init", "preset")}
+
+
+def test_medmax_gpu_config_is_medmaxs_recipe():
+    from tokenization.train_vqgan import build_parser, resolve_settings
+
+    path = Path(__file__).parents[2] / "tokenization" / "configs" / "vqgan_medmax_gpu.yaml"
+    config, _ = resolve_settings(build_parser().parse_args(["--config", str(path), "--input", "x", "--output", "y"]))
+    assert (config.disc_start, config.disc_weight, config.codebook_weight, config.lr, config.batch_size) == (25001, 0.8, 1.0, 4.5e-6, 2)
+    assert config.scale_lr and config.adam_betas == (0.5, 0.9) and config.disc_loss == "hinge" and config.device == "cuda"
+
+
+def test_bad_settings_name_the_setting(tmp_path):
+    (tmp_path / "a.csv").write_text("img_path\n")
+    (tmp_path / "bad.yaml").write_text("disc_weigth: 0.8\n")
+    with pytest.raises(SystemExit, match=r"unknown settings \['disc_weigth'\]"):
+        main(["--config", str(tmp_path / "bad.yaml"), "--input", str(tmp_path / "a.csv"), "--output", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="train must be one of"):
+        (tmp_path / "t.yaml").write_text("train: encoder\n")
+        main(["--config", str(tmp_path / "t.yaml"), "--input", str(tmp_path / "a.csv"), "--output", str(tmp_path / "o")])
+
+
+def test_torchrun_two_processes_share_each_global_batch(scans, gan_yaml, tmp_path):
+    """Two gloo processes with batch 2 each see the same global batch as one process with batch 4: the same first loss,
+    and after one synchronised update the same reconstruction loss."""
+    import os
+    import subprocess
+    import sys
+
+    data = _image_csv(scans[:8], tmp_path / "data")
+    init = save_vqgan(_small_vqgan(), tmp_path / "init")
+    common = ["--input", str(data), "--init", str(init), "--config", str(gan_yaml), "--steps", "2", "--disc-start", "1",
+              "--seed", "2", "--no-progress", "--no-tensorboard", "--threads", "1", "--max-seconds", "600"]
+    assert main([*common, "--output", str(tmp_path / "one"), "--batch-size", "4"]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "tokenization.train_vqgan",
+           *common, "--output", str(tmp_path / "two"), "--batch-size", "2"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = ([json.loads(line) for line in (tmp_path / name / "history.jsonl").read_text().splitlines()] for name in ("one", "two"))
+    assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-6)
+    assert two[1]["pixel_loss"] == pytest.approx(one[1]["pixel_loss"], rel=1e-5)
+    assert "d_loss" in two[1] and load_vqgan(tmp_path / "two").codes_digest() != load_vqgan(init).codes_digest()
+
+
+def test_a_discriminator_too_deep_for_the_images_is_refused_before_training(pixels):
+    from medmax.vqgan_train_config import VQGANConfigError
+
+    with pytest.raises(VQGANConfigError, match=r"disc_num_layers 3 is too many for 16 px images .*use at most 2"):
+        _trainer(pixels, _gan_config(disc_num_layers=3))
