@@ -34,6 +34,7 @@ from pathlib import Path, PurePosixPath
 
 import pyarrow.parquet as pq
 
+from medmax.errors import UserError
 from medmax.paths import PathEscapeError, resolve_inside
 
 from .scoring import LETTERS, UnresolvedGold, resolve_gold, yes_no
@@ -58,7 +59,7 @@ class EvalRecord:
     image_bytes: bytes | None = None  # the image itself, when the row embeds it (parquet, HF datasets style)
 
 
-class BadRow(ValueError):
+class BadRow(UserError):
     """A row that cannot be evaluated; the run reports it and goes on."""
 
 

@@ -47,6 +47,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from medmax.cli import program
+
 from . import fingerprint, launch, medmax_protocol, outputs, report
 from .data import FORMATS, EvalRecord, data_files, load_record_image, load_records
 from .errors import EvalError, FingerprintMismatch, ShardError
@@ -567,15 +569,11 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     return EvalConfig(**{k: v for k, v in vars(args).items()})
 
 
+@program("eval.run")
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        evaluate(config_from_args(args), argv)
-    except EvalError as e:
-        print(f"eval.run: error: {e}", file=sys.stderr)
-        return 2
+    evaluate(config_from_args(args), argv)
     return 0
 
 

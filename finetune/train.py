@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from medmax.cli import program
 from medmax.vocab import Vocabulary, load_tokenizer
 
 if TYPE_CHECKING:  # annotations only: torch, transformers and the recipe load when a run starts, not for --help
@@ -397,7 +398,7 @@ def run(cfg: FinetuneConfig, resume: bool = False, resume_anyway: bool = False) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="finetune.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML file of settings (finetune/configs/*.yaml)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the last complete checkpoint in output_dir (same data, tokenizer and mode)")
@@ -407,9 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@program("finetune.train")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .config import load_config  # after parsing: --help does not load transformers
 
     cfg = load_config(args.config, args.overrides)

@@ -27,11 +27,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import re
 import sys
 import tempfile
 from pathlib import Path
+
+from .cli import run
+from .errors import UserError
 
 
 PROGRAMS = """\
@@ -102,7 +104,7 @@ def _demo(args) -> int:
     from .demo_app import serve
 
     if not (args.model / "config.json").is_file():
-        raise FileNotFoundError(f"--model {args.model}: no config.json (a model folder from finetune.export)")
+        raise UserError(f"--model {args.model}: no config.json (a model folder from finetune.export)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     serve(args.model, host=args.host, port=args.port, share=args.share, device=device,
           dtype=getattr(torch, args.dtype) if args.dtype else None, max_batch_size=args.max_batch_size,
@@ -116,8 +118,8 @@ def _prompt_segments(text: str, images: list, end_of_turn: bool) -> list:
 
     try:
         return prompt_segments(text, images, end_of_turn=end_of_turn)
-    except ValueError as err:
-        raise ValueError(f"--prompt / --image: {err}") from None
+    except UserError as err:
+        raise UserError(f"--prompt / --image: {err}") from None
 
 
 def _generation_config(args):
@@ -152,22 +154,22 @@ def _check_writable(folder: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".medmax-write-check-"):
             pass
     except OSError as err:
-        raise ValueError(f"--output {folder}: cannot write there ({err.strerror or err})") from None
+        raise UserError(f"--output {folder}: cannot write there ({err.strerror or err})") from None
 
 
 def _prepare_output(folder: Path, overwrite: bool, n_images: int) -> None:
     """Before the model loads: a writable folder that is empty, or (--overwrite) cleared of an earlier run's files."""
     if folder.exists() and not folder.is_dir():
-        raise ValueError(f"--output {folder}: exists and is not a folder")
+        raise UserError(f"--output {folder}: exists and is not a folder")
     _check_writable(folder)
     existing = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".medmax-write-check-"))
     if existing and not overwrite:
-        raise ValueError(f"--output {folder}: not empty ({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}); "
+        raise UserError(f"--output {folder}: not empty ({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}); "
                          "pass --overwrite to replace what an earlier medmax generate wrote there, or choose another folder")
     earlier = _written_before(folder)
     foreign = sorted(({RECORD, *(f"image_{i}.png" for i in range(n_images))} & set(existing)) - set(earlier))
     if foreign:
-        raise ValueError(f"--output {folder}: {', '.join(foreign)} was not written by medmax generate (no {RECORD} "
+        raise UserError(f"--output {folder}: {', '.join(foreign)} was not written by medmax generate (no {RECORD} "
                          "lists it); move it away or choose another folder")
     for name in earlier:
         (folder / name).unlink(missing_ok=True)
@@ -222,17 +224,10 @@ def _generate(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command not in ("generate", "demo"):
         print(PROGRAMS, end="")
         return 0
-    from .images import ImageLoadError  # after parsing: --help and `programs` never load torch
-
-    try:
-        return _demo(args) if args.command == "demo" else _generate(args)
-    except (ValueError, ImageLoadError, FileNotFoundError, ImportError) as err:  # a user's mistake; a TypeError is a bug
-        print(f"medmax {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    return run(f"medmax {args.command}", _demo if args.command == "demo" else _generate, args)
 
 
 if __name__ == "__main__":

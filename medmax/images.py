@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .errors import UserError
+
 if TYPE_CHECKING:
     import torch
 
@@ -100,7 +102,7 @@ def allow_in_pillow(limits: ImageLimits) -> None:
         Image.MAX_IMAGE_PIXELS = limits.max_pixels
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(UserError):
     """An image that cannot be read or decoded; the message names the source and the reason."""
 
     def __init__(self, source: str, reason: str):

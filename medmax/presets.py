@@ -17,6 +17,7 @@ import logging
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from .errors import UserError
 from .vocab import BOI, BOS, END_OF_TURN, EOI, EOS, IMAGE_PLACEHOLDER, PAD, image_token_name
 
 logger = logging.getLogger(__name__)
@@ -120,5 +121,5 @@ def parse_preset(spec, choices, setting: str) -> str | None:
         return None
     name = spec[len(PRESET_PREFIX):]
     if name not in choices:
-        raise ValueError(f"{setting}={spec!r}: unknown preset; choose from {sorted(choices)}")
+        raise UserError(f"{setting}={spec!r}: unknown preset; choose from {sorted(choices)}")
     return name

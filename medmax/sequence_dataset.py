@@ -47,6 +47,7 @@ from .dataset_io import (
     shard_types,
     write_manifest,
 )
+from .errors import UserError
 from .passthrough import ColumnFilter
 from .paths import PathEscapeError, resolve_inside
 from .sequences import LengthDrop, RowError, SequenceBuilder, SequenceConfig
@@ -93,7 +94,7 @@ class BuildConfig:
         return ColumnFilter(None if self.keep is None else tuple(self.keep), tuple(self.drop))
 
 
-class RowRejected(RuntimeError):
+class RowRejected(UserError):
     """Raised in strict mode for the first rejected row."""
 
 

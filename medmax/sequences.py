@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tokenizers import Tokenizer
 
+from .errors import UserError
 from .vocab import (
     END_OF_TURN,
     IGNORE_INDEX,
@@ -71,7 +72,7 @@ MEDMAX_MARKERS = (IMAGE_PLACEHOLDER, END_OF_TURN)
 DEFAULT_MAX_LENGTH = 4096
 
 
-class RowError(ValueError):
+class RowError(UserError):
     """A row that cannot become a sequence. ``kind`` is the counted category, the message the detail."""
 
     def __init__(self, kind: str, reason: str):

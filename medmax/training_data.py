@@ -33,10 +33,11 @@ logger = logging.getLogger(__name__)
 from .dataset_io import FORMAT_NAME as MANIFEST_FORMAT
 from .dataset_io import FORMAT_VERSION as MANIFEST_VERSION
 from .dataset_io import MANIFEST as MANIFEST_NAME
+from .errors import UserError
 from .vocab import IGNORE_INDEX
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Training data that cannot be used; the message names the file or setting."""
 
 

@@ -47,6 +47,7 @@ import logging
 import sys
 import time
 
+from medmax.cli import program
 from medmax.dataset_io import ERRORS
 from medmax.sequence_dataset import BuildConfig, build_dataset
 from medmax.sequences import SequenceConfig
@@ -122,8 +123,8 @@ def summary(manifest: dict, output: str, seconds: float) -> str:
     return "\n".join(lines)
 
 
+@program("build_sequences")
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     config = config_from_args(args)
     start = time.perf_counter()

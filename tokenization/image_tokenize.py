@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
+from medmax.cli import program
 from medmax.image_tokens import (
     FORMAT,
     MANIFEST,
@@ -696,9 +697,9 @@ def _tokenize(args: argparse.Namespace, limits: ImageLimits, info: Dist) -> int:
     return failed
 
 
+@program("image_tokenize")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     limits = _validate(args)
     allow_in_pillow(limits)
     import torch.distributed as dist  # after parsing: --help does not load torch

@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from medmax.cli import program
 from medmax.presets import VQGAN_PRESETS
 from medmax.vqgan_train_config import VQGANTrainConfig
 from tokenization.image_tokenize import pick_column, resolve_image
@@ -134,6 +135,7 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
             f.write(json.dumps(record) + "\n")
 
 
+@program("medmax-train-vqgan")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

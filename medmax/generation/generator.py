@@ -16,6 +16,7 @@ from typing import Callable, Sequence, Union
 import torch
 from PIL import Image
 
+from ..errors import UserError
 from ..model import ModelBundle, load_model_dir
 from .forward import ModelRunner
 from .image import ImageDecoder
@@ -81,21 +82,21 @@ class GenerationConfig:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"GenerationConfig.mode: unknown mode {self.mode!r}; choose one of {MODES}")
+            raise UserError(f"GenerationConfig.mode: unknown mode {self.mode!r}; choose one of {MODES}")
         if self.max_new_tokens < 1 and self.mode != "image":
-            raise ValueError(f"GenerationConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise UserError(f"GenerationConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         for name in ("temperature", "image_temperature", "top_p", "image_top_p"):
             if getattr(self, name) < 0:
-                raise ValueError(f"GenerationConfig.{name} must be >= 0, got {getattr(self, name)}")
+                raise UserError(f"GenerationConfig.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("top_p", "image_top_p"):
             if getattr(self, name) > 1:
-                raise ValueError(f"GenerationConfig.{name} must lie in [0, 1] (0 = greedy, 1 = off), got {getattr(self, name)}")
+                raise UserError(f"GenerationConfig.{name} must lie in [0, 1] (0 = greedy, 1 = off), got {getattr(self, name)}")
         if self.repetition_penalty <= 0:
-            raise ValueError(f"GenerationConfig.repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise UserError(f"GenerationConfig.repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.batch_size < 1:
-            raise ValueError(f"GenerationConfig.batch_size must be >= 1, got {self.batch_size}")
+            raise UserError(f"GenerationConfig.batch_size must be >= 1, got {self.batch_size}")
         if self.max_images < 0:
-            raise ValueError(f"GenerationConfig.max_images must be >= 0, got {self.max_images}")
+            raise UserError(f"GenerationConfig.max_images must be >= 0, got {self.max_images}")
         if isinstance(self.stop_strings, str):
             self.stop_strings = (self.stop_strings,)
         self.stop_strings = tuple(self.stop_strings)

@@ -182,14 +182,16 @@ def test_an_unwritable_output_fails_before_loading(tiny_model_dir, tmp_path, cap
     assert f"--output {out}" in capsys.readouterr().err
 
 
-def test_a_programming_error_keeps_its_traceback(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("bug", [TypeError, ValueError, KeyError])
+def test_a_programming_error_keeps_its_traceback(tiny_model_dir, tmp_path, monkeypatch, bug):
+    """Only a user's mistake (medmax.errors.UserError) is one line; a ValueError from a bug was swallowed as one."""
     import medmax.generation
 
     def broken(*args, **kwargs):
-        raise TypeError("a bug, not a user's mistake")
+        raise bug("a bug, not a user's mistake")
 
     monkeypatch.setattr(medmax.generation.Generator, "generate", broken)
-    with pytest.raises(TypeError, match="a bug"):
+    with pytest.raises(bug, match="a bug"):
         main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--mode", "text", "--output", str(tmp_path / "o")])
 
 
