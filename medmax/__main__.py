@@ -34,6 +34,9 @@ from pathlib import Path
 
 from .cli import run
 from .errors import UserError
+from .generation.config import MODES, GenerationConfig
+
+GEN = GenerationConfig  # every generation flag's default is the config field it fills
 
 
 PROGRAMS = """\
@@ -60,24 +63,24 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", required=True, type=Path, help="model folder (config.json, tokenizer.json, vqgan/)")
     g.add_argument("--prompt", required=True, help="prompt text; <image> marks where each --image goes")
     g.add_argument("--image", action="append", default=[], type=Path, help="an input image (repeatable)")
-    g.add_argument("--mode", required=True, choices=("text", "image", "interleaved"))
+    g.add_argument("--mode", required=True, choices=MODES)
     g.add_argument("--output", required=True, type=Path, help="folder for the PNGs and generation.json")
     g.add_argument("--overwrite", action="store_true",
                    help="reuse a non-empty --output: removes the generation.json and images an earlier run wrote there")
     g.add_argument("--no-end-of-turn", action="store_true", help="do not close the prompt with the end-of-turn token")
-    g.add_argument("--max-new-tokens", type=int, default=256, help="text tokens to generate at most")
-    g.add_argument("--max-images", type=int, default=1, help="interleaved: images to draw at most")
+    g.add_argument("--max-new-tokens", type=int, default=GEN.max_new_tokens, help="text tokens to generate at most")
+    g.add_argument("--max-images", type=int, default=GEN.max_images, help="interleaved: images to draw at most")
     g.add_argument("--greedy", action="store_true", help="greedy text decoding (default: sampling)")
-    g.add_argument("--temperature", type=float, default=1.0, help="text temperature")
-    g.add_argument("--top-p", type=float, default=0.9, help="text top-p, in [0, 1]: 1 keeps every token, 0 only the most likely (greedy)")
-    g.add_argument("--repetition-penalty", type=float, default=1.2, help="text repetition penalty (1.0 = off)")
+    g.add_argument("--temperature", type=float, default=GEN.temperature, help="text temperature")
+    g.add_argument("--top-p", type=float, default=GEN.top_p, help="text top-p, in [0, 1]: 1 keeps every token, 0 only the most likely (greedy)")
+    g.add_argument("--repetition-penalty", type=float, default=GEN.repetition_penalty, help="text repetition penalty (1.0 = off)")
     g.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
-    g.add_argument("--image-temperature", type=float, default=0.7)
-    g.add_argument("--image-top-p", type=float, default=0.9, help="image top-p, in [0, 1] (0 = greedy codes)")
-    g.add_argument("--cfg-text", type=float, default=3.0, help="guidance scale for the text condition")
-    g.add_argument("--cfg-image", type=float, default=1.2, help="guidance scale for the image condition")
+    g.add_argument("--image-temperature", type=float, default=GEN.image_temperature)
+    g.add_argument("--image-top-p", type=float, default=GEN.image_top_p, help="image top-p, in [0, 1] (0 = greedy codes)")
+    g.add_argument("--cfg-text", type=float, default=GEN.guidance_scale_text, help="guidance scale for the text condition")
+    g.add_argument("--cfg-image", type=float, default=GEN.guidance_scale_image, help="guidance scale for the image condition")
     g.add_argument("--no-guidance", action="store_true", help="sample images without classifier-free guidance")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="default 0 (GenerationConfig's None would draw a fresh seed)")
     g.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
     g.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     g.add_argument("--skip-memory-check", action="store_true",
@@ -122,9 +125,7 @@ def _prompt_segments(text: str, images: list, end_of_turn: bool) -> list:
         raise UserError(f"--prompt / --image: {err}") from None
 
 
-def _generation_config(args):
-    from .generation import GenerationConfig
-
+def _generation_config(args) -> GenerationConfig:
     return GenerationConfig(
         mode=args.mode, max_new_tokens=args.max_new_tokens, max_images=args.max_images, do_sample=not args.greedy,
         temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty,

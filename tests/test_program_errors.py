@@ -83,3 +83,27 @@ def test_a_missing_input_file_is_one_error_line_and_exit_code_2(name, tmp_path, 
     line = _error_line(err)
     assert "no-such-file.csv" in line["message"]
     assert line["prog"].split()[0] == _error_line(parse_err)["prog"].split()[0]  # the program names itself one way
+
+
+# A value the program refuses once parsed (argparse accepts it): the flag is named in the one line.
+BAD_VALUE = {
+    "medmax": (["generate", "--model", "{tmp}", "--prompt", "x", "--mode", "text", "--output", "{tmp}/out",
+                "--top-p", "1.5"], "top_p"),
+    "medmax-image-tokenize": (["--input", "{csv}", "--output", "{tmp}/out", "--ckpt", "{tmp}", "--batch-size", "0"],
+                              "--batch-size"),
+    "medmax-build-sequences": (["--input", "{csv}", "--tokenizer", "preset:tiny", "--output", "{tmp}/out",
+                                "--workers", "0"], "--workers"),
+    "medmax-eval": (["--model", "{tmp}", "--data", "{tmp}", "--output", "{tmp}/out", "--batch-size", "0"], "--batch-size"),
+    "medmax-train": (["--config", "{yaml}"], "mode='nonsense'"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_VALUE))
+def test_a_refused_value_is_one_error_line_naming_the_flag(name, tmp_path, capsys):
+    (tmp_path / "in.csv").write_text("img_path\na.png\n")
+    (tmp_path / "config.yaml").write_text("mode: nonsense\ndatasets: [data]\n")
+    argv, flag = BAD_VALUE[name]
+    argv = [a.format(tmp=tmp_path, csv=tmp_path / "in.csv", yaml=tmp_path / "config.yaml") for a in argv]
+    code, err = _run(name, argv, capsys)
+    assert code == 2, err
+    assert flag in _error_line(err)["message"]

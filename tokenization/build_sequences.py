@@ -49,6 +49,7 @@ import time
 
 from medmax.cli import program
 from medmax.dataset_io import ERRORS
+from medmax.errors import UserError
 from medmax.sequence_dataset import BuildConfig, build_dataset
 from medmax.sequences import SequenceConfig
 from medmax.vocab import IMAGE_PLACEHOLDER
@@ -89,6 +90,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace) -> BuildConfig:
+    try:
+        return _config(args)
+    except ValueError as err:  # the configs' own checks name the flag
+        raise UserError(str(err)) from None
+
+
+def _config(args: argparse.Namespace) -> BuildConfig:
     sequence = SequenceConfig(
         placeholders=(IMAGE_PLACEHOLDER, *args.attachment_token),
         image_loss=not args.no_image_loss,

@@ -64,6 +64,7 @@ import numpy as np
 import pyarrow as pa
 
 from medmax.cli import program
+from medmax.errors import UserError
 from medmax.image_tokens import (
     FORMAT,
     MANIFEST,
@@ -167,18 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _validate(args: argparse.Namespace) -> ImageLimits:
     if not args.input.is_file():
-        raise SystemExit(f"--input {args.input}: no such CSV file")
+        raise UserError(f"--input {args.input}: no such CSV file")
     for flag in ("partition_size", "batch_size"):
         if getattr(args, flag) < 1:
-            raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.workers < 0:
-        raise SystemExit(f"--workers must be >= 0, got {args.workers}")
+        raise UserError(f"--workers must be >= 0, got {args.workers}")
     if args.frame < 0:
-        raise SystemExit(f"--frame must be >= 0, got {args.frame}")
+        raise UserError(f"--frame must be >= 0, got {args.frame}")
     try:
         return ImageLimits(max_pixels=args.max_image_pixels, max_aspect_ratio=args.max_aspect_ratio)
     except ValueError as exc:
-        raise SystemExit(f"--max-image-pixels / --max-aspect-ratio: {exc}") from None
+        raise UserError(f"--max-image-pixels / --max-aspect-ratio: {exc}") from None
 
 
 def pick_column(csv: Path, column: str | None) -> str:
@@ -280,7 +281,7 @@ def finished_files(output: Path) -> dict[int, list[tuple[Path, dict]]]:
             logger.warning("%s: unreadable (%s); its partition is redone", path, exc)
             continue
         if info is None:
-            raise SystemExit(f"{path}: not written by this version of image_tokenize (no partition metadata); use a new --output")
+            raise UserError(f"{path}: not written by this version of image_tokenize (no partition metadata); use a new --output")
         found.setdefault(partition_index(path), []).append((path, info))
     return found
 
@@ -486,7 +487,7 @@ def _setup_model(args: argparse.Namespace, device: torch.device) -> tuple[VQGAN,
     try:
         model = load_vqgan(args.ckpt, trust_checkpoint=args.trust_checkpoint, skip_memory_check=args.skip_memory_check)
     except (CheckpointError, MemoryBudgetError, FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"--ckpt {args.ckpt}: {exc}") from exc
+        raise UserError(f"--ckpt {args.ckpt}: {exc}") from exc
     model.decoder = None  # only the encoder half is needed here
     digest = model.codes_digest()  # before the encoder is cast to --dtype
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -508,16 +509,16 @@ def _check_manifest(output: Path, settings: Settings) -> None:
     manifest = read_manifest(output)
     if manifest is None:
         if any(output.glob(PARTITION_GLOB)):
-            raise SystemExit(f"--output {output} holds image-token partitions but no {MANIFEST}; use a new --output")
+            raise UserError(f"--output {output} holds image-token partitions but no {MANIFEST}; use a new --output")
         return
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise SystemExit(f"--output {output} was written by an earlier image_tokenize, whose manifest does not record "
+        raise UserError(f"--output {output} was written by an earlier image_tokenize, whose manifest does not record "
                          "what decides the codes; use a new --output")
     found = manifest.get("settings", {})
     changed = [f"{FLAGS[f.name]} was {_show(found.get(f.name))}, now {_show(getattr(settings, f.name))}"
                for f in fields(Settings) if found.get(f.name) != getattr(settings, f.name)]
     if changed:
-        raise SystemExit(f"--output {output} holds image tokens made with other settings: {'; '.join(changed)}. "
+        raise UserError(f"--output {output} holds image tokens made with other settings: {'; '.join(changed)}. "
                          "Use a new --output (or the settings it was made with)")
 
 
@@ -681,7 +682,7 @@ def _tokenize(args: argparse.Namespace, limits: ImageLimits, info: Dist) -> int:
     finally:  # no rank writes a partition before rank 0 has checked the folder
         ready = _share(ready, device)
     if ready < 0:
-        raise SystemExit(f"rank {info.rank}: rank 0 refused --output {args.output} (its message says why)")
+        raise UserError(f"rank {info.rank}: rank 0 refused --output {args.output} (its message says why)")
     source = Source(str(args.input.resolve()), settings.column, settings.partition_size)
     plan = make_plan(source, args.output, info)
     start = time.perf_counter()
@@ -693,7 +694,7 @@ def _tokenize(args: argparse.Namespace, limits: ImageLimits, info: Dist) -> int:
     finally:
         failed = _share(failed, device)
     if failed < 0:
-        raise SystemExit(f"rank {info.rank}: rank 0 could not finish {args.output}")
+        raise UserError(f"rank {info.rank}: rank 0 could not finish {args.output}")
     return failed
 
 

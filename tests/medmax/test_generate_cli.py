@@ -205,3 +205,14 @@ def test_a_model_too_large_for_memory_is_a_clear_error(tiny_model_dir, tmp_path,
     assert main(["generate", "--model", str(folder), "--prompt", "x", "--mode", "text", "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "config.json" in err and "--skip-memory-check" in err and err.count("\n") == 1
+
+
+def test_generation_flags_default_to_the_config_fields_they_fill(tmp_path):
+    """Each default is written once, in GenerationConfig; the command line fills the same config from it."""
+    from medmax.__main__ import _build_parser, _generation_config
+    from medmax.generation import GenerationConfig
+
+    args = _build_parser().parse_args(["generate", "--model", "m", "--prompt", "x", "--mode", "text",
+                                       "--output", str(tmp_path)])
+    built, default = _generation_config(args), GenerationConfig(mode="text", seed=0)
+    assert built == default
