@@ -23,10 +23,10 @@ import sys
 from pathlib import Path
 
 from medmax.cli import program
+from medmax.jsonl import read_jsonl
 
 from . import medmax_protocol as mp
 from .data import options_from_prompt
-from .jsonl import read_jsonl
 from .scoring import score_closed, score_mcq
 from .tasks import TASKS_BY_KEY
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urljoin, urlsplit
 
-from .jsonl import append_jsonl, read_jsonl
+from medmax.jsonl import append_jsonl, read_jsonl
 
 logger = logging.getLogger(__name__)
 

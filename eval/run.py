@@ -48,12 +48,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from medmax.cli import program
+from medmax.jsonl import append_jsonl, read_json, read_jsonl, write_jsonl
 
 from . import fingerprint, launch, medmax_protocol, outputs, report
 from .data import FORMATS, EvalRecord, data_files, load_record_image, load_records
 from .errors import EvalError, FingerprintMismatch, ShardError
 from .judge import PLACEHOLDERS, PROMPT, Judge, JudgeConfig, parse_verdict
-from .jsonl import append_jsonl, read_json, read_jsonl, write_jsonl
 from .medmax_protocol import PROTOCOLS
 from .outputs import PREDICTIONS, shard_path
 from .prompts import STYLES, build_prompt

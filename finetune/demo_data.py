@@ -20,20 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from medmax.cli import program
-from medmax.presets import TOKENIZER_PRESETS, parse_preset
+from medmax.presets import resolve_tokenizer
 from medmax.prompting import END_OF_TURN, prompt_segments
 from medmax.training_data import IGNORE_INDEX, write_sequences
-from medmax.vocab import Vocabulary, load_tokenizer
+from medmax.vocab import Vocabulary
 
 logger = logging.getLogger("finetune.demo_data")
 
 QUESTION = "Is there a lesion in the image?"
-
-
-def resolve_tokenizer(spec: str):
-    """``preset:tiny`` builds the tiny Chameleon-layout tokenizer; anything else is a path."""
-    name = parse_preset(spec, TOKENIZER_PRESETS, "tokenizer")
-    return TOKENIZER_PRESETS[name]() if name else load_tokenizer(spec)
 
 
 def demo_rows(tokenizer, n: int, n_codes: int = 64, seed: int = 0, image_targets: bool = False,

@@ -34,7 +34,6 @@ and exported back is identical tensor for tensor.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import TYPE_CHECKING, Callable
 
 from medmax.cli import program
 from medmax.errors import UserError
+from medmax.training_run import RUN_FILE, read_run_info
 from medmax.vocab import load_tokenizer
 
 if TYPE_CHECKING:  # names for annotations only: the functions import them when they run, not for --help
@@ -51,19 +51,7 @@ if TYPE_CHECKING:  # names for annotations only: the functions import them when 
 
 logger = logging.getLogger("finetune.export")
 
-RUN_FILE = "medmax_run.json"
 ROW_KEYS = ".trainable_rows"  # image-alignment's extra parameters; their values are already in the weights
-
-
-def read_run_info(checkpoint: Path) -> dict:
-    path = checkpoint / RUN_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; is {checkpoint} a folder written by finetune.train?")
-    info = json.loads(path.read_text())
-    for key in ("base_model", "vqgan"):
-        if info.get(key):
-            info[key] = str((checkpoint / info[key]).resolve())
-    return info
 
 
 def load_trained_model(checkpoint: Path, info: dict, dtype: torch.dtype) -> MedMaxChameleon:

@@ -69,14 +69,15 @@ from medmax.image_tokens import (
     FORMAT,
     MANIFEST,
     PARTITION_GLOB,
-    SCHEMA,
     SUMMARY,
     VERSION,
     error_path,
     partition_index,
     partition_info,
     partition_path,
+    partition_table,
     read_manifest,
+    write_errors,
     write_json,
     write_partition,
 )
@@ -403,9 +404,9 @@ class PartitionWriter:
 
     def _publish(self, k: int, part: dict) -> None:
         errors = [{"img_path": display_path(p), "row": k * self.partition_size + row, "reason": r} for row, (p, r) in sorted(part["errors"].items())]
-        _write_errors(error_path(self.output, k), errors)
+        write_errors(error_path(self.output, k), errors)
         rows = [part["codes"][row] for row in sorted(part["codes"])]
-        table = pa.table({"img_path": [p for p, _ in rows], "img_tokens": _list_array([c for _, c in rows])}, schema=SCHEMA)
+        table = partition_table([p for p, _ in rows], [c for _, c in rows])
         info = {"partition": k, "rows": part["n"], "written": len(rows), "failed": len(errors), "duplicate": len(part["duplicates"]),
                 "digest": self.digests[k], "errors": errors}
         final = partition_path(self.output, self.rank, k)
@@ -417,26 +418,6 @@ class PartitionWriter:
         self.published.append(k)
         for e in errors:
             logger.warning("partition %d: %s: %s", k, e["img_path"], e["reason"])
-
-
-def _list_array(codes: list[np.ndarray]) -> pa.ListArray:
-    """Rows of int32 codes -> an Arrow list<int32> column, without a Python int per code."""
-    lengths = np.array([len(c) for c in codes], dtype=np.int32)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    values = np.concatenate(codes).astype(np.int32) if codes else np.zeros(0, dtype=np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
-
-
-def _write_errors(path: Path, errors: list[dict]) -> None:
-    """errors/partK.jsonl with exactly these rows (none: no file); unchanged files are left alone."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(e) + "\n" for e in errors)
-    if not errors:
-        path.unlink(missing_ok=True)
-    elif not path.is_file() or path.read_text() != text:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
 
 
 # -------------------------------------------------------------------------------------------- setup
@@ -610,7 +591,7 @@ def finish_folder(output: Path, plan: Plan) -> dict:
             raise RuntimeError(f"{output}: partition {k} was not written; run again to finish it")
         _remove([path for path, _ in good[1:]])
         meta = good[0][1]
-        _write_errors(error_path(output, k), meta["errors"])
+        write_errors(error_path(output, k), meta["errors"])
         for key in ("written", "failed", "duplicate"):
             rows[key] += meta[key]
     if rows["written"] + rows["failed"] + rows["duplicate"] != plan.n_rows:
