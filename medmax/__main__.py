@@ -19,7 +19,7 @@ order. ``--top-p 0`` / ``--image-top-p 0`` keep only the most likely token (gree
 cannot be written is refused before the model loads, and so is a ``config.json`` whose parameters
 need more memory than is available (``--skip-memory-check`` loads it anyway).
 
-This is the one module of ``medmax/`` that parses arguments and prints.
+This is the one module of ``medmax/`` that parses arguments (``medmax.cli`` prints its error line).
 """
 
 from __future__ import annotations
