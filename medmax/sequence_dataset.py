@@ -28,6 +28,8 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
+from medmax.errors import UserError  # absolute: this module moves into medmax/data/
+
 from . import passthrough
 from .build_folder import BuildFolder
 from .dataset_io import (
@@ -47,7 +49,6 @@ from .dataset_io import (
     shard_types,
     write_manifest,
 )
-from .errors import UserError
 from .passthrough import ColumnFilter
 from .paths import PathEscapeError, resolve_inside
 from .sequences import LengthDrop, RowError, SequenceBuilder, SequenceConfig

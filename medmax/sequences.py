@@ -47,7 +47,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from tokenizers import Tokenizer
 
-from .errors import UserError
+from medmax.errors import UserError  # absolute: this module moves into medmax/data/
+
 from .vocab import (
     END_OF_TURN,
     IGNORE_INDEX,

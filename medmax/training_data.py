@@ -28,12 +28,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from medmax.errors import UserError  # absolute: this module moves into medmax/data/
+
 logger = logging.getLogger(__name__)
 
 from .dataset_io import FORMAT_NAME as MANIFEST_FORMAT
 from .dataset_io import FORMAT_VERSION as MANIFEST_VERSION
 from .dataset_io import MANIFEST as MANIFEST_NAME
-from .errors import UserError
 from .vocab import IGNORE_INDEX
 
 

@@ -47,12 +47,13 @@ import logging
 import sys
 import time
 
-from medmax.cli import program
 from medmax.dataset_io import ERRORS
-from medmax.errors import UserError
 from medmax.sequence_dataset import BuildConfig, build_dataset
 from medmax.sequences import SequenceConfig
 from medmax.vocab import IMAGE_PLACEHOLDER
+
+from medmax.cli import program  # noqa: I001 (apart from the data imports above, which move)
+from medmax.errors import UserError
 
 logger = logging.getLogger("tokenization.build_sequences")
 
