@@ -52,7 +52,7 @@ from medmax.sequence_dataset import BuildConfig, build_dataset
 from medmax.sequences import SequenceConfig
 from medmax.vocab import IMAGE_PLACEHOLDER
 
-from medmax.cli import program  # noqa: I001 (apart from the data imports above, which move)
+from medmax.cli import program
 from medmax.errors import UserError
 
 logger = logging.getLogger("tokenization.build_sequences")
