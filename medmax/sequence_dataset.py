@@ -26,9 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from tqdm.auto import tqdm
-
 from medmax.errors import UserError  # absolute: this module moves into medmax/data/
+from tqdm.auto import tqdm
 
 from . import passthrough
 from .build_folder import BuildFolder

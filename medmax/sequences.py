@@ -45,9 +45,8 @@ from itertools import chain
 from dataclasses import dataclass, field
 
 import numpy as np
-from tokenizers import Tokenizer
-
 from medmax.errors import UserError  # absolute: this module moves into medmax/data/
+from tokenizers import Tokenizer
 
 from .vocab import (
     END_OF_TURN,
