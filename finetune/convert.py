@@ -124,7 +124,7 @@ def check_same_encoder(model, vqgan, hf_model: Path, original: Path) -> None:
     differ = [k for k in ours if k not in theirs or not torch.equal(ours[k].float(), theirs[k].float())]
     if differ or ours.keys() != theirs.keys():
         raise UserError(f"{hf_model}: its model.vqmodel differs from the VQGAN in {original}/tokenizer "
-                         f"({len(differ)} tensors, e.g. {differ[:3]}); were they converted from the same checkpoint?")
+                        f"({len(differ)} tensors, e.g. {differ[:3]}); were they converted from the same checkpoint?")
 
 
 def convert_hf(hf_model: str | Path, original: str | Path, output: str | Path, tokenizer: str | Path | None = None,
@@ -167,13 +167,13 @@ def convert(args: argparse.Namespace) -> Path:
         return check_folder(path, args.output, args.trust_checkpoint)
     if not args.output:
         raise UserError(f"{path} is a{'n original' if layout == 'original' else ' Hugging Face'} checkpoint: "
-                         "--output is required")
+                        "--output is required")
     if layout == "original":
         return convert_original(path, args.output, args.model_size, args.dtype, args.tokenizer,
                                 args.trust_checkpoint, args.allow_norm_mismatch)
     if not args.original or Path(args.original).resolve() == path.resolve():
         raise UserError(f"{path} is a Hugging Face Chameleon folder without the VQGAN decoder; "
-                         "name the original release (its tokenizer/ folder) with --original")
+                        "name the original release (its tokenizer/ folder) with --original")
     return convert_hf(path, args.original, args.output, args.tokenizer, args.dtype or "bfloat16", args.trust_checkpoint)
 
 

@@ -134,9 +134,9 @@ def export_chameleon(source: str | Path, output: str | Path, shards: int | None 
     exact = exact_shard_counts(src.get, src.config)
     if shards not in exact:
         raise UserError(f"{source}: cannot be written as {shards} model-parallel shard(s) exactly: every size must "
-                         "divide by the shard count, and Meta's layout holds one query/key LayerNorm per shard, so the "
-                         "heads of a shard must share theirs (fine-tuning can move each head's apart); "
-                         f"--shards {' or '.join(map(str, exact)) or '(none fits)'} would hold it exactly")
+                        "divide by the shard count, and Meta's layout holds one query/key LayerNorm per shard, so the "
+                        "heads of a shard must share theirs (fine-tuning can move each head's apart); "
+                        f"--shards {' or '.join(map(str, exact)) or '(none fits)'} would hold it exactly")
     params = MetaParams.from_hf_config(src.config, shards)
     meta = hf_to_meta(src.get, params, getattr(torch, dtype) if dtype else None)
     with fresh_output(output) as folder:

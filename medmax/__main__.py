@@ -166,12 +166,12 @@ def _prepare_output(folder: Path, overwrite: bool, n_images: int) -> None:
     existing = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".medmax-write-check-"))
     if existing and not overwrite:
         raise UserError(f"--output {folder}: not empty ({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}); "
-                         "pass --overwrite to replace what an earlier medmax generate wrote there, or choose another folder")
+                        "pass --overwrite to replace what an earlier medmax generate wrote there, or choose another folder")
     earlier = _written_before(folder)
     foreign = sorted(({RECORD, *(f"image_{i}.png" for i in range(n_images))} & set(existing)) - set(earlier))
     if foreign:
         raise UserError(f"--output {folder}: {', '.join(foreign)} was not written by medmax generate (no {RECORD} "
-                         "lists it); move it away or choose another folder")
+                        "lists it); move it away or choose another folder")
     for name in earlier:
         (folder / name).unlink(missing_ok=True)
 

@@ -304,7 +304,7 @@ class ShardSet:
                  allow_norm_mismatch: bool = False):
         if len(shards) != params.model_parallel_size:
             raise CheckpointError(f"{names[0]}: {len(shards)} checkpoint file(s) but model_parallel_size "
-                             f"{params.model_parallel_size} in params")
+                                  f"{params.model_parallel_size} in params")
         self.shards, self.params, self.names = shards, params, names
         self.allow_norm_mismatch = allow_norm_mismatch
         self._check_tensors()
@@ -347,7 +347,7 @@ class ShardSet:
                 diff = (first.float() - shard[key].float()).abs().max().item()
                 if not self.allow_norm_mismatch:
                     raise CheckpointError(f"{self.names[s]}: {key} differs from {self.names[0]} by up to {diff:.3g}; "
-                                     "replicated norms must be equal (--allow-norm-mismatch averages them)")
+                                          "replicated norms must be equal (--allow-norm-mismatch averages them)")
                 logger.warning("%s: %s differs between shards by up to %.3g; averaging", self.names[s], key, diff)
 
     def check_rope_freqs(self) -> None:
@@ -478,7 +478,7 @@ def hf_to_meta(get: Callable[[str], torch.Tensor], params: MetaParams,
                 rows = _rows_per_shard(get(name), s)
                 if rows is None:
                     raise CheckpointError(f"{name}: the heads of one model-parallel shard have different rows, but Meta's "
-                                     f"layout holds one row per shard; export with more shards")
+                                          f"layout holds one row per shard; export with more shards")
                 for shard, row in zip(shards, rows):
                     shard[f"layers.{i}.{meta}.{part}"] = _owned(halves_to_pairs(row, 1), dtype)
     for meta, hf, dim in _TOP_MAP[1:]:

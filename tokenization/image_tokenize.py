@@ -494,13 +494,13 @@ def _check_manifest(output: Path, settings: Settings) -> None:
         return
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise UserError(f"--output {output} was written by an earlier image_tokenize, whose manifest does not record "
-                         "what decides the codes; use a new --output")
+                        "what decides the codes; use a new --output")
     found = manifest.get("settings", {})
     changed = [f"{FLAGS[f.name]} was {_show(found.get(f.name))}, now {_show(getattr(settings, f.name))}"
                for f in fields(Settings) if found.get(f.name) != getattr(settings, f.name)]
     if changed:
         raise UserError(f"--output {output} holds image tokens made with other settings: {'; '.join(changed)}. "
-                         "Use a new --output (or the settings it was made with)")
+                        "Use a new --output (or the settings it was made with)")
 
 
 def _show(value) -> str:
