@@ -111,9 +111,7 @@ def write_errors(path: Path, errors: list[dict]) -> None:
 
 def write_json(path: Path, obj) -> None:
     """Atomically (a temporary file, then a rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def read_manifest(folder: str | Path) -> dict | None:
