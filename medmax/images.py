@@ -68,9 +68,9 @@ class ImageLimits:
 
     def __post_init__(self):
         if self.max_pixels < 1:
-            raise ValueError(f"max_pixels must be at least 1, got {self.max_pixels}")
+            raise UserError(f"max_pixels must be at least 1, got {self.max_pixels}")
         if not self.max_aspect_ratio >= 1:
-            raise ValueError(f"max_aspect_ratio must be at least 1, got {self.max_aspect_ratio}")
+            raise UserError(f"max_aspect_ratio must be at least 1, got {self.max_aspect_ratio}")
 
     def check(self, width: int, height: int, name: str) -> None:
         """Raise :class:`ImageLoadError` when a ``width`` x ``height`` image is over a limit."""

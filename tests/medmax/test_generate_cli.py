@@ -216,3 +216,12 @@ def test_generation_flags_default_to_the_config_fields_they_fill(tmp_path):
                                        "--output", str(tmp_path)])
     built, default = _generation_config(args), GenerationConfig(mode="text", seed=0)
     assert built == default
+
+
+def test_a_prompt_longer_than_the_context_is_one_error_line(tiny_model_dir, tmp_path, capsys):
+    """A user's mistake found after the model loads is still one line (it was a ValueError caught with every other)."""
+    context = json.loads((tiny_model_dir / "config.json").read_text())["max_position_embeddings"]
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "lesion " * context, "--mode", "text",
+                 "--output", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after transformers' loading bar
+    assert last.startswith("medmax generate: error: prompt 0: ") and "longer than the model's context" in last
