@@ -45,8 +45,9 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def error_line(prog: str, error: BaseException | str) -> str:
-    """``prog: error: message`` on one line (a message's own line breaks become spaces)."""
-    return f"{prog}: error: {' '.join(str(error).split())}"
+    """``prog: error: message`` on one line (a message's own line breaks become spaces; one prefix only)."""
+    message = " ".join(str(error).split())
+    return message if message.startswith(f"{prog}: error: ") else f"{prog}: error: {message}"
 
 
 def fail(prog: str, error: BaseException | str) -> int:

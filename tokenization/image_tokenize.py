@@ -63,8 +63,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from medmax.cli import program
-from medmax.errors import UserError
 from medmax.image_tokens import (
     FORMAT,
     MANIFEST,
@@ -82,6 +80,8 @@ from medmax.image_tokens import (
     write_partition,
 )
 from medmax.images import ImageLimits, ImageLoadError, allow_in_pillow, load_image, preprocess
+from medmax.cli import program
+from medmax.errors import UserError
 from medmax.memory import MemoryBudgetError
 from medmax.paths import PathEscapeError, resolve_inside
 

@@ -135,7 +135,6 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-@program("medmax-train-vqgan")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -175,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                 before["codes_used"], after["codes_used"], args.output)
     return 1 if args.strict and errors else 0
 
+
+main = program("medmax-train-vqgan")(main)  # every program's main goes through medmax.cli
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -75,3 +75,8 @@ def test_a_torchrun_worker_logs_its_rank(monkeypatch):
     finally:
         root.handlers[:] = saved
     assert line.endswith("INFO [rank 1] x: hello") and "%(name)s" in LOG_FORMAT
+
+
+def test_a_message_that_already_names_the_program_is_not_prefixed_twice(capsys):
+    assert _main(SystemExit("prog: error: --input x: no such file"))() == 2
+    assert capsys.readouterr().err == "prog: error: --input x: no such file\n"
