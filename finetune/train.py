@@ -397,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
 @program("finetune.train")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .config import load_config  # after parsing: --help does not load transformers
 
     cfg = load_config(args.config, args.overrides)
