@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from medmax.cli import program
+
 HERE = Path(__file__).resolve().parent
 
 CHANCE = {"closed": 0.5, "mcq": 0.25}
@@ -240,6 +242,7 @@ def write_report(out: Path, data: dict, times: dict[str, float], faith: dict) ->
     return accuracy
 
 
+@program("quickstart")
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     sizes = REDUCED if args.reduced else FULL

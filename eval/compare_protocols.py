@@ -22,9 +22,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from medmax.cli import program
+from medmax.jsonl import read_jsonl
+
 from . import medmax_protocol as mp
 from .data import options_from_prompt
-from .jsonl import read_jsonl
 from .scoring import score_closed, score_mcq
 from .tasks import TASKS_BY_KEY
 
@@ -110,6 +112,7 @@ def folder_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+@program("eval.compare_protocols")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="eval.compare_protocols", description=__doc__.split("\n")[0])
     parser.add_argument("--predictions", type=Path, help="a run's predictions/ folder (default: the README's cases)")

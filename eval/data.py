@@ -34,6 +34,7 @@ from pathlib import Path, PurePosixPath
 
 import pyarrow.parquet as pq
 
+from medmax.errors import UserError
 from medmax.paths import PathEscapeError, resolve_inside
 
 from .scoring import LETTERS, UnresolvedGold, resolve_gold, yes_no
@@ -58,7 +59,7 @@ class EvalRecord:
     image_bytes: bytes | None = None  # the image itself, when the row embeds it (parquet, HF datasets style)
 
 
-class BadRow(ValueError):
+class BadRow(UserError):
     """A row that cannot be evaluated; the run reports it and goes on."""
 
 
@@ -174,7 +175,7 @@ def _read_rows(path: Path) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from e
+                    raise UserError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from e
     return rows
 
 
@@ -283,7 +284,7 @@ def _read_json(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
 def _read_json_or_jsonl(path: Path) -> list[dict]:
@@ -303,9 +304,9 @@ def _check_file_split(path: Path, split: str, fmt: str) -> None:
     if split == "all" or named == split:
         return
     if named is None:
-        raise ValueError(f"{path}: the file name names no split, so it cannot be checked against --split {split}; "
-                         f"pass --split all to read every row of it as {fmt}")
-    raise ValueError(f"{path} holds the {named} split, not {split}; pass --split {named} to evaluate on it")
+        raise UserError(f"{path}: the file name names no split, so it cannot be checked against --split {split}; "
+                        f"pass --split all to read every row of it as {fmt}")
+    raise UserError(f"{path} holds the {named} split, not {split}; pass --split {named} to evaluate on it")
 
 
 def _parquet_files(path: Path, split: str) -> list[Path]:
@@ -468,8 +469,8 @@ def _pathvqa_image(value, image_dir: str):
 
 def _read_pickle(path: Path, trusted: bool) -> list[dict]:
     if not trusted:
-        raise ValueError(f"{path}: a pickle can run code when loaded; pass --trust-pickle only if you trust this file, "
-                         "or give the JSON or parquet release")
+        raise UserError(f"{path}: a pickle can run code when loaded; pass --trust-pickle only if you trust this file, "
+                        "or give the JSON or parquet release")
     with open(path, "rb") as f:
         return pickle.load(f)  # the user chose to trust this file (--trust-pickle)
 
@@ -545,11 +546,11 @@ def _check_options(fmt: str, opts: SourceOptions) -> None:
     for name, formats in _OPTION_FORMATS.items():
         if getattr(opts, name) not in (None, False) and fmt not in formats:
             flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{flag} applies to {', '.join(formats)}, not --data-format {fmt}")
+            raise UserError(f"{flag} applies to {', '.join(formats)}, not --data-format {fmt}")
     if opts.split is not None and opts.split not in SPLITS[fmt]:
-        raise ValueError(f"--split must be one of {', '.join(SPLITS[fmt])} for {fmt}, got {opts.split!r}")
+        raise UserError(f"--split must be one of {', '.join(SPLITS[fmt])} for {fmt}, got {opts.split!r}")
     if opts.lang is not None and opts.lang not in LANGS:
-        raise ValueError(f"--lang must be one of {', '.join(LANGS)}, got {opts.lang!r}")
+        raise UserError(f"--lang must be one of {', '.join(LANGS)}, got {opts.lang!r}")
 
 
 def load_records(data: Path, fmt: str = "medmax", source: Path | None = None, image_dir: str | None = None, *,
@@ -562,16 +563,16 @@ def load_records(data: Path, fmt: str = "medmax", source: Path | None = None, im
     if fmt == "medmax":
         return load_medmax(data)
     if fmt not in CONVERTERS:
-        raise ValueError(f"--data-format: unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+        raise UserError(f"--data-format: unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     if source is None:
-        raise ValueError(f"--data-format {fmt} needs --source (the benchmark's released file)")
+        raise UserError(f"--data-format {fmt} needs --source (the benchmark's released file)")
     src = source if source.is_absolute() else data / source
     if not src.exists():
         raise FileNotFoundError(f"--source {src}: does not exist")
     try:
         rows = CONVERTERS[fmt](src, opts)
     except KeyError as e:
-        raise ValueError(f"--source {src}: a row has no field {e}; is this the {fmt} release?") from None
+        raise UserError(f"--source {src}: a row has no field {e}; is this the {fmt} release?") from None
     except (TypeError, AttributeError) as e:
-        raise ValueError(f"--source {src}: not laid out as the {fmt} release ({e})") from None
+        raise UserError(f"--source {src}: not laid out as the {fmt} release ({e})") from None
     return _records(rows, src.name)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from medmax.errors import UserError
 
-class EvalError(ValueError):
+
+class EvalError(UserError):
     """A setting, input or output folder that cannot be used as given; the message names it and why."""
 
 

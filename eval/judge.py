@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urljoin, urlsplit
 
-from .jsonl import append_jsonl, read_jsonl
+from medmax.errors import UserError
+from medmax.jsonl import append_jsonl, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -75,12 +76,12 @@ class JudgeConfig:
 
     def __post_init__(self):
         if not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"--judge-url must start with http:// or https://, got {self.base_url!r}")
+            raise UserError(f"--judge-url must start with http:// or https://, got {self.base_url!r}")
         if not self.model:
-            raise ValueError("--judge-model is required with --judge-url")
+            raise UserError("--judge-model is required with --judge-url")
         missing = [p for p in PLACEHOLDERS if p not in self.prompt]
         if missing:
-            raise ValueError(f"the judge prompt lacks the placeholders {missing}")
+            raise UserError(f"the judge prompt lacks the placeholders {missing}")
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from medmax.jsonl import read_json, write_atomic
+
 from .errors import ShardError
-from .jsonl import read_json, write_atomic
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -23,9 +23,10 @@ import logging
 import re
 from pathlib import Path
 
+from medmax.jsonl import read_json, write_atomic
+
 from . import fingerprint
 from .errors import FingerprintMismatch
-from .jsonl import read_json, write_atomic
 from .tasks import TASKS_BY_KEY
 
 logger = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from medmax.errors import UserError
 from medmax.prompting import END_OF_TURN, prompt_segments
 
 from .data import EvalRecord
@@ -59,7 +60,7 @@ def _content(record: EvalRecord, task: Task, image: Path | None) -> list:
 def build_prompt(record: EvalRecord, task: Task, style: str, image: Path | None) -> list:
     """Segments for ``Generator.generate``: ``Path`` images, ``str`` text and the ``END_OF_TURN`` sentinel."""
     if style not in STYLES:
-        raise ValueError(f"--prompt-style: unknown style {style!r}; known: {', '.join(STYLES)}")
+        raise UserError(f"--prompt-style: unknown style {style!r}; known: {', '.join(STYLES)}")
     segments = _content(record, task, image)
     if style == "chameleon" and task.kind in _CHAMELEON_INSTRUCTIONS:
         segments = [s if not isinstance(s, str) else chameleon_text(s, task.kind) for s in segments]

@@ -11,8 +11,9 @@ import json
 import logging
 from pathlib import Path
 
+from medmax.jsonl import write_atomic
+
 from . import medmax_protocol
-from .jsonl import write_atomic
 from .scoring import mean_stderr, paired_accuracy
 from .tasks import Task
 

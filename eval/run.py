@@ -47,11 +47,13 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from medmax.cli import program
+from medmax.jsonl import append_jsonl, read_json, read_jsonl, write_jsonl
+
 from . import fingerprint, launch, medmax_protocol, outputs, report
 from .data import FORMATS, EvalRecord, data_files, load_record_image, load_records
 from .errors import EvalError, FingerprintMismatch, ShardError
 from .judge import PLACEHOLDERS, PROMPT, Judge, JudgeConfig, parse_verdict
-from .jsonl import append_jsonl, read_json, read_jsonl, write_jsonl
 from .medmax_protocol import PROTOCOLS
 from .outputs import PREDICTIONS, shard_path
 from .prompts import STYLES, build_prompt
@@ -147,39 +149,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="model folder (config.json, model.safetensors, tokenizer.json, vqgan/)")
     p.add_argument("--data", type=Path, required=True, help="MedMax-schema folder/file, or the image root of --source")
     p.add_argument("--output", type=Path, required=True)
-    p.add_argument("--tasks", default="all", help="all, or comma-separated task keys / names")
-    p.add_argument("--prompt-style", default="sft", choices=STYLES)
-    p.add_argument("--protocol", default="toolkit", choices=PROTOCOLS,
+    p.add_argument("--tasks", default=EvalConfig.tasks, help="all, or comma-separated task keys / names")
+    p.add_argument("--prompt-style", default=EvalConfig.prompt_style, choices=STYLES)
+    p.add_argument("--protocol", default=EvalConfig.protocol, choices=PROTOCOLS,
                    help="scoring rules: the toolkit's (default), or MedMax's published evaluation/vqa.py")
-    p.add_argument("--data-format", default="medmax", choices=FORMATS)
+    p.add_argument("--data-format", default=EvalConfig.data_format, choices=FORMATS)
     p.add_argument("--source", type=Path, help="a benchmark's released file (with --data-format)")
     p.add_argument("--image-dir", help="image folder inside --data for converted benchmarks")
     p.add_argument("--split", help="vqa_rad: test|train|all, path_mmu: test|test_tiny|val, pathvqa: test|train|val|all (default test)")
     p.add_argument("--lang", help="slake: en (default), zh or all")
     p.add_argument("--trust-pickle", action="store_true", help="pathvqa: unpickle a .pkl question file (a pickle can run code)")
     p.add_argument("--limit", type=int, help="at most N rows per task (seeded, deterministic)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=EvalConfig.seed)
+    p.add_argument("--batch-size", type=int, default=EvalConfig.batch_size)
     p.add_argument("--max-new-tokens", type=int, help="override the per-task answer length (not with --protocol medmax)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=EvalConfig.repetition_penalty)
     p.add_argument("--device", help="default: cuda (this rank's GPU) when available, else cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--clip-model", type=Path, help="local Hugging Face CLIP folder for captioning / image generation")
     p.add_argument("--judge-url", help="OpenAI-compatible base URL (…/v1) for the open-answer judge")
     p.add_argument("--judge-model", help="judge model name (MedMax used gpt-4o-mini)")
-    p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's key")
+    p.add_argument("--judge-key-env", default=EvalConfig.judge_key_env, help="environment variable holding the judge's key")
     p.add_argument("--judge-prompt", type=Path, help="the judge's prompt template ({question}, {answer}, {output})")
-    p.add_argument("--judge-deadline-s", type=float, default=120.0, help="give up on one row's verdict after this long")
-    p.add_argument("--judge-max-reply-bytes", type=int, default=1_000_000, help="refuse a judge reply larger than this")
+    p.add_argument("--judge-deadline-s", type=float, default=EvalConfig.judge_deadline_s, help="give up on one row's verdict after this long")
+    p.add_argument("--judge-max-reply-bytes", type=int, default=EvalConfig.judge_max_reply_bytes, help="refuse a judge reply larger than this")
     p.add_argument("--overwrite", action="store_true", help="start --output afresh (deletes only files eval.run wrote)")
-    p.add_argument("--workers", type=int, default=1, help="local worker processes, each a shard")
+    p.add_argument("--workers", type=int, default=EvalConfig.workers, help="local worker processes, each a shard")
     p.add_argument("--shard-rank", type=int, default=int(os.environ.get("RANK", 0)),
                    help="this shard (default: torchrun's RANK)")
     p.add_argument("--num-shards", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
                    help="shards in the launch (default: torchrun's WORLD_SIZE)")
     p.add_argument("--run-id", help="shards started by hand: one id shared by every shard of a launch, new per launch")
     p.add_argument("--fingerprint-checked", help=argparse.SUPPRESS)
-    p.add_argument("--merge-timeout-s", type=float, default=3600.0, help="rank 0: how long to wait for other shards")
+    p.add_argument("--merge-timeout-s", type=float, default=EvalConfig.merge_timeout_s, help="rank 0: how long to wait for other shards")
     return p
 
 
@@ -567,15 +569,11 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     return EvalConfig(**{k: v for k, v in vars(args).items()})
 
 
+@program("eval.run")
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        evaluate(config_from_args(args), argv)
-    except EvalError as e:
-        print(f"eval.run: error: {e}", file=sys.stderr)
-        return 2
+    evaluate(config_from_args(args), argv)
     return 0
 
 

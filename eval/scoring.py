@@ -42,6 +42,8 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 
+from medmax.errors import UserError
+
 _ARTICLES = {"a", "an", "the"}
 _CJK = re.compile("([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f])")
 YES_WORDS = frozenset({"yes", "yep", "yeah"})
@@ -94,7 +96,7 @@ def score_closed(output: str, answer: str) -> bool:
 
 
 # ---------------------------------------------------------------- multiple choice
-class UnresolvedGold(ValueError):
+class UnresolvedGold(UserError):
     """An MCQ row whose gold answer names no single option: the row cannot be scored."""
 
 

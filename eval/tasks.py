@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from medmax.errors import UserError
+
 # kind -> default generation length (new tokens). Closed and MCQ get a short answer, not MedMax's single token.
 DEFAULT_MAX_NEW_TOKENS = {
     "closed": 8,
@@ -76,10 +78,10 @@ def select_tasks(spec: str) -> list[Task]:
     for item in (s.strip() for s in spec.split(",") if s.strip()):
         hits = [t for t in KNOWN_TASKS if t.key == item or t.name == item]
         if not hits:
-            raise ValueError(f"--tasks: unknown task {item!r}; known: {', '.join(sorted(TASKS_BY_KEY))}")
+            raise UserError(f"--tasks: unknown task {item!r}; known: {', '.join(sorted(TASKS_BY_KEY))}")
         chosen += [t for t in hits if t not in chosen]
     if not chosen:
-        raise ValueError("--tasks: no task named")
+        raise UserError("--tasks: no task named")
     return chosen
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 from transformers import TrainingArguments
 
+from medmax.errors import UserError
 from medmax.model import MODEL_PRESETS
 from medmax.presets import PRESET_PREFIX, TOKENIZER_PRESETS, VQGAN_PRESETS, parse_preset  # noqa: F401
 
@@ -42,7 +43,7 @@ def parse_yaml(text: str):
     return yaml.load(text, Loader=_Yaml12Loader)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A setting that cannot work; the message names the setting."""
 
 

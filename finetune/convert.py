@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from medmax.cli import program
+from medmax.errors import UserError
 
 if TYPE_CHECKING:  # names for annotations only: torch loads when a conversion runs, not for --help
     import torch
@@ -110,7 +112,7 @@ def _hf_config(params, tokenizer, vqgan, dtype: torch.dtype):
 
 def _check_vocab(tokenizer_ids: int, model_ids: int, where: Path) -> None:
     if tokenizer_ids > model_ids:
-        raise ValueError(f"the tokenizer has {tokenizer_ids} ids, the model in {where} only {model_ids}")
+        raise UserError(f"the tokenizer has {tokenizer_ids} ids, the model in {where} only {model_ids}")
 
 
 def check_same_encoder(model, vqgan, hf_model: Path, original: Path) -> None:
@@ -121,8 +123,8 @@ def check_same_encoder(model, vqgan, hf_model: Path, original: Path) -> None:
     theirs = {k: v for k, v in vqgan.state_dict().items() if not k.startswith("decoder.")}
     differ = [k for k in ours if k not in theirs or not torch.equal(ours[k].float(), theirs[k].float())]
     if differ or ours.keys() != theirs.keys():
-        raise ValueError(f"{hf_model}: its model.vqmodel differs from the VQGAN in {original}/tokenizer "
-                         f"({len(differ)} tensors, e.g. {differ[:3]}); were they converted from the same checkpoint?")
+        raise UserError(f"{hf_model}: its model.vqmodel differs from the VQGAN in {original}/tokenizer "
+                        f"({len(differ)} tensors, e.g. {differ[:3]}); were they converted from the same checkpoint?")
 
 
 def convert_hf(hf_model: str | Path, original: str | Path, output: str | Path, tokenizer: str | Path | None = None,
@@ -152,7 +154,7 @@ def check_folder(path: Path, output: str | None, trust_checkpoint: bool) -> Path
     from medmax.checkpoints import check_model_folder
 
     if output and Path(output).resolve() != path.resolve():
-        raise ValueError(f"{path} is already a model folder; use it directly (nothing to write to {output})")
+        raise UserError(f"{path} is already a model folder; use it directly (nothing to write to {output})")
     summary = check_model_folder(path, trust_checkpoint=trust_checkpoint)
     logger.info("%s is a valid model folder, nothing to convert: %s", path, summary)
     return path
@@ -164,14 +166,14 @@ def convert(args: argparse.Namespace) -> Path:
     if layout == "model-folder":
         return check_folder(path, args.output, args.trust_checkpoint)
     if not args.output:
-        raise ValueError(f"{path} is a{'n original' if layout == 'original' else ' Hugging Face'} checkpoint: "
-                         "--output is required")
+        raise UserError(f"{path} is a{'n original' if layout == 'original' else ' Hugging Face'} checkpoint: "
+                        "--output is required")
     if layout == "original":
         return convert_original(path, args.output, args.model_size, args.dtype, args.tokenizer,
                                 args.trust_checkpoint, args.allow_norm_mismatch)
     if not args.original or Path(args.original).resolve() == path.resolve():
-        raise ValueError(f"{path} is a Hugging Face Chameleon folder without the VQGAN decoder; "
-                         "name the original release (its tokenizer/ folder) with --original")
+        raise UserError(f"{path} is a Hugging Face Chameleon folder without the VQGAN decoder; "
+                        "name the original release (its tokenizer/ folder) with --original")
     return convert_hf(path, args.original, args.output, args.tokenizer, args.dtype or "bfloat16", args.trust_checkpoint)
 
 
@@ -192,19 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@program("medmax-convert")
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not (args.input or args.hf_model or args.original):
         parser.error("--input is required")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from medmax.vqgan import UntrustedCheckpointError
-
-    try:
-        convert(args)
-    except (ValueError, FileNotFoundError, FileExistsError, UntrustedCheckpointError) as err:
-        print(f"medmax-convert: error: {err}", file=sys.stderr)
-        return 2
+    convert(args)
     return 0
 
 

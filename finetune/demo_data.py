@@ -19,20 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from medmax.presets import TOKENIZER_PRESETS, parse_preset
+from medmax.cli import program
+from medmax.presets import resolve_tokenizer
 from medmax.prompting import END_OF_TURN, prompt_segments
 from medmax.training_data import IGNORE_INDEX, write_sequences
-from medmax.vocab import Vocabulary, load_tokenizer
+from medmax.vocab import Vocabulary
 
 logger = logging.getLogger("finetune.demo_data")
 
 QUESTION = "Is there a lesion in the image?"
-
-
-def resolve_tokenizer(spec: str):
-    """``preset:tiny`` builds the tiny Chameleon-layout tokenizer; anything else is a path."""
-    name = parse_preset(spec, TOKENIZER_PRESETS, "tokenizer")
-    return TOKENIZER_PRESETS[name]() if name else load_tokenizer(spec)
 
 
 def demo_rows(tokenizer, n: int, n_codes: int = 64, seed: int = 0, image_targets: bool = False,
@@ -66,8 +61,9 @@ def demo_rows(tokenizer, n: int, n_codes: int = 64, seed: int = 0, image_targets
     return rows
 
 
+@program("finetune.demo_data")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="finetune.demo_data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="folder to write (part-*.parquet + manifest.json)")
     parser.add_argument("--tokenizer", default="preset:tiny", help="tokenizer.json, or preset:tiny")
     parser.add_argument("--sequences", type=int, default=64)
@@ -75,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-targets", action="store_true", help="put the loss on the image codes")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     tokenizer = resolve_tokenizer(args.tokenizer)
     rows = demo_rows(tokenizer, args.sequences, args.codes, args.seed, args.image_targets)
     folder = write_sequences(args.output, rows, Vocabulary.from_tokenizer(tokenizer).special_ids())

@@ -34,13 +34,14 @@ and exported back is identical tensor for tensor.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from medmax.cli import program
+from medmax.errors import UserError
+from medmax.training_run import RUN_FILE, read_run_info
 from medmax.vocab import load_tokenizer
 
 if TYPE_CHECKING:  # names for annotations only: the functions import them when they run, not for --help
@@ -50,19 +51,7 @@ if TYPE_CHECKING:  # names for annotations only: the functions import them when 
 
 logger = logging.getLogger("finetune.export")
 
-RUN_FILE = "medmax_run.json"
 ROW_KEYS = ".trainable_rows"  # image-alignment's extra parameters; their values are already in the weights
-
-
-def read_run_info(checkpoint: Path) -> dict:
-    path = checkpoint / RUN_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; is {checkpoint} a folder written by finetune.train?")
-    info = json.loads(path.read_text())
-    for key in ("base_model", "vqgan"):
-        if info.get(key):
-            info[key] = str((checkpoint / info[key]).resolve())
-    return info
 
 
 def load_trained_model(checkpoint: Path, info: dict, dtype: torch.dtype) -> MedMaxChameleon:
@@ -73,7 +62,7 @@ def load_trained_model(checkpoint: Path, info: dict, dtype: torch.dtype) -> MedM
         from peft import PeftModel
 
         if not info.get("base_model"):
-            raise ValueError(f"{checkpoint}/{RUN_FILE}: a LoRA checkpoint without base_model")
+            raise UserError(f"{checkpoint}/{RUN_FILE}: a LoRA checkpoint without base_model")
         base = MedMaxChameleon.from_pretrained(info["base_model"], dtype=dtype)
         merged = PeftModel.from_pretrained(base, checkpoint).merge_and_unload()
         logger.info("merged LoRA adapters from %s into %s", checkpoint, info["base_model"])
@@ -81,7 +70,7 @@ def load_trained_model(checkpoint: Path, info: dict, dtype: torch.dtype) -> MedM
     model, loading = MedMaxChameleon.from_pretrained(checkpoint, dtype=dtype, output_loading_info=True)
     unexpected = [k for k in loading["unexpected_keys"] if not k.endswith(ROW_KEYS)]
     if loading["missing_keys"] or unexpected:
-        raise ValueError(f"{checkpoint}: missing {loading['missing_keys'][:5]}, unexpected {unexpected[:5]}")
+        raise UserError(f"{checkpoint}: missing {loading['missing_keys'][:5]}, unexpected {unexpected[:5]}")
     return model
 
 
@@ -144,10 +133,10 @@ def export_chameleon(source: str | Path, output: str | Path, shards: int | None 
     shards = shards or getattr(src.config, "model_parallel_size", 1) or 1
     exact = exact_shard_counts(src.get, src.config)
     if shards not in exact:
-        raise ValueError(f"{source}: cannot be written as {shards} model-parallel shard(s) exactly: every size must "
-                         "divide by the shard count, and Meta's layout holds one query/key LayerNorm per shard, so the "
-                         "heads of a shard must share theirs (fine-tuning can move each head's apart); "
-                         f"--shards {' or '.join(map(str, exact)) or '(none fits)'} would hold it exactly")
+        raise UserError(f"{source}: cannot be written as {shards} model-parallel shard(s) exactly: every size must "
+                        "divide by the shard count, and Meta's layout holds one query/key LayerNorm per shard, so the "
+                        "heads of a shard must share theirs (fine-tuning can move each head's apart); "
+                        f"--shards {' or '.join(map(str, exact)) or '(none fits)'} would hold it exactly")
     params = MetaParams.from_hf_config(src.config, shards)
     meta = hf_to_meta(src.get, params, getattr(torch, dtype) if dtype else None)
     with fresh_output(output) as folder:
@@ -156,6 +145,7 @@ def export_chameleon(source: str | Path, output: str | Path, shards: int | None 
     return Path(output)
 
 
+@program("medmax-export")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="medmax-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True,
@@ -171,17 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.shards is not None and args.shards < 1:
         parser.error("--shards must be at least 1")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from medmax.vqgan import UntrustedCheckpointError
-
     if args.format == "model":
         export(args.checkpoint, args.output, args.dtype or "float32", args.trust_checkpoint)
         return 0
-    try:
-        export_chameleon(args.checkpoint, args.output, args.shards, args.model_size, args.dtype, args.trust_checkpoint)
-    except (ValueError, FileNotFoundError, FileExistsError, UntrustedCheckpointError) as err:
-        print(f"medmax-export: error: {err}", file=sys.stderr)
-        return 2
+    export_chameleon(args.checkpoint, args.output, args.shards, args.model_size, args.dtype, args.trust_checkpoint)
     return 0
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medmax.errors import UserError
 from medmax.vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 ROWS_NAME = "trainable_rows"
 
 
-class NothingToTrainError(ValueError):
+class NothingToTrainError(UserError):
     """A mode plus freeze patterns that leave no parameter trainable."""
 
 

@@ -28,11 +28,13 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from medmax.cli import program
+from medmax.jsonl import write_jsonl
+from medmax.training_run import RUN_FILE, write_run_info
 from medmax.vocab import Vocabulary, load_tokenizer
 
 if TYPE_CHECKING:  # annotations only: torch, transformers and the recipe load when a run starts, not for --help
@@ -44,7 +46,6 @@ if TYPE_CHECKING:  # annotations only: torch, transformers and the recipe load w
 
 logger = logging.getLogger("finetune.train")
 
-RUN_FILE = "medmax_run.json"
 BASE_MODEL_DIR = "base_model"
 
 
@@ -101,26 +102,14 @@ def medmax_trainer(**kwargs) -> Trainer:
     return type("MedMaxTrainer", (MedMaxTrainerMixin, Trainer), {"__module__": __name__})(**kwargs)
 
 
-def write_run_info(folder: Path, info: dict, tokenizer) -> None:
-    """Record in a checkpoint where its base model and VQGAN live (relative when inside the run)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(folder / "tokenizer.json"))
-    record = dict(info)
-    for key in ("base_model", "vqgan"):
-        if record.get(key):
-            record[key] = os.path.relpath(Path(record[key]).resolve(), folder.resolve())
-    (folder / RUN_FILE).write_text(json.dumps(record, indent=2))
-
-
 def _setup_assets(cfg: FinetuneConfig):
     """Tokenizer, vocabulary and the complete VQGAN, with errors naming the setting."""
     import torch
 
-    from medmax.presets import VQGAN_PRESETS, parse_preset
+    from medmax.presets import VQGAN_PRESETS, parse_preset, resolve_tokenizer
     from medmax.vqgan import VQGAN, load_vqgan
 
     from .config import PRESET_PREFIX, ConfigError
-    from .demo_data import resolve_tokenizer
 
     model_dir = None if cfg.is_preset else Path(cfg.model)
     if model_dir is not None and not (model_dir / "config.json").is_file():
@@ -233,9 +222,7 @@ def write_curves(output_dir: Path, history: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(output_dir / "log_history.jsonl", "w") as f:
-        for entry in history:
-            f.write(json.dumps(entry) + "\n")
+    write_jsonl(output_dir / "log_history.jsonl", history, sort_keys=False)
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (("loss", "train"), ("eval_loss", "validation")):
         points = [(h["step"], h[key]) for h in history if key in h]
@@ -397,7 +384,7 @@ def run(cfg: FinetuneConfig, resume: bool = False, resume_anyway: bool = False) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="finetune.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML file of settings (finetune/configs/*.yaml)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the last complete checkpoint in output_dir (same data, tokenizer and mode)")
@@ -407,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@program("finetune.train")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

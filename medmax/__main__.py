@@ -19,7 +19,7 @@ order. ``--top-p 0`` / ``--image-top-p 0`` keep only the most likely token (gree
 cannot be written is refused before the model loads, and so is a ``config.json`` whose parameters
 need more memory than is available (``--skip-memory-check`` loads it anyway).
 
-This is the one module of ``medmax/`` that parses arguments and prints.
+This is the one module of ``medmax/`` that parses arguments (``medmax.cli`` prints its error line).
 """
 
 from __future__ import annotations
@@ -27,11 +27,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import re
 import sys
 import tempfile
 from pathlib import Path
+
+from .cli import run
+from .errors import UserError
+from .generation.config import MODES, GenerationConfig
+
+GEN = GenerationConfig  # every generation flag's default is the config field it fills
 
 
 PROGRAMS = """\
@@ -58,24 +63,24 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", required=True, type=Path, help="model folder (config.json, tokenizer.json, vqgan/)")
     g.add_argument("--prompt", required=True, help="prompt text; <image> marks where each --image goes")
     g.add_argument("--image", action="append", default=[], type=Path, help="an input image (repeatable)")
-    g.add_argument("--mode", required=True, choices=("text", "image", "interleaved"))
+    g.add_argument("--mode", required=True, choices=MODES)
     g.add_argument("--output", required=True, type=Path, help="folder for the PNGs and generation.json")
     g.add_argument("--overwrite", action="store_true",
                    help="reuse a non-empty --output: removes the generation.json and images an earlier run wrote there")
     g.add_argument("--no-end-of-turn", action="store_true", help="do not close the prompt with the end-of-turn token")
-    g.add_argument("--max-new-tokens", type=int, default=256, help="text tokens to generate at most")
-    g.add_argument("--max-images", type=int, default=1, help="interleaved: images to draw at most")
+    g.add_argument("--max-new-tokens", type=int, default=GEN.max_new_tokens, help="text tokens to generate at most")
+    g.add_argument("--max-images", type=int, default=GEN.max_images, help="interleaved: images to draw at most")
     g.add_argument("--greedy", action="store_true", help="greedy text decoding (default: sampling)")
-    g.add_argument("--temperature", type=float, default=1.0, help="text temperature")
-    g.add_argument("--top-p", type=float, default=0.9, help="text top-p, in [0, 1]: 1 keeps every token, 0 only the most likely (greedy)")
-    g.add_argument("--repetition-penalty", type=float, default=1.2, help="text repetition penalty (1.0 = off)")
+    g.add_argument("--temperature", type=float, default=GEN.temperature, help="text temperature")
+    g.add_argument("--top-p", type=float, default=GEN.top_p, help="text top-p, in [0, 1]: 1 keeps every token, 0 only the most likely (greedy)")
+    g.add_argument("--repetition-penalty", type=float, default=GEN.repetition_penalty, help="text repetition penalty (1.0 = off)")
     g.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
-    g.add_argument("--image-temperature", type=float, default=0.7)
-    g.add_argument("--image-top-p", type=float, default=0.9, help="image top-p, in [0, 1] (0 = greedy codes)")
-    g.add_argument("--cfg-text", type=float, default=3.0, help="guidance scale for the text condition")
-    g.add_argument("--cfg-image", type=float, default=1.2, help="guidance scale for the image condition")
+    g.add_argument("--image-temperature", type=float, default=GEN.image_temperature)
+    g.add_argument("--image-top-p", type=float, default=GEN.image_top_p, help="image top-p, in [0, 1] (0 = greedy codes)")
+    g.add_argument("--cfg-text", type=float, default=GEN.guidance_scale_text, help="guidance scale for the text condition")
+    g.add_argument("--cfg-image", type=float, default=GEN.guidance_scale_image, help="guidance scale for the image condition")
     g.add_argument("--no-guidance", action="store_true", help="sample images without classifier-free guidance")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="default 0 (GenerationConfig's None would draw a fresh seed)")
     g.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
     g.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     g.add_argument("--skip-memory-check", action="store_true",
@@ -102,7 +107,7 @@ def _demo(args) -> int:
     from .demo_app import serve
 
     if not (args.model / "config.json").is_file():
-        raise FileNotFoundError(f"--model {args.model}: no config.json (a model folder from finetune.export)")
+        raise UserError(f"--model {args.model}: no config.json (a model folder from finetune.export)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     serve(args.model, host=args.host, port=args.port, share=args.share, device=device,
           dtype=getattr(torch, args.dtype) if args.dtype else None, max_batch_size=args.max_batch_size,
@@ -116,13 +121,11 @@ def _prompt_segments(text: str, images: list, end_of_turn: bool) -> list:
 
     try:
         return prompt_segments(text, images, end_of_turn=end_of_turn)
-    except ValueError as err:
-        raise ValueError(f"--prompt / --image: {err}") from None
+    except UserError as err:
+        raise UserError(f"--prompt / --image: {err}") from None
 
 
-def _generation_config(args):
-    from .generation import GenerationConfig
-
+def _generation_config(args) -> GenerationConfig:
     return GenerationConfig(
         mode=args.mode, max_new_tokens=args.max_new_tokens, max_images=args.max_images, do_sample=not args.greedy,
         temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
@@ -152,23 +155,23 @@ def _check_writable(folder: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".medmax-write-check-"):
             pass
     except OSError as err:
-        raise ValueError(f"--output {folder}: cannot write there ({err.strerror or err})") from None
+        raise UserError(f"--output {folder}: cannot write there ({err.strerror or err})") from None
 
 
 def _prepare_output(folder: Path, overwrite: bool, n_images: int) -> None:
     """Before the model loads: a writable folder that is empty, or (--overwrite) cleared of an earlier run's files."""
     if folder.exists() and not folder.is_dir():
-        raise ValueError(f"--output {folder}: exists and is not a folder")
+        raise UserError(f"--output {folder}: exists and is not a folder")
     _check_writable(folder)
     existing = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".medmax-write-check-"))
     if existing and not overwrite:
-        raise ValueError(f"--output {folder}: not empty ({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}); "
-                         "pass --overwrite to replace what an earlier medmax generate wrote there, or choose another folder")
+        raise UserError(f"--output {folder}: not empty ({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}); "
+                        "pass --overwrite to replace what an earlier medmax generate wrote there, or choose another folder")
     earlier = _written_before(folder)
     foreign = sorted(({RECORD, *(f"image_{i}.png" for i in range(n_images))} & set(existing)) - set(earlier))
     if foreign:
-        raise ValueError(f"--output {folder}: {', '.join(foreign)} was not written by medmax generate (no {RECORD} "
-                         "lists it); move it away or choose another folder")
+        raise UserError(f"--output {folder}: {', '.join(foreign)} was not written by medmax generate (no {RECORD} "
+                        "lists it); move it away or choose another folder")
     for name in earlier:
         (folder / name).unlink(missing_ok=True)
 
@@ -222,17 +225,10 @@ def _generate(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command not in ("generate", "demo"):
         print(PROGRAMS, end="")
         return 0
-    from .images import ImageLoadError  # after parsing: --help and `programs` never load torch
-
-    try:
-        return _demo(args) if args.command == "demo" else _generate(args)
-    except (ValueError, ImageLoadError, FileNotFoundError, ImportError) as err:  # a user's mistake; a TypeError is a bug
-        print(f"medmax {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    return run(f"medmax {args.command}", _demo if args.command == "demo" else _generate, args)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+from medmax.errors import UserError  # absolute: this module moves into medmax/data/
 from pathlib import Path
 
 from .dataset_io import FORMAT_NAME, MANIFEST, PROGRESS, written_files
@@ -41,7 +42,7 @@ class BuildFolder:
     def __init__(self, output: str | Path):
         self.path = Path(output).absolute()
         if not self.path.name:
-            raise ValueError(f"--output {output}: give a folder below the file system root")
+            raise UserError(f"--output {output}: give a folder below the file system root")
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.old = self.path.with_name(self.path.name + ".old")
 
@@ -54,19 +55,19 @@ class BuildFolder:
         for folder in (self.path, self.old):
             foreign = _foreign_files(folder)
             if foreign:
-                raise ValueError(
+                raise UserError(
                     f"--output {self.path}: {folder} holds files build_sequences did not write ({', '.join(foreign[:3])}"
                     f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty folder (nothing was changed)"
                 )
         if self.partial.exists() and not (self.partial / MARKER).is_file():
-            raise ValueError(f"--output {self.path}: {self.partial} exists but was not made by build_sequences; move it away")
+            raise UserError(f"--output {self.path}: {self.partial} exists but was not made by build_sequences; move it away")
 
     def _check_apart(self, path: Path) -> None:
         resolved = path.resolve()
         for folder in (self.path.resolve(), self.partial.resolve()):
             if resolved == folder or folder in resolved.parents:
                 where = "is that folder" if resolved == folder else f"is inside {folder}"
-                raise ValueError(f"--output {self.path}: the input {path} {where}; choose an output folder apart from the inputs")
+                raise UserError(f"--output {self.path}: the input {path} {where}; choose an output folder apart from the inputs")
 
     # -- the work folder ----------------------------------------------------------------------
 
@@ -148,7 +149,7 @@ def _clear_work_folder(folder: Path) -> None:
     files = [p for p in folder.rglob("*") if not p.is_dir()]
     foreign = [str(p.relative_to(folder)) for p in files if not any(fnmatch.fnmatch(str(p.relative_to(folder)), n) for n in _WORK_NAMES)]
     if foreign:
-        raise ValueError(f"{folder} holds files build_sequences did not write ({', '.join(foreign[:3])}); move them away")
+        raise UserError(f"{folder} holds files build_sequences did not write ({', '.join(foreign[:3])}); move them away")
     for path in files:
         path.unlink()
     _remove_empty_folders(folder)

@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from .errors import UserError
 from .meta_layout import PlannedTensor
 
 logger = logging.getLogger(__name__)
@@ -260,7 +261,7 @@ def load_complete_vqgan(path: str | Path, trust_checkpoint: bool = False):
 
     vqgan = load_vqgan(path, trust_checkpoint=trust_checkpoint)
     if vqgan.decoder is None:
-        raise ValueError(f"{path}: the VQGAN has no decoder; a model folder with it could not draw images")
+        raise UserError(f"{path}: the VQGAN has no decoder; a model folder with it could not draw images")
     return vqgan
 
 
@@ -269,7 +270,7 @@ def _config(folder: Path):
 
     doc = json.loads((folder / "config.json").read_text())
     if doc.get("model_type") != "chameleon":
-        raise ValueError(f"{folder}/config.json: model_type {doc.get('model_type')!r}, expected 'chameleon'")
+        raise UserError(f"{folder}/config.json: model_type {doc.get('model_type')!r}, expected 'chameleon'")
     return ChameleonConfig.from_pretrained(folder)
 
 
@@ -298,21 +299,21 @@ def check_model_folder(folder: str | Path, trust_checkpoint: bool = False) -> di
     tokenizer = load_tokenizer(folder / "tokenizer.json")
     vocab = Vocabulary.from_tokenizer(tokenizer)
     if vocab.size > config.vocab_size:
-        raise ValueError(f"{folder}: tokenizer.json has {vocab.size} ids, config.json vocab_size {config.vocab_size}")
+        raise UserError(f"{folder}: tokenizer.json has {vocab.size} ids, config.json vocab_size {config.vocab_size}")
     if config.vocabulary_map and config.vocabulary_map != tokenizer.get_vocab(with_added_tokens=True):
-        raise ValueError(f"{folder}: config.json's vocabulary_map differs from tokenizer.json")
+        raise UserError(f"{folder}: config.json's vocabulary_map differs from tokenizer.json")
     tensors = FolderTensors.open(folder)
     stored, expected = tensors.shapes(), _expected_shapes(config)
     missing, extra = sorted(expected.keys() - stored.keys()), sorted(stored.keys() - expected.keys())
     if missing or extra:
-        raise ValueError(f"{folder}: weights do not match config.json (missing {missing[:4]}, unexpected {extra[:4]})")
+        raise UserError(f"{folder}: weights do not match config.json (missing {missing[:4]}, unexpected {extra[:4]})")
     wrong = [k for k in expected if stored[k][0] != expected[k]]
     if wrong:
-        raise ValueError(f"{folder}: {wrong[0]} has shape {stored[wrong[0]][0]}, config.json implies {expected[wrong[0]]}")
+        raise UserError(f"{folder}: {wrong[0]} has shape {stored[wrong[0]][0]}, config.json implies {expected[wrong[0]]}")
     vqgan = load_complete_vqgan(folder / "vqgan", trust_checkpoint=trust_checkpoint)
     for key, value in vqgan.state_dict().items():
         if not key.startswith("decoder.") and not torch.equal(tensors.get(f"model.vqmodel.{key}").float(), value.float()):
-            raise ValueError(f"{folder}: model.vqmodel.{key} differs from vqgan/; they come from different VQGANs")
+            raise UserError(f"{folder}: model.vqmodel.{key} differs from vqgan/; they come from different VQGANs")
     dtypes = sorted({code for _, code in stored.values()})
     return {"tensors": len(stored), "dtypes": dtypes, "vocab_size": config.vocab_size, "tokenizer_ids": vocab.size,
             "image_placeholder": vocab.image_placeholder_id, "layers": config.num_hidden_layers}

@@ -32,6 +32,7 @@ from typing import Iterator, Union
 
 from PIL import Image
 
+from .errors import UserError
 from .generation import END_OF_TURN, MODES, GenerationConfig, ImageCodes, ImageOutput
 from .images import ImageLoadError, load_image, resize_and_crop
 from .paths import PathEscapeError, resolve_inside
@@ -43,7 +44,7 @@ MAX_UPLOAD_MB = 32  # default limit of one uploaded file
 MAX_NEW_TOKENS = 1024  # the page's max-tokens slider goes no higher
 
 
-class DemoError(ValueError):
+class DemoError(UserError):
     """Something the page shows to its user as one line (a bad upload, a bad setting, a failed answer)."""
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .demo import (MAX_NEW_TOKENS, Conversation, DemoError, Engine, Settings, Turn, turn_messages,
                    user_pieces)
+from .errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -199,8 +200,8 @@ def serve(model_dir: Path, host: str = "127.0.0.1", port: int = 7860, share: boo
     try:
         try:
             import gradio as gr
-        except ImportError as err:
-            raise ImportError(f"medmax demo needs Gradio ({err}); install the extra: pip install -e '.[demo]'") from err
+        except ImportError as err:  # the extra is not installed: the user's setup, not a bug
+            raise UserError(f"medmax demo needs Gradio ({err}); install the extra: pip install -e '.[demo]'") from err
         from .generation import Generator
 
         generator = Generator.from_dir(model_dir, device=device, dtype=dtype)

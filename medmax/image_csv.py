@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import UserError
 from .images import ImageLoadError, load_image, preprocess
 from .paths import PathEscapeError, resolve_inside
 
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 PATH_COLUMNS = ("img_path", "image_path")
 
 
-class ImageCSVError(ValueError):
+class ImageCSVError(UserError):
     """A CSV of images that cannot be used as it is; the message names the file (and the column)."""
 
 

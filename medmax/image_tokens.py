@@ -10,7 +10,8 @@ A folder holds:
   already had), ``digest`` (sha256 of its rows' paths and duplicate flags) and ``errors`` (the failed
   rows: ``row``, ``img_path``, ``reason``). A partition is written as a hidden ``.tmp`` file and
   renamed when complete; readers here see finished files only.
-- ``errors/part{P:06d}.jsonl``: the failed rows of partition ``P``, one JSON object a line.
+- ``errors/part{P:06d}.jsonl``: the failed rows of partition ``P``, one JSON object a line
+  (:func:`write_errors`; a partition without failed rows has no file).
 - ``manifest.json`` (:func:`read_manifest`), version 2:
 
   - ``format``: ``"medmax-image-tokens"``; ``version``: 2.
@@ -37,11 +38,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .errors import UserError
+from .jsonl import dumps_line, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +78,19 @@ def partition_info(path: Path) -> dict | None:
     return json.loads(metadata[PARTITION_KEY]) if PARTITION_KEY in metadata else None
 
 
+def list_array(rows: list) -> pa.ListArray:
+    """Rows of int codes (arrays or lists) -> an Arrow ``list<int32>`` column, without a Python int per code."""
+    lengths = np.array([len(c) for c in rows], dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    values = np.concatenate(rows).astype(np.int32) if rows else np.zeros(0, dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+def partition_table(paths: list[str], codes: list) -> pa.Table:
+    """A partition's rows in :data:`SCHEMA`: each image path and its codes."""
+    return pa.table({"img_path": paths, "img_tokens": list_array(codes)}, schema=SCHEMA)
+
+
 def write_partition(path: Path, table: pa.Table, info: dict) -> None:
     """Write a partition with its metadata as a hidden ``.tmp`` file, then rename it into place."""
     table = table.replace_schema_metadata({PARTITION_KEY: json.dumps(info)})
@@ -81,11 +99,19 @@ def write_partition(path: Path, table: pa.Table, info: dict) -> None:
     os.replace(tmp, path)
 
 
+def write_errors(path: Path, errors: list[dict]) -> None:
+    """``errors/partK.jsonl`` with exactly these rows (none: no file); an unchanged file is left alone."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(dumps_line(e, sort_keys=False) for e in errors)
+    if not errors:
+        path.unlink(missing_ok=True)
+    elif not path.is_file() or path.read_text() != text:
+        write_atomic(path, text)
+
+
 def write_json(path: Path, obj) -> None:
     """Atomically (a temporary file, then a rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def read_manifest(folder: str | Path) -> dict | None:
@@ -134,18 +160,19 @@ def iter_image_tokens(folder: str | Path) -> Iterator[tuple[str, list[int]]]:
             yield img_path, codes
 
 
-def read_image_tokens(folders: str | Path | Iterable[str | Path]) -> dict[str, list[int]]:
-    """All ``img_path -> codes`` of one or more output folders.
+def read_image_tokens(folders: str | Path | Iterable[str | Path], convert: Callable | None = None) -> dict:
+    """All ``img_path -> codes`` of one or more output folders (each row's codes passed through ``convert``).
 
     The same path in two folders must carry the same codes; a conflict raises ``ValueError`` naming it.
     """
     if isinstance(folders, (str, Path)):
         folders = [folders]
-    tokens: dict[str, list[int]] = {}
+    tokens: dict = {}
     for folder in folders:
         for img_path, codes in iter_image_tokens(folder):
+            codes = convert(codes) if convert else codes
             previous = tokens.setdefault(img_path, codes)
-            if previous is not codes and previous != codes:
-                raise ValueError(f"{folder}: {img_path!r} has different image tokens in another token folder")
+            if previous is not codes and not np.array_equal(previous, codes):
+                raise UserError(f"{folder}: {img_path!r} has different image tokens in another token folder")
     logger.info("read image tokens for %d images", len(tokens))
     return tokens

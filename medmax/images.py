@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .errors import UserError
+
 if TYPE_CHECKING:
     import torch
 
@@ -66,9 +68,9 @@ class ImageLimits:
 
     def __post_init__(self):
         if self.max_pixels < 1:
-            raise ValueError(f"max_pixels must be at least 1, got {self.max_pixels}")
+            raise UserError(f"max_pixels must be at least 1, got {self.max_pixels}")
         if not self.max_aspect_ratio >= 1:
-            raise ValueError(f"max_aspect_ratio must be at least 1, got {self.max_aspect_ratio}")
+            raise UserError(f"max_aspect_ratio must be at least 1, got {self.max_aspect_ratio}")
 
     def check(self, width: int, height: int, name: str) -> None:
         """Raise :class:`ImageLoadError` when a ``width`` x ``height`` image is over a limit."""
@@ -100,7 +102,7 @@ def allow_in_pillow(limits: ImageLimits) -> None:
         Image.MAX_IMAGE_PIXELS = limits.max_pixels
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(UserError):
     """An image that cannot be read or decoded; the message names the source and the reason."""
 
     def __init__(self, source: str, reason: str):

@@ -18,12 +18,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from .errors import UserError
+
 logger = logging.getLogger(__name__)
 
 _CGROUP = Path("/sys/fs/cgroup")
 
 
-class MemoryBudgetError(ValueError):
+class MemoryBudgetError(UserError):
     """An estimated allocation is larger than the memory available; the message names what and by how much."""
 
 

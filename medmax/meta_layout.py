@@ -33,6 +33,8 @@ from typing import Callable, Iterator, Mapping
 
 import torch
 
+from .torch_files import CheckpointError
+
 logger = logging.getLogger(__name__)
 
 PARAMS_FILE = "params.json"
@@ -111,7 +113,7 @@ class MetaParams:
         merged = {**params, **nested, **files.get(CONSOLIDATE_FILE, {})}
         missing = [k for k in ("dim", "n_layers", "n_heads", "vocab_size") if merged.get(k) is None]
         if missing:
-            raise ValueError(f"{where}: missing {', '.join(missing)} (looked at the top level and under 'model')")
+            raise CheckpointError(f"{where}: missing {', '.join(missing)} (looked at the top level and under 'model')")
         known = {k: merged[k] for k in (*_MODEL_ARGS, "model_parallel_size", "max_seq_len") if merged.get(k) is not None}
         out = cls(**known, files=files)
         out.validate(where)
@@ -120,15 +122,15 @@ class MetaParams:
     def validate(self, where: str | Path) -> None:
         mp = self.model_parallel_size
         if self.dim % self.n_heads or self.head_dim % 2:
-            raise ValueError(f"{where}: dim {self.dim} must split into {self.n_heads} heads of an even size")
+            raise CheckpointError(f"{where}: dim {self.dim} must split into {self.n_heads} heads of an even size")
         for name, value in (("n_heads", self.n_heads), ("n_kv_heads", self.kv_heads), ("dim", self.dim),
                             ("vocab_size", self.vocab_size), ("FFN width", self.hidden_dim)):
             if value % mp:
-                raise ValueError(f"{where}: {name} {value} is not divisible by model_parallel_size {mp}")
+                raise CheckpointError(f"{where}: {name} {value} is not divisible by model_parallel_size {mp}")
         if self.n_heads % self.kv_heads:
-            raise ValueError(f"{where}: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}")
+            raise CheckpointError(f"{where}: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}")
         if not self.qk_normalization:
-            raise ValueError(
+            raise CheckpointError(
                 f"{where}: qk_normalization is false; transformers' Chameleon always normalises queries and keys "
                 "per head, so a checkpoint without that normalisation has no equivalent there")
 
@@ -200,7 +202,7 @@ def _ffn_settings(dim: int, width: int, old: MetaParams | None) -> tuple[int, fl
     for multiple_of, multiplier in candidates:
         if ffn_hidden_dim(dim, multiple_of, multiplier) == width:
             return multiple_of, multiplier
-    raise ValueError(f"no multiple_of / ffn_dim_multiplier gives an FFN width of {width} for dim {dim}")
+    raise CheckpointError(f"no multiple_of / ffn_dim_multiplier gives an FFN width of {width} for dim {dim}")
 
 
 def _read_json(path: Path) -> dict:
@@ -209,9 +211,9 @@ def _read_json(path: Path) -> dict:
     try:
         doc = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(doc, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+        raise CheckpointError(f"{path}: expected a JSON object")
     return doc
 
 
@@ -301,8 +303,8 @@ class ShardSet:
     def __init__(self, shards: list[Mapping[str, torch.Tensor]], params: MetaParams, names: list[str],
                  allow_norm_mismatch: bool = False):
         if len(shards) != params.model_parallel_size:
-            raise ValueError(f"{names[0]}: {len(shards)} checkpoint file(s) but model_parallel_size "
-                             f"{params.model_parallel_size} in params")
+            raise CheckpointError(f"{names[0]}: {len(shards)} checkpoint file(s) but model_parallel_size "
+                                  f"{params.model_parallel_size} in params")
         self.shards, self.params, self.names = shards, params, names
         self.allow_norm_mismatch = allow_norm_mismatch
         self._check_tensors()
@@ -324,14 +326,14 @@ class ShardSet:
             keys = set(shard) - {ROPE_FREQS}
             missing, extra = sorted(expected.keys() - keys), sorted(keys - expected.keys())
             if missing or extra:
-                raise ValueError(f"{name}: does not match params.json (missing {missing[:4]}, unexpected {extra[:4]})")
+                raise CheckpointError(f"{name}: does not match params.json (missing {missing[:4]}, unexpected {extra[:4]})")
             for key, shape in expected.items():
                 value = shard[key]
                 if not torch.is_tensor(value) or tuple(value.shape) != shape:
                     got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-                    raise ValueError(f"{name}: {key} is {got}, params.json implies shape {shape}")
+                    raise CheckpointError(f"{name}: {key} is {got}, params.json implies shape {shape}")
                 if value.dtype != self.shards[0][key].dtype:
-                    raise ValueError(f"{name}: {key} is {value.dtype}, {self.names[0]} has {self.shards[0][key].dtype}")
+                    raise CheckpointError(f"{name}: {key} is {value.dtype}, {self.names[0]} has {self.shards[0][key].dtype}")
 
     def check_replicated(self) -> None:
         """Norms every shard holds a copy of must be equal (averaged, with a warning, if allowed)."""
@@ -344,8 +346,8 @@ class ShardSet:
                     continue
                 diff = (first.float() - shard[key].float()).abs().max().item()
                 if not self.allow_norm_mismatch:
-                    raise ValueError(f"{self.names[s]}: {key} differs from {self.names[0]} by up to {diff:.3g}; "
-                                     "replicated norms must be equal (--allow-norm-mismatch averages them)")
+                    raise CheckpointError(f"{self.names[s]}: {key} differs from {self.names[0]} by up to {diff:.3g}; "
+                                          "replicated norms must be equal (--allow-norm-mismatch averages them)")
                 logger.warning("%s: %s differs between shards by up to %.3g; averaging", self.names[s], key, diff)
 
     def check_rope_freqs(self) -> None:
@@ -475,8 +477,8 @@ def hf_to_meta(get: Callable[[str], torch.Tensor], params: MetaParams,
                 name = f"model.layers.{i}.{hf}.{part}"
                 rows = _rows_per_shard(get(name), s)
                 if rows is None:
-                    raise ValueError(f"{name}: the heads of one model-parallel shard have different rows, but Meta's "
-                                     f"layout holds one row per shard; export with more shards")
+                    raise CheckpointError(f"{name}: the heads of one model-parallel shard have different rows, but Meta's "
+                                          f"layout holds one row per shard; export with more shards")
                 for shard, row in zip(shards, rows):
                     shard[f"layers.{i}.{meta}.{part}"] = _owned(halves_to_pairs(row, 1), dtype)
     for meta, hf, dim in _TOP_MAP[1:]:
@@ -518,7 +520,7 @@ def find_model_dir(root: str | Path, model_size: str | None = None) -> Path:
     if not sizes:
         raise FileNotFoundError(f"{root}: no {PARAMS_FILE} here or in models/<size>/")
     if len(sizes) > 1:
-        raise ValueError(f"{root}: several model sizes {sizes}; name one with --model-size")
+        raise CheckpointError(f"{root}: several model sizes {sizes}; name one with --model-size")
     return root / "models" / sizes[0]
 
 
@@ -535,14 +537,14 @@ def shard_files(model_dir: Path) -> list[Path]:
     single = model_dir / "consolidated.pth"
     numbered = sorted(model_dir.glob("consolidated.[0-9][0-9].pth"))
     if single.is_file() and numbered:
-        raise ValueError(f"{model_dir}: holds both consolidated.pth and consolidated.NN.pth; keep one layout")
+        raise CheckpointError(f"{model_dir}: holds both consolidated.pth and consolidated.NN.pth; keep one layout")
     if single.is_file():
         return [single]
     if not numbered:
         raise FileNotFoundError(f"{model_dir}: no consolidated.pth or consolidated.00.pth")
     want = [model_dir / f"consolidated.{i:02d}.pth" for i in range(len(numbered))]
     if numbered != want:
-        raise ValueError(f"{model_dir}: shard files {[p.name for p in numbered]} are not numbered 00..{len(numbered) - 1:02d}")
+        raise CheckpointError(f"{model_dir}: shard files {[p.name for p in numbered]} are not numbered 00..{len(numbered) - 1:02d}")
     return numbered
 
 
@@ -555,13 +557,13 @@ def load_shard(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except RuntimeError as exc:
         if "zip" not in str(exc).lower() and "mmap" not in str(exc).lower():
-            raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({exc})") from exc
+            raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({exc})") from exc
         logger.warning("%s: legacy (non-zip) format cannot be memory-mapped; reading it whole", path)
         state = _load_plain(path)
     except Exception as exc:  # the safe unpickler refuses anything but tensors and plain containers
-        raise ValueError(f"{path}: not a plain tensor checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(f"{path}: not a plain tensor checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
     return state
 
 
@@ -569,7 +571,7 @@ def _load_plain(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{path}: not a plain tensor checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(f"{path}: not a plain tensor checkpoint ({type(exc).__name__}: {exc})") from exc
 
 
 def original_tokenizer(root: Path) -> Path:

@@ -29,6 +29,7 @@ from tokenizers import Tokenizer
 from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .errors import UserError
 from .memory import MemoryBudgetError, available_bytes, check_fits
 from .vocab import IGNORE_INDEX, Vocabulary, load_tokenizer
 from .vqgan import VQGAN, hf_vq_config, load_vqgan, save_vqgan
@@ -115,7 +116,7 @@ MODEL_PRESETS: dict[str, dict] = {
 def chameleon_config(preset: str, tokenizer: Tokenizer, vqgan_params: dict, **overrides):
     """A transformers ``ChameleonConfig`` of a named size for this tokenizer and VQGAN."""
     if preset not in MODEL_PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; choose from {sorted(MODEL_PRESETS)}")
+        raise UserError(f"unknown model preset {preset!r}; choose from {sorted(MODEL_PRESETS)}")
     vocab = Vocabulary.from_tokenizer(tokenizer)
     fields = dict(MODEL_PRESETS[preset])
     fields.update(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import UserError
 
-class PathEscapeError(ValueError):
+
+class PathEscapeError(UserError):
     """A path from a data file resolves (through '..' or a link) to somewhere outside its root."""
 
 

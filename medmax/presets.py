@@ -17,7 +17,8 @@ import logging
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .vocab import BOI, BOS, END_OF_TURN, EOI, EOS, IMAGE_PLACEHOLDER, PAD, image_token_name
+from .errors import UserError
+from .vocab import BOI, BOS, END_OF_TURN, EOI, EOS, IMAGE_PLACEHOLDER, PAD, image_token_name, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -120,5 +121,11 @@ def parse_preset(spec, choices, setting: str) -> str | None:
         return None
     name = spec[len(PRESET_PREFIX):]
     if name not in choices:
-        raise ValueError(f"{setting}={spec!r}: unknown preset; choose from {sorted(choices)}")
+        raise UserError(f"{setting}={spec!r}: unknown preset; choose from {sorted(choices)}")
     return name
+
+
+def resolve_tokenizer(spec: str, setting: str = "tokenizer") -> Tokenizer:
+    """``preset:tiny`` builds the tiny Chameleon-layout tokenizer; anything else is a tokenizer.json (or its folder)."""
+    name = parse_preset(spec, TOKENIZER_PRESETS, setting)
+    return TOKENIZER_PRESETS[name]() if name else load_tokenizer(spec)

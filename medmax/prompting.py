@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Sequence, TypeVar
 
+from .errors import UserError
 from .vocab import IMAGE_PLACEHOLDER
 
 T = TypeVar("T")
@@ -42,7 +43,7 @@ def place_images(text: str, n_images: int) -> str:
     if found == 0:
         return IMAGE_PLACEHOLDER * n_images + text
     if found != n_images:
-        raise ValueError(f"the prompt has {found} {IMAGE_PLACEHOLDER} placeholders but {n_images} images were given")
+        raise UserError(f"the prompt has {found} {IMAGE_PLACEHOLDER} placeholders but {n_images} images were given")
     return text
 
 

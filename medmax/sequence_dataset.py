@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from medmax.errors import UserError  # absolute: this module moves into medmax/data/
 from tqdm.auto import tqdm
 
 from . import passthrough
@@ -93,7 +94,7 @@ class BuildConfig:
         return ColumnFilter(None if self.keep is None else tuple(self.keep), tuple(self.drop))
 
 
-class RowRejected(RuntimeError):
+class RowRejected(UserError):
     """Raised in strict mode for the first rejected row."""
 
 
@@ -110,15 +111,9 @@ def _compact(codes) -> np.ndarray:
 
 def load_code_table(folders: tuple[str, ...]) -> dict[str, np.ndarray]:
     """``img_path -> codes`` of every image-token folder, stored compactly; conflicts raise."""
-    from .image_tokens import iter_image_tokens
+    from .image_tokens import read_image_tokens
 
-    table: dict[str, np.ndarray] = {}
-    for folder in folders:
-        for path, codes in iter_image_tokens(folder):
-            arr = _compact(codes)
-            previous = table.setdefault(path, arr)
-            if previous is not arr and not np.array_equal(previous, arr):
-                raise ValueError(f"--image-tokens {folder}: {path!r} has different codes in another folder")
+    table = read_image_tokens(folders, convert=_compact)
     logger.info("image codes for %d images from %d folder(s)", len(table), len(folders))
     return table
 

@@ -45,6 +45,7 @@ from itertools import chain
 from dataclasses import dataclass, field
 
 import numpy as np
+from medmax.errors import UserError  # absolute: this module moves into medmax/data/
 from tokenizers import Tokenizer
 
 from .vocab import (
@@ -71,7 +72,7 @@ MEDMAX_MARKERS = (IMAGE_PLACEHOLDER, END_OF_TURN)
 DEFAULT_MAX_LENGTH = 4096
 
 
-class RowError(ValueError):
+class RowError(UserError):
     """A row that cannot become a sequence. ``kind`` is the counted category, the message the detail."""
 
     def __init__(self, kind: str, reason: str):

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from .jsonl import write_jsonl
+
 GENERATION_PREFIX = "Generate a scan: "
 POSITIONS = ("upper left", "upper right", "lower left", "lower right")
 _CENTRES = {"upper left": (0.3, 0.3), "upper right": (0.7, 0.3), "lower left": (0.3, 0.7), "lower right": (0.7, 0.7)}
@@ -117,14 +119,6 @@ def bundled_dicom_folder():
     return Path(pydicom.data.__file__).parent / "test_files"
 
 
-def _write_jsonl(path, rows) -> None:
-    import json
-
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-
-
 def training_rows(scan: Scan, image_path: str, generation: bool = True) -> list[dict]:
     """MedMax-format rows (``text`` with ``<image>`` and ``<reserved08706>``) for one training scan.
 
@@ -207,9 +201,9 @@ def write_dataset(folder, n_train: int, n_test: int, seed: int = 0, n_dicom: int
     _write_csv(folder / "images.csv", paths + dicoms)
     _write_csv(folder / "train_images.csv", paths[:n_train])
     np.random.default_rng(seed).shuffle(train)
-    _write_jsonl(folder / "train.jsonl", train)
-    _write_jsonl(folder / "heldout.jsonl", heldout)
-    _write_jsonl(folder / "eval" / "eval.jsonl", evalset)
+    write_jsonl(folder / "train.jsonl", train, sort_keys=False)
+    write_jsonl(folder / "heldout.jsonl", heldout, sort_keys=False)
+    write_jsonl(folder / "eval" / "eval.jsonl", evalset, sort_keys=False)
     return {
         "images_csv": folder / "images.csv",
         "train_images_csv": folder / "train_images.csv",

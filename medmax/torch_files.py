@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
+
 logger = logging.getLogger(__name__)
 
 TORCH_MAGIC = 0x1950A86A20F9469CFC6C  # the first pickle of a legacy (non-zip) torch.save file
@@ -35,7 +37,7 @@ _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHOR
 _GET_OPS, _PUT_OPS = {"BINGET", "LONG_BINGET", "GET"}, {"BINPUT", "LONG_BINPUT", "PUT"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A weights file that cannot be loaded as it is; the message names the file and what is wrong."""
 
 

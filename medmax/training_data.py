@@ -28,6 +28,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from medmax.errors import UserError  # absolute: this module moves into medmax/data/
+
 logger = logging.getLogger(__name__)
 
 from .dataset_io import FORMAT_NAME as MANIFEST_FORMAT
@@ -36,7 +38,7 @@ from .dataset_io import MANIFEST as MANIFEST_NAME
 from .vocab import IGNORE_INDEX
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Training data that cannot be used; the message names the file or setting."""
 
 

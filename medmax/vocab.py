@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from .errors import UserError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_TOKEN_PREFIX = "IMGIMG"
@@ -87,7 +89,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 # User text: never a control token
 
 
-class ControlTokenInText(ValueError):
+class ControlTokenInText(UserError):
     """The tokenizer turned typed text into a control token even with special-token parsing off."""
 
 
@@ -194,17 +196,17 @@ class Vocabulary:
         vocab = tokenizer.get_vocab(with_added_tokens=True)
         missing = [t for t in (BOS, PAD, EOS, BOI, EOI, END_OF_TURN) if t not in vocab]
         if missing:
-            raise ValueError(f"tokenizer lacks the Chameleon special tokens {missing}")
+            raise UserError(f"tokenizer lacks the Chameleon special tokens {missing}")
         codes = {}
         for name, idx in vocab.items():
             code = image_token_code(name)
             if code is not None:
                 codes[code] = idx
         if not codes:
-            raise ValueError(f"tokenizer has no {IMAGE_TOKEN_PREFIX}* image-code tokens")
+            raise UserError(f"tokenizer has no {IMAGE_TOKEN_PREFIX}* image-code tokens")
         n_codes = max(codes) + 1
         if len(codes) != n_codes:
-            raise ValueError(f"tokenizer image codes are not contiguous: {len(codes)} names for codes 0..{n_codes - 1}")
+            raise UserError(f"tokenizer image codes are not contiguous: {len(codes)} names for codes 0..{n_codes - 1}")
         code_to_id = np.array([codes[c] for c in range(n_codes)], dtype=np.int64)
         return cls(
             bos_id=vocab[BOS],

@@ -52,10 +52,10 @@ def read_vqgan_yaml(path: str | Path) -> dict:
         with open(path) as f:
             doc = yaml.safe_load(f)
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
+        raise CheckpointError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
     params = doc.get("model", {}).get("params", doc) if isinstance(doc, dict) else None
     if not isinstance(params, dict) or not {"embed_dim", "n_embed", "ddconfig"} <= params.keys() or not isinstance(params["ddconfig"], dict):
-        raise ValueError(f"{path}: expected model.params with embed_dim, n_embed and ddconfig")
+        raise CheckpointError(f"{path}: expected model.params with embed_dim, n_embed and ddconfig")
     params = {"embed_dim": params["embed_dim"], "n_embed": params["n_embed"], "ddconfig": dict(params["ddconfig"])}
     validate_params(params, str(path))
     return params
@@ -68,14 +68,14 @@ def validate_params(params: dict, source: str = "VQGAN params") -> None:
     sizes["ddconfig.in_channels"] = dd.get("in_channels", 3)
     for key, value in sizes.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{source}: {key} must be a positive integer, got {value!r}")
+            raise CheckpointError(f"{source}: {key} must be a positive integer, got {value!r}")
     mult = dd.get("ch_mult")
     if not isinstance(mult, (list, tuple)) or not mult or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in mult):
-        raise ValueError(f"{source}: ddconfig.ch_mult must be a non-empty list of positive integers, got {mult!r}")
+        raise CheckpointError(f"{source}: ddconfig.ch_mult must be a non-empty list of positive integers, got {mult!r}")
     if any(dd["ch"] * m % 32 for m in [1, *mult]):
-        raise ValueError(f"{source}: ddconfig.ch {dd['ch']} times every ch_mult must be a multiple of 32 (GroupNorm's 32 groups)")
+        raise CheckpointError(f"{source}: ddconfig.ch {dd['ch']} times every ch_mult must be a multiple of 32 (GroupNorm's 32 groups)")
     if dd["resolution"] % 2 ** (len(mult) - 1):
-        raise ValueError(f"{source}: ddconfig.resolution {dd['resolution']} must be divisible by 2**{len(mult) - 1} ({len(mult)} levels)")
+        raise CheckpointError(f"{source}: ddconfig.resolution {dd['resolution']} must be divisible by 2**{len(mult) - 1} ({len(mult)} levels)")
 
 
 def estimate_vqgan_parameters(params: dict, with_decoder: bool = True) -> int:
@@ -378,7 +378,7 @@ def _load_hf_vqmodel(path: Path, skip_memory_check: bool) -> VQGAN:
 
     config = json.loads((path / "config.json").read_text())
     if "vq_config" not in config:
-        raise ValueError(f"{path}/config.json has no vq_config: not a Chameleon checkpoint")
+        raise CheckpointError(f"{path}/config.json has no vq_config: not a Chameleon checkpoint")
     params = params_from_hf(ChameleonVQVAEConfig(**{k: v for k, v in config["vq_config"].items() if k in ChameleonVQVAEConfig.__dataclass_fields__}))
     validate_params(params, f"{path}/config.json vq_config")
     check_vqgan_fits(params, f"{path}/config.json", with_decoder=False, copies=2, skip=skip_memory_check)
@@ -389,7 +389,7 @@ def _load_hf_vqmodel(path: Path, skip_memory_check: bool) -> VQGAN:
                 if key.startswith(prefix):
                     state[key[len(prefix):]] = f.get_tensor(key)
     if not state:
-        raise ValueError(f"{path}: no model.vqmodel.* tensors in its safetensors files")
+        raise CheckpointError(f"{path}: no model.vqmodel.* tensors in its safetensors files")
     return _vqgan_from_state(params, state, path, f"{path}/config.json")
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from .errors import UserError
+
 PIXEL_LOSSES = ("l1", "mse")
 PIXEL_WEIGHTS = ("none", "contrast")
 DISC_LOSSES = ("hinge", "vanilla")  # taming vqperceptual.py: VQLPIPSWithDiscriminator.__init__ asserts these two
@@ -24,7 +26,7 @@ AUTOCASTS = ("auto", "bf16", "no")
 RESUMABLE_CHANGES = ("steps", "max_seconds", "progress", "log_every", "eval_every", "save_every", "tensorboard")
 
 
-class VQGANConfigError(ValueError):
+class VQGANConfigError(UserError):
     """A setting that cannot work; the message names the setting (and the YAML file)."""
 
 

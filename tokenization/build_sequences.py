@@ -52,6 +52,9 @@ from medmax.sequence_dataset import BuildConfig, build_dataset
 from medmax.sequences import SequenceConfig
 from medmax.vocab import IMAGE_PLACEHOLDER
 
+from medmax.cli import program
+from medmax.errors import UserError
+
 logger = logging.getLogger("tokenization.build_sequences")
 
 
@@ -88,6 +91,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace) -> BuildConfig:
+    try:
+        return _config(args)
+    except ValueError as err:  # the configs' own checks name the flag
+        raise UserError(str(err)) from None
+
+
+def _config(args: argparse.Namespace) -> BuildConfig:
     sequence = SequenceConfig(
         placeholders=(IMAGE_PLACEHOLDER, *args.attachment_token),
         image_loss=not args.no_image_loss,
@@ -122,8 +132,8 @@ def summary(manifest: dict, output: str, seconds: float) -> str:
     return "\n".join(lines)
 
 
+@program("build_sequences")
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     config = config_from_args(args)
     start = time.perf_counter()

@@ -71,14 +71,15 @@ from medmax.image_tokens import (
     FORMAT,
     MANIFEST,
     PARTITION_GLOB,
-    SCHEMA,
     SUMMARY,
     VERSION,
     error_path,
     partition_index,
     partition_info,
     partition_path,
+    partition_table,
     read_manifest,
+    write_errors,
     write_json,
     write_partition,
 )
@@ -86,6 +87,8 @@ from medmax.distributed import Dist
 from medmax.distributed import setup_distributed as _setup_dist
 from medmax.image_csv import display_path, path_bytes, resolve_image
 from medmax.images import ImageLimits, ImageLoadError, allow_in_pillow, load_image, preprocess
+from medmax.cli import program
+from medmax.errors import UserError
 from medmax.memory import MemoryBudgetError
 
 if TYPE_CHECKING:  # annotations only: torch, pandas and the VQGAN load in the functions that run, not for --help
@@ -173,26 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _validate(args: argparse.Namespace) -> ImageLimits:
     if not args.input.is_file():
-        raise SystemExit(f"--input {args.input}: no such CSV file")
+        raise UserError(f"--input {args.input}: no such CSV file")
     for flag in ("partition_size", "batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.workers < 0:
-        raise SystemExit(f"--workers must be >= 0, got {args.workers}")
+        raise UserError(f"--workers must be >= 0, got {args.workers}")
     if args.frame < 0:
-        raise SystemExit(f"--frame must be >= 0, got {args.frame}")
+        raise UserError(f"--frame must be >= 0, got {args.frame}")
     try:
         return ImageLimits(max_pixels=args.max_image_pixels, max_aspect_ratio=args.max_aspect_ratio)
     except ValueError as exc:
-        raise SystemExit(f"--max-image-pixels / --max-aspect-ratio: {exc}") from None
-
-
-def pick_column(csv: Path, column: str | None) -> str:
-    """The CSV column holding image paths (:func:`medmax.image_csv.pick_column`), a bad one ending the run."""
-    try:
-        return image_csv.pick_column(csv, column)
-    except image_csv.ImageCSVError as exc:
-        raise SystemExit(str(exc)) from None
+        raise UserError(f"--max-image-pixels / --max-aspect-ratio: {exc}") from None
 
 
 # ----------------------------------------------------------------------------------- CSV and partitions
@@ -220,7 +215,7 @@ def iter_partitions(source: Source) -> Iterator[tuple[int, list[str]]]:
             for k, frame in enumerate(reader):
                 yield k, [str(p) for p in frame[source.column].tolist()]
     except pd.errors.ParserError as exc:
-        raise SystemExit(f"--input {source.csv}: cannot be parsed as CSV ({exc})") from None
+        raise UserError(f"--input {source.csv}: cannot be parsed as CSV ({exc})") from None
 
 
 def rows_digest(paths: list[str], duplicates: frozenset[int]) -> str:
@@ -255,7 +250,7 @@ def finished_files(output: Path) -> dict[int, list[tuple[Path, dict]]]:
             logger.warning("%s: unreadable (%s); its partition is redone", path, exc)
             continue
         if info is None:
-            raise SystemExit(f"{path}: not written by this version of image_tokenize (no partition metadata); use a new --output")
+            raise UserError(f"{path}: not written by this version of image_tokenize (no partition metadata); use a new --output")
         found.setdefault(partition_index(path), []).append((path, info))
     return found
 
@@ -377,9 +372,9 @@ class PartitionWriter:
 
     def _publish(self, k: int, part: dict) -> None:
         errors = [{"img_path": display_path(p), "row": k * self.partition_size + row, "reason": r} for row, (p, r) in sorted(part["errors"].items())]
-        _write_errors(error_path(self.output, k), errors)
+        write_errors(error_path(self.output, k), errors)
         rows = [part["codes"][row] for row in sorted(part["codes"])]
-        table = pa.table({"img_path": [p for p, _ in rows], "img_tokens": _list_array([c for _, c in rows])}, schema=SCHEMA)
+        table = partition_table([p for p, _ in rows], [c for _, c in rows])
         info = {"partition": k, "rows": part["n"], "written": len(rows), "failed": len(errors), "duplicate": len(part["duplicates"]),
                 "digest": self.digests[k], "errors": errors}
         final = partition_path(self.output, self.rank, k)
@@ -391,26 +386,6 @@ class PartitionWriter:
         self.published.append(k)
         for e in errors:
             logger.warning("partition %d: %s: %s", k, e["img_path"], e["reason"])
-
-
-def _list_array(codes: list[np.ndarray]) -> pa.ListArray:
-    """Rows of int32 codes -> an Arrow list<int32> column, without a Python int per code."""
-    lengths = np.array([len(c) for c in codes], dtype=np.int32)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    values = np.concatenate(codes).astype(np.int32) if codes else np.zeros(0, dtype=np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
-
-
-def _write_errors(path: Path, errors: list[dict]) -> None:
-    """errors/partK.jsonl with exactly these rows (none: no file); unchanged files are left alone."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(e) + "\n" for e in errors)
-    if not errors:
-        path.unlink(missing_ok=True)
-    elif not path.is_file() or path.read_text() != text:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
 
 
 # -------------------------------------------------------------------------------------------- setup
@@ -444,7 +419,7 @@ def _setup_model(args: argparse.Namespace, device: torch.device) -> tuple[VQGAN,
     try:
         model = load_vqgan(args.ckpt, trust_checkpoint=args.trust_checkpoint, skip_memory_check=args.skip_memory_check)
     except (CheckpointError, MemoryBudgetError, FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"--ckpt {args.ckpt}: {exc}") from exc
+        raise UserError(f"--ckpt {args.ckpt}: {exc}") from exc
     model.decoder = None  # only the encoder half is needed here
     digest = model.codes_digest()  # before the encoder is cast to --dtype
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -456,7 +431,7 @@ def _settings(args: argparse.Namespace, model: VQGAN, digest: str, device: torch
         vqgan_digest=digest, resolution=model.resolution, n_embed=model.n_embed, dtype=args.dtype,
         channels_last=args.channels_last or args.dtype == "bf16", device_type=device.type, frame=args.frame,
         max_image_pixels=limits.max_pixels, max_aspect_ratio=limits.max_aspect_ratio,
-        column=pick_column(args.input, args.column), image_root=str((args.image_root or args.input.parent).resolve()),
+        column=image_csv.pick_column(args.input, args.column), image_root=str((args.image_root or args.input.parent).resolve()),
         partition_size=args.partition_size,
     )
 
@@ -466,17 +441,17 @@ def _check_manifest(output: Path, settings: Settings) -> None:
     manifest = read_manifest(output)
     if manifest is None:
         if any(output.glob(PARTITION_GLOB)):
-            raise SystemExit(f"--output {output} holds image-token partitions but no {MANIFEST}; use a new --output")
+            raise UserError(f"--output {output} holds image-token partitions but no {MANIFEST}; use a new --output")
         return
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise SystemExit(f"--output {output} was written by an earlier image_tokenize, whose manifest does not record "
-                         "what decides the codes; use a new --output")
+        raise UserError(f"--output {output} was written by an earlier image_tokenize, whose manifest does not record "
+                        "what decides the codes; use a new --output")
     found = manifest.get("settings", {})
     changed = [f"{FLAGS[f.name]} was {_show(found.get(f.name))}, now {_show(getattr(settings, f.name))}"
                for f in fields(Settings) if found.get(f.name) != getattr(settings, f.name)]
     if changed:
-        raise SystemExit(f"--output {output} holds image tokens made with other settings: {'; '.join(changed)}. "
-                         "Use a new --output (or the settings it was made with)")
+        raise UserError(f"--output {output} holds image tokens made with other settings: {'; '.join(changed)}. "
+                        "Use a new --output (or the settings it was made with)")
 
 
 def _show(value) -> str:
@@ -567,7 +542,7 @@ def finish_folder(output: Path, plan: Plan) -> dict:
             raise RuntimeError(f"{output}: partition {k} was not written; run again to finish it")
         _remove([path for path, _ in good[1:]])
         meta = good[0][1]
-        _write_errors(error_path(output, k), meta["errors"])
+        write_errors(error_path(output, k), meta["errors"])
         for key in ("written", "failed", "duplicate"):
             rows[key] += meta[key]
     if rows["written"] + rows["failed"] + rows["duplicate"] != plan.n_rows:
@@ -641,7 +616,7 @@ def _tokenize(args: argparse.Namespace, limits: ImageLimits, info: Dist) -> int:
     finally:  # no rank writes a partition before rank 0 has checked the folder
         ready = _share(ready, device)
     if ready < 0:
-        raise SystemExit(f"rank {info.rank}: rank 0 refused --output {args.output} (its message says why)")
+        raise UserError(f"rank {info.rank}: rank 0 refused --output {args.output} (its message says why)")
     source = Source(str(args.input.resolve()), settings.column, settings.partition_size)
     plan = make_plan(source, args.output, info)
     start = time.perf_counter()
@@ -653,13 +628,13 @@ def _tokenize(args: argparse.Namespace, limits: ImageLimits, info: Dist) -> int:
     finally:
         failed = _share(failed, device)
     if failed < 0:
-        raise SystemExit(f"rank {info.rank}: rank 0 could not finish {args.output}")
+        raise UserError(f"rank {info.rank}: rank 0 could not finish {args.output}")
     return failed
 
 
+@program("image_tokenize")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     limits = _validate(args)
     allow_in_pillow(limits)
     import torch.distributed as dist  # after parsing: --help does not load torch

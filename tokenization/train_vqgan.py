@@ -53,6 +53,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from medmax.cli import program
 from medmax.presets import VQGAN_PRESETS
 from medmax.vqgan_train_config import (
     AUTOCASTS,
@@ -275,17 +276,9 @@ def _finish(args, trainer, errors, digest_before, held) -> None:
                        "into a new image_tokenize --output")
 
 
+@program("medmax-train-vqgan")
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from medmax.image_csv import ImageCSVError
-    from medmax.torch_files import CheckpointError
-
-    try:
-        return _run(args)
-    except (VQGANConfigError, ImageCSVError, CheckpointError, FileNotFoundError) as exc:
-        raise SystemExit(f"medmax-train-vqgan: error: {exc}") from None
-
+    return _run(build_parser().parse_args(argv))
 
 if __name__ == "__main__":
     sys.exit(main())

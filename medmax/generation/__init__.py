@@ -39,15 +39,27 @@ decoding), ``sampling`` (logits processing) and ``generator`` (the config, the o
 interleaving).
 """
 
-from .generator import (  # noqa: F401
-    MODES,
-    GenerationConfig,
-    GenerationOutput,
-    Generator,
-    ImageOutput,
-    TextOutput,
-)
-from .prompts import END_OF_TURN, ImageCodes, Segment, _EndOfTurn, prompt_segments  # noqa: F401
+from .config import MODES, GenerationConfig
+
+# The rest loads torch and the model code on first use, so that importing GenerationConfig (for a program's
+# --help and argument defaults) stays light.
+_LAZY = {"GenerationOutput": "generator", "Generator": "generator", "ImageOutput": "generator", "TextOutput": "generator",
+         "END_OF_TURN": "prompts", "ImageCodes": "prompts", "Segment": "prompts", "_EndOfTurn": "prompts",
+         "prompt_segments": "prompts"}
 
 __all__ = ["END_OF_TURN", "MODES", "GenerationConfig", "GenerationOutput", "Generator", "ImageCodes", "ImageOutput",
            "Segment", "TextOutput", "prompt_segments"]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

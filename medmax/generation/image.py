@@ -19,7 +19,7 @@ from .forward import ModelRunner
 from .sampling import instruct_guidance, sample
 
 if TYPE_CHECKING:
-    from .generator import GenerationConfig
+    from .config import GenerationConfig
 
 
 def guidance_streams(vocab, context: list[int]) -> list[list[int]]:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import UserError
 from ..prompting import END_OF_TURN, _EndOfTurn, prompt_segments  # noqa: F401  (re-exported)
 from ..vocab import encode_text
 
@@ -52,7 +53,7 @@ class PromptEncoder:
 
     def require_vqgan(self, what: str):
         if self.vqgan is None:
-            raise ValueError(f"this model folder has no vqgan/; cannot handle {what}")
+            raise UserError(f"this model folder has no vqgan/; cannot handle {what}")
         return self.vqgan
 
     @property
@@ -75,8 +76,8 @@ class PromptEncoder:
             segs = [self._check_segment(s, f"prompt {i} segment {j}") for j, s in enumerate(prompt)]
             length = 1 + sum(self._segment_length(s) for s in segs)
             if length + needed > self.context_length:
-                raise ValueError(f"prompt {i}: {length} tokens, and {mode} generation needs {needed} more, "
-                                 f"longer than the model's context of {self.context_length}")
+                raise UserError(f"prompt {i}: {length} tokens, and {mode} generation needs {needed} more, "
+                                f"longer than the model's context of {self.context_length}")
             checked.append(segs)
             lengths.append(length)
         return checked, lengths
@@ -97,11 +98,11 @@ class PromptEncoder:
     def _check_codes(self, seg: ImageCodes, where: str) -> ImageCodes:
         vqgan = self.require_vqgan(f"the image codes in {where}")
         if len(seg.codes) != vqgan.n_codes_per_image:
-            raise ValueError(f"{where}: {len(seg.codes)} image codes, expected {vqgan.n_codes_per_image} for a "
-                             f"{vqgan.grid_shape[0]}x{vqgan.grid_shape[1]} grid")
+            raise UserError(f"{where}: {len(seg.codes)} image codes, expected {vqgan.n_codes_per_image} for a "
+                            f"{vqgan.grid_shape[0]}x{vqgan.grid_shape[1]} grid")
         limit = min(vqgan.n_embed, self.vocab.n_codes)
         if seg.codes and (min(seg.codes) < 0 or max(seg.codes) >= limit):
-            raise ValueError(f"{where}: image codes must lie in 0..{limit - 1}, got {min(seg.codes)}..{max(seg.codes)}")
+            raise UserError(f"{where}: image codes must lie in 0..{limit - 1}, got {min(seg.codes)}..{max(seg.codes)}")
         return seg
 
     def _segment_length(self, seg) -> int:

@@ -15,7 +15,8 @@ from .forward import ModelRunner
 from .sampling import apply_repetition_penalty, sample, text_token_mask
 
 if TYPE_CHECKING:
-    from .generator import GenerationConfig, _Row
+    from .config import GenerationConfig
+    from .generator import _Row
 
 
 class TextDecoder:

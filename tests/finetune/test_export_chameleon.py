@@ -14,7 +14,7 @@ import yaml
 
 from finetune.convert import main as convert_main
 from finetune.export import main as export_main
-from finetune.train import write_run_info
+from medmax.training_run import write_run_info
 from medmax.model import MedMaxChameleon
 from medmax.vqgan import read_vqgan_yaml
 from tests.meta_release import meta_forward, write_release

@@ -182,14 +182,16 @@ def test_an_unwritable_output_fails_before_loading(tiny_model_dir, tmp_path, cap
     assert f"--output {out}" in capsys.readouterr().err
 
 
-def test_a_programming_error_keeps_its_traceback(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("bug", [TypeError, ValueError, KeyError])
+def test_a_programming_error_keeps_its_traceback(tiny_model_dir, tmp_path, monkeypatch, bug):
+    """Only a user's mistake (medmax.errors.UserError) is one line; a ValueError from a bug was swallowed as one."""
     import medmax.generation
 
     def broken(*args, **kwargs):
-        raise TypeError("a bug, not a user's mistake")
+        raise bug("a bug, not a user's mistake")
 
     monkeypatch.setattr(medmax.generation.Generator, "generate", broken)
-    with pytest.raises(TypeError, match="a bug"):
+    with pytest.raises(bug, match="a bug"):
         main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--mode", "text", "--output", str(tmp_path / "o")])
 
 
@@ -203,3 +205,23 @@ def test_a_model_too_large_for_memory_is_a_clear_error(tiny_model_dir, tmp_path,
     assert main(["generate", "--model", str(folder), "--prompt", "x", "--mode", "text", "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "config.json" in err and "--skip-memory-check" in err and err.count("\n") == 1
+
+
+def test_generation_flags_default_to_the_config_fields_they_fill(tmp_path):
+    """Each default is written once, in GenerationConfig; the command line fills the same config from it."""
+    from medmax.__main__ import _build_parser, _generation_config
+    from medmax.generation import GenerationConfig
+
+    args = _build_parser().parse_args(["generate", "--model", "m", "--prompt", "x", "--mode", "text",
+                                       "--output", str(tmp_path)])
+    built, default = _generation_config(args), GenerationConfig(mode="text", seed=0)
+    assert built == default
+
+
+def test_a_prompt_longer_than_the_context_is_one_error_line(tiny_model_dir, tmp_path, capsys):
+    """A user's mistake found after the model loads is still one line (it was a ValueError caught with every other)."""
+    context = json.loads((tiny_model_dir / "config.json").read_text())["max_position_embeddings"]
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "lesion " * context, "--mode", "text",
+                 "--output", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after transformers' loading bar
+    assert last.startswith("medmax generate: error: prompt 0: ") and "longer than the model's context" in last

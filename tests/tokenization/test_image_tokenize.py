@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -51,8 +53,19 @@ def dataset(tmp_path_factory) -> Path:
     return root / "data.csv"
 
 
+class Refused(Exception):
+    """The run ended in its one error line (``image_tokenize: error: ...``, exit code 2), raised here to be matched."""
+
+
 def _run(csv: Path, out: Path, ckpt: Path, *extra: str) -> int:
-    return main(["--input", str(csv), "--output", str(out), "--ckpt", str(ckpt), "--workers", "0", "--no-progress", *extra])
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["--input", str(csv), "--output", str(out), "--ckpt", str(ckpt), "--workers", "0", "--no-progress", *extra])
+    if code == 2:
+        assert err.getvalue().startswith("image_tokenize: error: ") and err.getvalue().count("\n") == 1, err.getvalue()
+        raise Refused(err.getvalue())
+    sys.stderr.write(err.getvalue())
+    return code
 
 
 def _errors(out: Path) -> dict[str, str]:
@@ -117,14 +130,14 @@ def test_resume_after_a_crash_finishes_only_what_is_missing(dataset, tiny_vqgan_
     rows = _all_rows(out)
     assert len(rows) == len(set(rows)) == N_GOOD and set(_errors(out)) == set(BAD)
 
-    with pytest.raises(SystemExit, match="--partition-size was 3, now 4"):  # a different cut would overlap the finished partitions
+    with pytest.raises(Refused, match="--partition-size was 3, now 4"):  # a different cut would overlap the finished partitions
         _run(dataset, out, tiny_vqgan_dir, "--partition-size", "4")
 
 
 def test_column_choice_and_readers_ignore_temporary_files(dataset, tiny_vqgan_dir, tmp_path):
     csv = tmp_path / "other.csv"
     csv.write_text("id,image_path\n1,imgs/0.png\n2,imgs/1.png\n")
-    with pytest.raises(SystemExit, match="no img_path or image_path"):
+    with pytest.raises(Refused, match="no img_path or image_path"):
         _run(_rewrite(csv, "id,file\n1,imgs/0.png\n"), tmp_path / "x", tiny_vqgan_dir)
     out = tmp_path / "out"
     assert _run(csv, out, tiny_vqgan_dir, "--image-root", str(dataset.parent)) == 0
@@ -132,7 +145,7 @@ def test_column_choice_and_readers_ignore_temporary_files(dataset, tiny_vqgan_di
     assert sorted(read_image_tokens(out)) == ["imgs/0.png", "imgs/1.png"]
     table = pq.read_table(partition_files(out)[0])
     assert table.column_names == ["img_path", "img_tokens"] and len(table.column("img_tokens")[0]) == 64
-    with pytest.raises(SystemExit, match="--column 'nope'"):
+    with pytest.raises(Refused, match="--column 'nope'"):
         _run(csv, tmp_path / "y", tiny_vqgan_dir, "--column", "nope")
 
 
@@ -151,7 +164,7 @@ def test_untrusted_checkpoint_is_refused_naming_the_flag(dataset, tiny_vqgan, tm
     ckpt.mkdir()
     (ckpt / "vqgan.yaml").write_text(yaml.safe_dump({"model": {"params": tiny_vqgan.params}}))
     torch.save({"state_dict": tiny_vqgan.state_dict(), "args": argparse.Namespace(a=1)}, ckpt / "vqgan.ckpt")
-    with pytest.raises(SystemExit, match="--trust-checkpoint"):
+    with pytest.raises(Refused, match="--trust-checkpoint"):
         _run(dataset, tmp_path / "out", ckpt)
     assert _run(dataset, tmp_path / "out", ckpt, "--trust-checkpoint") == 0
 
@@ -235,7 +248,7 @@ def test_a_resume_with_any_setting_that_changes_codes_is_refused(dataset, tiny_v
     assert settings["dtype"] == "fp32" and settings["vqgan_digest"] == tiny_vqgan.codes_digest()
     for flag in (["--dtype", "bf16"], ["--channels-last"], ["--frame", "1"], ["--max-image-pixels", "1000000"],
                  ["--max-aspect-ratio", "5"], ["--partition-size", "4"]):
-        with pytest.raises(SystemExit, match=rf"holds image tokens made with other settings: {flag[0]} was .*, now "):
+        with pytest.raises(Refused, match=rf"holds image tokens made with other settings: {flag[0]} was .*, now "):
             _run(dataset, out, tiny_vqgan_dir, "--partition-size", "5", *flag)
 
 
@@ -249,7 +262,7 @@ def test_the_vqgan_is_known_by_its_weights_not_its_path(dataset, tiny_vqgan, tin
     assert _run(dataset, out, moved, "--partition-size", "5") == 0 and redone == []  # same weights elsewhere: all done
     torch.manual_seed(99)
     save_vqgan(VQGAN.from_params(tiny_vqgan.params), ckpt)  # other weights at the same path
-    with pytest.raises(SystemExit, match=r"--ckpt \(the VQGAN's weights\) was [0-9a-f]{12}.*, now [0-9a-f]{12}"):
+    with pytest.raises(Refused, match=r"--ckpt \(the VQGAN's weights\) was [0-9a-f]{12}.*, now [0-9a-f]{12}"):
         _run(dataset, out, ckpt, "--partition-size", "5")
 
 
@@ -375,12 +388,12 @@ def test_a_broken_checkpoint_is_not_called_untrusted(dataset, tiny_vqgan, tmp_pa
     torch.save({"state_dict": tiny_vqgan.state_dict()}, ckpt / "vqgan.ckpt")
     data = (ckpt / "vqgan.ckpt").read_bytes()
     (ckpt / "vqgan.ckpt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(SystemExit, match=r"vqgan\.ckpt: truncated or corrupt") as info:
+    with pytest.raises(Refused, match=r"vqgan\.ckpt: truncated or corrupt") as info:
         _run(dataset, tmp_path / "out", ckpt)
     assert "trust" not in str(info.value)
     huge = {**tiny_vqgan.params, "n_embed": 10**10}
     (ckpt / "vqgan.yaml").write_text(yaml.safe_dump({"model": {"params": huge}}))
-    with pytest.raises(SystemExit, match=r"--skip-memory-check"):
+    with pytest.raises(Refused, match=r"--skip-memory-check"):
         _run(dataset, tmp_path / "out", ckpt)
 
 

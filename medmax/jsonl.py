@@ -1,4 +1,5 @@
-"""The JSONL and JSON files eval writes and reads back: predictions, the judge cache, done markers.
+"""The one JSONL (and JSON) reader and writer: eval's predictions, judge cache and done markers, the
+synthetic data set, training's log history, image-token error files.
 
 One rule for all of them: a last line cut short (a kill mid-write) is dropped with a warning, and so is
 any line that is not a JSON object; neither is ever fatal. Only the process that owns a file repairs it
@@ -43,8 +44,8 @@ def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
     return rows
 
 
-def dumps_line(row: dict) -> str:
-    return json.dumps(row, sort_keys=True) + "\n"
+def dumps_line(row: dict, sort_keys: bool = True) -> str:
+    return json.dumps(row, sort_keys=sort_keys) + "\n"
 
 
 def append_jsonl(path: Path, rows: list[dict]) -> None:
@@ -61,8 +62,9 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    write_atomic(path, "".join(dumps_line(r) for r in rows))
+def write_jsonl(path: Path, rows: list[dict], sort_keys: bool = True) -> None:
+    """All of ``rows``, one JSON object a line, written atomically (``sort_keys=False`` keeps each row's key order)."""
+    write_atomic(path, "".join(dumps_line(r, sort_keys) for r in rows))
 
 
 def read_json(path: Path) -> dict | None:

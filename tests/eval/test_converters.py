@@ -306,7 +306,7 @@ def test_every_format_is_listed():
 
 
 # ---------------------------------------------------------------- the program, end to end on embedded images
-def test_eval_run_reads_embedded_images_and_the_source_flags(tiny_model_dir, tmp_path):
+def test_eval_run_reads_embedded_images_and_the_source_flags(tiny_model_dir, tmp_path, capsys):
     import eval.run as run
 
     rows = [{"image": {"bytes": _png((i * 60, 90, 0)), "path": None}, "question": q, "answer": a}
@@ -325,5 +325,6 @@ def test_eval_run_reads_embedded_images_and_the_source_flags(tiny_model_dir, tmp
     assert [p["uid"] for p in problems] == ["test-00000-of-00001.parquet:3"]
     assert problems[0]["reason"].startswith("embedded image 'test_0003.jpg': ")
     path_mmu = [{"pathvqa": "path_mmu", "test": "all", str(out): str(tmp_path / "out_mmu")}.get(a, a) for a in argv]
-    with pytest.raises(ValueError, match="--split must be one of test, test_tiny, val for path_mmu, got 'all'"):
-        run.main(path_mmu)
+    capsys.readouterr()
+    assert run.main(path_mmu) == 2
+    assert capsys.readouterr().err == "eval.run: error: --split must be one of test, test_tiny, val for path_mmu, got 'all'\n"

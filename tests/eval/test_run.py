@@ -187,3 +187,18 @@ def test_one_bad_row_never_takes_down_its_batch(tiny_model_dir, tmp_path, monkey
     assert "memory" in reasons["rows.jsonl:2"].lower() and "huge.png" in reasons["rows.jsonl:2"]
     assert "RuntimeError" in reasons["rows.jsonl:3"] and "illegal memory access" in reasons["rows.jsonl:3"]
     assert set(reasons) == {"rows.jsonl:1", "rows.jsonl:2", "rows.jsonl:3"}
+
+
+def test_every_flag_defaults_to_its_eval_config_field(tmp_path, monkeypatch):
+    """Each default is written once, in EvalConfig (torchrun's RANK / WORLD_SIZE fill the shard flags)."""
+    import dataclasses
+
+    from eval.run import EvalConfig, build_parser, config_from_args
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    args = build_parser().parse_args(["--model", "m", "--data", str(tmp_path), "--output", str(tmp_path / "o")])
+    built = config_from_args(args)
+    for f in dataclasses.fields(EvalConfig):
+        if f.default is not dataclasses.MISSING:
+            assert getattr(built, f.name) == f.default, f.name

@@ -174,7 +174,9 @@ def test_the_demo_in_a_browser(server, browser, files, artifacts):
 def _walk_through(page: Page, server: str, files: dict) -> None:
     browser = page.d
     browser.get(server)
-    page.wait.until(lambda _: page.all("#ask textarea"))
+    # the page renders its parts one after another: wait for the settings too (a loaded machine showed the
+    # question box before the sliders)
+    page.wait.until(lambda _: page.all("#ask textarea") and page.all("#max-tokens input[type=number]"))
     page.set_number("max-tokens", 12)
 
     # ask about a scan and a DICOM file: both are previewed as the model sees them

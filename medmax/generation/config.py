@@ -1,0 +1,54 @@
+"""How to decode (:class:`GenerationConfig`): torch-free, so a program's ``--help`` can take its defaults from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import UserError
+
+MODES = ("text", "image", "interleaved")
+
+
+@dataclass
+class GenerationConfig:
+    """How to decode. Defaults are Chameleon's inference defaults."""
+
+    mode: str = "text"  # "text", "image" or "interleaved"
+    max_new_tokens: int = 256  # text tokens (image codes are not counted)
+    do_sample: bool = True  # text: sample (True) or greedy (False)
+    temperature: float = 1.0  # text
+    top_p: float = 0.9  # text; in [0, 1]: 1 = off, 0 = the top token only (greedy)
+    top_k: int = 0  # text; 0 = off
+    repetition_penalty: float = 1.2  # text; 1.0 = off
+    stop_strings: tuple[str, ...] = ()  # text ends at (and is cut before) the first one it contains
+    max_images: int = 1  # interleaved: images the model may draw
+    image_temperature: float = 0.7  # 0 = greedy codes
+    image_top_p: float = 0.9  # in [0, 1], as top_p
+    image_top_k: int = 0
+    guidance: bool = True  # image: three-stream classifier-free guidance
+    guidance_scale_text: float = 3.0
+    guidance_scale_image: float = 1.2
+    seed: int | None = None  # None: a fresh random seed
+    decode_images: bool = True  # False: return codes only (no VQGAN decoder work)
+    batch_size: int = 16  # prompts decoded together (sorted by length to limit padding)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise UserError(f"GenerationConfig.mode: unknown mode {self.mode!r}; choose one of {MODES}")
+        if self.max_new_tokens < 1 and self.mode != "image":
+            raise UserError(f"GenerationConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        for name in ("temperature", "image_temperature", "top_p", "image_top_p"):
+            if getattr(self, name) < 0:
+                raise UserError(f"GenerationConfig.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("top_p", "image_top_p"):
+            if getattr(self, name) > 1:
+                raise UserError(f"GenerationConfig.{name} must lie in [0, 1] (0 = greedy, 1 = off), got {getattr(self, name)}")
+        if self.repetition_penalty <= 0:
+            raise UserError(f"GenerationConfig.repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.batch_size < 1:
+            raise UserError(f"GenerationConfig.batch_size must be >= 1, got {self.batch_size}")
+        if self.max_images < 0:
+            raise UserError(f"GenerationConfig.max_images must be >= 0, got {self.max_images}")
+        if isinstance(self.stop_strings, str):
+            self.stop_strings = (self.stop_strings,)
+        self.stop_strings = tuple(self.stop_strings)

@@ -1,0 +1,82 @@
+"""medmax.cli: the runner every program's main goes through (one error line and exit code 2, bugs keep their traceback)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from medmax.cli import LOG_FORMAT, program, setup_logging
+from medmax.errors import UserError
+
+
+def _main(exc: BaseException | None):
+    @program("prog")
+    def main(argv=None) -> int:
+        if exc is not None:
+            raise exc
+        return 0
+    return main
+
+
+@pytest.mark.parametrize("exc", [UserError("--flag x: bad\nreally bad"), FileNotFoundError("data.csv: no such file"),
+                                 SystemExit("--input x: no such CSV file")])
+def test_a_users_mistake_is_one_line_and_exit_code_2(exc, capsys):
+    assert _main(exc)() == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("prog: error: ") and str(exc.args[0]).split()[-1] in err
+
+
+@pytest.mark.parametrize("exc", [ValueError("a bug"), TypeError("a bug"), KeyError("a bug"), RuntimeError("a bug")])
+def test_a_bug_keeps_its_traceback(exc, capsys):
+    with pytest.raises(type(exc), match="a bug"):
+        _main(exc)()
+    assert "error:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("code", [0, 2, None])
+def test_argparse_exits_pass_through(code):
+    with pytest.raises(SystemExit) as info:
+        _main(SystemExit(code))()
+    assert info.value.code == code
+
+
+def test_every_users_error_class_shares_the_base():
+    from eval.data import BadRow
+    from eval.errors import EvalError
+    from eval.scoring import UnresolvedGold
+    from finetune.config import ConfigError
+    from finetune.modes import NothingToTrainError
+    from medmax.demo import DemoError
+    from medmax.images import ImageLoadError
+    from medmax.memory import MemoryBudgetError
+    from medmax.paths import PathEscapeError
+    from medmax.sequence_dataset import RowRejected
+    from medmax.sequences import RowError
+    from medmax.torch_files import CheckpointError, UntrustedCheckpointError
+    from medmax.training_data import DataError
+    from medmax.vocab import ControlTokenInText
+
+    for cls in (BadRow, EvalError, UnresolvedGold, ConfigError, NothingToTrainError, DemoError, ImageLoadError,
+                MemoryBudgetError, PathEscapeError, RowRejected, RowError, CheckpointError, UntrustedCheckpointError,
+                DataError, ControlTokenInText):
+        assert issubclass(cls, UserError) and issubclass(cls, ValueError), cls
+
+
+def test_a_torchrun_worker_logs_its_rank(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers.clear()
+    try:
+        setup_logging()
+        line = root.handlers[0].format(logging.makeLogRecord({"name": "x", "msg": "hello", "levelname": "INFO"}))
+    finally:
+        root.handlers[:] = saved
+    assert line.endswith("INFO [rank 1] x: hello") and "%(name)s" in LOG_FORMAT
+
+
+def test_a_message_that_already_names_the_program_is_not_prefixed_twice(capsys):
+    assert _main(SystemExit("prog: error: --input x: no such file"))() == 2
+    assert capsys.readouterr().err == "prog: error: --input x: no such file\n"
