@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from medmax.data.shards import write_sequences
 from medmax.presets import TOKENIZER_PRESETS, parse_preset
 from medmax.prompting import END_OF_TURN, prompt_segments
-from medmax.training_data import IGNORE_INDEX, write_sequences
-from medmax.vocab import Vocabulary, load_tokenizer
+from medmax.vocab import IGNORE_INDEX, Vocabulary, load_tokenizer
 
 logger = logging.getLogger("finetune.demo_data")
 

@@ -191,7 +191,7 @@ def _model_vocab_size(cfg: FinetuneConfig, vocab: Vocabulary) -> int:
 
 def _setup_data(cfg: FinetuneConfig, vocab: Vocabulary, vocab_size: int):
     """Training and validation datasets, checked against the model and tokenizer before any step."""
-    from medmax.training_data import SequenceDataset, check_sequences, load_sequences, split_validation
+    from medmax.data.loader import SequenceDataset, check_sequences, load_sequences, split_validation
 
     specs = cfg.dataset_specs()
     special = vocab.special_ids()
@@ -219,7 +219,7 @@ def _setup_data(cfg: FinetuneConfig, vocab: Vocabulary, vocab_size: int):
 
 
 def _collator(cfg: FinetuneConfig, vocab: Vocabulary):
-    from medmax.training_data import PackedCollator, PaddingCollator
+    from medmax.data.loader import PackedCollator, PaddingCollator
 
     if cfg.packing:
         return PackedCollator(vocab.pad_id, cfg.max_length if cfg.pad_to_max_length else None)
@@ -294,7 +294,7 @@ def _file_digest(path: Path, h) -> None:
 
 def folder_digest(folder: str | Path) -> str:
     """sha256 of a sequence folder's content: its manifest and every data file it lists (not its path)."""
-    from medmax.training_data import read_manifest
+    from medmax.data.loader import read_manifest
 
     folder = Path(folder)
     h = hashlib.sha256()

@@ -8,11 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from medmax.dataset_io import read_manifest, shard_paths
+from medmax.data.shards import read_manifest, shard_paths
 from medmax.images import load_image, preprocess
-from medmax.passthrough import type_name
-from medmax.sequence_dataset import RowRejected
-from medmax.sequences import SequenceBuilder
+from medmax.data.passthrough import type_name
+from medmax.data.build import RowRejected
+from medmax.data.rows import SequenceBuilder
 from tokenization.build_sequences import main
 
 EOT = "<reserved08706>"

@@ -18,7 +18,6 @@ run one by one.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from functools import cached_property
@@ -30,10 +29,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-from .dataset_io import FORMAT_NAME as MANIFEST_FORMAT
-from .dataset_io import FORMAT_VERSION as MANIFEST_VERSION
-from .dataset_io import MANIFEST as MANIFEST_NAME
-from .vocab import IGNORE_INDEX
+from ..vocab import IGNORE_INDEX
+from .shards import MANIFEST as MANIFEST_NAME
+from .shards import write_sequences  # noqa: F401  (its old home: kept importable from here)
 
 
 class DataError(ValueError):
@@ -41,8 +39,8 @@ class DataError(ValueError):
 
 
 def read_manifest(folder: str | Path) -> dict:
-    """The checked manifest of a sequence folder (``medmax.dataset_io.read_manifest``), errors as DataError."""
-    from .dataset_io import read_manifest as _read
+    """The checked manifest of a sequence folder (``medmax.data.shards.read_manifest``), errors as DataError."""
+    from .shards import read_manifest as _read
 
     if not Path(folder).is_dir():
         raise DataError(f"{folder}: dataset folder does not exist")
@@ -288,35 +286,3 @@ class PaddingCollator:
             labels[b, :n] = torch.from_numpy(row["labels"])
             mask[b, :n] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask, "n_real_tokens": mask.sum()}
-
-
-def write_sequences(folder: str | Path, rows: list[tuple[list[int], list[int]]], special_ids: dict,
-                    rows_per_shard: int = 1000) -> Path:
-    """Write a sequence folder from (input_ids, labels) pairs: for tests, benchmarks and synthetic data.
-
-    ``tokenization.build_sequences`` is the real producer; this writes the same contract.
-    """
-    import pyarrow as pa
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    files = []
-    for s, start in enumerate(range(0, len(rows), rows_per_shard)):
-        chunk = rows[start : start + rows_per_shard]
-        table = pa.table({
-            "input_ids": pa.array([list(map(int, r[0])) for r in chunk], type=pa.list_(pa.int32())),
-            "labels": pa.array([list(map(int, r[1])) for r in chunk], type=pa.list_(pa.int32())),
-            "length": pa.array([len(r[0]) for r in chunk], type=pa.int32()),
-        })
-        name = f"part-{s:05d}.parquet"
-        pq.write_table(table, folder / name)
-        files.append(name)
-    n_tokens = sum(len(r[0]) for r in rows)
-    n_loss = sum(sum(1 for x in r[1] if x != IGNORE_INDEX) for r in rows)
-    manifest = {
-        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "special_ids": special_ids, "tokenizer": None,
-        "counts": {"sequences": len(rows)}, "token_stats": {"tokens": n_tokens, "loss_tokens": n_loss},
-        "files": files,
-    }
-    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
-    return folder

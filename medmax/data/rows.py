@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tokenizers import Tokenizer
 
-from .vocab import (
+from ..vocab import (
     END_OF_TURN,
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
@@ -64,7 +64,7 @@ FORMATS = ("medmax", "conversation", "pretraining")
 CONTEXT_ROLES = {"system": "system", "user": "user", "human": "user"}
 ANSWER_ROLES = {"assistant": "assistant", "gpt": "assistant"}
 IMAGE_COLUMNS = ("modalities", "images", "image")
-# Every column the builder reads; the others pass through to the shards (medmax.passthrough).
+# Every column the builder reads; the others pass through to the shards (medmax.data.passthrough).
 CONSUMED_COLUMNS = ("text", "image_path", "image_tokens", "conversations", *IMAGE_COLUMNS)
 MEDMAX_MARKERS = (IMAGE_PLACEHOLDER, END_OF_TURN)
 # The training length of finetune's configs. MedMax's own training (training/data.py) cuts every row at 2048.

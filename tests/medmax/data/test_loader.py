@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from medmax.model import new_model
-from medmax.training_data import (
+from medmax.data.loader import (
     IGNORE_INDEX,
     PackedCollator,
     PaddingCollator,
@@ -18,8 +17,9 @@ from medmax.training_data import (
     load_sequences,
     pack_greedy,
     weighted_order,
-    write_sequences,
 )
+from medmax.data.shards import write_sequences
+from medmax.model import new_model
 
 
 def _sequences(vocab, lengths, seed=0):

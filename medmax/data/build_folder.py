@@ -25,7 +25,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .dataset_io import FORMAT_NAME, MANIFEST, PROGRESS, written_files
+from .shards import FORMAT_NAME, MANIFEST, PROGRESS, written_files
 
 logger = logging.getLogger(__name__)
 
