@@ -191,13 +191,14 @@ def _model_vocab_size(cfg: FinetuneConfig, vocab: Vocabulary) -> int:
 
 def _setup_data(cfg: FinetuneConfig, vocab: Vocabulary, vocab_size: int):
     """Training and validation datasets, checked against the model and tokenizer before any step."""
-    from medmax.data.loader import SequenceDataset, check_sequences, load_sequences, split_validation
+    from medmax.data.loader import SequenceDataset, check_sequences, split_validation
 
+    load = _loader(cfg)
     specs = cfg.dataset_specs()
     special = vocab.special_ids()
     train = []
     for spec in specs:
-        data = load_sequences(spec.path)
+        data = load(spec.path)
         check_sequences(data, vocab_size, cfg.max_length, special)
         train.append(data)
     val = []
@@ -207,7 +208,7 @@ def _setup_data(cfg: FinetuneConfig, vocab: Vocabulary, vocab_size: int):
         pairs = [split_validation(d, fraction, seed) for d in train]
         train, val = [p[0] for p in pairs], [p[1] for p in pairs]
     elif cfg.validation:
-        data = load_sequences(cfg.validation)
+        data = load(cfg.validation)
         check_sequences(data, vocab_size, cfg.max_length, special)
         val = [data]
     weights = [s.weight for s in specs]
@@ -216,6 +217,16 @@ def _setup_data(cfg: FinetuneConfig, vocab: Vocabulary, vocab_size: int):
     logger.info("training rows: %d (%d sequences, %d tokens, packing=%s)", len(train_set),
                 len(train_set.order), train_set.n_tokens(), cfg.packing)
     return train_set, val_set
+
+
+def _loader(cfg: FinetuneConfig):
+    """Sequence folder -> sequences: memory-mapped from its token store (default), or read into this process."""
+    from functools import partial
+
+    from medmax.data.loader import load_sequences
+    from medmax.data.store import open_sequences
+
+    return partial(open_sequences, store_root=cfg.store_dir) if cfg.data_store else load_sequences
 
 
 def _collator(cfg: FinetuneConfig, vocab: Vocabulary):
@@ -286,24 +297,25 @@ def _resume_point(cfg: FinetuneConfig, resume: bool) -> Path | None:
 
 
 # ------------------------------------------------------------------------------ what a run continues
-def _file_digest(path: Path, h) -> None:
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-
-
 def folder_digest(folder: str | Path) -> str:
     """sha256 of a sequence folder's content: its manifest and every data file it lists (not its path)."""
-    from medmax.data.loader import read_manifest
+    from medmax.data.loader import DataError, read_manifest
+    from medmax.data.shards import folder_digest as digest
 
-    folder = Path(folder)
-    h = hashlib.sha256()
-    manifest = read_manifest(folder)
-    _file_digest(folder / "manifest.json", h)
-    for name in manifest.get("files") or sorted(p.name for p in folder.glob("*.parquet")):
-        h.update(name.encode())
-        _file_digest(folder / name, h)
-    return h.hexdigest()
+    read_manifest(folder)  # errors as DataError, naming the folder
+    try:
+        return digest(folder)
+    except (OSError, ValueError) as err:
+        raise DataError(str(err)) from None
+
+
+def _digest(cfg: FinetuneConfig, folder: str) -> str:
+    """A folder's content digest; with the token store, the one recorded when the store was made."""
+    if not cfg.data_store:
+        return folder_digest(folder)
+    from medmax.data.store import store_digest
+
+    return store_digest(folder, cfg.store_dir)
 
 
 def run_fingerprint(cfg: FinetuneConfig, tokenizer) -> dict:
@@ -312,8 +324,8 @@ def run_fingerprint(cfg: FinetuneConfig, tokenizer) -> dict:
     return {
         "mode": cfg.mode,
         "tokenizer": hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
-        "datasets": [{"digest": folder_digest(s.path), "weight": s.weight, "path": s.path} for s in cfg.dataset_specs()],
-        "validation": fraction if fraction is not None else (folder_digest(cfg.validation) if cfg.validation else None),
+        "datasets": [{"digest": _digest(cfg, s.path), "weight": s.weight, "path": s.path} for s in cfg.dataset_specs()],
+        "validation": fraction if fraction is not None else (_digest(cfg, cfg.validation) if cfg.validation else None),
     }
 
 

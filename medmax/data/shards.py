@@ -22,6 +22,7 @@ memory-mapped instead.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -263,6 +264,24 @@ def shard_paths(folder: str | Path) -> list[Path]:
     """The shard files of a sequence folder, in manifest order (after validating the manifest)."""
     manifest = read_manifest(folder)
     return [Path(folder) / name for name in manifest["files"]]
+
+
+def folder_digest(folder: str | Path) -> str:
+    """sha256 of a sequence folder's content: its manifest and every data file it lists (not its path)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    digest = hashlib.sha256()
+    _update(digest, folder / MANIFEST)
+    for name in manifest.get("files") or sorted(p.name for p in folder.glob("*.parquet")):
+        digest.update(name.encode())
+        _update(digest, folder / name)
+    return digest.hexdigest()
+
+
+def _update(digest, path: Path) -> None:
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            digest.update(block)
 
 
 def write_sequences(folder: str | Path, rows: list[tuple[list[int], list[int]]], special_ids: dict,
