@@ -284,30 +284,31 @@ def _update(digest, path: Path) -> None:
             digest.update(block)
 
 
-def write_sequences(folder: str | Path, rows: list[tuple[list[int], list[int]]], special_ids: dict,
-                    rows_per_shard: int = 1000, row_format: str = "pretraining") -> Path:
+def write_sequences(folder: str | Path, rows, special_ids: dict, rows_per_shard: int = 1000,
+                    row_format: str = "pretraining") -> Path:
     """Write a sequence folder from (input_ids, labels) pairs: for tests, benchmarks and synthetic data.
 
-    ``tokenization.build_sequences`` is the real producer; this goes through the same :class:`ShardWriter`
-    and writes the same manifest keys (no passthrough columns, no inputs, ``tokenizer`` None).
+    ``rows`` may be any iterable (it is read once, in bounded memory). ``tokenization.build_sequences`` is the
+    real producer; this goes through the same :class:`ShardWriter` and writes the same manifest keys (no
+    passthrough columns, no inputs, ``tokenizer`` None).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(folder, 0, ColumnFilter(keep=()), rows_per_shard)
-    n_loss = 0
+    n_rows = total = n_loss = 0
+    shortest, longest = None, None
     for ids, labels in rows:
         ids, labels = np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32)
-        n_loss += int((labels != IGNORE_INDEX).sum())
+        n_rows, total, n_loss = n_rows + 1, total + len(ids), n_loss + int((labels != IGNORE_INDEX).sum())
+        shortest = len(ids) if shortest is None else min(shortest, len(ids))
+        longest = len(ids) if longest is None else max(longest, len(ids))
         writer.add(Built(ids, labels, 0, format=row_format), {})
     files = writer.close()
-    lengths = [len(r[0]) for r in rows]
-    total = sum(lengths)
     manifest = {
         "format": FORMAT_NAME, "version": FORMAT_VERSION, "special_ids": special_ids, "tokenizer": None,
-        "counts": {"rows_read": len(rows), "rows_written": len(rows)},
-        "token_stats": {"total_tokens": total, "trained_tokens": n_loss, "min_length": min(lengths, default=None),
-                        "mean_length": round(total / len(rows), 3) if rows else None,
-                        "max_length": max(lengths, default=None)},
+        "counts": {"rows_read": n_rows, "rows_written": n_rows},
+        "token_stats": {"total_tokens": total, "trained_tokens": n_loss, "min_length": shortest,
+                        "mean_length": round(total / n_rows, 3) if n_rows else None, "max_length": longest},
         "files": files, "columns": {}, "written": list(files),
     }
     write_manifest(folder, manifest)

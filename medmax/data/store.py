@@ -103,7 +103,7 @@ def ensure_store(folder: str | Path, columns: tuple[str, ...] = SEQUENCE_COLUMNS
         with locked(group / ".lock"):
             if not _is_fresh(path, want):
                 _make(folder, manifest, want, path)
-    except PermissionError as err:
+    except OSError as err:
         raise DataError(f"{folder}: cannot write its token store in {group} ({err.strerror}); set store_dir to a "
                         "writable folder, or data_store=false to read the folder into memory") from None
     return path
