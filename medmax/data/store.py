@@ -252,7 +252,7 @@ class StoreSequences:
     """The sequences of a store (or a subset of them, ``index``), read as ``medmax.data.loader.SequenceData`` is."""
 
     store: TokenStore
-    folder: Path  # where the data came from, for messages
+    folder: Path | str  # where the data came from, for messages (a URL for a remote store)
     index: np.ndarray | None = None  # the store rows this holds, in order (None: all)
 
     @property
@@ -343,7 +343,7 @@ def open_sequences(source: str | Path, store_root: str | Path | None = None,
     missing = [c for c in SEQUENCE_COLUMNS if c not in store.columns]
     if missing:
         raise DataError(f"{source}: its token store has no column {missing[0]!r}")
-    data = StoreSequences(store, Path(str(source)))
+    data = StoreSequences(store, source if is_remote(source) else Path(source))
     logger.info("%s: %d sequences, %d tokens (memory-mapped from %s)", source, len(data),
                 store.meta["tokens"]["input_ids"], store.path)
     return data

@@ -1,0 +1,366 @@
+"""Training data at corpus scale: today's in-memory loader vs the memory-mapped token store, at 1 and 2 ranks.
+
+Usage::
+
+    nice -n 10 python bench/bench_store.py             # 20M- and 200M-token sequence folders
+    nice -n 10 python bench/bench_store.py --quick     # 2M and 20M tokens
+    nice -n 10 python bench/bench_store.py --sizes 20M --ranks 1 --rounds 3
+
+Synthetic sequence folders with MedMax's shape (``tokenization.build_sequences``' layout, written through
+``medmax.data.shards.write_sequences``): 75% of the rows hold one 1024-code image (boi, 1024 codes, eoi)
+after a prompt of 20-200 text tokens and before an answer of 5-300 (loss on the answer); the rest are text
+of 100-1500 tokens, loss on the second half. Made once under ``--data-dir`` and kept for later runs.
+
+Each variant run is a whole training launch (``finetune.train.run`` on the tiny preset, packed rows of 4096
+tokens, 4 rows per rank and step, ``--steps`` steps, no checkpoints), under ``torchrun`` (gloo) at 2 ranks:
+``data_store=false`` (today: every rank reads every shard into its memory) or ``data_store=true`` (the store,
+made beforehand by the untimed warm-up; its one-time conversion is timed in its own case). Every rank
+reports, from inside training:
+
+- *peak RSS per rank minus a model-only baseline*: the rank's ``VmHWM`` at the end, minus the median
+  ``VmHWM`` of the same launch on a 64-sequence folder read into memory (measured first, per rank count);
+  file pages of the store a rank touched count in its RSS, although the page cache holds them once per node;
+- *launch to first step*: wall time from the parent's launch of the process (tree) to the end of the first
+  optimizer step on the slowest rank;
+- *steady tokens/s*: real tokens of every rank over the steps after the 5th, divided by their wall time.
+
+Parity: the loss at every step (rank 0's log) must be identical for both loaders.
+
+A second case compares ways to serve the rows, in one process on the smaller folder: random sequences read
+as training reads them (2,000 draws), and the time to open. Today's in-memory arrays; the store (the Arrow
+IPC file ``datasets`` memory-maps, read as zero-copy numpy views); the same file through ``datasets``' own
+row access (``Dataset.with_format("numpy")[i]``); a home-made flat format (``np.memmap`` of the ids and
+labels with an offsets index); and the parquet shards read through a memory map (``pq.read_table(...,
+memory_map=True)``: zstd pages must be decoded, so the whole column lands in anonymous memory). The
+conversion case times making the store against ``datasets.Dataset.from_parquet`` (its own Arrow cache).
+litdata 0.2.76 and mosaicml-streaming 0.13.0 were not measured: pip's dry run (with the project's
+constraints) shows litdata pulling in torchvision 0.28.0, and mosaicml-streaming downgrading numpy (2.4.6 ->
+2.1.3), transformers (5.23 -> 4.57.6), tokenizers and huggingface_hub: neither installs beside this stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+from harness import (ROOT, Benchmark, Case, Result, Target, Variant, add_arguments, command_line, digest,  # noqa: E402
+                     run_benchmark, run_process, size_label)
+
+WARM_STEPS = 5  # steps before the steady-state window
+ROW_TOKENS = 4096
+ROWS_PER_STEP = 4
+DRAWS = 2000
+BASELINE_SEQUENCES = 64
+IMAGE_CODES = 1024
+
+
+# ------------------------------------------------------------------------------------------ data
+def parse_size(text: str) -> int:
+    found = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmM]?)", text.strip())
+    if not found:
+        raise SystemExit(f"--sizes: {text!r} is not a token count like 20M")
+    return int(float(found[1]) * {"": 1, "k": 1e3, "K": 1e3, "m": 1e6, "M": 1e6}[found[2]])
+
+
+def synthetic_rows(vocab, tokens: int, seed: int):
+    """MedMax-shaped (input_ids, labels) rows until ``tokens`` tokens are written."""
+    rng = np.random.default_rng(seed)
+    text_ids = np.arange(4, int(vocab.code_to_id[0]))
+    text_ids = text_ids[~np.isin(text_ids, list(vocab.special_ids().values()))]
+    first_code = int(vocab.code_to_id[0])
+    written = 0
+    while written < tokens:
+        if rng.random() < 0.75:
+            prompt = rng.choice(text_ids, rng.integers(20, 201))
+            codes = rng.integers(first_code, first_code + IMAGE_CODES, IMAGE_CODES)
+            answer = rng.choice(text_ids, rng.integers(5, 301))
+            ids = np.concatenate([[vocab.bos_id], prompt, [vocab.boi_id], codes, [vocab.eoi_id], answer, [vocab.eos_id]])
+            loss_from = len(ids) - len(answer) - 1
+        else:
+            ids = np.concatenate([[vocab.bos_id], rng.choice(text_ids, rng.integers(100, 1501))])
+            loss_from = len(ids) // 2
+        labels = ids.copy()
+        labels[:loss_from] = -100
+        written += len(ids)
+        yield ids.astype(np.int32), labels.astype(np.int32)
+
+
+def make_folder(root: Path, tokens: int, seed: int = 0) -> Path:
+    """A sequence folder of about ``tokens`` tokens, made once under ``root``."""
+    from medmax.data.shards import write_sequences
+    from medmax.presets import build_tiny_tokenizer
+    from medmax.vocab import Vocabulary
+
+    folder = root / f"seq-{tokens}-seed{seed}"
+    if (folder / "manifest.json").is_file():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    partial = root / f"{folder.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    vocab = Vocabulary.from_tokenizer(build_tiny_tokenizer())
+    start = time.perf_counter()
+    write_sequences(partial, synthetic_rows(vocab, tokens, seed), vocab.special_ids(), rows_per_shard=10_000)
+    partial.rename(folder)
+    print(f"[store] wrote {folder} ({tokens:,} tokens) in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return folder
+
+
+# ------------------------------------------------------------------------------------------ one training launch
+def _status(key: str) -> int:
+    found = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    return int(found.group(1)) * 1024 if found else 0
+
+
+def worker(args) -> int:
+    """Inside each rank: train, and write what this rank saw (times, tokens, RSS) to ``--worker``/rank-R.json."""
+    import finetune.train as train
+    from finetune.config import load_config
+    from transformers import TrainerCallback
+
+    rank = int(os.environ.get("RANK", 0))
+    marks: dict = {"rank": rank, "steps": []}
+
+    class Marks(TrainerCallback):
+        def on_step_end(self, targs, state, control, **kw):
+            marks["steps"].append([state.global_step, time.time(), trainer_ref[0]._real_tokens])
+
+    trainer_ref = []
+    make = train.medmax_trainer
+
+    def medmax_trainer(**kwargs):
+        trainer = make(**kwargs)
+        trainer.add_callback(Marks())
+        trainer_ref.append(trainer)
+        return trainer
+
+    train.medmax_trainer = medmax_trainer
+    overrides = ["model=preset:tiny", "tokenizer=preset:tiny", "vqgan=preset:tiny", f"datasets=[{args.data}]",
+                 "validation=null", f"output_dir={args.worker / 'run'}", f"max_length={ROW_TOKENS}",
+                 f"per_device_train_batch_size={ROWS_PER_STEP}", f"max_steps={args.steps}", "logging_steps=1",
+                 "save_strategy=no", "report_to=none", "disable_tqdm=true", "warmup_steps=1",
+                 f"data_store={'true' if args.loader == 'store' else 'false'}", f"store_dir={args.store_dir}",
+                 "ddp_backend=gloo", "use_cpu=true", "dataloader_num_workers=0"]
+    trainer = train.run(load_config(str(ROOT / "finetune" / "configs" / "tiny_cpu.yaml"), overrides))
+    marks.update(peak_rss=_status("VmHWM"), rss_file=_status("RssFile"), rss_anon=_status("RssAnon"),
+                 losses=[h["loss"] for h in trainer.state.log_history if "loss" in h])
+    (args.worker / f"rank-{rank}.json").write_text(json.dumps(marks))
+    return 0
+
+
+def launch(data: Path, loader: str, ranks: int, steps: int, store_dir: Path, work: Path) -> tuple[list[dict], object]:
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    me = [str(Path(__file__).resolve()), "--worker", str(work), "--data", str(data), "--loader", loader,
+          "--steps", str(steps), "--store-dir", str(store_dir)]
+    cmd = [sys.executable, *me] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *me]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    start = time.time()
+    proc = run_process(cmd, env=env, cwd=ROOT)
+    reports = [json.loads((work / f"rank-{r}.json").read_text()) for r in range(ranks)]
+    for report in reports:
+        report["launch"] = start
+    return reports, proc
+
+
+def figures(reports: list[dict], baseline_rss: float) -> tuple[dict, float, int, list]:
+    """-> (figures, steady seconds, steady tokens, rank 0's losses)."""
+    first = max(r["steps"][0][1] for r in reports) - reports[0]["launch"]
+    t0 = max(r["steps"][WARM_STEPS - 1][1] for r in reports)
+    t1 = max(r["steps"][-1][1] for r in reports)
+    tokens = sum(r["steps"][-1][2] - r["steps"][WARM_STEPS - 1][2] for r in reports)
+    growth = max(r["peak_rss"] for r in reports) / 2**20 - baseline_rss
+    rank0 = next(r for r in reports if r["rank"] == 0)
+    return ({"first_step_s": first, "rss_growth_mib": growth, "rank_peak_rss_mib": max(r["peak_rss"] for r in reports) / 2**20,
+             "rank_rss_file_mib": max(r["rss_file"] for r in reports) / 2**20}, t1 - t0, tokens, rank0["losses"])
+
+
+def training_variant(data: Path, loader: str, ranks: int, args, baselines: dict) -> Variant:
+    def run() -> Result:
+        reports, proc = launch(data, loader, ranks, args.steps, args.data_dir / "stores", args.data_dir / "work")
+        figs, seconds, tokens, losses = figures(reports, baselines[ranks])
+        return Result(work={"tokens": tokens}, seconds=seconds, figures=figs, output=digest(losses),
+                      peak_rss_bytes=proc.peak_rss_bytes, cpu_seconds=proc.cpu_seconds)
+
+    def warmup() -> None:  # makes the store (timed in its own case) and warms the page cache
+        launch(data, loader, ranks, WARM_STEPS + 1, args.data_dir / "stores", args.data_dir / "work")
+
+    name = "today: in memory" if loader == "memory" else "token store (memory-mapped)"
+    return Variant(name, run, exact=True, warmup=warmup)
+
+
+def model_only_rss(args, ranks: int) -> float:
+    """Median peak RSS per rank (MiB) of a launch whose data is negligible: the model, optimizer and framework."""
+    folder = args.data_dir / "baseline"
+    if not (folder / "manifest.json").is_file():
+        from medmax.data.shards import write_sequences
+        from medmax.presets import build_tiny_tokenizer
+        from medmax.vocab import Vocabulary
+
+        vocab = Vocabulary.from_tokenizer(build_tiny_tokenizer())
+        rows = synthetic_rows(vocab, 10**9, 1)
+        write_sequences(folder, (next(rows) for _ in range(BASELINE_SEQUENCES)), vocab.special_ids())
+    peaks = []
+    for _ in range(3):
+        reports, _ = launch(folder, "memory", ranks, WARM_STEPS + 2, args.data_dir / "stores", args.data_dir / "work")
+        peaks.append(max(r["peak_rss"] for r in reports) / 2**20)
+    return statistics.median(peaks)
+
+
+# ------------------------------------------------------------------------------------------ ways to serve rows
+def _draws(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n, DRAWS)
+
+
+def _read_all(get, draws) -> Result:
+    h = 0
+    for i in draws:
+        ids, labels = get(int(i))
+        h = (h * 1_000_003 + int(ids.astype(np.int64).sum()) + 7 * int(labels.astype(np.int64).sum())) % (1 << 61)
+    return h
+
+
+def serving_variants(folder: Path, store_root: Path, flat_dir: Path) -> list[Variant]:
+    from medmax.data.loader import load_sequences
+    from medmax.data.store import TOKENS, open_sequences
+
+    n = len(open_sequences(folder, store_root))
+    draws = _draws(n)
+
+    def timed(opener):
+        def run() -> Result:
+            start = time.perf_counter()
+            get = opener()
+            opened = time.perf_counter()
+            out = _read_all(get, draws)
+            done = time.perf_counter()
+            return Result(work={"sequences": DRAWS}, seconds=done - opened, output=out,
+                          figures={"open_s": opened - start})
+        return run
+
+    def memory():
+        return load_sequences(folder).sequence
+
+    def store():
+        return open_sequences(folder, store_root).sequence
+
+    def datasets_rows():
+        from datasets import Dataset
+
+        ds = Dataset.from_file(str(open_sequences(folder, store_root).store.path / TOKENS)).with_format("numpy")
+        return lambda i: (lambda row: (row["input_ids"], row["labels"]))(ds[i])
+
+    def flat():
+        if not (flat_dir / "offsets.npy").is_file():
+            data = load_sequences(folder)
+            flat_dir.mkdir(parents=True, exist_ok=True)
+            data.ids.tofile(flat_dir / "ids.bin")
+            data.labels.tofile(flat_dir / "labels.bin")
+            np.save(flat_dir / "offsets.npy", data.offsets)
+        offsets = np.load(flat_dir / "offsets.npy", mmap_mode="r")
+        ids = np.memmap(flat_dir / "ids.bin", dtype=np.int32, mode="r")
+        labels = np.memmap(flat_dir / "labels.bin", dtype=np.int32, mode="r")
+        return lambda i: (ids[offsets[i] : offsets[i + 1]], labels[offsets[i] : offsets[i + 1]])
+
+    def parquet_mapped():
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        files = json.loads((folder / "manifest.json").read_text())["files"]
+        table = pa.concat_tables([pq.read_table(folder / f, columns=["input_ids", "labels"], memory_map=True) for f in files])
+        ids, labels = table.column("input_ids").combine_chunks(), table.column("labels").combine_chunks()
+        offsets, iv, lv = ids.offsets.to_numpy(), ids.values.to_numpy(), labels.values.to_numpy()
+        return lambda i: (iv[offsets[i] : offsets[i + 1]], lv[offsets[i] : offsets[i + 1]])
+
+    return [Variant("today: in memory", timed(memory)),
+            Variant("store: datasets' memory-mapped Arrow, zero-copy views (chosen)", timed(store)),
+            Variant("store file through datasets' row access (numpy format)", timed(datasets_rows)),
+            Variant("home-made flat files (np.memmap + offsets)", timed(flat)),
+            Variant("parquet through a memory map (pq.read_table memory_map=True)", timed(parquet_mapped))]
+
+
+def conversion_variants(folder: Path, scratch: Path) -> list[Variant]:
+    from medmax.data.store import ensure_store
+
+    files = [str(folder / f) for f in json.loads((folder / "manifest.json").read_text())["files"]]
+
+    def ours() -> Result:
+        shutil.rmtree(scratch, ignore_errors=True)
+        ensure_store(folder, store_root=scratch)
+        return Result(work={"files": len(files)})
+
+    def hf() -> Result:
+        from datasets import Dataset
+
+        shutil.rmtree(scratch, ignore_errors=True)
+        Dataset.from_parquet(files, columns=["input_ids", "labels"], cache_dir=str(scratch))
+        return Result(work={"files": len(files)})
+
+    return [Variant("ours: pyarrow stream + per-row figures + content digest", ours, exact=False),
+            Variant("datasets.Dataset.from_parquet (its Arrow cache)", hf, exact=False)]
+
+
+# ------------------------------------------------------------------------------------------ the benchmark
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="2M and 20M tokens instead of 20M and 200M")
+    p.add_argument("--sizes", help="comma-separated token counts, e.g. 20M,200M")
+    p.add_argument("--ranks", default="1,2", help="rank counts to launch (default 1,2)")
+    p.add_argument("--steps", type=int, default=30, help="training steps per launch (default 30)")
+    p.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "medmax_bench_store",
+                   help="where the synthetic folders and their stores are kept between runs")
+    p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--loader", choices=("memory", "store"), help=argparse.SUPPRESS)
+    p.add_argument("--store-dir", type=Path, help=argparse.SUPPRESS)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    if args.worker is not None:
+        return worker(args)
+    if args.steps <= WARM_STEPS + 1:
+        raise SystemExit(f"--steps {args.steps}: needs more than {WARM_STEPS + 1} (the first {WARM_STEPS} are warm-up)")
+    sizes = [parse_size(s) for s in (args.sizes or ("2M,20M" if args.quick else "20M,200M")).split(",")]
+    ranks = [int(r) for r in args.ranks.split(",")]
+    args.data_dir.mkdir(parents=True, exist_ok=True)
+    folders = {size: make_folder(args.data_dir, size) for size in sizes}
+    baselines = {r: model_only_rss(args, r) for r in ranks}
+    cases = [Case(f"ways to serve rows, {sizes[0]:,} tokens", unit="sequences",
+                  variants=serving_variants(folders[sizes[0]], args.data_dir / "stores", args.data_dir / f"flat-{sizes[0]}")),
+             Case(f"one-time conversion, {sizes[0]:,} tokens", unit="files",
+                  variants=conversion_variants(folders[sizes[0]], args.data_dir / "convert"))]
+    targets = []
+    for size in sizes:
+        for r in ranks:
+            name = f"{size / 1e6:g}M tokens, {r} rank{'s' if r > 1 else ''}"
+            cases.append(Case(name, unit="tokens", variants=[training_variant(folders[size], "memory", r, args, baselines),
+                                                             training_variant(folders[size], "store", r, args, baselines)]))
+            store = "token store (memory-mapped)"
+            targets += [Target(name, store, "rss_growth_mib", "<=", 200, "RSS growth per rank < 200 MB"),
+                        Target(name, store, "ratio", ">=", 0.95, "tokens/s within 5% of the in-memory loader")]
+            if size == max(sizes):
+                targets.append(Target(name, store, "first_step_s", "<=", 10, f"first step within 10 s at {size / 1e6:g}M tokens"))
+    bench = Benchmark(
+        name="store", title="Memory-mapped token store vs today's in-memory loader",
+        size=size_label(args.quick, args.sizes), description=__doc__.split("\n\n", 2)[2].strip(),
+        settings={"tokens": sizes, "ranks": ranks, "steps": args.steps, "steady_after_step": WARM_STEPS,
+                  "row_tokens": ROW_TOKENS, "rows_per_step_per_rank": ROWS_PER_STEP, "model": "preset:tiny",
+                  "model_only_peak_rss_mib": baselines, "image_codes": IMAGE_CODES, "serving_draws": DRAWS},
+        command=command_line(argv))
+    return run_benchmark(bench, cases, targets, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
