@@ -14,6 +14,10 @@ The output folder receives checkpoints (``checkpoint-N/``), the final weights, `
 ``log_history.jsonl``, ``loss_curve.png`` and TensorBoard logs. ``python -m finetune.export`` turns
 the output folder or any checkpoint into a model folder.
 
+Each dataset folder is memory-mapped from its token store (``medmax.data.store``), made once beside it by the
+first process that needs it (``store_dir=PATH`` to put it elsewhere, ``data_store=false`` to read every folder
+into every process as before); an ``s3://`` dataset path names a store on S3-compatible storage.
+
 ``--resume`` continues from the newest *complete* checkpoint (one whose ``trainer_state.json``, written
 last, is readable; a folder cut short by a kill is skipped with a warning). It refuses, naming the
 difference, to continue a run whose mode, tokenizer, dataset content (manifest and data files, not
