@@ -74,8 +74,8 @@ def store_group(folder: Path, store_root: str | Path | None) -> Path:
     return Path(store_root).expanduser() / f"{folder.name}-{tag}.store"
 
 
-def _wanted(folder: Path, columns: tuple[str, ...]) -> tuple[dict, dict]:
-    manifest = read_manifest(folder)
+def _wanted(folder: Path, columns: tuple[str, ...], read=read_manifest) -> tuple[dict, dict]:
+    manifest = read(folder)
     want = {"format": FORMAT, "version": VERSION, "columns": list(columns),
             "manifest_sha256": hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest(),
             "stamps": _stamps(folder, manifest["files"])}
@@ -91,10 +91,14 @@ def _is_fresh(path: Path, want: dict) -> bool:
 
 
 def ensure_store(folder: str | Path, columns: tuple[str, ...] = SEQUENCE_COLUMNS,
-                 store_root: str | Path | None = None) -> Path:
-    """The store of sequence folder ``folder``: made (under a lock) when missing or stale, else found."""
+                 store_root: str | Path | None = None, read=read_manifest) -> Path:
+    """The store of ``folder``'s list ``columns``: made (under a lock) when missing or stale, else found.
+
+    ``read(folder)`` returns the folder's checked manifest (with ``files``); the default reads a sequence
+    folder's, another format (e.g. preference pairs) passes its own reader and columns.
+    """
     folder = Path(folder)
-    manifest, want = _wanted(folder, columns)
+    manifest, want = _wanted(folder, columns, read)
     group = store_group(folder, store_root)
     path = group / want["manifest_sha256"][:16]
     if _is_fresh(path, want):
@@ -115,7 +119,7 @@ def _make(folder: Path, manifest: dict, want: dict, path: Path) -> None:
     tmp.mkdir(parents=True)
     logger.info("%s: writing its token store %s (once; later runs and other ranks map it)", folder, path)
     columns = tuple(want["columns"])
-    digest = folder_digest(folder)
+    digest = folder_digest(folder, check=False)
     rows, stats = _convert([folder / name for name in manifest["files"]], columns, tmp / TOKENS)
     for column in columns:
         np.save(tmp / f"lengths.{column}.npy", np.concatenate(stats[column]["lengths"]))
@@ -327,13 +331,14 @@ def fetch_store(url: str, store_root: str | Path | None = None, storage_options:
 
 
 def open_store(source: str | Path, columns: tuple[str, ...] = SEQUENCE_COLUMNS, store_root: str | Path | None = None,
-               storage_options: dict | None = None) -> TokenStore:
-    """The token store of ``source``: a sequence folder (its store made when needed), a store folder, or a store URL."""
+               storage_options: dict | None = None, read=read_manifest) -> TokenStore:
+    """The token store of ``source``: a data folder (its store made when needed; ``read`` as in
+    :func:`ensure_store`), a store folder, or a store URL."""
     if is_remote(source):
         return TokenStore(fetch_store(str(source), store_root, storage_options))
     if (Path(source) / META).is_file():
         return TokenStore(source)
-    return TokenStore(ensure_store(source, columns, store_root))
+    return TokenStore(ensure_store(source, columns, store_root, read))
 
 
 def open_sequences(source: str | Path, store_root: str | Path | None = None,

@@ -120,3 +120,21 @@ def test_dataset_reads_folder_and_packs(tmp_path, tiny_vocab):
     padded = SequenceDataset([data], None, max_length=64, packing=False, seed=0)
     assert len(padded) == 5 and len(packed) < 5
     assert sum(len(packed[i]["input_ids"]) for i in range(len(packed))) == 150
+
+
+def _weighted_order_before_plans(sizes, weights, seed):
+    """The list-of-pairs weighted_order that training_data.py held before medmax.data.plans (for equality)."""
+    rng = np.random.default_rng(seed)
+    total, weight_sum = sum(sizes), float(sum(weights))
+    pairs = []
+    for d, (size, weight) in enumerate(zip(sizes, weights)):
+        n = int(round(total * weight / weight_sum))
+        reps = -(-n // size)
+        index = np.concatenate([rng.permutation(size) for _ in range(max(reps, 1))])[:n]
+        pairs += [(d, int(i)) for i in index]
+    return [pairs[i] for i in rng.permutation(len(pairs))]
+
+
+@pytest.mark.parametrize("sizes,weights,seed", [([50], [1.0], 0), ([30, 7, 100], [1.0, 3.0, 0.5], 4), ([5, 5], [1, 9], 2)])
+def test_the_vectorised_epoch_order_is_the_one_training_used_before(sizes, weights, seed):
+    assert weighted_order(sizes, weights, seed) == _weighted_order_before_plans(sizes, weights, seed)

@@ -188,3 +188,23 @@ def test_an_unwritable_store_place_names_the_setting(folder, tmp_path):
     blocker.write_text("")
     with pytest.raises(DataError, match="store_dir"):
         ensure_store(folder, store_root=blocker / "below")
+
+
+def test_the_store_holds_any_token_list_columns_such_as_preference_pairs(tmp_path):
+    """prompt/chosen/rejected columns of another folder format, read through that format's own manifest reader."""
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    columns = ("prompt_ids", "chosen_ids", "rejected_ids")
+    data = {c: [rng.integers(0, VOCAB, rng.integers(1, 30)).tolist() for _ in range(25)] for c in columns}
+    pq.write_table(pa.table({c: pa.array(v, pa.list_(pa.int32())) for c, v in data.items()}), folder / "part-0.parquet")
+    (folder / "manifest.json").write_text(json.dumps({"format": "pairs", "files": ["part-0.parquet"]}))
+
+    def read(path):
+        return json.loads((path / "manifest.json").read_text())
+
+    store = store_module.open_store(folder, columns, read=read)
+    assert len(store) == 25 and store.columns == columns
+    for c in columns:
+        assert [store.row(c, i).tolist() for i in range(25)] == data[c]
+        np.testing.assert_array_equal(store.lengths(c), [len(x) for x in data[c]])
