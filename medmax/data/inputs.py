@@ -154,8 +154,12 @@ def row_id(row: dict | None) -> tuple[str, object] | None:
 
 def file_digest(path: Path) -> str:
     """sha256 of a file's content, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
+    return update_digest(hashlib.sha256(), path).hexdigest()
+
+
+def update_digest(digest, path: Path):
+    """Feed a file's content to ``digest`` (a hashlib object) in 1 MiB blocks; -> ``digest``."""
     with open(path, "rb") as fh:
         while block := fh.read(1 << 20):
             digest.update(block)
-    return digest.hexdigest()
+    return digest

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import passthrough
-from .inputs import row_id
+from .inputs import row_id, update_digest
 from .passthrough import ColumnFilter
 from ..vocab import IGNORE_INDEX
 from .rows import Built, RowError
@@ -274,17 +274,11 @@ def folder_digest(folder: str | Path, check: bool = True) -> str:
     folder = Path(folder)
     manifest = read_manifest(folder) if check else json.loads((folder / MANIFEST).read_text())
     digest = hashlib.sha256()
-    _update(digest, folder / MANIFEST)
+    update_digest(digest, folder / MANIFEST)
     for name in manifest.get("files") or sorted(p.name for p in folder.glob("*.parquet")):
         digest.update(name.encode())
-        _update(digest, folder / name)
+        update_digest(digest, folder / name)
     return digest.hexdigest()
-
-
-def _update(digest, path: Path) -> None:
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            digest.update(block)
 
 
 def write_sequences(folder: str | Path, rows, special_ids: dict, rows_per_shard: int = 1000,
