@@ -114,6 +114,8 @@ def ensure_store(folder: str | Path, columns: tuple[str, ...] = SEQUENCE_COLUMNS
 
 
 def _make(folder: Path, manifest: dict, want: dict, path: Path) -> None:
+    if not manifest["files"]:
+        raise DataError(f"{folder}/{MANIFEST}: lists no shard files")
     tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -132,8 +134,8 @@ def _make(folder: Path, manifest: dict, want: dict, path: Path) -> None:
         path.rename(old)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
-    for other in path.parent.iterdir():  # the stores of this folder's earlier manifests
-        if other != path and other.is_dir() and (other / META).is_file():
+    for other in path.parent.iterdir():  # earlier manifests' stores, and work folders of killed conversions
+        if other != path and other.is_dir() and ((other / META).is_file() or ".partial-" in other.name):
             shutil.rmtree(other, ignore_errors=True)
 
 

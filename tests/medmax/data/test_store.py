@@ -208,3 +208,13 @@ def test_the_store_holds_any_token_list_columns_such_as_preference_pairs(tmp_pat
     for c in columns:
         assert [store.row(c, i).tolist() for i in range(25)] == data[c]
         np.testing.assert_array_equal(store.lengths(c), [len(x) for x in data[c]])
+
+
+def test_a_folder_listing_no_shards_is_refused_as_the_in_memory_loader_refuses_it(tmp_path):
+    folder = write_sequences(tmp_path / "empty", [], {"bos": 0})
+    messages = []
+    for load in (load_sequences, open_sequences):
+        with pytest.raises(DataError) as err:
+            load(folder)
+        messages.append(str(err.value))
+    assert messages[0] == messages[1] == f"{folder}/manifest.json: lists no shard files"
