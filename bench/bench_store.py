@@ -21,7 +21,9 @@ reports, from inside training:
   ``VmHWM`` of the same launch on a 64-sequence folder read into memory (measured first, per rank count);
   file pages of the store a rank touched count in its RSS, although the page cache holds them once per node;
 - *launch to first step*: wall time from the parent's launch of the process (tree) to the end of the first
-  optimizer step on the slowest rank;
+  optimizer step on the slowest rank; its parts are reported too: launch to the end of the imports
+  (interpreter, torch, transformers: the same for both loaders), and the data set-up itself (reading or
+  mapping the folders, the checks, the plan), which is what the loader decides;
 - *steady tokens/s*: real tokens of every rank over the steps after the 5th, divided by their wall time.
 
 Parity: the loss at every step (rank 0's log) must be identical for both loaders.
@@ -126,12 +128,10 @@ def _status(key: str) -> int:
 
 def worker(args) -> int:
     """Inside each rank: train, and write what this rank saw (times, tokens, RSS) to ``--worker``/rank-R.json."""
+    marks: dict = {"rank": int(os.environ.get("RANK", 0)), "steps": [], "t_worker": time.time()}
     import finetune.train as train
     from finetune.config import load_config
     from transformers import TrainerCallback
-
-    rank = int(os.environ.get("RANK", 0))
-    marks: dict = {"rank": rank, "steps": []}
 
     class Marks(TrainerCallback):
         def on_step_end(self, targs, state, control, **kw):
@@ -147,16 +147,27 @@ def worker(args) -> int:
         return trainer
 
     train.medmax_trainer = medmax_trainer
+    setup_data = train._setup_data
+
+    def timed_setup_data(*a, **kw):
+        marks["t_data"] = time.time()
+        out = setup_data(*a, **kw)
+        marks["data_s"] = time.time() - marks["t_data"]
+        return out
+
+    train._setup_data = timed_setup_data
     overrides = ["model=preset:tiny", "tokenizer=preset:tiny", "vqgan=preset:tiny", f"datasets=[{args.data}]",
                  "validation=null", f"output_dir={args.worker / 'run'}", f"max_length={ROW_TOKENS}",
                  f"per_device_train_batch_size={ROWS_PER_STEP}", f"max_steps={args.steps}", "logging_steps=1",
                  "save_strategy=no", "report_to=none", "disable_tqdm=true", "warmup_steps=1",
                  f"data_store={'true' if args.loader == 'store' else 'false'}", f"store_dir={args.store_dir}",
                  "ddp_backend=gloo", "use_cpu=true", "dataloader_num_workers=0"]
-    trainer = train.run(load_config(str(ROOT / "finetune" / "configs" / "tiny_cpu.yaml"), overrides))
+    cfg = load_config(str(ROOT / "finetune" / "configs" / "tiny_cpu.yaml"), overrides)
+    marks["t_run"] = time.time()  # interpreter, torch and transformers are loaded by now
+    trainer = train.run(cfg)
     marks.update(peak_rss=_status("VmHWM"), rss_file=_status("RssFile"), rss_anon=_status("RssAnon"),
                  losses=[h["loss"] for h in trainer.state.log_history if "loss" in h])
-    (args.worker / f"rank-{rank}.json").write_text(json.dumps(marks))
+    (args.worker / f"rank-{marks['rank']}.json").write_text(json.dumps(marks))
     return 0
 
 
@@ -185,7 +196,11 @@ def figures(reports: list[dict], baseline_rss: float) -> tuple[dict, float, int,
     growth = max(r["peak_rss"] for r in reports) / 2**20 - baseline_rss
     rank0 = next(r for r in reports if r["rank"] == 0)
     return ({"first_step_s": first, "rss_growth_mib": growth, "rank_peak_rss_mib": max(r["peak_rss"] for r in reports) / 2**20,
-             "rank_rss_file_mib": max(r["rss_file"] for r in reports) / 2**20}, t1 - t0, tokens, rank0["losses"])
+             "rank_rss_file_mib": max(r["rss_file"] for r in reports) / 2**20,
+             "launch_to_imports_done_s": max(r["t_run"] for r in reports) - reports[0]["launch"],
+             "data_setup_s": max(r["data_s"] for r in reports),
+             "launch_to_data_ready_s": max(r["t_data"] + r["data_s"] for r in reports) - reports[0]["launch"]},
+            t1 - t0, tokens, rank0["losses"])
 
 
 def training_variant(data: Path, loader: str, ranks: int, args, baselines: dict) -> Variant:
@@ -225,7 +240,7 @@ def _draws(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, DRAWS)
 
 
-def _read_all(get, draws) -> Result:
+def _read_all(get, draws) -> int:
     h = 0
     for i in draws:
         ids, labels = get(int(i))
