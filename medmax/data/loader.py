@@ -101,11 +101,24 @@ class SequenceData:
 STAT_COLUMNS = ("min", "max", "min_valid", "max_valid", "n_valid")  # valid: not IGNORE_INDEX
 
 
-def row_stats(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+def row_stats(values: np.ndarray, offsets: np.ndarray, chunk: int = 1 << 24) -> np.ndarray:
     """(N, 5) int64 per row of a flat list column: min, max, and min, max and count of the values that are not
-    IGNORE_INDEX (min_valid/max_valid are 0 where there are none; every figure is 0 for an empty row)."""
+    IGNORE_INDEX (min_valid/max_valid are 0 where there are none; every figure is 0 for an empty row).
+
+    Rows are taken ``chunk`` values at a time, so the temporaries stay small whatever the column's size.
+    """
     offsets = np.asarray(offsets, dtype=np.int64)
-    values = np.asarray(values)[offsets[0] : offsets[-1]]
+    out = np.zeros((len(offsets) - 1, len(STAT_COLUMNS)), dtype=np.int64)
+    lo = 0
+    while lo < len(out):
+        hi = min(len(out), max(lo + 1, int(np.searchsorted(offsets, offsets[lo] + chunk, side="right")) - 1))
+        out[lo:hi] = _chunk_stats(values, offsets[lo : hi + 1])
+        lo = hi
+    return out
+
+
+def _chunk_stats(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    values = np.asarray(values[offsets[0] : offsets[-1]])
     starts = offsets[:-1] - offsets[0]
     full = np.flatnonzero(np.diff(offsets) > 0)
     out = np.zeros((len(starts), len(STAT_COLUMNS)), dtype=np.int64)
@@ -114,11 +127,11 @@ def row_stats(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     at, valid = starts[full], values != IGNORE_INDEX
     out[full, 0] = np.minimum.reduceat(values, at)
     out[full, 1] = np.maximum.reduceat(values, at)
-    out[full, 4] = np.add.reduceat(valid.astype(np.int64), at)
-    some = full[out[full, 4] > 0]
+    out[full, 4] = np.add.reduceat(valid, at, dtype=np.int64)
+    some = out[full, 4] > 0
     info = np.iinfo(values.dtype)  # sentinels of the values' own type (a wider one would wrap)
-    out[some, 2] = np.minimum.reduceat(np.where(valid, values, values.dtype.type(info.max)), at)[out[full, 4] > 0]
-    out[some, 3] = np.maximum.reduceat(np.where(valid, values, values.dtype.type(info.min)), at)[out[full, 4] > 0]
+    out[full[some], 2] = np.minimum.reduceat(np.where(valid, values, values.dtype.type(info.max)), at)[some]
+    out[full[some], 3] = np.maximum.reduceat(np.where(valid, values, values.dtype.type(info.min)), at)[some]
     return out
 
 

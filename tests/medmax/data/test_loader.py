@@ -138,3 +138,22 @@ def _weighted_order_before_plans(sizes, weights, seed):
 @pytest.mark.parametrize("sizes,weights,seed", [([50], [1.0], 0), ([30, 7, 100], [1.0, 3.0, 0.5], 4), ([5, 5], [1, 9], 2)])
 def test_the_vectorised_epoch_order_is_the_one_training_used_before(sizes, weights, seed):
     assert weighted_order(sizes, weights, seed) == _weighted_order_before_plans(sizes, weights, seed)
+
+
+def test_row_figures_are_the_same_whatever_the_chunk_they_are_computed_in():
+    from medmax.data.loader import row_stats
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(0, 9, 200)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    values = rng.integers(-120, 50, offsets[-1]).astype(np.int32)
+    values[rng.random(len(values)) < 0.3] = IGNORE_INDEX
+    whole = row_stats(values, offsets, chunk=1 << 30)
+    for i in (0, 57, 199):
+        row = values[offsets[i] : offsets[i + 1]]
+        valid = row[row != IGNORE_INDEX]
+        expect = [row.min(), row.max(), valid.min(), valid.max(), len(valid)] if len(valid) else (
+            [row.min(), row.max(), 0, 0, 0] if len(row) else [0] * 5)
+        assert whole[i].tolist() == [int(x) for x in expect]
+    for chunk in (1, 5, 64):
+        np.testing.assert_array_equal(row_stats(values, offsets, chunk=chunk), whole)
