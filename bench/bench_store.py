@@ -80,8 +80,8 @@ def parse_size(text: str) -> int:
 def synthetic_rows(vocab, tokens: int, seed: int):
     """MedMax-shaped (input_ids, labels) rows until ``tokens`` tokens are written."""
     rng = np.random.default_rng(seed)
-    text_ids = np.arange(4, int(vocab.code_to_id[0]))
-    text_ids = text_ids[~np.isin(text_ids, list(vocab.special_ids().values()))]
+    structure = [v for k, v in vocab.special_ids().items() if k not in ("image_code_offset", "n_image_codes", "vocab_size")]
+    text_ids = np.setdiff1d(np.arange(vocab.size), np.concatenate([np.asarray(vocab.code_to_id), structure]))
     first_code = int(vocab.code_to_id[0])
     written = 0
     while written < tokens:
@@ -270,7 +270,9 @@ def serving_variants(folder: Path, store_root: Path, flat_dir: Path) -> list[Var
         return load_sequences(folder).sequence
 
     def store():
-        return open_sequences(folder, store_root).sequence
+        sequences = open_sequences(folder, store_root)
+        sequences.sequence(0)  # maps the file (datasets.Dataset.from_file) inside the open time
+        return sequences.sequence
 
     def datasets_rows():
         from datasets import Dataset
@@ -343,6 +345,8 @@ def main(argv=None) -> int:
     p.add_argument("--store-dir", type=Path, help=argparse.SUPPRESS)
     add_arguments(p)
     args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # datasets must never reach for the network here
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     if args.worker is not None:
         return worker(args)
     if args.steps <= WARM_STEPS + 1:
