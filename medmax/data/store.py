@@ -104,12 +104,14 @@ def ensure_store(folder: str | Path, columns: tuple[str, ...] = SEQUENCE_COLUMNS
     if _is_fresh(path, want):
         return path
     try:
-        with locked(group / ".lock"):
-            if not _is_fresh(path, want):
-                _make(folder, manifest, want, path)
+        group.mkdir(parents=True, exist_ok=True)
+        (group / ".lock").touch()
     except OSError as err:
         raise DataError(f"{folder}: cannot write its token store in {group} ({err.strerror}); set store_dir to a "
                         "writable folder, or data_store=false to read the folder into memory") from None
+    with locked(group / ".lock"):
+        if not _is_fresh(path, want):
+            _make(folder, manifest, want, path)
     return path
 
 
@@ -121,8 +123,12 @@ def _make(folder: Path, manifest: dict, want: dict, path: Path) -> None:
     tmp.mkdir(parents=True)
     logger.info("%s: writing its token store %s (once; later runs and other ranks map it)", folder, path)
     columns = tuple(want["columns"])
-    digest = folder_digest(folder, check=False)
-    rows, stats = _convert([folder / name for name in manifest["files"]], columns, tmp / TOKENS)
+    try:
+        digest = folder_digest(folder, check=False)
+        rows, stats = _convert([folder / name for name in manifest["files"]], columns, tmp / TOKENS)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for column in columns:
         np.save(tmp / f"lengths.{column}.npy", np.concatenate(stats[column]["lengths"]))
         np.save(tmp / f"stats.{column}.npy", np.concatenate(stats[column]["stats"]))
@@ -161,7 +167,10 @@ def _convert(shards: list[Path], columns: tuple[str, ...], out: Path) -> tuple[i
 
 def _convert_shard(shard: Path, schema: pa.Schema, writer, stats: dict) -> int:
     columns = tuple(schema.names)
-    parquet = pq.ParquetFile(shard)
+    try:
+        parquet = pq.ParquetFile(shard)
+    except (OSError, pa.ArrowException) as err:
+        raise DataError(f"{shard}: not a readable parquet file ({err})") from None
     names = parquet.schema_arrow.names
     missing = [c for c in columns if c not in names]
     if missing:

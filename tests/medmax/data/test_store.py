@@ -218,3 +218,11 @@ def test_a_folder_listing_no_shards_is_refused_as_the_in_memory_loader_refuses_i
             load(folder)
         messages.append(str(err.value))
     assert messages[0] == messages[1] == f"{folder}/manifest.json: lists no shard files"
+
+
+def test_a_broken_shard_is_named_and_leaves_no_half_made_store(folder):
+    shard = folder / json.loads((folder / "manifest.json").read_text())["files"][1]
+    shard.write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=re.escape(f"{shard}: not a readable parquet file")):
+        open_sequences(folder)
+    assert [p.name for p in store_module.store_group(folder, None).iterdir()] == [".lock"]
