@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 from harness import (ROOT, Benchmark, Case, Result, Target, Variant, add_arguments, command_line, digest,  # noqa: E402
-                     run_benchmark, run_process, size_label)
+                     fmt, run_benchmark, run_process, size_label)
 
 WARM_STEPS = 5  # steps before the steady-state window
 ROW_TOKENS = 4096
@@ -378,7 +378,24 @@ def main(argv=None) -> int:
                   "row_tokens": ROW_TOKENS, "rows_per_step_per_rank": ROWS_PER_STEP, "model": "preset:tiny",
                   "model_only_peak_rss_mib": baselines, "image_codes": IMAGE_CODES, "serving_draws": DRAWS},
         command=command_line(argv))
-    return run_benchmark(bench, cases, targets, args)
+    return run_benchmark(bench, cases, targets, args, notes=_notes)
+
+
+NOTED = {"first_step_s": ("launch to first step", "s", 1), "launch_to_imports_done_s": ("of which imports", "s", 1),
+         "data_setup_s": ("data set-up", "s", 2), "rss_growth_mib": ("peak RSS per rank minus model-only", "MiB", 0),
+         "rank_rss_file_mib": ("file pages in a rank's RSS", "MiB", 0), "open_s": ("open", "s", 3)}
+
+
+def _notes(record: dict) -> list[str]:
+    """The figures the case tables do not show: per variant, median (min-max) over the rounds."""
+    notes = [f"model-only peak RSS per rank (MiB, by rank count): {record['settings']['model_only_peak_rss_mib']}."]
+    for case_name, case in record["cases"].items():
+        for name, v in case["variants"].items():
+            parts = [f"{label} {fmt(v['summary'][key], digits)} {unit}" for key, (label, unit, digits) in NOTED.items()
+                     if key in v["summary"]]
+            if parts:
+                notes.append(f"{case_name} / {name}: {'; '.join(parts)}.")
+    return notes
 
 
 if __name__ == "__main__":
