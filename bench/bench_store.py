@@ -161,7 +161,9 @@ def worker(args) -> int:
                  f"per_device_train_batch_size={ROWS_PER_STEP}", f"max_steps={args.steps}", "logging_steps=1",
                  "save_strategy=no", "report_to=none", "disable_tqdm=true", "warmup_steps=1",
                  f"data_store={'true' if args.loader == 'store' else 'false'}", f"store_dir={args.store_dir}",
-                 "ddp_backend=gloo", "use_cpu=true", "dataloader_num_workers=0"]
+                 "use_cpu=true", "dataloader_num_workers=0"]
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        overrides.append("ddp_backend=gloo")
     cfg = load_config(str(ROOT / "finetune" / "configs" / "tiny_cpu.yaml"), overrides)
     marks["t_run"] = time.time()  # interpreter, torch and transformers are loaded by now
     trainer = train.run(cfg)
