@@ -14,11 +14,11 @@ of 100-1500 tokens, loss on the second half. Made once under ``--data-dir`` and 
 Each variant run is a whole training launch (``finetune.train.run`` on the tiny preset, packed rows of 4096
 tokens, 4 rows per rank and step, ``--steps`` steps, no checkpoints), under ``torchrun`` (gloo) at 2 ranks:
 ``data_store=false`` (today: every rank reads every shard into its memory) or ``data_store=true`` (the store,
-made beforehand by the untimed warm-up; its one-time conversion is timed in its own case). Every rank
+made beforehand with its packing plan by the untimed warm-up; the one-time conversion is timed in its own case). Every rank
 reports, from inside training:
 
 - *peak RSS per rank minus a model-only baseline*: the rank's ``VmHWM`` at the end, minus the median
-  ``VmHWM`` of the same launch on a 64-sequence folder read into memory (measured first, per rank count);
+  ``VmHWM`` of one launch on a 64-sequence folder read into memory (measured first, per rank count);
   file pages of the store a rank touched count in its RSS, although the page cache holds them once per node;
 - *launch to first step*: wall time from the parent's launch of the process (tree) to the end of the first
   optimizer step on the slowest rank; its parts are reported too: launch to the end of the imports
@@ -47,7 +47,6 @@ import json
 import os
 import re
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -212,8 +211,12 @@ def training_variant(data: Path, loader: str, ranks: int, args, baselines: dict)
         return Result(work={"tokens": tokens}, seconds=seconds, figures=figs, output=digest(losses),
                       peak_rss_bytes=proc.peak_rss_bytes, cpu_seconds=proc.cpu_seconds)
 
-    def warmup() -> None:  # makes the store (timed in its own case) and warms the page cache
-        launch(data, loader, ranks, WARM_STEPS + 1, args.data_dir / "stores", args.data_dir / "work")
+    def warmup() -> None:  # the store and its plan exist before the first timed launch (conversion has its own case)
+        if loader == "store":
+            from medmax.data.loader import SequenceDataset
+            from medmax.data.store import open_sequences
+
+            SequenceDataset([open_sequences(data, args.data_dir / "stores")], [1.0], ROW_TOKENS, True, seed=0)
 
     name = "today: in memory" if loader == "memory" else "token store (memory-mapped)"
     return Variant(name, run, exact=True, warmup=warmup)
@@ -230,11 +233,8 @@ def model_only_rss(args, ranks: int) -> float:
         vocab = Vocabulary.from_tokenizer(build_tiny_tokenizer())
         rows = synthetic_rows(vocab, 10**9, 1)
         write_sequences(folder, (next(rows) for _ in range(BASELINE_SEQUENCES)), vocab.special_ids())
-    peaks = []
-    for _ in range(3):
-        reports, _ = launch(folder, "memory", ranks, WARM_STEPS + 2, args.data_dir / "stores", args.data_dir / "work")
-        peaks.append(max(r["peak_rss"] for r in reports) / 2**20)
-    return statistics.median(peaks)
+    reports, _ = launch(folder, "memory", ranks, WARM_STEPS + 2, args.data_dir / "stores", args.data_dir / "work")
+    return max(r["peak_rss"] for r in reports) / 2**20
 
 
 # ------------------------------------------------------------------------------------------ ways to serve rows
@@ -338,7 +338,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="2M and 20M tokens instead of 20M and 200M")
     p.add_argument("--sizes", help="comma-separated token counts, e.g. 20M,200M")
     p.add_argument("--ranks", default="1,2", help="rank counts to launch (default 1,2)")
-    p.add_argument("--steps", type=int, default=30, help="training steps per launch (default 30)")
+    p.add_argument("--steps", type=int, default=20, help="training steps per launch (default 20)")
     p.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "medmax_bench_store",
                    help="where the synthetic folders and their stores are kept between runs")
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
