@@ -338,6 +338,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="2M and 20M tokens instead of 20M and 200M")
     p.add_argument("--sizes", help="comma-separated token counts, e.g. 20M,200M")
     p.add_argument("--ranks", default="1,2", help="rank counts to launch (default 1,2)")
+    p.add_argument("--serve-size", help="token count of the folder the serving and conversion cases use "
+                   "(default: the smallest of --sizes)")
     p.add_argument("--steps", type=int, default=20, help="training steps per launch (default 20)")
     p.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "medmax_bench_store",
                    help="where the synthetic folders and their stores are kept between runs")
@@ -356,12 +358,13 @@ def main(argv=None) -> int:
     sizes = [parse_size(s) for s in (args.sizes or ("2M,20M" if args.quick else "20M,200M")).split(",")]
     ranks = [int(r) for r in args.ranks.split(",")]
     args.data_dir.mkdir(parents=True, exist_ok=True)
-    folders = {size: make_folder(args.data_dir, size) for size in sizes}
+    serve = parse_size(args.serve_size) if args.serve_size else min(sizes)
+    folders = {size: make_folder(args.data_dir, size) for size in {*sizes, serve}}
     baselines = {r: model_only_rss(args, r) for r in ranks}
-    cases = [Case(f"ways to serve rows, {sizes[0]:,} tokens", unit="sequences",
-                  variants=serving_variants(folders[sizes[0]], args.data_dir / "stores", args.data_dir / f"flat-{sizes[0]}")),
-             Case(f"one-time conversion, {sizes[0]:,} tokens", unit="files",
-                  variants=conversion_variants(folders[sizes[0]], args.data_dir / "convert"))]
+    cases = [Case(f"ways to serve rows, {serve:,} tokens", unit="sequences",
+                  variants=serving_variants(folders[serve], args.data_dir / "stores", args.data_dir / f"flat-{serve}")),
+             Case(f"one-time conversion, {serve:,} tokens", unit="files",
+                  variants=conversion_variants(folders[serve], args.data_dir / "convert"))]
     targets = []
     for size in sizes:
         for r in ranks:
@@ -375,8 +378,8 @@ def main(argv=None) -> int:
                 targets.append(Target(name, store, "first_step_s", "<=", 10, f"first step within 10 s at {size / 1e6:g}M tokens"))
     bench = Benchmark(
         name="store", title="Memory-mapped token store vs today's in-memory loader",
-        size=size_label(args.quick, args.sizes), description=__doc__.split("\n\n", 2)[2].strip(),
-        settings={"tokens": sizes, "ranks": ranks, "steps": args.steps, "steady_after_step": WARM_STEPS,
+        size=size_label(args.quick, args.sizes, args.serve_size), description=__doc__.split("\n\n", 2)[2].strip(),
+        settings={"tokens": sizes, "serving_and_conversion_tokens": serve, "ranks": ranks, "steps": args.steps, "steady_after_step": WARM_STEPS,
                   "row_tokens": ROW_TOKENS, "rows_per_step_per_rank": ROWS_PER_STEP, "model": "preset:tiny",
                   "model_only_peak_rss_mib": baselines, "image_codes": IMAGE_CODES, "serving_draws": DRAWS},
         command=command_line(argv))
