@@ -66,6 +66,7 @@ ROWS_PER_STEP = 4
 DRAWS = 2000
 BASELINE_SEQUENCES = 64
 IMAGE_CODES = 1024
+ROW_FLAGS: list[str] = []  # --row-tokens / --rows-per-step, passed on to each launch
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -156,8 +157,8 @@ def worker(args) -> int:
 
     train._setup_data = timed_setup_data
     overrides = ["model=preset:tiny", "tokenizer=preset:tiny", "vqgan=preset:tiny", f"datasets=[{args.data}]",
-                 "validation=null", f"output_dir={args.worker / 'run'}", f"max_length={ROW_TOKENS}",
-                 f"per_device_train_batch_size={ROWS_PER_STEP}", f"max_steps={args.steps}", "logging_steps=1",
+                 "validation=null", f"output_dir={args.worker / 'run'}", f"max_length={args.row_tokens}",
+                 f"per_device_train_batch_size={args.rows_per_step}", f"max_steps={args.steps}", "logging_steps=1",
                  "save_strategy=no", "report_to=none", "disable_tqdm=true", "warmup_steps=1",
                  f"data_store={'true' if args.loader == 'store' else 'false'}", f"store_dir={args.store_dir}",
                  "use_cpu=true", "dataloader_num_workers=0"]
@@ -176,7 +177,7 @@ def launch(data: Path, loader: str, ranks: int, steps: int, store_dir: Path, wor
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     me = [str(Path(__file__).resolve()), "--worker", str(work), "--data", str(data), "--loader", loader,
-          "--steps", str(steps), "--store-dir", str(store_dir)]
+          "--steps", str(steps), "--store-dir", str(store_dir), *ROW_FLAGS]
     cmd = [sys.executable, *me] if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *me]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -216,7 +217,7 @@ def training_variant(data: Path, loader: str, ranks: int, args, baselines: dict)
             from medmax.data.loader import SequenceDataset
             from medmax.data.store import open_sequences
 
-            SequenceDataset([open_sequences(data, args.data_dir / "stores")], [1.0], ROW_TOKENS, True, seed=0)
+            SequenceDataset([open_sequences(data, args.data_dir / "stores")], [1.0], args.row_tokens, True, seed=0)
 
     name = "today: in memory" if loader == "memory" else "token store (memory-mapped)"
     return Variant(name, run, exact=True, warmup=warmup)
@@ -340,6 +341,8 @@ def main(argv=None) -> int:
     p.add_argument("--ranks", default="1,2", help="rank counts to launch (default 1,2)")
     p.add_argument("--serve-size", help="token count of the folder the serving and conversion cases use "
                    "(default: the smallest of --sizes)")
+    p.add_argument("--row-tokens", type=int, default=ROW_TOKENS, help=f"packed row length (default {ROW_TOKENS})")
+    p.add_argument("--rows-per-step", type=int, default=ROWS_PER_STEP, help=f"rows per rank and step (default {ROWS_PER_STEP})")
     p.add_argument("--steps", type=int, default=20, help="training steps per launch (default 20)")
     p.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "medmax_bench_store",
                    help="where the synthetic folders and their stores are kept between runs")
@@ -351,6 +354,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # datasets must never reach for the network here
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    ROW_FLAGS[:] = ["--row-tokens", str(args.row_tokens), "--rows-per-step", str(args.rows_per_step)]
     if args.worker is not None:
         return worker(args)
     if args.steps <= WARM_STEPS + 1:
@@ -380,7 +384,7 @@ def main(argv=None) -> int:
         name="store", title="Memory-mapped token store vs today's in-memory loader",
         size=size_label(args.quick, args.sizes, args.serve_size), description=__doc__.split("\n\n", 2)[2].strip(),
         settings={"tokens": sizes, "serving_and_conversion_tokens": serve, "ranks": ranks, "steps": args.steps, "steady_after_step": WARM_STEPS,
-                  "row_tokens": ROW_TOKENS, "rows_per_step_per_rank": ROWS_PER_STEP, "model": "preset:tiny",
+                  "row_tokens": args.row_tokens, "rows_per_step_per_rank": args.rows_per_step, "model": "preset:tiny",
                   "model_only_peak_rss_mib": baselines, "image_codes": IMAGE_CODES, "serving_draws": DRAWS},
         command=command_line(argv))
     return run_benchmark(bench, cases, targets, args, notes=_notes)
