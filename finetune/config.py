@@ -82,6 +82,11 @@ class FinetuneConfig(TrainingArguments):
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (mode lora)."})
     lora_target_modules: list = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS), metadata={
         "help": "Module names LoRA wraps; MedMax's q/k/v/o/gate/up/down by default."})
+    data_store: bool = field(default=True, metadata={
+        "help": "Memory-map each dataset from its token store (medmax.data.store: made once beside the folder, "
+                "shared by every rank through the page cache). false: read every folder into each process."})
+    store_dir: str | None = field(default=None, metadata={
+        "help": "Where token stores are made (default: FOLDER.store beside each folder); remote stores are copied here."})
     packing: bool = field(default=True, metadata={
         "help": "Pack several sequences per row (no cross-attention, positions restart). false = pad each "
                 "sequence to the longest in its batch, as MedMax does."})

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from medmax.cli import program
+from medmax.data.shards import write_sequences
 from medmax.presets import resolve_tokenizer
 from medmax.prompting import END_OF_TURN, prompt_segments
-from medmax.training_data import IGNORE_INDEX, write_sequences
-from medmax.vocab import Vocabulary
+from medmax.vocab import IGNORE_INDEX, Vocabulary
 
 logger = logging.getLogger("finetune.demo_data")
 

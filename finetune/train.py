@@ -14,6 +14,10 @@ The output folder receives checkpoints (``checkpoint-N/``), the final weights, `
 ``log_history.jsonl``, ``loss_curve.png`` and TensorBoard logs. ``python -m finetune.export`` turns
 the output folder or any checkpoint into a model folder.
 
+Each dataset folder is memory-mapped from its token store (``medmax.data.store``), made once beside it by the
+first process that needs it (``store_dir=PATH`` to put it elsewhere, ``data_store=false`` to read every folder
+into every process as before); an ``s3://`` dataset path names a store on S3-compatible storage.
+
 ``--resume`` continues from the newest *complete* checkpoint (one whose ``trainer_state.json``, written
 last, is readable; a folder cut short by a kill is skipped with a warning). It refuses, naming the
 difference, to continue a run whose mode, tokenizer, dataset content (manifest and data files, not
@@ -180,13 +184,14 @@ def _model_vocab_size(cfg: FinetuneConfig, vocab: Vocabulary) -> int:
 
 def _setup_data(cfg: FinetuneConfig, vocab: Vocabulary, vocab_size: int):
     """Training and validation datasets, checked against the model and tokenizer before any step."""
-    from medmax.training_data import SequenceDataset, check_sequences, load_sequences, split_validation
+    from medmax.data.loader import SequenceDataset, check_sequences, split_validation
 
+    load = _loader(cfg)
     specs = cfg.dataset_specs()
     special = vocab.special_ids()
     train = []
     for spec in specs:
-        data = load_sequences(spec.path)
+        data = load(spec.path)
         check_sequences(data, vocab_size, cfg.max_length, special)
         train.append(data)
     val = []
@@ -196,7 +201,7 @@ def _setup_data(cfg: FinetuneConfig, vocab: Vocabulary, vocab_size: int):
         pairs = [split_validation(d, fraction, seed) for d in train]
         train, val = [p[0] for p in pairs], [p[1] for p in pairs]
     elif cfg.validation:
-        data = load_sequences(cfg.validation)
+        data = load(cfg.validation)
         check_sequences(data, vocab_size, cfg.max_length, special)
         val = [data]
     weights = [s.weight for s in specs]
@@ -207,8 +212,18 @@ def _setup_data(cfg: FinetuneConfig, vocab: Vocabulary, vocab_size: int):
     return train_set, val_set
 
 
+def _loader(cfg: FinetuneConfig):
+    """Sequence folder -> sequences: memory-mapped from its token store (default), or read into this process."""
+    from functools import partial
+
+    from medmax.data.loader import load_sequences
+    from medmax.data.store import open_sequences
+
+    return partial(open_sequences, store_root=cfg.store_dir) if cfg.data_store else load_sequences
+
+
 def _collator(cfg: FinetuneConfig, vocab: Vocabulary):
-    from medmax.training_data import PackedCollator, PaddingCollator
+    from medmax.data.loader import PackedCollator, PaddingCollator
 
     if cfg.packing:
         return PackedCollator(vocab.pad_id, cfg.max_length if cfg.pad_to_max_length else None)
@@ -273,24 +288,25 @@ def _resume_point(cfg: FinetuneConfig, resume: bool) -> Path | None:
 
 
 # ------------------------------------------------------------------------------ what a run continues
-def _file_digest(path: Path, h) -> None:
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-
-
 def folder_digest(folder: str | Path) -> str:
     """sha256 of a sequence folder's content: its manifest and every data file it lists (not its path)."""
-    from medmax.training_data import read_manifest
+    from medmax.data.loader import DataError, read_manifest
+    from medmax.data.shards import folder_digest as digest
 
-    folder = Path(folder)
-    h = hashlib.sha256()
-    manifest = read_manifest(folder)
-    _file_digest(folder / "manifest.json", h)
-    for name in manifest.get("files") or sorted(p.name for p in folder.glob("*.parquet")):
-        h.update(name.encode())
-        _file_digest(folder / name, h)
-    return h.hexdigest()
+    read_manifest(folder)  # errors as DataError, naming the folder
+    try:
+        return digest(folder)
+    except (OSError, ValueError) as err:
+        raise DataError(str(err)) from None
+
+
+def _digest(cfg: FinetuneConfig, folder: str) -> str:
+    """A folder's content digest; with the token store, the one recorded when the store was made."""
+    if not cfg.data_store:
+        return folder_digest(folder)
+    from medmax.data.store import store_digest
+
+    return store_digest(folder, cfg.store_dir)
 
 
 def run_fingerprint(cfg: FinetuneConfig, tokenizer) -> dict:
@@ -299,8 +315,8 @@ def run_fingerprint(cfg: FinetuneConfig, tokenizer) -> dict:
     return {
         "mode": cfg.mode,
         "tokenizer": hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
-        "datasets": [{"digest": folder_digest(s.path), "weight": s.weight, "path": s.path} for s in cfg.dataset_specs()],
-        "validation": fraction if fraction is not None else (folder_digest(cfg.validation) if cfg.validation else None),
+        "datasets": [{"digest": _digest(cfg, s.path), "weight": s.weight, "path": s.path} for s in cfg.dataset_specs()],
+        "validation": fraction if fraction is not None else (_digest(cfg, cfg.validation) if cfg.validation else None),
     }
 
 

@@ -14,9 +14,9 @@ Usage::
         --ckpt CKPT/tokenizer --attachment-token '<|reserved_special_token_0|>' --output runs/chat
 
 Writes ``OUTPUT/part-*.parquet``, ``OUTPUT/manifest.json`` and ``OUTPUT/errors.jsonl`` (see
-``medmax.dataset_io``). The build runs in ``OUTPUT.partial`` beside the output and replaces ``OUTPUT``
+``medmax.data.shards``). The build runs in ``OUTPUT.partial`` beside the output and replaces ``OUTPUT``
 only when complete; it deletes only files its manifest lists as its own, and refuses an ``--output``
-that is or contains an input, or that holds files it did not write (``medmax.build_folder``).
+that is or contains an input, or that holds files it did not write (``medmax.data.build_folder``).
 
 Rows that cannot be built are listed in errors.jsonl (file, row number, the row's own id column when it
 has one, kind, reason) and counted; ``--strict`` stops at the first one instead. Limits, each raisable:
@@ -47,9 +47,9 @@ import logging
 import sys
 import time
 
-from medmax.dataset_io import ERRORS
-from medmax.sequence_dataset import BuildConfig, build_dataset
-from medmax.sequences import SequenceConfig
+from medmax.data.shards import ERRORS
+from medmax.data.build import BuildConfig, build_dataset
+from medmax.data.rows import SequenceConfig
 from medmax.vocab import IMAGE_PLACEHOLDER
 
 from medmax.cli import program

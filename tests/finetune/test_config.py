@@ -14,7 +14,8 @@ from finetune.config import ConfigError, load_config, parse_overrides, parse_yam
 from finetune.demo_data import demo_rows
 from finetune.modes import NothingToTrainError
 from finetune.train import main as train_main
-from medmax.training_data import DataError, write_sequences
+from medmax.data.loader import DataError
+from medmax.data.shards import write_sequences
 
 ROOT = Path(__file__).parents[2]
 CONFIGS = sorted((ROOT / "finetune" / "configs").glob("*.yaml"))

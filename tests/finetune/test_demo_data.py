@@ -5,7 +5,7 @@ import numpy as np
 from finetune.demo_data import QUESTION, demo_rows
 from medmax.generation import Generator, ImageCodes
 from medmax.prompting import prompt_segments
-from medmax.training_data import IGNORE_INDEX
+from medmax.data.loader import IGNORE_INDEX
 
 
 def test_demo_prompt_is_what_generation_builds(tiny_model_dir, tiny_tokenizer, tiny_vocab):

@@ -19,7 +19,7 @@ from finetune.modes import image_alignment_ids
 from finetune.train import main as train_main
 from medmax.model import new_model
 from medmax.presets import VQGAN_PRESETS
-from medmax.training_data import write_sequences
+from medmax.data.shards import write_sequences
 from medmax.vqgan import VQGAN, load_vqgan
 
 CONFIG = str(Path(__file__).parents[2] / "finetune" / "configs" / "tiny_cpu.yaml")

@@ -51,10 +51,10 @@ def test_every_users_error_class_shares_the_base():
     from medmax.images import ImageLoadError
     from medmax.memory import MemoryBudgetError
     from medmax.paths import PathEscapeError
-    from medmax.sequence_dataset import RowRejected
-    from medmax.sequences import RowError
+    from medmax.data.build import RowRejected
+    from medmax.data.rows import RowError
     from medmax.torch_files import CheckpointError, UntrustedCheckpointError
-    from medmax.training_data import DataError
+    from medmax.data.loader import DataError
     from medmax.vocab import ControlTokenInText
 
     for cls in (BadRow, EvalError, UnresolvedGold, ConfigError, NothingToTrainError, DemoError, ImageLoadError,

@@ -26,7 +26,7 @@ from medmax.demo import (
     user_pieces,
 )
 from medmax.generation import END_OF_TURN, Generator, ImageCodes
-from medmax.sequences import SequenceBuilder
+from medmax.data.rows import SequenceBuilder
 
 # Only files shipped inside the pydicom wheel (no download), as tests/medmax/test_images.py does.
 DICOM_FILES = {os.path.basename(f): f for f in get_testdata_files()}

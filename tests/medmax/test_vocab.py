@@ -100,7 +100,7 @@ def test_a_control_token_the_tokenizer_does_not_mark_special_is_refused_not_kept
     would still match typed text, so encode_text raises instead of returning its id."""
     import json
 
-    from medmax.sequences import RowError, SequenceBuilder
+    from medmax.data.rows import RowError, SequenceBuilder
     from medmax.vocab import ControlTokenInText, encode_text
 
     layout = json.loads(tiny_tokenizer.to_str())

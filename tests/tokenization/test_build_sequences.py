@@ -8,11 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from medmax.dataset_io import read_manifest, shard_paths
+from medmax.data.shards import read_manifest, shard_paths
 from medmax.images import load_image, preprocess
-from medmax.passthrough import type_name
-from medmax.sequence_dataset import RowRejected
-from medmax.sequences import SequenceBuilder
+from medmax.data.passthrough import type_name
+from medmax.data.build import RowRejected
+from medmax.data.rows import SequenceBuilder
 from tokenization.build_sequences import main
 
 EOT = "<reserved08706>"
@@ -489,3 +489,20 @@ def test_resume_rebuilds_when_the_image_token_manifest_names_another_vqgan(tmp_p
     caplog.clear()
     run(tmp_path, [src], tiny_tokenizer_path, "out", "--image-tokens", str(image_tokens), "--resume")
     assert "resume: 0 of 1" in caplog.text
+
+
+def test_write_sequences_writes_the_builds_format_and_manifest(tmp_path, tiny_tokenizer_path, tiny_vocab, image_tokens):
+    """One format, one manifest: the helper writer's folder has the build's shard schema and manifest keys."""
+    from medmax.data.shards import write_sequences, written_files
+
+    built = run(tmp_path, [write_jsonl(tmp_path / "in.jsonl", MEDMAX)], tiny_tokenizer_path, "out",
+                "--image-tokens", str(image_tokens))
+    rows = [(r["input_ids"], r["labels"]) for r in read_rows(built)]
+    helper = write_sequences(tmp_path / "helper", rows, tiny_vocab.special_ids())
+    a, b = read_manifest(built), read_manifest(helper)
+    assert set(b) <= set(a) and set(b["counts"]) <= set(a["counts"]) and set(b["token_stats"]) == set(a["token_stats"])
+    assert {k: b["token_stats"][k] for k in ("total_tokens", "trained_tokens")} == \
+        {k: a["token_stats"][k] for k in ("total_tokens", "trained_tokens")}
+    assert pq.read_schema(shard_paths(helper)[0]).names == ["input_ids", "labels", "length", "format"]
+    assert sorted(written_files(b)) == sorted([*b["files"], "manifest.json"])
+    assert [(r["input_ids"], r["labels"]) for r in read_rows(helper)] == rows

@@ -1,13 +1,13 @@
 import numpy as np
 import pytest
 
-from medmax.sequences import IGNORE_INDEX, LengthDrop, RowError, SequenceBuilder, SequenceConfig, detect_format
+from medmax.data.rows import IGNORE_INDEX, LengthDrop, RowError, SequenceBuilder, SequenceConfig, detect_format
 
 EOT = "<reserved08706>"
 
 
 def medmax_published(tokenizer, text: str, image_codes: list[int]) -> tuple[list[int], list[int]]:
-    """MedMax's published src/tokenization.py algorithm, written independently of medmax.sequences.
+    """MedMax's published src/tokenization.py algorithm, written independently of medmax.data.rows.
 
     ids = [bos] + encode(text).ids + [eos]; the <image> id becomes [boi] + [code + 4] + [eoi];
     labels are -100 up to and including the first end-of-turn, the ids after it.

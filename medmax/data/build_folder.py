@@ -26,7 +26,7 @@ import shutil
 from medmax.errors import UserError  # absolute: this module moves into medmax/data/
 from pathlib import Path
 
-from .dataset_io import FORMAT_NAME, MANIFEST, PROGRESS, written_files
+from .shards import FORMAT_NAME, MANIFEST, PROGRESS, written_files
 
 logger = logging.getLogger(__name__)
 

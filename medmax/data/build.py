@@ -8,7 +8,7 @@ batch size and the image-code table, whatever the input size. Image codes come f
 encoded on the fly.
 
 The build runs in a work folder beside the output and replaces it only when complete
-(``medmax.build_folder``). A resumed build keeps an input file's shards only when its fingerprint is
+(``medmax.data.build_folder``). A resumed build keeps an input file's shards only when its fingerprint is
 unchanged: the input's content (sha256), the tokenizer file's content, each image-token folder
 (its manifest's settings, row counts and rows digest, and each partition's row count and sha256), the
 VQGAN's code-deciding weights (``VQGAN.codes_digest``), and every setting that changes a shard.
@@ -29,29 +29,25 @@ import pyarrow as pa
 from medmax.errors import UserError  # absolute: this module moves into medmax/data/
 from tqdm.auto import tqdm
 
+from ..paths import PathEscapeError, resolve_inside
+from ..vocab import Vocabulary, load_tokenizer, tokenizer_file
 from . import passthrough
 from .build_folder import BuildFolder
-from .dataset_io import (
+from .inputs import MAX_ROW_BYTES, file_digest, find_inputs, iter_row_batches, row_id
+from .passthrough import ColumnFilter
+from .rows import LengthDrop, RowError, SequenceBuilder, SequenceConfig
+from .shards import (
     ERRORS,
     FORMAT_NAME,
     FORMAT_VERSION,
-    MAX_ROW_BYTES,
     ErrorLog,
     ShardWriter,
     clear_file_outputs,
     conform_shard,
-    file_digest,
-    find_inputs,
-    iter_row_batches,
     progress_paths,
-    row_id,
     shard_types,
     write_manifest,
 )
-from .passthrough import ColumnFilter
-from .paths import PathEscapeError, resolve_inside
-from .sequences import LengthDrop, RowError, SequenceBuilder, SequenceConfig
-from .vocab import Vocabulary, load_tokenizer, tokenizer_file
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +107,7 @@ def _compact(codes) -> np.ndarray:
 
 def load_code_table(folders: tuple[str, ...]) -> dict[str, np.ndarray]:
     """``img_path -> codes`` of every image-token folder, stored compactly; conflicts raise."""
-    from .image_tokens import read_image_tokens
+    from ..image_tokens import read_image_tokens
 
     table = read_image_tokens(folders, convert=_compact)
     logger.info("image codes for %d images from %d folder(s)", len(table), len(folders))
@@ -162,7 +158,7 @@ class ImageCodes:
     def _encode(self, source) -> np.ndarray:
         import torch
 
-        from .images import ImageLoadError, load_image, preprocess
+        from ..images import ImageLoadError, load_image, preprocess
 
         try:
             image = load_image(source)
@@ -301,7 +297,7 @@ def image_token_fingerprint(folder: str | Path) -> dict:
     partition's row count and sha256, which also covers codes no manifest vouches for."""
     import pyarrow.parquet as pq
 
-    from .image_tokens import folder_fingerprint, partition_files, read_manifest
+    from ..image_tokens import folder_fingerprint, partition_files, read_manifest
 
     folder = Path(folder)
     manifest = folder_fingerprint(folder) if read_manifest(folder) is not None else None
@@ -332,7 +328,7 @@ def _setup(cfg: BuildConfig) -> dict:
     seq = cfg.sequence
     vqgan = None
     if cfg.ckpt:
-        from .vqgan import load_vqgan
+        from ..vqgan import load_vqgan
 
         vqgan = load_vqgan(cfg.ckpt, trust_checkpoint=cfg.trust_checkpoint)
         if seq.codes_per_image is not None and seq.codes_per_image != vqgan.n_codes_per_image:

@@ -1,9 +1,9 @@
-"""Files of a sequence build: input rows in (JSONL / parquet), parquet shards + manifest out.
+"""The sequence-folder format: schema, writers, reader and manifest (what a build writes, what training reads).
 
-Output folder layout (what training reads)::
+Folder layout::
 
     DIR/part-FFFFF-SSSS.parquet   input_ids list<int32>, labels list<int32> (-100: no loss), length int32,
-                                  format string, then the passthrough columns (medmax.passthrough)
+                                  format string, then the passthrough columns (medmax.data.passthrough)
     DIR/manifest.json             {"format": "medmax-sequences", "version": 1, "special_ids", "tokenizer",
                                    "counts", "token_stats", "files", "columns", "written", ...}
     DIR/errors.jsonl              one line per rejected or dropped row: file, row (1-based), the row's own
@@ -12,32 +12,31 @@ Output folder layout (what training reads)::
 
 ``FFFFF`` is the input file's index and ``SSSS`` the shard within it. ``written`` in the manifest lists
 every file the build wrote: a later build recognises its own outputs by that list, never by a name
-pattern (``medmax.build_folder``), and the folder is built beside itself and swapped in when complete.
+pattern (``medmax.data.build_folder``), and the folder is built beside itself and swapped in when complete.
 
-Reading is streamed and bounded: a JSONL line longer than ``max_row_bytes`` (default
-:data:`MAX_ROW_BYTES`) is that row's error and is skipped in pieces, never held whole; a parquet row
-whose text (every string value, nested ones included; image bytes not counted) is longer is that row's
-error too. Invalid UTF-8 is the error of its line (or parquet row), never of the run.
+Two writers share the schema and the manifest: :class:`ShardWriter` (the build, ``medmax.data.build``,
+with passthrough columns) and :func:`write_sequences` (id and label lists only: tests, benchmarks and
+synthetic data). :func:`read_sequences` reads a folder into flat arrays; ``medmax.data.store`` serves it
+memory-mapped instead.
 """
 
 from __future__ import annotations
 
-import codecs
-import glob
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import passthrough
+from .inputs import row_id, update_digest
 from .passthrough import ColumnFilter
-from .sequences import Built, RowError
+from ..image_tokens import list_array  # the one list<int32> conversion
+from ..vocab import IGNORE_INDEX
+from .rows import Built, RowError
 
 logger = logging.getLogger(__name__)
 
@@ -47,148 +46,7 @@ ERRORS = "errors.jsonl"
 FORMAT_NAME = "medmax-sequences"
 FORMAT_VERSION = 1
 SHARD_GLOB = "part-*.parquet"
-INPUT_SUFFIXES = (".jsonl", ".json", ".parquet")
-MAX_ROW_BYTES = 4 * 2**20  # 4 MiB: a 4096-token row is ~20 KB of text; raise it with --max-row-bytes
-# Columns that name a row (first present wins), quoted in errors beside the row number.
-ID_COLUMNS = ("id", "uid", "uuid", "qid", "question_id", "sample_id", "example_id", "row_id", "idx")
 _REQUIRED_KEYS = ("format", "version", "special_ids", "tokenizer", "counts", "token_stats", "files")
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs
-
-
-def find_inputs(specs: list[str | Path]) -> list[Path]:
-    """Input files from files, folders (their *.jsonl / *.json / *.parquet) or glob patterns, sorted."""
-    found: list[Path] = []
-    for spec in specs:
-        path = Path(spec)
-        if path.is_dir():
-            matches = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in INPUT_SUFFIXES)
-        elif path.is_file():
-            matches = [path]
-        else:
-            matches = sorted(Path(p) for p in glob.glob(str(spec)) if Path(p).is_file())
-        if not matches:
-            raise FileNotFoundError(f"--input {spec}: no JSONL or parquet files found")
-        bad = [p for p in matches if p.suffix not in INPUT_SUFFIXES]
-        if bad:
-            raise ValueError(f"--input {bad[0]}: unsupported file type (expected {', '.join(INPUT_SUFFIXES)})")
-        found += matches
-    return list(dict.fromkeys(found))
-
-
-def iter_row_batches(path: Path, batch_size: int, max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[list[tuple[int, dict | RowError]]]:
-    """Batches of ``(row number from 1, row or RowError)``; streams, never reading the whole file."""
-    if path.suffix == ".parquet":
-        yield from _parquet_batches(path, batch_size, max_row_bytes)
-    else:
-        yield from _jsonl_batches(path, batch_size, max_row_bytes)
-
-
-def _too_large(limit: int, what: str) -> RowError:
-    return RowError("row_too_large", f"{what} is longer than --max-row-bytes {limit}; raise the limit to read it")
-
-
-def _parquet_batches(path: Path, batch_size: int, limit: int):
-    number = 0
-    for record_batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
-        sizes = np.zeros(record_batch.num_rows, dtype=np.int64)
-        for column in record_batch.columns:
-            sizes += text_bytes(column)
-        rows = _batch_rows(record_batch.filter(pa.array(sizes <= limit))) if (sizes > limit).any() else _batch_rows(record_batch)
-        kept = iter(rows)
-        items = [_too_large(limit, f"the row's text ({size} bytes)") if size > limit else next(kept) for size in sizes]
-        yield [(number + i + 1, item) for i, item in enumerate(items)]
-        number += len(items)
-
-
-def _batch_rows(record_batch: pa.RecordBatch) -> list[dict | RowError]:
-    try:
-        return record_batch.to_pylist()
-    except UnicodeDecodeError:  # one bad string: find it row by row
-        return [_one_row(record_batch.slice(i, 1)) for i in range(record_batch.num_rows)]
-
-
-def _one_row(one: pa.RecordBatch) -> dict | RowError:
-    try:
-        return one.to_pylist()[0]
-    except UnicodeDecodeError as err:
-        return RowError("invalid_utf8", f"a string in the row is not valid UTF-8: {err}")
-
-
-def text_bytes(array: pa.Array) -> np.ndarray:
-    """(len(array),) int64: bytes of string data in each row, nested lists and structs included."""
-    t = array.type
-    if pa.types.is_dictionary(t):
-        return text_bytes(array.dictionary_decode())
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        return pc.binary_length(array).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    if pa.types.is_list(t) or pa.types.is_large_list(t):
-        offsets = array.offsets.to_numpy().astype(np.int64)
-        inner = np.concatenate([[0], np.cumsum(text_bytes(array.flatten()))])
-        return inner[offsets[1:] - offsets[0]] - inner[offsets[:-1] - offsets[0]]
-    if pa.types.is_struct(t):
-        return sum((text_bytes(child) for child in array.flatten()), np.zeros(len(array), dtype=np.int64))
-    return np.zeros(len(array), dtype=np.int64)
-
-
-def _parse_json_line(line: bytes) -> dict | RowError:
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as err:
-        return RowError("invalid_utf8", f"line is not valid UTF-8: {err}")
-    try:
-        row = json.loads(text)
-    except json.JSONDecodeError as err:
-        return RowError("invalid_json", f"line is not valid JSON: {err}")
-    if not isinstance(row, dict):
-        return RowError("invalid_json", f"line is JSON {type(row).__name__}, expected an object")
-    return row
-
-
-def _lines(fh, limit: int) -> Iterator[bytes | None]:
-    """Lines of a binary file; None for a line over ``limit`` bytes, skipped in 1 MiB pieces."""
-    while line := fh.readline(limit + 1):
-        if line.endswith(b"\n") or len(line) <= limit:
-            yield line
-            continue
-        while line and not line.endswith(b"\n"):
-            line = fh.readline(1 << 20)
-        yield None
-
-
-def _jsonl_batches(path: Path, batch_size: int, limit: int):
-    batch = []
-    with open(path, "rb") as fh:
-        for number, line in enumerate(_lines(fh, limit), start=1):
-            if line is None:
-                batch.append((number, _too_large(limit, "the line")))
-            elif line.strip():  # blank lines are not rows
-                batch.append((number, _parse_json_line(line.removeprefix(codecs.BOM_UTF8) if number == 1 else line)))
-            if len(batch) >= batch_size:
-                yield batch
-                batch = []
-    if batch:
-        yield batch
-
-
-def row_id(row: dict | None) -> tuple[str, object] | None:
-    """``(column, value)`` of the row's own id (the first of :data:`ID_COLUMNS` holding a string or number)."""
-    for name in ID_COLUMNS:
-        value = (row or {}).get(name)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return name, value
-    return None
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file's content, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,13 +62,6 @@ def clear_file_outputs(folder: Path, index: int) -> None:
 def progress_paths(folder: Path, index: int) -> tuple[Path, Path]:
     """The completion record and error list of one input file."""
     return folder / PROGRESS / f"done-{index:05d}.json", folder / PROGRESS / f"errors-{index:05d}.jsonl"
-
-
-def _list_array(arrays: list[np.ndarray]) -> pa.ListArray:
-    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
-    np.cumsum([len(a) for a in arrays], out=offsets[1:])
-    values = np.concatenate(arrays).astype(np.int32, copy=False) if arrays else np.zeros(0, np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
 _FIXED = [
@@ -257,7 +108,7 @@ class ShardWriter:
     """Writes the sequences of one input file as ``part-FFFFF-SSSS.parquet`` shards of bounded size.
 
     Passthrough types are inferred per group of rows and widened as later rows need
-    (``medmax.passthrough``); a change starts a new shard, and :meth:`close` rewrites the earlier ones,
+    (``medmax.data.passthrough``); a change starts a new shard, and :meth:`close` rewrites the earlier ones,
     so every shard of the file ends with the same schema (:attr:`types`).
     """
 
@@ -327,8 +178,8 @@ class ShardWriter:
 
     def _table(self, chunk: list[tuple[Built, dict]], values: dict[str, list]) -> pa.Table:
         columns = [
-            _list_array([b.input_ids for b, _ in chunk]),
-            _list_array([b.labels for b, _ in chunk]),
+            list_array([b.input_ids for b, _ in chunk]),
+            list_array([b.labels for b, _ in chunk]),
             pa.array([len(b) for b, _ in chunk], type=pa.int32()),
             pa.array([b.format for b, _ in chunk], type=pa.string()),
         ]
@@ -407,3 +258,49 @@ def shard_paths(folder: str | Path) -> list[Path]:
     """The shard files of a sequence folder, in manifest order (after validating the manifest)."""
     manifest = read_manifest(folder)
     return [Path(folder) / name for name in manifest["files"]]
+
+
+def folder_digest(folder: str | Path, check: bool = True) -> str:
+    """sha256 of a data folder's content: its manifest and every data file it lists (not its path).
+
+    ``check=False`` takes the manifest's ``files`` without checking its format (another format's folder).
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder) if check else json.loads((folder / MANIFEST).read_text())
+    digest = hashlib.sha256()
+    update_digest(digest, folder / MANIFEST)
+    for name in manifest.get("files") or sorted(p.name for p in folder.glob("*.parquet")):
+        digest.update(name.encode())
+        update_digest(digest, folder / name)
+    return digest.hexdigest()
+
+
+def write_sequences(folder: str | Path, rows, special_ids: dict, rows_per_shard: int = 1000,
+                    row_format: str = "pretraining") -> Path:
+    """Write a sequence folder from (input_ids, labels) pairs: for tests, benchmarks and synthetic data.
+
+    ``rows`` may be any iterable (it is read once, in bounded memory). ``tokenization.build_sequences`` is the
+    real producer; this goes through the same :class:`ShardWriter` and writes the same manifest keys (no
+    passthrough columns, no inputs, ``tokenizer`` None).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(folder, 0, ColumnFilter(keep=()), rows_per_shard)
+    n_rows = total = n_loss = 0
+    shortest, longest = None, None
+    for ids, labels in rows:
+        ids, labels = np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32)
+        n_rows, total, n_loss = n_rows + 1, total + len(ids), n_loss + int((labels != IGNORE_INDEX).sum())
+        shortest = len(ids) if shortest is None else min(shortest, len(ids))
+        longest = len(ids) if longest is None else max(longest, len(ids))
+        writer.add(Built(ids, labels, 0, format=row_format), {})
+    files = writer.close()
+    manifest = {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION, "special_ids": special_ids, "tokenizer": None,
+        "counts": {"rows_read": n_rows, "rows_written": n_rows},
+        "token_stats": {"total_tokens": total, "trained_tokens": n_loss, "min_length": shortest,
+                        "mean_length": round(total / n_rows, 3) if n_rows else None, "max_length": longest},
+        "files": files, "columns": {}, "written": list(files),
+    }
+    write_manifest(folder, manifest)
+    return folder

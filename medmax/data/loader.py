@@ -18,7 +18,6 @@ run one by one.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from functools import cached_property
@@ -32,10 +31,10 @@ from medmax.errors import UserError  # absolute: this module moves into medmax/d
 
 logger = logging.getLogger(__name__)
 
-from .dataset_io import FORMAT_NAME as MANIFEST_FORMAT
-from .dataset_io import FORMAT_VERSION as MANIFEST_VERSION
-from .dataset_io import MANIFEST as MANIFEST_NAME
-from .vocab import IGNORE_INDEX
+from ..vocab import IGNORE_INDEX
+from .plans import Plan, cached_plan, make_plan, pack_greedy, plan_key, weighted_order  # noqa: F401
+from .shards import MANIFEST as MANIFEST_NAME
+from .shards import write_sequences  # noqa: F401  (its old home: kept importable from here)
 
 
 class DataError(UserError):
@@ -43,8 +42,8 @@ class DataError(UserError):
 
 
 def read_manifest(folder: str | Path) -> dict:
-    """The checked manifest of a sequence folder (``medmax.dataset_io.read_manifest``), errors as DataError."""
-    from .dataset_io import read_manifest as _read
+    """The checked manifest of a sequence folder (``medmax.data.shards.read_manifest``), errors as DataError."""
+    from .shards import read_manifest as _read
 
     if not Path(folder).is_dir():
         raise DataError(f"{folder}: dataset folder does not exist")
@@ -86,6 +85,56 @@ class SequenceData:
         ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
         labels = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int32)
         return SequenceData(self.folder, ids, labels, offsets, self.manifest)
+
+    identity = None  # in memory: no plan is cached for it (medmax.data.store's sequences have one)
+    plan_cache = None
+
+    def row_stats(self, column: str) -> np.ndarray:
+        """(N, 5) per-sequence figures of ``input_ids`` or ``labels`` for the checks (:func:`row_stats`)."""
+        if column not in self._stats:
+            self._stats[column] = row_stats(self.ids if column == "input_ids" else self.labels, self.offsets)
+        return self._stats[column]
+
+    @cached_property
+    def _stats(self) -> dict:
+        return {}
+
+
+STAT_COLUMNS = ("min", "max", "min_valid", "max_valid", "n_valid")  # valid: not IGNORE_INDEX
+
+
+def row_stats(values: np.ndarray, offsets: np.ndarray, chunk: int = 1 << 24) -> np.ndarray:
+    """(N, 5) int64 per row of a flat list column: min, max, and min, max and count of the values that are not
+    IGNORE_INDEX (min_valid/max_valid are 0 where there are none; every figure is 0 for an empty row).
+
+    Rows are taken ``chunk`` values at a time, so the temporaries stay small whatever the column's size.
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    out = np.zeros((len(offsets) - 1, len(STAT_COLUMNS)), dtype=np.int64)
+    lo = 0
+    while lo < len(out):
+        hi = min(len(out), max(lo + 1, int(np.searchsorted(offsets, offsets[lo] + chunk, side="right")) - 1))
+        out[lo:hi] = _chunk_stats(values, offsets[lo : hi + 1])
+        lo = hi
+    return out
+
+
+def _chunk_stats(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    values = np.asarray(values[offsets[0] : offsets[-1]])
+    starts = offsets[:-1] - offsets[0]
+    full = np.flatnonzero(np.diff(offsets) > 0)
+    out = np.zeros((len(starts), len(STAT_COLUMNS)), dtype=np.int64)
+    if not len(full):
+        return out
+    at, valid = starts[full], values != IGNORE_INDEX
+    out[full, 0] = np.minimum.reduceat(values, at)
+    out[full, 1] = np.maximum.reduceat(values, at)
+    out[full, 4] = np.add.reduceat(valid, at, dtype=np.int64)
+    some = out[full, 4] > 0
+    info = np.iinfo(values.dtype)  # sentinels of the values' own type (a wider one would wrap)
+    out[full[some], 2] = np.minimum.reduceat(np.where(valid, values, values.dtype.type(info.max)), at)[some]
+    out[full[some], 3] = np.maximum.reduceat(np.where(valid, values, values.dtype.type(info.min)), at)[some]
+    return out
 
 
 def _flat_list_column(table, name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -140,18 +189,33 @@ def check_sequences(data: SequenceData, vocab_size: int, max_length: int, specia
             f"{where}: {len(too_long)} sequences are longer than max_length={max_length} (row {too_long[0]} has "
             f"{lengths[too_long[0]]} tokens); raise max_length or rebuild the data with a shorter limit"
         )
-    outside = np.flatnonzero((data.ids < 0) | (data.ids >= vocab_size))
-    if len(outside):
-        row = int(np.searchsorted(data.offsets, outside[0], side="right") - 1)
-        raise DataError(
-            f"{where}: {len(outside)} token ids outside the model's vocabulary 0..{vocab_size - 1} "
-            f"(row {row} holds {data.ids[outside[0]]})"
-        )
-    bad_labels = np.flatnonzero((data.labels != IGNORE_INDEX) & ((data.labels < 0) | (data.labels >= vocab_size)))
-    if len(bad_labels):
-        raise DataError(f"{where}: {len(bad_labels)} labels outside 0..{vocab_size - 1} and not {IGNORE_INDEX}")
-    if not (data.labels != IGNORE_INDEX).any():
+    _check_ids(data, vocab_size)
+    labels = data.row_stats("labels")
+    bad = np.flatnonzero((labels[:, 4] > 0) & ((labels[:, 2] < 0) | (labels[:, 3] >= vocab_size)))
+    if len(bad):
+        count = sum(int(_outside(data.sequence(int(r))[1], vocab_size, IGNORE_INDEX).sum()) for r in bad)
+        raise DataError(f"{where}: {count} labels outside 0..{vocab_size - 1} and not {IGNORE_INDEX}")
+    if not labels[:, 4].any():
         raise DataError(f"{where}: every label is {IGNORE_INDEX}; nothing to learn")
+
+
+def _outside(values: np.ndarray, vocab_size: int, allowed: int | None = None) -> np.ndarray:
+    bad = (values < 0) | (values >= vocab_size)
+    return bad & (values != allowed) if allowed is not None else bad
+
+
+def _check_ids(data, vocab_size: int) -> None:
+    """Token ids outside the vocabulary, found from the per-row figures; only the rows they flag are read."""
+    ids = data.row_stats("input_ids")
+    rows = np.flatnonzero((ids[:, 0] < 0) | (ids[:, 1] >= vocab_size))
+    if not len(rows):
+        return
+    count = sum(int(_outside(data.sequence(int(r))[0], vocab_size).sum()) for r in rows)
+    first = data.sequence(int(rows[0]))[0]
+    raise DataError(
+        f"{data.folder}: {count} token ids outside the model's vocabulary 0..{vocab_size - 1} "
+        f"(row {rows[0]} holds {first[_outside(first, vocab_size)][0]})"
+    )
 
 
 def split_validation(data: SequenceData, fraction: float, seed: int) -> tuple[SequenceData, SequenceData]:
@@ -161,50 +225,6 @@ def split_validation(data: SequenceData, fraction: float, seed: int) -> tuple[Se
     if n_val >= len(data):
         raise DataError(f"{data.folder}: validation={fraction} leaves no training sequences out of {len(data)}")
     return data.subset(np.sort(order[n_val:])), data.subset(np.sort(order[:n_val]))
-
-
-def weighted_order(sizes: list[int], weights: list[float], seed: int) -> list[tuple[int, int]]:
-    """(dataset, sequence) pairs for one epoch of multi-dataset training.
-
-    An epoch has as many sequences as all datasets together; dataset d contributes
-    ``round(total * w_d / sum(w))`` of them: a random permutation of its own when that is not more
-    than it holds, otherwise whole permutations repeated (oversampling). The result is shuffled.
-    """
-    rng = np.random.default_rng(seed)
-    total, weight_sum = sum(sizes), float(sum(weights))
-    pairs = []
-    for d, (size, weight) in enumerate(zip(sizes, weights)):
-        n = int(round(total * weight / weight_sum))
-        reps = -(-n // size)
-        index = np.concatenate([rng.permutation(size) for _ in range(max(reps, 1))])[:n]
-        pairs += [(d, int(i)) for i in index]
-    return [pairs[i] for i in rng.permutation(len(pairs))]
-
-
-def pack_greedy(lengths: list[int], max_length: int) -> list[list[int]]:
-    """Bins of positions into ``lengths``, in order, each bin's total at most ``max_length``.
-
-    Best fit: each sequence goes to the open bin with the least room that still holds it (a bisect
-    over the open bins sorted by room, so a million sequences pack in seconds), keeping the order of
-    the already shuffled stream nearly intact while filling rows well. Bins with less room than the
-    shortest sequence are closed. Every length must be at most ``max_length``.
-    """
-    import bisect
-
-    shortest = min(lengths, default=1)
-    bins: list[list[int]] = []
-    open_keys: list[tuple[int, int]] = []  # (room, bin), sorted
-    for i, n in enumerate(lengths):
-        k = bisect.bisect_left(open_keys, (n, -1))
-        if k < len(open_keys):
-            room, b = open_keys.pop(k)
-        else:
-            room, b = max_length, len(bins)
-            bins.append([])
-        bins[b].append(i)
-        if room - n >= shortest:
-            bisect.insort(open_keys, (room - n, b))
-    return bins
 
 
 def _example(parts: list[tuple[np.ndarray, np.ndarray]]) -> dict:
@@ -219,32 +239,40 @@ def _example(parts: list[tuple[np.ndarray, np.ndarray]]) -> dict:
 class SequenceDataset(torch.utils.data.Dataset):
     """Training rows over one or more sequence folders, packed (default) or one sequence per row.
 
-    The row list is fixed at construction from ``seed`` (sampling by weight, then packing), so
-    every process and every resumed run sees the same rows; the Trainer's sampler shuffles them.
+    The row list is fixed at construction from ``seed`` (sampling by weight, then packing: a
+    :class:`medmax.data.plans.Plan`), so every process and every resumed run sees the same rows; the
+    Trainer's sampler shuffles them. When every dataset has an ``identity`` (sequences served from a
+    ``medmax.data.store``), the plan is computed once and cached in the first one's ``plan_cache`` folder.
     """
 
     def __init__(self, datasets: list[SequenceData], weights: list[float] | None, max_length: int,
                  packing: bool = True, seed: int = 0):
         self.datasets = datasets
         weights = weights or [1.0] * len(datasets)
-        self.order = weighted_order([len(d) for d in datasets], weights, seed)
-        self._lengths = [d.lengths for d in datasets]
-        if packing:
-            lengths = [int(self._lengths[d][i]) for d, i in self.order]
-            self.rows = pack_greedy(lengths, max_length)
+        lengths = [d.lengths for d in datasets]
+        compute = lambda: make_plan(lengths, weights, max_length, packing, seed)  # noqa: E731
+        identities = [d.identity for d in datasets]
+        cache = datasets[0].plan_cache if datasets else None
+        if cache is not None and all(identities):
+            self.plan = cached_plan(cache, plan_key(identities, weights, max_length, packing, seed), compute)
         else:
-            self.rows = [[k] for k in range(len(self.order))]
+            self.plan = compute()
         self.packing = packing
 
+    @property
+    def order(self) -> np.ndarray:
+        """(M, 2) (dataset, sequence) pairs of the epoch, in sampled order."""
+        return self.plan.order
+
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.plan)
 
     def __getitem__(self, index: int) -> dict:
-        parts = [self.datasets[d].sequence(i) for d, i in (self.order[k] for k in self.rows[index])]
-        return _example(parts)
+        return _example([self.datasets[d].sequence(int(i)) for d, i in self.plan.row(index)])
 
     def n_tokens(self) -> int:
-        return int(sum(self._lengths[d][i] for d, i in self.order))
+        order = self.plan.order
+        return int(sum(np.asarray(d.lengths)[order[order[:, 0] == k, 1]].sum() for k, d in enumerate(self.datasets)))
 
 
 @dataclass
@@ -290,35 +318,3 @@ class PaddingCollator:
             labels[b, :n] = torch.from_numpy(row["labels"])
             mask[b, :n] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask, "n_real_tokens": mask.sum()}
-
-
-def write_sequences(folder: str | Path, rows: list[tuple[list[int], list[int]]], special_ids: dict,
-                    rows_per_shard: int = 1000) -> Path:
-    """Write a sequence folder from (input_ids, labels) pairs: for tests, benchmarks and synthetic data.
-
-    ``tokenization.build_sequences`` is the real producer; this writes the same contract.
-    """
-    import pyarrow as pa
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    files = []
-    for s, start in enumerate(range(0, len(rows), rows_per_shard)):
-        chunk = rows[start : start + rows_per_shard]
-        table = pa.table({
-            "input_ids": pa.array([list(map(int, r[0])) for r in chunk], type=pa.list_(pa.int32())),
-            "labels": pa.array([list(map(int, r[1])) for r in chunk], type=pa.list_(pa.int32())),
-            "length": pa.array([len(r[0]) for r in chunk], type=pa.int32()),
-        })
-        name = f"part-{s:05d}.parquet"
-        pq.write_table(table, folder / name)
-        files.append(name)
-    n_tokens = sum(len(r[0]) for r in rows)
-    n_loss = sum(sum(1 for x in r[1] if x != IGNORE_INDEX) for r in rows)
-    manifest = {
-        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "special_ids": special_ids, "tokenizer": None,
-        "counts": {"sequences": len(rows)}, "token_stats": {"tokens": n_tokens, "loss_tokens": n_loss},
-        "files": files,
-    }
-    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
-    return folder

@@ -48,7 +48,7 @@ import numpy as np
 from medmax.errors import UserError  # absolute: this module moves into medmax/data/
 from tokenizers import Tokenizer
 
-from .vocab import (
+from ..vocab import (
     END_OF_TURN,
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
@@ -65,7 +65,7 @@ FORMATS = ("medmax", "conversation", "pretraining")
 CONTEXT_ROLES = {"system": "system", "user": "user", "human": "user"}
 ANSWER_ROLES = {"assistant": "assistant", "gpt": "assistant"}
 IMAGE_COLUMNS = ("modalities", "images", "image")
-# Every column the builder reads; the others pass through to the shards (medmax.passthrough).
+# Every column the builder reads; the others pass through to the shards (medmax.data.passthrough).
 CONSUMED_COLUMNS = ("text", "image_path", "image_tokens", "conversations", *IMAGE_COLUMNS)
 MEDMAX_MARKERS = (IMAGE_PLACEHOLDER, END_OF_TURN)
 # The training length of finetune's configs. MedMax's own training (training/data.py) cuts every row at 2048.

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from medmax.model import new_model
-from medmax.training_data import (
+from medmax.data.loader import (
     IGNORE_INDEX,
     PackedCollator,
     PaddingCollator,
@@ -18,8 +17,9 @@ from medmax.training_data import (
     load_sequences,
     pack_greedy,
     weighted_order,
-    write_sequences,
 )
+from medmax.data.shards import write_sequences
+from medmax.model import new_model
 
 
 def _sequences(vocab, lengths, seed=0):
@@ -120,3 +120,40 @@ def test_dataset_reads_folder_and_packs(tmp_path, tiny_vocab):
     padded = SequenceDataset([data], None, max_length=64, packing=False, seed=0)
     assert len(padded) == 5 and len(packed) < 5
     assert sum(len(packed[i]["input_ids"]) for i in range(len(packed))) == 150
+
+
+def _weighted_order_before_plans(sizes, weights, seed):
+    """The list-of-pairs weighted_order that training_data.py held before medmax.data.plans (for equality)."""
+    rng = np.random.default_rng(seed)
+    total, weight_sum = sum(sizes), float(sum(weights))
+    pairs = []
+    for d, (size, weight) in enumerate(zip(sizes, weights)):
+        n = int(round(total * weight / weight_sum))
+        reps = -(-n // size)
+        index = np.concatenate([rng.permutation(size) for _ in range(max(reps, 1))])[:n]
+        pairs += [(d, int(i)) for i in index]
+    return [pairs[i] for i in rng.permutation(len(pairs))]
+
+
+@pytest.mark.parametrize("sizes,weights,seed", [([50], [1.0], 0), ([30, 7, 100], [1.0, 3.0, 0.5], 4), ([5, 5], [1, 9], 2)])
+def test_the_vectorised_epoch_order_is_the_one_training_used_before(sizes, weights, seed):
+    assert weighted_order(sizes, weights, seed) == _weighted_order_before_plans(sizes, weights, seed)
+
+
+def test_row_figures_are_the_same_whatever_the_chunk_they_are_computed_in():
+    from medmax.data.loader import row_stats
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(0, 9, 200)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    values = rng.integers(-120, 50, offsets[-1]).astype(np.int32)
+    values[rng.random(len(values)) < 0.3] = IGNORE_INDEX
+    whole = row_stats(values, offsets, chunk=1 << 30)
+    for i in (0, 57, 199):
+        row = values[offsets[i] : offsets[i + 1]]
+        valid = row[row != IGNORE_INDEX]
+        expect = [row.min(), row.max(), valid.min(), valid.max(), len(valid)] if len(valid) else (
+            [row.min(), row.max(), 0, 0, 0] if len(row) else [0] * 5)
+        assert whole[i].tolist() == [int(x) for x in expect]
+    for chunk in (1, 5, 64):
+        np.testing.assert_array_equal(row_stats(values, offsets, chunk=chunk), whole)

@@ -9,9 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from medmax.dataset_io import ErrorLog, ShardWriter, iter_row_batches, row_id
-from medmax.passthrough import ColumnFilter, type_name
-from medmax.sequences import Built, RowError
+from medmax.data.inputs import iter_row_batches, row_id
+from medmax.data.shards import ErrorLog, ShardWriter
+from medmax.data.passthrough import ColumnFilter, type_name
+from medmax.data.rows import Built, RowError
 
 
 def rows_of(path: Path, **kw) -> list:

@@ -1,7 +1,7 @@
 """Passthrough columns: the input columns sequence building does not read, copied into its shards.
 
 Which columns: by default every column a row has except the ones the builder consumes
-(:data:`medmax.sequences.CONSUMED_COLUMNS`); ``keep`` is an allow-list (it may name consumed columns,
+(:data:`medmax.data.rows.CONSUMED_COLUMNS`); ``keep`` is an allow-list (it may name consumed columns,
 e.g. ``image_path``), ``drop`` a deny-list. The output's own columns (:data:`RESERVED`) cannot pass
 through: an input column with one of those names must be dropped or renamed.
 
@@ -16,7 +16,7 @@ Types, decided from the values (so JSONL and parquet inputs agree):
 
 A column whose kind changes within a build (``1`` in one row, ``"a1"`` in another) is JSON for every
 row of that build; a column first seen late is null in the rows before. Every shard of a build has the
-same schema (:func:`merge_types` decides, ``medmax.dataset_io.conform_shard`` rewrites older shards).
+same schema (:func:`merge_types` decides, ``medmax.data.shards.conform_shard`` rewrites older shards).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from .sequences import CONSUMED_COLUMNS
+from .rows import CONSUMED_COLUMNS
 
 RESERVED = ("input_ids", "labels", "length", "format")  # the output's own columns
 JSON = "json"  # the type of a column stored as JSON text
