@@ -6,8 +6,10 @@ Usage::
     python -m finetune.train --config finetune/configs/tiny_cpu.yaml
     # overrides on top of the YAML, and resuming from the last complete checkpoint of output_dir
     python -m finetune.train --config finetune/configs/tiny_cpu.yaml max_steps=20 learning_rate=1e-3 --resume
-    # several processes / nodes: finetune/launch.sh wraps torchrun
+    # several processes / nodes: finetune/launch.sh wraps torchrun (and runs --check once first)
     finetune/launch.sh finetune/configs/lora_7b.yaml --nproc-per-node 8
+    # only read and check the settings (contradictions are refused in one line naming both)
+    python -m finetune.train --config finetune/configs/quickstart.yaml validation=null --check
 
 The output folder receives checkpoints (``checkpoint-N/``), the final weights, ``tokenizer.json``,
 ``vqgan/`` (the complete VQGAN), ``medmax_run.json`` (where each piece came from),
@@ -62,6 +64,12 @@ class MedMaxTrainerMixin:
         self._real_tokens = 0
         self._tokens_at_log, self._time_at_log = 0, time.perf_counter()
 
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        plugin_args = getattr(self.args, "fsdp_plugin_args", None)
+        if plugin_args is not None and not self.is_fsdp_enabled:
+            self.is_fsdp_enabled = enable_fsdp_on_cpu(self.accelerator, plugin_args)
+
     def _prepare_inputs(self, inputs):
         n_real = inputs.pop("n_real_tokens", None)
         if n_real is not None and self.model.training:
@@ -92,6 +100,33 @@ class MedMaxTrainerMixin:
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             write_run_info(Path(output_dir or self.args.output_dir), self.run_info, self.tokenizer_obj)
+
+
+def enable_fsdp_on_cpu(accelerator, plugin_args: dict) -> bool:
+    """Turn accelerate's CPU data parallelism into FSDP, which it skips on CPU; returns True.
+
+    accelerate 1.x enables FSDP only when the processes run on an accelerator device (its ``AcceleratorState``
+    checks for ``MULTI_GPU``, ``MULTI_XPU``... and leaves ``MULTI_CPU`` out), so on CPU the ``fsdp`` setting was
+    dropped without a word and every process trained a full replica under DDP. PyTorch's FSDP2 (``fully_shard``)
+    itself runs on CPU over gloo, and the rest of accelerate's FSDP2 path (wrapping, mixed precision, full and
+    sharded state dicts) has no device-specific step, so the state is switched to FSDP here, with the plugin
+    transformers built from ``fsdp_config``.
+    """
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        raise RuntimeError(f"fsdp is set but accelerate chose {state.distributed_type}; expected FSDP or MULTI_CPU")
+    plugin = FullyShardedDataParallelPlugin(**plugin_args)
+    if plugin.fsdp_version != 2:
+        from .config import ConfigError
+
+        raise ConfigError("fsdp on CPU: only FSDP2 (fsdp_config version 2, the default) runs on CPU processes")
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin, state.distributed_type = plugin, DistributedType.FSDP
+    logger.info("FSDP2 on CPU processes (gloo): accelerate leaves FSDP off on CPU; switched on here")
+    return True
 
 
 def medmax_trainer(**kwargs) -> Trainer:
@@ -403,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="continue from the last complete checkpoint in output_dir (same data, tokenizer and mode)")
     parser.add_argument("--resume-anyway", action="store_true",
                         help="resume even when the data, tokenizer or mode differ from the checkpoint's run")
+    parser.add_argument("--check", action="store_true",
+                        help="read and check the settings, then exit (finetune/launch.sh runs this once before the "
+                             "processes start, so a contradiction is reported once, before anything loads)")
     parser.add_argument("overrides", nargs="*", help="key=value settings on top of the YAML")
     return parser
 
@@ -410,9 +448,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .config import load_config  # after parsing: --help does not load transformers
+    from .config import check_world_size, load_config  # after parsing: --help does not load transformers
 
     cfg = load_config(args.config, args.overrides)
+    world = os.environ.get("WORLD_SIZE", "1")  # torchrun's; launch.sh's --check passes its own count, or "unknown"
+    if world.isdigit():
+        check_world_size(cfg, int(world))
+    if args.check:
+        logger.info("%s: settings checked", args.config or "overrides")
+        return 0
     run(cfg, resume=args.resume, resume_anyway=args.resume_anyway)
     return 0
 

@@ -110,3 +110,15 @@ def test_the_shipped_configs_contradict_nothing(path, monkeypatch):
     if "deepspeed:" in path.read_text():
         pytest.importorskip("deepspeed")
     load_config(path, **extra)
+
+
+def test_launch_script_reports_a_contradiction_once_before_starting_processes(tmp_path):
+    import os
+    import subprocess
+
+    run = subprocess.run([str(ROOT / "finetune" / "launch.sh"), str(CONFIGS / "quickstart.yaml"), "--nproc-per-node",
+                          "2", "validation=null", f"output_dir={tmp_path / 'out'}"], capture_output=True, text=True,
+                         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert run.returncode != 0
+    assert run.stderr.count("eval_strategy=steps evaluates on validation") == 1, run.stderr
+    assert "torch.distributed" not in run.stderr and not (tmp_path / "out").exists()
