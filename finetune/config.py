@@ -319,5 +319,16 @@ def load_config(path: str | Path | None, overrides: list[str] = (), **extra) -> 
         return FinetuneConfig(**values)
     except ConfigError as err:
         raise ConfigError(f"{path or 'config'}: {err}") from None
-    except ValueError as err:  # transformers' own checks of TrainingArguments, some over several lines
+    except ValueError as err:
+        if not _raised_by_training_arguments(err):
+            raise
         raise ConfigError(f"{path or 'config'}: {' '.join(str(err).split())}") from None
+
+
+def _raised_by_training_arguments(err: BaseException) -> bool:
+    """transformers' own checks of the settings (raised in ``training_args.py``, some over several lines), as
+    opposed to an error from deeper down (torch.distributed, accelerate), which keeps its traceback."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).name == "training_args.py"

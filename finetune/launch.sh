@@ -68,6 +68,7 @@ CMD=("$PYTHON" -m torch.distributed.run --nproc-per-node "$NPROC" --nnodes "$NNO
      -m finetune.train --config "$CONFIG" "${BACKEND[@]}" "${ARGS[@]}")
 if [[ "$DRY" -eq 1 ]]; then printf '%q ' "${CMD[@]}"; echo; exit 0; fi
 # Check the settings once, here, before any process starts: a contradiction is one error, not one per rank
-if [[ "$NPROC" =~ ^[0-9]+$ && "$NNODES" =~ ^[0-9]+$ ]]; then WORLD="$((NPROC * NNODES))"; else WORLD=unknown; fi
-WORLD_SIZE="$WORLD" "$PYTHON" -m finetune.train --check --config "$CONFIG" "${BACKEND[@]}" "${ARGS[@]}"
+WORLD=()  # not WORLD_SIZE in the environment: accelerate would start a process group in the check
+if [[ "$NPROC" =~ ^[0-9]+$ && "$NNODES" =~ ^[0-9]+$ ]]; then WORLD=(--world-size "$((NPROC * NNODES))"); fi
+"$PYTHON" -m finetune.train --check "${WORLD[@]}" --config "$CONFIG" "${ARGS[@]}"  # ddp_backend: a process group
 exec "${CMD[@]}"

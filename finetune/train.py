@@ -112,6 +112,7 @@ def enable_fsdp_on_cpu(accelerator, plugin_args: dict) -> bool:
     sharded state dicts) has no device-specific step, so the state is switched to FSDP here, with the plugin
     transformers built from ``fsdp_config``.
     """
+    from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     state = accelerator.state
@@ -125,6 +126,8 @@ def enable_fsdp_on_cpu(accelerator, plugin_args: dict) -> bool:
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)
     state.fsdp_plugin, state.distributed_type = plugin, DistributedType.FSDP
+    # as accelerate does at the end of AcceleratorState.__init__: every later AcceleratorState() copies this back
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     logger.info("FSDP2 on CPU processes (gloo): accelerate leaves FSDP off on CPU; switched on here")
     return True
 
@@ -441,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--check", action="store_true",
                         help="read and check the settings, then exit (finetune/launch.sh runs this once before the "
                              "processes start, so a contradiction is reported once, before anything loads)")
+    parser.add_argument("--world-size", type=int,
+                        help="processes the run has (default: torchrun's WORLD_SIZE, else 1); launch.sh passes it to --check")
     parser.add_argument("overrides", nargs="*", help="key=value settings on top of the YAML")
     return parser
 
@@ -451,9 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import check_world_size, load_config  # after parsing: --help does not load transformers
 
     cfg = load_config(args.config, args.overrides)
-    world = os.environ.get("WORLD_SIZE", "1")  # torchrun's; launch.sh's --check passes its own count, or "unknown"
-    if world.isdigit():
-        check_world_size(cfg, int(world))
+    check_world_size(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
     if args.check:
         logger.info("%s: settings checked", args.config or "overrides")
         return 0
