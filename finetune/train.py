@@ -193,6 +193,22 @@ def _check_memory(cfg: FinetuneConfig, tokenizer, vqgan) -> None:
                           allow=cfg.skip_memory_check, override=override)
 
 
+def _join_deepspeed_comm() -> None:
+    """Let DeepSpeed see the process group before ZeRO-3 partitions the model as it is built.
+
+    On GPUs accelerate starts the processes through ``deepspeed.comm``; on CPU it starts a plain gloo group, which
+    ``deepspeed.comm`` does not know, so ``zero.Init`` read a world size of 1 and refused the batch sizes
+    ("train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size 4 != 2 * 1 * 1").
+    ``init_distributed`` adopts the existing group; where DeepSpeed already has one it does nothing.
+    """
+    import torch.distributed as dist
+
+    import deepspeed
+
+    if dist.is_initialized() and not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+
+
 def _setup_model(cfg: FinetuneConfig, tokenizer, vqgan, resume: bool) -> tuple[MedMaxChameleon, str | None]:
     """The model before the mode is applied, and the folder its base weights can be reloaded from."""
     import torch
@@ -408,6 +424,8 @@ def run(cfg: FinetuneConfig, resume: bool = False, resume_anyway: bool = False) 
     if checkpoint is not None:
         _check_resume(checkpoint, fingerprint, resume_anyway)
     _check_memory(cfg, tokenizer, vqgan)  # before the data is read and the weights allocated
+    if cfg.deepspeed:
+        _join_deepspeed_comm()
     vocab_size = _model_vocab_size(cfg, vocab)
     train_set, val_set = _setup_data(cfg, vocab, vocab_size)
     model, base_dir = _setup_model(cfg, tokenizer, vqgan, resume)
