@@ -228,6 +228,9 @@ def _check_sharding(cfg: FinetuneConfig) -> None:
     if version == 2 and stale:
         raise ConfigError(f"fsdp_config={cfg.fsdp_config}: {', '.join(stale)} are FSDP1 settings, which FSDP2 (version 2, "
                           "transformers' default) ignores; remove them, or set version: 1 (deprecated)")
+    if version == 1 and cfg.use_cpu:
+        raise ConfigError(f"fsdp_config={cfg.fsdp_config}: version 1 (FSDP1) with use_cpu=true; only FSDP2 (version 2) "
+                          "runs on CPU processes")
     if str(doc.get("activation_checkpointing", "false")).lower() == "true" and (
             cfg.gradient_checkpointing or getattr(cfg, "activation_checkpointing", None)):
         raise ConfigError(f"gradient_checkpointing=true and fsdp_config={cfg.fsdp_config} activation_checkpointing=true "

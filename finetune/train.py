@@ -108,9 +108,10 @@ def enable_fsdp_on_cpu(accelerator, plugin_args: dict) -> bool:
     accelerate 1.x enables FSDP only when the processes run on an accelerator device (its ``AcceleratorState``
     checks for ``MULTI_GPU``, ``MULTI_XPU``... and leaves ``MULTI_CPU`` out), so on CPU the ``fsdp`` setting was
     dropped without a word and every process trained a full replica under DDP. PyTorch's FSDP2 (``fully_shard``)
-    itself runs on CPU over gloo, and the rest of accelerate's FSDP2 path (wrapping, mixed precision, full and
-    sharded state dicts) has no device-specific step, so the state is switched to FSDP here, with the plugin
-    transformers built from ``fsdp_config``.
+    itself runs on CPU over gloo, and so does the rest of accelerate's FSDP2 path as far as it is used here
+    (wrapping per decoder layer, activation checkpointing, float32 and bf16, full state dicts, saving and resuming:
+    tests/finetune/test_sharded.py), so the state is switched to FSDP, with the plugin transformers built from
+    ``fsdp_config``.
     """
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin

@@ -64,7 +64,8 @@ def test_fsdp1_settings_under_fsdp2_are_refused(tmp_path):
     _refused("tiny_cpu.yaml", ["fsdp=true", f"fsdp_config={path}"], "backward_prefetch", "use_orig_params",
              "version")
     path.write_text(json.dumps({"version": 1, "use_orig_params": True}))
-    load_config(CONFIGS / "tiny_cpu.yaml", ["fsdp=true", f"fsdp_config={path}"])  # FSDP1 reads them: accepted
+    load_config(CONFIGS / "tiny_cpu.yaml", ["fsdp=true", f"fsdp_config={path}", "use_cpu=false"])  # FSDP1 reads them
+    _refused("tiny_cpu.yaml", ["fsdp=true", f"fsdp_config={path}"], "version 1", "use_cpu=true")  # not on CPU
 
 
 def test_two_activation_checkpointings_are_refused(monkeypatch):
