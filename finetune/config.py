@@ -111,8 +111,9 @@ class FinetuneConfig(TrainingArguments):
 
     def __post_init__(self):
         self._check_fields()
-        if self.validation is not None and self.eval_strategy == "no":
+        if self.validation is not None and _value(self.eval_strategy) == "no":
             self.eval_strategy = "steps"  # validation given: evaluate every eval_steps (default logging_steps)
+        check_contradictions(self)
         super().__post_init__()
 
     def _check_fields(self) -> None:
@@ -180,18 +181,108 @@ class FinetuneConfig(TrainingArguments):
         return value
 
 
+FSDP1_ONLY = ("backward_prefetch", "forward_prefetch", "use_orig_params", "sync_module_states", "limit_all_gathers")
+NEEDS_EVALUATION = {"load_best_model_at_end": (True,), "lr_scheduler_type": ("reduce_lr_on_plateau", "greedy")}
+
+
+def _value(setting):
+    """A setting as written: ``IntervalStrategy.STEPS`` -> "steps" (transformers turns strings into enums later)."""
+    return getattr(setting, "value", setting)
+
+
+def _named(key: str, value) -> str:
+    return f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+
+
+def check_contradictions(cfg: FinetuneConfig) -> None:
+    """Settings that cannot hold together, refused in one line naming both (before transformers' own checks,
+    which raise inside every rank once the model and the data have loaded, or drop a setting without a word)."""
+    _check_evaluation(cfg)
+    _check_sharding(cfg)
+    _check_precision(cfg)
+    if cfg.pad_to_max_length and not cfg.packing:
+        raise ConfigError("pad_to_max_length=true pads packed rows, but packing=false: each sequence is padded to the "
+                          "longest in its batch; drop pad_to_max_length or set packing=true")
+
+
+def _check_evaluation(cfg: FinetuneConfig) -> None:
+    evaluate = _value(cfg.eval_strategy)
+    if cfg.validation is None:
+        if evaluate != "no":
+            raise ConfigError(f"eval_strategy={evaluate} evaluates on validation, but validation is not set: give "
+                              "validation=FOLDER or a fraction (e.g. 0.05), or set eval_strategy=no")
+        for key, values in NEEDS_EVALUATION.items():
+            if _value(getattr(cfg, key)) in values:
+                raise ConfigError(f"{_named(key, _value(getattr(cfg, key)))} needs an evaluation, but validation is "
+                                  "not set: give validation=FOLDER or a fraction (e.g. 0.05)")
+    save = _value(cfg.save_strategy)
+    if cfg.load_best_model_at_end and save not in ("best", evaluate):
+        raise ConfigError(f"load_best_model_at_end=true picks among the checkpoints saved at evaluations, but "
+                          f"save_strategy={save} and eval_strategy={evaluate}: make them match (or save_strategy=best)")
+
+
+def _check_sharding(cfg: FinetuneConfig) -> None:
+    if cfg.fsdp and cfg.deepspeed:
+        raise ConfigError(f"{_named('fsdp', cfg.fsdp)} and deepspeed={cfg.deepspeed}: both shard the model; choose one")
+    if cfg.fsdp_config and not cfg.fsdp:
+        raise ConfigError(f"fsdp_config={cfg.fsdp_config} has no effect without fsdp: set fsdp=true, or drop fsdp_config")
+    if not cfg.fsdp:
+        return
+    doc = {k.removeprefix("fsdp_"): v for k, v in (_json_setting("fsdp_config", cfg.fsdp_config) or {}).items()}
+    version = int(doc.get("version", 2))
+    stale = [key for key in FSDP1_ONLY if key in doc]
+    if version == 2 and stale:
+        raise ConfigError(f"fsdp_config={cfg.fsdp_config}: {', '.join(stale)} are FSDP1 settings, which FSDP2 (version 2, "
+                          "transformers' default) ignores; remove them, or set version: 1 (deprecated)")
+    if version == 1 and cfg.use_cpu:
+        raise ConfigError(f"fsdp_config={cfg.fsdp_config}: version 1 (FSDP1) with use_cpu=true; only FSDP2 (version 2) "
+                          "runs on CPU processes")
+    if str(doc.get("activation_checkpointing", "false")).lower() == "true" and (
+            cfg.gradient_checkpointing or getattr(cfg, "activation_checkpointing", None)):
+        raise ConfigError(f"gradient_checkpointing=true and fsdp_config={cfg.fsdp_config} activation_checkpointing=true "
+                          "both checkpoint activations; keep only fsdp_config's (gradient_checkpointing=false)")
+
+
+def _check_precision(cfg: FinetuneConfig) -> None:
+    import torch
+
+    gpu = torch.cuda.is_available() and not cfg.use_cpu
+    if cfg.fp16 and not gpu:
+        where = "use_cpu=true" if cfg.use_cpu else "no CUDA GPU here"
+        raise ConfigError(f"fp16=true needs a CUDA GPU, but {where}: on CPU use bf16=true or neither")
+    if (cfg.bf16 or cfg.bf16_full_eval) and not cfg.use_cpu and not torch.cuda.is_available():
+        raise ConfigError("bf16=true needs a GPU, and there is none here: add use_cpu=true to train on the CPU "
+                          "(bf16 autocast), or set bf16=false")
+
+
+def check_world_size(cfg: FinetuneConfig, world_size: int) -> None:
+    """FSDP shards over processes: refuse it in a single process, before the model loads (transformers would raise
+    "Using fsdp only works in distributed training" after)."""
+    if cfg.fsdp and world_size < 2:
+        raise ConfigError(f"{_named('fsdp', cfg.fsdp)} shards the model over processes, but this run has 1 process: "
+                          "launch it with finetune/launch.sh --nproc-per-node N (N >= 2), or drop fsdp")
+
+
+def _json_setting(key: str, value) -> dict | None:
+    """A setting given as a dict or as the path of a JSON file; a missing file is transformers' to report."""
+    if not isinstance(value, (str, Path)):
+        return value
+    try:
+        doc = json.loads(Path(value).read_text())
+    except OSError:
+        return None
+    except ValueError as err:
+        raise ConfigError(f"{key}={value}: not valid JSON ({err})") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{key}={value}: expected a JSON object")
+    return doc
+
+
 def sharded_weights(fsdp, deepspeed) -> str | None:
     """The setting that shards the weight matrices themselves (FSDP, DeepSpeed ZeRO-3), named; None otherwise."""
     if fsdp:
         return f"fsdp={' '.join(fsdp) if isinstance(fsdp, list) else fsdp!r}"
-    doc = deepspeed
-    if isinstance(deepspeed, (str, Path)):
-        try:
-            doc = json.loads(Path(deepspeed).read_text())
-        except OSError:
-            return None  # a missing file is transformers' to report
-        except ValueError as err:
-            raise ConfigError(f"deepspeed={deepspeed}: not valid JSON ({err})") from None
+    doc = _json_setting("deepspeed", deepspeed)
     stage = ((doc or {}).get("zero_optimization") or {}).get("stage") if isinstance(doc, dict) else None
     if stage == 3:
         return f"deepspeed={deepspeed} (ZeRO stage 3)" if isinstance(deepspeed, (str, Path)) else "deepspeed (ZeRO stage 3)"
@@ -237,3 +328,16 @@ def load_config(path: str | Path | None, overrides: list[str] = (), **extra) -> 
         return FinetuneConfig(**values)
     except ConfigError as err:
         raise ConfigError(f"{path or 'config'}: {err}") from None
+    except ValueError as err:
+        if not _raised_by_training_arguments(err):
+            raise
+        raise ConfigError(f"{path or 'config'}: {' '.join(str(err).split())}") from None
+
+
+def _raised_by_training_arguments(err: BaseException) -> bool:
+    """transformers' own checks of the settings (raised in ``training_args.py``, some over several lines), as
+    opposed to an error from deeper down (torch.distributed, accelerate), which keeps its traceback."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).name == "training_args.py"

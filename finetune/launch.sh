@@ -17,10 +17,11 @@
 #   --rdzv-id         RDZV_ID          medmax
 #   PYTHON (environment)               .venv/bin/python when present, else python
 # Without a CUDA device the run uses the gloo backend (ddp_backend=gloo; a later override wins).
+# The settings are checked once (python -m finetune.train --check) before torchrun starts any process.
 set -euo pipefail
 
 if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
-  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 CONFIG="$1"; shift
@@ -66,4 +67,8 @@ CMD=("$PYTHON" -m torch.distributed.run --nproc-per-node "$NPROC" --nnodes "$NNO
      --rdzv-backend c10d --rdzv-endpoint "$RDZV" --rdzv-id "$RDZV_ID"
      -m finetune.train --config "$CONFIG" "${BACKEND[@]}" "${ARGS[@]}")
 if [[ "$DRY" -eq 1 ]]; then printf '%q ' "${CMD[@]}"; echo; exit 0; fi
+# Check the settings once, here, before any process starts: a contradiction is one error, not one per rank
+WORLD=()  # not WORLD_SIZE in the environment: accelerate would start a process group in the check
+if [[ "$NPROC" =~ ^[0-9]+$ && "$NNODES" =~ ^[0-9]+$ ]]; then WORLD=(--world-size "$((NPROC * NNODES))"); fi
+"$PYTHON" -m finetune.train --check "${WORLD[@]}" --config "$CONFIG" "${ARGS[@]}"  # ddp_backend: a process group
 exec "${CMD[@]}"

@@ -98,6 +98,11 @@ def apply_freeze(model, patterns: list[str]) -> int:
     return count
 
 
+def _numel(p: torch.Tensor) -> int:
+    """Elements of a parameter, also when DeepSpeed ZeRO-3 has partitioned it (its ``numel()`` is then 0)."""
+    return getattr(p, "ds_numel", p.numel())
+
+
 def setup_mode(model, mode: str, vocab: Vocabulary, freeze: list[str], lora: dict | None = None):
     """Apply a mode and freeze patterns; returns the model to train (a peft model in mode lora)."""
     for p in model.model.vqmodel.parameters():  # the image encoder is unused when training on token ids
@@ -109,8 +114,8 @@ def setup_mode(model, mode: str, vocab: Vocabulary, freeze: list[str], lora: dic
     elif mode != "full":
         raise ValueError(f"mode={mode!r}: unknown")
     frozen = apply_freeze(model, freeze)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
     if trainable == 0:
         raise NothingToTrainError(f"mode={mode} with freeze={freeze} leaves no trainable parameter")
     logger.info("mode %s: %d of %d parameters trainable (%.2f%%); freeze patterns froze %d tensors",

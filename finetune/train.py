@@ -6,8 +6,10 @@ Usage::
     python -m finetune.train --config finetune/configs/tiny_cpu.yaml
     # overrides on top of the YAML, and resuming from the last complete checkpoint of output_dir
     python -m finetune.train --config finetune/configs/tiny_cpu.yaml max_steps=20 learning_rate=1e-3 --resume
-    # several processes / nodes: finetune/launch.sh wraps torchrun
+    # several processes / nodes: finetune/launch.sh wraps torchrun (and runs --check once first)
     finetune/launch.sh finetune/configs/lora_7b.yaml --nproc-per-node 8
+    # only read and check the settings (contradictions are refused in one line naming both)
+    python -m finetune.train --config finetune/configs/quickstart.yaml validation=null --check
 
 The output folder receives checkpoints (``checkpoint-N/``), the final weights, ``tokenizer.json``,
 ``vqgan/`` (the complete VQGAN), ``medmax_run.json`` (where each piece came from),
@@ -32,6 +34,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -67,6 +70,12 @@ class MedMaxTrainerMixin:
         self._real_tokens = 0
         self._tokens_at_log, self._time_at_log = 0, time.perf_counter()
 
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        plugin_args = getattr(self.args, "fsdp_plugin_args", None)
+        if plugin_args is not None and not self.is_fsdp_enabled:
+            self.is_fsdp_enabled = enable_fsdp_on_cpu(self.accelerator, plugin_args)
+
     def _prepare_inputs(self, inputs):
         n_real = inputs.pop("n_real_tokens", None)
         if n_real is not None and self.model.training:
@@ -97,6 +106,37 @@ class MedMaxTrainerMixin:
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             write_run_info(Path(output_dir or self.args.output_dir), self.run_info, self.tokenizer_obj)
+
+
+def enable_fsdp_on_cpu(accelerator, plugin_args: dict) -> bool:
+    """Turn accelerate's CPU data parallelism into FSDP, which it skips on CPU; returns True.
+
+    accelerate 1.x enables FSDP only when the processes run on an accelerator device (its ``AcceleratorState``
+    checks for ``MULTI_GPU``, ``MULTI_XPU``... and leaves ``MULTI_CPU`` out), so on CPU the ``fsdp`` setting was
+    dropped without a word and every process trained a full replica under DDP. PyTorch's FSDP2 (``fully_shard``)
+    itself runs on CPU over gloo, and so does the rest of accelerate's FSDP2 path as far as it is used here
+    (wrapping per decoder layer, activation checkpointing, float32 and bf16, full state dicts, saving and resuming:
+    tests/finetune/test_sharded.py), so the state is switched to FSDP, with the plugin transformers built from
+    ``fsdp_config``.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        raise RuntimeError(f"fsdp is set but accelerate chose {state.distributed_type}; expected FSDP or MULTI_CPU")
+    plugin = FullyShardedDataParallelPlugin(**plugin_args)
+    if plugin.fsdp_version != 2:
+        from .config import ConfigError
+
+        raise ConfigError("fsdp on CPU: only FSDP2 (fsdp_config version 2, the default) runs on CPU processes")
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin, state.distributed_type = plugin, DistributedType.FSDP
+    # as accelerate does at the end of AcceleratorState.__init__: every later AcceleratorState() copies this back
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    logger.info("FSDP2 on CPU processes (gloo): accelerate leaves FSDP off on CPU; switched on here")
+    return True
 
 
 def medmax_trainer(**kwargs) -> Trainer:
@@ -146,6 +186,22 @@ def _check_memory(cfg: FinetuneConfig, tokenizer, vqgan) -> None:
     else:
         check_config_fits(ChameleonConfig.from_pretrained(cfg.model), f"{Path(cfg.model) / 'config.json'}", dtype,
                           allow=cfg.skip_memory_check, override=override)
+
+
+def _join_deepspeed_comm() -> None:
+    """Let DeepSpeed see the process group before ZeRO-3 partitions the model as it is built.
+
+    On GPUs accelerate starts the processes through ``deepspeed.comm``; on CPU it starts a plain gloo group, which
+    ``deepspeed.comm`` does not know, so ``zero.Init`` read a world size of 1 and refused the batch sizes
+    ("train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size 4 != 2 * 1 * 1").
+    ``init_distributed`` adopts the existing group; where DeepSpeed already has one it does nothing.
+    """
+    import torch.distributed as dist
+
+    import deepspeed
+
+    if dist.is_initialized() and not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
 
 
 def _setup_model(cfg: FinetuneConfig, tokenizer, vqgan, resume: bool) -> tuple[MedMaxChameleon, str | None]:
@@ -373,6 +429,8 @@ def run(cfg: FinetuneConfig, resume: bool = False, resume_anyway: bool = False) 
     if checkpoint is not None:
         _check_resume(checkpoint, fingerprint, resume_anyway)
     _check_memory(cfg, tokenizer, vqgan)  # before the data is read and the weights allocated
+    if cfg.deepspeed:
+        _join_deepspeed_comm()
     vocab_size = _model_vocab_size(cfg, vocab)
     train_set, val_set = _setup_data(cfg, vocab, vocab_size)
     model, base_dir = _setup_model(cfg, tokenizer, vqgan, resume)
@@ -406,6 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="continue from the last complete checkpoint in output_dir (same data, tokenizer and mode)")
     parser.add_argument("--resume-anyway", action="store_true",
                         help="resume even when the data, tokenizer or mode differ from the checkpoint's run")
+    parser.add_argument("--check", action="store_true",
+                        help="read and check the settings, then exit (finetune/launch.sh runs this once before the "
+                             "processes start, so a contradiction is reported once, before anything loads)")
+    parser.add_argument("--world-size", type=int,
+                        help="processes the run has (default: torchrun's WORLD_SIZE, else 1); launch.sh passes it to --check")
     parser.add_argument("overrides", nargs="*", help="key=value settings on top of the YAML")
     return parser
 
@@ -413,10 +476,13 @@ def build_parser() -> argparse.ArgumentParser:
 @program("finetune.train")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .config import load_config  # after parsing: --help does not load transformers
+    from .config import check_world_size, load_config  # after parsing: --help does not load transformers
 
     cfg = load_config(args.config, args.overrides)
+    check_world_size(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
+    if args.check:
+        logger.info("%s: settings checked", args.config or "overrides")
+        return 0
     run(cfg, resume=args.resume, resume_anyway=args.resume_anyway)
     return 0
 

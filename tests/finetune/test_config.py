@@ -43,11 +43,9 @@ def test_every_shipped_config_parses_and_opens_with_its_command(path, monkeypatc
             assert isinstance(json.loads((ROOT / raw[key]).read_text()), dict)
 
 
-@pytest.mark.parametrize("name", ["ds_zero2.json", "ds_zero3.json", "fsdp_7b.json"])
-def test_distributed_configs_are_valid_json(name):
-    doc = json.loads((ROOT / "finetune" / "configs" / name).read_text())
-    if name.startswith("ds_"):
-        assert doc["zero_optimization"]["stage"] == int(name[7])
+def test_fsdp_config_is_valid_json():
+    """The DeepSpeed JSONs are read by DeepSpeed's own parser in tests/finetune/test_sharded.py."""
+    assert json.loads((ROOT / "finetune" / "configs" / "fsdp_7b.json").read_text())["version"] == 2
 
 
 def test_overrides_parse_as_yaml_with_only_true_false_booleans():
