@@ -156,12 +156,40 @@ def history(records: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def vqgan_objectives(folder: Path) -> list[str]:
+    """The VQGAN objective comparisons (bench/vqgan_objectives.py): a quality record at equal wall time, one
+    row per arm, not a harness timing record."""
+    files = sorted((folder / "vqgan_objectives").glob("*.json"))
+    if not files:
+        return []
+    lines = ["## VQGAN objectives at equal wall time (quality, not speed)", "",
+             "Held-out synthetic scans (PSNR, SSIM, codes used, perplexity, share of lesions that survive) and "
+             "held-out DICOM images (PSNR), after each arm trained for the same wall time. The grids are in "
+             "`docs/vqgan_objectives.png` and the README's VQGAN section.", ""]
+    for path in files:
+        r = json.loads(path.read_text())
+        cond = r.get("conditions", {})
+        load = f"{cond.get('load_before', ['?'])[0]} -> {cond.get('load_after', ['?'])[0]}"
+        lines += [f"Command: `{r['command']}`  ", f"Record: `{path.relative_to(folder.parent)}`, {r['started']}, "
+                  f"seed {r['settings'].get('seed')}; load average (1 min) {load} on {r.get('environment', {}).get('cpus', '?')} CPUs.", "",
+                  "| arm | steps | PSNR dB | SSIM | codes used | perplexity | lesion survival | DICOM PSNR dB |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, arm in r["arms"].items():
+            scans, dicom = arm["scans"], arm.get("dicom") or {}
+            dicom_psnr = f"{dicom['psnr']:.2f}" if "psnr" in dicom else "-"
+            lines.append(f"| {name} | {arm['steps']} | {scans['psnr']:.2f} | {scans['ssim']:.3f} | {scans['codes_used']} | "
+                         f"{scans['perplexity']:.1f} | {scans['lesion_survival']:.2f} | {dicom_psnr} |")
+        lines += [f"- {note}" for note in r.get("notes", [])] + [""]
+    return lines
+
+
 def render(folder: Path = RESULTS) -> str:
     records = load_records(folder)
     shown = latest(records)
     lines = [HEADER, *targets_table(shown)]
     for r in shown:
         lines += section(r)
+    lines += vqgan_objectives(folder)
     lines += history(records)
     return "\n".join(lines).rstrip() + "\n"
 

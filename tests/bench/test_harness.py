@@ -186,3 +186,16 @@ def test_git_state_names_modified_files_whole(tmp_path, monkeypatch):
     (repo / "other.py").write_text("changed\n")
     monkeypatch.setattr(harness, "ROOT", repo)
     assert sorted(harness.git_state()["dirty_files"]) == ["bench/script.py", "other.py"]
+
+
+def test_vqgan_objective_records_are_tabulated_one_row_per_arm(tmp_path):
+    folder = tmp_path / "results" / "vqgan_objectives"
+    folder.mkdir(parents=True)
+    arm = {"steps": 7, "scans": {"psnr": 21.5, "ssim": 0.61, "codes_used": 40, "perplexity": 12.0, "lesion_survival": 0.75}}
+    record = {"command": "python bench/vqgan_objectives.py", "started": "now", "settings": {"seed": 3},
+              "conditions": {"load_before": [1.0], "load_after": [2.0]}, "environment": {"cpus": 2},
+              "arms": {"reconstruction": {**arm, "dicom": {"psnr": 9.5}}, "full_all": arm}, "notes": ["a note"]}
+    (folder / "vqgan-objectives-1.json").write_text(json.dumps(record))
+    text = report.render(tmp_path / "results")
+    assert "| reconstruction | 7 | 21.50 | 0.610 | 40 | 12.0 | 0.75 | 9.50 |" in text
+    assert "| full_all | 7 | 21.50 | 0.610 | 40 | 12.0 | 0.75 | - |" in text and "- a note" in text
