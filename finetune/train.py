@@ -168,9 +168,9 @@ def _setup_model(cfg: FinetuneConfig, tokenizer, vqgan, resume: bool) -> tuple[M
     if cfg.is_preset:
         model = new_model(cfg.preset_name, tokenizer, vqgan, seed=cfg.seed).to(dtype)
         model.config._attn_implementation = cfg.attn_implementation
-        if cfg.mode == "lora" and cfg.should_save:  # the adapters need their base weights at export
+        if cfg.weights_mode == "lora" and cfg.should_save:  # the adapters need their base weights at export
             save_model_dir(saved_base, model, tokenizer, None)
-        return model, (str(saved_base) if cfg.mode == "lora" else None)
+        return model, (str(saved_base) if cfg.weights_mode == "lora" else None)
     model = MedMaxChameleon.from_pretrained(cfg.model, dtype=dtype, attn_implementation=cfg.attn_implementation)
     return model, str(Path(cfg.model).resolve())
 
@@ -191,6 +191,10 @@ def _model_vocab_size(cfg: FinetuneConfig, vocab: Vocabulary) -> int:
 
 def _setup_data(cfg: FinetuneConfig, vocab: Vocabulary, vocab_size: int):
     """Training and validation datasets, checked against the model and tokenizer before any step."""
+    if cfg.mode == "dpo":
+        from .dpo import setup_preference_data
+
+        return setup_preference_data(cfg, vocab, vocab_size)
     from medmax.training_data import SequenceDataset, check_sequences, load_sequences, split_validation
 
     specs = cfg.dataset_specs()
@@ -358,6 +362,32 @@ def _check_resume(checkpoint: Path, fingerprint: dict, anyway: bool) -> None:
     logger.warning("%s; continuing anyway (--resume-anyway)", message)
 
 
+def _dpo_reference(cfg: FinetuneConfig, model):
+    """Mode dpo: a frozen copy of the starting model as the reference, unless LoRA's disabled adapters serve."""
+    if cfg.mode != "dpo":
+        return None
+    from .dpo import disable_dropout, frozen_copy
+
+    disable_dropout(model)
+    if cfg.dpo_weights == "lora" and cfg.dpo_reference == "auto":
+        return None
+    return frozen_copy(model)
+
+
+def _trainer(cfg: FinetuneConfig, vocab: Vocabulary, model, reference, train_set, val_set, info: dict, tokenizer):
+    common = dict(model=model, args=cfg, train_dataset=train_set, eval_dataset=val_set, run_info=info,
+                  tokenizer_obj=tokenizer)
+    if cfg.mode != "dpo":
+        return medmax_trainer(data_collator=_collator(cfg, vocab), **common)
+    from medmax.preferences import PreferenceCollator
+
+    from .dpo import disable_dropout, dpo_trainer
+
+    disable_dropout(model)  # LoRA's dropout layers exist only now
+    return dpo_trainer(data_collator=PreferenceCollator(vocab.pad_id), dpo_loss=cfg.dpo_loss(), ref_model=reference,
+                       use_weights=cfg.dpo_use_weights, **common)
+
+
 def run(cfg: FinetuneConfig, resume: bool = False, resume_anyway: bool = False) -> Trainer:
     """Train with ``cfg``; returns the finished trainer. ``resume_anyway`` resumes without the fingerprint check."""
     from medmax.vqgan import save_vqgan
@@ -375,17 +405,17 @@ def run(cfg: FinetuneConfig, resume: bool = False, resume_anyway: bool = False) 
     model, base_dir = _setup_model(cfg, tokenizer, vqgan, resume)
     # transformers finds packed boundaries only without a KV cache, and Chameleon makes one whenever use_cache is on
     model.config.use_cache = False
+    reference = _dpo_reference(cfg, model)
     lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_target_modules)
-    model = setup_mode(model, cfg.mode, vocab, cfg.freeze, lora)
-    if cfg.gradient_checkpointing and cfg.mode != "full":
+    model = setup_mode(model, cfg.weights_mode, vocab, cfg.freeze, lora)
+    if cfg.gradient_checkpointing and cfg.weights_mode != "full":
         model.enable_input_require_grads()
     output_dir = Path(cfg.output_dir)
     if cfg.should_save:
         save_vqgan(vqgan, output_dir / "vqgan")
-    info = {"mode": cfg.mode, "model": cfg.model, "base_model": base_dir if cfg.mode == "lora" else None,
+    info = {"mode": cfg.mode, "model": cfg.model, "base_model": base_dir if cfg.weights_mode == "lora" else None,
             "vqgan": str(output_dir / "vqgan"), "tokenizer": "tokenizer.json", "fingerprint": fingerprint}
-    trainer = medmax_trainer(model=model, args=cfg, train_dataset=train_set, eval_dataset=val_set,
-                             data_collator=_collator(cfg, vocab), run_info=info, tokenizer_obj=tokenizer)
+    trainer = _trainer(cfg, vocab, model, reference, train_set, val_set, info, tokenizer)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if val_set is not None:
         trainer.evaluate()

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 from .memory import MemoryBudgetError, available_bytes, check_fits
 from .vocab import IGNORE_INDEX, Vocabulary, load_tokenizer
@@ -131,6 +132,14 @@ def chameleon_config(preset: str, tokenizer: Tokenizer, vqgan_params: dict, **ov
     return ChameleonConfig(**fields)
 
 
+@dataclass
+class LabelLogps(ModelOutput):
+    """Per-token log-probabilities of the labels, (B, T-1), 0 where unlabelled; ``mask`` marks the labelled ones."""
+
+    logps: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
 class MedMaxChameleon(ChameleonForConditionalGeneration):
     """Chameleon with unmasked logits: image codes can be trained on and sampled.
 
@@ -152,8 +161,10 @@ class MedMaxChameleon(ChameleonForConditionalGeneration):
         labels=None,
         use_cache=None,
         logits_to_keep: int | torch.Tensor = 0,
+        score_labels: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """``score_labels=True`` with ``labels``: per-token log-probs of the labels instead (:class:`LabelLogps`)."""
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -165,6 +176,10 @@ class MedMaxChameleon(ChameleonForConditionalGeneration):
             **kwargs,
         )
         hidden = outputs.last_hidden_state  # (B, T, C)
+        if score_labels:
+            from .dpo import labelled_token_logps
+
+            return LabelLogps(*labelled_token_logps(self, hidden, labels))
         if labels is not None and self.training and self.head_on_labelled_positions_only:
             loss = self._labelled_loss(hidden, labels, kwargs.get("num_items_in_batch"))
             return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values)

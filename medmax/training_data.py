@@ -100,6 +100,9 @@ def load_sequences(folder: str | Path) -> SequenceData:
     """Read every shard of a sequence folder, checking that ids, labels and lengths agree row by row."""
     folder = Path(folder)
     manifest = read_manifest(folder)
+    if manifest.get("layout", "sequences") != "sequences":
+        raise DataError(f"{folder}/{MANIFEST_NAME}: holds {manifest['layout']}, not sequences (a preference folder "
+                        "trains with mode: dpo)")
     shards = [folder / name for name in manifest["files"]]
     if not shards:
         raise DataError(f"{folder}/{MANIFEST_NAME}: lists no shard files")

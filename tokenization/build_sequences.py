@@ -42,13 +42,11 @@ rebuilding the others.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
 
-from medmax.dataset_io import ERRORS
-from medmax.sequence_dataset import BuildConfig, build_dataset
+from medmax.sequence_dataset import BuildConfig, build_dataset, build_summary
 from medmax.sequences import SequenceConfig
 from medmax.vocab import IMAGE_PLACEHOLDER
 
@@ -104,31 +102,13 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
     )
 
 
-def summary(manifest: dict, output: str, seconds: float) -> str:
-    counts, stats = manifest["counts"], manifest["token_stats"]
-    limit = manifest["settings"]["max_length"]
-    lines = [
-        f"rows read {counts['rows_read']}, written {counts['rows_written']}, rejected {counts['rejected_total']}"
-        f" {json.dumps(counts['rejected']) if counts['rejected'] else ''}",
-        f"max length {limit or 'none'}: truncated {counts['truncated']} at the end of their answer text,"
-        f" dropped for length {counts['dropped_for_length']}"
-        + (f" (longest {counts['longest_dropped']} tokens; raise --max-length, 0 = no limit, to keep them)" if counts["dropped_for_length"] else ""),
-        f"tokens {stats['total_tokens']} ({stats['trained_tokens']} with loss); length min {stats['min_length']}"
-        f" mean {stats['mean_length']} max {stats['max_length']}; {len(manifest['files'])} shard(s) in {output}",
-        f"{seconds:.1f} s, {counts['rows_read'] / max(seconds, 1e-9):.0f} rows/s",
-    ]
-    if counts["rejected_total"] or counts["dropped_for_length"]:
-        lines.append(f"see {output}/{ERRORS} for the rows left out")
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     config = config_from_args(args)
     start = time.perf_counter()
     manifest = build_dataset(config)
-    print(summary(manifest, args.output, time.perf_counter() - start), file=sys.stderr)
+    print(build_summary(manifest, args.output, time.perf_counter() - start), file=sys.stderr)
     return 0
 
 
