@@ -122,6 +122,19 @@ def test_logged_loss_equals_an_independent_computation_lora(tmp_path, tiny_model
     assert loss != pytest.approx(math.log(2), abs=1e-4)
 
 
+def test_resume_continues_and_validation_logs_trls_metric_names(tmp_path, tiny_model_dir, prefs):
+    out = _train(tmp_path, tiny_model_dir, prefs, "dpo_weights=lora", "lora_r=4", "validation=0.25", "eval_steps=1",
+                 "per_device_train_batch_size=4")
+    evals = [h for h in _history(out) if "eval_loss" in h]
+    assert evals and all(k in evals[0] for k in ("eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/chosen"))
+    _train(tmp_path, tiny_model_dir, prefs, "dpo_weights=lora", "lora_r=4", "validation=0.25", "eval_steps=1",
+           "per_device_train_batch_size=4", "max_steps=3", "--resume")
+    steps = [h["step"] for h in _history(out) if "loss" in h]
+    assert steps == [1, 2, 3]
+    with pytest.raises(ConfigError, match="mode=dpo"):  # the fingerprint names the mode that changed
+        _train(tmp_path, tiny_model_dir, prefs, "mode=lora", "max_steps=4", "--resume")
+
+
 def test_adapter_disabled_reference_equals_a_separate_frozen_base(tiny_model_dir, prefs, tiny_vocab):
     from finetune.modes import apply_lora
 
