@@ -20,6 +20,7 @@ import json
 import logging
 import multiprocessing
 import os
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -92,6 +93,19 @@ class BuildConfig:
         if self.max_row_bytes < 1:
             raise ValueError(f"--max-row-bytes must be positive, got {self.max_row_bytes}")
         self.columns  # noqa: B018 - validates --keep / --drop
+
+    @classmethod
+    def from_flags(cls, flags, sequence: SequenceConfig, layout: str = "sequences") -> "BuildConfig":
+        """A build from a build program's parsed flags (an object with their attributes, argparse's names)."""
+        keep = getattr(flags, "keep", None)
+        return cls(
+            inputs=flags.input, tokenizer=flags.tokenizer, output=flags.output, sequence=sequence,
+            image_tokens=tuple(flags.image_tokens), ckpt=flags.ckpt, image_root=flags.image_root,
+            trust_checkpoint=flags.trust_checkpoint, workers=flags.workers, batch_size=flags.batch_size,
+            rows_per_shard=flags.rows_per_shard, keep=None if keep is None else tuple(keep), drop=tuple(flags.drop),
+            max_row_bytes=flags.max_row_bytes, strict=flags.strict, resume=flags.resume, progress=not flags.no_progress,
+            layout=layout,
+        )
 
     @property
     def columns(self) -> ColumnFilter:
@@ -529,6 +543,13 @@ def _manifest(cfg: BuildConfig, inputs, results: list[FileResult], vocab: Vocabu
             "max_row_bytes": cfg.max_row_bytes,
         },
     }
+
+
+def timed_build(cfg: BuildConfig) -> str:
+    """Run a build; returns its summary (what the build programs print)."""
+    start = time.perf_counter()
+    manifest = build_dataset(cfg)
+    return build_summary(manifest, cfg.output, time.perf_counter() - start)
 
 
 def build_summary(manifest: dict, output: str, seconds: float) -> str:

@@ -36,9 +36,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 
-from medmax.sequence_dataset import BuildConfig, build_dataset, build_summary
+from medmax.sequence_dataset import BuildConfig, timed_build
 from medmax.sequences import SequenceConfig
 
 logger = logging.getLogger("tokenization.build_preferences")
@@ -73,23 +72,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def config_from_args(args: argparse.Namespace) -> BuildConfig:
     sequence = SequenceConfig(max_length=args.max_length or None, codes_per_image=args.codes_per_image,
                               codebook_size=args.codebook_size)
-    return BuildConfig(
-        inputs=args.input, tokenizer=args.tokenizer, output=args.output, sequence=sequence,
-        image_tokens=tuple(args.image_tokens), ckpt=args.ckpt, image_root=args.image_root,
-        trust_checkpoint=args.trust_checkpoint, workers=args.workers, batch_size=args.batch_size,
-        rows_per_shard=args.rows_per_shard, keep=None if args.keep is None else tuple(args.keep), drop=tuple(args.drop),
-        max_row_bytes=args.max_row_bytes, strict=args.strict, resume=args.resume, progress=not args.no_progress,
-        layout="preferences",
-    )
+    return BuildConfig.from_flags(args, sequence, layout="preferences")
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
-    config = config_from_args(args)
-    start = time.perf_counter()
-    manifest = build_dataset(config)
-    print(build_summary(manifest, args.output, time.perf_counter() - start), file=sys.stderr)
+    print(timed_build(config_from_args(args)), file=sys.stderr)
     return 0
 
 
