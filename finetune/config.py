@@ -20,6 +20,8 @@ from medmax.presets import PRESET_PREFIX, TOKENIZER_PRESETS, VQGAN_PRESETS, pars
 MODES = ("full", "lora", "image-alignment", "dpo")
 DPO_WEIGHTS = ("lora", "full")  # what mode dpo trains
 DPO_REFERENCES = ("auto", "copy")
+DPO_FIELDS = ("dpo_weights", "dpo_beta", "dpo_loss_type", "dpo_label_smoothing", "rpo_alpha", "dpo_use_weights",
+              "dpo_reference")
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -157,6 +159,10 @@ class FinetuneConfig(TrainingArguments):
 
     def _check_dpo(self) -> None:
         if self.mode != "dpo":
+            defaults = {f.name: f.default for f in fields(FinetuneConfig) if f.name in DPO_FIELDS}
+            stray = [f"{k}={getattr(self, k)!r}" for k in DPO_FIELDS if getattr(self, k) != defaults[k]]
+            if stray:
+                raise ConfigError(f"{', '.join(stray)}: only used with mode: dpo (mode is {self.mode})")
             return
         if self.dpo_weights not in DPO_WEIGHTS:
             raise ConfigError(f"dpo_weights={self.dpo_weights!r}: choose one of {DPO_WEIGHTS}")

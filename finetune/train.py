@@ -314,7 +314,7 @@ def run_fingerprint(cfg: FinetuneConfig, tokenizer) -> dict:
     """What a resumed run must share with the run it continues: mode, tokenizer and the data's content."""
     fraction = cfg.validation_fraction()
     return {
-        "mode": cfg.mode,
+        "mode": cfg.mode if cfg.mode != "dpo" else f"dpo/{cfg.dpo_weights}",  # dpo's LoRA and full checkpoints differ
         "tokenizer": hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
         "datasets": [{"digest": folder_digest(s.path), "weight": s.weight, "path": s.path} for s in cfg.dataset_specs()],
         "validation": fraction if fraction is not None else (folder_digest(cfg.validation) if cfg.validation else None),

@@ -224,6 +224,12 @@ def test_bad_dpo_settings_name_themselves(setting, named):
                            "vqgan=preset:tiny"], use_cpu=True)
 
 
+def test_dpo_settings_outside_mode_dpo_are_refused():
+    with pytest.raises(ConfigError, match="dpo_beta=0.5: only used with mode: dpo"):
+        load_config(None, ["mode=lora", "datasets=[x]", "dpo_beta=0.5", "model=preset:tiny", "tokenizer=preset:tiny",
+                           "vqgan=preset:tiny"], use_cpu=True)
+
+
 def test_a_sequence_folder_is_refused_by_dpo_and_a_preference_folder_by_sft(tmp_path, tiny_model_dir, prefs,
                                                                             tiny_tokenizer, tiny_vocab):
     from finetune.demo_data import demo_rows
