@@ -8,7 +8,7 @@ Usage::
 Every step calls the program a user would call, as a subprocess, and is skipped when its output exists
 (rerun after a kill continues; delete the folder to start over):
 
-    1. sft        python -m quickstart --reduced --max-steps N: data, VQGAN, tokens, sequences, a *briefly*
+    1. sft        python -m quickstart --max-steps 60 (--reduced: 30): data, VQGAN, tokens, sequences, a *briefly*
                   supervised small model (deliberately under-trained), exported, evaluated
     2. pairs      python -m finetune.make_preferences on the training rows (lesion boxes from the pixels,
                   medmax.synthetic.lesion_box) and on the held-out rows: hallucination pairs (the model's wrong
@@ -39,8 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TARGET = re.compile(r"with a (small|large) bright lesion in the (upper left|upper right|lower left|lower right)\.")
-FULL = {"sft_steps": 60, "dpo_steps": 300, "faithfulness_prompts": 48}
-REDUCED = {"sft_steps": 30, "dpo_steps": 40, "faithfulness_prompts": 8}
+# the quickstart's full data (1500 training scans, 200 held-out) or its reduced one (300, 60); pairs are curated
+# from the first `pair_rows` training rows (the file is shuffled)
+FULL = {"quickstart": [], "sft_steps": 60, "pair_rows": 1500, "dpo_steps": 300, "faithfulness_prompts": 48}
+REDUCED = {"quickstart": ["--reduced"], "sft_steps": 30, "pair_rows": 300, "dpo_steps": 40, "faithfulness_prompts": 8}
 
 
 def _run(name: str, cmd: list, log: dict) -> None:
@@ -53,7 +55,7 @@ def _run(name: str, cmd: list, log: dict) -> None:
     log[name] = {"command": " ".join(cmd), "seconds": round(time.time() - start, 1)}
 
 
-def _with_boxes(src: Path, dst: Path, image_root: Path) -> None:
+def _with_boxes(src: Path, dst: Path, image_root: Path, limit: int | None) -> None:
     """The rows of ``src`` with ``lesion_box`` from each scan's pixels (the region noising covers); generation rows
     of lesion-free scans are left out (their mirror image shows the same)."""
     from PIL import Image
@@ -61,7 +63,9 @@ def _with_boxes(src: Path, dst: Path, image_root: Path) -> None:
     from medmax.synthetic import lesion_box
 
     with open(src) as f, open(dst, "w") as out:
-        for line in f:
+        for n, line in enumerate(f):
+            if limit is not None and n >= limit:
+                break
             row = json.loads(line)
             if row.get("task") == "image_generation" and "bright lesion" not in row["text"]:
                 continue  # a lesion-free scan and its mirror image say the same: no preference to learn
@@ -73,18 +77,18 @@ def _with_boxes(src: Path, dst: Path, image_root: Path) -> None:
 
 def sft(out: Path, sizes: dict, log: dict) -> None:
     if not (out / "qs" / "model" / "config.json").is_file():
-        _run("1 sft (quickstart --reduced)", [sys.executable, "-m", "quickstart", "--reduced", "--nproc", "1",
-                                               "--output", out / "qs", "--max-steps", sizes["sft_steps"]], log)
+        _run("1 sft (quickstart)", [sys.executable, "-m", "quickstart", *sizes["quickstart"], "--nproc", "1",
+                                     "--output", out / "qs", "--max-steps", sizes["sft_steps"]], log)
 
 
-def pairs(out: Path, log: dict) -> None:
+def pairs(out: Path, sizes: dict, log: dict) -> None:
     data, py = out / "qs" / "data", sys.executable
     (out / "prefs").mkdir(exist_ok=True)
     for split, rows in (("train", "train.jsonl"), ("heldout", "heldout.jsonl")):
         if (out / "prefs" / split / "manifest.json").is_file():
             continue
         boxed = out / "prefs" / f"{split}_input.jsonl"
-        _with_boxes(data / rows, boxed, data)
+        _with_boxes(data / rows, boxed, data, sizes["pair_rows"] if split == "train" else None)
         _run(f"2 make_preferences {split}", [py, "-m", "finetune.make_preferences", "--model", out / "qs" / "model",
                                              "--input", boxed, "--image-root", data, "--image-pairs", "mirror",
                                              "--output", out / "prefs" / f"{split}_rows.jsonl", "--overwrite",
@@ -216,7 +220,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log: dict = {}
     sft(out, sizes, log)
-    pairs(out, log)
+    pairs(out, sizes, log)
     dpo(out, sizes, log)
     summary = {"sizes": sizes, **measure(out, sizes, log), "steps": log,
                "pairs": {s: json.loads((out / "prefs" / f"{s}_rows.jsonl.summary.json").read_text())["by_kind"]
