@@ -34,7 +34,7 @@ Writes OUTPUT (preference rows with every image as codes, so ``build_preferences
 tokenizer; ``image_path`` and ``kind`` kept) once complete, OUTPUT's ``.errors.jsonl`` (rows left out
 and why: unreadable image, no wrong answer to swap in, model right on the noised image...) and
 ``.summary.json`` (counts per kind and reason, the settings). An existing OUTPUT is refused unless
-``--overwrite``. Progress is logged per batch.
+``--overwrite``. Each phase (reading, answering, noising) is logged as it starts.
 """
 
 from __future__ import annotations
