@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 TARGET = re.compile(r"with a (small|large) bright lesion in the (upper left|upper right|lower left|lower right)\.")
 # the quickstart's full data (1500 training scans, 200 held-out) or its reduced one (300, 60); pairs are curated
-# from the first `pair_rows` training rows (the file is shuffled)
-FULL = {"quickstart": [], "sft_steps": 60, "pair_rows": 1500, "dpo_steps": 300, "faithfulness_prompts": 48}
+# from the first `pair_rows` training rows (the file is shuffled). Sized for a shared 2-core machine.
+FULL = {"quickstart": [], "sft_steps": 60, "pair_rows": 800, "dpo_steps": 150, "faithfulness_prompts": 32}
 REDUCED = {"quickstart": ["--reduced"], "sft_steps": 30, "pair_rows": 300, "dpo_steps": 40, "faithfulness_prompts": 8}
 
 
@@ -212,10 +212,13 @@ def main(argv=None) -> int:
     p.add_argument("--output", type=Path, default=Path("runs/dpo_evidence"))
     p.add_argument("--reduced", action="store_true", help="fewer steps and prompts (the slow test's run)")
     p.add_argument("--dpo-steps", type=int, help="override the DPO steps")
+    p.add_argument("--faithfulness-prompts", type=int, help="override how many held-out prompts are drawn")
     args = p.parse_args(argv)
     sizes = dict(REDUCED if args.reduced else FULL)
     if args.dpo_steps:
         sizes["dpo_steps"] = args.dpo_steps
+    if args.faithfulness_prompts:
+        sizes["faithfulness_prompts"] = args.faithfulness_prompts
     out = args.output.resolve()
     out.mkdir(parents=True, exist_ok=True)
     log: dict = {}

@@ -128,9 +128,9 @@ def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, attenti
     """Per-token log-probs of the labelled tokens, (N, T-1), and their mask, through ``model``'s own forward.
 
     ``model`` is a :class:`medmax.model.MedMaxChameleon`, possibly wrapped (peft, DDP, DeepSpeed): the call
-    goes through the wrappers (``score_labels=True``), so their hooks run, and the head runs only on the
+    goes through the wrappers (``token_logps=True``), so their hooks run, and the head runs only on the
     labelled positions.
     """
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
-                score_labels=True, use_cache=False)
+                token_logps=True, use_cache=False)
     return out.logps, out.mask

@@ -161,10 +161,10 @@ class MedMaxChameleon(ChameleonForConditionalGeneration):
         labels=None,
         use_cache=None,
         logits_to_keep: int | torch.Tensor = 0,
-        score_labels: bool = False,
+        token_logps: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """``score_labels=True`` with ``labels``: per-token log-probs of the labels instead (:class:`LabelLogps`)."""
+        """``token_logps=True`` with ``labels``: per-token log-probs of the labels instead (:class:`LabelLogps`)."""
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -176,7 +176,7 @@ class MedMaxChameleon(ChameleonForConditionalGeneration):
             **kwargs,
         )
         hidden = outputs.last_hidden_state  # (B, T, C)
-        if score_labels:
+        if token_logps:
             from .dpo import labelled_token_logps
 
             return LabelLogps(*labelled_token_logps(self, hidden, labels))

@@ -240,3 +240,10 @@ def test_a_sequence_folder_is_refused_by_dpo_and_a_preference_folder_by_sft(tmp_
         _train(tmp_path, tiny_model_dir, seq)
     with pytest.raises(DataError, match="holds preferences, not sequences"):
         load_sequences(prefs)
+
+
+def test_the_forward_adds_no_argument_trainer_takes_for_a_label():
+    """Trainer treats every forward argument named *label* as a label; one more made SFT validation lose eval_loss."""
+    from transformers.utils import find_labels
+
+    assert find_labels(MedMaxChameleon) == ["labels"]
