@@ -18,7 +18,11 @@ from medmax.errors import UserError
 from medmax.model import MODEL_PRESETS
 from medmax.presets import PRESET_PREFIX, TOKENIZER_PRESETS, VQGAN_PRESETS, parse_preset  # noqa: F401
 
-MODES = ("full", "lora", "image-alignment")
+MODES = ("full", "lora", "image-alignment", "dpo")
+DPO_WEIGHTS = ("lora", "full")  # what mode dpo trains
+DPO_REFERENCES = ("auto", "copy")
+DPO_FIELDS = ("dpo_weights", "dpo_beta", "dpo_loss_type", "dpo_label_smoothing", "rpo_alpha", "dpo_use_weights",
+              "dpo_reference")
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -75,6 +79,19 @@ class FinetuneConfig(TrainingArguments):
         "help": "A sequence folder, or a fraction (e.g. 0.05) held out of every training folder; none by default."})
     mode: str = field(default="lora", metadata={
         "help": f"One of {MODES}. image-alignment is refused with FSDP or DeepSpeed ZeRO-3 (use DDP or ZeRO-2)."})
+    dpo_weights: str = field(default="lora", metadata={
+        "help": f"mode dpo: which weights train, one of {DPO_WEIGHTS} (LoRA settings as in mode lora)."})
+    dpo_beta: float = field(default=0.1, metadata={"help": "mode dpo: beta, the strength of the pull towards the reference."})
+    dpo_loss_type: str = field(default="sigmoid", metadata={
+        "help": "mode dpo: sigmoid (DPO), hinge, ipo or sigmoid_norm, as TRL names them (medmax.dpo)."})
+    dpo_label_smoothing: float = field(default=0.0, metadata={"help": "mode dpo: cDPO's label smoothing (sigmoid loss)."})
+    rpo_alpha: float = field(default=0.0, metadata={
+        "help": "mode dpo: factor of RPO's NLL on the chosen continuation (mean per token); 0 = plain DPO."})
+    dpo_use_weights: bool = field(default=True, metadata={
+        "help": "mode dpo: multiply each pair's loss by its weight from the preference folder (MMedPO)."})
+    dpo_reference: str = field(default="auto", metadata={
+        "help": "mode dpo: auto = under LoRA the same weights with adapters disabled, else a frozen copy; "
+                "copy = always a frozen copy of the starting model."})
     freeze: list = field(default_factory=list, metadata={
         "help": "Regular expressions (re.search) over parameter names to freeze in addition to the mode."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (mode lora)."})
@@ -136,7 +153,8 @@ class FinetuneConfig(TrainingArguments):
             for key in ("tokenizer", "vqgan"):
                 if not getattr(self, key):
                     raise ConfigError(f"{key}: required when model is a preset ({self.model})")
-        if self.mode == "lora" and (self.lora_r <= 0 or self.lora_alpha <= 0):
+        self._check_dpo()
+        if self.weights_mode == "lora" and (self.lora_r <= 0 or self.lora_alpha <= 0):
             raise ConfigError(f"lora_r={self.lora_r}, lora_alpha={self.lora_alpha}: both must be positive")
         self.validation_fraction()  # raises on a bad value
         if self.model_dtype not in ("float32", "bfloat16", "float16"):
@@ -145,6 +163,33 @@ class FinetuneConfig(TrainingArguments):
         if sharded:
             raise ConfigError(f"mode=image-alignment with {sharded}: not supported (the trainable image rows sit beside "
                               "weight matrices this setting shards); use DDP or deepspeed ZeRO-2")
+
+    def _check_dpo(self) -> None:
+        if self.mode != "dpo":
+            defaults = {f.name: f.default for f in fields(FinetuneConfig) if f.name in DPO_FIELDS}
+            stray = [f"{k}={getattr(self, k)!r}" for k in DPO_FIELDS if getattr(self, k) != defaults[k]]
+            if stray:
+                raise ConfigError(f"{', '.join(stray)}: only used with mode: dpo (mode is {self.mode})")
+            return
+        if self.dpo_weights not in DPO_WEIGHTS:
+            raise ConfigError(f"dpo_weights={self.dpo_weights!r}: choose one of {DPO_WEIGHTS}")
+        if self.dpo_reference not in DPO_REFERENCES:
+            raise ConfigError(f"dpo_reference={self.dpo_reference!r}: choose one of {DPO_REFERENCES}")
+        try:
+            self.dpo_loss()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+    def dpo_loss(self):
+        """The DPO objective these settings describe (``medmax.dpo.DPOLoss``)."""
+        from medmax.dpo import DPOLoss
+
+        return DPOLoss(self.dpo_beta, self.dpo_loss_type, self.dpo_label_smoothing, self.rpo_alpha)
+
+    @property
+    def weights_mode(self) -> str:
+        """What trains: full, lora or image-alignment (mode dpo: its dpo_weights)."""
+        return self.dpo_weights if self.mode == "dpo" else self.mode
 
     @property
     def is_preset(self) -> bool:

@@ -217,9 +217,9 @@ def _setup_model(cfg: FinetuneConfig, tokenizer, vqgan, resume: bool) -> tuple[M
     if cfg.is_preset:
         model = new_model(cfg.preset_name, tokenizer, vqgan, seed=cfg.seed).to(dtype)
         model.config._attn_implementation = cfg.attn_implementation
-        if cfg.mode == "lora" and cfg.should_save:  # the adapters need their base weights at export
+        if cfg.weights_mode == "lora" and cfg.should_save:  # the adapters need their base weights at export
             save_model_dir(saved_base, model, tokenizer, None)
-        return model, (str(saved_base) if cfg.mode == "lora" else None)
+        return model, (str(saved_base) if cfg.weights_mode == "lora" else None)
     model = MedMaxChameleon.from_pretrained(cfg.model, dtype=dtype, attn_implementation=cfg.attn_implementation)
     return model, str(Path(cfg.model).resolve())
 
@@ -240,6 +240,10 @@ def _model_vocab_size(cfg: FinetuneConfig, vocab: Vocabulary) -> int:
 
 def _setup_data(cfg: FinetuneConfig, vocab: Vocabulary, vocab_size: int):
     """Training and validation datasets, checked against the model and tokenizer before any step."""
+    if cfg.mode == "dpo":
+        from .dpo import setup_preference_data
+
+        return setup_preference_data(cfg, vocab, vocab_size)
     from medmax.data.loader import SequenceDataset, check_sequences, split_validation
 
     load = _loader(cfg)
@@ -270,12 +274,17 @@ def _setup_data(cfg: FinetuneConfig, vocab: Vocabulary, vocab_size: int):
 
 def _loader(cfg: FinetuneConfig):
     """Sequence folder -> sequences: memory-mapped from its token store (default), or read into this process."""
-    from functools import partial
+    from medmax.data.loader import load_sequences, require_sequences
+    from medmax.data.store import is_remote, open_sequences
 
-    from medmax.data.loader import load_sequences
-    from medmax.data.store import open_sequences
+    if not cfg.data_store:
+        return load_sequences
 
-    return partial(open_sequences, store_root=cfg.store_dir) if cfg.data_store else load_sequences
+    def load(folder: str):
+        if not is_remote(folder):
+            require_sequences(folder)
+        return open_sequences(folder, store_root=cfg.store_dir)
+    return load
 
 
 def _collator(cfg: FinetuneConfig, vocab: Vocabulary):
@@ -356,9 +365,17 @@ def folder_digest(folder: str | Path) -> str:
         raise DataError(str(err)) from None
 
 
+def _holds_sequences(folder: str) -> bool:
+    from medmax.data.loader import read_manifest
+    from medmax.data.store import is_remote
+
+    return is_remote(folder) or read_manifest(folder).get("layout", "sequences") == "sequences"
+
+
 def _digest(cfg: FinetuneConfig, folder: str) -> str:
-    """A folder's content digest; with the token store, the one recorded when the store was made."""
-    if not cfg.data_store:
+    """A folder's content digest; with the token store, the one recorded when the store was made
+    (a preference folder is read into memory by mode dpo, not through the store)."""
+    if not cfg.data_store or not _holds_sequences(folder):
         return folder_digest(folder)
     from medmax.data.store import store_digest
 
@@ -369,7 +386,7 @@ def run_fingerprint(cfg: FinetuneConfig, tokenizer) -> dict:
     """What a resumed run must share with the run it continues: mode, tokenizer and the data's content."""
     fraction = cfg.validation_fraction()
     return {
-        "mode": cfg.mode,
+        "mode": cfg.mode if cfg.mode != "dpo" else f"dpo/{cfg.dpo_weights}",  # dpo's LoRA and full checkpoints differ
         "tokenizer": hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
         "datasets": [{"digest": _digest(cfg, s.path), "weight": s.weight, "path": s.path} for s in cfg.dataset_specs()],
         "validation": fraction if fraction is not None else (_digest(cfg, cfg.validation) if cfg.validation else None),
@@ -417,6 +434,32 @@ def _check_resume(checkpoint: Path, fingerprint: dict, anyway: bool) -> None:
     logger.warning("%s; continuing anyway (--resume-anyway)", message)
 
 
+def _dpo_reference(cfg: FinetuneConfig, model):
+    """Mode dpo: a frozen copy of the starting model as the reference, unless LoRA's disabled adapters serve."""
+    if cfg.mode != "dpo":
+        return None
+    from .dpo import disable_dropout, frozen_copy
+
+    disable_dropout(model)
+    if cfg.dpo_weights == "lora" and cfg.dpo_reference == "auto":
+        return None
+    return frozen_copy(model)
+
+
+def _trainer(cfg: FinetuneConfig, vocab: Vocabulary, model, reference, train_set, val_set, info: dict, tokenizer):
+    common = dict(model=model, args=cfg, train_dataset=train_set, eval_dataset=val_set, run_info=info,
+                  tokenizer_obj=tokenizer)
+    if cfg.mode != "dpo":
+        return medmax_trainer(data_collator=_collator(cfg, vocab), **common)
+    from medmax.preferences import PreferenceCollator
+
+    from .dpo import disable_dropout, dpo_trainer
+
+    disable_dropout(model)  # LoRA's dropout layers exist only now
+    return dpo_trainer(data_collator=PreferenceCollator(vocab.pad_id), dpo_loss=cfg.dpo_loss(), ref_model=reference,
+                       use_weights=cfg.dpo_use_weights, **common)
+
+
 def run(cfg: FinetuneConfig, resume: bool = False, resume_anyway: bool = False) -> Trainer:
     """Train with ``cfg``; returns the finished trainer. ``resume_anyway`` resumes without the fingerprint check."""
     from medmax.vqgan import save_vqgan
@@ -436,17 +479,17 @@ def run(cfg: FinetuneConfig, resume: bool = False, resume_anyway: bool = False) 
     model, base_dir = _setup_model(cfg, tokenizer, vqgan, resume)
     # transformers finds packed boundaries only without a KV cache, and Chameleon makes one whenever use_cache is on
     model.config.use_cache = False
+    reference = _dpo_reference(cfg, model)
     lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_target_modules)
-    model = setup_mode(model, cfg.mode, vocab, cfg.freeze, lora)
-    if cfg.gradient_checkpointing and cfg.mode != "full":
+    model = setup_mode(model, cfg.weights_mode, vocab, cfg.freeze, lora)
+    if cfg.gradient_checkpointing and cfg.weights_mode != "full":
         model.enable_input_require_grads()
     output_dir = Path(cfg.output_dir)
     if cfg.should_save:
         save_vqgan(vqgan, output_dir / "vqgan")
-    info = {"mode": cfg.mode, "model": cfg.model, "base_model": base_dir if cfg.mode == "lora" else None,
+    info = {"mode": cfg.mode, "model": cfg.model, "base_model": base_dir if cfg.weights_mode == "lora" else None,
             "vqgan": str(output_dir / "vqgan"), "tokenizer": "tokenizer.json", "fingerprint": fingerprint}
-    trainer = medmax_trainer(model=model, args=cfg, train_dataset=train_set, eval_dataset=val_set,
-                             data_collator=_collator(cfg, vocab), run_info=info, tokenizer_obj=tokenizer)
+    trainer = _trainer(cfg, vocab, model, reference, train_set, val_set, info, tokenizer)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if val_set is not None:
         trainer.evaluate()

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 from .errors import UserError
 from .memory import MemoryBudgetError, available_bytes, check_fits
@@ -132,6 +133,14 @@ def chameleon_config(preset: str, tokenizer: Tokenizer, vqgan_params: dict, **ov
     return ChameleonConfig(**fields)
 
 
+@dataclass
+class LabelLogps(ModelOutput):
+    """Per-token log-probabilities of the labels, (B, T-1), 0 where unlabelled; ``mask`` marks the labelled ones."""
+
+    logps: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
 class MedMaxChameleon(ChameleonForConditionalGeneration):
     """Chameleon with unmasked logits: image codes can be trained on and sampled.
 
@@ -153,8 +162,10 @@ class MedMaxChameleon(ChameleonForConditionalGeneration):
         labels=None,
         use_cache=None,
         logits_to_keep: int | torch.Tensor = 0,
+        token_logps: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """``token_logps=True`` with ``labels``: per-token log-probs of the labels instead (:class:`LabelLogps`)."""
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -166,6 +177,10 @@ class MedMaxChameleon(ChameleonForConditionalGeneration):
             **kwargs,
         )
         hidden = outputs.last_hidden_state  # (B, T, C)
+        if token_logps:
+            from .dpo import labelled_token_logps
+
+            return LabelLogps(*labelled_token_logps(self, hidden, labels))
         if labels is not None and self.training and self.head_on_labelled_positions_only:
             loss = self._labelled_loss(hidden, labels, kwargs.get("num_items_in_batch"))
             return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values)

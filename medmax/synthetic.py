@@ -244,6 +244,17 @@ def _blob(mask: np.ndarray, seed: tuple[int, int]) -> np.ndarray:
     return np.array(pixels)
 
 
+def _brightest_blob(image: Image.Image) -> tuple[np.ndarray, int, int] | None:
+    """(N, 2) pixels of the brightest blob (see :func:`locate_lesion`) and the image's (H, W); None without one."""
+    a = _smooth(np.asarray(image.convert("L"), dtype=np.float64))  # (H, W)
+    h, w = a.shape
+    body = float(np.median(a[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4]))
+    peak_at = np.unravel_index(int(np.argmax(a)), a.shape)
+    if a[peak_at] - body < MIN_CONTRAST:
+        return None
+    return _blob(a >= (body + a[peak_at]) / 2, peak_at), h, w
+
+
 def locate_lesion(image: Image.Image) -> tuple[str, str] | None:
     """Where the brightest blob lies and how large it is: (position, size) from POSITIONS x SIZES, or None.
 
@@ -252,17 +263,25 @@ def locate_lesion(image: Image.Image) -> tuple[str, str] | None:
     radius (small below SIZE_BOUNDARY of the width). A peak less than MIN_CONTRAST above the body
     is no lesion. Works on decoded (blurry) images as well as on the rendered scans.
     """
-    a = _smooth(np.asarray(image.convert("L"), dtype=np.float64))  # (H, W)
-    h, w = a.shape
-    body = float(np.median(a[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4]))
-    peak_at = np.unravel_index(int(np.argmax(a)), a.shape)
-    if a[peak_at] - body < MIN_CONTRAST:
+    found = _brightest_blob(image)
+    if found is None:
         return None
-    pixels = _blob(a >= (body + a[peak_at]) / 2, peak_at)
+    pixels, h, w = found
     cy, cx = pixels.mean(axis=0) / np.array([h, w])
     position = f"{'upper' if cy < 0.5 else 'lower'} {'left' if cx < 0.5 else 'right'}"
     radius = np.sqrt(len(pixels) / np.pi) / w
     return position, SIZES[0] if radius < SIZE_BOUNDARY else SIZES[1]
+
+
+def lesion_box(image: Image.Image, margin: float = 0.03) -> list[float] | None:
+    """The brightest blob's bounding box (as :func:`locate_lesion` finds it), [x0, y0, x1, y1] in fractions
+    of the image, widened by ``margin``; None when there is no lesion. The region MMedPO-style noising covers."""
+    found = _brightest_blob(image)
+    if found is None:
+        return None
+    (ys, xs), h, w = found[0].T, found[1], found[2]
+    return [float(max(0.0, xs.min() / w - margin)), float(max(0.0, ys.min() / h - margin)),
+            float(min(1.0, (xs.max() + 1) / w + margin)), float(min(1.0, (ys.max() + 1) / h + margin))]
 
 
 def generation_prompt(scan: Scan) -> str:

@@ -27,6 +27,8 @@ MISSING_INPUT = {
     "medmax-export": ["--checkpoint", "{missing}", "--output", "{tmp}/out"],
     "medmax-convert": ["--input", "{missing}", "--output", "{tmp}/out"],
     "medmax-eval": ["--model", "{tmp}", "--data", "{missing}", "--output", "{tmp}/out"],
+    "medmax-build-preferences": ["--input", "{missing}", "--tokenizer", "preset:tiny", "--output", "{tmp}/out"],
+    "medmax-make-preferences": ["--model", "{missing}", "--input", "{missing}", "--output", "{tmp}/out.jsonl"],
 }
 NO_INPUT_FILE = {"medmax-quickstart"}  # it makes its own data; it still gets the bad-argument case
 ERROR_LINE = re.compile(r"^(?P<prog>[\w.\- ]+): error: (?P<message>.+)$")

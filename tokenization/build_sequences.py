@@ -42,18 +42,14 @@ rebuilding the others.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-import time
-
-from medmax.data.shards import ERRORS
-from medmax.data.build import BuildConfig, build_dataset
-from medmax.data.rows import SequenceConfig
-from medmax.vocab import IMAGE_PLACEHOLDER
 
 from medmax.cli import program
+from medmax.data.build import BuildConfig, timed_build
+from medmax.data.rows import SequenceConfig
 from medmax.errors import UserError
+from medmax.vocab import IMAGE_PLACEHOLDER
 
 logger = logging.getLogger("tokenization.build_sequences")
 
@@ -105,40 +101,13 @@ def _config(args: argparse.Namespace) -> BuildConfig:
         codes_per_image=args.codes_per_image,
         codebook_size=args.codebook_size,
     )
-    return BuildConfig(
-        inputs=args.input, tokenizer=args.tokenizer, output=args.output, sequence=sequence,
-        image_tokens=tuple(args.image_tokens), ckpt=args.ckpt, image_root=args.image_root,
-        trust_checkpoint=args.trust_checkpoint, workers=args.workers, batch_size=args.batch_size,
-        rows_per_shard=args.rows_per_shard, keep=None if args.keep is None else tuple(args.keep), drop=tuple(args.drop),
-        max_row_bytes=args.max_row_bytes, strict=args.strict, resume=args.resume, progress=not args.no_progress,
-    )
-
-
-def summary(manifest: dict, output: str, seconds: float) -> str:
-    counts, stats = manifest["counts"], manifest["token_stats"]
-    limit = manifest["settings"]["max_length"]
-    lines = [
-        f"rows read {counts['rows_read']}, written {counts['rows_written']}, rejected {counts['rejected_total']}"
-        f" {json.dumps(counts['rejected']) if counts['rejected'] else ''}",
-        f"max length {limit or 'none'}: truncated {counts['truncated']} at the end of their answer text,"
-        f" dropped for length {counts['dropped_for_length']}"
-        + (f" (longest {counts['longest_dropped']} tokens; raise --max-length, 0 = no limit, to keep them)" if counts["dropped_for_length"] else ""),
-        f"tokens {stats['total_tokens']} ({stats['trained_tokens']} with loss); length min {stats['min_length']}"
-        f" mean {stats['mean_length']} max {stats['max_length']}; {len(manifest['files'])} shard(s) in {output}",
-        f"{seconds:.1f} s, {counts['rows_read'] / max(seconds, 1e-9):.0f} rows/s",
-    ]
-    if counts["rejected_total"] or counts["dropped_for_length"]:
-        lines.append(f"see {output}/{ERRORS} for the rows left out")
-    return "\n".join(lines)
+    return BuildConfig.from_flags(args, sequence)
 
 
 @program("build_sequences")
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = config_from_args(args)
-    start = time.perf_counter()
-    manifest = build_dataset(config)
-    print(summary(manifest, args.output, time.perf_counter() - start), file=sys.stderr)
+    print(timed_build(config_from_args(args)), file=sys.stderr)
     return 0
 
 

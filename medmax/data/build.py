@@ -20,6 +20,7 @@ import json
 import logging
 import multiprocessing
 import os
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -39,8 +40,10 @@ from .rows import LengthDrop, RowError, SequenceBuilder, SequenceConfig
 from .shards import (
     ERRORS,
     FORMAT_NAME,
+    SEQUENCES,
     FORMAT_VERSION,
     ErrorLog,
+    ShardLayout,
     ShardWriter,
     clear_file_outputs,
     conform_shard,
@@ -73,8 +76,11 @@ class BuildConfig:
     strict: bool = False  # fail on the first rejected row
     resume: bool = False  # keep the outputs of input files a previous run finished (same inputs and settings)
     progress: bool = True
+    layout: str = "sequences"  # or "preferences": pairs (medmax.preferences) instead of sequences
 
     def __post_init__(self):
+        if self.layout not in ("sequences", "preferences"):
+            raise ValueError(f"layout={self.layout!r}: choose sequences or preferences")
         if self.workers < 1:
             raise ValueError(f"--workers must be at least 1, got {self.workers}")
         if self.batch_size < 1 or self.rows_per_shard < 1:
@@ -85,9 +91,43 @@ class BuildConfig:
             raise ValueError(f"--max-row-bytes must be positive, got {self.max_row_bytes}")
         self.columns  # noqa: B018 - validates --keep / --drop
 
+    @classmethod
+    def from_flags(cls, flags, sequence: SequenceConfig, layout: str = "sequences") -> "BuildConfig":
+        """A build from a build program's parsed flags (an object with their attributes, argparse's names)."""
+        keep = getattr(flags, "keep", None)
+        return cls(
+            inputs=flags.input, tokenizer=flags.tokenizer, output=flags.output, sequence=sequence,
+            image_tokens=tuple(flags.image_tokens), ckpt=flags.ckpt, image_root=flags.image_root,
+            trust_checkpoint=flags.trust_checkpoint, workers=flags.workers, batch_size=flags.batch_size,
+            rows_per_shard=flags.rows_per_shard, keep=None if keep is None else tuple(keep), drop=tuple(flags.drop),
+            max_row_bytes=flags.max_row_bytes, strict=flags.strict, resume=flags.resume, progress=not flags.no_progress,
+            layout=layout,
+        )
+
     @property
     def columns(self) -> ColumnFilter:
-        return ColumnFilter(None if self.keep is None else tuple(self.keep), tuple(self.drop))
+        keep = None if self.keep is None else tuple(self.keep)
+        if self.layout == "preferences":
+            from ..preferences import CONSUMED_COLUMNS, PREFERENCES
+
+            return ColumnFilter(keep, tuple(self.drop), CONSUMED_COLUMNS, PREFERENCES.names)
+        return ColumnFilter(keep, tuple(self.drop))
+
+    @property
+    def shard_layout(self) -> ShardLayout:
+        if self.layout == "preferences":
+            from ..preferences import PREFERENCES
+
+            return PREFERENCES
+        return SEQUENCES
+
+    def builder(self, tokenizer, sequence: SequenceConfig, resolver, vocab):
+        """The row builder of this build's layout: sequences, or preference pairs."""
+        if self.layout == "preferences":
+            from ..preferences import PreferenceBuilder
+
+            return PreferenceBuilder(tokenizer, sequence, resolver, vocab)
+        return SequenceBuilder(tokenizer, sequence, resolver, vocab)
 
 
 class RowRejected(UserError):
@@ -215,8 +255,8 @@ def _process_file(index: int) -> FileResult:
     path, work = _STATE["inputs"][index], _STATE["work"]
     stamp = _input_stamp(path)  # before reading: the content this build saw
     done, error_path = progress_paths(work, index)
-    builder = SequenceBuilder(_STATE["tokenizer"], cfg.sequence, _STATE["resolver"], _STATE["vocab"])
-    writer = ShardWriter(work, index, cfg.columns, cfg.rows_per_shard)
+    builder = cfg.builder(_STATE["tokenizer"], cfg.sequence, _STATE["resolver"], _STATE["vocab"])
+    writer = ShardWriter(work, index, cfg.columns, cfg.rows_per_shard, layout=cfg.shard_layout)
     errors = ErrorLog(error_path)
     result = FileResult(index, str(path))
     try:
@@ -314,6 +354,7 @@ def _fingerprint(cfg: BuildConfig, vqgan) -> dict:
         "vqgan": None if vqgan is None else {"codes_digest": vqgan.codes_digest(), "resolution": vqgan.resolution},
         "image_root": None if cfg.image_root is None else str(Path(cfg.image_root).resolve()),
         "rows_per_shard": cfg.rows_per_shard, "keep": cfg.keep, "drop": list(cfg.drop), "max_row_bytes": cfg.max_row_bytes,
+        "layout": cfg.layout,
     }))
 
 
@@ -403,7 +444,7 @@ def build_dataset(cfg: BuildConfig) -> dict:
     finally:
         _STATE.clear()
     results = sorted([*results, *finished.values()], key=lambda r: r.index)
-    columns = _unify_columns(work, results)
+    columns = _unify_columns(work, results, cfg.shard_layout)
     _merge_errors(work, len(inputs))
     manifest = _manifest(cfg, inputs, results, state["vocab"], columns, fingerprint)
     manifest["written"] = [name for name in folder.written() if name != "manifest.json"]
@@ -419,15 +460,15 @@ def _resume(work: Path, inputs: list[Path], fingerprint: dict) -> dict[int, File
     return finished
 
 
-def _unify_columns(work: Path, results: list[FileResult]) -> dict:
+def _unify_columns(work: Path, results: list[FileResult], layout: ShardLayout) -> dict:
     """One passthrough schema for every shard of the build (input files may disagree); returns it."""
-    per_shard = [(name, shard_types(work / name)) for r in results for name in r.files]
+    per_shard = [(name, shard_types(work / name, layout)) for r in results for name in r.files]
     merged: dict = {}
     for _, types in per_shard:
         for column, t in types.items():
             merged[column] = passthrough.merge_types(merged.get(column, pa.null()), t)
     for name, types in per_shard:
-        conform_shard(work / name, merged)
+        conform_shard(work / name, merged, layout)
     return merged
 
 
@@ -457,6 +498,7 @@ def _manifest(cfg: BuildConfig, inputs, results: list[FileResult], vocab: Vocabu
     return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
+        "layout": cfg.layout,
         "tokenizer": str(cfg.tokenizer),
         "tokenizer_sha256": fingerprint["tokenizer_sha256"],
         "special_ids": vocab.special_ids(),
@@ -492,3 +534,29 @@ def _manifest(cfg: BuildConfig, inputs, results: list[FileResult], vocab: Vocabu
             "max_row_bytes": cfg.max_row_bytes,
         },
     }
+
+
+def timed_build(cfg: BuildConfig) -> str:
+    """Run a build; returns its summary (what the build programs print)."""
+    start = time.perf_counter()
+    manifest = build_dataset(cfg)
+    return build_summary(manifest, cfg.output, time.perf_counter() - start)
+
+
+def build_summary(manifest: dict, output: str, seconds: float) -> str:
+    """What a finished build did, in a few lines (the build programs print it)."""
+    counts, stats = manifest["counts"], manifest["token_stats"]
+    limit = manifest["settings"]["max_length"]
+    lines = [
+        f"rows read {counts['rows_read']}, written {counts['rows_written']}, rejected {counts['rejected_total']}"
+        f" {json.dumps(counts['rejected']) if counts['rejected'] else ''}",
+        f"max length {limit or 'none'}: truncated {counts['truncated']} at the end of their answer text,"
+        f" dropped for length {counts['dropped_for_length']}"
+        + (f" (longest {counts['longest_dropped']} tokens; raise --max-length, 0 = no limit, to keep them)" if counts["dropped_for_length"] else ""),
+        f"tokens {stats['total_tokens']} ({stats['trained_tokens']} with loss); length min {stats['min_length']}"
+        f" mean {stats['mean_length']} max {stats['max_length']}; {len(manifest['files'])} shard(s) in {output}",
+        f"{seconds:.1f} s, {counts['rows_read'] / max(seconds, 1e-9):.0f} rows/s",
+    ]
+    if counts["rejected_total"] or counts["dropped_for_length"]:
+        lines.append(f"see {output}/{ERRORS} for the rows left out")
+    return "\n".join(lines)

@@ -147,10 +147,19 @@ def _flat_list_column(table, name: str, path: Path) -> tuple[np.ndarray, np.ndar
     return values, offsets - offsets[0]
 
 
+def require_sequences(folder: str | Path) -> dict:
+    """The manifest of a folder that must hold sequences; a preference folder is refused by name."""
+    manifest = read_manifest(folder)
+    if manifest.get("layout", "sequences") != "sequences":
+        raise DataError(f"{folder}/{MANIFEST_NAME}: holds {manifest['layout']}, not sequences (a preference folder "
+                        "trains with mode: dpo)")
+    return manifest
+
+
 def load_sequences(folder: str | Path) -> SequenceData:
     """Read every shard of a sequence folder, checking that ids, labels and lengths agree row by row."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    manifest = require_sequences(folder)
     shards = [folder / name for name in manifest["files"]]
     if not shards:
         raise DataError(f"{folder}/{MANIFEST_NAME}: lists no shard files")

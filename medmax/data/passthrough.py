@@ -41,20 +41,22 @@ class ColumnFilter:
 
     keep: tuple[str, ...] | None = None
     drop: tuple[str, ...] = ()
+    consumed: tuple[str, ...] = CONSUMED_COLUMNS  # what the builder reads (a preference build reads others)
+    reserved: tuple[str, ...] = RESERVED  # the output's own columns
 
     def __post_init__(self):
         if self.keep is not None and self.drop:
             raise ValueError("--keep and --drop: give one of them (--keep lists the columns to pass, --drop the ones to leave out)")
-        clash = [c for c in (self.keep or ()) if c in RESERVED]
+        clash = [c for c in (self.keep or ()) if c in self.reserved]
         if clash:
-            raise ValueError(f"--keep {clash[0]!r}: the output has its own column of that name ({', '.join(RESERVED)})")
+            raise ValueError(f"--keep {clash[0]!r}: the output has its own column of that name ({', '.join(self.reserved)})")
 
     def select(self, row: dict) -> list[str]:
         """The passthrough columns of one row, in order."""
         if self.keep is not None:
             return list(self.keep)
-        names = [k for k in row if k not in CONSUMED_COLUMNS and k not in self.drop]
-        clash = next((k for k in names if k in RESERVED), None)
+        names = [k for k in row if k not in self.consumed and k not in self.drop]
+        clash = next((k for k in names if k in self.reserved), None)
         if clash is not None:
             raise ValueError(f"input column {clash!r} has the name of an output column; pass --drop {clash} (or rename it)")
         return names

@@ -25,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -64,36 +66,58 @@ def progress_paths(folder: Path, index: int) -> tuple[Path, Path]:
     return folder / PROGRESS / f"done-{index:05d}.json", folder / PROGRESS / f"errors-{index:05d}.jsonl"
 
 
-_FIXED = [
+def _sequence_arrays(chunk: list) -> list[pa.Array]:
+    return [
+        list_array([b.input_ids for b in chunk]),
+        list_array([b.labels for b in chunk]),
+        pa.array([len(b) for b in chunk], type=pa.int32()),
+        pa.array([b.format for b in chunk], type=pa.string()),
+    ]
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """The fixed columns of a shard (before the passthrough ones) and how built rows fill them."""
+
+    name: str
+    fields: tuple[pa.Field, ...]
+    arrays: Callable[[list], list[pa.Array]]  # built rows -> one array per field
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.fields)
+
+
+SEQUENCES = ShardLayout("sequences", (
     pa.field("input_ids", pa.list_(pa.int32())),
     pa.field("labels", pa.list_(pa.int32())),
     pa.field("length", pa.int32()),
     pa.field("format", pa.string()),
-]
+), _sequence_arrays)
 
 
-def shard_schema(types: dict) -> pa.Schema:
+def shard_schema(types: dict, layout: ShardLayout = SEQUENCES) -> pa.Schema:
     """The shard schema: the fixed columns, then the passthrough columns of ``types`` (name -> type)."""
-    return pa.schema(_FIXED + [passthrough.field(name, t) for name, t in types.items()])
+    return pa.schema(list(layout.fields) + [passthrough.field(name, t) for name, t in types.items()])
 
 
-def shard_types(path: Path) -> dict:
+def shard_types(path: Path, layout: ShardLayout = SEQUENCES) -> dict:
     """The passthrough columns and types of a written shard."""
     schema = pq.read_schema(path)
-    return {f.name: passthrough.field_type(f) for f in schema if f.name not in passthrough.RESERVED}
+    return {f.name: passthrough.field_type(f) for f in schema if f.name not in layout.names}
 
 
-def conform_shard(path: Path, types: dict) -> bool:
+def conform_shard(path: Path, types: dict, layout: ShardLayout = SEQUENCES) -> bool:
     """Rewrite a shard to the passthrough ``types`` (a widening of its own); False when it already has them."""
-    have = shard_types(path)
+    have = shard_types(path, layout)
     if have == types:  # column order may differ between input files; readers join columns by name
         return False
     table = pq.read_table(path)
-    columns = [table.column(f.name) for f in _FIXED]
+    columns = [table.column(name) for name in layout.names]
     for name, t in types.items():
         columns.append(passthrough.convert(table.column(name) if name in have else None, have.get(name), t, len(table)))
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.Table.from_arrays(columns, schema=shard_schema(types)), tmp, **_write_options(types))
+    pq.write_table(pa.Table.from_arrays(columns, schema=shard_schema(types, layout)), tmp, **_write_options(types))
     tmp.replace(path)  # a new file: a hard link to the old one (a resumed build's) is left as it was
     return True
 
@@ -112,8 +136,9 @@ class ShardWriter:
     so every shard of the file ends with the same schema (:attr:`types`).
     """
 
-    def __init__(self, folder: Path, file_index: int, columns: ColumnFilter, rows_per_shard: int, rows_per_group: int = 4096):
-        self.folder, self.file_index, self.filter = folder, file_index, columns
+    def __init__(self, folder: Path, file_index: int, columns: ColumnFilter, rows_per_shard: int, rows_per_group: int = 4096,
+                 layout: ShardLayout = SEQUENCES):
+        self.folder, self.file_index, self.filter, self.layout = folder, file_index, columns, layout
         self.rows_per_shard, self.rows_per_group = rows_per_shard, rows_per_group
         self.types: dict = {}  # passthrough column -> type, in first-seen order
         self.files: list[str] = []
@@ -160,14 +185,15 @@ class ShardWriter:
             self._close_shard()
         if self._stale:
             for name in self.files:
-                conform_shard(self.folder / name, self.types)
+                conform_shard(self.folder / name, self.types, self.layout)
         return self.files
 
     def _open(self) -> None:
         name = f"part-{self.file_index:05d}-{len(self.files):04d}.parquet"
         self._tmp = self.folder / (name + ".tmp")
         self._shard_types = dict(self.types)
-        self._writer = pq.ParquetWriter(self._tmp, shard_schema(self._shard_types), **_write_options(self._shard_types))
+        self._writer = pq.ParquetWriter(self._tmp, shard_schema(self._shard_types, self.layout),
+                                        **_write_options(self._shard_types))
         self.files.append(name)
         self._rows_in_shard = 0
 
@@ -177,16 +203,11 @@ class ShardWriter:
         self._writer = None
 
     def _table(self, chunk: list[tuple[Built, dict]], values: dict[str, list]) -> pa.Table:
-        columns = [
-            list_array([b.input_ids for b, _ in chunk]),
-            list_array([b.labels for b, _ in chunk]),
-            pa.array([len(b) for b, _ in chunk], type=pa.int32()),
-            pa.array([b.format for b, _ in chunk], type=pa.string()),
-        ]
+        columns = self.layout.arrays([b for b, _ in chunk])
         for name, t in self._shard_types.items():
             vals = values.get(name)
             columns.append(passthrough.to_array(vals, t) if vals is not None else passthrough.convert(None, None, t, len(chunk)))
-        return pa.Table.from_arrays(columns, schema=shard_schema(self._shard_types))
+        return pa.Table.from_arrays(columns, schema=shard_schema(self._shard_types, self.layout))
 
 
 class ErrorLog:

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.demo_data import demo_rows
-from medmax.training_data import write_sequences
+from medmax.data.shards import write_sequences
 
 ROOT = Path(__file__).parents[2]
 CONFIGS = ROOT / "finetune" / "configs"

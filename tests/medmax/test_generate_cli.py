@@ -80,7 +80,8 @@ def test_programs_lists_every_entry_point(capsys):
     assert main(["programs"]) == 0
     listing = capsys.readouterr().out
     for program in ("tokenization.image_tokenize", "tokenization.build_sequences", "finetune/launch.sh",
-                    "finetune.train", "finetune.export", "eval.run", "medmax generate"):
+                    "finetune.train", "finetune.export", "eval.run", "medmax generate",
+                    "tokenization.build_preferences", "finetune.make_preferences"):
         assert program in listing
 
 

@@ -93,3 +93,16 @@ def test_faithfulness_counts_matches_against_one_in_eight():
     result = faithfulness([s.image for s in scans], targets)
     assert (result["n"], result["match"], result["chance"]) == (12, 4 / 12, 1 / 8)
     assert (result["position_match"], result["size_match"], result["no_lesion_found"]) == (6 / 12, 6 / 12, 4)
+
+
+def test_lesion_box_covers_the_lesion_and_is_none_without_one():
+    from medmax.synthetic import _CENTRES, lesion_box, make_scans
+
+    for scan in make_scans(12, seed=5):
+        box = lesion_box(scan.image)
+        if not scan.lesion:
+            assert box is None
+            continue
+        cx, cy = _CENTRES[scan.position]
+        assert box[0] < cx < box[2] and box[1] < cy < box[3]
+        assert (box[2] - box[0]) < 0.5 and (box[3] - box[1]) < 0.5  # the lesion, not the body
