@@ -24,6 +24,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from medmax.distributed import join_group, leave_group
 from medmax.jsonl import read_json, write_atomic
 
 from .errors import ShardError
@@ -50,7 +51,7 @@ def agree(make: Callable[[], T]) -> T:
 
     created = not dist.is_initialized()
     if created:
-        dist.init_process_group("gloo", timeout=timedelta(minutes=30))
+        join_group("gloo", timeout=timedelta(minutes=30))
     try:
         box: list = [None]
         if dist.get_rank() == 0:
@@ -65,7 +66,7 @@ def agree(make: Callable[[], T]) -> T:
         return value
     finally:
         if created:
-            dist.destroy_process_group()
+            leave_group()
 
 
 # ------------------------------------------------------------------------------ done-markers

@@ -526,9 +526,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         logger.info("%s: settings checked", args.config or "overrides")
         return 0
-    run(cfg, resume=args.resume, resume_anyway=args.resume_anyway)
+    from medmax.distributed import leave_group
+
+    try:  # accelerate made the group (when torchrun started several processes); it ends here
+        run(cfg, resume=args.resume, resume_anyway=args.resume_anyway)
+    finally:
+        leave_group()
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from medmax.distributed import exit_process
+
+    exit_process(main())  # without the interpreter's teardown when the group's threads outlived it

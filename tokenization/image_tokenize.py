@@ -83,8 +83,7 @@ from medmax.image_tokens import (
     write_json,
     write_partition,
 )
-from medmax.distributed import Dist
-from medmax.distributed import setup_distributed as _setup_dist
+from medmax.distributed import Dist, process_group
 from medmax.image_csv import display_path, path_bytes, resolve_image
 from medmax.images import ImageLimits, ImageLoadError, allow_in_pillow, load_image, preprocess
 from medmax.cli import program
@@ -637,14 +636,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     limits = _validate(args)
     allow_in_pillow(limits)
-    import torch.distributed as dist  # after parsing: --help does not load torch
-
-    info = _setup_dist()
-    try:
+    with process_group() as info:  # after parsing: --help does not load torch
         failed = _tokenize(args, limits, info)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
     return 1 if args.strict and failed > 0 else 0
 
 

@@ -228,9 +228,14 @@ def _data(args, vqgan, progress: bool, is_main: bool):
 def _run(args: argparse.Namespace) -> int:
     config, start = resolve_settings(args)
     _check_paths(args)
-    from medmax.distributed import setup_distributed
+    from medmax.distributed import process_group
 
-    info = setup_distributed()
+    with process_group() as info:
+        return _train(args, config, start, info)
+
+
+def _train(args: argparse.Namespace, config, start: dict, info) -> int:
+    """Train in this rank of the launch; rank 0 writes the folder."""
     _setup_device(config, info, args.threads)
     from medmax.perceptual import load_lpips
     from medmax.vqgan_training import RunContext, Trainer, stack_images

@@ -206,7 +206,7 @@ def test_torchrun_relaunch_with_one_more_task(tiny_model_dir, data, single, tmp_
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     for tasks in ("vqa_rad_closed", TASKS):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-               "-m", "eval.run", *_argv(tiny_model_dir, data, out, "--tasks", tasks)]
+               str(ROOT / "tests" / "leaves_no_threads.py"), "-m", "eval.run", *_argv(tiny_model_dir, data, out, "--tasks", tasks)]
         subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=600)
     results = json.loads((out / "results.json").read_text())
     for key in TASKS.split(","):

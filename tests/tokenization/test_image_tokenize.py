@@ -180,8 +180,10 @@ def test_bf16_gives_valid_codes_close_to_fp32(dataset, tiny_vqgan_dir, tmp_path)
 
 
 def _torchrun(dataset: Path, out: Path, ckpt: Path, program: list[str]) -> str:
-    """Tokenize ``dataset`` with two torchrun processes; their stdout."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *program,
+    """Tokenize ``dataset`` with two torchrun processes; their stdout. Each rank must also have ended its
+    process group's threads before it returned, or it can abort at exit (see tests/leaves_no_threads.py)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(REPO / "tests" / "leaves_no_threads.py"), *program,
            "--input", str(dataset), "--output", str(out), "--ckpt", str(ckpt), "--partition-size", "2",
            "--batch-size", "3", "--workers", "0", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

@@ -358,7 +358,9 @@ def test_torchrun_two_processes_share_each_global_batch(scans, gan_yaml, tmp_pat
     common = ["--input", str(data), "--init", str(init), "--config", str(gan_yaml), "--steps", "2", "--disc-start", "1",
               "--seed", "2", "--no-progress", "--no-tensorboard", "--threads", "1", "--max-seconds", "600"]
     assert main([*common, "--output", str(tmp_path / "one"), "--batch-size", "4"]) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "tokenization.train_vqgan",
+    leaves_no_threads = Path(__file__).parents[1] / "leaves_no_threads.py"  # and the ranks end their process group
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(leaves_no_threads),
+           "-m", "tokenization.train_vqgan",
            *common, "--output", str(tmp_path / "two"), "--batch-size", "2"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
