@@ -274,17 +274,12 @@ def _setup_data(cfg: FinetuneConfig, vocab: Vocabulary, vocab_size: int):
 
 def _loader(cfg: FinetuneConfig):
     """Sequence folder -> sequences: memory-mapped from its token store (default), or read into this process."""
-    from medmax.data.loader import load_sequences, require_sequences
-    from medmax.data.store import is_remote, open_sequences
+    from medmax.data.loader import load_sequences
+    from medmax.data.store import open_sequences
 
     if not cfg.data_store:
         return load_sequences
-
-    def load(folder: str):
-        if not is_remote(folder):
-            require_sequences(folder)
-        return open_sequences(folder, store_root=cfg.store_dir)
-    return load
+    return lambda folder: open_sequences(folder, store_root=cfg.store_dir)
 
 
 def _collator(cfg: FinetuneConfig, vocab: Vocabulary):
@@ -373,8 +368,9 @@ def _holds_sequences(folder: str) -> bool:
 
 
 def _digest(cfg: FinetuneConfig, folder: str) -> str:
-    """A folder's content digest; with the token store, the one recorded when the store was made
-    (a preference folder is read into memory by mode dpo, not through the store)."""
+    """A folder's content digest; with the token store, the one recorded when the store was made. A preference
+    folder is read into memory by mode dpo, not through the store; its own digest lets a resume that changed
+    the mode say so (the store would refuse it before the comparison)."""
     if not cfg.data_store or not _holds_sequences(folder):
         return folder_digest(folder)
     from medmax.data.store import store_digest

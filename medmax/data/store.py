@@ -43,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .loader import DataError, read_manifest, row_stats
+from .loader import DataError, read_manifest, require_sequences, row_stats
 from .plans import locked
 from .shards import MANIFEST, folder_digest
 
@@ -354,8 +354,9 @@ def open_store(source: str | Path, columns: tuple[str, ...] = SEQUENCE_COLUMNS, 
 
 def open_sequences(source: str | Path, store_root: str | Path | None = None,
                    storage_options: dict | None = None) -> StoreSequences:
-    """A sequence folder (or store) as :class:`StoreSequences`, for ``medmax.data.loader.SequenceDataset``."""
-    store = open_store(source, SEQUENCE_COLUMNS, store_root, storage_options)
+    """A sequence folder (or store) as :class:`StoreSequences`, for ``medmax.data.loader.SequenceDataset``;
+    a preference folder is refused, as ``load_sequences`` refuses it."""
+    store = open_store(source, SEQUENCE_COLUMNS, store_root, storage_options, read=require_sequences)
     missing = [c for c in SEQUENCE_COLUMNS if c not in store.columns]
     if missing:
         raise DataError(f"{source}: its token store has no column {missing[0]!r}")
@@ -367,4 +368,4 @@ def open_sequences(source: str | Path, store_root: str | Path | None = None,
 
 def store_digest(source: str | Path, store_root: str | Path | None = None, storage_options: dict | None = None) -> str:
     """The content digest of a sequence folder (``medmax.data.shards.folder_digest``), as its store recorded it."""
-    return open_store(source, SEQUENCE_COLUMNS, store_root, storage_options).meta["folder_digest"]
+    return open_store(source, SEQUENCE_COLUMNS, store_root, storage_options, read=require_sequences).meta["folder_digest"]

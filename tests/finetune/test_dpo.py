@@ -240,6 +240,12 @@ def test_a_sequence_folder_is_refused_by_dpo_and_a_preference_folder_by_sft(tmp_
         _train(tmp_path, tiny_model_dir, seq)
     with pytest.raises(DataError, match="holds preferences, not sequences"):
         load_sequences(prefs)
+    from medmax.data.store import open_sequences, store_digest
+
+    for read in (open_sequences, store_digest):  # the store refuses it itself, as load_sequences does, before making a store
+        with pytest.raises(DataError, match=f"{prefs}/.*holds preferences, not sequences"):
+            read(prefs, store_root=tmp_path / "stores")
+    assert not (tmp_path / "stores").exists()
     for store in ("true", "false"):  # supervised training refuses it the same way from the token store and from memory
         with pytest.raises(DataError, match="holds preferences, not sequences"):
             _train(tmp_path / store, tiny_model_dir, prefs, "mode=lora", f"data_store={store}")
