@@ -170,6 +170,9 @@ def worker(args) -> int:
     marks.update(peak_rss=_status("VmHWM"), rss_file=_status("RssFile"), rss_anon=_status("RssAnon"),
                  losses=[h["loss"] for h in trainer.state.log_history if "loss" in h])
     (args.worker / f"rank-{marks['rank']}.json").write_text(json.dumps(marks))
+    from medmax.distributed import leave_group
+
+    leave_group()  # as finetune.train's main does: a 2-rank launch must not abort at exit (medmax/distributed.py)
     return 0
 
 
@@ -408,4 +411,6 @@ def _notes(record: dict) -> list[str]:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from medmax.distributed import exit_process
+
+    exit_process(main())

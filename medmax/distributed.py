@@ -66,8 +66,9 @@ def exit_process(code: int) -> None:
     :func:`leave_group`; then flush and end the process without the interpreter's teardown, which would
     destroy them while they run and abort a run that has finished its work.
 
-    Needed by fine-tuning: the group accelerate makes is held past its destruction by torch's own caches of
-    device meshes (DTensor's sharding propagation and redistribution plans) and by DeepSpeed's groups."""
+    Needed by fine-tuning, where the group accelerate makes outlives its destruction: after a 2-rank FSDP2 run
+    its device meshes are still referred to from DTensor specs that torch keeps (emptying DTensor's caches did
+    not free them all), and DeepSpeed's groups hold it too."""
     import logging
     import sys
 
