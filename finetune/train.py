@@ -361,10 +361,10 @@ def folder_digest(folder: str | Path) -> str:
 
 
 def _holds_sequences(folder: str) -> bool:
-    from medmax.data.loader import read_manifest
+    from medmax.data.loader import holds_sequences, read_manifest
     from medmax.data.store import is_remote
 
-    return is_remote(folder) or read_manifest(folder).get("layout", "sequences") == "sequences"
+    return is_remote(folder) or holds_sequences(read_manifest(folder))
 
 
 def _digest(cfg: FinetuneConfig, folder: str) -> str:

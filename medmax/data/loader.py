@@ -147,10 +147,15 @@ def _flat_list_column(table, name: str, path: Path) -> tuple[np.ndarray, np.ndar
     return values, offsets - offsets[0]
 
 
+def holds_sequences(manifest: dict) -> bool:
+    """Whether a folder's manifest is a sequence folder's (one written before preference folders names no layout)."""
+    return manifest.get("layout", "sequences") == "sequences"
+
+
 def require_sequences(folder: str | Path) -> dict:
     """The manifest of a folder that must hold sequences; a preference folder is refused by name."""
     manifest = read_manifest(folder)
-    if manifest.get("layout", "sequences") != "sequences":
+    if not holds_sequences(manifest):
         raise DataError(f"{folder}/{MANIFEST_NAME}: holds {manifest['layout']}, not sequences (a preference folder "
                         "trains with mode: dpo)")
     return manifest
