@@ -35,14 +35,15 @@ import hashlib
 import json
 import logging
 import os
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medmax.cli import program
 from medmax.jsonl import write_jsonl
-from medmax.training_run import RUN_FILE, write_run_info
+from medmax.training_run import RUN_FILE
 from medmax.vocab import Vocabulary, load_tokenizer
+
+from .trainer import medmax_trainer
 
 if TYPE_CHECKING:  # annotations only: torch, transformers and the recipe load when a run starts, not for --help
     from transformers import Trainer
@@ -54,96 +55,6 @@ if TYPE_CHECKING:  # annotations only: torch, transformers and the recipe load w
 logger = logging.getLogger("finetune.train")
 
 BASE_MODEL_DIR = "base_model"
-
-
-class MedMaxTrainerMixin:
-    """Trainer that logs real (non-padding) tokens/s and saves what export needs with every checkpoint.
-
-    Mixed into transformers' ``Trainer`` by :func:`medmax_trainer` when a run starts, so that importing this
-    program (for ``--help``) does not load transformers.
-    """
-
-    def __init__(self, *args, run_info: dict, tokenizer_obj, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.run_info = run_info
-        self.tokenizer_obj = tokenizer_obj
-        self._real_tokens = 0
-        self._tokens_at_log, self._time_at_log = 0, time.perf_counter()
-
-    def create_accelerator_and_postprocess(self) -> None:
-        super().create_accelerator_and_postprocess()
-        plugin_args = getattr(self.args, "fsdp_plugin_args", None)
-        if plugin_args is not None and not self.is_fsdp_enabled:
-            self.is_fsdp_enabled = enable_fsdp_on_cpu(self.accelerator, plugin_args)
-
-    def _prepare_inputs(self, inputs):
-        n_real = inputs.pop("n_real_tokens", None)
-        if n_real is not None and self.model.training:
-            self._real_tokens += int(n_real)
-        return super()._prepare_inputs(inputs)
-
-    def log(self, logs: dict, *args, **kwargs) -> None:
-        if "loss" in logs:
-            total = self._all_processes(self._real_tokens)
-            now = time.perf_counter()
-            logs["tokens_per_s"] = round((total - self._tokens_at_log) / max(now - self._time_at_log, 1e-9), 1)
-            logs["real_tokens"] = total
-            self._tokens_at_log, self._time_at_log = total, now
-        super().log(logs, *args, **kwargs)
-
-    def _all_processes(self, count: int) -> int:
-        import torch
-
-        if self.accelerator.num_processes == 1:
-            return count
-        value = torch.tensor([count], device=self.accelerator.device)
-        return int(self.accelerator.reduce(value, reduction="sum").item())
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        from .modes import sync_trainable_rows
-
-        sync_trainable_rows(self.model)
-        super().save_model(output_dir, _internal_call)
-        if self.args.should_save:
-            write_run_info(Path(output_dir or self.args.output_dir), self.run_info, self.tokenizer_obj)
-
-
-def enable_fsdp_on_cpu(accelerator, plugin_args: dict) -> bool:
-    """Turn accelerate's CPU data parallelism into FSDP, which it skips on CPU; returns True.
-
-    accelerate 1.x enables FSDP only when the processes run on an accelerator device (its ``AcceleratorState``
-    checks for ``MULTI_GPU``, ``MULTI_XPU``... and leaves ``MULTI_CPU`` out), so on CPU the ``fsdp`` setting was
-    dropped without a word and every process trained a full replica under DDP. PyTorch's FSDP2 (``fully_shard``)
-    itself runs on CPU over gloo, and so does the rest of accelerate's FSDP2 path as far as it is used here
-    (wrapping per decoder layer, activation checkpointing, float32 and bf16, full state dicts, saving and resuming:
-    tests/finetune/test_sharded.py), so the state is switched to FSDP, with the plugin transformers built from
-    ``fsdp_config``.
-    """
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    state = accelerator.state
-    if state.distributed_type != DistributedType.MULTI_CPU:
-        raise RuntimeError(f"fsdp is set but accelerate chose {state.distributed_type}; expected FSDP or MULTI_CPU")
-    plugin = FullyShardedDataParallelPlugin(**plugin_args)
-    if plugin.fsdp_version != 2:
-        from .config import ConfigError
-
-        raise ConfigError("fsdp on CPU: only FSDP2 (fsdp_config version 2, the default) runs on CPU processes")
-    if state.mixed_precision != "no":
-        plugin.set_mixed_precision(state.mixed_precision)
-    state.fsdp_plugin, state.distributed_type = plugin, DistributedType.FSDP
-    # as accelerate does at the end of AcceleratorState.__init__: every later AcceleratorState() copies this back
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-    logger.info("FSDP2 on CPU processes (gloo): accelerate leaves FSDP off on CPU; switched on here")
-    return True
-
-
-def medmax_trainer(**kwargs) -> Trainer:
-    """A ``MedMaxTrainer``: transformers' Trainer with :class:`MedMaxTrainerMixin`."""
-    from transformers import Trainer
-
-    return type("MedMaxTrainer", (MedMaxTrainerMixin, Trainer), {"__module__": __name__})(**kwargs)
 
 
 def _setup_assets(cfg: FinetuneConfig):
@@ -348,34 +259,12 @@ def _resume_point(cfg: FinetuneConfig, resume: bool) -> Path | None:
 
 
 # ------------------------------------------------------------------------------ what a run continues
-def folder_digest(folder: str | Path) -> str:
-    """sha256 of a sequence folder's content: its manifest and every data file it lists (not its path)."""
-    from medmax.data.loader import DataError, read_manifest
-    from medmax.data.shards import folder_digest as digest
-
-    read_manifest(folder)  # errors as DataError, naming the folder
-    try:
-        return digest(folder)
-    except (OSError, ValueError) as err:
-        raise DataError(str(err)) from None
-
-
-def _holds_sequences(folder: str) -> bool:
-    from medmax.data.loader import holds_sequences, read_manifest
-    from medmax.data.store import is_remote
-
-    return is_remote(folder) or holds_sequences(read_manifest(folder))
-
-
 def _digest(cfg: FinetuneConfig, folder: str) -> str:
-    """A folder's content digest; with the token store, the one recorded when the store was made. A preference
-    folder is read into memory by mode dpo, not through the store; its own digest lets a resume that changed
-    the mode say so (the store would refuse it before the comparison)."""
-    if not cfg.data_store or not _holds_sequences(folder):
-        return folder_digest(folder)
-    from medmax.data.store import store_digest
+    """A folder's content digest (``medmax.data.store.dataset_digest``); with the token store, the one recorded
+    when the store was made."""
+    from medmax.data.store import dataset_digest
 
-    return store_digest(folder, cfg.store_dir)
+    return dataset_digest(folder, cfg.data_store, cfg.store_dir)
 
 
 def run_fingerprint(cfg: FinetuneConfig, tokenizer) -> dict:
@@ -447,7 +336,7 @@ def _trainer(cfg: FinetuneConfig, vocab: Vocabulary, model, reference, train_set
                   tokenizer_obj=tokenizer)
     if cfg.mode != "dpo":
         return medmax_trainer(data_collator=_collator(cfg, vocab), **common)
-    from medmax.preferences import PreferenceCollator
+    from medmax.data.preference_loader import PreferenceCollator
 
     from .dpo import disable_dropout, dpo_trainer
 

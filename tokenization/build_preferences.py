@@ -24,7 +24,7 @@ A row (JSONL or parquet)::
 The folder is a sequence folder (``medmax.data.shards``) with ``"layout": "preferences"`` in its
 manifest and shards of ``prompt_ids``, ``chosen_ids``, ``rejected_ids``, ``weight``, ``length`` and
 ``format`` (the ids in the same vocabulary and image blocks as ``tokenization.build_sequences`` gives the
-same row, see ``medmax.preferences``), then the passthrough columns. It is built exactly like a sequence
+same row, see ``medmax.data.preferences``), then the passthrough columns. It is built exactly like a sequence
 folder: beside itself and swapped in when complete, ``errors.jsonl`` listing each rejected row (file,
 row, id, kind, reason), ``--strict`` stopping at the first, ``--resume`` keeping unchanged input files,
 and the same refusals of an ``--output`` that holds inputs or foreign files. A pair longer than

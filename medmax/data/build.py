@@ -36,6 +36,7 @@ from . import passthrough
 from .build_folder import BuildFolder
 from .inputs import MAX_ROW_BYTES, file_digest, find_inputs, iter_row_batches, row_id
 from .passthrough import ColumnFilter
+from .preferences import CONSUMED_COLUMNS, PREFERENCES, PreferenceBuilder
 from .rows import LengthDrop, RowError, SequenceBuilder, SequenceConfig
 from .shards import (
     ERRORS,
@@ -76,7 +77,7 @@ class BuildConfig:
     strict: bool = False  # fail on the first rejected row
     resume: bool = False  # keep the outputs of input files a previous run finished (same inputs and settings)
     progress: bool = True
-    layout: str = "sequences"  # or "preferences": pairs (medmax.preferences) instead of sequences
+    layout: str = "sequences"  # or "preferences": pairs (medmax.data.preferences) instead of sequences
 
     def __post_init__(self):
         if self.layout not in ("sequences", "preferences"):
@@ -108,24 +109,18 @@ class BuildConfig:
     def columns(self) -> ColumnFilter:
         keep = None if self.keep is None else tuple(self.keep)
         if self.layout == "preferences":
-            from ..preferences import CONSUMED_COLUMNS, PREFERENCES
-
             return ColumnFilter(keep, tuple(self.drop), CONSUMED_COLUMNS, PREFERENCES.names)
         return ColumnFilter(keep, tuple(self.drop))
 
     @property
     def shard_layout(self) -> ShardLayout:
         if self.layout == "preferences":
-            from ..preferences import PREFERENCES
-
             return PREFERENCES
         return SEQUENCES
 
     def builder(self, tokenizer, sequence: SequenceConfig, resolver, vocab):
         """The row builder of this build's layout: sequences, or preference pairs."""
         if self.layout == "preferences":
-            from ..preferences import PreferenceBuilder
-
             return PreferenceBuilder(tokenizer, sequence, resolver, vocab)
         return SequenceBuilder(tokenizer, sequence, resolver, vocab)
 

@@ -281,13 +281,13 @@ def shard_paths(folder: str | Path) -> list[Path]:
     return [Path(folder) / name for name in manifest["files"]]
 
 
-def folder_digest(folder: str | Path, check: bool = True) -> str:
+def folder_digest(folder: str | Path, manifest: dict | None = None) -> str:
     """sha256 of a data folder's content: its manifest and every data file it lists (not its path).
 
-    ``check=False`` takes the manifest's ``files`` without checking its format (another format's folder).
+    ``manifest``: the folder's manifest, already read (any layout); by default it is read and checked.
     """
     folder = Path(folder)
-    manifest = read_manifest(folder) if check else json.loads((folder / MANIFEST).read_text())
+    manifest = read_manifest(folder) if manifest is None else manifest
     digest = hashlib.sha256()
     update_digest(digest, folder / MANIFEST)
     for name in manifest.get("files") or sorted(p.name for p in folder.glob("*.parquet")):

@@ -43,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .loader import DataError, read_manifest, require_sequences, row_stats
+from .loader import DataError, holds_sequences, read_manifest, require_sequences, row_stats
 from .plans import locked
 from .shards import MANIFEST, folder_digest
 
@@ -124,7 +124,7 @@ def _make(folder: Path, manifest: dict, want: dict, path: Path) -> None:
     logger.info("%s: writing its token store %s (once; later runs and other ranks map it)", folder, path)
     columns = tuple(want["columns"])
     try:
-        digest = folder_digest(folder, check=False)
+        digest = folder_digest(folder, manifest)
         rows, stats = _convert([folder / name for name in manifest["files"]], columns, tmp / TOKENS)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -369,3 +369,22 @@ def open_sequences(source: str | Path, store_root: str | Path | None = None,
 def store_digest(source: str | Path, store_root: str | Path | None = None, storage_options: dict | None = None) -> str:
     """The content digest of a sequence folder (``medmax.data.shards.folder_digest``), as its store recorded it."""
     return open_store(source, SEQUENCE_COLUMNS, store_root, storage_options, read=require_sequences).meta["folder_digest"]
+
+
+def dataset_digest(source: str | Path, use_store: bool = True, store_root: str | Path | None = None) -> str:
+    """The content digest a training run records for a data folder of any layout (a resume compares it).
+
+    The manifest is read once, its errors a :class:`DataError` naming the folder. A sequence folder served from
+    its token store gives the digest the store recorded when it was made (making the store if needed); any
+    other folder (a preference folder, or ``use_store=False``) is digested from its files.
+    """
+    if is_remote(source):
+        return store_digest(source, store_root)
+    manifest = read_manifest(source)
+    if use_store and holds_sequences(manifest):
+        store = open_store(source, SEQUENCE_COLUMNS, store_root, read=lambda _: manifest)
+        return store.meta["folder_digest"]
+    try:
+        return folder_digest(source, manifest)
+    except OSError as err:
+        raise DataError(f"{source}: cannot read its data files ({err})") from None

@@ -20,7 +20,7 @@ from finetune.config import ConfigError, load_config
 from finetune.train import main as train_main
 from medmax.dpo import DPOLoss, sequence_logps
 from medmax.model import MedMaxChameleon
-from medmax.preferences import PreferenceCollator, load_preferences
+from medmax.data.preference_loader import PreferenceCollator, load_preferences
 from tokenization.build_preferences import main as build_main
 
 N_CODES = 16

@@ -11,7 +11,7 @@ import torch
 
 from finetune.make_preferences import main
 from medmax.preference_mining import Box, changed_share, noise_region, question_type, random_box, swap_answer
-from medmax.preferences import load_preferences
+from medmax.data.preference_loader import load_preferences
 from medmax.synthetic import write_dataset
 from tokenization.build_preferences import main as build_main
 

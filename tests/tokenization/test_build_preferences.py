@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from medmax.preferences import load_preferences
+from medmax.data.preference_loader import load_preferences
 from medmax.data.build import RowRejected
 from medmax.data.rows import SequenceBuilder
 from tokenization.build_preferences import main
