@@ -1,33 +1,18 @@
-"""Tokenize a CSV of images into VQGAN code grids, on one CPU or many GPUs.
+"""Image tokenization's engine: a CSV of images -> an image-token folder (:mod:`medmax.image_tokens`), on one
+process or every rank of a torchrun launch. ``tokenization.image_tokenize`` is its program (flags, usage).
 
-Usage::
-
-    # one process
-    python -m tokenization.image_tokenize --input data/images.csv --output data/image_tokens --ckpt CKPT
-    # N processes (CPU: gloo; GPU: nccl, one device per local rank)
-    torchrun --nproc-per-node N -m tokenization.image_tokenize --input data/images.csv \\
-        --output data/image_tokens --ckpt CKPT --batch-size 16 --workers 4 --dtype bf16
-    # images larger than the default limits (64 Mpx, aspect ratio 20)
-    python -m tokenization.image_tokenize ... --max-image-pixels 200000000 --max-aspect-ratio 50
-
-``--batch-size`` defaults per device: 1 on CPU, where batches of 4 or 8 are no faster and take 2.5x the
-memory (measured in BENCHMARKS.md), and 16 on CUDA. fp32 codes do not depend on it.
-
-The CSV column ``img_path`` (MedMax) or ``image_path`` (or ``--column NAME``) names each image;
-relative paths resolve against ``--image-root`` (default: the CSV's folder) and no path may leave it.
-``--ckpt`` is a MedMax / Chameleon / Anole folder (``tokenizer/vqgan.{yaml,ckpt}``), a folder holding
-``vqgan.yaml`` and ``vqgan.ckpt`` (or ``.safetensors``), or a Hugging Face Chameleon checkpoint.
+:class:`TokenizeConfig` holds one run's settings, checked when made; :func:`tokenize_images` runs it on this
+rank (the process group joined by the caller, :func:`medmax.distributed.process_group`). The parts, in the
+order a run takes them: the settings that decide a code and the manifest that records them (:class:`Settings`,
+:func:`_check_manifest`), the CSV cut into partitions and this rank's plan (:func:`iter_partitions`,
+:class:`PartitionPlan`), the row loader (:class:`ImageRows`), the partition writer (:class:`PartitionWriter`),
+and the coordination between ranks (rank 0 checks and closes the folder, :func:`_share`).
 
 Every CSV row ends as exactly one of: written (its codes are in a partition), failed (listed in
 ``errors/part*.jsonl`` with the reason: unreadable, over a limit, not valid UTF-8, out of memory...)
 or skipped as a duplicate (an earlier row has the same path; its codes are that row's). The closing
 line and ``summary.json`` count all three, and they add up to the CSV's rows. A failed row never
-takes down its batch or a later partition; the run exits 0 unless ``--strict`` is given and a row failed.
-
-Limits (see ``medmax.images.ImageLimits``): an image whose header says more than ``--max-image-pixels``
-(default 67,108,864 = 8192 x 8192) or an aspect ratio over ``--max-aspect-ratio`` (default 20) is a
-failed row, checked before it is decoded. A VQGAN config whose weights would not fit in the memory
-available is refused before anything is allocated (``--skip-memory-check`` to try anyway).
+takes down its batch or a later partition.
 
 How the work is split, and why it cannot lose, repeat or mix a row:
 - CSV rows are cut into global partitions of ``--partition-size`` consecutive rows; partition ``k``
@@ -51,23 +36,24 @@ How the work is split, and why it cannot lose, repeat or mix a row:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
-from medmax import image_csv
-from medmax.image_tokens import (
+from . import image_csv
+from .distributed import Dist
+from .errors import UserError
+from .image_csv import display_path, path_bytes, resolve_image
+from .image_tokens import (
     FORMAT,
     MANIFEST,
     PARTITION_GLOB,
@@ -83,19 +69,15 @@ from medmax.image_tokens import (
     write_json,
     write_partition,
 )
-from medmax.distributed import Dist, process_group
-from medmax.image_csv import display_path, path_bytes, resolve_image
-from medmax.images import ImageLimits, ImageLoadError, allow_in_pillow, load_image, preprocess
-from medmax.cli import program
-from medmax.errors import UserError
-from medmax.memory import MemoryBudgetError
+from .images import ImageLimits, ImageLoadError, load_image, preprocess
+from .memory import MemoryBudgetError
 
 if TYPE_CHECKING:  # annotations only: torch, pandas and the VQGAN load in the functions that run, not for --help
     import torch
 
-    from medmax.vqgan import VQGAN
+    from .vqgan import VQGAN
 
-logger = logging.getLogger("tokenization.image_tokenize")
+logger = logging.getLogger(__name__)
 
 _PROGRESS_KEY = "medmax_image_tokenize_done"
 _CSV_OPTIONS = dict(dtype=object, keep_default_na=False, encoding_errors="surrogateescape")  # bad bytes become one row's error
@@ -132,7 +114,7 @@ FLAGS = {  # how a user changes each setting, for the message naming a differenc
 }
 
 
-# ------------------------------------------------------------------------------------------- arguments
+# ------------------------------------------------------------------------------------------- the run's config
 
 
 # Images per VQGAN forward pass when --batch-size is not given, by device type. On CPU the convolutions
@@ -144,49 +126,55 @@ FLAGS = {  # how a user changes each setting, for the message naming a differenc
 DEFAULT_BATCH_SIZE = {"cpu": 1, "cuda": 16}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="image_tokenize", description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", required=True, type=Path, help="CSV with one image path per row")
-    p.add_argument("--output", required=True, type=Path, help="folder for the parquet partitions")
-    p.add_argument("--ckpt", required=True, type=Path, help="VQGAN checkpoint (see the module docstring)")
-    p.add_argument("--column", help="image-path column (default: img_path, else image_path)")
-    p.add_argument("--image-root", type=Path, help="folder relative paths resolve against (default: the CSV's)")
-    p.add_argument("--partition-size", type=int, default=2_000,
-                   help="CSV rows per output file (also the most work a kill can lose)")
-    p.add_argument("--batch-size", type=int,
-                   help="images per VQGAN forward pass (default: %s)" % ", ".join(f"{n} on {d}" for d, n in DEFAULT_BATCH_SIZE.items()))
-    p.add_argument("--workers", type=int, default=2, help="DataLoader processes that decode and preprocess")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="fp32 is code-exact; bf16 is faster")
-    p.add_argument("--channels-last", action="store_true",
-                   help="fp32 in channels-last layout: ~15%% faster on CPU, but codes may differ from taming's at near-ties")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when available, else cpu)")
-    p.add_argument("--threads", type=int, help="torch CPU threads per process (default: cores / local processes)")
-    p.add_argument("--frame", type=int, default=0, help="frame of multi-frame images (DICOM, TIFF) to take")
-    p.add_argument("--max-image-pixels", type=int, default=ImageLimits.max_pixels,
-                   help="an image with more pixels (width x height, from its header) is a failed row (default: %(default)s)")
-    p.add_argument("--max-aspect-ratio", type=float, default=ImageLimits.max_aspect_ratio,
-                   help="an image whose long side / short side is larger is a failed row (default: %(default)s)")
-    p.add_argument("--skip-memory-check", action="store_true", help="load a VQGAN even if its weights seem not to fit in memory")
-    p.add_argument("--trust-checkpoint", action="store_true", help="allow a checkpoint that needs full unpickling")
-    p.add_argument("--strict", action="store_true", help="exit non-zero when any image failed")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
+class TokenizeError(UserError):
+    """An image-tokenization setting, input or output folder that cannot be used; the message names the flag."""
 
 
-def _validate(args: argparse.Namespace) -> ImageLimits:
-    if not args.input.is_file():
-        raise UserError(f"--input {args.input}: no such CSV file")
-    for flag in ("partition_size", "batch_size"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if args.workers < 0:
-        raise UserError(f"--workers must be >= 0, got {args.workers}")
-    if args.frame < 0:
-        raise UserError(f"--frame must be >= 0, got {args.frame}")
-    try:
-        return ImageLimits(max_pixels=args.max_image_pixels, max_aspect_ratio=args.max_aspect_ratio)
-    except ValueError as exc:
-        raise UserError(f"--max-image-pixels / --max-aspect-ratio: {exc}") from None
+@dataclass
+class TokenizeConfig:
+    """One run (``tokenization.image_tokenize`` fills it from its flags, which share these names); checked when made."""
+
+    input: Path  # CSV with one image path per row
+    output: Path  # the image-token folder
+    ckpt: Path  # the VQGAN: a MedMax / Chameleon / Anole folder, a vqgan.yaml folder or a Hugging Face checkpoint
+    column: str | None = None  # image-path column (default: img_path, else image_path)
+    image_root: Path | None = None  # relative paths resolve here (default: the CSV's folder)
+    partition_size: int = 2_000  # CSV rows per output file (also the most work a kill can lose)
+    batch_size: int | None = None  # images per VQGAN forward pass (default: DEFAULT_BATCH_SIZE of the device)
+    workers: int = 2  # DataLoader processes that decode and preprocess
+    dtype: str = "fp32"  # fp32 (code-exact) or bf16
+    channels_last: bool = False  # fp32 in channels-last layout (bf16 implies it)
+    device: str | None = None  # cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when available, else cpu)
+    threads: int | None = None  # torch CPU threads per process (default: cores / local processes)
+    frame: int = 0  # frame of multi-frame images
+    max_image_pixels: int = ImageLimits.max_pixels
+    max_aspect_ratio: float = ImageLimits.max_aspect_ratio
+    skip_memory_check: bool = False  # load a VQGAN even if its weights seem not to fit in memory
+    trust_checkpoint: bool = False  # allow a checkpoint that needs full unpickling
+    progress: bool = True  # a progress bar on rank 0
+
+    def __post_init__(self):
+        self.input, self.output, self.ckpt = Path(self.input), Path(self.output), Path(self.ckpt)
+        self.image_root = None if self.image_root is None else Path(self.image_root)
+        if not self.input.is_file():
+            raise TokenizeError(f"--input {self.input}: no such CSV file")
+        for flag in ("partition_size", "batch_size"):
+            if getattr(self, flag) is not None and getattr(self, flag) < 1:
+                raise TokenizeError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(self, flag)}")
+        if self.workers < 0:
+            raise TokenizeError(f"--workers must be >= 0, got {self.workers}")
+        if self.frame < 0:
+            raise TokenizeError(f"--frame must be >= 0, got {self.frame}")
+        if self.dtype not in ("fp32", "bf16"):
+            raise TokenizeError(f"--dtype {self.dtype!r}: choose fp32 or bf16")
+        self.limits  # noqa: B018 - validates the limits
+
+    @property
+    def limits(self) -> ImageLimits:
+        try:
+            return ImageLimits(max_pixels=self.max_image_pixels, max_aspect_ratio=self.max_aspect_ratio)
+        except ValueError as exc:
+            raise TokenizeError(f"--max-image-pixels / --max-aspect-ratio: {exc}") from None
 
 
 # ----------------------------------------------------------------------------------- CSV and partitions
@@ -214,7 +202,7 @@ def iter_partitions(source: Source) -> Iterator[tuple[int, list[str]]]:
             for k, frame in enumerate(reader):
                 yield k, [str(p) for p in frame[source.column].tolist()]
     except pd.errors.ParserError as exc:
-        raise UserError(f"--input {source.csv}: cannot be parsed as CSV ({exc})") from None
+        raise TokenizeError(f"--input {source.csv}: cannot be parsed as CSV ({exc})") from None
 
 
 def rows_digest(paths: list[str], duplicates: frozenset[int]) -> str:
@@ -230,7 +218,7 @@ def rows_digest(paths: list[str], duplicates: frozenset[int]) -> str:
 
 
 @dataclass
-class Plan:
+class PartitionPlan:
     """What this rank must do, from the CSV as it is now and the partitions already in the folder."""
 
     n_rows: int  # rows in the CSV
@@ -249,15 +237,15 @@ def finished_files(output: Path) -> dict[int, list[tuple[Path, dict]]]:
             logger.warning("%s: unreadable (%s); its partition is redone", path, exc)
             continue
         if info is None:
-            raise UserError(f"{path}: not written by this version of image_tokenize (no partition metadata); use a new --output")
+            raise TokenizeError(f"{path}: not written by this version of image_tokenize (no partition metadata); use a new --output")
         found.setdefault(partition_index(path), []).append((path, info))
     return found
 
 
-def make_plan(source: Source, output: Path, info: Dist) -> Plan:
+def make_plan(source: Source, output: Path, info: Dist) -> PartitionPlan:
     """Stream the CSV once: each partition's digest and duplicate rows; keep what matches, plan the rest."""
     finished, seen = finished_files(output), set()
-    plan = Plan(n_rows=0, digests=[], todo={}, done_rows=0)
+    plan = PartitionPlan(n_rows=0, digests=[], todo={}, done_rows=0)
     for k, paths in iter_partitions(source):
         duplicates = frozenset(_mark_duplicates(paths, seen))
         plan.digests.append(rows_digest(paths, duplicates))
@@ -296,10 +284,10 @@ class ImageRows:
     Rows are dealt to DataLoader workers round-robin; each item says how many rows its partition has,
     so the main process knows when a partition is complete. A row's failure, whatever it is, is that
     row's error: it never ends the batch, the partition or the run. A torch ``IterableDataset`` (registered as
-    one in :func:`run`, so that importing this program for --help does not load torch).
+    one in :func:`run`, so that importing this module for --help does not load torch).
     """
 
-    def __init__(self, source: Source, settings: Settings, plan: Plan):
+    def __init__(self, source: Source, settings: Settings, plan: PartitionPlan):
         self.source, self.settings, self.plan = source, settings, plan
 
     def __iter__(self):
@@ -390,66 +378,66 @@ class PartitionWriter:
 # -------------------------------------------------------------------------------------------- setup
 
 
-def _setup_device(args: argparse.Namespace, info: Dist) -> torch.device:
+def _setup_device(cfg: TokenizeConfig, info: Dist) -> torch.device:
     import torch
 
-    if args.device is None:
+    if cfg.device is None:
         device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
     else:
-        device = torch.device(args.device)
+        device = torch.device(cfg.device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", info.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        if args.dtype == "fp32":  # cuDNN's TF32 convolutions (on by default) would round fp32 away from taming's codes
+        if cfg.dtype == "fp32":  # cuDNN's TF32 convolutions (on by default) would round fp32 away from taming's codes
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
-    threads = args.threads or max(1, (os.cpu_count() or 1) // info.local_world_size)
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // info.local_world_size)
     torch.set_num_threads(threads)
     return device
 
 
-def _setup_model(args: argparse.Namespace, device: torch.device) -> tuple[VQGAN, str]:
+def _setup_model(cfg: TokenizeConfig, device: torch.device) -> tuple[VQGAN, str]:
     """The encoder, ready on ``device`` in ``--dtype``, and the digest of the weights that decide its codes."""
     import torch
 
     from medmax.vqgan import CheckpointError, load_vqgan
 
     try:
-        model = load_vqgan(args.ckpt, trust_checkpoint=args.trust_checkpoint, skip_memory_check=args.skip_memory_check)
+        model = load_vqgan(cfg.ckpt, trust_checkpoint=cfg.trust_checkpoint, skip_memory_check=cfg.skip_memory_check)
     except (CheckpointError, MemoryBudgetError, FileNotFoundError, ValueError) as exc:
-        raise UserError(f"--ckpt {args.ckpt}: {exc}") from exc
+        raise TokenizeError(f"--ckpt {cfg.ckpt}: {exc}") from exc
     model.decoder = None  # only the encoder half is needed here
     digest = model.codes_digest()  # before the encoder is cast to --dtype
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    return model.prepare_for_encoding(device=device, dtype=dtype, channels_last=args.channels_last or args.dtype == "bf16"), digest
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    return model.prepare_for_encoding(device=device, dtype=dtype, channels_last=cfg.channels_last or cfg.dtype == "bf16"), digest
 
 
-def _settings(args: argparse.Namespace, model: VQGAN, digest: str, device: torch.device, limits: ImageLimits) -> Settings:
+def _settings(cfg: TokenizeConfig, model: VQGAN, digest: str, device: torch.device, limits: ImageLimits) -> Settings:
     return Settings(
-        vqgan_digest=digest, resolution=model.resolution, n_embed=model.n_embed, dtype=args.dtype,
-        channels_last=args.channels_last or args.dtype == "bf16", device_type=device.type, frame=args.frame,
+        vqgan_digest=digest, resolution=model.resolution, n_embed=model.n_embed, dtype=cfg.dtype,
+        channels_last=cfg.channels_last or cfg.dtype == "bf16", device_type=device.type, frame=cfg.frame,
         max_image_pixels=limits.max_pixels, max_aspect_ratio=limits.max_aspect_ratio,
-        column=image_csv.pick_column(args.input, args.column), image_root=str((args.image_root or args.input.parent).resolve()),
-        partition_size=args.partition_size,
+        column=image_csv.pick_column(cfg.input, cfg.column), image_root=str((cfg.image_root or cfg.input.parent).resolve()),
+        partition_size=cfg.partition_size,
     )
 
 
 def _check_manifest(output: Path, settings: Settings) -> None:
-    """Refuse a folder holding tokens made with other settings, or files this program did not write."""
+    """Refuse a folder holding tokens made with other settings, or files image tokenization did not write."""
     manifest = read_manifest(output)
     if manifest is None:
         if any(output.glob(PARTITION_GLOB)):
-            raise UserError(f"--output {output} holds image-token partitions but no {MANIFEST}; use a new --output")
+            raise TokenizeError(f"--output {output} holds image-token partitions but no {MANIFEST}; use a new --output")
         return
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise UserError(f"--output {output} was written by an earlier image_tokenize, whose manifest does not record "
+        raise TokenizeError(f"--output {output} was written by an earlier image_tokenize, whose manifest does not record "
                         "what decides the codes; use a new --output")
     found = manifest.get("settings", {})
     changed = [f"{FLAGS[f.name]} was {_show(found.get(f.name))}, now {_show(getattr(settings, f.name))}"
                for f in fields(Settings) if found.get(f.name) != getattr(settings, f.name)]
     if changed:
-        raise UserError(f"--output {output} holds image tokens made with other settings: {'; '.join(changed)}. "
+        raise TokenizeError(f"--output {output} holds image tokens made with other settings: {'; '.join(changed)}. "
                         "Use a new --output (or the settings it was made with)")
 
 
@@ -457,10 +445,10 @@ def _show(value) -> str:
     return f"{value[:12]}..." if isinstance(value, str) and len(value) == 64 else str(value)
 
 
-def _start_manifest(args: argparse.Namespace, settings: Settings) -> None:
+def _start_manifest(cfg: TokenizeConfig, settings: Settings) -> None:
     """Mark the folder as being written: complete again only when a run finishes."""
-    write_json(args.output / MANIFEST, {"format": FORMAT, "version": VERSION, "settings": asdict(settings), "complete": False,
-                                        "input": str(args.input.resolve()), "ckpt": str(args.ckpt.resolve())})
+    write_json(cfg.output / MANIFEST, {"format": FORMAT, "version": VERSION, "settings": asdict(settings), "complete": False,
+                                        "input": str(cfg.input.resolve()), "ckpt": str(cfg.ckpt.resolve())})
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -501,17 +489,17 @@ def _encode(model: VQGAN, pixels: torch.Tensor, device: torch.device) -> np.ndar
     return model.encode_codes(pixels).to(torch.int32).cpu().numpy()  # (B, h*w); 4 bytes a code while pending
 
 
-def run(args: argparse.Namespace, source: Source, settings: Settings, plan: Plan, model: VQGAN, device: torch.device, info: Dist) -> PartitionWriter:
+def run(cfg: TokenizeConfig, source: Source, settings: Settings, plan: PartitionPlan, model: VQGAN, device: torch.device, info: Dist) -> PartitionWriter:
     """Tokenize this rank's planned partitions."""
     from torch.utils.data import DataLoader, IterableDataset
 
     IterableDataset.register(ImageRows)  # DataLoader streams it (see ImageRows)
     loader = DataLoader(
-        ImageRows(source, settings, plan), batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate,
+        ImageRows(source, settings, plan), batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=collate,
         pin_memory=device.type == "cuda", persistent_workers=False,
     )
-    progress = Progress(info, plan.n_rows, plan.done_rows, enabled=not args.no_progress)
-    writer = PartitionWriter(args.output, info.rank, settings.partition_size, plan.digests)
+    progress = Progress(info, plan.n_rows, plan.done_rows, enabled=cfg.progress)
+    writer = PartitionWriter(cfg.output, info.rank, settings.partition_size, plan.digests)
     try:
         for batch in loader:
             codes = _encode(model, batch["pixels"], device) if batch["pixels"] is not None else []
@@ -526,7 +514,7 @@ def run(args: argparse.Namespace, source: Source, settings: Settings, plan: Plan
     return writer
 
 
-def finish_folder(output: Path, plan: Plan) -> dict:
+def finish_folder(output: Path, plan: PartitionPlan) -> dict:
     """After every rank is done: drop partitions past the CSV's end, bring errors/ in line with the
     partitions, and count every row of the CSV as written, failed or duplicate."""
     files = finished_files(output)
@@ -574,72 +562,79 @@ def _share(value: int, device: torch.device) -> int:
     return int(tensor.item())
 
 
-def _close(args: argparse.Namespace, settings: Settings, plan: Plan, this_run: dict, seconds: float) -> dict:
-    """Rank 0: finish the folder, write the complete manifest and the summary, print the closing line."""
-    rows = finish_folder(args.output, plan)
-    write_json(args.output / MANIFEST, {
+def _close(cfg: TokenizeConfig, settings: Settings, plan: PartitionPlan, this_run: dict, seconds: float) -> dict:
+    """Rank 0: finish the folder, write the complete manifest and the summary; -> the summary."""
+    rows = finish_folder(cfg.output, plan)
+    write_json(cfg.output / MANIFEST, {
         "format": FORMAT, "version": VERSION, "settings": asdict(settings), "complete": True, "rows": rows,
         "rows_digest": hashlib.sha256("".join(plan.digests).encode()).hexdigest(),
-        "input": str(args.input.resolve()), "ckpt": str(args.ckpt.resolve()),
+        "input": str(cfg.input.resolve()), "ckpt": str(cfg.ckpt.resolve()),
     })
     done = this_run["tokenized"] + this_run["failed"] + this_run["duplicate"]
     summary = {
         "rows": rows["input"], "written": rows["written"], "failed": rows["failed"], "duplicate": rows["duplicate"],
         "tokenized": this_run["tokenized"], "this_run": this_run, "seconds": round(seconds, 2),
         "images_per_s": round(done / max(seconds, 1e-9), 3), "vqgan_digest": settings.vqgan_digest,
-        "batch_size": args.batch_size,
+        "batch_size": cfg.batch_size,
     }
     logger.info("summary: %s", json.dumps(summary))
-    write_json(args.output / SUMMARY, summary)
-    print(
-        f"{rows['input']} rows: {rows['written']} written, {rows['failed']} failed (reasons in {args.output / 'errors'}), "
-        f"{rows['duplicate']} skipped as duplicates; this run tokenized {this_run['tokenized']} images in "
-        f"{this_run['partitions']} partition(s), {summary['seconds']} s, {summary['images_per_s']} images/s"
-    )
+    write_json(cfg.output / SUMMARY, summary)
     return summary
 
 
-def _tokenize(args: argparse.Namespace, limits: ImageLimits, info: Dist) -> int:
-    """Set up, plan, run and close; the number of failed rows in the folder."""
-    device = _setup_device(args, info)
-    args.batch_size = args.batch_size or DEFAULT_BATCH_SIZE.get(device.type, 1)
-    model, digest = _setup_model(args, device)
-    settings = _settings(args, model, digest, device, limits)
-    args.output.mkdir(parents=True, exist_ok=True)
+def summary_line(summary: dict, output: Path) -> str:
+    """A finished run in one line (the program prints it): every row written, failed or skipped, and this run's pace."""
+    this_run = summary["this_run"]
+    return (
+        f"{summary['rows']} rows: {summary['written']} written, {summary['failed']} failed (reasons in {Path(output) / 'errors'}), "
+        f"{summary['duplicate']} skipped as duplicates; this run tokenized {this_run['tokenized']} images in "
+        f"{this_run['partitions']} partition(s), {summary['seconds']} s, {summary['images_per_s']} images/s"
+    )
+
+
+@dataclass
+class TokenizeResult:
+    failed: int  # failed rows in the whole folder, known on every rank
+    summary: dict | None  # rank 0: what summary.json holds; None on the other ranks
+
+
+def _claim(cfg: TokenizeConfig, settings: Settings, device: torch.device, info: Dist) -> None:
+    """Rank 0 checks the folder and claims it; no rank writes a partition before that is done."""
+    cfg.output.mkdir(parents=True, exist_ok=True)
     ready = -1
     try:
-        if info.rank == 0:  # the one rank that checks the folder and claims it
-            _check_manifest(args.output, settings)
-            _start_manifest(args, settings)
+        if info.rank == 0:
+            _check_manifest(cfg.output, settings)
+            _start_manifest(cfg, settings)
             ready = 0
-    finally:  # no rank writes a partition before rank 0 has checked the folder
+    finally:
         ready = _share(ready, device)
     if ready < 0:
-        raise UserError(f"rank {info.rank}: rank 0 refused --output {args.output} (its message says why)")
-    source = Source(str(args.input.resolve()), settings.column, settings.partition_size)
-    plan = make_plan(source, args.output, info)
+        raise TokenizeError(f"rank {info.rank}: rank 0 refused --output {cfg.output} (its message says why)")
+
+
+def tokenize_images(cfg: TokenizeConfig, info: Dist) -> TokenizeResult:
+    """Tokenize this rank's share of ``cfg.input`` into ``cfg.output``: set up, plan, run and close.
+
+    ``info`` is this process's place in the launch (:func:`medmax.distributed.process_group`); every rank of
+    the launch calls this with the same config.
+    """
+    device = _setup_device(cfg, info)
+    cfg = replace(cfg, batch_size=cfg.batch_size or DEFAULT_BATCH_SIZE.get(device.type, 1))
+    model, digest = _setup_model(cfg, device)
+    settings = _settings(cfg, model, digest, device, cfg.limits)
+    _claim(cfg, settings, device, info)
+    source = Source(str(cfg.input.resolve()), settings.column, settings.partition_size)
+    plan = make_plan(source, cfg.output, info)
     start = time.perf_counter()
-    this_run = _run_counts(run(args, source, settings, plan, model, device, info), device)
-    failed = -1
+    this_run = _run_counts(run(cfg, source, settings, plan, model, device, info), device)
+    summary, failed = None, -1
     try:
         if info.rank == 0:
-            failed = _close(args, settings, plan, this_run, time.perf_counter() - start)["failed"]
+            summary = _close(cfg, settings, plan, this_run, time.perf_counter() - start)
+            failed = summary["failed"]
     finally:
         failed = _share(failed, device)
     if failed < 0:
-        raise UserError(f"rank {info.rank}: rank 0 could not finish {args.output}")
-    return failed
-
-
-@program("image_tokenize")
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    limits = _validate(args)
-    allow_in_pillow(limits)
-    with process_group() as info:  # after parsing: --help does not load torch
-        failed = _tokenize(args, limits, info)
-    return 1 if args.strict and failed > 0 else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        raise TokenizeError(f"rank {info.rank}: rank 0 could not finish {cfg.output}")
+    return TokenizeResult(failed, summary)

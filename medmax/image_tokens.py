@@ -1,4 +1,5 @@
-"""Image-token folders, the format ``tokenization.image_tokenize`` writes: ``img_path`` -> raw VQGAN codes.
+"""Image-token folders: ``img_path`` -> raw VQGAN codes, the format image tokenization writes
+(:mod:`medmax.image_tokenizing`, run by ``tokenization.image_tokenize``).
 
 A folder holds:
 
