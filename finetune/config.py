@@ -16,7 +16,7 @@ from transformers import TrainingArguments
 
 from medmax.errors import UserError
 from medmax.model import MODEL_PRESETS
-from medmax.presets import PRESET_PREFIX, TOKENIZER_PRESETS, VQGAN_PRESETS, parse_preset  # noqa: F401
+from medmax.presets import TOKENIZER_PRESETS, VQGAN_PRESETS, parse_preset
 
 MODES = ("full", "lora", "image-alignment", "dpo")
 DPO_WEIGHTS = ("lora", "full")  # what mode dpo trains

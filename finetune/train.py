@@ -64,7 +64,7 @@ def _setup_assets(cfg: FinetuneConfig):
     from medmax.presets import VQGAN_PRESETS, parse_preset, resolve_tokenizer
     from medmax.vqgan import VQGAN, load_vqgan
 
-    from .config import PRESET_PREFIX, ConfigError
+    from .config import ConfigError
 
     model_dir = None if cfg.is_preset else Path(cfg.model)
     if model_dir is not None and not (model_dir / "config.json").is_file():

@@ -11,8 +11,4 @@
 ``plans.py``           the sampling and packing plan, computed once from lengths and cached with the store
 ``loader.py``          training rows: checks, validation split, weighted sampling, packing, collators
 =====================  ==================================================================================
-
-The module names from before this package (``medmax.sequences``, ``medmax.sequence_dataset``,
-``medmax.dataset_io``, ``medmax.build_folder``, ``medmax.passthrough``, ``medmax.training_data``)
-still import (``medmax._moved``).
 """

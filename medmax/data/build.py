@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pyarrow as pa
-from medmax.errors import UserError  # absolute: this module moves into medmax/data/
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from ..image_code_lookup import ImageCodeLookup, image_token_fingerprint, load_code_table, table_code_count
 from ..vocab import Vocabulary, load_tokenizer, tokenizer_file
 from . import passthrough

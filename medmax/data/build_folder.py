@@ -23,9 +23,9 @@ import json
 import logging
 import os
 import shutil
-from medmax.errors import UserError  # absolute: this module moves into medmax/data/
 from pathlib import Path
 
+from ..errors import UserError
 from .shards import FORMAT_NAME, MANIFEST, PROGRESS, written_files
 
 logger = logging.getLogger(__name__)

@@ -27,14 +27,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from medmax.errors import UserError  # absolute: this module moves into medmax/data/
+from ..errors import UserError
+from ..vocab import IGNORE_INDEX
+from .plans import cached_plan, make_plan, plan_key
+from .shards import MANIFEST as MANIFEST_NAME
 
 logger = logging.getLogger(__name__)
-
-from ..vocab import IGNORE_INDEX
-from .plans import Plan, cached_plan, make_plan, pack_greedy, plan_key, weighted_order  # noqa: F401
-from .shards import MANIFEST as MANIFEST_NAME
-from .shards import write_sequences  # noqa: F401  (its old home: kept importable from here)
 
 
 class DataError(UserError):

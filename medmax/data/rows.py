@@ -45,9 +45,9 @@ from itertools import chain
 from dataclasses import dataclass, field
 
 import numpy as np
-from medmax.errors import UserError  # absolute: this module moves into medmax/data/
 from tokenizers import Tokenizer
 
+from ..errors import UserError
 from ..vocab import (
     END_OF_TURN,
     IGNORE_INDEX,

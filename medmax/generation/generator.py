@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from ..model import ModelBundle, load_model_dir
-from .config import MODES, GenerationConfig  # noqa: F401 (re-exported)
+from .config import GenerationConfig
 from .forward import ModelRunner
 from .image import ImageDecoder
 from .prompts import PromptEncoder, Segment
