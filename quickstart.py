@@ -58,7 +58,7 @@ REDUCED = Sizes(n_train=300, n_test=60, max_steps=80, n_dicom=3, vqgan_seconds=2
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="quickstart", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="medmax-quickstart", description=__doc__.split("\n")[0])
     p.add_argument("--output", type=Path, default=Path("runs/quickstart"), help="run folder (replaced)")
     p.add_argument("--reduced", action="store_true", help="fewer images and steps (the test suite's setting)")
     p.add_argument("--nproc", type=int, default=2, help="processes for image tokenization (torchrun)")
@@ -242,9 +242,12 @@ def write_report(out: Path, data: dict, times: dict[str, float], faith: dict) ->
     return accuracy
 
 
-@program("quickstart")
+@program("medmax-quickstart")
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.nproc < 1:
+        parser.error(f"--nproc must be at least 1, got {args.nproc}")
     sizes = REDUCED if args.reduced else FULL
     if args.max_steps:
         sizes = Sizes(**{**sizes.__dict__, "max_steps": args.max_steps})

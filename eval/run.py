@@ -145,7 +145,7 @@ class EvalConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eval.run", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="medmax-eval", description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, required=True, help="model folder (config.json, model.safetensors, tokenizer.json, vqgan/)")
     p.add_argument("--data", type=Path, required=True, help="MedMax-schema folder/file, or the image root of --source")
     p.add_argument("--output", type=Path, required=True)
@@ -569,7 +569,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     return EvalConfig(**{k: v for k, v in vars(args).items()})
 
 
-@program("eval.run")
+@program("medmax-eval")
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)

@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from medmax.cli import program
+from medmax.errors import UserError
 
 logger = logging.getLogger("finetune.make_preferences")
 
@@ -76,15 +77,15 @@ class MineConfig:
     def __post_init__(self):
         bad = [k for k in self.kinds if k not in KINDS]
         if bad:
-            raise ValueError(f"--kinds {bad[0]}: choose among {KINDS}")
+            raise UserError(f"--kinds {bad[0]}: choose among {KINDS}")
         if self.image_pairs not in IMAGE_PAIRS:
-            raise ValueError(f"--image-pairs {self.image_pairs}: choose one of {IMAGE_PAIRS}")
+            raise UserError(f"--image-pairs {self.image_pairs}: choose one of {IMAGE_PAIRS}")
         if not 0 < self.noise_level <= 1:
-            raise ValueError(f"--noise-level {self.noise_level}: must lie in (0, 1]")
+            raise UserError(f"--noise-level {self.noise_level}: must lie in (0, 1]")
         if not 0 < self.box_side <= 1:
-            raise ValueError(f"--box-side {self.box_side}: must lie in (0, 1]")
+            raise UserError(f"--box-side {self.box_side}: must lie in (0, 1]")
         if Path(self.output).exists() and not self.overwrite:
-            raise ValueError(f"--output {self.output} exists; pass --overwrite to replace it")
+            raise UserError(f"--output {self.output} exists; pass --overwrite to replace it")
 
 
 @dataclass
@@ -105,7 +106,7 @@ class Item:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="make_preferences", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="medmax-make-preferences", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="model folder (finetune.export output: weights, tokenizer.json, vqgan/)")
     p.add_argument("--input", nargs="+", required=True, help="JSONL files (evaluation schema or MedMax training rows)")
     p.add_argument("--output", required=True, help="preference rows (JSONL) for tokenization.build_preferences")
@@ -355,7 +356,7 @@ def _all_pairs(cfg: MineConfig, miner: Miner, items: list[Item], rng, errors) ->
     return rows
 
 
-@program("make_preferences")
+@program("medmax-make-preferences")
 def main(argv=None) -> int:
     args = parse_args(argv)
     summary = mine(config_from_args(args))

@@ -386,7 +386,7 @@ def run(cfg: FinetuneConfig, resume: bool = False, resume_anyway: bool = False) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="finetune.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="medmax-train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML file of settings (finetune/configs/*.yaml)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the last complete checkpoint in output_dir (same data, tokenizer and mode)")
@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@program("finetune.train")
+@program("medmax-train")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .config import check_world_size, load_config  # after parsing: --help does not load transformers

@@ -2,7 +2,7 @@
 
 Each program's ``main(argv=None)`` is decorated with :func:`program`::
 
-    @program("eval.run")
+    @program("medmax-eval")
     def main(argv: list[str] | None = None) -> int:
         ...
 

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .data.inputs import file_digest
-from .data.rows import RowError
+from .data.rows import BuildConfigError, RowError
 from .image_tokens import folder_fingerprint, partition_files, read_image_tokens, read_manifest
 from .paths import PathEscapeError, resolve_inside
 
@@ -43,7 +43,7 @@ def table_code_count(table: dict[str, np.ndarray], folders) -> int | None:
     """The one code count all images in the table share (None for an empty table)."""
     counts = Counter(len(v) for v in table.values())
     if len(counts) > 1:
-        raise ValueError(
+        raise BuildConfigError(
             f"--image-tokens {', '.join(map(str, folders))}: images have different code counts "
             f"{dict(counts.most_common(4))}; pass --codes-per-image to choose one (others are rejected)"
         )

@@ -51,6 +51,10 @@ from .jsonl import dumps_line, write_atomic
 
 logger = logging.getLogger(__name__)
 
+
+class ImageTokensError(UserError):
+    """An image-token folder that cannot be read as one; the message names it."""
+
 PARTITION_GLOB = "tokens-rank*-part*.parquet"
 COLUMNS = ("img_path", "img_tokens")
 SCHEMA = pa.schema([("img_path", pa.string()), ("img_tokens", pa.list_(pa.int32()))])
@@ -123,7 +127,7 @@ def read_manifest(folder: str | Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+        raise ImageTokensError(f"{path}: not valid JSON ({exc})") from None
 
 
 def folder_fingerprint(folder: str | Path) -> dict:
@@ -135,7 +139,7 @@ def folder_fingerprint(folder: str | Path) -> dict:
     folder = Path(folder)
     manifest = read_manifest(folder)
     if manifest is None:
-        raise ValueError(f"{folder}: not an image-token folder (no {MANIFEST})")
+        raise ImageTokensError(f"{folder}: not an image-token folder (no {MANIFEST})")
     if manifest.get("format") != FORMAT:
         written = sum(pq.read_metadata(p).num_rows for p in partition_files(folder))
         return {"settings": manifest, "rows": {"written": written}, "complete": None, "rows_digest": None}
@@ -164,7 +168,7 @@ def iter_image_tokens(folder: str | Path) -> Iterator[tuple[str, list[int]]]:
 def read_image_tokens(folders: str | Path | Iterable[str | Path], convert: Callable | None = None) -> dict:
     """All ``img_path -> codes`` of one or more output folders (each row's codes passed through ``convert``).
 
-    The same path in two folders must carry the same codes; a conflict raises ``ValueError`` naming it.
+    The same path in two folders must carry the same codes; a conflict raises :class:`ImageTokensError` naming it.
     """
     if isinstance(folders, (str, Path)):
         folders = [folders]
@@ -174,6 +178,6 @@ def read_image_tokens(folders: str | Path | Iterable[str | Path], convert: Calla
             codes = convert(codes) if convert else codes
             previous = tokens.setdefault(img_path, codes)
             if previous is not codes and not np.array_equal(previous, codes):
-                raise UserError(f"{folder}: {img_path!r} has different image tokens in another token folder")
+                raise ImageTokensError(f"{folder}: {img_path!r} has different image tokens in another token folder")
     logger.info("read image tokens for %d images", len(tokens))
     return tokens

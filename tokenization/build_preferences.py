@@ -45,7 +45,7 @@ logger = logging.getLogger("tokenization.build_preferences")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="build_preferences", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="medmax-build-preferences", description=__doc__.split("\n")[0])
     p.add_argument("--input", nargs="+", required=True, help="JSONL / parquet files of preference rows, folders, or globs")
     p.add_argument("--tokenizer", required=True, help="tokenizer.json or a checkpoint folder")
     p.add_argument("--output", required=True, help="output folder (built beside it, swapped in when complete)")
@@ -76,7 +76,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
     return BuildConfig.from_flags(args, sequence, layout="preferences")
 
 
-@program("build_preferences")
+@program("medmax-build-preferences")
 def main(argv=None) -> int:
     args = parse_args(argv)
     print(timed_build(config_from_args(args)), file=sys.stderr)

@@ -48,14 +48,13 @@ import sys
 from medmax.cli import program
 from medmax.data.build import BuildConfig, timed_build
 from medmax.data.rows import SequenceConfig
-from medmax.errors import UserError
 from medmax.vocab import IMAGE_PLACEHOLDER
 
 logger = logging.getLogger("tokenization.build_sequences")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="build_sequences", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="medmax-build-sequences", description=__doc__.split("\n")[0])
     p.add_argument("--input", nargs="+", required=True, help="JSONL / parquet files, folders of them, or globs")
     p.add_argument("--tokenizer", required=True, help="tokenizer.json (e.g. text_tokenizer_modified.json) or a checkpoint folder")
     p.add_argument("--output", required=True,
@@ -87,13 +86,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace) -> BuildConfig:
-    try:
-        return _config(args)
-    except ValueError as err:  # the configs' own checks name the flag
-        raise UserError(str(err)) from None
-
-
-def _config(args: argparse.Namespace) -> BuildConfig:
     sequence = SequenceConfig(
         placeholders=(IMAGE_PLACEHOLDER, *args.attachment_token),
         image_loss=not args.no_image_loss,
@@ -104,7 +96,7 @@ def _config(args: argparse.Namespace) -> BuildConfig:
     return BuildConfig.from_flags(args, sequence)
 
 
-@program("build_sequences")
+@program("medmax-build-sequences")
 def main(argv=None) -> int:
     args = parse_args(argv)
     print(timed_build(config_from_args(args)), file=sys.stderr)

@@ -72,6 +72,10 @@ MEDMAX_MARKERS = (IMAGE_PLACEHOLDER, END_OF_TURN)
 DEFAULT_MAX_LENGTH = 4096
 
 
+class BuildConfigError(UserError):
+    """A build setting that cannot be used (``SequenceConfig``, ``BuildConfig``, the inputs and columns); names the flag."""
+
+
 class RowError(UserError):
     """A row that cannot become a sequence. ``kind`` is the counted category, the message the detail."""
 
@@ -106,11 +110,11 @@ class SequenceConfig:
 
     def __post_init__(self):
         if not self.placeholders or any(not p for p in self.placeholders):
-            raise ValueError("placeholders: give at least one non-empty placeholder string")
+            raise BuildConfigError("placeholders: give at least one non-empty placeholder string")
         if self.max_length is not None and self.max_length < 3:
-            raise ValueError(f"max_length must be at least 3, got {self.max_length}")
+            raise BuildConfigError(f"--max-length must be at least 3, got {self.max_length}")
         if self.codes_per_image is not None and self.codes_per_image < 1:
-            raise ValueError(f"codes_per_image must be positive, got {self.codes_per_image}")
+            raise BuildConfigError(f"--codes-per-image must be positive, got {self.codes_per_image}")
 
 
 @dataclass

@@ -136,7 +136,7 @@ def test_limit_and_flag_errors(tiny_model_dir, eval_data, tmp_path, capsys):
                            (["--judge-url", "ftp://judge"], "--judge-url must start with http")):
         assert run.main(_argv(tiny_model_dir, eval_data, tmp_path / "x", *extra)) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("eval.run: error: ") and message in err[0]
+        assert len(err) == 1 and err[0].startswith("medmax-eval: error: ") and message in err[0]
     assert not (tmp_path / "x").exists()
 
 

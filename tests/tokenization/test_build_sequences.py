@@ -334,7 +334,7 @@ def test_output_that_is_the_input_folder_is_refused_and_nothing_is_deleted(tmp_p
         assert main(["--input", str(raw), "--tokenizer", str(tiny_tokenizer_path), "--output", str(output),
                      "--image-tokens", str(image_tokens), "--no-progress"]) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"build_sequences: error: --output {output}") and " input " in err and err.count("\n") == 1
+        assert err.startswith(f"medmax-build-sequences: error: --output {output}") and " input " in err and err.count("\n") == 1
         assert {p.name: p.read_bytes() for p in raw.iterdir()} == before
 
 

@@ -55,7 +55,7 @@ def dataset(tmp_path_factory) -> Path:
 
 
 class Refused(Exception):
-    """The run ended in its one error line (``image_tokenize: error: ...``, exit code 2), raised here to be matched."""
+    """The run ended in its one error line (``medmax-image-tokenize: error: ...``, exit code 2), raised here to be matched."""
 
 
 def _run(csv: Path, out: Path, ckpt: Path, *extra: str) -> int:
@@ -63,7 +63,7 @@ def _run(csv: Path, out: Path, ckpt: Path, *extra: str) -> int:
     with contextlib.redirect_stderr(err):
         code = main(["--input", str(csv), "--output", str(out), "--ckpt", str(ckpt), "--workers", "0", "--no-progress", *extra])
     if code == 2:
-        assert err.getvalue().startswith("image_tokenize: error: ") and err.getvalue().count("\n") == 1, err.getvalue()
+        assert err.getvalue().startswith("medmax-image-tokenize: error: ") and err.getvalue().count("\n") == 1, err.getvalue()
         raise Refused(err.getvalue())
     sys.stderr.write(err.getvalue())
     return code
