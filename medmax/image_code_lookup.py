@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from .data.inputs import file_digest
 from .data.rows import BuildConfigError, RowError
-from .image_tokens import folder_fingerprint, partition_files, read_image_tokens, read_manifest
+from .image_tokens import folder_fingerprint, partition_files, read_image_token_manifest, read_image_tokens
 from .paths import PathEscapeError, resolve_inside
 
 logger = logging.getLogger(__name__)
@@ -101,6 +101,6 @@ def image_token_fingerprint(folder: str | Path) -> dict:
     digest: :func:`medmax.image_tokens.folder_fingerprint`; None without a manifest), and each finished
     partition's row count and sha256, which also covers codes no manifest vouches for."""
     folder = Path(folder)
-    manifest = folder_fingerprint(folder) if read_manifest(folder) is not None else None
+    manifest = folder_fingerprint(folder) if read_image_token_manifest(folder) is not None else None
     partitions = {p.name: {"rows": pq.ParquetFile(p).metadata.num_rows, "sha256": file_digest(p)} for p in partition_files(folder)}
     return {"manifest": manifest, "partitions": partitions, "rows": sum(v["rows"] for v in partitions.values())}

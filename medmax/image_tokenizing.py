@@ -64,7 +64,7 @@ from .image_tokens import (
     partition_info,
     partition_path,
     partition_table,
-    read_manifest,
+    read_image_token_manifest,
     write_errors,
     write_json,
     write_partition,
@@ -314,7 +314,7 @@ class ImageRows:
     def _load(self, img_path: str) -> tuple[torch.Tensor | None, str | None]:
         limits = self.settings.limits
         try:
-            image = load_image(resolve_image(img_path, Path(self.settings.image_root)), frame=self.settings.frame, limits=limits)
+            image = load_image(resolve_image(Path(self.settings.image_root), img_path), frame=self.settings.frame, limits=limits)
             return preprocess(image, self.settings.resolution, limits), None  # (3, R, R)
         except ImageLoadError as exc:
             return None, exc.reason
@@ -425,7 +425,7 @@ def _settings(cfg: TokenizeConfig, model: VQGAN, digest: str, device: torch.devi
 
 def _check_manifest(output: Path, settings: Settings) -> None:
     """Refuse a folder holding tokens made with other settings, or files image tokenization did not write."""
-    manifest = read_manifest(output)
+    manifest = read_image_token_manifest(output)
     if manifest is None:
         if any(output.glob(PARTITION_GLOB)):
             raise TokenizeError(f"--output {output} holds image-token partitions but no {MANIFEST}; use a new --output")

@@ -13,7 +13,7 @@ A folder holds:
   renamed when complete; readers here see finished files only.
 - ``errors/part{P:06d}.jsonl``: the failed rows of partition ``P``, one JSON object a line
   (:func:`write_errors`; a partition without failed rows has no file).
-- ``manifest.json`` (:func:`read_manifest`), version 2:
+- ``manifest.json`` (:func:`read_image_token_manifest`), version 2:
 
   - ``format``: ``"medmax-image-tokens"``; ``version``: 2.
   - ``settings``: everything that decides a code or whether a row fails; a resume must match all of
@@ -119,7 +119,7 @@ def write_json(path: Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
-def read_manifest(folder: str | Path) -> dict | None:
+def read_image_token_manifest(folder: str | Path) -> dict | None:
     """The folder's ``manifest.json`` (fields in the module docstring), None if it has none."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
@@ -137,7 +137,7 @@ def folder_fingerprint(folder: str | Path) -> dict:
     its partition files instead.
     """
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    manifest = read_image_token_manifest(folder)
     if manifest is None:
         raise ImageTokensError(f"{folder}: not an image-token folder (no {MANIFEST})")
     if manifest.get("format") != FORMAT:
@@ -156,7 +156,7 @@ def partition_files(folder: str | Path) -> list[Path]:
 
 def iter_image_tokens(folder: str | Path) -> Iterator[tuple[str, list[int]]]:
     """Yield ``(img_path, codes)`` from every finished partition of one output folder."""
-    manifest = read_manifest(folder) or {}
+    manifest = read_image_token_manifest(folder) or {}
     if manifest.get("complete") is False:
         logger.warning("%s: its last image_tokenize run did not finish; some rows may be missing or stale", folder)
     for path in partition_files(folder):

@@ -27,31 +27,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from ..errors import UserError
 from ..vocab import IGNORE_INDEX
 from .plans import cached_plan, make_plan, plan_key
 from .shards import MANIFEST as MANIFEST_NAME
+from .shards import DataError, read_manifest
 
 logger = logging.getLogger(__name__)
-
-
-class DataError(UserError):
-    """Training data that cannot be used; the message names the file or setting."""
-
-
-def read_manifest(folder: str | Path) -> dict:
-    """The checked manifest of a sequence folder (``medmax.data.shards.read_manifest``), errors as DataError."""
-    from .shards import read_manifest as _read
-
-    if not Path(folder).is_dir():
-        raise DataError(f"{folder}: dataset folder does not exist")
-    try:
-        manifest = _read(folder)
-    except (OSError, ValueError) as err:
-        raise DataError(str(err)) from None
-    if not isinstance(manifest.get("special_ids"), dict):
-        raise DataError(f"{Path(folder) / MANIFEST_NAME}: special_ids is not a mapping")
-    return manifest
 
 
 @dataclass
@@ -252,7 +233,7 @@ class SequenceDataset(torch.utils.data.Dataset):
     """Training rows over one or more sequence folders, packed (default) or one sequence per row.
 
     The row list is fixed at construction from ``seed`` (sampling by weight, then packing: a
-    :class:`medmax.data.plans.Plan`), so every process and every resumed run sees the same rows; the
+    :class:`medmax.data.plans.EpochPlan`), so every process and every resumed run sees the same rows; the
     Trainer's sampler shuffles them. When every dataset has an ``identity`` (sequences served from a
     ``medmax.data.store``), the plan is computed once and cached in the first one's ``plan_cache`` folder.
     """

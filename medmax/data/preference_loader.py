@@ -17,10 +17,9 @@ import pyarrow.parquet as pq
 import torch
 
 from ..vocab import IGNORE_INDEX
-from .loader import DataError, read_manifest
 from .plans import weighted_order
 from .preferences import LAYOUT
-from .shards import MANIFEST
+from .shards import MANIFEST, DataError, read_manifest
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from finetune.config import ConfigError, load_config, parse_overrides, parse_yam
 from finetune.demo_data import demo_rows
 from finetune.modes import NothingToTrainError
 from finetune.train import main as train_main
-from medmax.data.loader import DataError
+from medmax.data.shards import DataError
 from medmax.data.shards import write_sequences
 
 ROOT = Path(__file__).parents[2]

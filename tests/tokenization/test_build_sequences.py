@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from medmax.data.shards import read_manifest, shard_paths
+from medmax.data.shards import DataError, read_manifest, shard_paths
 from medmax.images import load_image, preprocess
 from medmax.data.passthrough import type_name
 from medmax.data.build import RowRejected
@@ -99,7 +99,7 @@ def test_strict_fails_on_the_first_bad_row(tmp_path, tiny_tokenizer_path, image_
     src = write_jsonl(tmp_path / "in.jsonl", MEDMAX + [{"text": "Q<image>" + EOT + "A", "image_path": "gone.png"}])
     with pytest.raises(RowRejected, match=r"in\.jsonl row 4: no image codes for path 'gone.png'"):
         run(tmp_path, [src], tiny_tokenizer_path, "out", "--image-tokens", str(image_tokens), "--strict")
-    with pytest.raises(FileNotFoundError, match="manifest"):
+    with pytest.raises(DataError, match="out: dataset folder does not exist"):
         read_manifest(tmp_path / "out")
 
 

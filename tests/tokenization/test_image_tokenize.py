@@ -18,7 +18,13 @@ import pytest
 import torch
 from PIL import Image
 
-from medmax.image_tokens import folder_fingerprint, iter_image_tokens, partition_files, read_image_tokens, read_manifest
+from medmax.image_tokens import (
+    folder_fingerprint,
+    iter_image_tokens,
+    partition_files,
+    read_image_token_manifest,
+    read_image_tokens,
+)
 from medmax.images import load_image, preprocess
 from medmax.vqgan import VQGAN, save_vqgan
 from medmax import image_tokenizing
@@ -224,7 +230,7 @@ def test_torchrun_two_processes_match_one(dataset, tiny_vqgan_dir, tmp_path, pro
 
 
 def _manifest(out: Path) -> dict:
-    manifest = read_manifest(out)
+    manifest = read_image_token_manifest(out)
     assert manifest is not None and manifest["complete"] is True
     rows = manifest["rows"]
     assert rows["input"] == rows["written"] + rows["failed"] + rows["duplicate"]  # every row counted once
