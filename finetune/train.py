@@ -220,13 +220,34 @@ def write_curves(output_dir: Path, history: list[dict]) -> None:
     plt.close(fig)
 
 
+def _global_step(folder: Path) -> int | None:
+    """The step recorded in a folder's trainer_state.json; None when there is no readable one."""
+    try:
+        step = json.loads((folder / "trainer_state.json").read_text())["global_step"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return step if isinstance(step, int) else None
+
+
 def _is_complete(checkpoint: Path) -> bool:
     """Trainer writes trainer_state.json last (after weights, optimizer and RNG state): a checkpoint without a
     readable one was cut short while being written."""
-    try:
-        return "global_step" in json.loads((checkpoint / "trainer_state.json").read_text())
-    except (OSError, ValueError, TypeError):
-        return False
+    return _global_step(checkpoint) is not None
+
+
+def _finished_run(cfg: FinetuneConfig, checkpoint: Path | None) -> int | None:
+    """The step at which the run in output_dir finished, when it also wrote its final model; else None.
+
+    Finished: its newest checkpoint reached max_steps. Final model written: output_dir's trainer_state.json (saved
+    after the final weights) records that step, and loss_curve.png (written last) exists. A kill during teardown
+    leaves exactly this, and the job looks failed; resuming it must change nothing.
+    """
+    if checkpoint is None or cfg.max_steps <= 0:
+        return None
+    step, output_dir = _global_step(checkpoint), Path(cfg.output_dir)
+    if step is None or step < cfg.max_steps or _global_step(output_dir) != step:
+        return None
+    return step if (output_dir / "loss_curve.png").is_file() else None
 
 
 def last_complete_checkpoint(output_dir: Path) -> Path | None:
@@ -345,8 +366,9 @@ def _trainer(cfg: FinetuneConfig, vocab: Vocabulary, model, reference, train_set
                        use_weights=cfg.dpo_use_weights, **common)
 
 
-def run(cfg: FinetuneConfig, resume: bool = False, resume_anyway: bool = False) -> Trainer:
-    """Train with ``cfg``; returns the finished trainer. ``resume_anyway`` resumes without the fingerprint check."""
+def run(cfg: FinetuneConfig, resume: bool = False, resume_anyway: bool = False) -> Trainer | None:
+    """Train with ``cfg``; returns the finished trainer, or None when resuming a run that had already finished
+    (nothing is trained or written). ``resume_anyway`` resumes without the fingerprint check."""
     from medmax.vqgan import save_vqgan
 
     from .modes import setup_mode
@@ -356,6 +378,11 @@ def run(cfg: FinetuneConfig, resume: bool = False, resume_anyway: bool = False) 
     fingerprint = run_fingerprint(cfg, tokenizer)
     if checkpoint is not None:
         _check_resume(checkpoint, fingerprint, resume_anyway)
+    finished = _finished_run(cfg, checkpoint)
+    if finished is not None:
+        logger.info("%s finished at step %d (max_steps=%d) and holds its final model: nothing to train, nothing "
+                    "changed (raise max_steps to train further)", cfg.output_dir, finished, cfg.max_steps)
+        return None
     _check_memory(cfg, tokenizer, vqgan)  # before the data is read and the weights allocated
     if cfg.deepspeed:
         _join_deepspeed_comm()

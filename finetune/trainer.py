@@ -41,6 +41,21 @@ class MedMaxTrainerMixin:
         if plugin_args is not None and not self.is_fsdp_enabled:
             self.is_fsdp_enabled = enable_fsdp_on_cpu(self.accelerator, plugin_args)
 
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, *args, **kwargs):
+        """Resuming a run that already reached ``max_steps``: no step at all (transformers trains one more).
+
+        transformers checks ``max_steps`` only after a step, so a finished run resumed mid-epoch trained one more step
+        on every rerun and saved it as the final model. Reporting every epoch as done leaves its loop empty, while it
+        still loads the checkpoint's weights and state as for any resume, so the final model is the checkpoint's.
+        """
+        epochs, steps = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
+                                                     *args, **kwargs)
+        if self.state.global_step >= max_steps > 0:
+            logger.info("the run finished at step %d (max_steps=%d): nothing left to train", self.state.global_step,
+                        max_steps)
+            return num_train_epochs, 0
+        return epochs, steps
+
     def _prepare_inputs(self, inputs):
         n_real = inputs.pop("n_real_tokens", None)
         if n_real is not None and self.model.training:
