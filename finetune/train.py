@@ -22,9 +22,12 @@ into every process as before); an ``s3://`` dataset path names a store on S3-com
 
 ``--resume`` continues from the newest *complete* checkpoint (one whose ``trainer_state.json``, written
 last, is readable; a folder cut short by a kill is skipped with a warning). It refuses, naming the
-difference, to continue a run whose mode, tokenizer, dataset content (manifest and data files, not
-their paths), dataset weights or validation set differ from the ones recorded in the checkpoint's
-``medmax_run.json``; ``--resume-anyway`` continues regardless. A model whose ``config.json`` sizes need
+difference, to continue a run whose mode, starting model (its config and weight files' content, or a
+preset's name and seed), tokenizer, dataset content (manifest and data files, not their paths), dataset
+weights or validation set differ from the ones recorded in the checkpoint's ``medmax_run.json``;
+``--resume-anyway`` continues regardless. Resuming a run that already reached ``max_steps`` trains
+nothing: its final model stays as it is (or is written from its last checkpoint, when the run stopped
+before writing it). A model whose ``config.json`` sizes need
 more memory than is available stops before any allocation (``skip_memory_check=true`` to try anyway).
 """
 
@@ -288,11 +291,24 @@ def _digest(cfg: FinetuneConfig, folder: str) -> str:
     return dataset_digest(folder, cfg.data_store, cfg.store_dir)
 
 
+def _model_identity(cfg: FinetuneConfig) -> str:
+    """The starting model by content: ``preset:NAME seed N`` (the seed draws its weights), else ``sha256:...`` of the
+    folder's config and weight files (``medmax.model.model_digest``)."""
+    if cfg.is_preset:
+        return f"{cfg.model} seed {cfg.seed}"
+    from medmax.model import model_digest
+
+    return f"sha256:{model_digest(cfg.model)}"
+
+
 def run_fingerprint(cfg: FinetuneConfig, tokenizer) -> dict:
-    """What a resumed run must share with the run it continues: mode, tokenizer and the data's content."""
+    """What a resumed run must share with the run it continues: mode, starting model, tokenizer and the data's
+    content. The model matters to every mode: DPO's frozen reference and LoRA's base (export merges onto it) are
+    rebuilt from it on resume."""
     fraction = cfg.validation_fraction()
     return {
         "mode": cfg.mode if cfg.mode != "dpo" else f"dpo/{cfg.dpo_weights}",  # dpo's LoRA and full checkpoints differ
+        "model": _model_identity(cfg),
         "tokenizer": hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
         "datasets": [{"digest": _digest(cfg, s.path), "weight": s.weight, "path": s.path} for s in cfg.dataset_specs()],
         "validation": fraction if fraction is not None else (_digest(cfg, cfg.validation) if cfg.validation else None),
@@ -304,6 +320,8 @@ def fingerprint_differences(before: dict, now: dict) -> list[str]:
     diffs = []
     if before.get("mode") != now["mode"]:
         diffs.append(f"mode={before.get('mode')} (this run: {now['mode']})")
+    if "model" in before and before["model"] != now["model"]:  # older records lack it (_check_resume warns)
+        diffs.append(f"another model ({_short(before['model'])}, this run {_short(now['model'])})")
     if before.get("tokenizer") != now["tokenizer"]:
         diffs.append(f"another tokenizer (sha256 {str(before.get('tokenizer'))[:12]}, this run {now['tokenizer'][:12]})")
     old, new = before.get("datasets") or [], now["datasets"]
@@ -319,6 +337,12 @@ def fingerprint_differences(before: dict, now: dict) -> list[str]:
     return diffs
 
 
+def _short(identity) -> str:
+    """A model identity for a message: a digest cut to 12 hex digits."""
+    text = str(identity)
+    return f"sha256 {text[7:19]}" if text.startswith("sha256:") else text
+
+
 def _check_resume(checkpoint: Path, fingerprint: dict, anyway: bool) -> None:
     """Stop a resume that would continue another run's training with other data, tokenizer or mode."""
     from .config import ConfigError
@@ -331,6 +355,9 @@ def _check_resume(checkpoint: Path, fingerprint: dict, anyway: bool) -> None:
         logger.warning("%s records no fingerprint (written by an older version): cannot check that this run "
                        "continues it with the same data, tokenizer and mode", checkpoint)
         return
+    if "model" not in before:
+        logger.warning("%s records no model fingerprint (written by an older version): cannot check that this run "
+                       "starts from the same model", checkpoint)
     diffs = fingerprint_differences(before, fingerprint)
     if not diffs:
         return
