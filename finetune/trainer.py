@@ -9,16 +9,23 @@ Importing this module does not load torch or transformers (``--help`` stays fast
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from medmax.errors import UserError
 from medmax.training_run import write_run_info
 
 if TYPE_CHECKING:
     from transformers import Trainer
 
 logger = logging.getLogger(__name__)
+
+
+class NonFiniteTrainingError(UserError):
+    """A training step gave a non-finite loss or gradient: the run stops before that step changes any weight, so
+    nothing of it is saved (transformers would log the average of earlier losses instead and train on)."""
 
 
 class MedMaxTrainerMixin:
@@ -34,6 +41,7 @@ class MedMaxTrainerMixin:
         self.tokenizer_obj = tokenizer_obj
         self._real_tokens = 0
         self._tokens_at_log, self._time_at_log = 0, time.perf_counter()
+        self._step_rows = []  # the dataset rows of each micro-batch since the last optimizer step
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -58,9 +66,54 @@ class MedMaxTrainerMixin:
 
     def _prepare_inputs(self, inputs):
         n_real = inputs.pop("n_real_tokens", None)
-        if n_real is not None and self.model.training:
-            self._real_tokens += int(n_real)
+        rows = inputs.pop("rows", None)
+        if self.model.training:
+            self._real_tokens += int(n_real) if n_real is not None else 0
+            self._step_rows.append(rows)
         return super()._prepare_inputs(inputs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            self.stop_if_not_finite(loss, lambda: _rows_with_non_finite_logits(outputs, inputs.get("labels")))
+        return (loss, outputs) if return_outputs else loss
+
+    def stop_if_not_finite(self, loss, culprits) -> None:
+        """Stop at a non-finite training loss, before its backward: one line naming the step and the rows
+        ``culprits()`` finds (positions in the micro-batch; every row of it when it finds none)."""
+        import torch
+
+        if torch.isfinite(loss.detach()).all():
+            return
+        rows = self._step_rows[-1] if self._step_rows else None
+        raise NonFiniteTrainingError(f"step {self.state.global_step + 1}: the training loss is "
+                                     f"{float(loss.detach().float().mean())} on {self._named(rows, culprits())}; "
+                                     f"{_STOPPED}")
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """transformers' norm of the step's gradient (every process's, after clipping's reduction): a non-finite one
+        stops the run before the optimizer step, naming the step and its rows."""
+        norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        rows, self._step_rows = self._step_rows, []
+        if norm is not None and not math.isfinite(float(norm)):
+            import torch
+
+            known = [r for r in rows if r is not None]
+            raise NonFiniteTrainingError(f"step {self.state.global_step + 1}: the gradient norm is {float(norm)} "
+                                         f"after {self._named(torch.cat(known) if known else None, [])}; {_STOPPED}")
+        return norm
+
+    def _named(self, rows, positions: list[int]) -> str:
+        """The rows at ``positions`` of a batch whose dataset indices are ``rows`` (all rows when none), as the
+        training set describes them (folder and position), else by their place in the batch."""
+        n = len(rows) if rows is not None else 0
+        positions = positions or list(range(n))
+        describe = getattr(self.train_dataset, "describe", None)
+        if rows is None or describe is None:
+            return f"rows {positions} of the batch" if positions else "this batch"
+        named = [describe(int(rows[p])) for p in positions[:3]]
+        more = f" and {len(positions) - 3} more rows" if len(positions) > 3 else ""
+        return f"row {'; row '.join(named)}{more}"
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs:
@@ -86,6 +139,23 @@ class MedMaxTrainerMixin:
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             write_run_info(Path(output_dir or self.args.output_dir), self.run_info, self.tokenizer_obj)
+
+
+_STOPPED = ("training stopped before this step changed any weight, and nothing of it was saved (a weight too large "
+            "for float32 in the data, or a learning rate too high, are the usual causes)")
+
+
+def _rows_with_non_finite_logits(outputs, labels) -> list[int]:
+    """Positions of the batch rows whose logits are not finite where a label is scored (none found: [])."""
+    import torch
+
+    from medmax.vocab import IGNORE_INDEX
+
+    logits = outputs.get("logits") if hasattr(outputs, "get") else None
+    if logits is None or labels is None:
+        return []
+    bad = ~torch.isfinite(logits.detach()).all(-1)  # (B, T): position t predicts label t + 1
+    return torch.nonzero((bad[:, :-1] & (labels[:, 1:] != IGNORE_INDEX)).any(-1)).flatten().tolist()
 
 
 def enable_fsdp_on_cpu(accelerator, plugin_args: dict) -> bool:

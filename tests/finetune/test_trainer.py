@@ -1,0 +1,98 @@
+"""finetune.trainer: a non-finite loss or gradient stops the run in one line naming the step and the row, saving nothing."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from finetune.demo_data import demo_rows
+from finetune.train import main as train_main
+from medmax.data.shards import write_sequences
+from tokenization.build_preferences import main as build_main
+
+CONFIG = str(Path(__file__).parents[2] / "finetune" / "configs" / "tiny_cpu.yaml")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tiny_tokenizer, tiny_vocab, tmp_path_factory):
+    return write_sequences(tmp_path_factory.mktemp("seq"), demo_rows(tiny_tokenizer, 16, n_codes=32),
+                           tiny_vocab.special_ids())
+
+
+def _error_line(capsys) -> str:
+    """The program's one error line (other stderr lines are logging and libraries' output)."""
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def _saved(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-") or p.suffix == ".safetensors")
+
+
+def test_a_diverging_supervised_run_stops_naming_step_and_row_and_saves_nothing(tmp_path, data_dir, capsys):
+    """A learning rate of 1e30 makes step 1's weights overflow: step 2's loss is NaN (transformers logs a mean)."""
+    out = tmp_path / "run"
+    code = train_main(["--config", CONFIG, f"datasets=[{data_dir}]", f"output_dir={out}", "report_to=none",
+                       "disable_tqdm=true", "validation=null", "max_length=128", "per_device_train_batch_size=2",
+                       "packing=false", "learning_rate=1e30", "warmup_steps=0", "max_steps=4", "save_steps=1"])
+    err = _error_line(capsys)
+    assert code == 2 and re.fullmatch(rf"finetune\.train: error: step 2: the training loss is nan on row "
+                                      rf"{re.escape(str(data_dir))} sequence \d+.*nothing of it was saved.*", err), err
+    assert _saved(out) == ["checkpoint-1"]  # step 1 was finite; step 2 never changed or saved anything
+
+
+def _preferences(tmp_path: Path, tokenizer_path: Path, weights: dict[int, float]) -> Path:
+    """A preference folder of 6 pairs; the weights at ``weights``' positions are written into its shard afterwards
+    (as a folder built before build_preferences refused such weights holds them)."""
+    rows = [{"prompt": f"Is there a lesion {i}?", "chosen": "yes" if i % 2 else "no",
+             "rejected": "no" if i % 2 else "yes"} for i in range(6)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    folder = tmp_path / "prefs"
+    build_main(["--input", str(tmp_path / "rows.jsonl"), "--tokenizer", str(tokenizer_path), "--output", str(folder),
+                "--no-progress", "--strict"])
+    (shard,) = json.loads((folder / "manifest.json").read_text())["files"]
+    table = pq.read_table(folder / shard)
+    column = table.column("weight").to_pylist()
+    for position, weight in weights.items():
+        column[position] = weight
+    import pyarrow as pa
+
+    table = table.set_column(table.schema.get_field_index("weight"), "weight", pa.array(column, pa.float64()))
+    pq.write_table(table, folder / shard)
+    return folder
+
+
+def _dpo(tmp_path: Path, model_dir: Path, prefs: Path, *overrides: str) -> int:
+    return train_main([f"model={model_dir}", f"datasets=[{prefs}]", f"output_dir={tmp_path / 'run'}", "mode=dpo",
+                       "report_to=none", "disable_tqdm=true", "use_cpu=true", "max_length=128", "max_steps=2",
+                       "save_steps=1", "logging_steps=1", "dpo_weights=full", "dataloader_num_workers=0",
+                       "per_device_train_batch_size=6", *overrides])
+
+
+def test_a_preference_weight_infinite_in_float32_stops_dpo_naming_the_pair(tmp_path, tiny_model_dir,
+                                                                           tiny_tokenizer_path, capsys):
+    """1e39 is finite as float64 and inf as float32: DPO exited 0, logged loss 0 and saved NaN weights."""
+    prefs = _preferences(tmp_path, tiny_tokenizer_path, {4: 1e39})
+    capsys.readouterr()
+    assert _dpo(tmp_path, tiny_model_dir, prefs) == 2
+    err = _error_line(capsys)
+    assert re.fullmatch(rf"finetune\.train: error: step 1: the training loss is (inf|nan) on row "
+                                          rf"{re.escape(str(prefs))} pair 4; .*", err), err
+    assert _saved(tmp_path / "run") == []
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_stops_the_step(tmp_path, tiny_model_dir, tiny_tokenizer_path,
+                                                                 capsys):
+    """A weight of 3e38 keeps the loss finite in float32 but overflows the gradient's norm."""
+    prefs = _preferences(tmp_path, tiny_tokenizer_path, {1: 3e38})
+    capsys.readouterr()
+    assert _dpo(tmp_path, tiny_model_dir, prefs, "dpo_loss_type=hinge") == 2
+    err = _error_line(capsys)
+    assert re.fullmatch(r"finetune\.train: error: step 1: the gradient norm is (inf|nan) after row "
+                                          rf"{re.escape(str(prefs))} pair \d.*", err), err
+    assert _saved(tmp_path / "run") == []
