@@ -116,6 +116,9 @@ class FinetuneConfig(TrainingArguments):
         "help": "dtype the weights are loaded in (float32, bfloat16); mixed precision is bf16=true."})
     skip_memory_check: bool = field(default=False, metadata={
         "help": "Load the model even when its config's sizes need more memory than is available (refused by default)."})
+    max_seconds: float | None = field(default=None, metadata={
+        "help": "Stop after this much wall time of training (checked after each optimizer step, agreed by every "
+                "process), saving a checkpoint there so that --resume continues; none by default."})
     trust_checkpoint: bool = field(default=False, metadata={
         "help": "Allow a legacy pickled VQGAN checkpoint (runs code from the file)."})
     # transformers' defaults we change: log to TensorBoard, our own columns reach the collator
@@ -157,6 +160,8 @@ class FinetuneConfig(TrainingArguments):
         if self.weights_mode == "lora" and (self.lora_r <= 0 or self.lora_alpha <= 0):
             raise ConfigError(f"lora_r={self.lora_r}, lora_alpha={self.lora_alpha}: both must be positive")
         self.validation_fraction()  # raises on a bad value
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ConfigError(f"max_seconds={self.max_seconds}: must be > 0 (or null for no bound)")
         if self.model_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"model_dtype={self.model_dtype!r}: choose float32, bfloat16 or float16")
         sharded = sharded_weights(self.fsdp, self.deepspeed) if self.mode == "image-alignment" else None

@@ -42,6 +42,8 @@ class MedMaxTrainerMixin:
         self._real_tokens = 0
         self._tokens_at_log, self._time_at_log = 0, time.perf_counter()
         self._step_rows = []  # the dataset rows of each micro-batch since the last optimizer step
+        if getattr(self.args, "max_seconds", None) is not None:
+            self.add_callback(_wall_time_bound(self))
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -139,6 +141,36 @@ class MedMaxTrainerMixin:
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             write_run_info(Path(output_dir or self.args.output_dir), self.run_info, self.tokenizer_obj)
+
+
+def _wall_time_bound(trainer):
+    """A callback that ends training once ``max_seconds`` of wall time have passed since it began, saving a
+    checkpoint at that step (the one ``--resume`` continues from). Every process stops at the same step: the
+    longest elapsed time decides."""
+    from transformers import TrainerCallback
+
+    class WallTimeBound(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if control.should_training_stop or _longest(trainer, time.monotonic() - self.start) < args.max_seconds:
+                return
+            logger.info("stopping after step %d of %d: max_seconds=%s reached; --resume continues from "
+                        "checkpoint-%d", state.global_step, state.max_steps, args.max_seconds, state.global_step)
+            control.should_training_stop = control.should_save = True
+
+    return WallTimeBound()
+
+
+def _longest(trainer, seconds: float) -> float:
+    """The largest of every process's ``seconds``."""
+    import torch
+
+    if trainer.accelerator.num_processes == 1:
+        return seconds
+    value = torch.tensor([seconds], dtype=torch.float64, device=trainer.accelerator.device)
+    return float(trainer.accelerator.reduce(value, reduction="max").item())
 
 
 _STOPPED = ("training stopped before this step changed any weight, and nothing of it was saved (a weight too large "

@@ -96,3 +96,23 @@ def test_a_non_finite_gradient_with_a_finite_loss_stops_the_step(tmp_path, tiny_
     assert re.fullmatch(r"finetune\.train: error: step 1: the gradient norm is (inf|nan) after row "
                                           rf"{re.escape(str(prefs))} pair \d.*", err), err
     assert _saved(tmp_path / "run") == []
+
+
+def test_max_seconds_stops_with_a_checkpoint_that_resume_continues(tmp_path, data_dir, caplog):
+    out = tmp_path / "run"
+    argv = ["--config", CONFIG, f"datasets=[{data_dir}]", f"output_dir={out}", "report_to=none", "disable_tqdm=true",
+            "validation=null", "max_length=128", "per_device_train_batch_size=2", "max_steps=3", "save_steps=100",
+            "logging_steps=1"]
+    train_main.__wrapped__(argv + ["max_seconds=1e-6"])
+    assert "stopping after step 1 of 3: max_seconds=1e-06 reached" in caplog.text
+    assert _saved(out) == ["checkpoint-1", "model.safetensors"]  # saved where it stopped, not at save_steps
+    train_main.__wrapped__(argv + ["--resume"])  # max_seconds may change on resume: no bound this time
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3]
+
+
+def test_max_seconds_must_be_positive():
+    from finetune.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"max_seconds=0: must be > 0"):
+        load_config(CONFIG, ["max_seconds=0"])
