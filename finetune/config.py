@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -128,12 +129,20 @@ class FinetuneConfig(TrainingArguments):
     prediction_loss_only: bool = field(default=True, metadata={
         "help": "Validation keeps only the loss (gathering (B, T, 65536) logits per batch would exhaust memory)."})
     optim: str = field(default="adamw_torch", metadata={"help": "Optimizer name (transformers' OptimizerNames)."})
+    disable_tqdm: bool | None = field(default=None, metadata={
+        "help": "No progress bars: metrics go to the log as lines. Default: bars only on an interactive terminal "
+                "(a log file or a pipe gets lines, not bar fragments)."})
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={
+        "help": "DDP: search every step for trainable weights the forward did not use. Every mode uses all of "
+                "its trainable weights (the VQGAN is frozen), so false: no extra graph traversal and no warning."})
 
     def __post_init__(self):
         self._check_fields()
         if self.validation is not None and _value(self.eval_strategy) == "no":
             self.eval_strategy = "steps"  # validation given: evaluate every eval_steps (default logging_steps)
         check_contradictions(self)
+        if self.disable_tqdm is None:
+            self.disable_tqdm = not sys.stderr.isatty()
         super().__post_init__()
 
     def _check_fields(self) -> None:

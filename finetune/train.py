@@ -217,7 +217,9 @@ def write_curves(output_dir: Path, history: list[dict]) -> None:
         points = [(h["step"], h[key]) for h in history if key in h]
         if points:
             ax.plot(*zip(*points), marker="." if len(points) < 50 else None, label=label)
-    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(), ax.grid(alpha=0.3)
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.grid(alpha=0.3)
+    if ax.lines:  # a run too short to log a loss has no curve to name
+        ax.legend()
     fig.tight_layout()
     fig.savefig(output_dir / "loss_curve.png", dpi=100)
     plt.close(fig)
@@ -393,6 +395,22 @@ def _trainer(cfg: FinetuneConfig, vocab: Vocabulary, model, reference, train_set
                        use_weights=cfg.dpo_use_weights, **common)
 
 
+def _quiet_console(cfg: FinetuneConfig) -> None:
+    """With ``disable_tqdm`` (the default off a terminal), transformers' own progress bars (loading and writing
+    weights) stay off too; DeepSpeed's CPU notice (filtered for every program by ``medmax.cli``) is heard again in
+    a run that uses DeepSpeed."""
+    import logging as std_logging
+
+    from transformers.utils import logging as hf_logging
+
+    from medmax.cli import not_deepspeed_cpu_notice
+
+    if cfg.disable_tqdm:
+        hf_logging.disable_progress_bar()
+    if cfg.deepspeed:
+        std_logging.getLogger("DeepSpeed").removeFilter(not_deepspeed_cpu_notice)
+
+
 def run(cfg: FinetuneConfig, resume: bool = False, resume_anyway: bool = False) -> Trainer | None:
     """Train with ``cfg``; returns the finished trainer, or None when resuming a run that had already finished
     (nothing is trained or written). ``resume_anyway`` resumes without the fingerprint check."""
@@ -400,6 +418,7 @@ def run(cfg: FinetuneConfig, resume: bool = False, resume_anyway: bool = False) 
 
     from .modes import setup_mode
 
+    _quiet_console(cfg)
     checkpoint = _resume_point(cfg, resume or resume_anyway)
     tokenizer, vocab, vqgan = _setup_assets(cfg)
     fingerprint = run_fingerprint(cfg, tokenizer)

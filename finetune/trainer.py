@@ -44,6 +44,11 @@ class MedMaxTrainerMixin:
         self._step_rows = []  # the dataset rows of each micro-batch since the last optimizer step
         if getattr(self.args, "max_seconds", None) is not None:
             self.add_callback(_wall_time_bound(self))
+        if self.args.disable_tqdm:  # transformers then print()s each log as a dict; ours are log lines
+            from transformers.trainer_callback import PrinterCallback
+
+            self.pop_callback(PrinterCallback)
+            self.add_callback(_log_lines())
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -141,6 +146,22 @@ class MedMaxTrainerMixin:
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             write_run_info(Path(output_dir or self.args.output_dir), self.run_info, self.tokenizer_obj)
+
+
+def _log_lines():
+    """A callback that logs the metrics of each ``log`` as one line on the main process: ``step N: loss 9.132, ...``."""
+    from transformers import TrainerCallback
+
+    class LogLines(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                logger.info("step %d: %s", state.global_step, ", ".join(f"{k} {_figure(v)}" for k, v in logs.items()))
+
+    return LogLines()
+
+
+def _figure(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _wall_time_bound(trainer):
