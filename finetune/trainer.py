@@ -82,7 +82,7 @@ class MedMaxTrainerMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training:
-            self.stop_if_not_finite(loss, lambda: _rows_with_non_finite_logits(outputs, inputs.get("labels")))
+            self.stop_if_not_finite(loss, lambda: self._rows_with_non_finite_loss(model, inputs))
         return (loss, outputs) if return_outputs else loss
 
     def stop_if_not_finite(self, loss, culprits) -> None:
@@ -96,6 +96,27 @@ class MedMaxTrainerMixin:
         raise NonFiniteTrainingError(f"step {self.state.global_step + 1}: the training loss is "
                                      f"{float(loss.detach().float().mean())} on {self._named(rows, culprits())}; "
                                      f"{_STOPPED}")
+
+    def _rows_with_non_finite_loss(self, model, inputs: dict) -> list[int]:
+        """Positions of the micro-batch's rows whose own loss is not finite: a forward of each scored row alone,
+        without gradient, through the unwrapped model; [] under FSDP or DeepSpeed, where a forward needs the other
+        processes (the message then names every row of the micro-batch)."""
+        import torch
+
+        from medmax.vocab import IGNORE_INDEX
+
+        labels = inputs.get("labels")
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or labels is None:
+            return []
+        net, bad = self.accelerator.unwrap_model(model), []
+        with torch.no_grad():
+            for b in range(len(labels)):
+                if not (labels[b, 1:] != IGNORE_INDEX).any():  # nothing scored: no loss of its own
+                    continue
+                row = {k: v[b : b + 1] for k, v in inputs.items() if torch.is_tensor(v) and v.shape[:1] == labels.shape[:1]}
+                if not torch.isfinite(net(**row).loss):
+                    bad.append(b)
+        return bad
 
     def _get_grad_norm(self, model, grad_norm=None):
         """transformers' norm of the step's gradient (every process's, after clipping's reduction): a non-finite one
@@ -119,8 +140,9 @@ class MedMaxTrainerMixin:
         if rows is None or describe is None:
             return f"rows {positions} of the batch" if positions else "this batch"
         named = [describe(int(rows[p])) for p in positions[:3]]
-        more = f" and {len(positions) - 3} more rows" if len(positions) > 3 else ""
-        return f"row {'; row '.join(named)}{more}"
+        if len(positions) > 3:
+            named.append(f"{len(positions) - 3} more")
+        return f"row {named[0]}" if len(named) == 1 else f"rows {', '.join(named[:-1])} and {named[-1]}"
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs:
@@ -196,19 +218,6 @@ def _longest(trainer, seconds: float) -> float:
 
 _STOPPED = ("training stopped before this step changed any weight, and nothing of it was saved (a weight too large "
             "for float32 in the data, or a learning rate too high, are the usual causes)")
-
-
-def _rows_with_non_finite_logits(outputs, labels) -> list[int]:
-    """Positions of the batch rows whose logits are not finite where a label is scored (none found: [])."""
-    import torch
-
-    from medmax.vocab import IGNORE_INDEX
-
-    logits = outputs.get("logits") if hasattr(outputs, "get") else None
-    if logits is None or labels is None:
-        return []
-    bad = ~torch.isfinite(logits.detach()).all(-1)  # (B, T): position t predicts label t + 1
-    return torch.nonzero((bad[:, :-1] & (labels[:, 1:] != IGNORE_INDEX)).any(-1)).flatten().tolist()
 
 
 def enable_fsdp_on_cpu(accelerator, plugin_args: dict) -> bool:

@@ -41,7 +41,7 @@ def test_a_diverging_supervised_run_stops_naming_step_and_row_and_saves_nothing(
                        "disable_tqdm=true", "validation=null", "max_length=128", "per_device_train_batch_size=2",
                        "packing=false", "learning_rate=1e30", "warmup_steps=0", "max_steps=4", "save_steps=1"])
     err = _error_line(capsys)
-    assert code == 2 and re.fullmatch(rf"finetune\.train: error: step 2: the training loss is nan on row "
+    assert code == 2 and re.fullmatch(rf"finetune\.train: error: step 2: the training loss is nan on rows? "
                                       rf"{re.escape(str(data_dir))} sequence \d+.*nothing of it was saved.*", err), err
     assert _saved(out) == ["checkpoint-1"]  # step 1 was finite; step 2 never changed or saved anything
 
@@ -93,7 +93,7 @@ def test_a_non_finite_gradient_with_a_finite_loss_stops_the_step(tmp_path, tiny_
     capsys.readouterr()
     assert _dpo(tmp_path, tiny_model_dir, prefs, "dpo_loss_type=hinge") == 2
     err = _error_line(capsys)
-    assert re.fullmatch(r"finetune\.train: error: step 1: the gradient norm is (inf|nan) after row "
+    assert re.fullmatch(r"finetune\.train: error: step 1: the gradient norm is (inf|nan) after rows? "
                                           rf"{re.escape(str(prefs))} pair \d.*", err), err
     assert _saved(tmp_path / "run") == []
 
