@@ -23,7 +23,7 @@ into every process as before); an ``s3://`` dataset path names a store on S3-com
 ``--resume`` continues from the newest *complete* checkpoint (one whose ``trainer_state.json``, written
 last, is readable; a folder cut short by a kill is skipped with a warning). It refuses, naming the
 difference, to continue a run whose mode, starting model (its config and weight files' content, or a
-preset's name and seed), tokenizer, dataset content (manifest and data files, not their paths), dataset
+preset's name and seed), row and trained-weight settings (max_length, packing, seed, freeze, LoRA, DPO), tokenizer, dataset content (manifest and data files, not their paths), dataset
 weights or validation set differ from the ones recorded in the checkpoint's ``medmax_run.json``;
 ``--resume-anyway`` continues regardless. Resuming a run that already reached ``max_steps`` trains
 nothing: its final model stays as it is (or is written from its last checkpoint, when the run stopped
@@ -303,6 +303,17 @@ def _model_identity(cfg: FinetuneConfig) -> str:
     return f"sha256:{model_digest(cfg.model)}"
 
 
+def _training_settings(cfg: FinetuneConfig) -> dict:
+    """The settings that decide the training rows, their order, what trains and the objective: a resume that changed
+    one would continue one run with another's rows or weights."""
+    keys = ["max_length", "packing", "seed", "data_seed", "freeze"]
+    if cfg.weights_mode == "lora":
+        keys += ["lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"]
+    if cfg.mode == "dpo":
+        keys += ["dpo_beta", "dpo_loss_type", "dpo_label_smoothing", "rpo_alpha", "dpo_use_weights", "dpo_reference"]
+    return {key: getattr(cfg, key) for key in keys}
+
+
 def run_fingerprint(cfg: FinetuneConfig, tokenizer) -> dict:
     """What a resumed run must share with the run it continues: mode, starting model, tokenizer and the data's
     content. The model matters to every mode: DPO's frozen reference and LoRA's base (export merges onto it) are
@@ -311,6 +322,7 @@ def run_fingerprint(cfg: FinetuneConfig, tokenizer) -> dict:
     return {
         "mode": cfg.mode if cfg.mode != "dpo" else f"dpo/{cfg.dpo_weights}",  # dpo's LoRA and full checkpoints differ
         "model": _model_identity(cfg),
+        "settings": _training_settings(cfg),
         "tokenizer": hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
         "datasets": [{"digest": _digest(cfg, s.path), "weight": s.weight, "path": s.path} for s in cfg.dataset_specs()],
         "validation": fraction if fraction is not None else (_digest(cfg, cfg.validation) if cfg.validation else None),
@@ -324,6 +336,9 @@ def fingerprint_differences(before: dict, now: dict) -> list[str]:
         diffs.append(f"mode={before.get('mode')} (this run: {now['mode']})")
     if "model" in before and before["model"] != now["model"]:  # older records lack it (_check_resume warns)
         diffs.append(f"another model ({_short(before['model'])}, this run {_short(now['model'])})")
+    settings = before.get("settings") or {}
+    diffs += [f"{key}={settings[key]!r} (this run: {value!r})" for key, value in now["settings"].items()
+              if key in settings and settings[key] != value]
     if before.get("tokenizer") != now["tokenizer"]:
         diffs.append(f"another tokenizer (sha256 {str(before.get('tokenizer'))[:12]}, this run {now['tokenizer'][:12]})")
     old, new = before.get("datasets") or [], now["datasets"]
@@ -357,9 +372,9 @@ def _check_resume(checkpoint: Path, fingerprint: dict, anyway: bool) -> None:
         logger.warning("%s records no fingerprint (written by an older version): cannot check that this run "
                        "continues it with the same data, tokenizer and mode", checkpoint)
         return
-    if "model" not in before:
-        logger.warning("%s records no model fingerprint (written by an older version): cannot check that this run "
-                       "starts from the same model", checkpoint)
+    if "model" not in before or "settings" not in before:
+        logger.warning("%s records no model or settings fingerprint (written by an older version): cannot check that "
+                       "this run starts from the same model with the same rows and trained weights", checkpoint)
     diffs = fingerprint_differences(before, fingerprint)
     if not diffs:
         return

@@ -105,3 +105,12 @@ def test_resume_refuses_another_model(tmp_path, data_dir, tiny_vqgan, mode):
     _train(preset, data_dir, "max_steps=1", "save_steps=1", f"mode={mode}")
     with pytest.raises(ConfigError, match=re.escape("another model (preset:tiny seed 0, this run preset:tiny seed 1)")):
         _train(preset, data_dir, "max_steps=2", "save_steps=1", f"mode={mode}", "seed=1", resume=True)
+
+
+def test_resume_refuses_settings_that_change_the_rows_or_what_trains(tmp_path, data_dir):
+    out = _train(tmp_path / "run", data_dir, "max_steps=1", "save_steps=1", "mode=lora")
+    for override, named in (("max_length=96", "max_length=128 (this run: 96)"), ("packing=false", "packing=True"),
+                            ("seed=3", "seed=0 (this run: 3)"), ("lora_r=4", "lora_r=16 (this run: 4)"),
+                            (r"freeze=[lm_head]", "freeze=[] (this run: ['lm_head'])")):
+        with pytest.raises(ConfigError, match=re.escape(named) + ".*--resume-anyway"):
+            _train(out, data_dir, "max_steps=2", "save_steps=1", "mode=lora", override, resume=True)
