@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from finetune.demo_data import demo_rows
-from medmax.data.shards import write_sequences
 
 ROOT = Path(__file__).parents[2]
 CONFIG = str(ROOT / "finetune" / "configs" / "tiny_cpu.yaml")
@@ -22,12 +20,6 @@ NOISE = {
     "a carriage return": "\r",
     "transformers' printed log dict": "{'loss'",
 }
-
-
-@pytest.fixture(scope="module")
-def data_dir(tiny_tokenizer, tiny_vocab, tmp_path_factory):
-    return write_sequences(tmp_path_factory.mktemp("seq"), demo_rows(tiny_tokenizer, 16, n_codes=32),
-                           tiny_vocab.special_ids())
 
 
 def _console(tmp_path: Path, data: Path, launcher: list[str], *extra: str) -> str:
@@ -41,12 +33,12 @@ def _console(tmp_path: Path, data: Path, launcher: list[str], *extra: str) -> st
 
 
 @pytest.mark.parametrize("launcher", ["python", "torchrun"])
-def test_a_tiny_run_prints_log_lines_only(tmp_path, data_dir, launcher):
+def test_a_tiny_run_prints_log_lines_only(tmp_path, sequences, launcher):
     """One process, alone and under torchrun (DDP with one rank): no noise, and the metrics as log lines."""
     command = [sys.executable] if launcher == "python" else [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
         "--rdzv-endpoint", "localhost:0"]
-    out = _console(tmp_path, data_dir, command, *([] if launcher == "python" else ["ddp_backend=gloo"]))
+    out = _console(tmp_path, sequences, command, *([] if launcher == "python" else ["ddp_backend=gloo"]))
     found = [what for what, text in NOISE.items() if text in out]
     assert not found, f"{found} in:\n{out[-4000:]}"
     assert re.search(r"INFO finetune\.trainer: step 1: loss \d", out), out[-4000:]

@@ -9,18 +9,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from finetune.demo_data import demo_rows
 from finetune.train import main as train_main
-from medmax.data.shards import write_sequences
 from tokenization.build_preferences import main as build_main
 
 CONFIG = str(Path(__file__).parents[2] / "finetune" / "configs" / "tiny_cpu.yaml")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tiny_tokenizer, tiny_vocab, tmp_path_factory):
-    return write_sequences(tmp_path_factory.mktemp("seq"), demo_rows(tiny_tokenizer, 16, n_codes=32),
-                           tiny_vocab.special_ids())
 
 
 def _error_line(capsys) -> str:
@@ -34,15 +26,15 @@ def _saved(out: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-") or p.suffix == ".safetensors")
 
 
-def test_a_diverging_supervised_run_stops_naming_step_and_row_and_saves_nothing(tmp_path, data_dir, capsys):
+def test_a_diverging_supervised_run_stops_naming_step_and_row_and_saves_nothing(tmp_path, sequences, capsys):
     """A learning rate of 1e30 makes step 1's weights overflow: step 2's loss is NaN (transformers logs a mean)."""
     out = tmp_path / "run"
-    code = train_main(["--config", CONFIG, f"datasets=[{data_dir}]", f"output_dir={out}", "report_to=none",
+    code = train_main(["--config", CONFIG, f"datasets=[{sequences}]", f"output_dir={out}", "report_to=none",
                        "disable_tqdm=true", "validation=null", "max_length=128", "per_device_train_batch_size=2",
                        "packing=false", "learning_rate=1e30", "warmup_steps=0", "max_steps=4", "save_steps=1"])
     err = _error_line(capsys)
     assert code == 2 and re.fullmatch(rf"finetune\.train: error: step 2: the training loss is nan on rows? "
-                                      rf"{re.escape(str(data_dir))} sequence \d+.*nothing of it was saved.*", err), err
+                                      rf"{re.escape(str(sequences))} sequence \d+.*nothing of it was saved.*", err), err
     assert _saved(out) == ["checkpoint-1"]  # step 1 was finite; step 2 never changed or saved anything
 
 
@@ -98,9 +90,9 @@ def test_a_non_finite_gradient_with_a_finite_loss_stops_the_step(tmp_path, tiny_
     assert _saved(tmp_path / "run") == []
 
 
-def test_max_seconds_stops_with_a_checkpoint_that_resume_continues(tmp_path, data_dir, caplog):
+def test_max_seconds_stops_with_a_checkpoint_that_resume_continues(tmp_path, sequences, caplog):
     out = tmp_path / "run"
-    argv = ["--config", CONFIG, f"datasets=[{data_dir}]", f"output_dir={out}", "report_to=none", "disable_tqdm=true",
+    argv = ["--config", CONFIG, f"datasets=[{sequences}]", f"output_dir={out}", "report_to=none", "disable_tqdm=true",
             "validation=null", "max_length=128", "per_device_train_batch_size=2", "max_steps=3", "save_steps=100",
             "logging_steps=1"]
     train_main.__wrapped__(argv + ["max_seconds=1e-6"])
