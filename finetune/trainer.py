@@ -1,7 +1,10 @@
 """The trainer every fine-tuning mode runs in: transformers' ``Trainer`` with the toolkit's plumbing.
 
 :class:`MedMaxTrainerMixin` logs real (non-padding) tokens/s, writes ``medmax_run.json`` with every checkpoint
-and switches FSDP on for CPU processes (:func:`enable_fsdp_on_cpu`); :func:`medmax_trainer` builds the trainer
+and switches FSDP on for CPU processes (:func:`enable_fsdp_on_cpu`). It also stops a step whose loss or gradient is
+not finite (:class:`NonFiniteTrainingError`, naming the step and the row), trains nothing when a resumed run already
+reached ``max_steps``, bounds the wall time (``max_seconds``) and, without progress bars, logs the metrics as lines
+instead of printing them. :func:`medmax_trainer` builds the trainer
 of supervised modes, and a mode with its own loss (``finetune.dpo``) mixes its own class in front of the mixin.
 Importing this module does not load torch or transformers (``--help`` stays fast); they load when a trainer is made.
 """
