@@ -225,13 +225,19 @@ def write_curves(output_dir: Path, history: list[dict]) -> None:
     plt.close(fig)
 
 
+def _trainer_state(folder: Path) -> dict | None:
+    """A folder's trainer_state.json when it is readable and records its step; else None."""
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("global_step"), int) else None
+
+
 def _global_step(folder: Path) -> int | None:
     """The step recorded in a folder's trainer_state.json; None when there is no readable one."""
-    try:
-        step = json.loads((folder / "trainer_state.json").read_text())["global_step"]
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
-    return step if isinstance(step, int) else None
+    state = _trainer_state(folder)
+    return state["global_step"] if state else None
 
 
 def _is_complete(checkpoint: Path) -> bool:
@@ -240,19 +246,23 @@ def _is_complete(checkpoint: Path) -> bool:
     return _global_step(checkpoint) is not None
 
 
-def _finished_run(cfg: FinetuneConfig, checkpoint: Path | None) -> int | None:
-    """The step at which the run in output_dir finished, when it also wrote its final model; else None.
+def _finished_run(cfg: FinetuneConfig, checkpoint: Path | None) -> tuple[int, int] | None:
+    """(step, last step) of the run in output_dir when it finished and also wrote its final model; else None.
 
-    Finished: its newest checkpoint reached max_steps. Final model written: output_dir's trainer_state.json (saved
-    after the final weights) records that step, and loss_curve.png (written last) exists. A kill during teardown
-    leaves exactly this, and the job looks failed; resuming it must change nothing.
+    Finished: its newest checkpoint reached max_steps (without max_steps, the steps its run computed from an unchanged
+    num_train_epochs). Final model written: output_dir's trainer_state.json (saved after the final weights) records
+    that step, and loss_curve.png (written last) exists. A kill during teardown leaves exactly this, and the job
+    looks failed; resuming it must change nothing.
     """
-    if checkpoint is None or cfg.max_steps <= 0:
+    state = _trainer_state(checkpoint) if checkpoint is not None else None
+    if state is None:
         return None
-    step, output_dir = _global_step(checkpoint), Path(cfg.output_dir)
-    if step is None or step < cfg.max_steps or _global_step(output_dir) != step:
+    same_epochs = state.get("num_train_epochs") == cfg.num_train_epochs
+    last = cfg.max_steps if cfg.max_steps > 0 else (state.get("max_steps") if same_epochs else None)
+    step, output_dir = state["global_step"], Path(cfg.output_dir)
+    if not last or step < last or _global_step(output_dir) != step:
         return None
-    return step if (output_dir / "loss_curve.png").is_file() else None
+    return (step, last) if (output_dir / "loss_curve.png").is_file() else None
 
 
 def last_complete_checkpoint(output_dir: Path) -> Path | None:
@@ -442,7 +452,7 @@ def run(cfg: FinetuneConfig, resume: bool = False, resume_anyway: bool = False) 
     finished = _finished_run(cfg, checkpoint)
     if finished is not None:
         logger.info("%s finished at step %d (max_steps=%d) and holds its final model: nothing to train, nothing "
-                    "changed (raise max_steps to train further)", cfg.output_dir, finished, cfg.max_steps)
+                    "changed (raise max_steps to train further)", cfg.output_dir, *finished)
         return None
     _check_memory(cfg, tokenizer, vqgan)  # before the data is read and the weights allocated
     if cfg.deepspeed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -39,6 +40,16 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, sequences, caplog):
     assert _snapshot(out) == before  # bit-identical weights, state and history
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
     assert "finished at step 2 (max_steps=2)" in caplog.text and "nothing changed" in caplog.text
+
+
+def test_resuming_a_finished_run_of_whole_epochs_changes_nothing(tmp_path, sequences, caplog):
+    """Without max_steps: 7 packed rows in batches of 2 make 4 steps an epoch, and the run ends with the epoch."""
+    out = _train(tmp_path / "run", sequences, "max_steps=-1", "num_train_epochs=1", "save_steps=4")
+    before = _snapshot(out)
+    assert json.loads(before["trainer_state.json"])["global_step"] == 4
+    _train(out, sequences, "max_steps=-1", "num_train_epochs=1", "save_steps=4", resume=True)
+    assert _snapshot(out) == before
+    assert "finished at step 4 (max_steps=4)" in caplog.text and "nothing changed" in caplog.text
 
 
 def test_resuming_a_run_killed_before_its_final_save_writes_the_last_checkpoints_weights(tmp_path, sequences, caplog):
