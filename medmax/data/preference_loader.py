@@ -107,6 +107,13 @@ def check_preferences(data: PreferenceData, vocab_size: int, max_length: int, sp
     empty = np.flatnonzero((np.diff(data.offsets["chosen"]) == 0) | (np.diff(data.offsets["rejected"]) == 0))
     if len(empty):
         raise DataError(f"{where}: pair {empty[0]} has an empty continuation")
+    with np.errstate(over="ignore"):  # the batches hold weights as float32: 1e39 is inf there
+        unusable = np.flatnonzero(~np.isfinite(data.weights.astype(np.float32)))
+    if len(unusable):
+        i = unusable[0]
+        raise DataError(f"{where}: pair {folder_position(data, i)} has weight {float(data.weights[i])!r}, not finite as "
+                        f"float32 ({len(unusable)} of {len(data)} pairs); training would stop at its loss. Rebuild the "
+                        "folder with tokenization.build_preferences, whose rows name their weights")
 
 
 class PreferenceDataset(torch.utils.data.Dataset):

@@ -66,15 +66,26 @@ def _dpo(tmp_path: Path, model_dir: Path, prefs: Path, *overrides: str) -> int:
                        "per_device_train_batch_size=6", *overrides])
 
 
-def test_a_preference_weight_infinite_in_float32_stops_dpo_naming_the_pair(tmp_path, tiny_model_dir,
-                                                                           tiny_tokenizer_path, capsys):
+def test_a_preference_weight_infinite_in_float32_is_refused_before_any_step(tmp_path, tiny_model_dir,
+                                                                            tiny_tokenizer_path, capsys):
     """1e39 is finite as float64 and inf as float32: DPO exited 0, logged loss 0 and saved NaN weights."""
     prefs = _preferences(tmp_path, tiny_tokenizer_path, {4: 1e39})
     capsys.readouterr()
     assert _dpo(tmp_path, tiny_model_dir, prefs) == 2
+    assert _error_line(capsys) == (f"finetune.train: error: {prefs}: pair 4 has weight 1e+39, not finite as float32 "
+                                   "(1 of 6 pairs); training would stop at its loss. Rebuild the folder with "
+                                   "tokenization.build_preferences, whose rows name their weights")
+    assert not (tmp_path / "run").exists() or _saved(tmp_path / "run") == []
+
+
+def test_a_non_finite_dpo_loss_stops_naming_the_pair(tmp_path, tiny_model_dir, tiny_tokenizer_path, capsys):
+    """IPO's loss is 25 a pair at the start: a weight of 3e38, finite in float32, makes that pair's loss inf."""
+    prefs = _preferences(tmp_path, tiny_tokenizer_path, {4: 3e38})
+    capsys.readouterr()
+    assert _dpo(tmp_path, tiny_model_dir, prefs, "dpo_loss_type=ipo") == 2
     err = _error_line(capsys)
     assert re.fullmatch(rf"finetune\.train: error: step 1: the training loss is (inf|nan) on row "
-                                          rf"{re.escape(str(prefs))} pair 4; .*", err), err
+                        rf"{re.escape(str(prefs))} pair 4; .*", err), err
     assert _saved(tmp_path / "run") == []
 
 
