@@ -59,46 +59,43 @@ def _preferences(tmp_path: Path, tokenizer_path: Path, weights: dict[int, float]
     return folder
 
 
-def _dpo(tmp_path: Path, model_dir: Path, prefs: Path, *overrides: str) -> int:
-    return train_main([f"model={model_dir}", f"datasets=[{prefs}]", f"output_dir={tmp_path / 'run'}", "mode=dpo",
+def _dpo_failure(tmp_path: Path, model_dir: Path, tokenizer_path: Path, capsys, weights: dict[int, float],
+                 *overrides: str) -> tuple[Path, str]:
+    """(preference folder, the error line) of a full-weights DPO run on 6 pairs with ``weights``, which must fail
+    with exit 2 before saving anything."""
+    prefs = _preferences(tmp_path, tokenizer_path, weights)
+    capsys.readouterr()
+    code = train_main([f"model={model_dir}", f"datasets=[{prefs}]", f"output_dir={tmp_path / 'run'}", "mode=dpo",
                        "report_to=none", "disable_tqdm=true", "use_cpu=true", "max_length=128", "max_steps=2",
                        "save_steps=1", "logging_steps=1", "dpo_weights=full", "dataloader_num_workers=0",
                        "per_device_train_batch_size=6", *overrides])
+    assert code == 2
+    assert not (tmp_path / "run").exists() or _saved(tmp_path / "run") == []
+    return prefs, _error_line(capsys)
 
 
 def test_a_preference_weight_infinite_in_float32_is_refused_before_any_step(tmp_path, tiny_model_dir,
                                                                             tiny_tokenizer_path, capsys):
     """1e39 is finite as float64 and inf as float32: DPO exited 0, logged loss 0 and saved NaN weights."""
-    prefs = _preferences(tmp_path, tiny_tokenizer_path, {4: 1e39})
-    capsys.readouterr()
-    assert _dpo(tmp_path, tiny_model_dir, prefs) == 2
-    assert _error_line(capsys) == (f"finetune.train: error: {prefs}: pair 4 has weight 1e+39, not finite as float32 "
-                                   "(1 of 6 pairs); training would stop at its loss. Rebuild the folder with "
-                                   "tokenization.build_preferences, whose rows name their weights")
-    assert not (tmp_path / "run").exists() or _saved(tmp_path / "run") == []
+    prefs, err = _dpo_failure(tmp_path, tiny_model_dir, tiny_tokenizer_path, capsys, {4: 1e39})
+    assert err == (f"finetune.train: error: {prefs}: pair 4 has weight 1e+39, not finite as float32 (1 of 6 pairs); "
+                   "training would stop at its loss. Rebuild the folder with tokenization.build_preferences, whose "
+                   "rows name their weights")
 
 
 def test_a_non_finite_dpo_loss_stops_naming_the_pair(tmp_path, tiny_model_dir, tiny_tokenizer_path, capsys):
     """IPO's loss is 25 a pair at the start: a weight of 3e38, finite in float32, makes that pair's loss inf."""
-    prefs = _preferences(tmp_path, tiny_tokenizer_path, {4: 3e38})
-    capsys.readouterr()
-    assert _dpo(tmp_path, tiny_model_dir, prefs, "dpo_loss_type=ipo") == 2
-    err = _error_line(capsys)
+    prefs, err = _dpo_failure(tmp_path, tiny_model_dir, tiny_tokenizer_path, capsys, {4: 3e38}, "dpo_loss_type=ipo")
     assert re.fullmatch(rf"finetune\.train: error: step 1: the training loss is (inf|nan) on row "
                         rf"{re.escape(str(prefs))} pair 4; .*", err), err
-    assert _saved(tmp_path / "run") == []
 
 
 def test_a_non_finite_gradient_with_a_finite_loss_stops_the_step(tmp_path, tiny_model_dir, tiny_tokenizer_path,
                                                                  capsys):
-    """A weight of 3e38 keeps the loss finite in float32 but overflows the gradient's norm."""
-    prefs = _preferences(tmp_path, tiny_tokenizer_path, {1: 3e38})
-    capsys.readouterr()
-    assert _dpo(tmp_path, tiny_model_dir, prefs, "dpo_loss_type=hinge") == 2
-    err = _error_line(capsys)
-    assert re.fullmatch(r"finetune\.train: error: step 1: the gradient norm is (inf|nan) after rows? "
-                                          rf"{re.escape(str(prefs))} pair \d.*", err), err
-    assert _saved(tmp_path / "run") == []
+    """A weight of 3e38 keeps the hinge loss finite in float32 but overflows the gradient's norm."""
+    prefs, err = _dpo_failure(tmp_path, tiny_model_dir, tiny_tokenizer_path, capsys, {1: 3e38}, "dpo_loss_type=hinge")
+    assert re.fullmatch(rf"finetune\.train: error: step 1: the gradient norm is (inf|nan) after rows? "
+                        rf"{re.escape(str(prefs))} pair \d.*", err), err
 
 
 def test_max_seconds_stops_with_a_checkpoint_that_resume_continues(tmp_path, sequences, caplog):
