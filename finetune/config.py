@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -116,6 +117,9 @@ class FinetuneConfig(TrainingArguments):
         "help": "dtype the weights are loaded in (float32, bfloat16); mixed precision is bf16=true."})
     skip_memory_check: bool = field(default=False, metadata={
         "help": "Load the model even when its config's sizes need more memory than is available (refused by default)."})
+    max_seconds: float | None = field(default=None, metadata={
+        "help": "Stop after this much wall time of training (checked after each optimizer step, agreed by every "
+                "process), saving a checkpoint there so that --resume continues; none by default."})
     trust_checkpoint: bool = field(default=False, metadata={
         "help": "Allow a legacy pickled VQGAN checkpoint (runs code from the file)."})
     # transformers' defaults we change: log to TensorBoard, our own columns reach the collator
@@ -125,12 +129,20 @@ class FinetuneConfig(TrainingArguments):
     prediction_loss_only: bool = field(default=True, metadata={
         "help": "Validation keeps only the loss (gathering (B, T, 65536) logits per batch would exhaust memory)."})
     optim: str = field(default="adamw_torch", metadata={"help": "Optimizer name (transformers' OptimizerNames)."})
+    disable_tqdm: bool | None = field(default=None, metadata={
+        "help": "No progress bars: metrics go to the log as lines. Default: bars only on an interactive terminal "
+                "(a log file or a pipe gets lines, not bar fragments)."})
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={
+        "help": "DDP: search every step for trainable weights the forward did not use. Every mode uses all of "
+                "its trainable weights (the VQGAN is frozen), so false: no extra graph traversal and no warning."})
 
     def __post_init__(self):
         self._check_fields()
         if self.validation is not None and _value(self.eval_strategy) == "no":
             self.eval_strategy = "steps"  # validation given: evaluate every eval_steps (default logging_steps)
         check_contradictions(self)
+        if self.disable_tqdm is None:
+            self.disable_tqdm = not sys.stderr.isatty()
         super().__post_init__()
 
     def _check_fields(self) -> None:
@@ -157,6 +169,8 @@ class FinetuneConfig(TrainingArguments):
         if self.weights_mode == "lora" and (self.lora_r <= 0 or self.lora_alpha <= 0):
             raise ConfigError(f"lora_r={self.lora_r}, lora_alpha={self.lora_alpha}: both must be positive")
         self.validation_fraction()  # raises on a bad value
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ConfigError(f"max_seconds={self.max_seconds}: must be > 0 (or null for no bound)")
         if self.model_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"model_dtype={self.model_dtype!r}: choose float32, bfloat16 or float16")
         sharded = sharded_weights(self.fsdp, self.deepspeed) if self.mode == "image-alignment" else None

@@ -18,6 +18,7 @@ A model folder (what ``finetune.export`` writes and generation / evaluation load
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
+from .data.inputs import file_digest
 from .errors import UserError
 from .memory import MemoryBudgetError, available_bytes, check_fits
 from .vocab import IGNORE_INDEX, Vocabulary, load_tokenizer
@@ -241,6 +243,25 @@ def save_model_dir(folder: str | Path, model, tokenizer: Tokenizer, vqgan: VQGAN
     if vqgan is not None:
         save_vqgan(vqgan, folder / "vqgan")
     return folder
+
+
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".index.json")
+
+
+def model_digest(folder: str | Path) -> str:
+    """SHA-256 of what a model folder's weights are: its ``config.json`` and weight files (safetensors, ``.bin``
+    and their indexes), by name and content, never the folder's path (a copied model is the same model).
+
+    The tokenizer and ``vqgan/`` are left out: a training run names and fingerprints those separately.
+    Each file is read once, streamed (budget one read of the weights).
+    """
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and (p.name == "config.json" or p.name.endswith(WEIGHT_FILE_SUFFIXES)))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}\0{file_digest(path)}\n".encode())
+    return digest.hexdigest()
 
 
 def load_model_dir(folder: str | Path, dtype: torch.dtype | None = None, device=None, trust_checkpoint: bool = False,
