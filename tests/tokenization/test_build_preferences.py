@@ -92,3 +92,28 @@ def test_the_build_refuses_an_output_holding_foreign_files(tmp_path, tiny_tokeni
     with pytest.raises(ValueError, match="did not write"):
         _build(tmp_path, tiny_tokenizer_path, [{"prompt": "q", "chosen": "a", "rejected": "b"}], body=True)
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("row, kind, reason", [
+    # finite as float64, infinite as the float32 training reads it in: DPO's loss would be NaN
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "weight": 1e39}, "bad_field", "'weight'"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "weight": -1e39}, "bad_field", "'weight'"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "weight": float("inf")}, "bad_field", "'weight'"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "weight": -0.5}, "bad_field", "'weight'"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "weight": True}, "bad_field", "'weight'"),
+])
+def test_a_weight_training_cannot_use_is_the_rows_error(tmp_path, tiny_tokenizer_path, row, kind, reason):
+    test_bad_rows_are_listed_with_kind_and_reason_and_the_rest_is_built(tmp_path, tiny_tokenizer_path, row, kind, reason)
+
+
+@pytest.mark.parametrize("row, kind, reason", [
+    ({"prompt": "q", "chosen": "same", "rejected": "same"}, "same_continuations", "no gradient"),
+    ({"prompt": "q", "chosen": {"text": "same"}, "rejected": "same"}, "same_continuations", "no gradient"),
+    ({"prompt": "q", "chosen": {"image_tokens": CODES}, "rejected": {"image_tokens": CODES}}, "same_continuations", "no gradient"),
+    ({"prompt": "q", "chosen": "", "rejected": "b"}, "empty_chosen", "'chosen'"),
+    ({"prompt": "q", "chosen": "  \n", "rejected": "b"}, "empty_chosen", "'chosen'"),
+])
+def test_a_pair_that_teaches_nothing_is_a_counted_row_error(tmp_path, tiny_tokenizer_path, row, kind, reason):
+    test_bad_rows_are_listed_with_kind_and_reason_and_the_rest_is_built(tmp_path, tiny_tokenizer_path, row, kind, reason)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert kind in json.dumps(manifest["counts"])
