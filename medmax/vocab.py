@@ -167,6 +167,11 @@ def split_markers(text: str, markers: tuple[str, ...]) -> list[tuple[str | None,
     return out
 
 
+def escape_markers(text: str, markers: tuple[str, ...]) -> str:
+    """Literal ``text`` written so that :func:`split_markers` reads it back as one text piece (markers escaped)."""
+    return _marker_pattern(markers).sub(lambda m: "\\" * (2 * len(m.group(1)) + 1) + m.group(2), text)
+
+
 _PATTERNS: dict[tuple[str, ...], re.Pattern] = {}
 
 
