@@ -98,8 +98,10 @@ class MineConfig:
         for failed, message in checks:
             if failed:
                 raise ConfigError(message)
+        from medmax.data.inputs import find_inputs
         from medmax.paths import check_apart
 
+        self.inputs = [str(path) for path in find_inputs(self.inputs)]  # files, folders, globs: build_sequences' rules
         check_apart(self.output, side_files(Path(self.output)), self.inputs)
         if Path(self.output).exists() and not self.overwrite:
             raise ConfigError(f"--output {self.output} exists; pass --overwrite to replace it")

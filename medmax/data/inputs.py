@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..errors import UserError
 from .rows import RowError
 
 INPUT_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -43,7 +44,7 @@ def find_inputs(specs: list[str | Path]) -> list[Path]:
             raise FileNotFoundError(f"--input {spec}: no JSONL or parquet files found")
         bad = [p for p in matches if p.suffix not in INPUT_SUFFIXES]
         if bad:
-            raise ValueError(f"--input {bad[0]}: unsupported file type (expected {', '.join(INPUT_SUFFIXES)})")
+            raise UserError(f"--input {bad[0]}: unsupported file type (expected {', '.join(INPUT_SUFFIXES)})")
         found += matches
     return list(dict.fromkeys(found))
 

@@ -222,3 +222,18 @@ def test_rows_are_streamed_a_batch_at_a_time(tmp_path, tiny_model_dir, scans, mo
                       "--batch-size", "3")
     assert code == 0 and len(alive) == 9 and Path(f"{out}.summary.json").is_file()
     assert most[0] <= 3, f"{most[0]} images alive at once with --batch-size 3"
+
+
+def test_inputs_are_found_as_build_sequences_finds_them_before_the_model_loads(tmp_path, scans):
+    from finetune.make_preferences import MineConfig
+    from medmax.errors import UserError
+
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "a.jsonl").write_text("{}\n")
+    cfg = MineConfig(model="no-model", inputs=[str(tmp_path / "rows")], output=str(tmp_path / "out.jsonl"))
+    assert cfg.inputs == [str(tmp_path / "rows" / "a.jsonl")]  # a folder gives its JSONL and parquet files
+    (tmp_path / "rows.csv").write_text("x\n")
+    with pytest.raises(UserError, match="unsupported file type"):
+        MineConfig(model="no-model", inputs=[str(tmp_path / "rows.csv")], output=str(tmp_path / "out.jsonl"))
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        MineConfig(model="no-model", inputs=[str(tmp_path / "missing.jsonl")], output=str(tmp_path / "out.jsonl"))
