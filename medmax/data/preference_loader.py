@@ -19,7 +19,7 @@ import torch
 from ..vocab import IGNORE_INDEX
 from .loader import DataError, read_manifest
 from .plans import weighted_order
-from .preferences import LAYOUT
+from .preferences import LAYOUT, WEIGHT_MAX
 from .shards import MANIFEST
 
 logger = logging.getLogger(__name__)
@@ -104,6 +104,10 @@ def check_preferences(data: PreferenceData, vocab_size: int, max_length: int, sp
     empty = np.flatnonzero((np.diff(data.offsets["chosen"]) == 0) | (np.diff(data.offsets["rejected"]) == 0))
     if len(empty):
         raise DataError(f"{where}: pair {empty[0]} has an empty continuation")
+    unusable = np.flatnonzero(~((data.weights >= 0) & (data.weights <= WEIGHT_MAX)))  # NaN fails both
+    if len(unusable):
+        raise DataError(f"{where}: pair {unusable[0]} has weight {data.weights[unusable[0]]!r} ({len(unusable)} such pairs): "
+                        f"a weight lies in 0..{WEIGHT_MAX:.4g} (finite as float32); rebuild with tokenization.build_preferences")
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
