@@ -201,6 +201,8 @@ def _read_item(file: str, number: int, row: dict, seed: tuple) -> Item:
     if not isinstance(image, str):
         raise RowError("bad_field", "needs one image_path (a string)")
     question, answer, kind = _question(row)
+    if kind != "generation" and not answer.strip():
+        raise RowError("bad_field", "'answer' is empty: an empty answer cannot be the preferred one")
     try:
         options = mcq_options(question, row.get("options"))
         if kind == "mcq":
@@ -391,11 +393,14 @@ def noise_pairs(items: list[Item], noised_codes: list, noised_answers: list[str]
     return rows
 
 
-def image_pairs(items: list[Item], perturbed_codes: list, how: str) -> list[dict]:
+def image_pairs(items: list[Item], perturbed_codes: list, how: str, errors) -> list[dict]:
     from medmax.preference_mining import changed_share
 
     rows = []
     for it, codes in zip(items, perturbed_codes):
+        if changed_share(it.codes, codes) == 0:
+            errors.add(it.file, it.row, "image_unchanged", f"the {how} image has the same codes: the pair would teach nothing")
+            continue
         weight = it.weight if it.weight is not None else changed_share(it.codes, codes)
         rows.append(_row(it, {"image_tokens": [int(c) for c in it.codes]}, {"image_tokens": [int(c) for c in codes]},
                          f"image_{how}", weight, it.codes))
@@ -443,7 +448,7 @@ def _batch_pairs(cfg: MineConfig, miner: Miner, items: list[Item], pool: dict, e
     if drawings and cfg.image_pairs != "none":
         logger.info("image pairs: %d generation rows (%s)", len(drawings), cfg.image_pairs)
         perturbed = miner.encode([miner.perturbed(it, cfg.image_pairs) for it in drawings])
-        rows += image_pairs(drawings, perturbed, cfg.image_pairs)
+        rows += image_pairs(drawings, perturbed, cfg.image_pairs, errors)
     return rows
 
 

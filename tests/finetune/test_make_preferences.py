@@ -237,3 +237,20 @@ def test_inputs_are_found_as_build_sequences_finds_them_before_the_model_loads(t
         MineConfig(model="no-model", inputs=[str(tmp_path / "rows.csv")], output=str(tmp_path / "out.jsonl"))
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         MineConfig(model="no-model", inputs=[str(tmp_path / "missing.jsonl")], output=str(tmp_path / "out.jsonl"))
+
+
+def test_a_pair_that_would_teach_nothing_is_left_out_at_the_source(tmp_path, tiny_model_dir, scans):
+    """An empty gold answer, or an image its perturbation leaves with the same codes, gives no pair (counted)."""
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(tmp_path / "flat.png")  # mirroring changes nothing
+    rows = [{**_eval_rows(scans)[0], "answer": ""},
+            {"text": "Generate a scan: a flat grey scan<reserved08706><image>", "image_path": "flat.png"}]
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "prefs.jsonl"
+    code = main(["--model", str(tiny_model_dir), "--input", str(src), "--image-root", str(tmp_path), "--output", str(out),
+                 "--image-pairs", "mirror", "--kinds", "hallucination", "--max-new-tokens", "1"])
+    assert code == 0 and out.read_text() == ""
+    errors = _errors(out)
+    assert "'answer' is empty" in errors[1]["reason"] and errors[2]["kind"] == "image_unchanged"
