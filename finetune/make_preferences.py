@@ -168,14 +168,15 @@ def _question(row: dict) -> tuple[str, str, str]:
     from medmax.data.rows import RowError
     from medmax.preference_mining import question_type
     from medmax.prompting import strip_placeholders
-    from medmax.vocab import END_OF_TURN, IMAGE_PLACEHOLDER
+    from medmax.vocab import END_OF_TURN, IMAGE_PLACEHOLDER, split_turn
 
     if "text" in row and "prompt" not in row:
         if not isinstance(row["text"], str):
             raise RowError("bad_field", f"'text' must be a string, got {type(row['text']).__name__}")
-        question, sep, answer = row["text"].partition(END_OF_TURN)
-        if not sep:
+        turn = split_turn(row["text"], END_OF_TURN)
+        if turn is None:
             raise RowError("bad_field", f"'text' holds no end-of-turn {END_OF_TURN}")
+        question, answer = turn
         if answer.strip() == IMAGE_PLACEHOLDER:
             return strip_placeholders(question), "", "generation"
         return question, answer, question_type(strip_placeholders(question), answer)

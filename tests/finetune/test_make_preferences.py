@@ -254,3 +254,16 @@ def test_a_pair_that_would_teach_nothing_is_left_out_at_the_source(tmp_path, tin
     assert code == 0 and out.read_text() == ""
     errors = _errors(out)
     assert "'answer' is empty" in errors[1]["reason"] and errors[2]["kind"] == "image_unchanged"
+
+
+def test_a_training_rows_turn_ends_where_build_sequences_ends_it(tmp_path, tiny_model_dir, scans, monkeypatch):
+    """An escaped end-of-turn (``\\<reserved08706>``) is text of the question, as in build_sequences."""
+    from finetune import make_preferences
+
+    monkeypatch.setattr(make_preferences.Miner, "answers", lambda self, items, codes: ["no"] * len(items))
+    image = _eval_rows(scans)[0]["image_path"]
+    row = {"text": "<image>Is \\<reserved08706> shown?<reserved08706>yes", "image_path": image}
+    code, out = _mine(tmp_path, tiny_model_dir, scans, [row], "--kinds", "hallucination")
+    made = [json.loads(line) for line in out.read_text().splitlines()]
+    assert code == 0 and [(m["prompt"], m["chosen"], m["rejected"]) for m in made] == [
+        ("<image>Is \\<reserved08706> shown?", "yes", "no")]
