@@ -12,17 +12,17 @@ Usage::
 
 Input rows, JSONL or parquet: MedMax's evaluation schema (``prompt``, ``answer``, ``question_type`` closed /
 mcq / open, ``image_path``, optional ``options``: ``{"A": text, ...}`` or its JSON string, read as eval reads
-them through ``medmax.answers``; an MCQ gold given as option text has its letter), or its training rows (``text`` = question, end-of-turn,
-answer; ``image_path``); a training row whose answer is ``<image>`` (an image-generation row) gives an
-image-continuation pair. Optional per row: ``lesion_box`` ([x0, y0, x1, y1], fractions of the image),
-``lesion_mask`` (an image path under ``--image-root``; nonzero pixels are the lesion) and ``weight``.
-Image paths are read under ``--image-root`` and may not leave it. (A sequence folder holds token ids
-only; noising needs pixels, so curate from the rows the folder was built from.)
+them through ``medmax.answers``; an MCQ gold given as option text has its letter), or its training rows
+(``text`` = question, end-of-turn, answer; ``image_path``); a training row whose answer is ``<image>`` (an
+image-generation row) gives an image-continuation pair. Optional per row: ``lesion_box`` ([x0, y0, x1, y1],
+fractions of the image), ``lesion_mask`` (an image path under ``--image-root``; nonzero pixels are the lesion)
+and ``weight``. Image paths are read under ``--image-root`` and may not leave it. (A sequence folder holds
+token ids only; noising needs pixels, so curate from the rows the folder was built from.)
 
 Kinds of pair (``--kinds``; each row can give one of each, see ``medmax.preference_mining``):
 
 - ``hallucination``: chosen the gold answer, rejected the model's greedy answer when it is wrong, else a
-  swapped one of the same type (yes <-> no, another option letter, another open answer of the type);
+  swapped one of the same type (yes <-> no, another option in the gold's form, another open answer of the type);
 - ``noise``: the lesion region (the row's mask or box, else a seeded random box of ``--box-side``) is
   noised in pixels and re-tokenized through the model's VQGAN; the model's greedy answer on the noised
   image, when it differs from the gold one, is rejected against the gold answer on the original image.

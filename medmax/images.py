@@ -21,9 +21,10 @@ limits with ``--max-image-pixels`` and ``--max-aspect-ratio``; library callers p
 Images are never downscaled before Chameleon's resize (Pillow's ``draft`` / ``reduce``), because that
 would change their codes; an image over the limits is an error, not a silently different input.
 
-A path must name a regular file: a FIFO, a device or a folder is refused at once (opened without
-blocking, so a FIFO under an image root cannot hang a program). Anything that cannot be read, including an image over the limits or one that runs out of memory,
-raises :class:`ImageLoadError` naming the source and the reason; nothing is replaced by a placeholder.
+A path must name a regular file: a FIFO, a device or a folder is refused at once (opened without blocking, so
+a FIFO under an image root cannot hang a program). Anything that cannot be read, including an image over the
+limits or one that runs out of memory, raises :class:`ImageLoadError` naming the source and the reason;
+nothing is replaced by a placeholder.
 
 :func:`preprocess` is Chameleon's rule: the shorter side is resized to the VQGAN resolution with
 LANCZOS (the other side rounded), the centre square is cropped, pixels go to [-1, 1].

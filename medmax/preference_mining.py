@@ -5,7 +5,7 @@ Multimodal Preference Optimization") builds its dispreferred answers two ways:
 
 - **text hallucination**: the gold answer is preferred to a confident wrong one. Here the wrong answer is
   the model's own greedy answer when it is wrong, else one swapped in from the question's type
-  (:func:`swap_answer`: yes <-> no, another option letter, another open answer of the same type);
+  (:func:`swap_answer`: yes <-> no, another option in the gold's form, another open answer of the same type);
 - **local visual noising**: the lesion region of the image is noised (:func:`noise_region`, a
   diffusion-style ``sqrt(1 - s) x + sqrt(s) eps`` inside the region only), and the model's answer on the
   noised image is the dispreferred one, paired with the original image and the gold answer.
@@ -51,12 +51,6 @@ def mcq_options(prompt: str, options) -> dict | None:
     """A question's options as eval reads them (:mod:`medmax.answers`): the row's ``options`` (a mapping or its
     JSON string), else "A: text" lines in the prompt; None when neither gives them (ValueError when malformed)."""
     return parse_options(options) or options_from_prompt(prompt)
-
-
-def option_letters(prompt: str, options) -> list[str]:
-    """The option letters a multiple-choice question offers (its options, else ``A) .. B) ..`` in its text)."""
-    parsed = mcq_options(prompt, options)
-    return list(parsed) if parsed else sorted(set(_OPTION.findall(prompt)))
 
 
 def same_answer(kind: str, said: str, gold: str, options=None) -> bool:

@@ -1,12 +1,12 @@
 """The one prompt layout: where a question's images go, for generation, evaluation and training data alike.
 
-Training rows (ours and MedMax's ``<image>question<reserved08706>answer``), MedMax's SFT prompt
-processor (``[image, question, <END-OF-TURN>]``) and its evaluation put the image *before* the
-question. So does every program here: a text without ``<image>`` placeholders gets its images first,
-in order; a text with placeholders gets each image where its placeholder stands (their number must
-match). A backslash escapes a placeholder as it does in training rows (``medmax.vocab.split_markers``):
-``\\<image>`` is the text ``<image>``, never an image's place. :func:`place_images` states that rule
-on text (MedMax's row format); :func:`prompt_segments` turns it into the segment list ``medmax.generation.Generator`` takes.
+Training rows (ours and MedMax's ``<image>question<reserved08706>answer``), MedMax's SFT prompt processor
+(``[image, question, <END-OF-TURN>]``) and its evaluation put the image *before* the question. So does every
+program here: a text without ``<image>`` placeholders gets its images first, in order; a text with
+placeholders gets each image where its placeholder stands (their number must match). A backslash escapes a
+placeholder as it does in training rows (``medmax.vocab.split_markers``): ``\\<image>`` is the text
+``<image>``, never an image's place. :func:`place_images` states that rule on text (MedMax's row format);
+:func:`prompt_segments` turns it into the segment list ``medmax.generation.Generator`` takes.
 
 The end-of-turn sentinel :data:`END_OF_TURN` (``<reserved08706>`` in the sequence) closes a prompt
 the way training rows close theirs; the model answers after it.

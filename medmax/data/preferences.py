@@ -12,15 +12,15 @@ a Hugging Face image struct) or ``image_tokens`` (raw codes). The prompt's image
 :mod:`medmax.prompting`'s one layout (before the text unless placed with ``<image>``).
 
 Each side is built as the MedMax row ``prompt <reserved08706> continuation`` by
-:class:`medmax.data.rows.SequenceBuilder` (same vocabulary, same image blocks, same bad-input rules),
-then cut after the end-of-turn: ``prompt_ids`` = ``[bos] ... <reserved08706>``, ``chosen_ids`` /
-``rejected_ids`` = the continuation and ``eos`` (an image continuation is ``[boi] codes [eoi] [eos]``).
-Neither text may hold an end-of-turn (the builder places the one that closes the prompt), and a text
-continuation may hold no image placeholder. A pair that teaches nothing is the row's error, counted by
-kind: an empty ``chosen`` text (``empty_chosen``), or two continuations of the same tokens
-(``same_continuations``: no gradient, and a lower reward accuracy). ``weight`` is a number from 0 to
-float32's largest (training computes in float32, where ``1e39`` is infinite). A pair longer than ``max_length`` (prompt plus the longer
-side) is dropped, never truncated: a cut continuation is not the answer that was preferred.
+:class:`medmax.data.rows.SequenceBuilder` (same vocabulary, same image blocks, same bad-input rules), then cut
+after the end-of-turn: ``prompt_ids`` = ``[bos] ... <reserved08706>``, ``chosen_ids`` / ``rejected_ids`` = the
+continuation and ``eos`` (an image continuation is ``[boi] codes [eoi] [eos]``). Neither text may hold an
+end-of-turn (the builder places the one that closes the prompt), and a text continuation may hold no image
+placeholder. A pair that teaches nothing is the row's error, counted by kind: an empty ``chosen`` text
+(``empty_chosen``), or two continuations of the same tokens (``same_continuations``: no gradient, and a lower
+reward accuracy). ``weight`` is a number from 0 to float32's largest (training computes in float32, where
+``1e39`` is infinite). A pair longer than ``max_length`` (prompt plus the longer side) is dropped, never
+truncated: a cut continuation is not the answer that was preferred.
 
 The folder is a sequence folder (``medmax.data.shards``: manifest, ``errors.jsonl``, progress, the same
 build and resume rules) whose manifest says ``"layout": "preferences"`` and whose shards hold
