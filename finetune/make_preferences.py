@@ -221,10 +221,13 @@ def _load(item: Item, row: dict, root: Path, resolution: int) -> None:
     import torch
 
     from medmax import images
+    from medmax.data.rows import RowError
     from medmax.paths import resolve_inside
     from medmax.preference_mining import Box
 
     item.pixels = images.preprocess(images.load_image(resolve_inside(root, item.image_path)), resolution)  # (3, R, R)
+    if row.get("lesion_mask") is not None and not isinstance(row["lesion_mask"], str):
+        raise RowError("bad_field", f"'lesion_mask' must be an image path (a string), got {row['lesion_mask']!r:.40}")
     if row.get("lesion_mask") is not None:
         mask = images.preprocess(images.load_image(resolve_inside(root, row["lesion_mask"])), resolution)  # (3, R, R)
         item.region = torch.as_tensor(np.asarray(mask.mean(0) > -1 + 1e-3))

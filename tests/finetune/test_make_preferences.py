@@ -114,21 +114,22 @@ def test_a_malformed_line_is_that_rows_error_and_the_run_goes_on(tmp_path, tiny_
     try:
         lines = [b"[1,2,3]", b"null", {**good, "weight": "heavy"}, {**good, "question_type": ["closed"]},
                  b'{"prompt": "\xff\xfe", "answer": "yes"}', {**good, "weight": 1e39}, {**good, "image_path": "pipe.png"},
-                 {**good, "options": [1, 2]}, good]
+                 {**good, "options": [1, 2]}, {**good, "lesion_mask": 5}, good]
         code, out = _mine(tmp_path, tiny_model_dir, scans, lines, "--kinds", "hallucination")
     finally:
         os.unlink(scans / "pipe.png")
     assert code == 0
     errors = _errors(out)
-    assert sorted(errors) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert sorted(errors) == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     assert "expected an object" in errors[1]["reason"] and "expected an object" in errors[2]["reason"]
     assert "'weight'" in errors[3]["reason"] and "'weight'" in errors[6]["reason"]
     assert "question_type" in errors[4]["reason"] and "UTF-8" in errors[5]["reason"]
     assert "not a regular file" in errors[7]["reason"] and "options" in errors[8]["reason"]
+    assert "lesion_mask" in errors[9]["reason"]
     made = [json.loads(line) for line in out.read_text().splitlines()]
-    assert made and all(m["source"].endswith(":9") for m in made)
+    assert made and all(m["source"].endswith(":10") for m in made)
     summary = json.loads(Path(f"{out}.summary.json").read_text())
-    assert summary["rows_read"] == 9 and sum(summary["left_out"].values()) == 8
+    assert summary["rows_read"] == 10 and sum(summary["left_out"].values()) == 9
 
 
 def test_an_over_long_question_is_its_rows_error_named_by_row(tmp_path, tiny_model_dir, scans):
