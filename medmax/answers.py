@@ -25,6 +25,7 @@ import unicodedata
 
 from .errors import UserError
 
+# ---------------------------------------------------------------- normalisation
 _ARTICLES = {"a", "an", "the"}
 _CJK = re.compile("([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f])")
 YES_WORDS = frozenset({"yes", "yep", "yeah"})
@@ -50,6 +51,7 @@ def tokens(text: str) -> list[str]:
     return normalize(text).split()
 
 
+# ---------------------------------------------------------------- closed (yes / no)
 def yes_no(text: str) -> str | None:
     """'yes' or 'no': a short whole-answer phrase, else the first yes/no word; None when neither (see the module doc)."""
     words = tokens(text)
@@ -134,6 +136,7 @@ def _letter_from_option_text(output: str, options: dict[str, str]) -> str | None
     return kept[0] if len(kept) == 1 else None
 
 
+# ---------------------------------------------------------------- a row's options
 def parse_options(value) -> dict | None:
     """A row's ``options``: ``{"A": text, ...}`` or its JSON string (MedMax's eval schema) -> ``{LETTER: text}``.
 
