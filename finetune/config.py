@@ -7,6 +7,7 @@ One YAML per run, ``key=value`` overrides on top (values parsed as YAML: ``max_s
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass, field, fields
@@ -218,12 +219,15 @@ class FinetuneConfig(TrainingArguments):
         specs = []
         for entry in self.datasets:
             if isinstance(entry, dict):
-                spec = DatasetSpec(str(entry["path"]), float(entry.get("weight", 1.0)))
+                path, weight = str(entry["path"]), entry.get("weight", 1.0)
             else:
                 path, _, weight = str(entry).rpartition(":") if _has_weight(str(entry)) else (str(entry), "", "1")
+            try:
                 spec = DatasetSpec(path, float(weight))
-            if spec.weight <= 0:
-                raise ConfigError(f"datasets: {spec.path} has weight {spec.weight}; weights must be positive")
+            except (TypeError, ValueError):
+                spec = DatasetSpec(path, math.nan)
+            if not (math.isfinite(spec.weight) and spec.weight > 0):
+                raise ConfigError(f"datasets: {path} has weight {weight!r}; weights must be positive finite numbers")
             specs.append(spec)
         return specs
 

@@ -19,7 +19,7 @@ import torch
 from ..vocab import IGNORE_INDEX
 from .loader import folder_position, with_rows
 from .plans import weighted_order
-from .preferences import LAYOUT
+from .preferences import LAYOUT, WEIGHT_MAX
 from .shards import MANIFEST, DataError, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -107,13 +107,12 @@ def check_preferences(data: PreferenceData, vocab_size: int, max_length: int, sp
     empty = np.flatnonzero((np.diff(data.offsets["chosen"]) == 0) | (np.diff(data.offsets["rejected"]) == 0))
     if len(empty):
         raise DataError(f"{where}: pair {empty[0]} has an empty continuation")
-    with np.errstate(over="ignore"):  # the batches hold weights as float32: 1e39 is inf there
-        unusable = np.flatnonzero(~np.isfinite(data.weights.astype(np.float32)))
+    unusable = np.flatnonzero(~((data.weights >= 0) & (data.weights <= WEIGHT_MAX)))  # NaN fails both
     if len(unusable):
         i = unusable[0]
-        raise DataError(f"{where}: pair {folder_position(data, i)} has weight {float(data.weights[i])!r}, not finite as "
-                        f"float32 ({len(unusable)} of {len(data)} pairs); training would stop at its loss. Rebuild the "
-                        "folder with tokenization.build_preferences, whose rows name their weights")
+        raise DataError(f"{where}: pair {folder_position(data, i)} has weight {float(data.weights[i])!r}, outside "
+                        f"0..{WEIGHT_MAX:.4g} (finite as float32; {len(unusable)} of {len(data)} pairs): training would "
+                        "stop at its loss. Rebuild the folder with tokenization.build_preferences, whose rows name their weights")
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
