@@ -33,7 +33,7 @@ def test_a_diverging_supervised_run_stops_naming_step_and_row_and_saves_nothing(
                        "disable_tqdm=true", "validation=null", "max_length=128", "per_device_train_batch_size=2",
                        "packing=false", "learning_rate=1e30", "warmup_steps=0", "max_steps=4", "save_steps=1"])
     err = _error_line(capsys)
-    assert code == 2 and re.fullmatch(rf"finetune\.train: error: step 2: the training loss is nan on rows? "
+    assert code == 2 and re.fullmatch(rf"medmax-train: error: step 2: the training loss is nan on rows? "
                                       rf"{re.escape(str(sequences))} sequence \d+.*nothing of it was saved.*", err), err
     assert _saved(out) == ["checkpoint-1"]  # step 1 was finite; step 2 never changed or saved anything
 
@@ -78,15 +78,15 @@ def test_a_preference_weight_infinite_in_float32_is_refused_before_any_step(tmp_
                                                                             tiny_tokenizer_path, capsys):
     """1e39 is finite as float64 and inf as float32: DPO exited 0, logged loss 0 and saved NaN weights."""
     prefs, err = _dpo_failure(tmp_path, tiny_model_dir, tiny_tokenizer_path, capsys, {4: 1e39})
-    assert err == (f"finetune.train: error: {prefs}: pair 4 has weight 1e+39, not finite as float32 (1 of 6 pairs); "
-                   "training would stop at its loss. Rebuild the folder with tokenization.build_preferences, whose "
-                   "rows name their weights")
+    assert err == (f"medmax-train: error: {prefs}: pair 4 has weight 1e+39, outside 0..3.403e+38 (finite as float32; "
+                   "1 of 6 pairs): training would stop at its loss. Rebuild the folder with "
+                   "tokenization.build_preferences, whose rows name their weights")
 
 
 def test_a_non_finite_dpo_loss_stops_naming_the_pair(tmp_path, tiny_model_dir, tiny_tokenizer_path, capsys):
     """IPO's loss is 25 a pair at the start: a weight of 3e38, finite in float32, makes that pair's loss inf."""
     prefs, err = _dpo_failure(tmp_path, tiny_model_dir, tiny_tokenizer_path, capsys, {4: 3e38}, "dpo_loss_type=ipo")
-    assert re.fullmatch(rf"finetune\.train: error: step 1: the training loss is (inf|nan) on row "
+    assert re.fullmatch(rf"medmax-train: error: step 1: the training loss is (inf|nan) on row "
                         rf"{re.escape(str(prefs))} pair 4; .*", err), err
 
 
@@ -94,7 +94,7 @@ def test_a_non_finite_gradient_with_a_finite_loss_stops_the_step(tmp_path, tiny_
                                                                  capsys):
     """A weight of 3e38 keeps the hinge loss finite in float32 but overflows the gradient's norm."""
     prefs, err = _dpo_failure(tmp_path, tiny_model_dir, tiny_tokenizer_path, capsys, {1: 3e38}, "dpo_loss_type=hinge")
-    assert re.fullmatch(rf"finetune\.train: error: step 1: the gradient norm is (inf|nan) after rows? "
+    assert re.fullmatch(rf"medmax-train: error: step 1: the gradient norm is (inf|nan) after rows? "
                         rf"{re.escape(str(prefs))} pair \d.*", err), err
 
 
