@@ -148,8 +148,6 @@ def medmax_trainer(**kwargs) -> Trainer:
 
 def _setup_assets(cfg: FinetuneConfig):
     """Tokenizer, vocabulary and the complete VQGAN, with errors naming the setting."""
-    import torch
-
     from medmax.presets import VQGAN_PRESETS, parse_preset, resolve_tokenizer
     from medmax.vqgan import VQGAN, load_vqgan
 
@@ -160,8 +158,7 @@ def _setup_assets(cfg: FinetuneConfig):
         raise ConfigError(f"model={cfg.model}: not a Hugging Face folder (no config.json) and not preset:NAME")
     tokenizer = resolve_tokenizer(cfg.tokenizer) if cfg.tokenizer else load_tokenizer(model_dir)
     vqgan_preset = parse_preset(cfg.vqgan, VQGAN_PRESETS, "vqgan")
-    if vqgan_preset:  # random weights: CPU smoke runs and tests
-        torch.manual_seed(cfg.seed)
+    if vqgan_preset:  # random weights (seeded by run): CPU smoke runs and tests
         vqgan_path, vqgan = cfg.vqgan, VQGAN.from_params(VQGAN_PRESETS[vqgan_preset])
     else:
         vqgan_path = Path(cfg.vqgan) if cfg.vqgan else model_dir
@@ -458,11 +455,14 @@ def _trainer(cfg: FinetuneConfig, vocab: Vocabulary, model, reference, train_set
 
 def run(cfg: FinetuneConfig, resume: bool = False, resume_anyway: bool = False) -> Trainer:
     """Train with ``cfg``; returns the finished trainer. ``resume_anyway`` resumes without the fingerprint check."""
+    from transformers import set_seed
+
     from medmax.vqgan import save_vqgan
 
     from .modes import setup_mode
 
     checkpoint = _resume_point(cfg, resume or resume_anyway)
+    set_seed(cfg.seed)  # before anything random is made (a preset VQGAN, LoRA's adapters), in every mode
     tokenizer, vocab, vqgan = _setup_assets(cfg)
     fingerprint = run_fingerprint(cfg, tokenizer)
     if checkpoint is not None:
