@@ -11,10 +11,12 @@ module). Everything here runs without a browser and without Gradio:
   layout of training rows and evaluation: each user turn is its images, then its text, then the
   end-of-turn; each answer is its text and drawn images (as their exact codes), then the end-of-turn.
 - :class:`Settings` are the page's controls; :func:`group_requests` groups requests whose settings
-  agree except for the seed; :meth:`Engine.run_batch` runs each group as ONE ``Generator.generate``
+  agree except for the seed; :meth:`Engine.run_pending` takes every request submitted and not yet run
+  (each runs once) and :meth:`Engine.run_batch` runs each group as ONE ``Generator.generate``
   call with a seed per request, so an answer depends on its prompt, settings and seed only, never on
   who else asked at the same time; and streams each answer as it grows into a per-request channel
-  that :meth:`Engine.events` reads.
+  that :meth:`Engine.events` reads: text through :func:`answer_text` (control ids as
+  :data:`CONTROL_MARKER`, an incomplete UTF-8 character held back until it completes).
 """
 
 from __future__ import annotations
