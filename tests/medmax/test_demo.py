@@ -390,3 +390,23 @@ def test_control_ids_show_a_marker_and_partial_characters_wait_until_complete(ge
     assert all("\ufffd" not in t and "<reserved" not in t for t in shown)
     final = events[-1].pieces[0]
     assert events[-1].kind == "done" and final == f"a→{marker}a\ufffd"  # never completed: shown as invalid
+
+
+def test_sigterm_takes_ctrl_cs_path_removes_the_folder_and_restores_the_callers_handler(tmp_path):
+    import signal
+
+    folder = tmp_path / "medmax-demo-x"
+    (folder / "uploads").mkdir(parents=True)
+    (folder / "uploads" / "scan.png").write_bytes(b"a patient's scan")
+    seen = []
+    callers = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            with demo_app._removed_when_stopped(folder):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler interrupts this
+        assert not folder.exists() and seen == [signal.SIGTERM]  # removed; the caller's handler chained
+        os.kill(os.getpid(), signal.SIGTERM)  # restored: the caller's handler alone, no interrupt
+        assert seen == [signal.SIGTERM] * 2
+    finally:
+        signal.signal(signal.SIGTERM, callers)
