@@ -62,8 +62,6 @@ BASE_MODEL_DIR = "base_model"
 
 def _setup_assets(cfg: FinetuneConfig):
     """Tokenizer, vocabulary and the complete VQGAN, with errors naming the setting."""
-    import torch
-
     from medmax.presets import VQGAN_PRESETS, parse_preset, resolve_tokenizer
     from medmax.vqgan import VQGAN, load_vqgan
 
@@ -74,8 +72,7 @@ def _setup_assets(cfg: FinetuneConfig):
         raise ConfigError(f"model={cfg.model}: not a Hugging Face folder (no config.json) and not preset:NAME")
     tokenizer = resolve_tokenizer(cfg.tokenizer) if cfg.tokenizer else load_tokenizer(model_dir)
     vqgan_preset = parse_preset(cfg.vqgan, VQGAN_PRESETS, "vqgan")
-    if vqgan_preset:  # random weights: CPU smoke runs and tests
-        torch.manual_seed(cfg.seed)
+    if vqgan_preset:  # random weights (seeded by run): CPU smoke runs and tests
         vqgan_path, vqgan = cfg.vqgan, VQGAN.from_params(VQGAN_PRESETS[vqgan_preset])
     else:
         vqgan_path = Path(cfg.vqgan) if cfg.vqgan else model_dir
@@ -439,12 +436,15 @@ def _quiet_console(cfg: FinetuneConfig) -> None:
 def run(cfg: FinetuneConfig, resume: bool = False, resume_anyway: bool = False) -> Trainer | None:
     """Train with ``cfg``; returns the finished trainer, or None when resuming a run that had already finished
     (nothing is trained or written). ``resume_anyway`` resumes without the fingerprint check."""
+    from transformers import set_seed
+
     from medmax.vqgan import save_vqgan
 
     from .modes import setup_mode
 
     _quiet_console(cfg)
     checkpoint = _resume_point(cfg, resume or resume_anyway)
+    set_seed(cfg.seed)  # before anything random is made (a preset VQGAN, LoRA's adapters), in every mode
     tokenizer, vocab, vqgan = _setup_assets(cfg)
     fingerprint = run_fingerprint(cfg, tokenizer)
     if checkpoint is not None:
