@@ -202,3 +202,55 @@ def test_every_flag_defaults_to_its_eval_config_field(tmp_path, monkeypatch):
     for f in dataclasses.fields(EvalConfig):
         if f.default is not dataclasses.MISSING:
             assert getattr(built, f.name) == f.default, f.name
+
+
+# ------------------------------------------------------------------------------ runs that score little or nothing
+def _mevf_rad(root: Path, n_closed: int = 3) -> Path:
+    """VQA-RAD as MEVF (github.com/aioz-ai/MICCAI19-MedVQA) ships it: ``data_RAD/testset.json`` with the images
+    in ``data_RAD/images/`` (README: "extracted to data_RAD/"; its users read ``data_RAD/images/<image_name>``)."""
+    folder = root / "data_RAD"
+    (folder / "images").mkdir(parents=True)
+    Image.new("RGB", (64, 64), (10, 90, 200)).save(folder / "images" / "synpic100.jpg")
+    rows = [{"qid": i, "image_name": "synpic100.jpg", "image_organ": "HEAD", "answer": "Yes", "answer_type": "CLOSED",
+             "question_type": "PRES", "question": f"Is there a mass {i}?", "phrase_type": "freeform"} for i in range(n_closed)]
+    (folder / "testset.json").write_text(json.dumps(rows))
+    return folder
+
+
+def test_vqa_rad_split_file_finds_its_images_without_image_dir(tiny_model_dir, tmp_path):
+    """Issue 23 item 7: the MEVF layout's images are in images/, not in the OSF release's folder name."""
+    data = _mevf_rad(tmp_path)
+    results = _main(_argv(tiny_model_dir, data, tmp_path / "out", "--data-format", "vqa_rad", "--source", "testset.json",
+                          "--tasks", "vqa_rad_closed"))
+    assert results["vqa_rad_closed"]["n"] == 3 and results["vqa_rad_closed"]["n_errors"] == 0
+
+
+def test_a_run_that_scores_nothing_says_why_and_exits_non_zero(tiny_model_dir, tmp_path, capsys, caplog):
+    """Issue 23 item 7: every row failing was exit 0, a silent console and a report showing 0."""
+    data = _mevf_rad(tmp_path)
+    out = tmp_path / "out"
+    argv = _argv(tiny_model_dir, data, out, "--data-format", "vqa_rad", "--source", "testset.json",
+                 "--tasks", "vqa_rad_closed", "--image-dir", "VQA_RAD Image Folder")
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("eval.run: error: no row was scored") and "not found" in err[0]
+    assert "--image-dir" in err[0]
+    assert "vqa_rad_closed: 3 of 3 rows were not scored" in caplog.text and "synpic100.jpg" in caplog.text
+    report = (out / "report.md").read_text()
+    assert "## Warnings" in report and "3 of 3 rows were not scored" in report
+    assert json.loads((out / "results.json").read_text())["vqa_rad_closed"]["n_errors"] == 3
+
+
+def test_a_task_whose_rows_mostly_fail_warns_with_the_first_reason(tiny_model_dir, tmp_path, caplog):
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (64, 64), (10, 90, 200)).save(data / "good.png")
+    images = ["good.png", "gone1.png", "gone2.png"]
+    rows = [{"task_name": "vqa_rad", "question_type": "closed", "prompt": f"Lesion {i}?", "answer": "yes",
+             "image_path": image} for i, image in enumerate(images)]
+    (data / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = _main(_argv(tiny_model_dir, data, tmp_path / "out", "--tasks", "vqa_rad_closed"))
+    assert results["vqa_rad_closed"]["n"] == 1
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "2 of 3 rows were not scored" in r.getMessage()]
+    assert len(warned) == 1 and "gone1.png" in warned[0].getMessage()
+    assert results["_warnings"] == [warned[0].getMessage()]
