@@ -88,6 +88,19 @@ def test_bad_rows_are_reported_and_the_rest_completes(full_run):
     assert "contains '..'" in (out / "report.md").read_text()
 
 
+def test_report_lists_real_results_first_and_skipped_tasks_once_per_reason(full_run):
+    """Issue 23: --tasks all on one benchmark's data put many "skipped: no rows" lines before the real ones."""
+    out, results = full_run
+    lines = (out / "report.md").read_text().splitlines()
+    table = [i for i, line in enumerate(lines) if line.startswith("| ")]
+    assert not any("skipped" in lines[i] for i in table)
+    no_rows = sorted(k for k, e in results.items() if not k.startswith("_") and "no rows" in e.get("skipped", ""))
+    assert len(no_rows) > 1
+    summary = [line for line in lines if "no rows for this task in the data" in line]
+    assert summary == [f"- no rows for this task in the data: {', '.join(no_rows)}"]
+    assert lines.index(summary[0]) > table[-1] and lines.index(summary[0]) > lines.index(f"## Skipped tasks ({len(no_rows) + 1})")
+
+
 def test_resume_after_interruption_gives_identical_results(tiny_model_dir, eval_data, full_run, tmp_path, monkeypatch):
     out = tmp_path / "resumed"
     real, calls = run.evaluate_batch, {"n": 0}
