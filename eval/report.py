@@ -72,6 +72,15 @@ def failure_warnings(key: str, rows: list[dict]) -> list[str]:
     return lines
 
 
+def unread_warnings(n_rows: int, problems: list[dict]) -> list[str]:
+    """A line when most rows of the data could not be read or belong to no task (``n_rows``: rows read plus
+    rows refused while reading; ``problems``: those refused, and those of no task)."""
+    if not problems or len(problems) <= MOSTLY_FAILED * n_rows:
+        return []
+    return [f"{len(problems)} of {n_rows} rows of the data could not be read or belong to no task; the first, "
+            f"{problems[0]['uid']}: {problems[0]['reason']} (every reason is in problems.jsonl)"]
+
+
 def write_results(path: Path, results: dict) -> None:
     write_atomic(path, json.dumps(results, indent=2, sort_keys=True, allow_nan=False) + "\n")
 

@@ -537,14 +537,15 @@ def merge_task(task: Task, records: list[EvalRecord], pred_dir: Path, num_shards
 _REPORT_HIDDEN = ("shard_rank", "merge_timeout_s", "run_id", "fingerprint_checked", "overwrite")
 
 
-def finish(config: EvalConfig, tasks: list[Task], groups: dict, skipped: dict, problems: list[dict], fp: dict) -> dict:
+def finish(config: EvalConfig, tasks: list[Task], groups: dict, skipped: dict, problems: list[dict], fp: dict,
+           warnings: list[str] | None = None) -> dict:
     """Merge every task's rows, score them and write the outputs; ``problems`` is extended with the failed rows.
-    Warnings (tasks mostly unscored, golds MedMax's rules never match, golds split into several tokens) go to the
-    console, results.json's ``_warnings`` and the top of report.md."""
+    Warnings (``warnings`` given, tasks mostly unscored, golds MedMax's rules never match, golds split into several
+    tokens) go to the console, results.json's ``_warnings`` and the top of report.md."""
     pred_dir = config.output / PREDICTIONS
     results: dict = {}
     layout: dict = {}
-    warnings: list[str] = []
+    warnings = list(warnings or [])
     for task in tasks:
         if task.key in skipped:
             results[task.key] = {"skipped": skipped[task.key]}
@@ -639,8 +640,10 @@ def evaluate(config: EvalConfig, argv: list[str] | None = None) -> dict | None:
     run_id, fp = _launch(config)
     records, problems = load_records(config.data, config.data_format, config.source, config.image_dir,
                                      split=config.split, lang=config.lang, trust_pickle=config.trust_pickle)
+    n_rows = len(records) + len(problems)
     groups, unknown = group_records(records, tasks)
     problems += unknown
+    unread = report.unread_warnings(n_rows, problems)
     groups = {k: apply_limit(v, config.limit, config.seed, k) for k, v in groups.items()}
     skipped = _skipped(config, tasks, groups)
     if config.workers > 1:
@@ -651,7 +654,7 @@ def evaluate(config: EvalConfig, argv: list[str] | None = None) -> dict | None:
         if config.shard_rank != 0:
             return None
         launch.wait_for_shards(config.output, config.num_shards, run_id, fingerprint.row_tag(fp), config.merge_timeout_s)
-    results = finish(config, tasks, groups, skipped, problems, fp)
+    results = finish(config, tasks, groups, skipped, problems, fp, unread)
     logger.info("wrote %s", config.output / outputs.RESULTS)
     _require_scores(config, results, problems)
     return results

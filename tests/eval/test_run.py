@@ -267,3 +267,18 @@ def test_a_task_whose_rows_mostly_fail_warns_with_the_first_reason(tiny_model_di
     warned = [r for r in caplog.records if r.levelname == "WARNING" and "2 of 3 rows were not scored" in r.getMessage()]
     assert len(warned) == 1 and "gone1.png" in warned[0].getMessage()
     assert results["_warnings"] == [warned[0].getMessage()]
+
+
+def test_data_whose_rows_mostly_cannot_be_read_warns(tiny_model_dir, tmp_path, caplog):
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (64, 64), (10, 90, 200)).save(data / "a.png")
+    rows = [{"task_name": "vqa_rad", "question_type": "closed", "prompt": "Lesion?", "answer": "yes", "image_path": "a.png"}]
+    rows += [{"task_name": "pmc_vqa", "question_type": "mcq", "prompt": "Which?\n(A) lung\n(B) liver", "answer": "kidney",
+              "image_path": "a.png"}] * 2
+    (data / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = _main(_argv(tiny_model_dir, data, tmp_path / "out", "--tasks", "vqa_rad_closed"))
+    assert results["vqa_rad_closed"]["n"] == 1
+    [line] = results["_warnings"]
+    assert line.startswith("2 of 3 rows of the data could not be read or belong to no task; the first, rows.jsonl:1:")
+    assert line in caplog.text
