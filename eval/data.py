@@ -169,8 +169,12 @@ def _read_rows(path: Path) -> list[dict]:
     if path.suffix == ".parquet":
         return pq.read_table(path).to_pylist()
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{i + 1}: not valid UTF-8 (byte {e.start} of the line)") from None
             if line.strip():
                 try:
                     rows.append(json.loads(line))
@@ -579,4 +583,6 @@ def load_records(data: Path, fmt: str = "medmax", source: Path | None = None, im
         raise UserError(f"--source {src}: a row has no field {e}; is this the {fmt} release?") from None
     except (TypeError, AttributeError) as e:
         raise UserError(f"--source {src}: not laid out as the {fmt} release ({e})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"--source {src}: not valid UTF-8 (byte {e.start} of a file it reads)") from None
     return _records(rows, src.name)
