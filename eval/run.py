@@ -89,6 +89,7 @@ class EvalConfig:
     protocol: str = "toolkit"  # scoring rules: the toolkit's, or MedMax's published ones (eval/medmax_protocol.py)
     device: str | None = None
     dtype: str | None = None
+    skip_memory_check: bool = False  # load the model even when config.json's sizes need more memory than is free
     clip_model: Path | None = None
     judge_url: str | None = None
     judge_model: str | None = None
@@ -167,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=EvalConfig.repetition_penalty)
     p.add_argument("--device", help="default: cuda (this rank's GPU) when available, else cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="load the model even when config.json's sizes need more memory than is available")
     p.add_argument("--clip-model", type=Path, help="local Hugging Face CLIP folder for captioning / image generation")
     p.add_argument("--judge-url", help="OpenAI-compatible base URL (…/v1) for the open-answer judge")
     p.add_argument("--judge-model", help="judge model name (MedMax used gpt-4o-mini)")
@@ -297,7 +300,7 @@ def _setup(config: EvalConfig, tasks: list[Task]) -> Context:
     device = _device(config)
     dtype = getattr(torch, config.dtype) if config.dtype else None
     _quiet_loading_bars()
-    generator = Generator.from_dir(config.model, device=device, dtype=dtype)
+    generator = Generator.from_dir(config.model, device=device, dtype=dtype, skip_memory_check=config.skip_memory_check)
     clip = None
     if config.clip_model and any(t.needs_clip or t.kind == "mm_out" for t in tasks):
         from .clip_score import ClipScorer

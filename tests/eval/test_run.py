@@ -282,3 +282,20 @@ def test_data_whose_rows_mostly_cannot_be_read_warns(tiny_model_dir, tmp_path, c
     [line] = results["_warnings"]
     assert line.startswith("2 of 3 rows of the data could not be read or belong to no task; the first, rows.jsonl:1:")
     assert line in caplog.text
+
+
+def test_eval_s_memory_check_can_be_raised(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """README "Bad input and limits": the model-memory check of every program that loads a model can be overridden."""
+    import medmax.model
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (64, 64), (10, 90, 200)).save(data / "a.png")
+    row = {"task_name": "vqa_rad", "question_type": "closed", "prompt": "Lesion?", "answer": "yes", "image_path": "a.png"}
+    (data / "rows.jsonl").write_text(json.dumps(row) + "\n")
+    monkeypatch.setattr(medmax.model, "_available_bytes", lambda device=None: 1 << 20)  # 1 MiB free
+    capsys.readouterr()
+    assert run.main(_argv(tiny_model_dir, data, tmp_path / "mem", "--tasks", "vqa_rad_closed")) == 2
+    assert "only 1.0 MiB" in capsys.readouterr().err
+    results = _main(_argv(tiny_model_dir, data, tmp_path / "mem", "--tasks", "vqa_rad_closed", "--skip-memory-check"))
+    assert results["vqa_rad_closed"]["n"] == 1  # the flag decides no prediction: the same folder resumes
