@@ -29,6 +29,9 @@ the merged results.json is identical. A rerun with another model, data file or s
 OUTPUT/fingerprint.json, see eval/fingerprint.py) into the same --output stops before loading the model,
 with one line naming what changed; ``--overwrite`` starts the folder afresh (deleting only files eval.run
 wrote). A row whose image cannot be read or whose generation fails is reported, and its batch goes on.
+A task with more than half of its rows unscored (or of its judge verdicts missing) is a console warning naming
+the first reason, also in results.json's ``_warnings`` and atop report.md; a run that scored no row at all
+writes its outputs and exits 2.
 The judge's key is read from ``--judge-key-env`` (default OPENAI_API_KEY) and is never logged or written.
 """
 
