@@ -159,7 +159,7 @@ class MedMaxChameleon(ChameleonForConditionalGeneration):
         pixel_values=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,  # transformers' name since 5.x; `past_key_values` is deprecated there
         inputs_embeds=None,
         labels=None,
         use_cache=None,
@@ -173,7 +173,7 @@ class MedMaxChameleon(ChameleonForConditionalGeneration):
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -185,13 +185,13 @@ class MedMaxChameleon(ChameleonForConditionalGeneration):
             return LabelLogps(*labelled_token_logps(self, hidden, labels))
         if labels is not None and self.training and self.head_on_labelled_positions_only:
             loss = self._labelled_loss(hidden, labels, kwargs.get("num_items_in_batch"))
-            return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values)
+            return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])  # (B, T', V)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
 
     def _labelled_loss(self, hidden: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
         """Next-token cross-entropy over labelled positions; the same value as transformers' ForCausalLMLoss."""
