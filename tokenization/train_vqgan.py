@@ -206,10 +206,14 @@ def _load(csv: Path, args: argparse.Namespace, resolution: int, progress: bool) 
 
 
 def _limits(args: argparse.Namespace) -> ImageLimits:
+    from medmax.images import allow_in_pillow
+
     try:
-        return ImageLimits(max_pixels=args.max_image_pixels, max_aspect_ratio=args.max_aspect_ratio)
+        limits = ImageLimits(max_pixels=args.max_image_pixels, max_aspect_ratio=args.max_aspect_ratio)
     except UserError as exc:
         raise VQGANConfigError(f"--max-image-pixels / --max-aspect-ratio: {exc}") from None
+    allow_in_pillow(limits)  # Pillow's own bomb check never refuses what the limits allow
+    return limits
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
