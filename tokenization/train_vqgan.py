@@ -44,7 +44,8 @@ used, perplexity, lesion survival of the evaluated images: before training, ever
 at the end), ``eval/stepNNNNNN.png`` and ``reconstructions.png`` (inputs on top, reconstructions below),
 ``tensorboard/``, ``summary.json`` and ``checkpoint/trainer_state.pt``. Run the same command again
 and it resumes from that checkpoint (it refuses if a setting or input differs, the images' content
-included: a file replaced under the same CSV row is a different input; ``--steps`` and
+included: a file replaced under the same CSV row, a starting VQGAN with other codes or other
+``--perceptual-weights`` under the same path is a different input; ``--steps`` and
 ``--max-seconds`` may grow). ``summary.json``'s ``codes_changed`` is null from a ``--preset`` start:
 no earlier codes exist.
 """
@@ -266,6 +267,7 @@ def _run(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, config, start: dict, info) -> int:
     """Train in this rank of the launch; rank 0 writes the folder."""
     _setup_device(config, info, args.threads)
+    from medmax.data.inputs import file_digest
     from medmax.perceptual import load_lpips
     from medmax.vqgan_training import RunContext, Trainer, stack_images
 
@@ -275,8 +277,9 @@ def _train(args: argparse.Namespace, config, start: dict, info) -> int:
     eval_pixels, eval_label = _eval_set(args, train, held)
     perceptual = load_lpips(config.perceptual_weights) if config.perceptual_weights else None
     identity = {"input_images": train.digest, "eval_input_images": held.digest if held else None, "eval_images": args.eval_images,
-                "start": start.get("preset") or str(Path(start["init"]).resolve()), "column": args.column,
-                "image_root": str(args.image_root.resolve()) if args.image_root else None}
+                "start": start.get("preset") or str(Path(start["init"]).resolve()), "start_codes": digest_before,
+                "perceptual_weights_sha256": file_digest(Path(config.perceptual_weights)) if perceptual else None,
+                "column": args.column, "image_root": str(args.image_root.resolve()) if args.image_root else None}
     context = RunContext(output=args.output, eval_pixels=eval_pixels, eval_label="held-out" if held else "training-image",
                          perceptual=perceptual, identity=identity, dist=info)
     trainer = Trainer(vqgan, stack_images(train.pixels, vqgan.resolution), config, context)

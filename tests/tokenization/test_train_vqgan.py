@@ -461,3 +461,22 @@ def test_psnr_without_eval_input_is_labelled_as_measured_on_training_images(scan
     messages = [r.getMessage() for r in caplog.records if "PSNR" in r.getMessage()]
     assert messages and all("held-out PSNR" in m for m in messages), messages
     assert json.loads((tmp_path / "with_held" / "summary.json").read_text())["eval_images"].startswith("held-out")
+
+
+def test_resume_refuses_perceptual_weights_replaced_under_the_same_path(scans, tmp_path, capsys):
+    from medmax.perceptual import LPIPS
+
+    def write_lpips(seed):
+        torch.manual_seed(seed)
+        lpips = LPIPS((4, 8, 8, 8, 8))
+        for p in lpips.parameters():
+            p.data.uniform_(0.0, 0.2)
+        save_file({k: v.contiguous() for k, v in lpips.state_dict().items()}, str(tmp_path / "lpips.safetensors"))
+
+    write_lpips(0)
+    data, out = _image_csv(scans[:6], tmp_path / "data"), tmp_path / "out"
+    flags = ["--perceptual-weights", str(tmp_path / "lpips.safetensors")]
+    assert _quick(data, out, "--steps", "1", *flags) == 0
+    write_lpips(1)  # other weights, same file name
+    assert _quick(data, out, "--steps", "2", *flags) == 2
+    assert re.search(r"other settings: perceptual_weights_sha256 was '[0-9a-f]{64}', now '[0-9a-f]{64}'", capsys.readouterr().err)
