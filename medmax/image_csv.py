@@ -97,6 +97,7 @@ class LoadedImages:
     pixels: torch.Tensor | None  # (N, 3, R, R) in [-1, 1] of the rows that loaded; None when none did
     errors: list[dict]  # the failed rows: {row, img_path, error}
     digest: str  # sha256 over every row's path and its pixels (or its error): changes when a file's content does
+    files: list[Path]  # the file of each row that loaded, in the order of ``pixels``
 
 
 def load_image_csv(csv: Path, column: str, root: Path, resolution: int, progress: bool = True,
@@ -105,15 +106,17 @@ def load_image_csv(csv: Path, column: str, root: Path, resolution: int, progress
     import torch
     from tqdm.auto import tqdm
 
-    pixels, errors, digest = [], [], hashlib.sha256()
+    pixels, files, errors, digest = [], [], [], hashlib.sha256()
     rows = (path for chunk in iter_csv_paths(csv, column, 4096) for path in chunk)
     for row, img_path in enumerate(tqdm(rows, desc=f"images {Path(csv).name}", unit="img", disable=not progress)):
         digest.update(len(path_bytes(img_path)).to_bytes(8, "little") + path_bytes(img_path))
         try:
-            pixels.append(preprocess(load_image(resolve_image(img_path, root), limits=limits), resolution, limits))
+            file = resolve_image(img_path, root)
+            pixels.append(preprocess(load_image(file, limits=limits), resolution, limits))
+            files.append(file)
             digest.update(b"P" + pixels[-1].numpy().tobytes())
         except ImageLoadError as exc:
             errors.append({"row": row, "img_path": display_path(img_path), "error": exc.reason})
             digest.update(b"E" + exc.reason.encode("utf-8", "backslashreplace"))
             logger.warning("%s row %d: %s", csv, row, exc)
-    return LoadedImages(torch.stack(pixels) if pixels else None, errors, digest.hexdigest())
+    return LoadedImages(torch.stack(pixels) if pixels else None, errors, digest.hexdigest(), files)

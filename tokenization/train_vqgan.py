@@ -250,6 +250,11 @@ def _eval_set(args, train: LoadedImages, held: LoadedImages | None) -> tuple[tor
     """The images evaluated during training and what they are: held-out (--eval-input) or the first training images."""
     if held is not None:
         n = min(args.eval_images, held.pixels.shape[0])
+        trained_on = len(set(held.files[:n]) & set(train.files))
+        if trained_on:  # the same file in both CSVs: its PSNR is not a held-out one
+            logger.warning("%d of the %d --eval-input images evaluated are also --input images: the evaluation is not held out",
+                           trained_on, n)
+            return held.pixels[:n], f"partly training images ({trained_on} of the first {n} of --eval-input are in --input)"
         return held.pixels[:n], f"held-out images (the first {n} of --eval-input {args.eval_input})"
     n = min(args.eval_images, train.pixels.shape[0])
     return train.pixels[:n], f"training images (the first {n} of --input; not held out: give --eval-input for that)"
@@ -280,7 +285,8 @@ def _train(args: argparse.Namespace, config, start: dict, info) -> int:
                 "start": start.get("preset") or str(Path(start["init"]).resolve()), "start_codes": digest_before,
                 "perceptual_weights_sha256": file_digest(Path(config.perceptual_weights)) if perceptual else None,
                 "column": args.column, "image_root": str(args.image_root.resolve()) if args.image_root else None}
-    context = RunContext(output=args.output, eval_pixels=eval_pixels, eval_label="held-out" if held else "training-image",
+    label = "held-out" if eval_label.startswith("held-out") else "training-image"
+    context = RunContext(output=args.output, eval_pixels=eval_pixels, eval_label=label,
                          perceptual=perceptual, identity=identity, dist=info)
     trainer = Trainer(vqgan, stack_images(train.pixels, vqgan.resolution), config, context)
     trainer.run()

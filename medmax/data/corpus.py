@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ from pathlib import Path
 from ..vocab import END_OF_TURN, IMAGE_PLACEHOLDER, split_markers
 from .inputs import INPUT_SUFFIXES, MAX_ROW_BYTES, bounded_lines, iter_row_batches
 from .rows import RowError
+
+logger = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt",)
 CSV_SUFFIXES = (".csv",)
@@ -42,7 +45,8 @@ class CorpusCounts:
 def iter_corpus(paths: list[Path], columns: tuple[str, ...], counts: CorpusCounts,
                 max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[str]:
     """Every text of the corpus, in file and row order; ``counts`` is filled in as the texts are drawn."""
-    for path in paths:
+    for k, path in enumerate(paths, start=1):
+        logger.info("reading %s (file %d of %d; %d texts so far)", path, k, len(paths), counts.texts)
         for number, row in _rows(path, columns, max_row_bytes):
             counts.rows += 1
             try:

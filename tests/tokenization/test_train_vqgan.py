@@ -480,3 +480,14 @@ def test_resume_refuses_perceptual_weights_replaced_under_the_same_path(scans, t
     write_lpips(1)  # other weights, same file name
     assert _quick(data, out, "--steps", "2", *flags) == 2
     assert re.search(r"other settings: perceptual_weights_sha256 was '[0-9a-f]{64}', now '[0-9a-f]{64}'", capsys.readouterr().err)
+
+
+def test_eval_input_that_repeats_training_images_is_not_called_held_out(scans, tmp_path, caplog):
+    data = _image_csv(scans[:6], tmp_path / "data")
+    held = data.with_name("held.csv")
+    held.write_text(f"img_path\n{scans[0].name}.png\n{scans[1].name}.png\n")  # the same files as two training rows
+    assert _quick(data, tmp_path / "out", "--steps", "1", "--eval-input", str(held)) == 0
+    messages = [r.getMessage() for r in caplog.records if "PSNR" in r.getMessage()]
+    assert messages and all("training-image PSNR" in m for m in messages), messages
+    assert any("2 of the 2 --eval-input images evaluated are also --input images" in r.getMessage() for r in caplog.records)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["eval_images"].startswith("partly training images")
