@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-frequency", type=int, default=2, help="a pair seen fewer times is never merged (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT/tokenizer.json")
     p.add_argument("--strict", action="store_true", help="stop at the first row that gives no text")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (there are none when stderr is not a terminal)")
     return p
 
 
@@ -106,7 +106,8 @@ def _run(args: argparse.Namespace) -> int:
     paths = _inputs(args)
     logger.info("fitting a BPE of at most %d text tokens to %d file(s), columns %s", args.text_vocab_size, len(paths), list(args.column))
     start = time.perf_counter()
-    tokenizer, counts = fit_corpus(paths, args.column, args.text_vocab_size, args.min_frequency, args.strict, not args.no_progress)
+    bars = not args.no_progress and sys.stderr.isatty()  # tokenizers' bars leave blank lines in a log file
+    tokenizer, counts = fit_corpus(paths, args.column, args.text_vocab_size, args.min_frequency, args.strict, bars)
     summary = _write(args, paths, tokenizer, counts, time.perf_counter() - start)
     if counts.errors:
         e = counts.errors[0]
