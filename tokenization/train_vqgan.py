@@ -78,9 +78,8 @@ from medmax.vqgan_train_config import (
 if TYPE_CHECKING:  # annotations only: torch and the VQGAN load when a run starts, not for --help
     import torch
 
-    from medmax.image_csv import LoadedImages
-
     from medmax.distributed import Dist
+    from medmax.image_csv import LoadedImages
     from medmax.vqgan import VQGAN
 
 logger = logging.getLogger("tokenization.train_vqgan")
