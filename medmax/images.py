@@ -84,12 +84,12 @@ class ImageLimits:
         if pixels > self.max_pixels:
             raise ImageLoadError(
                 name, f"image is {width}x{height} = {pixels:,} pixels, over the limit of {self.max_pixels:,} "
-                "(max_pixels; --max-image-pixels in the programs)"
+                "(max_pixels; --max-image-pixels of image_tokenize and train_vqgan)"
             )
         if ratio > self.max_aspect_ratio:
             raise ImageLoadError(
                 name, f"image is {width}x{height}, aspect ratio {ratio:g} is over the limit of {self.max_aspect_ratio:g} "
-                "(max_aspect_ratio; --max-aspect-ratio in the programs)"
+                "(max_aspect_ratio; --max-aspect-ratio of image_tokenize and train_vqgan)"
             )
 
 

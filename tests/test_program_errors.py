@@ -24,6 +24,7 @@ MISSING_INPUT = {
     "medmax": ["generate", "--model", "{missing}", "--prompt", "x", "--mode", "text", "--output", "{tmp}/out"],
     "medmax-image-tokenize": ["--input", "{missing}", "--output", "{tmp}/out", "--ckpt", "{tmp}"],
     "medmax-train-vqgan": ["--input", "{missing}", "--output", "{tmp}/out"],
+    "medmax-train-tokenizer": ["--input", "{missing}", "--output", "{tmp}/out"],
     "medmax-build-sequences": ["--input", "{missing}", "--tokenizer", "preset:tiny", "--output", "{tmp}/out"],
     "medmax-train": ["--config", "{missing}"],
     "medmax-export": ["--checkpoint", "{missing}", "--output", "{tmp}/out"],
@@ -109,6 +110,7 @@ BAD_VALUE = {
     "medmax-convert": (["--output", "{tmp}/out", "--model-size", "7b"], "--input"),
     "medmax-quickstart": (["--output", "{tmp}/qs", "--nproc", "0"], "--nproc"),
     "medmax-eval": (["--model", "{tmp}", "--data", "{tmp}", "--output", "{tmp}/out", "--batch-size", "0"], "--batch-size"),
+    "medmax-train-tokenizer": (["--input", "{csv}", "--output", "{tmp}/out", "--text-vocab-size", "10"], "--text-vocab-size"),
     "medmax-train": (["--config", "{yaml}"], "mode='nonsense'"),
 }
 
