@@ -282,6 +282,10 @@ def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
+# safetensors' dtype codes of floating-point tensors (and its 8-bit float formats)
+_FLOAT_CODES = {code for dtype, code in _ST_DTYPES.items() if dtype.is_floating_point} | {"F8_E4M3", "F8_E5M2"}
+
+
 def check_model_folder(folder: str | Path, trust_checkpoint: bool = False) -> dict:
     """Validate a model folder without loading its weights; returns a summary, raises naming the first fault.
 
@@ -310,6 +314,12 @@ def check_model_folder(folder: str | Path, trust_checkpoint: bool = False) -> di
     wrong = [k for k in expected if stored[k][0] != expected[k]]
     if wrong:
         raise UserError(f"{folder}: {wrong[0]} has shape {stored[wrong[0]][0]}, config.json implies {expected[wrong[0]]}")
+    integral = [k for k in expected if stored[k][1] not in _FLOAT_CODES]
+    if integral:
+        code = stored[integral[0]][1]
+        name = next((str(d).removeprefix("torch.") for d, c in _ST_DTYPES.items() if c == code), code)
+        raise UserError(f"{folder}: {integral[0]} is {name} ({len(integral)} tensor(s) are not "
+                        "floating point); a model's weights are floating point")
     vqgan = load_complete_vqgan(folder / "vqgan", trust_checkpoint=trust_checkpoint)
     for key, value in vqgan.state_dict().items():
         if not key.startswith("decoder.") and not torch.equal(tensors.get(f"model.vqmodel.{key}").float(), value.float()):
