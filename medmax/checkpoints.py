@@ -30,6 +30,7 @@ import torch
 
 from .errors import UserError
 from .meta_layout import PlannedTensor
+from .paths import output_target
 
 logger = logging.getLogger(__name__)
 
@@ -179,8 +180,9 @@ def fresh_output(output: str | Path) -> Iterator[Path]:
     ``output`` must not exist or be empty: a conversion never mixes with, or deletes, earlier files.
     The work goes to ``<output>.partial`` (marked as ours); a failure removes it, and so does the next run
     when a killed run left it behind. A ``.partial`` folder without the mark is someone else's: refused.
+    An ``output`` that is a symbolic link is written where the link points (see :func:`medmax.paths.output_target`).
     """
-    output = Path(output)
+    output = output_target(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise FileExistsError(f"{output}: already exists and is not empty; choose a new --output or remove it")
     partial = output.with_name(output.name + ".partial")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -693,11 +694,23 @@ def text_tokenizer_variants(tokenizer) -> dict[str, str]:
     return {TEXT_TOKENIZER: json.dumps(doc, ensure_ascii=False, indent=2), MEDMAX_TOKENIZER: text}
 
 
+_SIZE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_size_name(model_size: str) -> str:
+    """``model_size`` as the one folder name ``models/<size>/`` (``7b``, ``30b``, ...): no path, nothing hidden."""
+    if not _SIZE_NAME.fullmatch(model_size) or ".." in model_size:
+        raise CheckpointError(f"--model-size {model_size!r}: must be one folder name such as 7b or 30b (letters, digits, "
+                              "'.', '_', '-'; no path separators, no '..'), as models/<size>/ is written inside --output")
+    return model_size
+
+
 def write_original(out: str | Path, shards: list[dict[str, torch.Tensor]], params: MetaParams, tokenizer, vqgan,
                    model_size: str = "7b") -> Path:
     """Write Meta's layout (module docstring) into ``out``: shards, params files, tokenizer file(s), VQGAN."""
     import yaml
 
+    check_size_name(model_size)
     out = Path(out)
     model_dir = out / "models" / model_size
     model_dir.mkdir(parents=True, exist_ok=True)

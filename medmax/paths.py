@@ -18,3 +18,13 @@ def resolve_inside(root: str | Path, rel: str | Path) -> Path:
     if not path.is_relative_to(root):
         raise PathEscapeError(f"{str(rel)!r} leaves {root}")
     return path
+
+
+def output_target(output: str | Path) -> Path:
+    """The folder an output path names, with symbolic links followed (also a link whose target is not made yet).
+
+    A program that builds ``OUT.partial`` beside its output and renames it onto ``OUT`` works beside this path:
+    renaming onto the link's own name would fail (a link is not a folder), stranding the finished work in
+    ``.partial``, or replace the link. The user's link keeps pointing at the finished output.
+    """
+    return Path(output).absolute().resolve()

@@ -397,3 +397,20 @@ def test_a_checkpoint_whose_zip_crc_is_wrong_is_refused(tmp_path, tiny_tokenizer
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(shard) in err and "CRC" in err, err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.parametrize("target", ["an empty folder", "nothing yet"])
+def test_an_output_that_is_a_symlink_receives_the_model_where_it_points(tmp_path, tiny_tokenizer, tiny_vqgan, target):
+    """The swap once renamed the work folder onto the link's name: the model was stranded in .partial."""
+    root, state = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan)
+    (tmp_path / "disk").mkdir()
+    real = tmp_path / "disk" / "model"
+    if target == "an empty folder":
+        real.mkdir()
+    link = tmp_path / "out"
+    link.symlink_to(real, target_is_directory=True)
+    assert convert_main(["--input", str(root), "--output", str(link)]) == 0
+    assert link.is_symlink() and (real / "config.json").is_file()
+    check_model_folder(link)
+    torch.testing.assert_close(_logits(link), meta_forward(state, release_params(), TEXT_IDS), atol=2e-5, rtol=1e-5)
+    assert not [p for p in (*tmp_path.iterdir(), *real.parent.iterdir()) if p.name.endswith(".partial")]
