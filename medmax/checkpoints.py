@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, is_disk_refusal, write_refused
 from .meta_layout import PlannedTensor
 from .paths import output_target
 
@@ -191,17 +191,19 @@ def fresh_output(output: str | Path) -> Iterator[Path]:
             raise FileExistsError(f"{partial}: exists and was not written by this toolkit; move it away")
         logger.warning("%s: left by an interrupted run; starting again", partial)
         shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    (partial / _PARTIAL_MARK).write_text("written by medmax; removed when complete\n")
     try:
+        partial.mkdir(parents=True)
+        (partial / _PARTIAL_MARK).write_text("written by medmax; removed when complete\n")
         yield partial
-    except BaseException:
+        (partial / _PARTIAL_MARK).unlink()
+        if output.exists():
+            output.rmdir()  # empty, checked above
+        os.replace(partial, output)
+    except BaseException as err:
         shutil.rmtree(partial, ignore_errors=True)
+        if is_disk_refusal(err):
+            raise write_refused(output, err) from None
         raise
-    (partial / _PARTIAL_MARK).unlink()
-    if output.exists():
-        output.rmdir()  # empty, checked above
-    os.replace(partial, output)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

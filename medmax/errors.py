@@ -14,6 +14,27 @@ specific classes (``finetune.config.ConfigError``, ``medmax.data.loader.DataErro
 
 from __future__ import annotations
 
+import errno
+
 
 class UserError(ValueError):
     """A user's mistake (a setting, file, row or folder that cannot be used); the message names it and why."""
+
+
+# A write the file system refuses: the user's environment (a full disk, a read-only mount, a quota), not a bug.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG})
+
+
+def is_disk_refusal(err: BaseException) -> bool:
+    """``err`` is an OSError the file system raised refusing a write (see :data:`DISK_ERRNOS`)."""
+    return isinstance(err, OSError) and err.errno in DISK_ERRNOS
+
+
+class WriteRefused(UserError):
+    """An output the file system would not let us write (full, read-only, over quota); names where and why."""
+
+
+def write_refused(where, err: OSError, advice: str = "nothing was kept") -> WriteRefused:
+    """The one-line :class:`WriteRefused` for a disk refusal ``err`` while writing ``where``."""
+    at = f" at {err.filename}" if err.filename and str(err.filename) != str(where) else ""
+    return WriteRefused(f"{where}: cannot write ({err.strerror}{at}); {advice}")

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import is_disk_refusal
+
 logger = logging.getLogger(__name__)
 
 PLAN_FILES = ("order.npy", "bins.npy", "bin_starts.npy")
@@ -138,21 +140,37 @@ def _load(folder: Path) -> Plan | None:
 
 
 def cached_plan(cache: Path, key: str, compute) -> Plan:
-    """The plan in ``cache/key`` (memory-mapped), computed by ``compute()`` under a lock when missing."""
+    """The plan in ``cache/key`` (memory-mapped), computed by ``compute()`` under a lock when missing.
+
+    A cache the file system will not write (full, read-only) is skipped with a warning: the plan is used from memory.
+    """
     folder = cache / key
     plan = _load(folder)
     if plan is not None:
         return plan
-    with locked(cache / f"{key}.lock"):
-        plan = _load(folder)
-        if plan is not None:
-            return plan
-        plan = compute()
-        tmp = cache / f"{key}.partial-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with locked(cache / f"{key}.lock"):
+            plan = _load(folder)
+            if plan is None:
+                plan = compute()
+                _save(plan, cache, key)
+    except OSError as err:
+        if not (is_disk_refusal(err) or isinstance(err, PermissionError)):
+            raise
+        logger.warning("packing plan %s: not cached in %s (%s); using it from memory", key, cache, err.strerror)
+        return plan if plan is not None else compute()
+    return _load(folder)
+
+
+def _save(plan: Plan, cache: Path, key: str) -> None:
+    tmp = cache / f"{key}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
         tmp.mkdir(parents=True)
         for name, array in zip(PLAN_FILES, (plan.order, plan.bins, plan.bin_starts)):
             np.save(tmp / name, np.ascontiguousarray(array))
-        tmp.rename(folder)
-        logger.info("packing plan %s: %d rows of %d sequences, cached in %s", key, len(plan), len(plan.order), folder)
-    return _load(folder)
+        tmp.rename(cache / key)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("packing plan %s: %d rows of %d sequences, cached in %s", key, len(plan), len(plan.order), cache / key)

@@ -43,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..errors import is_disk_refusal
 from .loader import DataError, read_manifest, require_sequences, row_stats
 from .plans import locked
 from .shards import MANIFEST, folder_digest
@@ -106,12 +107,16 @@ def ensure_store(folder: str | Path, columns: tuple[str, ...] = SEQUENCE_COLUMNS
     try:
         group.mkdir(parents=True, exist_ok=True)
         (group / ".lock").touch()
+        with locked(group / ".lock"):
+            if not _is_fresh(path, want):
+                _make(folder, manifest, want, path)
     except OSError as err:
-        raise DataError(f"{folder}: cannot write its token store in {group} ({err.strerror}); set store_dir to a "
+        within = err.filename is not None and Path(err.filename).is_relative_to(group)
+        if not (within or is_disk_refusal(err)):
+            raise  # e.g. a shard that went missing: not about the store's place
+        at = f" at {err.filename}" if err.filename and Path(err.filename) != group else ""
+        raise DataError(f"{folder}: cannot write its token store in {group} ({err.strerror}{at}); set store_dir to a "
                         "writable folder, or data_store=false to read the folder into memory") from None
-    with locked(group / ".lock"):
-        if not _is_fresh(path, want):
-            _make(folder, manifest, want, path)
     return path
 
 
@@ -122,19 +127,11 @@ def _make(folder: Path, manifest: dict, want: dict, path: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     logger.info("%s: writing its token store %s (once; later runs and other ranks map it)", folder, path)
-    columns = tuple(want["columns"])
     try:
-        digest = folder_digest(folder, check=False)
-        rows, stats = _convert([folder / name for name in manifest["files"]], columns, tmp / TOKENS)
+        _write(folder, manifest, want, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for column in columns:
-        np.save(tmp / f"lengths.{column}.npy", np.concatenate(stats[column]["lengths"]))
-        np.save(tmp / f"stats.{column}.npy", np.concatenate(stats[column]["stats"]))
-    meta = {**want, "rows": rows, "source": str(folder.absolute()), "folder_digest": digest, "manifest": manifest,
-            "tokens": {c: int(sum(x.sum() for x in stats[c]["lengths"])) for c in columns}}
-    (tmp / META).write_text(json.dumps(meta, indent=1))
     old = path.with_name(f"{path.name}.old-{os.getpid()}")
     if path.exists():
         path.rename(old)
@@ -143,6 +140,19 @@ def _make(folder: Path, manifest: dict, want: dict, path: Path) -> None:
     for other in path.parent.iterdir():  # earlier manifests' stores, and work folders of killed conversions
         if other != path and other.is_dir() and ((other / META).is_file() or ".partial-" in other.name):
             shutil.rmtree(other, ignore_errors=True)
+
+
+def _write(folder: Path, manifest: dict, want: dict, tmp: Path) -> None:
+    """Every file of a store into the work folder ``tmp``, ``store.json`` last."""
+    columns = tuple(want["columns"])
+    digest = folder_digest(folder, check=False)
+    rows, stats = _convert([folder / name for name in manifest["files"]], columns, tmp / TOKENS)
+    for column in columns:
+        np.save(tmp / f"lengths.{column}.npy", np.concatenate(stats[column]["lengths"]))
+        np.save(tmp / f"stats.{column}.npy", np.concatenate(stats[column]["stats"]))
+    meta = {**want, "rows": rows, "source": str(folder.absolute()), "folder_digest": digest, "manifest": manifest,
+            "tokens": {c: int(sum(x.sum() for x in stats[c]["lengths"])) for c in columns}}
+    (tmp / META).write_text(json.dumps(meta, indent=1))
 
 
 def _int32_lists(column: pa.Array, shard: Path, name: str, row0: int) -> pa.ListArray:

@@ -414,3 +414,31 @@ def test_an_output_that_is_a_symlink_receives_the_model_where_it_points(tmp_path
     check_model_folder(link)
     torch.testing.assert_close(_logits(link), meta_forward(state, release_params(), TEXT_IDS), atol=2e-5, rtol=1e-5)
     assert not [p for p in (*tmp_path.iterdir(), *real.parent.iterdir()) if p.name.endswith(".partial")]
+
+
+@pytest.mark.parametrize("fault", ["full disk", "read-only file system"])
+def test_a_full_disk_or_read_only_output_is_one_line_naming_the_path(tmp_path, tiny_tokenizer, tiny_vqgan, capsys,
+                                                                    monkeypatch, fault):
+    import errno
+
+    import medmax.checkpoints
+
+    root, _ = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan)
+    out = tmp_path / "out"
+    if fault == "full disk":
+        def write(path, *args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")  # f.write names no file
+        monkeypatch.setattr(medmax.checkpoints, "write_safetensors_stream", write)
+    else:
+        mkdir = Path.mkdir
+
+        def read_only(self, *args, **kwargs):
+            if self.name.startswith("out"):
+                raise OSError(errno.EROFS, "Read-only file system", str(self))
+            return mkdir(self, *args, **kwargs)
+        monkeypatch.setattr(Path, "mkdir", read_only)
+    assert convert_main(["--input", str(root), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and str(out) in err, err
+    assert ("No space left on device" if fault == "full disk" else "Read-only file system") in err
+    assert not out.exists() and not (tmp_path / "out.partial").exists()

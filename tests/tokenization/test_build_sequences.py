@@ -518,3 +518,18 @@ def test_an_output_that_is_a_symlink_is_built_where_it_points(tmp_path, tiny_tok
         assert (tmp_path / "out").is_symlink() and len(read_rows(tmp_path / "disk" / "seqs")) == 3
     leftovers = [p.name for p in (*tmp_path.iterdir(), *(tmp_path / "disk").iterdir()) if "." in p.name and p.is_dir()]
     assert leftovers == []
+
+
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, tiny_tokenizer_path, image_tokens, monkeypatch, capsys):
+    import errno
+
+    import pyarrow.parquet
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out.partial" / "part-00000-0000.parquet"))
+    monkeypatch.setattr(pyarrow.parquet, "ParquetWriter", full)
+    src = write_jsonl(tmp_path / "in.jsonl", MEDMAX)
+    assert main(["--input", str(src), "--tokenizer", str(tiny_tokenizer_path), "--output", str(tmp_path / "out"),
+                 "--no-progress", "--image-tokens", str(image_tokens)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "out.partial" in err and "No space left on device" in err, err

@@ -226,3 +226,42 @@ def test_a_broken_shard_is_named_and_leaves_no_half_made_store(folder):
     with pytest.raises(DataError, match=re.escape(f"{shard}: not a readable parquet file")):
         open_sequences(folder)
     assert [p.name for p in store_module.store_group(folder, None).iterdir()] == [".lock"]
+
+
+@pytest.mark.parametrize("fault", ["full disk", "read-only file system"])
+def test_a_full_disk_or_read_only_store_place_is_one_line_naming_it(folder, monkeypatch, fault):
+    import errno
+
+    group = store_module.store_group(folder, None)
+    if fault == "full disk":
+        def convert(*args):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(store_module, "_convert", convert)
+    else:
+        def save(path, *args, **kwargs):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        monkeypatch.setattr(store_module.np, "save", save)
+    with pytest.raises(DataError) as err:
+        open_sequences(folder)
+    message = str(err.value)
+    assert str(group) in message and "store_dir" in message and "\n" not in message
+    assert ("No space left on device" if fault == "full disk" else "Read-only file system") in message
+    assert [p.name for p in group.iterdir()] == [".lock"]  # no half-made store left
+
+
+def test_a_plan_that_cannot_be_cached_is_used_from_memory_with_a_warning(folder, monkeypatch, caplog):
+    """A store on a read-only or full disk still trains: the plan cache is only a saving."""
+    import errno
+
+    from medmax.data import plans
+
+    data = open_sequences(folder)
+    expected = SequenceDataset([load_sequences(folder)], None, 128, seed=3).plan
+
+    def save(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+    monkeypatch.setattr(plans.np, "save", save)
+    got = SequenceDataset([data], None, 128, seed=3).plan
+    np.testing.assert_array_equal(got.bins, expected.bins)
+    assert "Read-only file system" in caplog.text and "not cached" in caplog.text
+    assert not [p for p in data.plan_cache.iterdir() if p.is_dir()]
