@@ -28,10 +28,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import is_disk_refusal
+from .integrity import checksums, damage
 
 logger = logging.getLogger(__name__)
 
 PLAN_FILES = ("order.npy", "bins.npy", "bin_starts.npy")
+PLAN_META = "plan.json"  # each file's checksum; written last, so a plan without it is incomplete
 
 
 def weighted_order_array(sizes: list[int], weights: list[float], seed: int) -> np.ndarray:
@@ -117,7 +119,7 @@ def make_plan(lengths: list[np.ndarray], weights: list[float], max_length: int, 
 def plan_key(identities: list[str], weights: list[float], max_length: int, packing: bool, seed: int) -> str:
     """The cache key of a plan: everything it depends on."""
     what = {"datasets": identities, "weights": [float(w) for w in weights], "max_length": max_length,
-            "packing": packing, "seed": seed, "version": 1}
+            "packing": packing, "seed": seed, "version": 2}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -133,8 +135,16 @@ def locked(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _load(folder: Path) -> Plan | None:
-    if not all((folder / name).is_file() for name in PLAN_FILES):
+def _load(folder: Path, warn: bool = False) -> Plan | None:
+    """The cached plan in ``folder``, None when it is missing or fails its checksums (``warn``: say so)."""
+    try:
+        recorded = json.loads((folder / PLAN_META).read_text())
+    except (OSError, ValueError):
+        return None
+    problem = damage(folder, recorded)
+    if problem:
+        if warn:
+            logger.warning("cached packing plan %s fails its integrity check (%s); computing it again", folder, problem)
         return None
     return Plan(*(np.load(folder / name, mmap_mode="r") for name in PLAN_FILES))
 
@@ -150,7 +160,7 @@ def cached_plan(cache: Path, key: str, compute) -> Plan:
         return plan
     try:
         with locked(cache / f"{key}.lock"):
-            plan = _load(folder)
+            plan = _load(folder, warn=True)
             if plan is None:
                 plan = compute()
                 _save(plan, cache, key)
@@ -169,6 +179,8 @@ def _save(plan: Plan, cache: Path, key: str) -> None:
         tmp.mkdir(parents=True)
         for name, array in zip(PLAN_FILES, (plan.order, plan.bins, plan.bin_starts)):
             np.save(tmp / name, np.ascontiguousarray(array))
+        (tmp / PLAN_META).write_text(json.dumps(checksums(tmp, list(PLAN_FILES))))
+        shutil.rmtree(cache / key, ignore_errors=True)  # one that failed its check (we hold its lock)
         tmp.rename(cache / key)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

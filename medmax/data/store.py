@@ -44,6 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import is_disk_refusal
+from .integrity import checksums, damage
 from .loader import DataError, read_manifest, require_sequences, row_stats
 from .plans import locked
 from .shards import MANIFEST, folder_digest
@@ -51,7 +52,7 @@ from .shards import MANIFEST, folder_digest
 logger = logging.getLogger(__name__)
 
 FORMAT = "medmax-token-store"
-VERSION = 1
+VERSION = 2  # 2: store.json records each file's checksum
 META = "store.json"
 TOKENS = "tokens.arrow"
 PLANS = "plans"
@@ -91,6 +92,25 @@ def _is_fresh(path: Path, want: dict) -> bool:
     return all(meta.get(k) == v for k, v in want.items())
 
 
+def _store_damage(path: Path) -> str | None:
+    """What is wrong with a store's files against the checksums its store.json recorded (None: intact)."""
+    try:
+        recorded = json.loads((path / META).read_text()).get("checksums")
+    except (OSError, ValueError) as err:
+        return f"{path / META}: unreadable ({err})"
+    return damage(path, recorded)
+
+
+def _usable(path: Path, want: dict, warn: bool = False) -> bool:
+    """The store at ``path`` is for ``want`` and its files are intact (``warn``: say so when they are not)."""
+    if not _is_fresh(path, want):
+        return False
+    problem = _store_damage(path)
+    if problem and warn:
+        logger.warning("token store %s fails its integrity check (%s); making it again", path, problem)
+    return problem is None
+
+
 def ensure_store(folder: str | Path, columns: tuple[str, ...] = SEQUENCE_COLUMNS,
                  store_root: str | Path | None = None, read=read_manifest) -> Path:
     """The store of ``folder``'s list ``columns``: made (under a lock) when missing or stale, else found.
@@ -102,13 +122,13 @@ def ensure_store(folder: str | Path, columns: tuple[str, ...] = SEQUENCE_COLUMNS
     manifest, want = _wanted(folder, columns, read)
     group = store_group(folder, store_root)
     path = group / want["manifest_sha256"][:16]
-    if _is_fresh(path, want):
+    if _usable(path, want):
         return path
     try:
         group.mkdir(parents=True, exist_ok=True)
         (group / ".lock").touch()
         with locked(group / ".lock"):
-            if not _is_fresh(path, want):
+            if not _usable(path, want, warn=True):
                 _make(folder, manifest, want, path)
     except OSError as err:
         within = err.filename is not None and Path(err.filename).is_relative_to(group)
@@ -151,8 +171,14 @@ def _write(folder: Path, manifest: dict, want: dict, tmp: Path) -> None:
         np.save(tmp / f"lengths.{column}.npy", np.concatenate(stats[column]["lengths"]))
         np.save(tmp / f"stats.{column}.npy", np.concatenate(stats[column]["stats"]))
     meta = {**want, "rows": rows, "source": str(folder.absolute()), "folder_digest": digest, "manifest": manifest,
-            "tokens": {c: int(sum(x.sum() for x in stats[c]["lengths"])) for c in columns}}
+            "tokens": {c: int(sum(x.sum() for x in stats[c]["lengths"])) for c in columns},
+            "checksums": checksums(tmp, _data_files(columns))}
     (tmp / META).write_text(json.dumps(meta, indent=1))
+
+
+def _data_files(columns) -> list[str]:
+    """The files of a store beside its store.json."""
+    return [TOKENS, *(f"{kind}.{c}.npy" for c in columns for kind in ("lengths", "stats"))]
 
 
 def _int32_lists(column: pa.Array, shard: Path, name: str, row0: int) -> pa.ListArray:
@@ -333,17 +359,22 @@ def fetch_store(url: str, store_root: str | Path | None = None, storage_options:
         raise DataError(f"{url}/{META}: not a readable token store ({err})") from None
     group = Path(store_root or REMOTE_CACHE).expanduser() / "remote"
     local = group / f"{meta.get('folder_digest', 'unknown')[:16]}-{hashlib.sha256(url.encode()).hexdigest()[:8]}"
-    want = {k: meta.get(k) for k in ("format", "version", "columns", "manifest_sha256", "stamps", "folder_digest")}
-    if _is_fresh(local, want):
+    want = {k: meta.get(k) for k in ("format", "version", "columns", "manifest_sha256", "stamps", "folder_digest",
+                                     "checksums")}
+    if _usable(local, want):
         return local
     with locked(group / ".lock"):
-        if not _is_fresh(local, want):
+        if not _usable(local, want, warn=local.exists()):
             tmp = local.with_name(f"{local.name}.partial-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            names = [TOKENS, *(f"{kind}.{c}.npy" for c in meta.get("columns", ()) for kind in ("lengths", "stats"))]
-            for name in names:
+            for name in _data_files(meta.get("columns", ())):
                 fs.get_file(f"{remote}/{name}", str(tmp / name))
+            problem = damage(tmp, meta.get("checksums"))
+            if problem:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise DataError(f"{url}: its copy fails the checksums its {META} records ({problem}); the store "
+                                "there is damaged or was made by an older version: upload it again")
             (tmp / META).write_text(json.dumps(meta))  # last: a copy cut short is never taken as whole
             shutil.rmtree(local, ignore_errors=True)
             tmp.rename(local)
@@ -358,7 +389,12 @@ def open_store(source: str | Path, columns: tuple[str, ...] = SEQUENCE_COLUMNS, 
     if is_remote(source):
         return TokenStore(fetch_store(str(source), store_root, storage_options))
     if (Path(source) / META).is_file():
-        return TokenStore(source)
+        store = TokenStore(source)
+        problem = _store_damage(store.path)
+        if problem:
+            raise DataError(f"{problem}: the token store fails its checksum check; name its data folder instead "
+                            "(a damaged store is made again from it) or delete the store")
+        return store
     return TokenStore(ensure_store(source, columns, store_root, read))
 
 
