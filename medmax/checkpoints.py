@@ -269,13 +269,39 @@ def load_complete_vqgan(path: str | Path, trust_checkpoint: bool = False):
     return vqgan
 
 
+# config.json's sizes: positive integers (checked before transformers builds anything from them)
+_CONFIG_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "vocab_size")
+
+
 def _config(folder: Path):
     from transformers import ChameleonConfig
 
-    doc = json.loads((folder / "config.json").read_text())
-    if doc.get("model_type") != "chameleon":
-        raise UserError(f"{folder}/config.json: model_type {doc.get('model_type')!r}, expected 'chameleon'")
-    return ChameleonConfig.from_pretrained(folder)
+    path = folder / "config.json"
+    try:
+        doc = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"{path}: not valid UTF-8 JSON ({err})") from None
+    if not isinstance(doc, dict) or doc.get("model_type") != "chameleon":
+        found = doc.get("model_type") if isinstance(doc, dict) else type(doc).__name__
+        raise UserError(f"{path}: model_type {found!r}, expected 'chameleon'")
+    for key in _CONFIG_SIZES:
+        value = doc.get(key)
+        if key in doc and (not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**53):
+            raise UserError(f"{path}: {key} is {json.dumps(value)}; it must be a positive integer")
+    try:
+        return ChameleonConfig.from_pretrained(folder)
+    except (TypeError, ValueError) as err:  # transformers' own field validation
+        raise UserError(f"{path}: {' '.join(str(err).split())}") from None
+
+
+def _check_layer_count(folder: Path, config, stored: dict) -> None:
+    """config.json's num_hidden_layers against the layers the weights hold, before a model is built from it."""
+    held = {int(k.split(".")[2]) for k in stored if k.startswith("model.layers.") and k.split(".")[2].isdigit()}
+    count = max(held) + 1 if held else 0
+    if count != config.num_hidden_layers:
+        raise UserError(f"{folder}/config.json: num_hidden_layers {config.num_hidden_layers}, but the weights hold "
+                        f"{count} layers")
 
 
 def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
@@ -311,7 +337,9 @@ def check_model_folder(folder: str | Path, trust_checkpoint: bool = False) -> di
     if config.vocabulary_map and config.vocabulary_map != tokenizer.get_vocab(with_added_tokens=True):
         raise UserError(f"{folder}: config.json's vocabulary_map differs from tokenizer.json")
     tensors = FolderTensors.open(folder)
-    stored, expected = tensors.shapes(), _expected_shapes(config)
+    stored = tensors.shapes()
+    _check_layer_count(folder, config, stored)
+    expected = _expected_shapes(config)
     missing, extra = sorted(expected.keys() - stored.keys()), sorted(stored.keys() - expected.keys())
     if missing or extra:
         raise UserError(f"{folder}: weights do not match config.json (missing {missing[:4]}, unexpected {extra[:4]})")

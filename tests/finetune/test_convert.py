@@ -442,3 +442,22 @@ def test_a_full_disk_or_read_only_output_is_one_line_naming_the_path(tmp_path, t
     assert err.count("\n") == 1 and "Traceback" not in err and str(out) in err, err
     assert ("No space left on device" if fault == "full disk" else "Read-only file system") in err
     assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.parametrize("key, value", [("num_hidden_layers", 1000000), ("num_attention_heads", 0),
+                                        ("hidden_size", "32"), ("intermediate_size", 2.5), ("vocab_size", True)])
+def test_a_model_folder_config_of_the_wrong_type_or_size_is_one_line_before_any_layer_is_built(
+        tmp_path, tiny_model_dir, capsys, key, value):
+    import shutil
+    import time
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    start = time.perf_counter()
+    assert convert_main(["--input", str(folder)]) == 2
+    assert time.perf_counter() - start < 5
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config.json" in err and key in err, err
