@@ -718,7 +718,7 @@ def write_original(out: str | Path, shards: list[dict[str, torch.Tensor]], param
         (model_dir / name).write_text(json.dumps(doc, indent=2) + "\n")
     names = ["consolidated.pth"] if len(shards) == 1 else [f"consolidated.{i:02d}.pth" for i in range(len(shards))]
     for name, shard in zip(names, shards):
-        torch.save(shard, model_dir / name)
+        _save(shard, model_dir / name)
         logger.info("wrote %s (%d tensors)", model_dir / name, len(shard))
     tok_dir = out / TOKENIZER_DIR
     tok_dir.mkdir(parents=True, exist_ok=True)
@@ -727,5 +727,18 @@ def write_original(out: str | Path, shards: list[dict[str, torch.Tensor]], param
     doc = {"model": {"target": "taming.models.vqgan.VQModel", "params": vqgan.params}}
     (tok_dir / "vqgan.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     state = {k: v.detach().cpu().contiguous() for k, v in vqgan.state_dict().items()}
-    torch.save({"state_dict": state}, tok_dir / "vqgan.ckpt")
+    _save({"state_dict": state}, tok_dir / "vqgan.ckpt")
     return out
+
+
+def _save(obj, path: Path) -> None:
+    """``torch.save`` through a Python file, so that a full disk raises its OSError naming ``path`` (torch's own
+    writer reports it as ``RuntimeError: unexpected pos``, and so does its end of archive after a failed write)."""
+    with open(path, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as err:
+            cause = err.__context__
+            if isinstance(cause, OSError):
+                raise OSError(cause.errno, cause.strerror, str(path)) from None
+            raise

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from medmax.errors import UserError  # absolute: this module moves into medmax/data/
+from medmax.errors import UserError, is_disk_refusal, write_refused  # absolute: this module moves into medmax/data/
 from tqdm.auto import tqdm
 
 from ..paths import PathEscapeError, resolve_inside
@@ -429,6 +429,16 @@ def build_dataset(cfg: BuildConfig) -> dict:
     folder.check([*inputs, *(Path(spec) for spec in cfg.inputs if Path(spec).is_dir())])
     state = _setup(cfg)
     cfg = replace(cfg, sequence=state["sequence"])
+    try:
+        return _build(cfg, inputs, folder, state)
+    except OSError as err:  # a full disk or read-only file system: one line naming the output
+        if not is_disk_refusal(err):
+            raise
+        kept = f"{folder.partial} is kept for --resume" if folder.partial.exists() else "nothing was written"
+        raise write_refused(folder.path, err, kept) from None
+
+
+def _build(cfg: BuildConfig, inputs: list[Path], folder: BuildFolder, state: dict) -> dict:
     fingerprint = _fingerprint(cfg, state["vqgan"])
     work = folder.start(cfg.resume)
     finished = _resume(work, inputs, fingerprint) if cfg.resume else {}

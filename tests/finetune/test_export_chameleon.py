@@ -147,3 +147,33 @@ def test_a_model_size_is_one_plain_folder_name(tmp_path, tiny_model_dir, capsys,
     err = capsys.readouterr().err
     assert "--model-size" in err and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 256 KiB file system (tmpfs), so that writes fail as they do on a full disk; skipped without mount rights."""
+    import subprocess
+
+    where = tmp_path / "disk"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(where)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.mark.parametrize("fault", ["full disk", "read-only file system"])
+def test_a_full_or_read_only_disk_is_one_line_naming_the_output(tmp_path, tiny_model_dir, small_disk, capsys, fault):
+    """torch.save's own writer turned a full disk into RuntimeError: unexpected pos, with a traceback."""
+    import subprocess
+
+    if fault == "read-only file system":
+        subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    out = small_disk / "release"
+    assert export_main(["--checkpoint", str(tiny_model_dir), "--output", str(out), "--format", "chameleon"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(out) in err, err
+    assert ("No space left on device" if fault == "full disk" else "Read-only file system") in err
+    assert list(small_disk.iterdir()) == []
