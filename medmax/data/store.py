@@ -130,13 +130,12 @@ def ensure_store(folder: str | Path, columns: tuple[str, ...] = SEQUENCE_COLUMNS
         with locked(group / ".lock"):
             if not _usable(path, want, warn=True):
                 _make(folder, manifest, want, path)
-    except OSError as err:
-        within = err.filename is not None and Path(err.filename).is_relative_to(group)
-        if not (within or is_disk_refusal(err)):
+    except OSError as err:  # writing the store (numpy's short write on a full disk names no file nor errno)
+        if err.filename is not None and not Path(err.filename).is_relative_to(group) and not is_disk_refusal(err):
             raise  # e.g. a shard that went missing: not about the store's place
         at = f" at {err.filename}" if err.filename and Path(err.filename) != group else ""
-        raise DataError(f"{folder}: cannot write its token store in {group} ({err.strerror}{at}); set store_dir to a "
-                        "writable folder, or data_store=false to read the folder into memory") from None
+        raise DataError(f"{folder}: cannot write its token store in {group} ({err.strerror or err}{at}); set store_dir "
+                        "to a writable folder, or data_store=false to read the folder into memory") from None
     return path
 
 

@@ -228,7 +228,7 @@ def test_a_broken_shard_is_named_and_leaves_no_half_made_store(folder):
     assert [p.name for p in store_module.store_group(folder, None).iterdir()] == [".lock"]
 
 
-@pytest.mark.parametrize("fault", ["full disk", "read-only file system"])
+@pytest.mark.parametrize("fault", ["full disk", "read-only file system", "short write"])
 def test_a_full_disk_or_read_only_store_place_is_one_line_naming_it(folder, monkeypatch, fault):
     import errno
 
@@ -237,6 +237,10 @@ def test_a_full_disk_or_read_only_store_place_is_one_line_naming_it(folder, monk
         def convert(*args):
             raise OSError(errno.ENOSPC, "No space left on device")
         monkeypatch.setattr(store_module, "_convert", convert)
+    elif fault == "short write":  # numpy on a full disk: no errno, no file
+        def save(path, *args, **kwargs):
+            raise OSError("100000 requested and 2032 written")
+        monkeypatch.setattr(store_module.np, "save", save)
     else:
         def save(path, *args, **kwargs):
             raise OSError(errno.EROFS, "Read-only file system", str(path))
@@ -245,7 +249,8 @@ def test_a_full_disk_or_read_only_store_place_is_one_line_naming_it(folder, monk
         open_sequences(folder)
     message = str(err.value)
     assert str(group) in message and "store_dir" in message and "\n" not in message
-    assert ("No space left on device" if fault == "full disk" else "Read-only file system") in message
+    words = {"full disk": "No space left on device", "read-only file system": "Read-only file system"}
+    assert words.get(fault, "2032 written") in message
     assert [p.name for p in group.iterdir()] == [".lock"]  # no half-made store left
 
 
