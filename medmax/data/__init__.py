@@ -9,6 +9,7 @@
 ``shards.py``          the sequence-folder format: schema, both writers, the reader, the manifest
 ``store.py``           a sequence folder as a memory-mapped token store, shared by every rank of a node
 ``plans.py``           the sampling and packing plan, computed once from lengths and cached with the store
+``integrity.py``       checksums of a store's and a cached plan's files, recorded when made, checked on open
 ``loader.py``          training rows: checks, validation split, weighted sampling, packing, collators
 =====================  ==================================================================================
 
