@@ -14,12 +14,14 @@ Layout, beside the folder (or under ``store_root``)::
         lengths.<column>.npy    (N,) int64 per column
         stats.<column>.npy      (N, 5) int64: min, max, and min, max, count of the values that are not -100
         store.json              format, version, columns, rows, the folder's manifest, its sha256, each data
-                                file's size and mtime, the folder's content digest; written last
-        plans/                  cached epoch plans (medmax.data.plans)
+                                file's size and mtime, the folder's content digest, and the size and xxh3_64
+                                checksum of each store file above (``checksums``); written last
+        plans/                  cached epoch plans (medmax.data.plans), each with its own checksums
 
 The store is made by the first process that needs it, under a file lock; the others wait and map it. It is
 used while ``store.json`` records the same manifest digest, columns and data files of the same size and
-mtime; otherwise it is made again (and the stores of the folder's older manifests are removed). Making it reads
+mtime, and its files match their checksums (:mod:`medmax.data.integrity`; a store changed or cut short is made
+again with a warning); otherwise it is made again (and the stores of the folder's older manifests are removed). Making it reads
 the folder twice (a sha256 of its content, which a resumed run compares, and the conversion), in bounded memory.
 
 A store can also be read from S3-compatible storage (``s3://bucket/path/to/store``, through ``fsspec`` /
