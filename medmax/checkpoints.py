@@ -316,26 +316,14 @@ def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
 _FLOAT_CODES = {code for dtype, code in _ST_DTYPES.items() if dtype.is_floating_point} | {"F8_E4M3", "F8_E5M2"}
 
 
-def check_model_folder(folder: str | Path, trust_checkpoint: bool = False) -> dict:
-    """Validate a model folder without loading its weights; returns a summary, raises naming the first fault.
+def check_weights(folder: str | Path):
+    """``folder``'s config.json against its safetensors, from their headers, before any model is built from it.
 
-    Checks: config.json is Chameleon's; the tokenizer fits the vocabulary and agrees with ``vocabulary_map``;
-    the safetensors hold exactly the tensors (names and shapes) the config implies; ``vqgan/`` has a
-    decoder and its encoder is the model's ``model.vqmodel``.
+    The config's sizes are positive integers, its layer count is the weights', the tensors are exactly (names and
+    shapes) those the config implies, and floating point. Returns (config, :class:`FolderTensors`, stored shapes).
     """
-    from .vocab import Vocabulary, load_tokenizer
-
     folder = Path(folder)
-    for name in ("config.json", "tokenizer.json", "vqgan"):
-        if not (folder / name).exists():
-            raise FileNotFoundError(f"{folder}: not a model folder (no {name})")
     config = _config(folder)
-    tokenizer = load_tokenizer(folder / "tokenizer.json")
-    vocab = Vocabulary.from_tokenizer(tokenizer)
-    if vocab.size > config.vocab_size:
-        raise UserError(f"{folder}: tokenizer.json has {vocab.size} ids, config.json vocab_size {config.vocab_size}")
-    if config.vocabulary_map and config.vocabulary_map != tokenizer.get_vocab(with_added_tokens=True):
-        raise UserError(f"{folder}: config.json's vocabulary_map differs from tokenizer.json")
     tensors = FolderTensors.open(folder)
     stored = tensors.shapes()
     _check_layer_count(folder, config, stored)
@@ -352,6 +340,29 @@ def check_model_folder(folder: str | Path, trust_checkpoint: bool = False) -> di
         name = next((str(d).removeprefix("torch.") for d, c in _ST_DTYPES.items() if c == code), code)
         raise UserError(f"{folder}: {integral[0]} is {name} ({len(integral)} tensor(s) are not "
                         "floating point); a model's weights are floating point")
+    return config, tensors, stored
+
+
+def check_model_folder(folder: str | Path, trust_checkpoint: bool = False) -> dict:
+    """Validate a model folder without loading its weights; returns a summary, raises naming the first fault.
+
+    Checks: config.json is Chameleon's; the tokenizer fits the vocabulary and agrees with ``vocabulary_map``;
+    the safetensors hold exactly the tensors (names and shapes) the config implies; ``vqgan/`` has a
+    decoder and its encoder is the model's ``model.vqmodel``.
+    """
+    from .vocab import Vocabulary, load_tokenizer
+
+    folder = Path(folder)
+    for name in ("config.json", "tokenizer.json", "vqgan"):
+        if not (folder / name).exists():
+            raise FileNotFoundError(f"{folder}: not a model folder (no {name})")
+    config, tensors, stored = check_weights(folder)
+    tokenizer = load_tokenizer(folder / "tokenizer.json")
+    vocab = Vocabulary.from_tokenizer(tokenizer)
+    if vocab.size > config.vocab_size:
+        raise UserError(f"{folder}: tokenizer.json has {vocab.size} ids, config.json vocab_size {config.vocab_size}")
+    if config.vocabulary_map and config.vocabulary_map != tokenizer.get_vocab(with_added_tokens=True):
+        raise UserError(f"{folder}: config.json's vocabulary_map differs from tokenizer.json")
     vqgan = load_complete_vqgan(folder / "vqgan", trust_checkpoint=trust_checkpoint)
     for key, value in vqgan.state_dict().items():
         if not key.startswith("decoder.") and not torch.equal(tensors.get(f"model.vqmodel.{key}").float(), value.float()):

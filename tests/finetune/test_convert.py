@@ -461,3 +461,30 @@ def test_a_model_folder_config_of_the_wrong_type_or_size_is_one_line_before_any_
     assert time.perf_counter() - start < 5
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "config.json" in err and key in err, err
+
+
+@pytest.mark.parametrize("fault", ["num_hidden_layers 1000000", "num_attention_heads 0", "int64 weights"])
+def test_a_hugging_face_folder_is_checked_against_its_weights_before_a_model_is_built(
+        tmp_path, tiny_tokenizer, tiny_vqgan, capsys, fault):
+    import time
+
+    from safetensors.torch import load_file, save_file
+
+    original, _ = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan)
+    hf = _hf_folder(tmp_path / "hf", tiny_tokenizer, tiny_vqgan)
+    if fault == "int64 weights":
+        weights = load_file(hf / "model.safetensors")
+        weights["model.norm.weight"] = weights["model.norm.weight"].long()
+        save_file(weights, hf / "model.safetensors", metadata={"format": "pt"})
+    else:
+        key, value = fault.split()
+        config = json.loads((hf / "config.json").read_text())
+        config[key] = int(value)
+        (hf / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()  # the fixture's own output
+    start = time.perf_counter()
+    assert convert_main(["--input", str(hf), "--original", str(original), "--output", str(tmp_path / "out")]) == 2
+    assert time.perf_counter() - start < 5
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(hf) in err and ("int64" if "int64" in fault else fault.split()[0]) in err, err
+    assert not (tmp_path / "out").exists()
