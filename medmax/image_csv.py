@@ -56,7 +56,7 @@ def display_path(img_path: str) -> str:
     return path_bytes(img_path).decode("utf-8", "backslashreplace")
 
 
-def resolve_image(img_path: str, root: Path) -> Path:
+def resolve_image(root: Path, img_path: str) -> Path:
     """A CSV path -> the file, refusing empty paths, bytes that are not UTF-8 and paths that leave the image root."""
     if not img_path.strip():
         raise ImageLoadError(repr(img_path), "empty image path in the CSV")
@@ -78,7 +78,7 @@ def load_image_csv(csv: Path, column: str, root: Path, resolution: int, progress
     pixels, errors = [], []
     for row, img_path in enumerate(tqdm(paths, desc=f"images {Path(csv).name}", unit="img", disable=not progress)):
         try:
-            pixels.append(preprocess(load_image(resolve_image(img_path, root)), resolution))
+            pixels.append(preprocess(load_image(resolve_image(root, img_path)), resolution))
         except ImageLoadError as exc:
             errors.append({"row": row, "img_path": img_path, "error": exc.reason})
             logger.warning("%s row %d: %s", csv, row, exc)

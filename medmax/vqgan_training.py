@@ -57,9 +57,7 @@ from .vqgan_objective import (
     init_discriminator,
     reconstruction_loss,
 )
-from .vqgan_train_config import (  # noqa: F401  (this module's API)
-    PIXEL_LOSSES,
-    PIXEL_WEIGHTS,
+from .vqgan_train_config import (
     RESUMABLE_CHANGES,
     VQGANConfigError,
     VQGANTrainConfig,

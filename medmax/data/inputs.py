@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .rows import RowError
+from .rows import BuildConfigError, RowError
 
 INPUT_SUFFIXES = (".jsonl", ".json", ".parquet")
 MAX_ROW_BYTES = 4 * 2**20  # 4 MiB: a 4096-token row is ~20 KB of text; raise it with --max-row-bytes
@@ -43,7 +43,7 @@ def find_inputs(specs: list[str | Path]) -> list[Path]:
             raise FileNotFoundError(f"--input {spec}: no JSONL or parquet files found")
         bad = [p for p in matches if p.suffix not in INPUT_SUFFIXES]
         if bad:
-            raise ValueError(f"--input {bad[0]}: unsupported file type (expected {', '.join(INPUT_SUFFIXES)})")
+            raise BuildConfigError(f"--input {bad[0]}: unsupported file type (expected {', '.join(INPUT_SUFFIXES)})")
         found += matches
     return list(dict.fromkeys(found))
 

@@ -47,9 +47,9 @@ import pyarrow.parquet as pq
 
 from ..errors import is_disk_refusal
 from .integrity import checksums, damage
-from .loader import DataError, read_manifest, require_sequences, row_stats
+from .loader import holds_sequences, require_sequences, row_stats
 from .plans import locked
-from .shards import MANIFEST, folder_digest
+from .shards import MANIFEST, DataError, folder_digest, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def _make(folder: Path, manifest: dict, want: dict, path: Path) -> None:
 def _write(folder: Path, manifest: dict, want: dict, tmp: Path) -> None:
     """Every file of a store into the work folder ``tmp``, ``store.json`` last."""
     columns = tuple(want["columns"])
-    digest = folder_digest(folder, check=False)
+    digest = folder_digest(folder, manifest)
     rows, stats = _convert([folder / name for name in manifest["files"]], columns, tmp / TOKENS)
     for column in columns:
         np.save(tmp / f"lengths.{column}.npy", np.concatenate(stats[column]["lengths"]))
@@ -416,3 +416,22 @@ def open_sequences(source: str | Path, store_root: str | Path | None = None,
 def store_digest(source: str | Path, store_root: str | Path | None = None, storage_options: dict | None = None) -> str:
     """The content digest of a sequence folder (``medmax.data.shards.folder_digest``), as its store recorded it."""
     return open_store(source, SEQUENCE_COLUMNS, store_root, storage_options, read=require_sequences).meta["folder_digest"]
+
+
+def dataset_digest(source: str | Path, use_store: bool = True, store_root: str | Path | None = None) -> str:
+    """The content digest a training run records for a data folder of any layout (a resume compares it).
+
+    The manifest is read once, its errors a :class:`DataError` naming the folder. A sequence folder served from
+    its token store gives the digest the store recorded when it was made (making the store if needed); any
+    other folder (a preference folder, or ``use_store=False``) is digested from its files.
+    """
+    if is_remote(source):
+        return store_digest(source, store_root)
+    manifest = read_manifest(source)
+    if use_store and holds_sequences(manifest):
+        store = open_store(source, SEQUENCE_COLUMNS, store_root, read=lambda _: manifest)
+        return store.meta["folder_digest"]
+    try:
+        return folder_digest(source, manifest)
+    except OSError as err:
+        raise DataError(f"{source}: cannot read its data files ({err})") from None

@@ -138,3 +138,19 @@ def test_saving_a_model_folder_on_a_cpu_machine_prints_no_deepspeed_probe(tiny_m
     assert "Setting accelerator" not in done.stderr + done.stdout
     assert done.stdout.strip() == "CPU_Accelerator" and "DS_ACCELERATOR" not in env
     load_model_dir(tmp_path / "saved")
+
+
+def test_forward_passes_no_deprecated_argument_and_returns_the_cache(tiny_model_dir, tiny_vocab):
+    """Issue 23: every forward warned that `past_key_values` is deprecated (transformers' name is `cache`)."""
+    import warnings
+
+    from transformers import DynamicCache
+
+    model = load_model_dir(tiny_model_dir).model
+    ids = torch.tensor([[tiny_vocab.bos_id, 5, 6, 7]])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+        cached = model(input_ids=ids, use_cache=True, cache=DynamicCache(config=model.config))
+    assert [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))] == []
+    assert cached.cache.get_seq_length() == 4
