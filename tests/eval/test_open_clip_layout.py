@@ -150,3 +150,15 @@ def test_open_clip_layout_refuses_what_it_cannot_compute(open_clip_dir, tmp_path
     (tmp_path / "open_clip_config.json").write_text("{}")
     with pytest.raises(OpenClipLayoutError, match="not an open_clip config"):
         ClipScorer.from_dir(tmp_path)
+
+
+def test_the_open_clip_image_tower_as_an_fid_extractor(open_clip_dir):
+    from eval.fid import load_extractor
+    from medmax.image_metrics import extract
+
+    extractor = load_extractor(open_clip_dir)  # auto: open_clip_config.json -> clip
+    images = [Image.new("RGB", (40, 40), (i * 60, 20, 200 - i * 60)) for i in range(3)]
+    feats = extract(extractor, images, batch_size=2)
+    assert extractor.kind == "clip" and feats.shape == (3, EMBED)
+    torch.testing.assert_close(feats, extractor.scorer.image_embeds(images))
+    torch.testing.assert_close(feats.norm(dim=-1), torch.ones(3))
