@@ -52,7 +52,12 @@ def detect_kind(path: Path) -> str:
     """``clip``, ``dinov2`` or ``vqgan-encoder`` from the files at ``path``; EvalError when none fits."""
     if path.is_dir() and (path / "open_clip_config.json").is_file():
         return "clip"
-    if path.is_file() or (path / "vqgan.yaml").is_file():
+    if path.is_file():
+        if (path.parent / "vqgan.yaml").is_file():
+            return "vqgan-encoder"
+        raise EvalError(f"--fid-features {path}: a weights file without a vqgan.yaml beside it (Inception weights, "
+                        "torch-fidelity's, are not supported yet); give a CLIP, DINOv2/RadDino or VQGAN folder")
+    if (path / "vqgan.yaml").is_file():
         return "vqgan-encoder"
     if (path / "config.json").is_file():
         try:
@@ -103,8 +108,9 @@ def real_image_files(path: Path) -> list[tuple[str, Path | None, str | None]]:
     return out
 
 
-def load_real_images(path: Path) -> tuple[list, list[dict]]:
-    """The readable real images, and ``{"image", "reason"}`` for each one that is not."""
+def load_real_images(path: Path, batch_size: int = 32):
+    """Yield ``(images, failed)`` per batch of up to ``batch_size`` readable real images (so a large folder is never
+    held in memory at once); ``failed``: ``{"image", "reason"}`` for each one that is not readable."""
     from medmax.images import ImageLoadError, load_image
 
     images, failed = [], []
@@ -112,29 +118,56 @@ def load_real_images(path: Path) -> tuple[list, list[dict]]:
         try:
             if reason is None:
                 images.append(load_image(file))
-                continue
         except ImageLoadError as e:
             reason = e.reason
-        failed.append({"image": name, "reason": reason})
-        logger.warning("--fid-real %s: %s: %s", path, name, reason)
-    return images, failed
+        if reason is not None:
+            failed.append({"image": name, "reason": reason})
+            logger.warning("--fid-real %s: %s: %s", path, name, reason)
+        if len(images) == batch_size:
+            yield images, failed
+            images, failed = [], []
+    if images or failed:
+        yield images, failed
 
 
-def generation_quality(rows: list[dict], output: Path, extractor, real_images: list, real_failed: list[dict],
-                       seed: int = 0) -> dict:
-    """FID / KID of the rows' drawn images (``output_image`` under ``output``) against the real images."""
+def real_features(path: Path, extractor, batch_size: int = 32):
+    """-> (features (N, D) of the readable real images, the unreadable ones ``{"image", "reason"}``)."""
+    import torch
+
+    feats, failed = [], []
+    for images, bad in load_real_images(path, batch_size):
+        feats += [extractor(images)] if images else []
+        failed += bad
+    return (torch.cat(feats) if feats else torch.zeros(0, 0)), failed
+
+
+def _rgb(path: Path):
     from PIL import Image
 
-    from medmax.image_metrics import compare_features, extract
+    with Image.open(path) as im:
+        return im.convert("RGB")
 
-    drawn = [Image.open(output / r["output_image"]).convert("RGB") for r in rows if r.get("output_image")]
+
+def drawn_features(paths: list[Path], extractor, batch_size: int = 32):
+    """(N, D) features of eval.run's own saved drawings, ``batch_size`` files at a time."""
+    import torch
+
+    feats = [extractor([_rgb(p) for p in paths[i : i + batch_size]]) for i in range(0, len(paths), batch_size)]
+    return torch.cat(feats) if feats else torch.zeros(0, 0)
+
+
+def generation_quality(rows: list[dict], output: Path, extractor, real, real_failed: list[dict], seed: int = 0) -> dict:
+    """FID / KID of the rows' drawn images (``output_image`` under ``output``) against the real images' features."""
+    from medmax.image_metrics import compare_features
+
+    drawn = drawn_features([output / r["output_image"] for r in rows if r.get("output_image")], extractor)
     entry = {"real_unreadable": len(real_failed)}
     if real_failed:
         entry["real_unreadable_first"] = f"{real_failed[0]['image']}: {real_failed[0]['reason']}"
     try:
-        entry.update(compare_features(extract(extractor, real_images), extract(extractor, drawn), extractor.name, seed=seed))
+        entry.update(compare_features(real, drawn, extractor.name, seed=seed))
     except ValueError as e:  # fewer than 2 images on a side
-        entry["error"] = f"FID/KID not computed: {e} ({len(real_images)} real, {len(drawn)} drawn images)"
+        entry["error"] = f"FID/KID not computed: {e} ({real.shape[0]} real, {drawn.shape[0]} drawn images)"
     return entry
 
 
@@ -147,7 +180,6 @@ def write_grid(path: Path, rows: list[dict], output: Path, n: int = GRID_IMAGES)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     cols = min(4, len(shown))
     nrows = (len(shown) + cols - 1) // cols
@@ -155,7 +187,7 @@ def write_grid(path: Path, rows: list[dict], output: Path, n: int = GRID_IMAGES)
     for ax in axes.flat:
         ax.axis("off")
     for ax, row in zip(axes.flat, shown):
-        ax.imshow(Image.open(output / row["output_image"]).convert("RGB"))
+        ax.imshow(_rgb(output / row["output_image"]))
         ax.set_title(textwrap.shorten(str(row.get("question", "")), 90), fontsize=6, wrap=True)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -176,7 +208,7 @@ class GenerationQuality:
     def _load(self):
         if self._loaded is None:
             extractor = load_extractor(self.features, self.kind, self.pool, self.device)
-            self._loaded = (extractor, *load_real_images(self.real))
+            self._loaded = (extractor, *real_features(self.real, extractor))
         return self._loaded
 
     def entry(self, key: str, rows: list[dict]) -> dict:

@@ -147,7 +147,7 @@ class EvalConfig:
         select_tasks(self.tasks)  # raises naming an unknown task
 
     def _validate_fid(self):
-        from .fid import KINDS, POOLS
+        from .fid import KINDS, POOLS, detect_kind
 
         if self.fid_kind not in KINDS or self.fid_pool not in POOLS:
             raise ValueError(f"--fid-kind must be one of {KINDS} and --fid-pool one of {POOLS}")
@@ -156,6 +156,8 @@ class EvalConfig:
         for flag, path in (("--fid-features", self.fid_features), ("--fid-real", self.fid_real)):
             if path is not None and not path.exists():
                 raise FileNotFoundError(f"{flag} {path}: does not exist")
+        if self.fid_features is not None and self.fid_kind == "auto":
+            detect_kind(self.fid_features)  # an extractor it cannot tell stops the run before any drawing
 
     def _validate_judge(self):
         if not self.judge_url:

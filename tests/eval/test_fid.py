@@ -96,6 +96,10 @@ def test_fid_settings_are_checked_before_anything_runs(tiny_model_dir, gen_data,
     assert run.main(_argv(tiny_model_dir, gen_data, tmp_path / "o", "--fid-features", str(tmp_path / "none"),
                           "--fid-real", str(real_dir))) == 2
     assert "--fid-features" in capsys.readouterr().err
+    (tmp_path / "inception.pth").write_bytes(b"")
+    assert run.main(_argv(tiny_model_dir, gen_data, tmp_path / "o", "--fid-features", str(tmp_path / "inception.pth"),
+                          "--fid-real", str(real_dir))) == 2
+    assert "not supported yet" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def test_detect_kind(tiny_vqgan_dir, tmp_path):
@@ -115,8 +119,10 @@ def test_real_images_from_a_csv_count_every_refused_row(real_dir, tmp_path):
     csv = real_dir / "list.csv"
     csv.write_text("img_path,label\n0.png,a\nsub/1.png,b\n../escape.png,c\nmissing.png,d\n")
     try:
-        images, failed = load_real_images(csv)
+        batches = list(load_real_images(csv, batch_size=1))
     finally:
         csv.unlink()
-    assert len(images) == 2 and [f["image"] for f in failed] == ["../escape.png", "missing.png"]
+    images = [im for batch, _ in batches for im in batch]
+    failed = [f for _, bad in batches for f in bad]
+    assert len(images) == 2 and [len(b) for b, _ in batches] == [1, 1, 0] and [f["image"] for f in failed] == ["../escape.png", "missing.png"]
     assert "leaves the image root" in failed[0]["reason"]
