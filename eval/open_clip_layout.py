@@ -7,7 +7,8 @@ installed torch). The two towers BiomedCLIP uses are standard architectures tran
 
 - image: timm's ``vit_base_patch16_224`` with ``timm_pool: ""`` and ``timm_proj: linear``. open_clip's
   ``TimmModel`` then keeps the trunk's own pooling (``global_pool='token'``: the CLS token after the final
-  LayerNorm, no ``fc_norm``), resets the classifier, and projects with ``head.proj`` (a bias-free Linear).
+  LayerNorm, no ``fc_norm``), resets the classifier, and projects with ``head.proj`` (a Linear; with a bias
+  in open_clip versions before ``proj_bias``, which the weights show).
   transformers' ``ViTModel`` (no pooler) computes the same thing: pre-norm blocks, exact GELU, LayerNorm eps 1e-6,
   CLS prepended before the position embedding. The weights map one to one, except timm's fused ``qkv`` Linear,
   which is split into query/key/value (timm reshapes it as (3, heads, head_dim), so the rows are q, then k, then v).
@@ -176,7 +177,8 @@ def load_open_clip_dir(folder: str | Path):
     bert = BertModel(bert_config(text, folder, tokenizer.pad_token_id), add_pooling_layer=False)
     bert.load_state_dict(text, strict=True)
     embed = int(model_cfg["embed_dim"])
-    image_proj = nn.Linear(vconf.hidden_size, embed, bias=False)
+    # open_clip 2.x before ``proj_bias`` gave head.proj a bias (BiomedCLIP's era); newer versions do not
+    image_proj = nn.Linear(vconf.hidden_size, embed, bias="visual.head.proj.bias" in state)
     image_proj.load_state_dict(_split(state, "visual.head.proj."))
     d = bert.config.hidden_size
     text_proj = nn.Sequential(nn.Linear(d, (d + embed) // 2, bias=False), nn.GELU(), nn.Linear((d + embed) // 2, embed, bias=False))

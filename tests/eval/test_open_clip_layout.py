@@ -103,7 +103,8 @@ def _timm_vit_reference(trunk: dict, x: torch.Tensor) -> torch.Tensor:
 
 def _reference_image(state: dict, pixels: torch.Tensor) -> torch.Tensor:
     trunk = {k[len("visual.trunk."):]: v for k, v in state.items() if k.startswith("visual.trunk.")}
-    return F.linear(_timm_vit_reference(trunk, pixels), state["visual.head.proj.weight"])  # TimmModel.head: drop, proj
+    # TimmModel.head: drop, proj (with a bias in open_clip 2.x)
+    return F.linear(_timm_vit_reference(trunk, pixels), state["visual.head.proj.weight"], state.get("visual.head.proj.bias"))
 
 
 def _reference_text(state: dict, vocab: int, ids: torch.Tensor) -> torch.Tensor:
@@ -137,10 +138,26 @@ def test_open_clip_layout_equals_the_timm_and_open_clip_reference(open_clip_dir)
     assert scorer.image_text(images[:1], ["  chest \n x  ray "]) == pytest.approx(scorer.image_text(images[:1], ["chest x ray"]), abs=1e-6)
 
 
-def test_open_clip_layout_refuses_what_it_cannot_compute(open_clip_dir, tmp_path):
+def _copy(open_clip_dir, tmp_path):
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "open_clip_pytorch_model.bin"):
         if (open_clip_dir / name).is_file():
             (tmp_path / name).write_bytes((open_clip_dir / name).read_bytes())
+
+
+def test_an_image_projection_with_a_bias_as_older_open_clip_saved_it(open_clip_dir, tmp_path):
+    _copy(open_clip_dir, tmp_path)
+    state = torch.load(open_clip_dir / "open_clip_pytorch_model.bin", weights_only=True)
+    state["visual.head.proj.bias"] = torch.randn(EMBED, generator=torch.Generator().manual_seed(5))
+    torch.save(state, tmp_path / "open_clip_pytorch_model.bin")
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(_config()))
+    scorer = ClipScorer.from_dir(tmp_path)
+    pixels = scorer.pixels(Image.new("RGB", (40, 40), (90, 10, 160)))[None]
+    with torch.no_grad():
+        torch.testing.assert_close(scorer.model.get_image_features(pixels), _reference_image(state, pixels), rtol=1e-4, atol=1e-5)
+
+
+def test_open_clip_layout_refuses_what_it_cannot_compute(open_clip_dir, tmp_path):
+    _copy(open_clip_dir, tmp_path)
     (tmp_path / "open_clip_config.json").write_text(json.dumps(_config(timm_pool="avg")))
     with pytest.raises(OpenClipLayoutError, match="timm_pool 'avg' is not supported"):
         ClipScorer.from_dir(tmp_path)
