@@ -126,3 +126,18 @@ def test_real_images_from_a_csv_count_every_refused_row(real_dir, tmp_path):
     failed = [f for _, bad in batches for f in bad]
     assert len(images) == 2 and [len(b) for b, _ in batches] == [1, 1, 0] and [f["image"] for f in failed] == ["../escape.png", "missing.png"]
     assert "leaves the image root" in failed[0]["reason"]
+
+
+def test_fid_settings_join_the_fingerprint_only_when_fid_is_asked(tiny_vqgan_dir, gen_data, real_dir, tmp_path):
+    from eval import fingerprint
+
+    plain = run.EvalConfig(model=tmp_path, data=gen_data, output=tmp_path / "o")
+    assert not {"fid_kind", "fid_pool", "fid_features", "fid_real"} & set(fingerprint.settings(plain))  # older runs still match
+    asked = run.EvalConfig(model=tmp_path, data=gen_data, output=tmp_path / "o", fid_features=tiny_vqgan_dir, fid_real=real_dir)
+    settings = fingerprint.settings(asked)
+    assert (settings["fid_kind"], settings["fid_pool"]) == ("auto", "cls") and "fid_real" not in settings
+    fp = fingerprint.compute(asked, {})
+    assert "broken.png" in fp["fid_real"] and "sub/1.png" in fp["fid_real"] and "vqgan.yaml" in fp["fid_features"]
+    other = fingerprint.compute(run.EvalConfig(model=tmp_path, data=gen_data, output=tmp_path / "o", fid_features=tiny_vqgan_dir,
+                                               fid_real=real_dir, fid_pool="pooled"), {})
+    assert "fid_pool 'cls' -> 'pooled'" in fingerprint.differences(fp, other)
