@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ..errors import UserError
 
 MODES = ("text", "image", "interleaved")
+DECODINGS = ("sjd", "plain")
 
 
 @dataclass
@@ -28,6 +29,8 @@ class GenerationConfig:
     guidance: bool = True  # image: three-stream classifier-free guidance
     guidance_scale_text: float = 3.0
     guidance_scale_image: float = 1.2
+    decoding: str = "sjd"  # image codes: "sjd" (speculative Jacobi decoding, exact) or "plain" (one code per forward)
+    sjd_window: int = 16  # sjd: tokens per forward (the last code and window - 1 drafts); the paper's 16
     seed: int | None = None  # None: a fresh random seed
     decode_images: bool = True  # False: return codes only (no VQGAN decoder work)
     batch_size: int = 16  # prompts decoded together (sorted by length to limit padding)
@@ -35,6 +38,10 @@ class GenerationConfig:
     def __post_init__(self):
         if self.mode not in MODES:
             raise UserError(f"GenerationConfig.mode: unknown mode {self.mode!r}; choose one of {MODES}")
+        if self.decoding not in DECODINGS:
+            raise UserError(f"GenerationConfig.decoding: unknown decoding {self.decoding!r}; choose one of {DECODINGS}")
+        if self.sjd_window < 1:
+            raise UserError(f"GenerationConfig.sjd_window must be >= 1, got {self.sjd_window}")
         if self.max_new_tokens < 1 and self.mode != "image":
             raise UserError(f"GenerationConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         for name in ("temperature", "image_temperature", "top_p", "image_top_p"):

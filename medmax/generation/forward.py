@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from .cache import RowCache
+
 
 class ModelRunner:
     """Runs a causal model over left-padded batches with a key-value cache; logits for chosen ids only."""
@@ -21,6 +23,19 @@ class ModelRunner:
 
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.model.config)
+
+    def new_row_cache(self, mask: torch.Tensor, capacity: int) -> RowCache:
+        """A :class:`RowCache` of ``capacity`` slots for a left-padded batch whose padding ``mask`` is (R, P)."""
+        return RowCache(int(self.model.config.num_hidden_layers), mask.shape[1], mask.sum(dim=1), capacity)
+
+    def forward_window(self, ids: torch.Tensor, cache: RowCache) -> torch.Tensor:
+        """(R, W) ids written at each row's own cache position; -> hidden states (R, W, C)."""
+        positions, visible = cache.inputs(ids.shape[1])
+        dtype = self.model.get_input_embeddings().weight.dtype
+        bias = torch.zeros(visible.shape, dtype=dtype, device=ids.device).masked_fill(~visible, torch.finfo(dtype).min)
+        out = self.model.model(input_ids=ids, attention_mask=bias, position_ids=positions,
+                               past_key_values=cache, use_cache=True)
+        return out.last_hidden_state
 
     def left_pad(self, seqs: list[list[int]]):
         """-> ids (B, T) long, mask (B, T) long, positions (B, T) long; padding on the left."""
