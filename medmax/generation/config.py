@@ -30,7 +30,8 @@ class GenerationConfig:
     guidance_scale_text: float = 3.0
     guidance_scale_image: float = 1.2
     decoding: str = "sjd"  # image codes: "sjd" (speculative Jacobi decoding, exact) or "plain" (one code per forward)
-    sjd_window: int = 16  # sjd: tokens per forward (the last code and window - 1 drafts); the paper's 16
+    sjd_window: int = 8  # sjd: tokens per forward (the last code and window - 1 drafts); the reference uses 16 on GPUs,
+    # 8 measured faster on CPU (a wider window costs compute there; BENCHMARKS.md, README "Image decoding")
     seed: int | None = None  # None: a fresh random seed
     decode_images: bool = True  # False: return codes only (no VQGAN decoder work)
     batch_size: int = 16  # prompts decoded together (sorted by length to limit padding)

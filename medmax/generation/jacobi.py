@@ -15,9 +15,11 @@ this forward's distributions at their positions (``q`` = that distribution), and
 forward did not reach are filled with uniformly random codes whose ``q`` is taken as one-hot on the code
 drawn (acceptance probability ``P(x)``, residual ``P`` without ``x``), as the reference implementation
 initialises its drafts (github.com/tyshiwo1/Accelerating-T2I-AR-with-SJD, ``test_lumina_mgpt.py``:
-``max_num_new_tokens = 16`` drafts, ``multi_token_init_scheme = 'random'``; its ``jacobi_loop_interval_l
-= 3`` starts the window after the third image token, which this module does not need: a window
-starts after the first code). Greedy decoding (temperature 0) accepts a draft when it equals the argmax,
+``max_num_new_tokens = 16`` tokens per window, ``multi_token_init_scheme = 'random'``, image top-k 2000 at
+temperature 1 with guidance 3.0; its ``jacobi_loop_interval_l = 3`` starts the window after the third
+image token, which this module does not need: a window starts after the first code). The default
+window here is 8 (``GenerationConfig.sjd_window``): on a CPU a forward's cost grows with its tokens,
+and 8 measured faster than 16 (BENCHMARKS.md); on a GPU the reference's 16 is the one to try. Greedy decoding (temperature 0) accepts a draft when it equals the argmax,
 and so gives plain greedy decoding's codes.
 
 Under classifier-free guidance every stream of a prompt runs the same window, and acceptance uses the
@@ -33,9 +35,6 @@ from typing import Callable
 import torch
 
 from .sampling import multinomial
-
-WINDOW = 16  # the reference implementation's max_num_new_tokens
-
 
 def speculative_accept(p: torch.Tensor, q: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """SJD's rule: accept a draft with probability min(1, p / q); all (B, K), u uniform in [0, 1)."""
