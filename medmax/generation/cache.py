@@ -65,6 +65,20 @@ class RowCache:
         self.values[layer_idx].scatter_(2, index, value_states)
         return self.keys[layer_idx], self.values[layer_idx]
 
+    def take_prompts(self, rows: torch.Tensor, source: "RowCache", source_rows: torch.Tensor) -> None:
+        """Copy prompts another cache prefilled (its rows ``source_rows``) into ``rows``, right-aligned at slot ``P``.
+
+        Keys carry their rotary position (real tokens counted from 0), not their slot, so they move as they are.
+        """
+        for layer, (k, v) in enumerate(zip(source.keys, source.values)):
+            if self.keys[layer] is None:
+                shape = (len(self.first), k.shape[1], self.capacity, k.shape[3])
+                self.keys[layer], self.values[layer] = k.new_zeros(shape), v.new_zeros(shape)
+            for r, s in zip(rows.tolist(), source_rows.tolist()):
+                n = source.prompt_width - int(source.first[s])  # real prompt tokens
+                self.keys[layer][r, :, self.prompt_width - n : self.prompt_width] = k[s, :, source.prompt_width - n : source.prompt_width]
+                self.values[layer][r, :, self.prompt_width - n : self.prompt_width] = v[s, :, source.prompt_width - n : source.prompt_width]
+
     def advance(self, kept: torch.Tensor) -> None:
         """Keep the first ``kept[r]`` entries row ``r`` wrote in the last forward (R,) long."""
         self.start = self.start + kept

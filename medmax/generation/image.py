@@ -89,11 +89,8 @@ class ImageDecoder:
         n_steps = n_steps or self.vqgan.n_codes_per_image
         window = min(config.sjd_window if config.decoding == "sjd" else 1, n_steps)
         seqs, owner, index = stream_rows(self.vocab, contexts, config.guidance, run.device)  # R rows; (R,), (3B,)
-        ids, mask, _ = run.left_pad(seqs)
-        cache = run.new_row_cache(mask, capacity=ids.shape[1] + n_steps + window)
+        hidden, cache = run.prefill_rows(seqs, extra=n_steps + window)  # (R, 1, C)
         head = run.output_rows(self.code_ids)
-        hidden = run.forward_window(ids, cache)[:, -1:]  # (R, 1, C)
-        cache.advance(torch.full_like(cache.start, ids.shape[1]))
         _, code = self._pick(self._guided(hidden, head, index, config), None, config, rng)  # (B,)
         codes = torch.zeros(B, n_steps + window, dtype=torch.long, device=run.device)
         codes[:, 0] = code

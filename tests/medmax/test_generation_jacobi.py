@@ -169,3 +169,15 @@ def test_interleaved_greedy_is_unchanged_by_sjd(gen):
         outs = {d: gen.generate(PROMPTS[:2], dataclasses.replace(cfg, decoding=d)) for d in ("plain", "sjd")}
     assert all(o.images for o in outs["sjd"])
     assert [o.token_ids for o in outs["sjd"]] == [o.token_ids for o in outs["plain"]]
+
+
+def test_guidance_prompts_run_once_each_and_unpadded(gen, monkeypatch):
+    """Four text prompts with guidance: the shared <s><racm3:break> prefills once, in a group of its own length."""
+    widths = []
+    forward = gen.runner.forward_window
+    monkeypatch.setattr(gen.runner, "forward_window", lambda ids, cache: widths.append(tuple(ids.shape)) or forward(ids, cache))
+    cfg = GenerationConfig(mode="image", image_temperature=0.0, decode_images=False, decoding="plain", batch_size=4)
+    out = codes(gen, PROMPTS, cfg)
+    prefill = widths[: -(gen.vqgan.n_codes_per_image - 1)]  # then one forward per code after the first
+    assert (1, 2) in prefill and sum(rows for rows, _ in prefill) == len(PROMPTS) + 1
+    assert out == [codes(gen, [p], cfg)[0] for p in PROMPTS]  # alone, each prompt prefills at its own width
