@@ -19,8 +19,9 @@ from the same two baseline pieces.
 
 Image cases compare three ways to draw the same images: ours with plain decoding (one code per
 model forward, today's loop, now on the static per-row cache: the baseline), ours with speculative
-Jacobi decoding (SJD, the default: a window of ``sjd_window`` tokens verified per forward, same
-distribution) and transformers' generate with the guidance processor. Cases: image generation from a
+Jacobi decoding (SJD: a window of ``sjd_window`` tokens verified per forward, same distribution) and
+transformers' generate with the guidance processor. The default, ``decoding="auto"``, is SJD at batch 1
+and plain decoding at batch 8 on a CPU (``GenerationConfig.image_decoding``). Cases: image generation from a
 text prompt (2 streams) and from an image + text prompt (3 streams, the image given as 64 codes), at
 batch 1 and 8; interleaved (image + text prompt, batch 4); text answers (image + text prompt, batch 8,
 32 tokens; and batch 1, 64 tokens, where transformers' prompt-lookup drafts are measured as well).
@@ -56,7 +57,7 @@ from medmax.generation import END_OF_TURN, GenerationConfig, Generator, ImageCod
 from medmax.presets import make_model_dir  # noqa: E402
 from medmax.generation.sampling import instruct_guidance, text_token_mask  # noqa: E402
 
-PLAIN, SJD, TRANSFORMERS = "ours, plain decoding", "ours, SJD (default)", "transformers generate + guidance processor"
+PLAIN, SJD, TRANSFORMERS = "ours, plain decoding", "ours, SJD", "transformers generate + guidance processor"
 PROMPTS = [
     "Generate an image of a chest radiograph with a small nodule in the right lung.",
     "Generate an image of a brain MRI.",
@@ -215,7 +216,7 @@ def image_case(gen: Generator, batch: int, with_image: bool) -> Case:
     """Ours with plain decoding (the baseline: today's loop, one code per forward), ours with SJD (the default), and
     transformers' generate; sampled with the defaults, parity under greedy."""
     ps = prompts(batch, with_image, gen.vqgan.n_codes_per_image)
-    sampled = GenerationConfig(mode="image", seed=0, decode_images=False, batch_size=batch)  # decoding="sjd"
+    sampled = GenerationConfig(mode="image", seed=0, decode_images=False, batch_size=batch, decoding="sjd")
     plain = dataclasses.replace(sampled, decoding="plain")
     greedy = lambda cfg: dataclasses.replace(cfg, image_temperature=0.0)  # noqa: E731
     streams = 3 if with_image else 2
@@ -322,7 +323,7 @@ def targets(cases: list[Case], n_codes: int) -> list[Target]:
     b1, b8 = cases[0].name, cases[1].name
     return [Target(b1, SJD, "forwards_per_image", "<=", n_codes / 3, "SJD: >= 3x fewer forwards per image (batch 1)"),
             Target(b1, SJD, "ratio", ">=", 2.0, "SJD: >= 2x the images/s of plain decoding at batch 1 (sampling, defaults)"),
-            Target(b8, SJD, "ratio", ">=", 1.0, "SJD: no loss at batch 8"),
+            Target(b8, SJD, "ratio", ">=", 1.0, "SJD forced at batch 8: no loss (the default, auto, picks plain here on CPU)"),
             Target(b8, TRANSFORMERS, "ratio", "<=", 1 / 1.5,
                    "image generation with guidance, batch 8: ours (plain) >= 1.5x transformers generate")]
 

@@ -84,7 +84,7 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-guidance", action="store_true", help="sample images without classifier-free guidance")
     g.add_argument("--decoding", choices=DECODINGS, default=GEN.decoding,
                    help="image codes: sjd (speculative Jacobi decoding: several codes per forward, drawn from the same "
-                        "distribution) or plain (one code per forward)")
+                        "distribution), plain (one code per forward) or auto (sjd where the batch is small enough to gain)")
     g.add_argument("--sjd-window", type=int, default=GEN.sjd_window, help="sjd: tokens verified per forward")
     g.add_argument("--seed", type=int, default=0, help="default 0 (GenerationConfig's None would draw a fresh seed)")
     g.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda if available)")

@@ -81,13 +81,13 @@ class ImageDecoder:
     def draw(self, contexts: list[list[int]], config: GenerationConfig, rng, n_steps: int | None = None) -> torch.Tensor:
         """Draw one full grid of codes per context (boi is forced after it); -> (B, n_steps) codes.
 
-        ``n_steps``: codes to draw (default: a whole grid, ``vqgan.n_codes_per_image``). With
-        ``config.decoding == "sjd"`` each forward verifies a window of drafts (``medmax.generation.jacobi``);
-        ``"plain"`` is the same loop with a window of one. ``self.stats`` counts forwards and drafts.
+        ``n_steps``: codes to draw (default: a whole grid, ``vqgan.n_codes_per_image``). With SJD
+        (``config.image_decoding``) each forward verifies a window of drafts (``medmax.generation.jacobi``);
+        plain decoding is the same loop with a window of one. ``self.stats`` counts forwards and drafts.
         """
         run, B = self.runner, len(contexts)
         n_steps = n_steps or self.vqgan.n_codes_per_image
-        window = min(config.sjd_window if config.decoding == "sjd" else 1, n_steps)
+        window = min(config.sjd_window if config.image_decoding(run.device.type) == "sjd" else 1, n_steps)
         seqs, owner, index = stream_rows(self.vocab, contexts, config.guidance, run.device)  # R rows; (R,), (3B,)
         hidden, cache = run.prefill_rows(seqs, extra=n_steps + window)  # (R, 1, C)
         head = run.output_rows(self.code_ids)

@@ -9,6 +9,7 @@ import itertools
 import pytest
 import torch
 
+from medmax.errors import UserError
 from medmax.generation import END_OF_TURN, GenerationConfig, Generator, ImageCodes
 from medmax.generation.image import guidance_streams
 from medmax.generation.jacobi import speculative_accept
@@ -172,12 +173,23 @@ def test_interleaved_greedy_is_unchanged_by_sjd(gen):
 
 
 def test_guidance_prompts_run_once_each_and_unpadded(gen, monkeypatch):
-    """Four text prompts with guidance: the shared <s><racm3:break> prefills once, in a group of its own length."""
+    """Four text prompts with guidance: the shared <s><racm3:break> prefills once, and short prompts are not padded
+    to the longest (groups of similar length)."""
     widths = []
     forward = gen.runner.forward_window
     monkeypatch.setattr(gen.runner, "forward_window", lambda ids, cache: widths.append(tuple(ids.shape)) or forward(ids, cache))
     cfg = GenerationConfig(mode="image", image_temperature=0.0, decode_images=False, decoding="plain", batch_size=4)
     out = codes(gen, PROMPTS, cfg)
     prefill = widths[: -(gen.vqgan.n_codes_per_image - 1)]  # then one forward per code after the first
-    assert (1, 2) in prefill and sum(rows for rows, _ in prefill) == len(PROMPTS) + 1
+    assert sum(rows for rows, _ in prefill) == len(PROMPTS) + 1  # the unconditional prompt once, not once per prompt
+    widest = max(width for _, width in prefill)
+    assert sum(rows * width for rows, width in prefill) < len(PROMPTS) * widest + 2 * widest  # less than all padded
     assert out == [codes(gen, [p], cfg)[0] for p in PROMPTS]  # alone, each prompt prefills at its own width
+
+
+def test_auto_decoding_is_decided_by_the_settings_and_the_device():
+    one, eight = GenerationConfig(mode="image", batch_size=1), GenerationConfig(mode="image", batch_size=8)
+    assert (one.image_decoding("cpu"), eight.image_decoding("cpu"), eight.image_decoding("cuda")) == ("sjd", "plain", "sjd")
+    assert GenerationConfig(mode="image", batch_size=8, decoding="sjd").image_decoding("cpu") == "sjd"
+    with pytest.raises(UserError, match="decoding"):
+        GenerationConfig(decoding="jacobi")
