@@ -74,10 +74,11 @@ class RowCache:
             if self.keys[layer] is None:
                 shape = (len(self.first), k.shape[1], self.capacity, k.shape[3])
                 self.keys[layer], self.values[layer] = k.new_zeros(shape), v.new_zeros(shape)
+            P, Q = self.prompt_width, source.prompt_width
             for r, s in zip(rows.tolist(), source_rows.tolist()):
-                n = source.prompt_width - int(source.first[s])  # real prompt tokens
-                self.keys[layer][r, :, self.prompt_width - n : self.prompt_width] = k[s, :, source.prompt_width - n : source.prompt_width]
-                self.values[layer][r, :, self.prompt_width - n : self.prompt_width] = v[s, :, source.prompt_width - n : source.prompt_width]
+                n = Q - int(source.first[s])  # real prompt tokens
+                self.keys[layer][r, :, P - n : P] = k[s, :, Q - n : Q]
+                self.values[layer][r, :, P - n : P] = v[s, :, Q - n : Q]
 
     def advance(self, kept: torch.Tensor) -> None:
         """Keep the first ``kept[r]`` entries row ``r`` wrote in the last forward (R,) long."""

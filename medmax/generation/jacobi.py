@@ -19,8 +19,9 @@ initialises its drafts (github.com/tyshiwo1/Accelerating-T2I-AR-with-SJD, ``test
 temperature 1 with guidance 3.0; its ``jacobi_loop_interval_l = 3`` starts the window after the third
 image token, which this module does not need: a window starts after the first code). The default
 window here is 8 (``GenerationConfig.sjd_window``): on a CPU a forward's cost grows with its tokens,
-and 8 measured faster than 16 (BENCHMARKS.md); on a GPU the reference's 16 is the one to try. Greedy decoding (temperature 0) accepts a draft when it equals the argmax,
-and so gives plain greedy decoding's codes.
+and 8 measured faster than 16 (BENCHMARKS.md); on a GPU the reference's 16 is the one to try.
+Greedy decoding (temperature 0) accepts a draft when it equals the argmax, and so gives plain greedy
+decoding's codes.
 
 Under classifier-free guidance every stream of a prompt runs the same window, and acceptance uses the
 guided distribution. Rows of a batch accept different counts; :class:`~medmax.generation.cache.RowCache`
