@@ -137,7 +137,7 @@ def _generation_config(args) -> GenerationConfig:
         temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
         stop_strings=tuple(args.stop), image_temperature=args.image_temperature, image_top_p=args.image_top_p,
         guidance=not args.no_guidance, guidance_scale_text=args.cfg_text, guidance_scale_image=args.cfg_image,
-        decoding=args.decoding, sjd_window=args.sjd_window, seed=args.seed,
+        decoding=args.decoding, sjd_window=args.sjd_window, seed=args.seed, batch_size=1,  # one prompt
     )
 
 
