@@ -17,18 +17,29 @@ step may emit. Text is greedy ``generate`` with a mask to text tokens (stopping 
 end-of-turn); interleaved mode is text until begin-of-image, one guided image, then text, composed
 from the same two baseline pieces.
 
-Cases: image generation from a text prompt (2 streams) and from an image + text prompt (3 streams,
-the image given as 64 codes), at batch 1 and 8; interleaved (image + text prompt, batch 4); text
-answers (image + text prompt, batch 8, 32 tokens). Image figures are codes/s with Chameleon's sampling
-defaults (temperature 0.7, top-p 0.9), text and interleaved figures tokens/s, greedy. Parity: image
-cases run a greedy pass first whose codes must be identical; text and interleaved outputs must be
-identical in every timed round. To make a random model draw in interleaved mode, the output layer
-gets a bias that makes begin-of-image its first choice (the same model for both sides).
+Image cases compare three ways to draw the same images: ours with plain decoding (one code per
+model forward, today's loop, now on the static per-row cache: the baseline), ours with speculative
+Jacobi decoding (SJD: a window of ``sjd_window`` tokens verified per forward, same distribution) and
+transformers' generate with the guidance processor. The default, ``decoding="auto"``, is SJD at batch 1
+and plain decoding at batch 8 on a CPU (``GenerationConfig.image_decoding``). Cases: image generation from a
+text prompt (2 streams) and from an image + text prompt (3 streams, the image given as 64 codes), at
+batch 1 and 8; interleaved (image + text prompt, batch 4); text answers (image + text prompt, batch 8,
+32 tokens; and batch 1, 64 tokens, where transformers' prompt-lookup drafts are measured as well).
+Image figures are images/s with Chameleon's sampling defaults (temperature 0.7, top-p 0.9), and per
+variant: forwards_per_image (model forward calls one image needs: ours runs every stream of the batch
+in one call, transformers one call per stream and code), codes_per_forward and acceptance (the share
+of SJD's draft tokens accepted). Text and interleaved figures are tokens/s, greedy. Parity: image
+cases run a greedy pass first whose codes must be identical in all three; text and interleaved
+outputs must be identical in every timed round. To make a random model draw in interleaved mode, the
+output layer gets a bias that makes begin-of-image its first choice (the same model for both sides).
+``--model FOLDER`` measures the image cases on a trained model (the quickstart's export): random
+presets draw from nearly flat distributions, which decides SJD's acceptance.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import tempfile
@@ -46,6 +57,7 @@ from medmax.generation import END_OF_TURN, GenerationConfig, Generator, ImageCod
 from medmax.presets import make_model_dir  # noqa: E402
 from medmax.generation.sampling import instruct_guidance, text_token_mask  # noqa: E402
 
+PLAIN, SJD, TRANSFORMERS = "ours, plain decoding", "ours, SJD", "transformers generate + guidance processor"
 PROMPTS = [
     "Generate an image of a chest radiograph with a small nodule in the right lung.",
     "Generate an image of a brain MRI.",
@@ -155,15 +167,19 @@ def baseline_image(gen: Generator, contexts: list[list[int]], cfg: GenerationCon
     return gen.vocab.ids_to_codes(out[:, -n:]).tolist()
 
 
-def baseline_text(gen: Generator, contexts: list[list[int]], max_new_tokens: int, allow_boi: bool) -> list[list[int]]:
-    """Greedy text per context; ends at eos / end-of-turn (and at begin-of-image when allowed); pads stripped."""
+def baseline_text(gen: Generator, contexts: list[list[int]], max_new_tokens: int, allow_boi: bool,
+                  lookup: int | None = None) -> list[list[int]]:
+    """Greedy text per context; ends at eos / end-of-turn (and at begin-of-image when allowed); pads stripped.
+
+    ``lookup``: transformers' prompt-lookup drafts of that many tokens (``prompt_lookup_num_tokens``; batch 1 only).
+    """
     v = gen.vocab
     ids, mask, _ = left_pad(contexts, v.pad_id, gen.device)
     allowed = text_token_mask(v, allow_boi=allow_boi, device=gen.device)
     stops = [v.eos_id, v.eot_id] + ([v.boi_id] if allow_boi else [])
     out = gen.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              logits_processor=LogitsProcessorList([Forbid(allowed)]), pad_token_id=v.pad_id,
-                             eos_token_id=stops)
+                             eos_token_id=stops, **({} if lookup is None else {"prompt_lookup_num_tokens": lookup}))
     return [[t for t in row if t != v.pad_id] for row in out[:, ids.shape[1]:].tolist()]
 
 
@@ -197,25 +213,37 @@ def prompts(batch: int, with_image: bool, n_codes: int, text=None) -> list[list]
 
 
 def image_case(gen: Generator, batch: int, with_image: bool) -> Case:
+    """Ours with plain decoding (the baseline: today's loop, one code per forward), ours with SJD (the default), and
+    transformers' generate; sampled with the defaults, parity under greedy."""
     ps = prompts(batch, with_image, gen.vqgan.n_codes_per_image)
-    sampled = GenerationConfig(mode="image", seed=0, decode_images=False, batch_size=batch)
-    greedy = GenerationConfig(mode="image", image_temperature=0.0, decode_images=False, batch_size=batch)
-    codes = batch * gen.vqgan.n_codes_per_image
+    sampled = GenerationConfig(mode="image", seed=0, decode_images=False, batch_size=batch, decoding="sjd")
+    plain = dataclasses.replace(sampled, decoding="plain")
+    greedy = lambda cfg: dataclasses.replace(cfg, image_temperature=0.0)  # noqa: E731
+    streams = 3 if with_image else 2
 
     def ours(cfg):
-        return [o.images[0].codes for o in gen.generate(ps, cfg)]
+        codes = [o.images[0].codes for o in gen.generate(ps, cfg)]
+        st = gen.image_decoder.stats
+        figures = {"forwards_per_image": st["forwards"], "codes_per_forward": st["codes"] / batch / st["forwards"],
+                   "acceptance": st["accepted"] / st["drafts"] if st["drafts"] else 0.0}
+        return Result({"images": batch, "codes": st["codes"]}, codes, figures=figures)
 
     def base(cfg):
         return baseline_image(gen, gen.encode_prompts(ps, cfg), cfg)
 
-    streams = 3 if with_image else 2
-    return Case(f"image, {'image + text' if with_image else 'text'} prompt ({streams} streams), batch {batch}", unit="codes",
-                parity=lambda: {"transformers generate + guidance processor": base(greedy), "ours": ours(greedy)},
-                variants=[Variant("transformers generate + guidance processor", lambda: Result({"codes": codes}, base(sampled))),
-                          Variant("ours", lambda: Result({"codes": codes}, ours(sampled)))])
+    def transformers():
+        n = gen.vqgan.n_codes_per_image
+        return Result({"images": batch, "codes": batch * n}, base(sampled),
+                      figures={"forwards_per_image": n * streams})  # per code: the main pass and each extra stream's
+
+    return Case(f"image, {'image + text' if with_image else 'text'} prompt ({streams} streams), batch {batch}", unit="images",
+                parity=lambda: {PLAIN: ours(greedy(plain)).output, SJD: ours(greedy(sampled)).output,
+                                TRANSFORMERS: base(greedy(sampled))},
+                variants=[Variant(PLAIN, lambda: ours(plain)), Variant(SJD, lambda: ours(sampled)),
+                          Variant(TRANSFORMERS, transformers)])
 
 
-def text_case(gen: Generator, batch: int, new_tokens: int) -> Case:
+def text_case(gen: Generator, batch: int, new_tokens: int, lookup: int | None = None) -> Case:
     ps = prompts(batch, True, gen.vqgan.n_codes_per_image, text=lambda p: p.replace("Generate an image of", "Describe"))
     cfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, repetition_penalty=1.0, batch_size=batch)
 
@@ -223,12 +251,13 @@ def text_case(gen: Generator, batch: int, new_tokens: int) -> Case:
         ids = [o.token_ids for o in gen.generate(ps, cfg)]
         return Result({"tokens": sum(map(len, ids))}, ids)
 
-    def base():
-        ids = baseline_text(gen, gen.encode_prompts(ps), new_tokens, allow_boi=False)
+    def base(lookup=None):
+        ids = baseline_text(gen, gen.encode_prompts(ps), new_tokens, allow_boi=False, lookup=lookup)
         return Result({"tokens": sum(map(len, ids))}, ids)
 
+    looked = [Variant(f"transformers generate + prompt lookup ({lookup} tokens)", lambda: base(lookup))] if lookup else []
     return Case(f"text, image + text prompt, batch {batch}, {new_tokens} tokens", unit="tokens",
-                variants=[Variant("transformers generate", base), Variant("ours", ours)])
+                variants=[Variant("transformers generate", base), Variant("ours", ours), *looked])
 
 
 def interleaved_case(gen: Generator, batch: int, new_tokens: int) -> Case:
@@ -264,6 +293,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="preset small")
     parser.add_argument("--preset", default=None, help="model preset (default: base, or small with --quick)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a trained model folder (e.g. the quickstart's export) instead of a random preset: image cases only")
     parser.add_argument("--device", default="cpu", help="cpu (measured here) or cuda")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the 2 cores are shared)")
     add_arguments(parser)
@@ -271,19 +302,30 @@ def main(argv=None) -> int:
     logging.disable(logging.WARNING)
     torch.set_num_threads(args.threads)
     preset = args.preset or ("small" if args.quick else "base")
+    model = {"model": str(args.model)} if args.model else {"preset": preset}
     bench = Benchmark(
-        name="generation", title="Generation: ours vs transformers generate", size=size_label(args.quick, args.preset),
-        description=__doc__.split("\n\n", 2)[2].strip(),
-        settings={"preset": preset, "vqgan": "tiny (64 codes per image, 512-code book)", "device": args.device,
-                  "threads": args.threads},
+        name="generation", title="Generation: ours vs transformers generate",
+        size=size_label(args.quick, args.preset, args.model), description=__doc__.split("\n\n", 2)[2].strip(),
+        settings={**model, "vqgan": "tiny (64 codes per image, 512-code book)", "device": args.device,
+                  "threads": args.threads, "sjd_window": GenerationConfig.sjd_window},
         command=command_line(argv))
     with tempfile.TemporaryDirectory() as folder, torch.inference_mode():
-        path = make_model_dir(folder, preset, "tiny", seed=0)
+        path = args.model or make_model_dir(folder, preset, "tiny", seed=0)
         gen = Generator.from_dir(path, device=args.device)
-        cases = [image_case(gen, 1, False), image_case(gen, 8, False), image_case(gen, 1, True), image_case(gen, 8, True),
-                 interleaved_case(interleaving_generator(path, args.device), 4, 16), text_case(gen, 8, 32)]
-        targets = [Target(cases[1].name, "ours", "ratio", ">=", 1.5, "image generation with guidance, batch 8 >= 1.5x")]
-        return run_benchmark(bench, cases, targets, args)
+        cases = [image_case(gen, 1, False), image_case(gen, 8, False), image_case(gen, 1, True), image_case(gen, 8, True)]
+        if not args.model:
+            cases += [interleaved_case(interleaving_generator(path, args.device), 4, 16), text_case(gen, 8, 32),
+                      text_case(gen, 1, 64, lookup=10)]
+        return run_benchmark(bench, cases, targets(cases, gen.vqgan.n_codes_per_image), args)
+
+
+def targets(cases: list[Case], n_codes: int) -> list[Target]:
+    b1, b8 = cases[0].name, cases[1].name
+    return [Target(b1, SJD, "forwards_per_image", "<=", n_codes / 3, "SJD: >= 3x fewer forwards per image (batch 1)"),
+            Target(b1, SJD, "ratio", ">=", 2.0, "SJD: >= 2x the images/s of plain decoding at batch 1 (sampling, defaults)"),
+            Target(b8, SJD, "ratio", ">=", 1.0, "SJD forced at batch 8: no loss (the default, auto, picks plain here on CPU)"),
+            Target(b8, TRANSFORMERS, "ratio", "<=", 1 / 1.5,
+                   "image generation with guidance, batch 8: ours (plain) >= 1.5x transformers generate")]
 
 
 if __name__ == "__main__":

@@ -121,7 +121,20 @@ def case_table(case: dict) -> list[str]:
             cuda += f" + workers {fmt(s['children_rss_mib'], 0)}"
         lines.append(f"| {name} | {fmt(s.get('seconds'), 3)} | {fmt(s.get(rate))} | {fmt(ratio) if ratio else '1.00'} | "
                      f"{spread} | {fmt(s.get('peak_rss_mib'), 0)}{cuda} | {fmt(s.get('cpu_seconds'), 1)} | {_parity_cell(v)} |")
-    return lines
+    return lines + _more_figures(case)
+
+
+STANDARD = {"seconds", "wall_seconds", "cpu_seconds", "peak_rss_mib", "children_rss_mib", "cuda_peak_mib", "ratio", "load1"}
+
+
+def _more_figures(case: dict) -> list[str]:
+    """A variant's own figures (``Result.figures``, e.g. forwards per image), one line per variant under the table."""
+    lines = []
+    for name, v in case["variants"].items():
+        extra = {k: st for k, st in v["summary"].items() if k not in STANDARD and not k.endswith("/s")}
+        if extra:
+            lines.append(f"- {name}: " + ", ".join(f"{k} {fmt(st)}" for k, st in sorted(extra.items())))
+    return [""] + lines if lines else []
 
 
 def section(r: dict) -> list[str]:

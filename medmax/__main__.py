@@ -34,7 +34,7 @@ from pathlib import Path
 
 from .cli import run
 from .errors import UserError
-from .generation.config import MODES, GenerationConfig
+from .generation.config import DECODINGS, MODES, GenerationConfig
 
 GEN = GenerationConfig  # every generation flag's default is the config field it fills
 
@@ -82,6 +82,10 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cfg-text", type=float, default=GEN.guidance_scale_text, help="guidance scale for the text condition")
     g.add_argument("--cfg-image", type=float, default=GEN.guidance_scale_image, help="guidance scale for the image condition")
     g.add_argument("--no-guidance", action="store_true", help="sample images without classifier-free guidance")
+    g.add_argument("--decoding", choices=DECODINGS, default=GEN.decoding,
+                   help="image codes: sjd (speculative Jacobi decoding: several codes per forward, drawn from the same "
+                        "distribution), plain (one code per forward) or auto (sjd where the batch is small enough to gain)")
+    g.add_argument("--sjd-window", type=int, default=GEN.sjd_window, help="sjd: tokens verified per forward")
     g.add_argument("--seed", type=int, default=0, help="default 0 (GenerationConfig's None would draw a fresh seed)")
     g.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
     g.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
@@ -133,7 +137,7 @@ def _generation_config(args) -> GenerationConfig:
         temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
         stop_strings=tuple(args.stop), image_temperature=args.image_temperature, image_top_p=args.image_top_p,
         guidance=not args.no_guidance, guidance_scale_text=args.cfg_text, guidance_scale_image=args.cfg_image,
-        seed=args.seed,
+        decoding=args.decoding, sjd_window=args.sjd_window, seed=args.seed, batch_size=1,  # one prompt
     )
 
 

@@ -398,7 +398,9 @@ class Engine:
 
     def _run_group(self, requests: list[Request]) -> list[str]:
         answers = [_Answer(self, r) for r in requests]
-        config = requests[0].settings.generation_config(batch_size=len(requests))
+        # the page's batch limit, not this group's size: GenerationConfig.image_decoding ("auto") decides from the
+        # settings, so an answer depends on its seed, not on how many tabs asked at once
+        config = requests[0].settings.generation_config(batch_size=self.max_batch_size)
         try:
             self.generate_calls += 1
             outs = self.generator.generate([r.prompt for r in requests], config,

@@ -15,6 +15,9 @@ Decoding follows Chameleon's inference code (facebookresearch/chameleon):
   image codes only (logits are computed for those rows of the output layer only), then end-of-image.
   Classifier-free guidance runs Chameleon's three streams (full prompt; the prompt reduced to its image
   tokens; ``<s><racm3:break>``) as one batch of ``3B`` rows sharing one key-value cache.
+  By default (``decoding="sjd"``) each forward verifies a window of draft codes (speculative Jacobi
+  decoding, ``jacobi``), which draws the same distribution with fewer forwards; the cache is allocated
+  once per image and each row keeps its own position in it (``cache``).
 - interleaved: text until the model emits begin-of-image, a full image, back to text; up to
   ``max_images`` images and ``max_new_tokens`` text tokens.
 
@@ -36,7 +39,8 @@ placeholders place them), shared with evaluation and the training data.
 The package follows those seams: ``prompts`` (segments, checking and encoding), ``forward`` (the
 model's batched passes), ``text`` (the text loop), ``image`` (guidance streams, the image loop and
 decoding), ``sampling`` (logits processing), ``state`` (a prompt's state across the phases) and ``generator`` (the
-outputs, batching and the interleaving); ``config`` holds the settings.
+outputs, batching and the interleaving); ``config`` holds the settings; ``jacobi`` (speculative Jacobi decoding) and
+``cache`` (the per-row static cache) serve ``image``.
 """
 
 from .config import MODES, GenerationConfig

@@ -7,6 +7,11 @@ from dataclasses import dataclass
 from ..errors import UserError
 
 MODES = ("text", "image", "interleaved")
+DECODINGS = ("auto", "sjd", "plain")
+# "auto" uses SJD while a forward's tokens (batch_size x 3 streams x sjd_window at most) stay under what the device
+# computes in the time it reads the weights; above that, SJD's wider forwards cost more than its fewer forwards save
+# (BENCHMARKS.md, docs/image_generation_latency.md). Measured on CPU: batch 1 gains, batch 8 loses.
+SJD_TOKEN_BUDGET = {"cpu": 24, "cuda": 256}
 
 
 @dataclass
@@ -28,13 +33,29 @@ class GenerationConfig:
     guidance: bool = True  # image: three-stream classifier-free guidance
     guidance_scale_text: float = 3.0
     guidance_scale_image: float = 1.2
+    decoding: str = "auto"  # image codes: "sjd" (speculative Jacobi decoding: same distribution, fewer forwards),
+    # "plain" (one code per forward) or "auto" (sjd where it pays: see image_decoding)
+    sjd_window: int = 8  # sjd: tokens per forward (the last code and window - 1 drafts); the reference uses 16 on GPUs,
+    # 8 measured faster on CPU (a wider window costs compute there; BENCHMARKS.md, README "Image decoding")
     seed: int | None = None  # None: a fresh random seed
     decode_images: bool = True  # False: return codes only (no VQGAN decoder work)
     batch_size: int = 16  # prompts decoded together (sorted by length to limit padding)
 
+    def image_decoding(self, device_type: str) -> str:
+        """"sjd" or "plain" for this config on a device type; "auto" decides from the settings alone (not the
+        prompts in a batch), so an image still depends only on its seed and the settings."""
+        if self.decoding != "auto":
+            return self.decoding
+        tokens = self.batch_size * (3 if self.guidance else 1) * self.sjd_window
+        return "sjd" if tokens <= SJD_TOKEN_BUDGET.get(device_type, SJD_TOKEN_BUDGET["cpu"]) else "plain"
+
     def __post_init__(self):
         if self.mode not in MODES:
             raise UserError(f"GenerationConfig.mode: unknown mode {self.mode!r}; choose one of {MODES}")
+        if self.decoding not in DECODINGS:
+            raise UserError(f"GenerationConfig.decoding: unknown decoding {self.decoding!r}; choose one of {DECODINGS}")
+        if self.sjd_window < 1:
+            raise UserError(f"GenerationConfig.sjd_window must be >= 1, got {self.sjd_window}")
         if self.max_new_tokens < 1 and self.mode != "image":
             raise UserError(f"GenerationConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         for name in ("temperature", "image_temperature", "top_p", "image_top_p"):

@@ -16,7 +16,8 @@ from PIL import Image
 
 from ..vqgan import to_uint8
 from .forward import ModelRunner
-from .sampling import instruct_guidance, sample
+from .jacobi import Drafts, speculative_accept, verify, verify_greedy
+from .sampling import instruct_guidance, processed_probs, sample
 
 if TYPE_CHECKING:
     from .config import GenerationConfig
@@ -60,7 +61,13 @@ def stream_rows(vocab, contexts: list[list[int]], guidance: bool, device=None):
 
 
 class ImageDecoder:
-    """Draws images as VQGAN codes (``draw``) and turns codes into pictures (``decode``)."""
+    """Draws images as VQGAN codes (``draw``) and turns codes into pictures (``decode``).
+
+    ``accept`` is speculative Jacobi decoding's acceptance rule (``jacobi.speculative_accept``); a test
+    swaps in a wrong one to show the distribution test can fail.
+    """
+
+    accept = staticmethod(speculative_accept)
 
     def __init__(self, runner: ModelRunner, vocab, vqgan):
         self.runner = runner
@@ -68,32 +75,67 @@ class ImageDecoder:
         self.vqgan = vqgan
         n_codes = vocab.n_codes if vqgan is None else min(vocab.n_codes, vqgan.n_embed)
         self.code_ids = vocab.image_id_tensor(runner.device)[:n_codes]  # (n,) ids the image sampler may draw
+        self.stats: dict = {}  # the last draw's forwards, drafts proposed and accepted (see draw)
 
     @torch.no_grad()
-    def draw(self, contexts: list[list[int]], config: GenerationConfig, rng) -> torch.Tensor:
-        """Draw one full grid of codes per context (boi is forced after it); -> (B, n_codes_per_image) codes."""
-        run = self.runner
-        n_steps = self.vqgan.n_codes_per_image
+    def draw(self, contexts: list[list[int]], config: GenerationConfig, rng, n_steps: int | None = None) -> torch.Tensor:
+        """Draw one full grid of codes per context (boi is forced after it); -> (B, n_steps) codes.
+
+        ``n_steps``: codes to draw (default: a whole grid, ``vqgan.n_codes_per_image``). With SJD
+        (``config.image_decoding``) each forward verifies a window of drafts (``medmax.generation.jacobi``);
+        plain decoding is the same loop with a window of one. ``self.stats`` counts forwards and drafts.
+        """
+        run, B = self.runner, len(contexts)
+        n_steps = n_steps or self.vqgan.n_codes_per_image
+        window = min(config.sjd_window if config.image_decoding(run.device.type) == "sjd" else 1, n_steps)
         seqs, owner, index = stream_rows(self.vocab, contexts, config.guidance, run.device)  # R rows; (R,), (3B,)
-        ids, mask, positions = run.left_pad(seqs)
-        cache = run.new_cache()
-        rows = run.output_rows(self.code_ids)
-        hidden = run.forward(ids, mask, positions, cache)  # (R, C)
-        codes = torch.empty(len(contexts), n_steps, dtype=torch.long, device=run.device)
-        greedy = config.image_temperature == 0.0
-        for step in range(n_steps):
-            logits = run.logits(hidden, rows, self.code_ids)[index]  # (3B, n), stream-major
-            if config.guidance:
-                full, image_only, uncond = logits.chunk(3)
-                logits = instruct_guidance(full, image_only, uncond, config.guidance_scale_text,
-                                           config.guidance_scale_image)  # (B, n)
-            codes[:, step] = sample(logits, not greedy, config.image_temperature, config.image_top_p,
-                                    config.image_top_k, rng)
-            if step + 1 < n_steps:
-                tokens = self.code_ids[codes[owner, step]]  # (R,)
-                ids, mask, positions = run.step_inputs(tokens, mask, positions)
-                hidden = run.forward(ids, mask, positions, cache)
-        return codes
+        hidden, cache = run.prefill_rows(seqs, extra=n_steps + window)  # (R, 1, C)
+        head = run.output_rows(self.code_ids)
+        _, code = self._pick(self._guided(hidden, head, index, config), None, config, rng)  # (B,)
+        codes = torch.zeros(B, n_steps + window, dtype=torch.long, device=run.device)
+        codes[:, 0] = code
+        done = torch.ones(B, dtype=torch.long, device=run.device)
+        drafts = Drafts(B, window, len(self.code_ids), rng, run.device) if window > 1 else None
+        self.stats = {"forwards": 1, "drafts": 0, "accepted": 0, "codes": B * n_steps, "window": window}
+        while int(done.min()) < n_steps:
+            old = torch.cat([code[:, None], drafts.codes], dim=1) if drafts else code[:, None]  # (B, W)
+            hidden = run.forward_window(self.code_ids[old[owner]], cache)  # (R, W, C)
+            accepted, code = self._pick(self._guided(hidden, head, index, config), drafts, config, rng)
+            self._count(accepted, done < n_steps, window)
+            kept = torch.minimum(accepted + 1, n_steps - done)  # (B,) codes committed (0 for finished rows)
+            new = old.roll(-1, dims=1).scatter(1, accepted[:, None], code[:, None])  # (B, W): drafts, then the new code
+            slots = done[:, None] + torch.arange(window, device=run.device)
+            keep = torch.arange(window, device=run.device) < kept[:, None]
+            codes.scatter_(1, slots, torch.where(keep, new, codes.gather(1, slots)))
+            cache.advance(kept[owner])
+            done = done + kept
+        return codes[:, :n_steps]
+
+    def _guided(self, hidden: torch.Tensor, head, index: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+        """(R, W, C) stream rows' hidden states -> (B, W, n) logits of the image codes, guided."""
+        logits = self.runner.logits(hidden, head, self.code_ids)[index]  # (S*B, W, n), stream-major
+        if not config.guidance:
+            return logits
+        full, image_only, uncond = logits.chunk(3)
+        return instruct_guidance(full, image_only, uncond, config.guidance_scale_text, config.guidance_scale_image)
+
+    def _pick(self, logits: torch.Tensor, drafts, config: GenerationConfig, rng):
+        """(B, W, n) guided logits -> (accepted drafts (B,), next code (B,)); refills ``drafts``."""
+        if drafts is None:  # no drafts: the last position's code, as plain decoding draws it
+            greedy = config.image_temperature == 0.0
+            code = sample(logits[:, -1], not greedy, config.image_temperature, config.image_top_p, config.image_top_k, rng)
+            return code.new_zeros(code.shape), code
+        if config.image_temperature == 0.0:
+            return verify_greedy(logits, drafts)
+        B, W, n = logits.shape
+        probs = processed_probs(logits.reshape(B * W, n), config.image_temperature, config.image_top_p,
+                                config.image_top_k).view(B, W, n)
+        return verify(probs, drafts, rng, self.accept)
+
+    def _count(self, accepted: torch.Tensor, active: torch.Tensor, window: int) -> None:
+        self.stats["forwards"] += 1
+        self.stats["drafts"] += int(active.sum()) * (window - 1)
+        self.stats["accepted"] += int(accepted[active].sum())
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> list[Image.Image]:

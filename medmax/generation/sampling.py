@@ -70,6 +70,21 @@ def _top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def processed_probs(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
+    """(N, V) logits -> (N, V) the distribution sampling draws from: temperature, top-k, top-p, softmax."""
+    return _top_p(_top_k(logits.float() / temperature, top_k), top_p).softmax(dim=-1)
+
+
+def multinomial(probs: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """(B, V) or (B, m, V) probabilities -> (B,) or (B, m) draws; one generator, or one per row."""
+    flat = probs.reshape(probs.shape[0], -1, probs.shape[-1])  # (B, m, V)
+    if isinstance(generator, (list, tuple)):
+        out = torch.stack([torch.multinomial(p, 1, generator=g).squeeze(-1) for p, g in zip(flat, generator)])
+    else:
+        out = torch.multinomial(flat.reshape(-1, flat.shape[-1]), 1, generator=generator).view(flat.shape[:2])
+    return out.view(probs.shape[:-1])
+
+
 def sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, top_k: int,
            generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
     """(B, V) processed logits -> (B,) long token indices (into the V columns given).
@@ -79,8 +94,4 @@ def sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: flo
     logits = logits.float()
     if not do_sample or temperature == 0.0:
         return logits.argmax(dim=-1)
-    logits = _top_p(_top_k(logits / temperature, top_k), top_p)
-    probs = logits.softmax(dim=-1)
-    if isinstance(generator, (list, tuple)):
-        return torch.cat([torch.multinomial(p[None], 1, generator=g) for p, g in zip(probs, generator)]).squeeze(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return multinomial(processed_probs(logits, temperature, top_p, top_k), generator)

@@ -199,3 +199,14 @@ def test_vqgan_objective_records_are_tabulated_one_row_per_arm(tmp_path):
     text = report.render(tmp_path / "results")
     assert "| reconstruction | 7 | 21.50 | 0.610 | 40 | 12.0 | 0.75 | 9.50 |" in text
     assert "| full_all | 7 | 21.50 | 0.610 | 40 | 12.0 | 0.75 | - |" in text and "- a note" in text
+
+
+def test_a_variants_own_figures_are_reported_under_its_case(tmp_path):
+    """Result.figures (e.g. forwards per image) reach BENCHMARKS.md as median (min-max), one line per variant."""
+    def run():
+        return Result({"items": 1.0}, output="same", seconds=1.0, figures={"forwards_per_image": 18.0})
+
+    case = Case("c", unit="items", variants=[Variant("base", lambda: Result({"items": 1.0}, "same", 1.0)), Variant("ours", run)])
+    harness.run_benchmark(bench(), [case], [], args(tmp_path))
+    text = report.render(tmp_path / "results")
+    assert "- ours: forwards_per_image 18.00 (18.00-18.00)" in text and "- base:" not in text

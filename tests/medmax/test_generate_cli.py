@@ -226,3 +226,11 @@ def test_a_prompt_longer_than_the_context_is_one_error_line(tiny_model_dir, tmp_
                  "--output", str(tmp_path / "o"), "--device", "cpu"]) == 2
     last = capsys.readouterr().err.splitlines()[-1]  # after transformers' loading bar
     assert last.startswith("medmax generate: error: prompt 0: ") and "longer than the model's context" in last
+
+
+def test_decoding_flag_reaches_the_config_and_greedy_codes_agree(tiny_model_dir, tmp_path):
+    image = ["--mode", "image", "--image-temperature", "0"]
+    plain = _generate(tiny_model_dir, tmp_path / "plain", *image, "--decoding", "plain")
+    sjd = _generate(tiny_model_dir, tmp_path / "sjd", *image, "--decoding", "sjd", "--sjd-window", "4")
+    assert (plain["config"]["decoding"], sjd["config"]["decoding"], sjd["config"]["sjd_window"]) == ("plain", "sjd", 4)
+    assert plain["segments"][0]["codes"] == sjd["segments"][0]["codes"]
