@@ -102,7 +102,7 @@ def real_image_files(path: Path) -> list[tuple[str, Path | None, str | None]]:
     out = []
     for img_path in pd.read_csv(path, usecols=[column], dtype=str, keep_default_na=False)[column]:
         try:
-            out.append((img_path, resolve_image(img_path, path.parent), None))
+            out.append((img_path, resolve_image(path.parent, img_path), None))
         except ImageLoadError as e:
             out.append((img_path, None, e.reason))
     return out
