@@ -14,7 +14,8 @@ from pathlib import Path
 from medmax.jsonl import write_atomic
 
 from . import medmax_protocol
-from .scoring import mean_stderr, paired_accuracy
+from .scoring import paired_accuracy
+from .stats import summary
 from .tasks import Task
 
 logger = logging.getLogger(__name__)
@@ -39,11 +40,11 @@ def task_metrics(task: Task, rows: list[dict], protocol: str = "toolkit") -> dic
         return medmax_protocol.task_metrics(task, rows)
     good = [r for r in rows if not r.get("error")]
     primary, fields = _METRICS[task.kind]
-    metrics = {name: mean_stderr(r[f] for r in good if r.get(f) is not None).as_dict() for name, f in fields.items()}
+    metrics = {name: summary((r[f] for r in good if r.get(f) is not None), f"{task.key}:{name}") for name, f in fields.items()}
     if task.kind == "probmed":
-        metrics["paired_accuracy"] = mean_stderr(paired_accuracy(good)).as_dict()
+        metrics["paired_accuracy"] = summary(paired_accuracy(good), f"{task.key}:paired")
     if any("judge" in r for r in good):
-        metrics["judge_accuracy"] = mean_stderr(r["judge"] for r in good if r.get("judge") is not None).as_dict()
+        metrics["judge_accuracy"] = summary((r["judge"] for r in good if r.get("judge") is not None), f"{task.key}:judge")
     entry = {"metric": primary, **metrics[primary], "metrics": metrics, "n_errors": len(rows) - len(good), "protocol": "toolkit"}
     if any("judge" in r for r in good):
         entry["judge_unparseable"] = sum(r.get("judge_status") == "unparseable" for r in good)
@@ -96,6 +97,11 @@ _PROTOCOL_NOTES = {
 }
 
 
+def ci_text(ci: dict | None) -> str:
+    """A 95 % interval as "[0.512, 0.688] wilson" (or "-")."""
+    return "-" if not ci else f"[{ci['low']:.3f}, {ci['high']:.3f}] {ci['method']}"
+
+
 def _counts(entry: dict) -> str:
     parts = [f"{entry[k]} {label}" for k, label in (("n_dropped", "dropped (no verdict)"), ("n_judge_failed", "judge failed"),
                                                     ("judge_unparseable", "judge unparseable"), ("judge_failed", "judge failed"),
@@ -105,15 +111,16 @@ def _counts(entry: dict) -> str:
 
 
 def _table(results: dict) -> list[str]:
-    lines = ["| task | protocol | metric | n | score | stderr | errors |", "|---|---|---|---|---|---|---|"]
+    lines = ["| task | protocol | metric | n | score | stderr | 95% CI | errors |", "|---|---|---|---|---|---|---|---|"]
     for key in sorted(k for k in results if not k.startswith("_") and "skipped" not in results[k]):
         entry = results[key]
         proto = entry["protocol"]
         lines.append(f"| {key} | {proto} | {entry['metric']} | {entry['n']} | {_fmt(entry['score'])} | "
-                     f"{_fmt(entry['stderr'])} | {_counts(entry)} |")
+                     f"{_fmt(entry['stderr'])} | {ci_text(entry.get('ci95'))} | {_counts(entry)} |")
         for name, m in sorted(entry["metrics"].items()):
             if name != entry["metric"]:
-                lines.append(f"| {key} | {proto} | {name} | {m['n']} | {_fmt(m['score'])} | {_fmt(m['stderr'])} | |")
+                lines.append(f"| {key} | {proto} | {name} | {m['n']} | {_fmt(m['score'])} | {_fmt(m['stderr'])} | "
+                             f"{ci_text(m.get('ci95'))} | |")
     return lines
 
 
@@ -135,7 +142,9 @@ def write_markdown(path: Path, results: dict, problems: list[dict], settings: di
         lines += ["## Warnings", ""] + [f"- {w}" for w in results["_warnings"]] + [""]
     lines += ["The protocol column says which rules produced each number:", ""]
     lines += [f"- {_PROTOCOL_NOTES[p]}" for p in protocols]
-    lines += ["", "MedMax's results layout (accuracy, std_err) of the same numbers is in results_medmax.json.", ""]
+    lines += ["", "MedMax's results layout (accuracy, std_err) of the same numbers is in results_medmax.json. "
+              "95% CI: Wilson's interval for an accuracy (0/1 scores), a seeded bootstrap (2000 resamples) of the "
+              "mean for other metrics (eval/stats.py).", ""]
     lines += _table(results) + _skipped(results)
     lines += ["", "## Settings", ""] + [f"- {k}: {v}" for k, v in sorted(settings.items())]
     lines += ["", f"## Rows not evaluated ({len(problems)})", ""]
@@ -154,10 +163,11 @@ def write_chart(path: Path, results: dict) -> None:
     keys = sorted(k for k, v in results.items() if not k.startswith("_") and v.get("score") is not None)
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(keys) + 2), 4))
     scores = [results[k]["score"] for k in keys]
-    errs = [results[k]["stderr"] or 0.0 for k in keys]
+    cis = [results[k].get("ci95") or {"low": s, "high": s} for k, s in zip(keys, scores)]
+    errs = [[s - c["low"] for s, c in zip(scores, cis)], [c["high"] - s for s, c in zip(scores, cis)]]
     ax.bar(range(len(keys)), scores, yerr=errs, capsize=3, color="#4c72b0")
     ax.set_xticks(range(len(keys)), [f"{k}\n({results[k]['metric']})" for k in keys], rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("score (mean, +- stderr)")
+    ax.set_ylabel("score (mean, 95% CI)")
     ax.set_title("MedMax evaluation suite")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
