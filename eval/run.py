@@ -44,7 +44,7 @@ import random
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image
@@ -54,7 +54,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from medmax.cli import program
 from medmax.jsonl import append_jsonl, read_json, read_jsonl, write_jsonl
 
-from . import fingerprint, launch, medmax_protocol, outputs, report
+from . import ablation, fingerprint, launch, medmax_protocol, outputs, report
 from .data import FORMATS, EvalRecord, data_files, load_record_image, load_records
 from .errors import EvalError, FingerprintMismatch, ShardError
 from .judge import PLACEHOLDERS, PROMPT, Judge, JudgeConfig, parse_verdict
@@ -94,6 +94,7 @@ class EvalConfig:
     dtype: str | None = None
     skip_memory_check: bool = False  # load the model even when config.json's sizes need more memory than is free
     clip_model: Path | None = None
+    ablate_image: bool = False  # ask each VQA question again without its image, blank and shuffled (eval/ablation.py)
     judge_url: str | None = None
     judge_model: str | None = None
     judge_key_env: str = "OPENAI_API_KEY"
@@ -174,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-memory-check", action="store_true",
                    help="load the model even when config.json's sizes need more memory than is available")
     p.add_argument("--clip-model", type=Path, help="local Hugging Face CLIP folder for captioning / image generation")
+    p.add_argument("--ablate-image", action="store_true",
+                   help="ask each VQA question again with no image, a blank one and another question's (eval/ablation.py)")
     p.add_argument("--judge-url", help="OpenAI-compatible base URL (…/v1) for the open-answer judge")
     p.add_argument("--judge-model", help="judge model name (MedMax used gpt-4o-mini)")
     p.add_argument("--judge-key-env", default=EvalConfig.judge_key_env, help="environment variable holding the judge's key")
@@ -262,6 +265,7 @@ class Context:
     pred_dir: Path
     stats: dict = field(default_factory=dict)
     tag: str | None = None  # the fingerprint tag every row written carries
+    partners: dict = field(default_factory=dict)  # --ablate-image: task key -> uid -> the shuffled control's row
 
 
 def _device(config: EvalConfig) -> str:
@@ -402,7 +406,17 @@ def evaluate_batch(task: Task, batch: list[EvalRecord], ctx: Context) -> list[di
     todo = [(rec, prompt, image) for rec, (prompt, image, failed) in zip(batch, prepared) if failed is None]
     outs = _generate(task, [p for _, p, _ in todo], ctx, [_row_seed(ctx.config, rec.uid) for rec, _, _ in todo])
     done = {rec.uid: _score_row(task, rec, out, image, ctx) for (rec, _, image), out in zip(todo, outs)}
+    if ctx.config.ablate_image and task.kind in ablation.KINDS:
+        _ablate(task, [(rec, p, image, done[rec.uid]) for rec, p, image in todo if not done[rec.uid].get("error")], ctx)
     return [done[rec.uid] if failed is None else failed for rec, (_, _, failed) in zip(batch, prepared)]
+
+
+def _ablate(task: Task, items: list, ctx: Context) -> None:
+    """--ablate-image: the scored rows' questions asked again without, with a blank and with another image."""
+    quiet = replace(ctx, judge=None)  # ablated answers are scored by the task's rule, not sent to the judge
+    ablation.add_conditions(task.kind, items, ctx.partners.get(task.key, {}), lambda rec: _input_image(rec, ctx),
+                            lambda prompts: _generate(task, prompts, ctx, [0] * len(prompts)),
+                            lambda rec, out: _score(task, rec, out, None, quiet))
 
 
 # ------------------------------------------------------------------------------ scoring one row
@@ -561,7 +575,8 @@ def finish(config: EvalConfig, tasks: list[Task], groups: dict, skipped: dict, p
         write_jsonl(pred_dir / f"{task.key}.jsonl", rows)
         results[task.key] = report.task_metrics(task, rows, config.protocol)
         warnings += report.failure_warnings(task.key, rows)
-        warnings += filter(None, [medmax_protocol.unmatchable_warning(task.key, results[task.key])])
+        warnings += filter(None, [medmax_protocol.unmatchable_warning(task.key, results[task.key]),
+                                  ablation.flag_line(task.key, results[task.key].get("image_ablation"))])
         scores = medmax_protocol.layout_scores(task, rows, config.protocol)
         if scores is not None:
             layout[task.key] = scores
@@ -687,6 +702,8 @@ def _run_shard(config: EvalConfig, tasks: list[Task], groups: dict, run_id: str,
     if any(todo.values()):  # a finished run only re-merges: no model load
         ctx = _setup(config, tasks)
         ctx.tag = tag
+        if config.ablate_image:
+            ctx.partners = {t.key: ablation.shuffle_partners(groups[t.key], config.seed, t.key) for t in tasks}
         for task in tasks:
             if todo[task.key]:
                 run_task(task, todo[task.key], ctx)
