@@ -21,7 +21,7 @@ from .tasks import Task
 logger = logging.getLogger(__name__)
 
 # kind -> (primary metric, row fields averaged as sub-metrics)
-_METRICS = {
+METRIC_FIELDS = {
     "closed": ("accuracy", {"accuracy": "correct"}),
     "mcq": ("accuracy", {"accuracy": "correct"}),
     "probmed": ("accuracy", {"accuracy": "correct"}),
@@ -47,7 +47,7 @@ def _scored_metrics(task: Task, rows: list[dict], protocol: str) -> dict:
     if medmax_protocol.applies(protocol, task):
         return medmax_protocol.task_metrics(task, rows)
     good = [r for r in rows if not r.get("error")]
-    primary, fields = _METRICS[task.kind]
+    primary, fields = METRIC_FIELDS[task.kind]
     metrics = {name: summary((r[f] for r in good if r.get(f) is not None), f"{task.key}:{name}") for name, f in fields.items()}
     if task.kind == "probmed":
         metrics["paired_accuracy"] = summary(paired_accuracy(good), f"{task.key}:paired")

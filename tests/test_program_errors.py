@@ -27,6 +27,7 @@ MISSING_INPUT = {
     "medmax-export": ["--checkpoint", "{missing}", "--output", "{tmp}/out"],
     "medmax-convert": ["--input", "{missing}", "--output", "{tmp}/out"],
     "medmax-eval": ["--model", "{tmp}", "--data", "{missing}", "--output", "{tmp}/out"],
+    "medmax-eval-compare": ["{missing}", "{tmp}"],
     "medmax-build-preferences": ["--input", "{missing}", "--tokenizer", "preset:tiny", "--output", "{tmp}/out"],
     "medmax-make-preferences": ["--model", "{missing}", "--input", "{missing}", "--output", "{tmp}/out.jsonl"],
 }
