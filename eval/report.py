@@ -13,7 +13,7 @@ from pathlib import Path
 
 from medmax.jsonl import write_atomic
 
-from . import ablation, medmax_protocol
+from . import ablation, circular, medmax_protocol
 from .scoring import paired_accuracy
 from .stats import summary
 from .tasks import Task
@@ -38,7 +38,7 @@ def task_metrics(task: Task, rows: list[dict], protocol: str = "toolkit") -> dic
     counts, the protocol that scored it, and the checks that ran (``image_ablation``)."""
     entry = _scored_metrics(task, rows, protocol)
     good = [r for r in rows if not r.get("error")]
-    checks = {"image_ablation": ablation.summarize(task.kind, good, task.key)}
+    checks = {"image_ablation": ablation.summarize(task.kind, good, task.key), "circular": circular.summarize(good, task.key)}
     entry.update({k: v for k, v in checks.items() if v is not None})
     return entry
 
@@ -153,7 +153,7 @@ def write_markdown(path: Path, results: dict, problems: list[dict], settings: di
     lines += ["", "MedMax's results layout (accuracy, std_err) of the same numbers is in results_medmax.json. "
               "95% CI: Wilson's interval for an accuracy (0/1 scores), a seeded bootstrap (2000 resamples) of the "
               "mean for other metrics (eval/stats.py).", ""]
-    lines += _table(results) + ablation.report_lines(results) + _skipped(results)
+    lines += _table(results) + ablation.report_lines(results) + circular.report_lines(results) + _skipped(results)
     lines += ["", "## Settings", ""] + [f"- {k}: {v}" for k, v in sorted(settings.items())]
     lines += ["", f"## Rows not evaluated ({len(problems)})", ""]
     lines += [f"- `{p['uid']}`: {p['reason']}" for p in problems[:200]]

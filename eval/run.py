@@ -54,7 +54,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from medmax.cli import program
 from medmax.jsonl import append_jsonl, read_json, read_jsonl, write_jsonl
 
-from . import ablation, fingerprint, launch, medmax_protocol, outputs, report
+from . import ablation, circular, fingerprint, launch, medmax_protocol, outputs, report
 from .data import FORMATS, EvalRecord, data_files, load_record_image, load_records
 from .errors import EvalError, FingerprintMismatch, ShardError
 from .judge import PLACEHOLDERS, PROMPT, Judge, JudgeConfig, parse_verdict
@@ -95,6 +95,7 @@ class EvalConfig:
     skip_memory_check: bool = False  # load the model even when config.json's sizes need more memory than is free
     clip_model: Path | None = None
     ablate_image: bool = False  # ask each VQA question again without its image, blank and shuffled (eval/ablation.py)
+    circular_eval: bool = False  # ask each MCQ once per rotation of its options (eval/circular.py)
     judge_url: str | None = None
     judge_model: str | None = None
     judge_key_env: str = "OPENAI_API_KEY"
@@ -177,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-model", type=Path, help="local Hugging Face CLIP folder for captioning / image generation")
     p.add_argument("--ablate-image", action="store_true",
                    help="ask each VQA question again with no image, a blank one and another question's (eval/ablation.py)")
+    p.add_argument("--circular-eval", action="store_true",
+                   help="MMBench's CircularEval: ask each MCQ once per rotation of its options (eval/circular.py)")
     p.add_argument("--judge-url", help="OpenAI-compatible base URL (…/v1) for the open-answer judge")
     p.add_argument("--judge-model", help="judge model name (MedMax used gpt-4o-mini)")
     p.add_argument("--judge-key-env", default=EvalConfig.judge_key_env, help="environment variable holding the judge's key")
@@ -406,8 +409,11 @@ def evaluate_batch(task: Task, batch: list[EvalRecord], ctx: Context) -> list[di
     todo = [(rec, prompt, image) for rec, (prompt, image, failed) in zip(batch, prepared) if failed is None]
     outs = _generate(task, [p for _, p, _ in todo], ctx, [_row_seed(ctx.config, rec.uid) for rec, _, _ in todo])
     done = {rec.uid: _score_row(task, rec, out, image, ctx) for (rec, _, image), out in zip(todo, outs)}
+    scored = [(rec, p, image, done[rec.uid]) for rec, p, image in todo if not done[rec.uid].get("error")]
     if ctx.config.ablate_image and task.kind in ablation.KINDS:
-        _ablate(task, [(rec, p, image, done[rec.uid]) for rec, p, image in todo if not done[rec.uid].get("error")], ctx)
+        _ablate(task, scored, ctx)
+    if ctx.config.circular_eval and task.kind == "mcq":
+        _rotate(task, scored, ctx)
     return [done[rec.uid] if failed is None else failed for rec, (_, _, failed) in zip(batch, prepared)]
 
 
@@ -417,6 +423,16 @@ def _ablate(task: Task, items: list, ctx: Context) -> None:
     ablation.add_conditions(task.kind, items, ctx.partners.get(task.key, {}), lambda rec: _input_image(rec, ctx),
                             lambda prompts: _generate(task, prompts, ctx, [0] * len(prompts)),
                             lambda rec, out: _score(task, rec, out, None, quiet))
+
+
+def _rotate(task: Task, items: list, ctx: Context) -> None:
+    """--circular-eval: the scored MCQ rows asked again in every other rotation of their options."""
+    images = {rec.uid: image for rec, _, image, _ in items}
+    quiet = replace(ctx, judge=None)
+    circular.add_rotations([(rec, row) for rec, _, _, row in items],
+                           lambda rec: build_prompt(rec, task, ctx.config.prompt_style, images[rec.uid]),
+                           lambda prompts: _generate(task, prompts, ctx, [0] * len(prompts)),
+                           lambda rec, out: _score(task, rec, out, None, quiet))
 
 
 # ------------------------------------------------------------------------------ scoring one row
