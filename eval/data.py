@@ -12,7 +12,8 @@ MedMax schema (parquet or JSONL, one row per question)::
                    an ``image`` (or ``image_path``) column holding ``{"bytes", "path"}`` as Hugging Face
                    datasets store an Image feature in parquet, or raw bytes
     options        optional: {"A": text, ...} (or its JSON string), used to map text answers to letters
-    pair_id        optional: ProbMed question pairs (a question and its adversarial twin share one)
+    pair_id        optional: questions sharing one are scored together (``paired_accuracy``: 1 only when
+                   all are right), in any task: ProbMed's adversarial pairs, MediConfusion-style image pairs
 
 An MCQ row whose gold answer names no single option (see ``eval.scoring.resolve_gold``) is a problem
 row when it is loaded, never a silent "wrong". Each converter below names the release it reads and

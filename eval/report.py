@@ -40,6 +40,9 @@ def task_metrics(task: Task, rows: list[dict], protocol: str = "toolkit") -> dic
     good = [r for r in rows if not r.get("error")]
     checks = {"image_ablation": ablation.summarize(task.kind, good, task.key), "circular": circular.summarize(good, task.key)}
     entry.update({k: v for k, v in checks.items() if v is not None})
+    scored = [r for r in good if r.get("correct") is not None]
+    if task.kind == "probmed" or any(r.get("pair_id") for r in scored):
+        entry["metrics"]["paired_accuracy"] = summary(paired_accuracy(scored), f"{task.key}:paired")
     return entry
 
 
@@ -49,8 +52,6 @@ def _scored_metrics(task: Task, rows: list[dict], protocol: str) -> dict:
     good = [r for r in rows if not r.get("error")]
     primary, fields = METRIC_FIELDS[task.kind]
     metrics = {name: summary((r[f] for r in good if r.get(f) is not None), f"{task.key}:{name}") for name, f in fields.items()}
-    if task.kind == "probmed":
-        metrics["paired_accuracy"] = summary(paired_accuracy(good), f"{task.key}:paired")
     if any("judge" in r for r in good):
         metrics["judge_accuracy"] = summary((r["judge"] for r in good if r.get("judge") is not None), f"{task.key}:judge")
     entry = {"metric": primary, **metrics[primary], "metrics": metrics, "n_errors": len(rows) - len(good), "protocol": "toolkit"}

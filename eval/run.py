@@ -455,8 +455,6 @@ def _score(task: Task, rec: EvalRecord, out, image, ctx: Context) -> dict:
         _score_medmax(row, task, rec, out, ctx)
     elif kind in ("closed", "probmed"):
         row["correct"] = score_closed(row["output"], str(rec.answer))
-        if kind == "probmed":
-            row["pair_id"] = rec.pair_id
     elif kind == "mcq":
         row["parsed"] = parse_mcq(row["output"], rec.options)
         row["correct"] = score_mcq(row["output"], str(rec.answer), rec.options)
@@ -472,6 +470,8 @@ def _score(task: Task, rec: EvalRecord, out, image, ctx: Context) -> dict:
         row["clip"] = ctx.clip.image_text([image], [row["output"]])[0]
     elif kind == "image_generation":
         _score_generated_image(row, rec, out, ctx)
+    if rec.pair_id is not None:  # questions scored together (paired_accuracy): ProbMed's pairs, any pair_id column
+        row["pair_id"] = rec.pair_id
     return row
 
 
@@ -479,8 +479,6 @@ def _score_medmax(row: dict, task: Task, rec: EvalRecord, out, ctx: Context) -> 
     """MedMax's rules on the raw generated text (eval/medmax_protocol.py); open answers go to the judge."""
     row["raw_output"] = out.text
     row.update(medmax_protocol.score(task.kind, out.text, rec.answer))
-    if task.kind == "probmed":
-        row["pair_id"] = rec.pair_id
     if task.kind == "open":
         _ask_judge(row, rec, ctx, row["medmax_text"])
         row["correct"] = row.get("judge")
