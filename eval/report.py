@@ -16,7 +16,7 @@ from medmax.jsonl import write_atomic
 from . import ablation, circular, medmax_protocol
 from .scoring import paired_accuracy
 from .stats import summary
-from .tasks import Task
+from .tasks import MEDMAX_KEYS, Task
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +37,25 @@ def task_metrics(task: Task, rows: list[dict], protocol: str = "toolkit") -> dic
     """results.json entry: n, metric, score, stderr and ci95 (of the primary metric), every sub-metric, error
     counts, the protocol that scored it, and the checks that ran (``image_ablation``)."""
     entry = _scored_metrics(task, rows, protocol)
+    entry["suite"] = "medmax" if task.key in MEDMAX_KEYS else "beyond_medmax"
     good = [r for r in rows if not r.get("error")]
     checks = {"image_ablation": ablation.summarize(task.kind, good, task.key), "circular": circular.summarize(good, task.key)}
     entry.update({k: v for k, v in checks.items() if v is not None})
     scored = [r for r in good if r.get("correct") is not None]
     if task.kind == "probmed" or any(r.get("pair_id") for r in scored):
         entry["metrics"]["paired_accuracy"] = summary(paired_accuracy(scored), f"{task.key}:paired")
+    if any(r.get("groups") for r in scored):
+        entry["by_group"] = _by_group(scored, task.key)
     return entry
+
+
+def _by_group(rows: list[dict], key: str) -> dict:
+    """Accuracy per value of each category column a converter gave (``groups``), with its 95 % CI."""
+    values: dict[str, dict[str, list]] = {}
+    for row in rows:
+        for column, value in (row.get("groups") or {}).items():
+            values.setdefault(column, {}).setdefault(str(value), []).append(row["correct"])
+    return {c: {v: summary(scores, f"{key}:{c}:{v}") for v, scores in sorted(by.items())} for c, by in sorted(values.items())}
 
 
 def _scored_metrics(task: Task, rows: list[dict], protocol: str) -> dict:
@@ -119,9 +131,18 @@ def _counts(entry: dict) -> str:
     return f"{entry['n_errors']}" + (f" ({', '.join(parts)})" if parts else "")
 
 
-def _table(results: dict) -> list[str]:
-    lines = ["| task | protocol | metric | n | score | stderr | 95% CI | errors |", "|---|---|---|---|---|---|---|---|"]
-    for key in sorted(k for k in results if not k.startswith("_") and "skipped" not in results[k]):
+def _table(results: dict, suite: str = "medmax") -> list[str]:
+    keys = sorted(k for k in results if not k.startswith("_") and "skipped" not in results[k]
+                  and results[k].get("suite", "medmax") == suite)
+    if suite != "medmax":
+        if not keys:
+            return []
+        head = ["", "## Beyond MedMax's tasks", "", "Benchmarks outside MedMax's suite, listed apart and never averaged "
+                "with MedMax's tasks.", ""]
+    else:
+        head = []
+    lines = head + ["| task | protocol | metric | n | score | stderr | 95% CI | errors |", "|---|---|---|---|---|---|---|---|"]
+    for key in keys:
         entry = results[key]
         proto = entry["protocol"]
         lines.append(f"| {key} | {proto} | {entry['metric']} | {entry['n']} | {_fmt(entry['score'])} | "
@@ -130,6 +151,16 @@ def _table(results: dict) -> list[str]:
             if name != entry["metric"]:
                 lines.append(f"| {key} | {proto} | {name} | {m['n']} | {_fmt(m['score'])} | {_fmt(m['stderr'])} | "
                              f"{ci_text(m.get('ci95'))} | |")
+    return lines
+
+
+def _groups(results: dict) -> list[str]:
+    """Accuracy by each category column a benchmark gives (GMAI-MMBench's clinical VQA task, department ...)."""
+    lines = []
+    for key in sorted(k for k, e in results.items() if not k.startswith("_") and isinstance(e, dict) and e.get("by_group")):
+        lines += ["", f"## {key} by category", "", "| column | value | n | accuracy | 95% CI |", "|---|---|---|---|---|"]
+        for column, by in results[key]["by_group"].items():
+            lines += [f"| {column} | {value} | {m['n']} | {_fmt(m['score'])} | {ci_text(m.get('ci95'))} |" for value, m in by.items()]
     return lines
 
 
@@ -154,7 +185,8 @@ def write_markdown(path: Path, results: dict, problems: list[dict], settings: di
     lines += ["", "MedMax's results layout (accuracy, std_err) of the same numbers is in results_medmax.json. "
               "95% CI: Wilson's interval for an accuracy (0/1 scores), a seeded bootstrap (2000 resamples) of the "
               "mean for other metrics (eval/stats.py).", ""]
-    lines += _table(results) + ablation.report_lines(results) + circular.report_lines(results) + _skipped(results)
+    lines += _table(results) + _table(results, "beyond_medmax") + _groups(results)
+    lines += ablation.report_lines(results) + circular.report_lines(results) + _skipped(results)
     lines += ["", "## Settings", ""] + [f"- {k}: {v}" for k, v in sorted(settings.items())]
     lines += ["", f"## Rows not evaluated ({len(problems)})", ""]
     lines += [f"- `{p['uid']}`: {p['reason']}" for p in problems[:200]]

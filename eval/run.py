@@ -341,7 +341,8 @@ def _gen_config(task: Task, config: EvalConfig, seed: int):
 
 
 def _base_row(task: Task, rec: EvalRecord) -> dict:
-    return {"uid": rec.uid, "task": task.key, "question": rec.prompt, "image": rec.image_path, "answer": rec.answer}
+    row = {"uid": rec.uid, "task": task.key, "question": rec.prompt, "image": rec.image_path, "answer": rec.answer}
+    return {**row, "groups": rec.extra["groups"]} if rec.extra.get("groups") else row
 
 
 def _failed_row(task: Task, rec: EvalRecord, reason: str) -> dict:
@@ -601,6 +602,9 @@ def finish(config: EvalConfig, tasks: list[Task], groups: dict, skipped: dict, p
         results["_warnings"] = warnings
     if problems:
         results["_problems"] = len(problems)
+    beyond = sorted(k for k, e in results.items() if not k.startswith("_") and e.get("suite") == "beyond_medmax")
+    if beyond:
+        results["_beyond_medmax"] = beyond  # reported apart from MedMax's tasks, never averaged with them
     results.update({"_fingerprint": fp, "_protocol": config.protocol, "_toolkit_version": fp["toolkit_version"]})
     report.write_results(config.output / outputs.RESULTS, results)
     unmatchable = {k: e["n_unmatchable"] for k, e in results.items() if k in layout and "n_unmatchable" in e}
