@@ -54,7 +54,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from medmax.cli import program
 from medmax.jsonl import append_jsonl, read_json, read_jsonl, write_jsonl
 
-from . import ablation, circular, fingerprint, launch, medmax_protocol, outputs, report
+from . import ablation, circular, contamination, fingerprint, launch, medmax_protocol, outputs, report
 from .data import FORMATS, EvalRecord, data_files, load_record_image, load_records
 from .errors import EvalError, FingerprintMismatch, ShardError
 from .judge import PLACEHOLDERS, PROMPT, Judge, JudgeConfig, parse_verdict
@@ -96,6 +96,7 @@ class EvalConfig:
     clip_model: Path | None = None
     ablate_image: bool = False  # ask each VQA question again without its image, blank and shuffled (eval/ablation.py)
     circular_eval: bool = False  # ask each MCQ once per rotation of its options (eval/circular.py)
+    train_data: list[Path] = field(default_factory=list)  # contamination check (eval/contamination.py); decides no prediction
     judge_url: str | None = None
     judge_model: str | None = None
     judge_key_env: str = "OPENAI_API_KEY"
@@ -136,6 +137,7 @@ class EvalConfig:
             raise ValueError(f"shard rank {self.shard_rank} outside 0..{self.num_shards - 1}")
         if not self.data.exists():
             raise FileNotFoundError(f"--data {self.data}: does not exist")
+        contamination.check_paths(self.train_data)
         self._validate_judge()
         select_tasks(self.tasks)  # raises naming an unknown task
 
@@ -180,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ask each VQA question again with no image, a blank one and another question's (eval/ablation.py)")
     p.add_argument("--circular-eval", action="store_true",
                    help="MMBench's CircularEval: ask each MCQ once per rotation of its options (eval/circular.py)")
+    p.add_argument("--train-data", type=Path, nargs="+", default=[], metavar="PATH",
+                   help="image-token folders or image CSVs the model trained on: report eval images and questions found "
+                        "there, and the score on seen and unseen images (eval/contamination.py)")
     p.add_argument("--judge-url", help="OpenAI-compatible base URL (…/v1) for the open-answer judge")
     p.add_argument("--judge-model", help="judge model name (MedMax used gpt-4o-mini)")
     p.add_argument("--judge-key-env", default=EvalConfig.judge_key_env, help="environment variable holding the judge's key")
@@ -573,7 +578,7 @@ _REPORT_HIDDEN = ("shard_rank", "merge_timeout_s", "run_id", "fingerprint_checke
 
 
 def finish(config: EvalConfig, tasks: list[Task], groups: dict, skipped: dict, problems: list[dict], fp: dict,
-           warnings: list[str] | None = None) -> dict:
+           warnings: list[str] | None = None, train: tuple[dict, list[str]] | None = None) -> dict:
     """Merge every task's rows, score them and write the outputs; ``problems`` is extended with the failed rows.
     Warnings (``warnings`` given, tasks mostly unscored, golds MedMax's rules never match, golds split into several
     tokens) go to the console, results.json's ``_warnings`` and the top of report.md."""
@@ -589,6 +594,9 @@ def finish(config: EvalConfig, tasks: list[Task], groups: dict, skipped: dict, p
         problems += missing + [{"uid": r["uid"], "reason": r["error"]} for r in rows if r.get("error")]
         write_jsonl(pred_dir / f"{task.key}.jsonl", rows)
         results[task.key] = report.task_metrics(task, rows, config.protocol)
+        found = train and contamination.summarize(task.kind, [r for r in rows if not r.get("error")], train[0], task.key)
+        if found:
+            results[task.key]["contamination"] = found
         warnings += report.failure_warnings(task.key, rows)
         warnings += filter(None, [medmax_protocol.unmatchable_warning(task.key, results[task.key]),
                                   ablation.flag_line(task.key, results[task.key].get("image_ablation"))])
@@ -602,6 +610,8 @@ def finish(config: EvalConfig, tasks: list[Task], groups: dict, skipped: dict, p
         results["_warnings"] = warnings
     if problems:
         results["_problems"] = len(problems)
+    if train:
+        results["_train_data"] = train[1]
     beyond = sorted(k for k, e in results.items() if not k.startswith("_") and e.get("suite") == "beyond_medmax")
     if beyond:
         results["_beyond_medmax"] = beyond  # reported apart from MedMax's tasks, never averaged with them
@@ -693,10 +703,19 @@ def evaluate(config: EvalConfig, argv: list[str] | None = None) -> dict | None:
         if config.shard_rank != 0:
             return None
         launch.wait_for_shards(config.output, config.num_shards, run_id, fingerprint.row_tag(fp), config.merge_timeout_s)
-    results = finish(config, tasks, groups, skipped, problems, fp, unread)
+    results = finish(config, tasks, groups, skipped, problems, fp, unread, _match_training(config, tasks, groups, skipped))
     logger.info("wrote %s", config.output / outputs.RESULTS)
     _require_scores(config, results, problems)
     return results
+
+
+def _match_training(config: EvalConfig, tasks: list[Task], groups: dict, skipped: dict) -> tuple[dict, list[str]] | None:
+    """--train-data: each evaluated row's image and question looked up in the training data (eval/contamination.py)."""
+    if not config.train_data:
+        return None
+    index = contamination.build_index(config.train_data)
+    records = [rec for t in tasks if t.key not in skipped for rec in groups[t.key]]
+    return contamination.match(records, config.data, config.model, index), index.notes
 
 
 def _skipped(config: EvalConfig, tasks: list[Task], groups: dict) -> dict[str, str]:
