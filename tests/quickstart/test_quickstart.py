@@ -67,3 +67,12 @@ def test_text_to_image_faithfulness_is_measured_on_heldout_prompts(run):
     assert faith["n"] >= 16 and faith["chance"] == 1 / 8 and len(faith["found"]) == faith["n"]
     assert 0.0 <= faith["match"] <= min(faith["position_match"], faith["size_match"]) <= 1.0
     assert "faithfulness" in (run / "report" / "README.md").read_text()
+
+
+def test_closed_accuracy_falls_towards_chance_without_the_image(run):
+    """Issue 28: the image ablation can see a model that looks (chance 0.5 for yes/no)."""
+    ablation = json.loads((run / "report" / "summary.json").read_text())["image_ablation"]["closed"]
+    real, shuffled = ablation["real"]["score"], ablation["shuffled"]["score"]
+    assert shuffled <= real - 0.15 and shuffled <= 0.7
+    assert ablation["mcnemar_real_vs_shuffled"]["p_value"] < 0.05 and not ablation["flagged"]
+    assert "Image ablation" in (run / "report" / "README.md").read_text()
