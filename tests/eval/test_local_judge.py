@@ -6,10 +6,6 @@ prompt_logprobs) and llama.cpp's llama-server (choices with finish_reason, index
 reasoning_content with --reasoning-format}; created, model, system_fingerprint, object, usage, id, timings)."""
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-import pytest
 
 import eval.run as run
 from eval.judge import Judge, JudgeConfig
@@ -36,59 +32,33 @@ def _llama_cpp(content, reasoning=None):
                         "predicted_n": 5, "predicted_ms": 46.9, "predicted_per_token_ms": 9.4, "predicted_per_second": 106.6}}
 
 
-@pytest.fixture
-def server():
-    state = {"replies": [], "auth": []}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            state["auth"].append(self.headers.get("Authorization"))
-            status, payload = state["replies"].pop(0) if state["replies"] else (200, _llama_cpp("Correctness: 1"))
-            body = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    state["url"] = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    yield state
-    httpd.shutdown()
-    httpd.server_close()
-
-
-def _judge(server, tmp_path):
-    return Judge(JudgeConfig(server["url"], "local-model", api_key=None, cache_path=tmp_path / "c.jsonl", backoff_s=0.01,
+def _judge(stub, tmp_path):
+    return Judge(JudgeConfig(stub["url"], "local-model", api_key=None, cache_path=tmp_path / "c.jsonl", backoff_s=0.01,
                              timeout_s=5, max_retries=1))
 
 
-def test_vllm_and_llama_cpp_replies_give_verdicts_with_no_key_sent(server, tmp_path):
-    server["replies"] = [(200, _vllm("Correctness: 1")), (200, _llama_cpp("Correctness: 0")),
-                         (200, _llama_cpp("Correctness: 1", reasoning="The answer could be Correctness: 0 or 1..."))]
-    judge = _judge(server, tmp_path)
+def test_vllm_and_llama_cpp_replies_give_verdicts_with_no_key_sent(stub, tmp_path):
+    stub["script"] = [(200, _vllm("Correctness: 1")), (200, _llama_cpp("Correctness: 0")),
+                      (200, _llama_cpp("Correctness: 1", reasoning="The answer could be Correctness: 0 or 1..."))]
+    judge = _judge(stub, tmp_path)
     assert [judge.judge(f"q{i}", "a", "b").correct for i in range(3)] == [1, 0, 1]  # the thinking is never read
-    assert server["auth"] == [None, None, None]
+    assert [r["auth"] for r in stub["requests"]] == [None, None, None]
 
 
-def test_a_server_that_wants_a_key_says_so_when_none_was_given(server, tmp_path):
-    server["replies"] = [(401, {"error": {"code": 401, "message": "Invalid API Key", "type": "authentication_error"}})]
-    verdict = _judge(server, tmp_path).judge("q", "a", "b")
+def test_a_server_that_wants_a_key_says_so_when_none_was_given(stub, tmp_path):
+    stub["script"] = [(401, {"error": {"code": 401, "message": "Invalid API Key", "type": "authentication_error"}})]
+    verdict = _judge(stub, tmp_path).judge("q", "a", "b")
     assert verdict.correct is None and "wants a key and none was sent" in verdict.error
 
 
-def test_eval_run_with_a_local_judge_and_no_key_in_the_environment(server, tiny_model_dir, tmp_path, open_questions,
+def test_eval_run_with_a_local_judge_and_no_key_in_the_environment(stub, tiny_model_dir, tmp_path, open_questions,
                                                                    monkeypatch):
+    stub["script"] = [(200, _llama_cpp("Correctness: 1")), (200, _vllm("Correctness: 0"))]
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     out = tmp_path / "out"
     assert run.main(["--model", str(tiny_model_dir), "--data", str(open_questions(2)), "--output", str(out),
                      "--tasks", "slake_open", "--max-new-tokens", "2", "--device", "cpu",
-                     "--judge-url", server["url"], "--judge-model", "local-model"]) == 0
+                     "--judge-url", stub["url"], "--judge-model", "local-model"]) == 0
     entry = json.loads((out / "results.json").read_text())["slake_open"]
     assert entry["metrics"]["judge_accuracy"]["n"] == 2 and entry["judge_failed"] == 0
-    assert server["auth"] == [None, None]
+    assert [r["auth"] for r in stub["requests"]] == [None, None]
