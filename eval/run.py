@@ -16,6 +16,12 @@ Usage::
         --source "VQA_RAD Dataset Public.json" [--split test] --output runs/eval_rad
     # (every --data-format, --split, --lang and --trust-pickle: README, "Evaluation data")
 
+    # checks beside the score (eval/ablation.py, eval/circular.py, eval/contamination.py): is the image read, does an
+    # MCQ answer follow the option's position, which eval images the model trained on
+    python -m eval.run --model runs/export --data data/medmax_eval --output runs/eval --ablate-image --circular-eval \
+        --train-data data/image_tokens data/images.csv
+    # is a gap between two runs real? python -m eval.compare runs/eval_a runs/eval_b (eval/compare.py)
+
     # several GPUs: torchrun --nproc-per-node 4 -m eval.run ... (each rank takes a shard; rank 0 merges)
     # shards started by hand (a job array): the same --run-id for every shard of one launch, a new one per launch
     python -m eval.run ... --shard-rank 1 --num-shards 4 --run-id "$SLURM_ARRAY_JOB_ID"
