@@ -3,9 +3,10 @@
 A question with N options is asked N times: as released (rotation 0), then with its option texts rotated
 by 1 .. N-1 places (rotation k puts the text of option ``(i + k) mod N`` at letter i, and the gold letter
 moves with its text). It counts as correct only if every rotation is answered right (Liu et al. 2023,
-MMBench, section 3.2). The prompt of rotation k is the question's text with its option lines removed and
-the rotated options written as the converters write them ("(A) text" lines); a prompt whose options are
-not written in it as lines (``A: text``, ``(A) text``, ``A. text``) cannot be rotated and its row says so.
+MMBench, section 3.2). Only the option texts move, in place: the prompt keeps its own layout (options as
+lines, ``A: text`` / ``(A) text`` / ``A. text``, or inline as the quickstart writes them, ``Where? A) left
+B) right``), since a model may know only the layout it was trained on. A prompt without such options (or
+whose written options differ from the row's ``options``) cannot be rotated, and its row says why.
 
 Each MCQ row gets ``circular: {"letters", "correct", "all_correct", "follows_position"}``: the option
 letter read from each rotation's answer, whether each was right, and whether the same letter was chosen
@@ -17,37 +18,71 @@ the share of questions whose answer follows the position.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 
-from .data import _OPTION_LINE, EvalRecord, mcq_prompt
-from .scoring import LETTERS, answer_letter, parse_mcq
+from .data import EvalRecord
+from .scoring import LETTERS, answer_letter, normalize, parse_mcq
 from .stats import summary
 
 
-def stem(prompt: str) -> str:
-    """The question without its option lines."""
-    return _OPTION_LINE.sub("", prompt).strip()
+_MARKER = re.compile(r"(?:(?<=\s)|^)\(?([A-H])[).:][ \t]*")
+
+
+def option_spans(prompt: str) -> list[tuple[int, int]] | None:
+    """Where each option's text sits in the prompt, for the last run of markers A, B, C, ... (at least two), written
+    as lines ("A: text", "(A) text") or inline ("Where? A) left B) right"); None when there is no such run.
+    An option's text ends at the next marker or at the end of its line."""
+    runs, run = [], []
+    for m in _MARKER.finditer(prompt):
+        if len(run) < len(LETTERS) and m.group(1) == LETTERS[len(run)]:
+            run.append(m)
+        elif m.group(1) == "A":
+            runs.append(run)
+            run = [m]
+    runs.append(run)
+    best = next((r for r in reversed(runs) if len(r) >= 2), None)
+    if best is None:
+        return None
+    spans = []
+    for i, m in enumerate(best):
+        end = best[i + 1].start() if i + 1 < len(best) else len(prompt)
+        line_end = prompt.find("\n", m.end(), end)
+        spans.append((m.end(), (end if line_end < 0 else line_end)))
+    return [(a, a + len(prompt[a:b].rstrip())) for a, b in spans]
+
+
+def options_of(rec: EvalRecord) -> dict[str, str] | None:
+    spans = option_spans(rec.prompt)
+    return {LETTERS[i]: rec.prompt[a:b] for i, (a, b) in enumerate(spans)} if spans else None
 
 
 def rotation(rec: EvalRecord, k: int) -> EvalRecord:
-    """The row with its options rotated by ``k`` places (see the module doc); gold letter moved with its text."""
-    letters = list(rec.options)
-    texts = [rec.options[x] for x in letters]
+    """The row with its option texts rotated by ``k`` places where they stand in the prompt (everything else kept
+    as written); the gold letter moves with its text."""
+    spans = option_spans(rec.prompt)
+    options = options_of(rec)
+    letters = list(options)
     n = len(letters)
+    texts = [options[x] for x in letters]
     rotated = {LETTERS[i]: texts[(i + k) % n] for i in range(n)}
-    gold = letters.index(answer_letter(rec.answer, rec.options))
-    return dataclasses.replace(rec, prompt=mcq_prompt(stem(rec.prompt), rotated), options=rotated,
-                               answer=LETTERS[(gold - k) % n])
+    prompt, last = [], 0
+    for i, (a, b) in enumerate(spans):
+        prompt += [rec.prompt[last:a], rotated[LETTERS[i]]]
+        last = b
+    gold = letters.index(answer_letter(rec.answer, options))
+    return dataclasses.replace(rec, prompt="".join(prompt) + rec.prompt[last:], options=rotated, answer=LETTERS[(gold - k) % n])
 
 
 def why_not(rec: EvalRecord) -> str | None:
     """Why a row cannot be rotated, or None."""
-    if not rec.options or len(rec.options) < 2:
-        return "no options to rotate"
-    if answer_letter(rec.answer, rec.options) is None:
+    options = options_of(rec)
+    if not options:
+        return "its options are not written in the prompt (as lines or inline A) ... B) ...), so they cannot be reordered"
+    if rec.options and [normalize(v) for v in options.values()] != [normalize(v) for v in rec.options.values()]:
+        return "the options written in the prompt differ from the row's options"
+    if answer_letter(rec.answer, options) is None:
         return "its gold names no single option"
-    if stem(rec.prompt) == rec.prompt.strip():
-        return "its options are not written in the prompt as lines, so they cannot be reordered"
     return None
 
 
@@ -60,10 +95,12 @@ def add_rotations(items: list[tuple[EvalRecord, dict]], build: Callable[[EvalRec
         if reason:
             row["circular"] = {"error": reason}
         else:
-            row["circular"] = {"letters": [parse_mcq(row.get("output") or "", rec.options)], "correct": [bool(row.get("correct"))]}
+            row["circular"] = {"letters": [parse_mcq(row.get("output") or "", options_of(rec))],
+                               "correct": [bool(row.get("correct"))]}
             todo.append((rec, row))
-    for k in range(1, max((len(rec.options) for rec, _ in todo), default=0)):
-        batch = [(rotation(rec, k), row) for rec, row in todo if k < len(rec.options)]
+    sizes = {rec.uid: len(options_of(rec)) for rec, _ in todo}
+    for k in range(1, max(sizes.values(), default=0)):
+        batch = [(rotation(rec, k), row) for rec, row in todo if k < sizes[rec.uid]]
         for (rot, row), out in zip(batch, generate([build(rot) for rot, _ in batch])):
             if isinstance(out, BaseException):
                 row["circular"] = {"error": f"rotation {k}: generation failed ({type(out).__name__}: {out})"}

@@ -17,8 +17,11 @@ is one image, two scans named ``1.png`` are two):
   texts' sources, so it is refused with a line naming what to pass instead (the image-token folder or
   the CSV it was built from).
 
-A question matches when its normalised text (``eval.scoring.normalize``: case, punctuation, articles)
-equals a training question's, or a training text contains it as a whole line.
+A question matches when its normalised text (``eval.scoring.normalize``: case, punctuation, articles), or
+one of its lines, equals a piece of a training text: the whole text, a line, or a part between markers such
+as ``<image>`` and MedMax's end-of-turn ``<reserved08706>`` (so "<image>Where is it?<reserved08706>left"
+holds the question "Where is it?"). A question whose options are written differently there (on its line
+in training, as lines here) does not match.
 
 results.json per task, ``contamination``: ``n_images`` (distinct eval images), ``images_in_training``,
 ``n_questions``, ``questions_in_training``, and the task's score on questions whose image was seen
@@ -32,6 +35,7 @@ import csv
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,9 +74,14 @@ def code_hash(codes) -> str:
     return hashlib.sha256(np.asarray(codes, dtype=np.int32).tobytes()).hexdigest()
 
 
+_TAG = re.compile(r"<[^<>\s]+>")  # <image>, MedMax's end-of-turn <reserved08706> and other markers split texts
+
+
 def _texts(value) -> set[str]:
+    """The normalised pieces of a text: the whole, each line, each part between markers."""
     text = str(value or "")
-    return {normalize(line) for line in [text, *text.splitlines()] if normalize(line)}
+    pieces = [text, *text.splitlines(), *_TAG.split(text)]
+    return {normalize(p) for p in pieces if normalize(p)}
 
 
 def _read_table(path: Path) -> list[dict]:
@@ -87,7 +96,7 @@ def _read_table(path: Path) -> list[dict]:
 def _add_table(index: TrainIndex, path: Path) -> None:
     from medmax.images import ImageLoadError, load_image
 
-    rows, n_images, unreadable = _read_table(path), 0, []
+    rows, before, unreadable = _read_table(path), len(index.pixels), []
     for i, row in enumerate(rows):
         for col in TEXT_COLUMNS:
             index.questions |= _texts(row.get(col))
@@ -96,10 +105,9 @@ def _add_table(index: TrainIndex, path: Path) -> None:
             continue
         try:
             index.pixels.add(pixel_hash(load_image(resolve_inside(path.parent, str(name)))))
-            n_images += 1
         except (ImageLoadError, PathEscapeError, OSError, ValueError) as e:
             unreadable.append(f"row {i + 1} ({name}): {e}")
-    note = f"{path}: {n_images} images by pixels, {len(rows)} rows' texts"
+    note = f"{path}: {len(index.pixels) - before} distinct images by pixels, {len(rows)} rows' texts"
     if unreadable:
         note += f"; {len(unreadable)} images unreadable, the first: {unreadable[0]}"
     index.notes.append(note)
@@ -185,7 +193,7 @@ def match(records: list[EvalRecord], data: Path, model: Path, index: TrainIndex)
                 logger.warning("--train-data: %s: its image cannot be read (%s); it counts as neither seen nor unseen", rec.uid, e)
                 by_image[key] = None
         out[rec.uid] = {"image": f"{key[0]}:{key[1]}", "image_seen": by_image[key],
-                        "question_seen": bool(_texts(rec.prompt.replace("<image>", "")) & index.questions)}
+                        "question_seen": bool(_texts(rec.prompt) & index.questions)}
     return out
 
 

@@ -134,9 +134,10 @@ def _counts(entry: dict) -> str:
 def _table(results: dict, suite: str = "medmax") -> list[str]:
     keys = sorted(k for k in results if not k.startswith("_") and "skipped" not in results[k]
                   and results[k].get("suite", "medmax") == suite)
+    if not keys and (suite != "medmax" or any(e.get("suite") == "beyond_medmax" for e in results.values()
+                                               if isinstance(e, dict))):
+        return []
     if suite != "medmax":
-        if not keys:
-            return []
         head = ["", "## Beyond MedMax's tasks", "", "Benchmarks outside MedMax's suite, listed apart and never averaged "
                 "with MedMax's tasks.", ""]
     else:

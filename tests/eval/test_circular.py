@@ -24,6 +24,17 @@ def test_a_rotation_moves_every_text_and_the_gold_with_it():
     assert "not written in the prompt" in circular.why_not(_rec(1, prompt="Which organ?"))
 
 
+def test_inline_options_rotate_in_place_and_keep_the_prompt_s_layout():
+    """The quickstart writes its options on the question's line; a letter inside the question is no option."""
+    rec = EvalRecord("f:0", "synthetic", "mcq", "Vitamin A. deficiency? Where is it? A) upper left B) upper right "
+                     "C) lower left D) lower right", "B", "x.png")
+    assert circular.why_not(rec) is None
+    rot = circular.rotation(rec, 1)
+    assert rot.prompt == ("Vitamin A. deficiency? Where is it? A) upper right B) lower left C) lower right "
+                          "D) upper left")
+    assert rot.answer == "A" and rot.options["A"] == "upper right"
+
+
 def _fake(answer_of):
     class Out:
         def __init__(self, text):

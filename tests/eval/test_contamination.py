@@ -37,7 +37,7 @@ def _train_csv(root):
     with open(root / "images.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["img_path", "text"])
         writer.writeheader()
-        writer.writerows([{"img_path": "renamed_a.bmp", "text": "<image>\nIs there a mass in region 0?\nyes"},
+        writer.writerows([{"img_path": "renamed_a.bmp", "text": "<image>Is there a mass in region 0?<reserved08706>yes"},
                           {"img_path": "b.png", "text": "Describe the scan."}, {"img_path": "other.png", "text": ""}])
     return root / "images.csv"
 
