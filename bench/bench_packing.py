@@ -8,7 +8,7 @@ Usage::
 Both variants train the same freshly initialised model (same seed) with AdamW in fp32 on the same fixed,
 length-skewed sequences (seeded: 70% of lengths in 64..256, 22% in 256..1024, 8% up to the maximum):
 MedMax's batching (``--batch`` sequences per step, right-padded to the longest, attention mask) and
-ours (``medmax.data.loader.pack_greedy`` + ``PackedCollator``: rows of up to ``--max-length`` tokens,
+ours (``medmax.data.plans.pack_greedy`` + ``PackedCollator``: rows of up to ``--max-length`` tokens,
 positions restart per sequence). Each run builds its model outside the timer and takes one untimed step
 first. The figure is real tokens per second (padding excluded), so both runs are credited for the same work.
 
@@ -36,7 +36,8 @@ from harness import Benchmark, command_line, Case, Result, Target, Variant, add_
 
 from medmax.model import new_model  # noqa: E402
 from medmax.presets import VQGAN_PRESETS, build_tiny_tokenizer  # noqa: E402
-from medmax.data.loader import IGNORE_INDEX, PackedCollator, PaddingCollator, _example, pack_greedy  # noqa: E402
+from medmax.data.loader import IGNORE_INDEX, PackedCollator, PaddingCollator, _example  # noqa: E402
+from medmax.data.plans import pack_greedy  # noqa: E402
 from medmax.vocab import Vocabulary  # noqa: E402
 from medmax.vqgan import VQGAN  # noqa: E402
 

@@ -134,7 +134,7 @@ def preference_accuracy(policy_dir: Path, reference_dir: Path, folder: Path) -> 
 
     from medmax.dpo import sequence_logps
     from medmax.model import MedMaxChameleon
-    from medmax.preferences import PreferenceCollator, load_preferences
+    from medmax.data.preference_loader import PreferenceCollator, load_preferences
     from medmax.vocab import Vocabulary, load_tokenizer
 
     data = load_preferences(folder)

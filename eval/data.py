@@ -37,6 +37,7 @@ from pathlib import Path, PurePosixPath
 
 import pyarrow.parquet as pq
 
+from medmax.answers import options_from_prompt, parse_options
 from medmax.errors import UserError
 from medmax.paths import PathEscapeError, resolve_inside
 
@@ -136,29 +137,6 @@ def _image_fields(row: dict) -> tuple[bytes | None, str | None]:
 
 
 # ---------------------------------------------------------------- MedMax schema
-def parse_options(value) -> dict | None:
-    if value is None or value == "" or (isinstance(value, float) and value != value):
-        return None
-    if isinstance(value, str):
-        value = json.loads(value)
-    return {str(k).strip().upper(): str(v) for k, v in dict(value).items() if v is not None}
-
-
-_OPTION_LINE = re.compile(r"^\s*\(?([A-H])[).:]\s*(\S.*?)\s*$", re.MULTILINE)
-
-
-def options_from_prompt(prompt: str) -> dict | None:
-    """Options written into an MCQ prompt as lines "A: text", "(A) text", "A. text" (MedMax's rows carry no
-    options column); None unless the letters run A, B, ... with at least two of them."""
-    found = {}
-    for letter, text in _OPTION_LINE.findall(prompt or ""):
-        found.setdefault(letter, text)
-    letters = sorted(found)
-    if len(letters) < 2 or "".join(letters) != LETTERS[: len(letters)]:
-        return None
-    return {k: found[k] for k in letters}
-
-
 def parse_answer(value, task_name: str):
     """visual_chat answers are dicts; MedMax stores them as a string (JSON or Python literal)."""
     if task_name == "visual_chat" and isinstance(value, str):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from medmax.jsonl import write_atomic
 
-from . import ablation, circular, contamination, medmax_protocol
+from . import ablation, circular, contamination, fid, medmax_protocol
 from .scoring import paired_accuracy
 from .stats import summary
 from .tasks import MEDMAX_KEYS, Task
@@ -186,7 +186,7 @@ def write_markdown(path: Path, results: dict, problems: list[dict], settings: di
     lines += ["", "MedMax's results layout (accuracy, std_err) of the same numbers is in results_medmax.json. "
               "95% CI: Wilson's interval for an accuracy (0/1 scores), a seeded bootstrap (2000 resamples) of the "
               "mean for other metrics (eval/stats.py).", ""]
-    lines += _table(results) + _table(results, "beyond_medmax") + _groups(results)
+    lines += _table(results) + _table(results, "beyond_medmax") + _groups(results) + fid.report_lines(results)
     lines += ablation.report_lines(results) + circular.report_lines(results) + contamination.report_lines(results)
     lines += _skipped(results)
     lines += ["", "## Settings", ""] + [f"- {k}: {v}" for k, v in sorted(settings.items())]

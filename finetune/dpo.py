@@ -1,6 +1,6 @@
 """``mode: dpo``: preference optimisation on preference folders, in the same run as supervised training.
 
-The trainer is transformers' Trainer with :class:`finetune.train.MedMaxTrainerMixin` (checkpoints, run
+The trainer is transformers' Trainer with :class:`finetune.trainer.MedMaxTrainerMixin` (checkpoints, run
 record, resume checks, export) and :class:`DPOTrainerMixin`, which computes the loss of
 :mod:`medmax.dpo` from one forward of the policy over the 2B rows of a batch (chosen, then rejected)
 and one of the reference, and logs TRL's metrics (``rewards/chosen``, ``rewards/rejected``,
@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 from medmax.dpo import DPOLoss, sequence_logps
+
+from .trainer import MedMaxTrainerMixin
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +72,8 @@ class DPOTrainerMixin:
         weight = inputs.pop("weight", None)
         logps, mask = sequence_logps(model, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"))
         out = self.dpo_loss(logps, self.reference_logps(model, inputs), mask, weight if self.use_weights else None)
+        if model.training:
+            self.stop_if_not_finite(out.loss, lambda: torch.nonzero(~torch.isfinite(out.losses.detach())).flatten().tolist())
         self._store_metrics(out, logps, model.training)
         return (out.loss, {"chosen_rewards": out.chosen_rewards, "rejected_rewards": out.rejected_rewards}) \
             if return_outputs else out.loss
@@ -103,10 +107,8 @@ class DPOTrainerMixin:
 
 
 def dpo_trainer(**kwargs):
-    """A Trainer with :class:`finetune.train.MedMaxTrainerMixin` and :class:`DPOTrainerMixin`."""
+    """A Trainer with :class:`finetune.trainer.MedMaxTrainerMixin` and :class:`DPOTrainerMixin`."""
     from transformers import Trainer
-
-    from .train import MedMaxTrainerMixin
 
     bases = (DPOTrainerMixin, MedMaxTrainerMixin, Trainer)
     return type("MedMaxDPOTrainer", bases, {"__module__": __name__})(**kwargs)
@@ -114,7 +116,7 @@ def dpo_trainer(**kwargs):
 
 def setup_preference_data(cfg, vocab, vocab_size: int):
     """Training and validation preference datasets, checked against the model before any step."""
-    from medmax.preferences import PreferenceDataset, load_preferences
+    from medmax.data.preference_loader import PreferenceDataset, load_preferences
 
     from .config import ConfigError
 
@@ -137,7 +139,7 @@ def setup_preference_data(cfg, vocab, vocab_size: int):
 
 
 def _checked(data, cfg, vocab, vocab_size: int):
-    from medmax.preferences import check_preferences
+    from medmax.data.preference_loader import check_preferences
 
     check_preferences(data, vocab_size, cfg.max_length, vocab.special_ids())
     return data

@@ -1,4 +1,5 @@
-"""Image-token folders, the format ``tokenization.image_tokenize`` writes: ``img_path`` -> raw VQGAN codes.
+"""Image-token folders: ``img_path`` -> raw VQGAN codes, the format image tokenization writes
+(:mod:`medmax.image_tokenizing`, run by ``tokenization.image_tokenize``).
 
 A folder holds:
 
@@ -12,7 +13,7 @@ A folder holds:
   renamed when complete; readers here see finished files only.
 - ``errors/part{P:06d}.jsonl``: the failed rows of partition ``P``, one JSON object a line
   (:func:`write_errors`; a partition without failed rows has no file).
-- ``manifest.json`` (:func:`read_manifest`), version 2:
+- ``manifest.json`` (:func:`read_image_token_manifest`), version 2:
 
   - ``format``: ``"medmax-image-tokens"``; ``version``: 2.
   - ``settings``: everything that decides a code or whether a row fails; a resume must match all of
@@ -49,6 +50,10 @@ from .errors import UserError
 from .jsonl import dumps_line, write_atomic
 
 logger = logging.getLogger(__name__)
+
+
+class ImageTokensError(UserError):
+    """An image-token folder that cannot be read as one; the message names it."""
 
 PARTITION_GLOB = "tokens-rank*-part*.parquet"
 COLUMNS = ("img_path", "img_tokens")
@@ -114,7 +119,7 @@ def write_json(path: Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
-def read_manifest(folder: str | Path) -> dict | None:
+def read_image_token_manifest(folder: str | Path) -> dict | None:
     """The folder's ``manifest.json`` (fields in the module docstring), None if it has none."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
@@ -122,7 +127,7 @@ def read_manifest(folder: str | Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+        raise ImageTokensError(f"{path}: not valid JSON ({exc})") from None
 
 
 def folder_fingerprint(folder: str | Path) -> dict:
@@ -132,9 +137,9 @@ def folder_fingerprint(folder: str | Path) -> dict:
     its partition files instead.
     """
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    manifest = read_image_token_manifest(folder)
     if manifest is None:
-        raise ValueError(f"{folder}: not an image-token folder (no {MANIFEST})")
+        raise ImageTokensError(f"{folder}: not an image-token folder (no {MANIFEST})")
     if manifest.get("format") != FORMAT:
         written = sum(pq.read_metadata(p).num_rows for p in partition_files(folder))
         return {"settings": manifest, "rows": {"written": written}, "complete": None, "rows_digest": None}
@@ -151,7 +156,7 @@ def partition_files(folder: str | Path) -> list[Path]:
 
 def iter_image_tokens(folder: str | Path) -> Iterator[tuple[str, list[int]]]:
     """Yield ``(img_path, codes)`` from every finished partition of one output folder."""
-    manifest = read_manifest(folder) or {}
+    manifest = read_image_token_manifest(folder) or {}
     if manifest.get("complete") is False:
         logger.warning("%s: its last image_tokenize run did not finish; some rows may be missing or stale", folder)
     for path in partition_files(folder):
@@ -163,7 +168,7 @@ def iter_image_tokens(folder: str | Path) -> Iterator[tuple[str, list[int]]]:
 def read_image_tokens(folders: str | Path | Iterable[str | Path], convert: Callable | None = None) -> dict:
     """All ``img_path -> codes`` of one or more output folders (each row's codes passed through ``convert``).
 
-    The same path in two folders must carry the same codes; a conflict raises ``ValueError`` naming it.
+    The same path in two folders must carry the same codes; a conflict raises :class:`ImageTokensError` naming it.
     """
     if isinstance(folders, (str, Path)):
         folders = [folders]
@@ -173,6 +178,6 @@ def read_image_tokens(folders: str | Path | Iterable[str | Path], convert: Calla
             codes = convert(codes) if convert else codes
             previous = tokens.setdefault(img_path, codes)
             if previous is not codes and not np.array_equal(previous, codes):
-                raise UserError(f"{folder}: {img_path!r} has different image tokens in another token folder")
+                raise ImageTokensError(f"{folder}: {img_path!r} has different image tokens in another token folder")
     logger.info("read image tokens for %d images", len(tokens))
     return tokens

@@ -18,6 +18,7 @@ A model folder (what ``finetune.export`` writes and generation / evaluation load
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
+from .data.inputs import file_digest
 from .errors import UserError
 from .memory import MemoryBudgetError, available_bytes, check_fits
 from .vocab import IGNORE_INDEX, Vocabulary, load_tokenizer
@@ -232,15 +234,60 @@ class ModelBundle:
     path: Path | None = None
 
 
+def import_deepspeed_quietly() -> None:
+    """Import an installed DeepSpeed telling it the accelerator, where its probe would only warn.
+
+    ``save_pretrained`` unwraps the model through accelerate, which imports DeepSpeed whenever it is installed,
+    only to test ``isinstance(model, DeepSpeedEngine)``. On import DeepSpeed probes for an accelerator and, with
+    none, warns "Setting accelerator to CPU" on every export and conversion. Where torch sees no accelerator
+    (CUDA, MPS, XPU, ...) that probe settles on the CPU; ``DS_ACCELERATOR=cpu`` (DeepSpeed's own override) says
+    so, for that import only.
+    """
+    import importlib.util
+    import os
+    import sys
+
+    accelerator = getattr(torch, "accelerator", None)
+    has_accelerator = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    if ("deepspeed" in sys.modules or "DS_ACCELERATOR" in os.environ or has_accelerator
+            or importlib.util.find_spec("deepspeed") is None):
+        return
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    try:
+        import deepspeed  # noqa: F401
+    finally:
+        del os.environ["DS_ACCELERATOR"]
+
+
 def save_model_dir(folder: str | Path, model, tokenizer: Tokenizer, vqgan: VQGAN | None) -> Path:
     """Write a model folder (layout in the module docstring)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    import_deepspeed_quietly()
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save(str(folder / "tokenizer.json"))
     if vqgan is not None:
         save_vqgan(vqgan, folder / "vqgan")
     return folder
+
+
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".index.json")
+
+
+def model_digest(folder: str | Path) -> str:
+    """SHA-256 of what a model folder's weights are: its ``config.json`` and weight files (safetensors, ``.bin``
+    and their indexes), by name and content, never the folder's path (a copied model is the same model).
+
+    The tokenizer and ``vqgan/`` are left out: a training run names and fingerprints those separately.
+    Each file is read once, streamed (budget one read of the weights).
+    """
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and (p.name == "config.json" or p.name.endswith(WEIGHT_FILE_SUFFIXES)))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}\0{file_digest(path)}\n".encode())
+    return digest.hexdigest()
 
 
 def load_model_dir(folder: str | Path, dtype: torch.dtype | None = None, device=None, trust_checkpoint: bool = False,

@@ -81,8 +81,20 @@ def tokenizer_file(path: str | Path) -> Path:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a ``tokenizers`` tokenizer from a JSON file or a checkpoint folder that holds one."""
-    return Tokenizer.from_file(str(tokenizer_file(path)))
+    """Load a ``tokenizers`` tokenizer from a JSON file or a checkpoint folder that holds one.
+
+    A file that is not a tokenizer (invalid UTF-8 or JSON, another schema) raises :class:`TokenizerFileError`
+    naming it.
+    """
+    file = tokenizer_file(path)
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as exc:  # tokenizers raises a bare Exception for every reason
+        raise TokenizerFileError(f"{file}: not a readable tokenizer JSON file ({exc})") from None
+
+
+class TokenizerFileError(UserError):
+    """A tokenizer file that ``tokenizers`` cannot read (its message names the file and the reason)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +177,20 @@ def split_markers(text: str, markers: tuple[str, ...]) -> list[tuple[str | None,
     if pending:
         out.append((pending, None))
     return out
+
+
+def split_turn(text: str, marker: str) -> tuple[str, str] | None:
+    """``text`` cut at its first unescaped ``marker`` (the end-of-turn of a MedMax row, as :func:`split_markers`
+    reads it): (before, after), each as written (escapes kept); None when there is none."""
+    for match in _marker_pattern((marker,)).finditer(text):
+        if len(match.group(1)) % 2 == 0:
+            return text[: match.start(2)], text[match.end(2) :]
+    return None
+
+
+def escape_markers(text: str, markers: tuple[str, ...]) -> str:
+    """Literal ``text`` written so that :func:`split_markers` reads it back as one text piece (markers escaped)."""
+    return _marker_pattern(markers).sub(lambda m: "\\" * (2 * len(m.group(1)) + 1) + m.group(2), text)
 
 
 _PATTERNS: dict[tuple[str, ...], re.Pattern] = {}

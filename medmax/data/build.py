@@ -25,18 +25,18 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
-from medmax.errors import UserError  # absolute: this module moves into medmax/data/
 from tqdm.auto import tqdm
 
-from ..paths import PathEscapeError, resolve_inside
+from ..errors import UserError, is_disk_refusal, write_refused
+from ..image_code_lookup import ImageCodeLookup, image_token_fingerprint, load_code_table, table_code_count
 from ..vocab import Vocabulary, load_tokenizer, tokenizer_file
 from . import passthrough
 from .build_folder import BuildFolder
 from .inputs import MAX_ROW_BYTES, file_digest, find_inputs, iter_row_batches, row_id
 from .passthrough import ColumnFilter
-from .rows import LengthDrop, RowError, SequenceBuilder, SequenceConfig
+from .preferences import CONSUMED_COLUMNS, PREFERENCES, PreferenceBuilder
+from .rows import BuildConfigError, LengthDrop, RowError, SequenceBuilder, SequenceConfig
 from .shards import (
     ERRORS,
     FORMAT_NAME,
@@ -76,19 +76,19 @@ class BuildConfig:
     strict: bool = False  # fail on the first rejected row
     resume: bool = False  # keep the outputs of input files a previous run finished (same inputs and settings)
     progress: bool = True
-    layout: str = "sequences"  # or "preferences": pairs (medmax.preferences) instead of sequences
+    layout: str = "sequences"  # or "preferences": pairs (medmax.data.preferences) instead of sequences
 
     def __post_init__(self):
         if self.layout not in ("sequences", "preferences"):
-            raise ValueError(f"layout={self.layout!r}: choose sequences or preferences")
+            raise BuildConfigError(f"layout={self.layout!r}: choose sequences or preferences")
         if self.workers < 1:
-            raise ValueError(f"--workers must be at least 1, got {self.workers}")
+            raise BuildConfigError(f"--workers must be at least 1, got {self.workers}")
         if self.batch_size < 1 or self.rows_per_shard < 1:
-            raise ValueError("--batch-size and --rows-per-shard must be positive")
+            raise BuildConfigError("--batch-size and --rows-per-shard must be positive")
         if self.image_root is not None and self.ckpt is None:
-            raise ValueError("--image-root needs --ckpt (images read from disk are encoded with the VQGAN)")
+            raise BuildConfigError("--image-root needs --ckpt (images read from disk are encoded with the VQGAN)")
         if self.max_row_bytes < 1:
-            raise ValueError(f"--max-row-bytes must be positive, got {self.max_row_bytes}")
+            raise BuildConfigError(f"--max-row-bytes must be positive, got {self.max_row_bytes}")
         self.columns  # noqa: B018 - validates --keep / --drop
 
     @classmethod
@@ -108,107 +108,24 @@ class BuildConfig:
     def columns(self) -> ColumnFilter:
         keep = None if self.keep is None else tuple(self.keep)
         if self.layout == "preferences":
-            from ..preferences import CONSUMED_COLUMNS, PREFERENCES
-
             return ColumnFilter(keep, tuple(self.drop), CONSUMED_COLUMNS, PREFERENCES.names)
         return ColumnFilter(keep, tuple(self.drop))
 
     @property
     def shard_layout(self) -> ShardLayout:
         if self.layout == "preferences":
-            from ..preferences import PREFERENCES
-
             return PREFERENCES
         return SEQUENCES
 
     def builder(self, tokenizer, sequence: SequenceConfig, resolver, vocab):
         """The row builder of this build's layout: sequences, or preference pairs."""
         if self.layout == "preferences":
-            from ..preferences import PreferenceBuilder
-
             return PreferenceBuilder(tokenizer, sequence, resolver, vocab)
         return SequenceBuilder(tokenizer, sequence, resolver, vocab)
 
 
 class RowRejected(UserError):
     """Raised in strict mode for the first rejected row."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Image codes by path or bytes
-
-
-def _compact(codes) -> np.ndarray:
-    arr = np.asarray(codes, dtype=np.int64)
-    if arr.size and arr.min() >= 0 and arr.max() < 2**15:
-        return arr.astype(np.int16)
-    return arr.astype(np.int32) if arr.size and arr.max() < 2**31 else arr
-
-
-def load_code_table(folders: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """``img_path -> codes`` of every image-token folder, stored compactly; conflicts raise."""
-    from ..image_tokens import read_image_tokens
-
-    table = read_image_tokens(folders, convert=_compact)
-    logger.info("image codes for %d images from %d folder(s)", len(table), len(folders))
-    return table
-
-
-def table_code_count(table: dict[str, np.ndarray], folders) -> int | None:
-    """The one code count all images in the table share (None for an empty table)."""
-    counts = Counter(len(v) for v in table.values())
-    if len(counts) > 1:
-        raise ValueError(
-            f"--image-tokens {', '.join(map(str, folders))}: images have different code counts "
-            f"{dict(counts.most_common(4))}; pass --codes-per-image to choose one (others are rejected)"
-        )
-    return next(iter(counts), None)
-
-
-class ImageCodes:
-    """Resolves an image reference (path or bytes) to raw codes: the table first, then the VQGAN."""
-
-    def __init__(self, table: dict[str, np.ndarray], vqgan=None, image_root: str | None = None):
-        self.table, self.vqgan = table, vqgan
-        self.root = Path(image_root).resolve() if image_root else None
-
-    def __call__(self, ref) -> np.ndarray:
-        if isinstance(ref, str):
-            codes = self.table.get(ref)
-            if codes is None:
-                codes = self.table.get(os.path.normpath(ref))
-            if codes is not None:
-                return codes
-            if self.vqgan is None or self.root is None:
-                raise RowError("missing_image", f"no image codes for path {ref!r} in --image-tokens")
-            return self._encode(self._inside_root(ref))
-        if self.vqgan is None:
-            raise RowError("missing_image", "the row holds image bytes; pass --ckpt to tokenize them on the fly")
-        return self._encode(bytes(ref))
-
-    def _inside_root(self, ref: str) -> Path:
-        try:
-            path = resolve_inside(self.root, ref)
-        except PathEscapeError:
-            raise RowError("missing_image", f"image path {ref!r} leaves --image-root {self.root}") from None
-        if not path.is_file():
-            raise RowError("missing_image", f"image path {ref!r} not in --image-tokens nor under --image-root")
-        return path
-
-    def _encode(self, source) -> np.ndarray:
-        import torch
-
-        from ..images import ImageLoadError, load_image, preprocess
-
-        try:
-            image = load_image(source)
-        except ImageLoadError as err:
-            raise RowError("image_load_error", str(err)) from None
-        pixels = preprocess(image, self.vqgan.resolution)[None]  # (1, 3, R, R)
-        param = next(self.vqgan.parameters())
-        with torch.no_grad():
-            codes = self.vqgan.encode_codes(pixels.to(param.device, param.dtype))  # (1, h*w)
-        return codes[0].cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,20 +248,6 @@ def _reject(err: RowError, number: int, row: dict | None, path, errors: ErrorLog
 # Fingerprints: what a finished input file's shards depend on
 
 
-def image_token_fingerprint(folder: str | Path) -> dict:
-    """An image-token folder by content: what its manifest says decides it (settings, row counts, rows
-    digest: :func:`medmax.image_tokens.folder_fingerprint`; None without a manifest), and each finished
-    partition's row count and sha256, which also covers codes no manifest vouches for."""
-    import pyarrow.parquet as pq
-
-    from ..image_tokens import folder_fingerprint, partition_files, read_manifest
-
-    folder = Path(folder)
-    manifest = folder_fingerprint(folder) if read_manifest(folder) is not None else None
-    partitions = {p.name: {"rows": pq.ParquetFile(p).metadata.num_rows, "sha256": file_digest(p)} for p in partition_files(folder)}
-    return {"manifest": manifest, "partitions": partitions, "rows": sum(v["rows"] for v in partitions.values())}
-
-
 def _fingerprint(cfg: BuildConfig, vqgan) -> dict:
     """What must be unchanged for a finished input file to be kept by a resumed run."""
     return json.loads(json.dumps({
@@ -373,12 +276,12 @@ def _setup(cfg: BuildConfig) -> dict:
 
         vqgan = load_vqgan(cfg.ckpt, trust_checkpoint=cfg.trust_checkpoint)
         if seq.codes_per_image is not None and seq.codes_per_image != vqgan.n_codes_per_image:
-            raise ValueError(f"--codes-per-image {seq.codes_per_image} but the VQGAN in --ckpt gives {vqgan.n_codes_per_image}")
+            raise BuildConfigError(f"--codes-per-image {seq.codes_per_image} but the VQGAN in --ckpt gives {vqgan.n_codes_per_image}")
         seq = SequenceConfig(**{**asdict(seq), "codes_per_image": vqgan.n_codes_per_image, "codebook_size": vqgan.n_embed})
     if seq.codes_per_image is None and table:
         seq = SequenceConfig(**{**asdict(seq), "codes_per_image": table_code_count(table, cfg.image_tokens)})
     vocab = Vocabulary.from_tokenizer(tokenizer)
-    return {"tokenizer": tokenizer, "vocab": vocab, "resolver": ImageCodes(table, vqgan, cfg.image_root), "sequence": seq,
+    return {"tokenizer": tokenizer, "vocab": vocab, "resolver": ImageCodeLookup(table, vqgan, cfg.image_root), "sequence": seq,
             "vqgan": vqgan}
 
 
@@ -429,6 +332,16 @@ def build_dataset(cfg: BuildConfig) -> dict:
     folder.check([*inputs, *(Path(spec) for spec in cfg.inputs if Path(spec).is_dir())])
     state = _setup(cfg)
     cfg = replace(cfg, sequence=state["sequence"])
+    try:
+        return _build(cfg, inputs, folder, state)
+    except OSError as err:  # a full disk or read-only file system: one line naming the output
+        if not is_disk_refusal(err):
+            raise
+        kept = f"{folder.partial} is kept for --resume" if folder.partial.exists() else "nothing was written"
+        raise write_refused(folder.path, err, kept) from None
+
+
+def _build(cfg: BuildConfig, inputs: list[Path], folder: BuildFolder, state: dict) -> dict:
     fingerprint = _fingerprint(cfg, state["vqgan"])
     work = folder.start(cfg.resume)
     finished = _resume(work, inputs, fingerprint) if cfg.resume else {}
@@ -486,7 +399,7 @@ def _codes_per_image(results: list[FileResult], configured: int | None) -> int |
     seen = {r.codes_per_image for r in results if r.codes_per_image is not None}
     if len(seen) > 1:
         by_file = {r.path: r.codes_per_image for r in results if r.codes_per_image is not None}
-        raise ValueError(f"images have different code counts across input files {by_file}; pass --codes-per-image")
+        raise BuildConfigError(f"images have different code counts across input files {by_file}; pass --codes-per-image")
     return configured if configured is not None else next(iter(seen), None)
 
 

@@ -35,17 +35,16 @@ placeholders place them), shared with evaluation and the training data.
 
 The package follows those seams: ``prompts`` (segments, checking and encoding), ``forward`` (the
 model's batched passes), ``text`` (the text loop), ``image`` (guidance streams, the image loop and
-decoding), ``sampling`` (logits processing) and ``generator`` (the config, the outputs and the
-interleaving).
+decoding), ``sampling`` (logits processing), ``state`` (a prompt's state across the phases) and ``generator`` (the
+outputs, batching and the interleaving); ``config`` holds the settings.
 """
 
 from .config import MODES, GenerationConfig
 
 # The rest loads torch and the model code on first use, so that importing GenerationConfig (for a program's
 # --help and argument defaults) stays light.
-_LAZY = {"GenerationOutput": "generator", "Generator": "generator", "ImageOutput": "generator", "TextOutput": "generator",
-         "END_OF_TURN": "prompts", "ImageCodes": "prompts", "Segment": "prompts", "_EndOfTurn": "prompts",
-         "prompt_segments": "prompts"}
+_LAZY = {"GenerationOutput": ".generator", "Generator": ".generator", "ImageOutput": ".generator", "TextOutput": ".generator",
+         "ImageCodes": ".prompts", "Segment": ".prompts", "END_OF_TURN": "..prompting", "prompt_segments": "..prompting"}
 
 __all__ = ["END_OF_TURN", "MODES", "GenerationConfig", "GenerationOutput", "Generator", "ImageCodes", "ImageOutput",
            "Segment", "TextOutput", "prompt_segments"]
@@ -56,7 +55,7 @@ def __getattr__(name: str):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from importlib import import_module
 
-    value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    value = getattr(import_module(_LAZY[name], __name__), name)
     globals()[name] = value
     return value
 

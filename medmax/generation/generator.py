@@ -17,10 +17,11 @@ import torch
 from PIL import Image
 
 from ..model import ModelBundle, load_model_dir
-from .config import MODES, GenerationConfig  # noqa: F401 (re-exported)
+from .config import GenerationConfig
 from .forward import ModelRunner
 from .image import ImageDecoder
 from .prompts import PromptEncoder, Segment
+from .state import _Row
 from .text import TextDecoder
 
 logger = logging.getLogger(__name__)
@@ -52,21 +53,6 @@ class GenerationOutput:
     @property
     def images(self) -> list[ImageOutput]:
         return [s for s in self.segments if isinstance(s, ImageOutput)]
-
-
-@dataclass
-class _Row:
-    """One prompt's state across the phases of a generation."""
-
-    context: list[int]  # prompt + everything generated so far
-    segments: list = field(default_factory=list)
-    generated: list[int] = field(default_factory=list)
-    text_left: int = 0
-    images_left: int = 0
-    finish_reason: str = ""
-    index: int = 0  # the prompt's position in ``generate``'s input
-    rng: torch.Generator | None = None  # the prompt's own generator (``generate(seeds=...)``)
-    on_step: Callable | None = None  # ``generate(on_step=...)``
 
 
 class Generator:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
-from ..prompting import END_OF_TURN, _EndOfTurn, prompt_segments  # noqa: F401  (re-exported)
+from ..prompting import _EndOfTurn
 from ..vocab import encode_text
 
 _ENCODE_BATCH = 8  # prompt images per VQGAN encoder call

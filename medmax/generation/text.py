@@ -16,11 +16,11 @@ from .sampling import apply_repetition_penalty, sample, text_token_mask
 
 if TYPE_CHECKING:
     from .config import GenerationConfig
-    from .generator import _Row
+    from .state import _Row
 
 
 class TextDecoder:
-    """Decodes one text run for a batch of rows (each a prompt's state, see ``generator._Row``)."""
+    """Decodes one text run for a batch of rows (each a prompt's state, see ``state._Row``)."""
 
     def __init__(self, runner: ModelRunner, vocab, tokenizer, context_length: int):
         self.runner = runner

@@ -328,7 +328,7 @@ def test_eval_run_reads_embedded_images_and_the_source_flags(tiny_model_dir, tmp
     path_mmu = [{"pathvqa": "path_mmu", "test": "all", str(out): str(tmp_path / "out_mmu")}.get(a, a) for a in argv]
     capsys.readouterr()
     assert run.main(path_mmu) == 2
-    assert capsys.readouterr().err == "eval.run: error: --split must be one of test, test_tiny, val for path_mmu, got 'all'\n"
+    assert capsys.readouterr().err == "medmax-eval: error: --split must be one of test, test_tiny, val for path_mmu, got 'all'\n"
 
 
 def test_vqa_rad_image_folder_defaults_per_layout(tmp_path):

@@ -149,7 +149,7 @@ def test_limit_and_flag_errors(tiny_model_dir, eval_data, tmp_path, capsys):
                            (["--judge-url", "ftp://judge"], "--judge-url must start with http")):
         assert run.main(_argv(tiny_model_dir, eval_data, tmp_path / "x", *extra)) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("eval.run: error: ") and message in err[0]
+        assert len(err) == 1 and err[0].startswith("medmax-eval: error: ") and message in err[0]
     assert not (tmp_path / "x").exists()
 
 
@@ -246,7 +246,7 @@ def test_a_run_that_scores_nothing_says_why_and_exits_non_zero(tiny_model_dir, t
                  "--tasks", "vqa_rad_closed", "--image-dir", "VQA_RAD Image Folder")
     assert run.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("eval.run: error: no row was scored") and "not found" in err[0]
+    assert len(err) == 1 and err[0].startswith("medmax-eval: error: no row was scored") and "not found" in err[0]
     assert "--image-dir" in err[0]
     assert "vqa_rad_closed: 3 of 3 rows were not scored" in caplog.text and "synpic100.jpg" in caplog.text
     report = (out / "report.md").read_text()

@@ -8,7 +8,7 @@ import pytest
 
 from medmax.errors import UserError
 from medmax.image_tokens import partition_path, partition_table, read_image_tokens, write_errors, write_partition
-from medmax.data.build import load_code_table
+from medmax.image_code_lookup import load_code_table
 
 
 def _folder(root, rows: dict[str, list[int]]):

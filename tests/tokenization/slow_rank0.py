@@ -7,9 +7,10 @@ import os
 import sys
 import time
 
+from medmax import image_tokenizing
 from tokenization import image_tokenize
 
-_setup_model = image_tokenize._setup_model
+_setup_model = image_tokenizing._setup_model
 
 
 def _slow_setup_model(*args, **kwargs):
@@ -18,7 +19,7 @@ def _slow_setup_model(*args, **kwargs):
     return _setup_model(*args, **kwargs)
 
 
-image_tokenize._setup_model = _slow_setup_model
+image_tokenizing._setup_model = _slow_setup_model
 
 if __name__ == "__main__":
     sys.exit(image_tokenize.main())

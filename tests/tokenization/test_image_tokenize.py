@@ -18,9 +18,16 @@ import pytest
 import torch
 from PIL import Image
 
-from medmax.image_tokens import folder_fingerprint, iter_image_tokens, partition_files, read_image_tokens, read_manifest
+from medmax.image_tokens import (
+    folder_fingerprint,
+    iter_image_tokens,
+    partition_files,
+    read_image_token_manifest,
+    read_image_tokens,
+)
 from medmax.images import load_image, preprocess
 from medmax.vqgan import VQGAN, save_vqgan
+from medmax import image_tokenizing
 from tokenization import image_tokenize
 from tokenization.image_tokenize import main
 
@@ -54,7 +61,7 @@ def dataset(tmp_path_factory) -> Path:
 
 
 class Refused(Exception):
-    """The run ended in its one error line (``image_tokenize: error: ...``, exit code 2), raised here to be matched."""
+    """The run ended in its one error line (``medmax-image-tokenize: error: ...``, exit code 2), raised here to be matched."""
 
 
 def _run(csv: Path, out: Path, ckpt: Path, *extra: str) -> int:
@@ -62,7 +69,7 @@ def _run(csv: Path, out: Path, ckpt: Path, *extra: str) -> int:
     with contextlib.redirect_stderr(err):
         code = main(["--input", str(csv), "--output", str(out), "--ckpt", str(ckpt), "--workers", "0", "--no-progress", *extra])
     if code == 2:
-        assert err.getvalue().startswith("image_tokenize: error: ") and err.getvalue().count("\n") == 1, err.getvalue()
+        assert err.getvalue().startswith("medmax-image-tokenize: error: ") and err.getvalue().count("\n") == 1, err.getvalue()
         raise Refused(err.getvalue())
     sys.stderr.write(err.getvalue())
     return code
@@ -105,7 +112,7 @@ def test_rows_do_not_depend_on_batch_partition_or_workers(dataset, tiny_vqgan_di
 
 def test_resume_after_a_crash_finishes_only_what_is_missing(dataset, tiny_vqgan_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    publish = image_tokenize.PartitionWriter._publish
+    publish = image_tokenizing.PartitionWriter._publish
     calls = []
 
     def crash_on_third(self, k, part):
@@ -115,15 +122,15 @@ def test_resume_after_a_crash_finishes_only_what_is_missing(dataset, tiny_vqgan_
             raise KeyboardInterrupt("killed")
         publish(self, k, part)
 
-    monkeypatch.setattr(image_tokenize.PartitionWriter, "_publish", crash_on_third)
+    monkeypatch.setattr(image_tokenizing.PartitionWriter, "_publish", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         _run(dataset, out, tiny_vqgan_dir, "--partition-size", "3")
-    monkeypatch.setattr(image_tokenize.PartitionWriter, "_publish", publish)
+    monkeypatch.setattr(image_tokenizing.PartitionWriter, "_publish", publish)
     first = {p.name: p.stat().st_mtime_ns for p in partition_files(out)}
     assert len(first) == 2
 
     redone = []
-    monkeypatch.setattr(image_tokenize.PartitionWriter, "_publish", lambda self, k, part: (redone.append(k), publish(self, k, part)))
+    monkeypatch.setattr(image_tokenizing.PartitionWriter, "_publish", lambda self, k, part: (redone.append(k), publish(self, k, part)))
     assert _run(dataset, out, tiny_vqgan_dir, "--partition-size", "3") == 0
     assert sorted(redone) == [2, 3, 4]  # 15 rows in 5 partitions; 0 and 1 were finished before the crash
     assert {p.name: p.stat().st_mtime_ns for p in partition_files(out) if p.name in first} == first
@@ -223,7 +230,7 @@ def test_torchrun_two_processes_match_one(dataset, tiny_vqgan_dir, tmp_path, pro
 
 
 def _manifest(out: Path) -> dict:
-    manifest = read_manifest(out)
+    manifest = read_image_token_manifest(out)
     assert manifest is not None and manifest["complete"] is True
     rows = manifest["rows"]
     assert rows["input"] == rows["written"] + rows["failed"] + rows["duplicate"]  # every row counted once
@@ -237,8 +244,8 @@ def _good_csv(path: Path, indices) -> Path:
 
 def _published(monkeypatch) -> list[int]:
     """Record the partitions a run publishes."""
-    publish, redone = image_tokenize.PartitionWriter._publish, []
-    monkeypatch.setattr(image_tokenize.PartitionWriter, "_publish", lambda self, k, part: (redone.append(k), publish(self, k, part)))
+    publish, redone = image_tokenizing.PartitionWriter._publish, []
+    monkeypatch.setattr(image_tokenizing.PartitionWriter, "_publish", lambda self, k, part: (redone.append(k), publish(self, k, part)))
     return redone
 
 
@@ -290,7 +297,7 @@ def test_appended_rows_are_tokenized_on_rerun(dataset, tiny_vqgan_dir, tmp_path,
 def test_rows_edited_out_after_a_kill_lose_nothing(dataset, tiny_vqgan_dir, tmp_path, monkeypatch):
     """Issue 12: a run killed mid-way, rows edited out of the CSV, rerun: three good rows were lost."""
     csv, root, out = _good_csv(tmp_path / "data.csv", range(11)), str(dataset.parent), tmp_path / "out"
-    publish, calls = image_tokenize.PartitionWriter._publish, []
+    publish, calls = image_tokenizing.PartitionWriter._publish, []
 
     def crash_on_third(self, k, part):
         calls.append(k)
@@ -298,10 +305,10 @@ def test_rows_edited_out_after_a_kill_lose_nothing(dataset, tiny_vqgan_dir, tmp_
             raise KeyboardInterrupt("killed")
         publish(self, k, part)
 
-    monkeypatch.setattr(image_tokenize.PartitionWriter, "_publish", crash_on_third)
+    monkeypatch.setattr(image_tokenizing.PartitionWriter, "_publish", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         _run(csv, out, tiny_vqgan_dir, "--image-root", root, "--partition-size", "3")
-    monkeypatch.setattr(image_tokenize.PartitionWriter, "_publish", publish)
+    monkeypatch.setattr(image_tokenizing.PartitionWriter, "_publish", publish)
     kept = [0, 2, 3, 5, 6, 8, 9, 10]
     _good_csv(csv, kept)  # rows 1, 4 and 7 edited out: every later row moves to another partition
     assert _run(csv, out, tiny_vqgan_dir, "--image-root", root, "--partition-size", "3") == 0
@@ -361,14 +368,14 @@ def test_hostile_images_are_failed_rows_that_never_take_down_their_batch(dataset
     Image.new("L", (1, 100_000), 128).save(root / "imgs" / "strip.png")  # a few hundred bytes; 2 GB in the old resize
     Image.new("RGB", (400, 300), (9, 9, 9)).save(root / "imgs" / "big.png")
     shutil.copy(root / "imgs" / "3.png", root / "imgs" / "boom.png")
-    load = image_tokenize.load_image
+    load = image_tokenizing.load_image
 
     def out_of_memory_on_boom(source, **kwargs):
         if str(source).endswith("boom.png"):
             raise MemoryError
         return load(source, **kwargs)
 
-    monkeypatch.setattr(image_tokenize, "load_image", out_of_memory_on_boom)
+    monkeypatch.setattr(image_tokenizing, "load_image", out_of_memory_on_boom)
     csv = _good_csv(tmp_path / "data.csv", [0, "strip", 1, "big", "boom", 2, 4])
     out = tmp_path / "out"
     assert _run(csv, out, tiny_vqgan_dir, "--image-root", str(root), "--batch-size", "8", "--partition-size", "3",
@@ -404,7 +411,7 @@ def test_default_batch_size_is_chosen_per_device_and_recorded(dataset, tiny_vqga
     _run(dataset, tmp_path / "default", tiny_vqgan_dir)
     _run(dataset, tmp_path / "given", tiny_vqgan_dir, "--batch-size", "3")
     summary = {name: json.loads((tmp_path / name / "summary.json").read_text()) for name in ("default", "given")}
-    assert summary["default"]["batch_size"] == image_tokenize.DEFAULT_BATCH_SIZE["cpu"] == 1
+    assert summary["default"]["batch_size"] == image_tokenizing.DEFAULT_BATCH_SIZE["cpu"] == 1
     assert summary["given"]["batch_size"] == 3
     assert read_image_tokens(tmp_path / "default") == read_image_tokens(tmp_path / "given")  # fp32: batching is invisible
     assert "1 on cpu" in image_tokenize.build_parser().format_help()

@@ -15,9 +15,8 @@ from medmax.data.loader import (
     SequenceDataset,
     _example,
     load_sequences,
-    pack_greedy,
-    weighted_order,
 )
+from medmax.data.plans import pack_greedy, weighted_order
 from medmax.data.shards import write_sequences
 from medmax.model import new_model
 
