@@ -127,12 +127,12 @@ def _add_token_folder(index: TrainIndex, folder: Path, manifest: dict) -> None:
 
 def check_paths(paths: list[Path]) -> None:
     """Refuse, before any model work, a path that is none of the kinds in the module doc."""
-    from medmax.image_tokens import FORMAT, read_manifest
+    from medmax.image_tokens import FORMAT, read_image_token_manifest
 
     for path in paths:
         if not path.exists():
             raise UserError(f"--train-data {path}: does not exist")
-        if path.is_dir() and (read_manifest(path) or {}).get("format") != FORMAT:
+        if path.is_dir() and (read_image_token_manifest(path) or {}).get("format") != FORMAT:
             raise UserError(f"--train-data {path}: a folder that is not an image-token folder (a sequence folder holds "
                             f"token ids, not images or texts); pass the image-token folder or the CSV it was built from")
         if path.is_file() and path.suffix not in (".csv", ".jsonl", ".parquet"):
@@ -141,13 +141,13 @@ def check_paths(paths: list[Path]) -> None:
 
 def build_index(paths: list[Path]) -> TrainIndex:
     """Everything the training data says, from each path (see the module doc)."""
-    from medmax.image_tokens import read_manifest
+    from medmax.image_tokens import read_image_token_manifest
 
     check_paths(paths)
     index = TrainIndex()
     for path in paths:
         if path.is_dir():
-            _add_token_folder(index, path, read_manifest(path))
+            _add_token_folder(index, path, read_image_token_manifest(path))
         else:
             _add_table(index, path)
     return index
