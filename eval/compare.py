@@ -40,7 +40,7 @@ MD_DISAGREEMENTS = 20  # per task in compare.md; all of them are in disagreement
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eval.compare", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="medmax-eval-compare", description=__doc__.split("\n")[0])
     p.add_argument("run_a", type=Path, help="an eval.run output folder (the baseline)")
     p.add_argument("run_b", type=Path, help="an eval.run output folder (the one compared with it)")
     p.add_argument("--output", type=Path, help="where to write compare.{json,md,png} (default: RUN_B/compare)")
@@ -186,9 +186,11 @@ def chart(path: Path, tasks: dict, run_a: Path, run_b: Path) -> None:
     plt.close(fig)
 
 
-@program("eval.compare")
+@program("medmax-eval-compare")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.run_a.resolve() == args.run_b.resolve():
+        raise EvalError(f"RUN_A and RUN_B are the same folder ({args.run_a}); compare two runs")
     tasks, disagreements = compare(args.run_a, args.run_b, args.seed)
     out = args.output or args.run_b / "compare"
     out.mkdir(parents=True, exist_ok=True)

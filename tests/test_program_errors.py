@@ -111,6 +111,7 @@ BAD_VALUE = {
     "medmax-convert": (["--output", "{tmp}/out", "--model-size", "7b"], "--input"),
     "medmax-quickstart": (["--output", "{tmp}/qs", "--nproc", "0"], "--nproc"),
     "medmax-eval": (["--model", "{tmp}", "--data", "{tmp}", "--output", "{tmp}/out", "--batch-size", "0"], "--batch-size"),
+    "medmax-eval-compare": (["{tmp}", "{tmp}"], "RUN_B"),
     "medmax-train-tokenizer": (["--input", "{csv}", "--output", "{tmp}/out", "--text-vocab-size", "10"], "--text-vocab-size"),
     "medmax-train": (["--config", "{yaml}"], "mode='nonsense'"),
 }

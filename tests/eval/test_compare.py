@@ -75,4 +75,4 @@ def test_runs_that_cannot_pair_are_refused_in_one_line(tmp_path, capsys, change,
     b = _fake_run(tmp_path / "b", [True, True], **change)
     assert compare.main([str(a), str(b)]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and re.match(r"^eval\.compare: error: ", err) and phrase in err
+    assert len(err.splitlines()) == 1 and re.match(r"^medmax-eval-compare: error: ", err) and phrase in err
