@@ -216,6 +216,20 @@ def _fid_lines(fid: dict | None) -> list[str]:
             "and says nothing about published FIDs."]
 
 
+def _ablation_lines(ablation: dict) -> list[str]:
+    """The image ablation of the held-out tasks (eval.run --ablate-image): does the score need the image?"""
+    lines = ["", "Image ablation: each held-out question asked again with no image, a blank grey one and another "
+             "held-out scan (shuffled). A model that reads the image falls towards chance without it.", "",
+             "| held-out task | real image | no image | blank | shuffled | chance | McNemar real vs shuffled |",
+             "|---|---|---|---|---|---|---|"]
+    for kind, e in ablation.items():
+        if e:
+            scores = " | ".join("-" if e[c]["score"] is None else f"{e[c]['score']:.3f}" for c in ("real", "none", "blank", "shuffled"))
+            test = e["mcnemar_real_vs_shuffled"]
+            lines.append(f"| {kind} | {scores} | {CHANCE[kind]:.2f} | {test['b']} vs {test['c']}, p {test['p_value']:.2g} |")
+    return lines
+
+
 def write_report(out: Path, data: dict, times: dict[str, float], faith: dict) -> dict[str, float]:
     """Step 8: OUTPUT/report/ with the artifacts, summary.json and a README; returns held-out accuracies."""
     report = out / "report"
@@ -225,7 +239,8 @@ def write_report(out: Path, data: dict, times: dict[str, float], faith: dict) ->
     accuracy = {kind: results[f"synthetic_{kind}"]["score"] for kind in CHANCE if f"synthetic_{kind}" in results}
     images = _image_summary(out)
     summary = {"accuracy": accuracy, "chance": CHANCE, "targets": TARGETS, "seconds": times, "images": images,
-               "open": results.get("synthetic_open"), "faithfulness": faith, "artifacts": found}
+               "open": results.get("synthetic_open"), "faithfulness": faith, "artifacts": found,
+               "image_ablation": {k: results[f"synthetic_{k}"].get("image_ablation") for k in accuracy}}
     (report / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     lines = [
         "# Quickstart report",
@@ -255,6 +270,7 @@ def write_report(out: Path, data: dict, times: dict[str, float], faith: dict) ->
         "",
         *_fid_lines(faith.get("fid")),
     ]
+    lines += _ablation_lines(summary["image_ablation"])
     lines += ["", f"Image tokenizer: {images['tokenized']} images tokenized, {images['dicom_tokenized']} of them DICOM; "
               f"{len(images['failed'])} reported as unreadable and left out (never replaced):", ""]
     lines += [f"- `{e['img_path']}`: {e['reason']}" for e in images["failed"]] or ["- none"]
@@ -303,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
               env=dict(steps.env, NPROC_PER_NODE="1"))
     steps.run("5 export", [py, "-m", "finetune.export", "--checkpoint", out / "train", "--output", out / "model"])
     steps.run("6 evaluate", [py, "-m", "eval.run", "--model", out / "model", "--data", data["eval_dir"],
-                             "--output", out / "eval", "--tasks", "synthetic", "--prompt-style", "sft", "--batch-size", 32])
+                             "--output", out / "eval", "--tasks", "synthetic", "--prompt-style", "sft", "--batch-size", 32,
+                             "--ablate-image"])
     steps.run("7 generate", [py, "-m", "medmax", "generate", "--model", out / "model", "--mode", "image",
                              "--prompt", data["generation_prompt"], "--output", out / "generated", "--seed", args.seed])
     faith = steps.timed("7 faithfulness", measure_faithfulness, out, data, args.seed)

@@ -12,7 +12,10 @@ MedMax schema (parquet or JSONL, one row per question)::
                    an ``image`` (or ``image_path``) column holding ``{"bytes", "path"}`` as Hugging Face
                    datasets store an Image feature in parquet, or raw bytes
     options        optional: {"A": text, ...} (or its JSON string), used to map text answers to letters
-    pair_id        optional: ProbMed question pairs (a question and its adversarial twin share one)
+    groups         optional: {column: value} a task's accuracy is broken down by in the report (a converter's
+                   categories: GMAI-MMBench's clinical VQA task, department, ...)
+    pair_id        optional: questions sharing one are scored together (``paired_accuracy``: 1 only when
+                   all are right), in any task: ProbMed's adversarial pairs, MediConfusion-style image pairs
 
 An MCQ row whose gold answer names no single option (see ``eval.scoring.resolve_gold``) is a problem
 row when it is loaded, never a silent "wrong". Each converter below names the release it reads and
@@ -43,7 +46,8 @@ from .scoring import LETTERS, UnresolvedGold, resolve_gold, yes_no
 logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("task_name", "question_type", "prompt", "answer", "image_path")
-FORMATS = ("medmax", "vqa_rad", "slake", "pathvqa", "quilt_vqa", "pmc_vqa", "omnimed", "path_mmu", "probmed")
+FORMATS = ("medmax", "vqa_rad", "slake", "pathvqa", "quilt_vqa", "pmc_vqa", "omnimed", "path_mmu", "probmed",
+           "vlmeval_tsv", "gmai_mmbench", "mmmu", "medxpertqa_mm")
 
 
 @dataclass
@@ -75,7 +79,7 @@ class SourceOptions:
 
 
 SPLITS = {"vqa_rad": ("test", "train", "all"), "path_mmu": ("test", "test_tiny", "val"),
-          "pathvqa": ("test", "train", "val", "all")}
+          "pathvqa": ("test", "train", "val", "all"), "mmmu": ("validation", "dev", "test")}
 LANGS = ("en", "zh", "all")
 _OPTION_FORMATS = {"split": tuple(SPLITS), "lang": ("slake",), "trust_pickle": ("pathvqa",)}
 
@@ -188,6 +192,7 @@ def record_from_row(row: dict, uid: str) -> EvalRecord:
         options=options,
         pair_id=None if row.get("pair_id") in (None, "") else str(row["pair_id"]),
         image_bytes=image_bytes,
+        extra={"groups": dict(row["groups"])} if row.get("groups") else {},
     )
 
 
@@ -523,8 +528,160 @@ def _quilt_row(item: dict, image_dir: str, uid: str) -> dict:
     return {**row, "answer": decided}
 
 
+# ---------------------------------------------------------------- benchmarks beyond MedMax's 12 tasks
+_TSV_IMAGE_REF = 64  # VLMEvalKit: an image cell of at most 64 characters is the index of the row holding the image
+_TSV_GROUPS = ("category", "l2-category", "clinical vqa task", "department", "perceptual granularity", "modality")
+
+
+def convert_vlmeval_tsv(path: Path, opts: SourceOptions = SourceOptions(), task: str = "vlmeval_tsv") -> list[dict]:
+    """VLMEvalKit's TSV benchmark format (open-compass/VLMEvalKit, ``vlmeval/dataset/image_base.py`` and
+    ``image_mcq.py``; GMAI-MMBench, OmniMedVQA, MMMU_DEV_VAL and MMBench are distributed this way): a tab-separated
+    file read as pandas reads it, with columns ``index``, ``question``, optional ``hint``, option columns ``A``,
+    ``B``, ... (empty / NaN when a question has fewer), ``answer`` (an option letter; "Yes"/"No" in yes/no files
+    without option columns), ``image`` (base64), and optional ``category`` / ``l2-category``. Quirks, as VLMEvalKit
+    reads them: an ``image`` cell of at most 64 characters is the ``index`` of another row whose image it shares;
+    a cell written as a Python list holds several images. The prompt is ``Hint: <hint>`` (when given), the question,
+    then the options as "(A) text" lines. Category columns (``category``, ``l2-category`` and GMAI-MMBench's
+    ``clinical vqa task``, ``department``, ``perceptual granularity``) become the report's breakdown.
+
+    Problem rows (counted and named, never a crash): an image that is not base64, an index reference to no row,
+    several images (eval.run shows one image per question), an answer letter with no option of that letter.
+    A file without an ``answer`` column (GMAI-MMBench's TEST file withholds its answers) is refused."""
+    import pandas as pd
+
+    table = pd.read_csv(path, sep="\t")
+    if "answer" not in table.columns:
+        raise UserError(f"{path}: no answer column (a TEST file whose answers are withheld?); use a file with answers")
+    items = [{k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()} for row in table.to_dict("records")]
+    images = {str(it["index"]): str(it.get("image") or "") for it in items}
+    return [_tsv_row(it, images, path.name, task) for it in items]
+
+
+def _tsv_row(it: dict, images: dict, name: str, task: str) -> dict:
+    options = {k: str(it[k]) for k in LETTERS if it.get(k) is not None and str(it[k]) != ""}
+    question = str(it["question"] or "")
+    if it.get("hint"):
+        question = f"Hint: {it['hint']}\n{question}"
+    groups = {g: str(it[g]) for g in _TSV_GROUPS if it.get(g) is not None}
+    uid = f"{name}:{it['index']}"
+    if options:
+        row = _row(task, "mcq", mcq_prompt(question, options), _mcq_gold(str(it["answer"]).strip(), options), None, options, uid=uid)
+    else:
+        row = _row(task, "closed", question, yes_no(str(it["answer"])) or str(it["answer"]), None, uid=uid)
+    row["groups"] = groups
+    try:
+        row["image_path"] = {"bytes": _tsv_image(str(it["index"]), images), "path": f"{it['index']}.png"}
+    except BadRow as e:
+        row["_problem"] = str(e)
+    if not options and row["answer"] not in ("yes", "no"):
+        row["_problem"] = f"answer {it['answer']!r} is neither an option letter (the row has no options) nor yes/no"
+    return row
+
+
+def _tsv_image(index: str, images: dict) -> bytes:
+    import base64
+    import binascii
+
+    cell = images[index]
+    if 0 < len(cell) <= _TSV_IMAGE_REF:
+        if len(images.get(cell, "")) <= _TSV_IMAGE_REF:
+            raise BadRow(f"image {cell!r} refers to no row holding an image (VLMEvalKit's index reference)")
+        cell = images[cell]
+    if cell.startswith("["):
+        raise BadRow("the row holds several images; eval.run shows one image per question")
+    try:
+        return base64.b64decode(cell, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRow(f"image is not base64 (it starts {cell[:20]!r})") from None
+
+
+def convert_gmai_mmbench(path: Path, opts: SourceOptions = SourceOptions()) -> list[dict]:
+    """GMAI-MMBench (Ye et al. 2024, uni-medical/GMAI-MMBench): ``GMAI-MMBench_VAL.tsv``, VLMEvalKit's TSV format
+    (:func:`convert_vlmeval_tsv`) with options ``A``..``E`` and the category columns ``clinical vqa task``,
+    ``department``, ``perceptual granularity`` (VLMEvalKit's ``GMAIMMBenchDataset`` reports accuracy by each),
+    images PNG-encoded base64. The TEST file has no ``answer`` column and is refused."""
+    return convert_vlmeval_tsv(path, opts, task="gmai_mmbench")
+
+
+MMMU_HEALTH = ("Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_Laboratory_Medicine", "Pharmacy",
+               "Public_Health")
+_MMMU_ID = re.compile(r"^(dev|validation|test)_(.+)_(\d+)$")
+_MMMU_IMAGE = re.compile(r"<image (\d+)>")
+
+
+def convert_mmmu(path: Path, opts: SourceOptions = SourceOptions()) -> list[dict]:
+    """MMMU (Yue et al. 2024, MMMU/MMMU on Hugging Face), its Health & Medicine subjects only (``MMMU_HEALTH``):
+    parquet files ``<Subject>/<split>-00000-of-00001.parquet`` (split dev, validation (default) or test, whose
+    answers are withheld), rows {id ("validation_Clinical_Medicine_1"), question, options (a Python list literal
+    written as a string, "['a', 'b']"; "[]" for open questions), explanation, image_1 .. image_7 ({"bytes",
+    "path"} structs or null), img_type, answer (a letter for multiple-choice), topic_difficulty, question_type
+    ("multiple-choice" or "open"), subfield}. The question (and an option) refers to its images as
+    ``<image n>``. A question whose single image is ``<image 1>`` is asked with it, the placeholder read as
+    "the image"; problem rows: a ``<image n>`` with no image_n, several images (eval.run shows one image per
+    question), an answer letter with no option. Breakdown by subject, subfield, topic_difficulty, img_type."""
+    split = opts.split or "validation"
+    rows = []
+    for file in _parquet_files(path, "all"):
+        for i, it in enumerate(pq.read_table(file).to_pylist()):
+            m = _MMMU_ID.match(str(it["id"]))
+            if m and m.group(2) in MMMU_HEALTH and m.group(1) == split:
+                rows.append(_mmmu_row(it, m.group(2), file.name))
+    logger.info("%s: %d MMMU health & medicine questions in the %s split", path, len(rows), split)
+    return rows
+
+
+def _mmmu_row(it: dict, subject: str, name: str) -> dict:
+    options_list = ast.literal_eval(it["options"]) if isinstance(it["options"], str) else list(it["options"] or [])
+    options = {LETTERS[i]: str(o) for i, o in enumerate(options_list[: len(LETTERS)])}
+    text = str(it["question"]) + " " + " ".join(options.values())
+    used = sorted({int(n) for n in _MMMU_IMAGE.findall(text)})
+    given = [n for n in range(1, 8) if isinstance(it.get(f"image_{n}"), dict) and it[f"image_{n}"].get("bytes")]
+    question = _MMMU_IMAGE.sub("the image", str(it["question"]))
+    groups = {"subject": subject, **{k: str(it[k]) for k in ("subfield", "topic_difficulty", "img_type") if it.get(k)}}
+    image = it["image_1"] if 1 in given else None
+    if it["question_type"] == "multiple-choice":
+        row = _row("mmmu_health", "mcq", mcq_prompt(question, options), _mcq_gold(str(it["answer"]), options), image, options)
+    else:
+        row = _row("mmmu_health", "open", question, str(it["answer"]), image)
+    row.update(_uid=f"{name}:{it['id']}", groups=groups)
+    missing = [n for n in used if n not in given]
+    if missing:
+        row["_problem"] = f"{it['id']}: the question refers to <image {missing[0]}> but image_{missing[0]} is empty"
+    elif len(set(used) | set(given)) > 1:
+        row["_problem"] = f"{it['id']}: {len(set(used) | set(given))} images; eval.run shows one image per question"
+    return row
+
+
+_ANSWER_CHOICES = re.compile(r"\s*Answer Choices:.*$", re.DOTALL)
+
+
+def convert_medxpertqa_mm(path: Path, opts: SourceOptions = SourceOptions()) -> list[dict]:
+    """MedXpertQA, its multimodal subset (Zuo et al. 2025, TsinghuaC3I/MedXpertQA): ``MM/test.jsonl`` (or
+    ``dev.jsonl``), rows {id ("MM-0"), question (ending in the options written inline: "Answer Choices: (A) ...
+    (B) ..."), options ({"A": text, ... "E": text}), label (the gold letter), images (file names, e.g.
+    ["MM-0-a.jpeg"]), medical_task, body_system, question_type ("Reasoning" / "Understanding")}. Images:
+    ``images/<name>`` (``--image-dir``). The inline "Answer Choices" are cut from the question and the options
+    written as "(A) text" lines, as every MCQ here. Problem rows: several images (eval.run shows one image per
+    question), a label with no option. Breakdown by medical_task, body_system, question_type."""
+    image_dir = "images" if opts.image_dir is None else opts.image_dir
+    rows = []
+    for it in _read_json_or_jsonl(path):
+        options = {str(k).upper(): str(v) for k, v in dict(it["options"]).items()}
+        images = list(it.get("images") or [])
+        row = _row("medxpertqa_mm", "mcq", mcq_prompt(_ANSWER_CHOICES.sub("", str(it["question"])), options),
+                   _mcq_gold(str(it["label"]), options), _join(image_dir, images[0]) if images else None, options,
+                   uid=f"{path.name}:{it['id']}")
+        row["groups"] = {k: str(it[k]) for k in ("medical_task", "body_system", "question_type") if it.get(k)}
+        if len(images) > 1:
+            row["_problem"] = f"{it['id']}: {len(images)} images; eval.run shows one image per question"
+        rows.append(row)
+    return rows
+
+
 CONVERTERS = {"vqa_rad": convert_vqa_rad, "slake": convert_slake, "pathvqa": convert_pathvqa, "quilt_vqa": convert_quilt_vqa,
-              "pmc_vqa": convert_pmc_vqa, "omnimed": convert_omnimed, "path_mmu": convert_path_mmu, "probmed": convert_probmed}
+              "pmc_vqa": convert_pmc_vqa, "omnimed": convert_omnimed, "path_mmu": convert_path_mmu, "probmed": convert_probmed,
+              "vlmeval_tsv": convert_vlmeval_tsv, "gmai_mmbench": convert_gmai_mmbench, "mmmu": convert_mmmu,
+              "medxpertqa_mm": convert_medxpertqa_mm}
 
 
 def _check_options(fmt: str, opts: SourceOptions) -> None:

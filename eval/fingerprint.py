@@ -37,6 +37,7 @@ RUN_ONLY = frozenset({
     "model", "data", "source", "clip_model", "judge_prompt", "fid_features", "fid_real",  # digested by content, not path
     "output", "tasks", "batch_size", "device", "skip_memory_check", "workers", "shard_rank", "num_shards", "merge_timeout_s",
     "judge_url", "judge_key_env", "judge_deadline_s", "judge_max_reply_bytes", "overwrite", "run_id", "fingerprint_checked",
+    "train_data",  # the contamination check reads it after the predictions; it decides none of them
 })
 IGNORED_SUFFIXES = (".md", ".png", ".jpg", ".jpeg", ".gif")
 _BLOCK = 4 << 20

@@ -15,7 +15,13 @@ The judge is an untrusted server. Whatever it sends, one row gets one outcome an
   fails the row, so a server cannot send the key or the question elsewhere, and no verdict comes
   from another host.
 
-The API key goes in the Authorization header only: it is kept out of ``repr``, logs, errors and every
+A locally served open judge needs no key: vLLM (``vllm serve MODEL``) and llama.cpp (``llama-server -m
+MODEL.gguf``) serve the same ``/v1/chat/completions`` route, and without their ``--api-key`` they accept
+requests that carry no Authorization header, which is what is sent when the key's variable is unset or
+empty. Only ``choices[0].message.content`` is read: vLLM's extra fields (``reasoning_content``,
+``tool_calls``, ``stop_reason``, ``prompt_logprobs``) and llama.cpp's (``timings``, ``system_fingerprint``)
+are ignored, so a reasoning model's thinking never supplies the verdict. A 401/403 when no key was sent
+says so. The API key goes in the Authorization header only: it is kept out of ``repr``, logs, errors and every
 file written. A server can echo it (in a reply, an error body, a redirect's address), so everything the
 server sends is redacted (the key becomes ``[redacted]``) before it is parsed, logged, cached or returned. The cache (JSONL: key, verdict, reply cut to 2000 characters) survives a cut last line,
 and each process appends only to its own cache file (``cache_path``); others are read (``read_paths``).
@@ -242,6 +248,9 @@ class Judge:
             if status in (301, 302, 303, 307, 308):
                 url = self._redirect(url, status, headers.get("Location"))
                 continue
+            if status in (401, 403) and not self.config.api_key:
+                raise JudgeFailure(f"HTTP {status}: the server wants a key and none was sent (set the environment "
+                                   f"variable --judge-key-env names)", retry=False)
             if status != 200:
                 raise JudgeFailure(f"HTTP {status}", retry=status in _RETRY_STATUS)
             return _content(reply)

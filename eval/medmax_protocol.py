@@ -38,6 +38,7 @@ Where this differs from MedMax's run, on purpose, and what to do about it:
 from __future__ import annotations
 
 from .scoring import mean_stderr
+from .stats import summary
 from .tasks import Task
 
 PROTOCOLS = ("toolkit", "medmax")
@@ -124,7 +125,7 @@ def task_metrics(task: Task, rows: list[dict]) -> dict:
     """results.json entry for a task scored by MedMax's rules (dropped and failed judge rows counted; for the
     one-token kinds, the golds the rule can never match and the accuracy against normalised golds)."""
     good = [r for r in rows if not r.get("error")]
-    metric = mean_stderr(r["correct"] for r in good if r.get("correct") is not None).as_dict()
+    metric = summary((r["correct"] for r in good if r.get("correct") is not None), task.key)
     entry = {"metric": "accuracy", **metric, "metrics": {"accuracy": metric}, "n_errors": len(rows) - len(good),
              "protocol": "medmax"}
     if task.kind == "open":
@@ -133,8 +134,8 @@ def task_metrics(task: Task, rows: list[dict]) -> dict:
     if task.kind in ONE_TOKEN_KINDS:
         entry["n_unmatchable"] = sum(not matchable(task.kind, r.get("answer")) for r in good)
         if entry["n_unmatchable"]:
-            entry["metrics"]["accuracy_gold_normalised"] = mean_stderr(
-                _correct_gold_normalised(task.kind, r) for r in good if "medmax_text" in r).as_dict()
+            entry["metrics"]["accuracy_gold_normalised"] = summary(
+                (_correct_gold_normalised(task.kind, r) for r in good if "medmax_text" in r), f"{task.key}:normalised")
     return entry
 
 

@@ -13,14 +13,15 @@ from pathlib import Path
 
 from medmax.jsonl import write_atomic
 
-from . import fid, medmax_protocol
-from .scoring import mean_stderr, paired_accuracy
-from .tasks import Task
+from . import ablation, circular, contamination, fid, medmax_protocol
+from .scoring import paired_accuracy
+from .stats import summary
+from .tasks import MEDMAX_KEYS, Task
 
 logger = logging.getLogger(__name__)
 
 # kind -> (primary metric, row fields averaged as sub-metrics)
-_METRICS = {
+METRIC_FIELDS = {
     "closed": ("accuracy", {"accuracy": "correct"}),
     "mcq": ("accuracy", {"accuracy": "correct"}),
     "probmed": ("accuracy", {"accuracy": "correct"}),
@@ -33,17 +34,38 @@ _METRICS = {
 
 
 def task_metrics(task: Task, rows: list[dict], protocol: str = "toolkit") -> dict:
-    """results.json entry: n, metric, score, stderr (of the primary metric), every sub-metric, error counts,
-    and the protocol that scored it."""
+    """results.json entry: n, metric, score, stderr and ci95 (of the primary metric), every sub-metric, error
+    counts, the protocol that scored it, and the checks that ran (``image_ablation``)."""
+    entry = _scored_metrics(task, rows, protocol)
+    entry["suite"] = "medmax" if task.key in MEDMAX_KEYS else "beyond_medmax"
+    good = [r for r in rows if not r.get("error")]
+    checks = {"image_ablation": ablation.summarize(task.kind, good, task.key), "circular": circular.summarize(good, task.key)}
+    entry.update({k: v for k, v in checks.items() if v is not None})
+    scored = [r for r in good if r.get("correct") is not None]
+    if task.kind == "probmed" or any(r.get("pair_id") for r in scored):
+        entry["metrics"]["paired_accuracy"] = summary(paired_accuracy(scored), f"{task.key}:paired")
+    if any(r.get("groups") for r in scored):
+        entry["by_group"] = _by_group(scored, task.key)
+    return entry
+
+
+def _by_group(rows: list[dict], key: str) -> dict:
+    """Accuracy per value of each category column a converter gave (``groups``), with its 95 % CI."""
+    values: dict[str, dict[str, list]] = {}
+    for row in rows:
+        for column, value in (row.get("groups") or {}).items():
+            values.setdefault(column, {}).setdefault(str(value), []).append(row["correct"])
+    return {c: {v: summary(scores, f"{key}:{c}:{v}") for v, scores in sorted(by.items())} for c, by in sorted(values.items())}
+
+
+def _scored_metrics(task: Task, rows: list[dict], protocol: str) -> dict:
     if medmax_protocol.applies(protocol, task):
         return medmax_protocol.task_metrics(task, rows)
     good = [r for r in rows if not r.get("error")]
-    primary, fields = _METRICS[task.kind]
-    metrics = {name: mean_stderr(r[f] for r in good if r.get(f) is not None).as_dict() for name, f in fields.items()}
-    if task.kind == "probmed":
-        metrics["paired_accuracy"] = mean_stderr(paired_accuracy(good)).as_dict()
+    primary, fields = METRIC_FIELDS[task.kind]
+    metrics = {name: summary((r[f] for r in good if r.get(f) is not None), f"{task.key}:{name}") for name, f in fields.items()}
     if any("judge" in r for r in good):
-        metrics["judge_accuracy"] = mean_stderr(r["judge"] for r in good if r.get("judge") is not None).as_dict()
+        metrics["judge_accuracy"] = summary((r["judge"] for r in good if r.get("judge") is not None), f"{task.key}:judge")
     entry = {"metric": primary, **metrics[primary], "metrics": metrics, "n_errors": len(rows) - len(good), "protocol": "toolkit"}
     if any("judge" in r for r in good):
         entry["judge_unparseable"] = sum(r.get("judge_status") == "unparseable" for r in good)
@@ -96,6 +118,11 @@ _PROTOCOL_NOTES = {
 }
 
 
+def ci_text(ci: dict | None) -> str:
+    """A 95 % interval as "[0.512, 0.688] wilson" (or "-")."""
+    return "-" if not ci else f"[{ci['low']:.3f}, {ci['high']:.3f}] {ci['method']}"
+
+
 def _counts(entry: dict) -> str:
     parts = [f"{entry[k]} {label}" for k, label in (("n_dropped", "dropped (no verdict)"), ("n_judge_failed", "judge failed"),
                                                     ("judge_unparseable", "judge unparseable"), ("judge_failed", "judge failed"),
@@ -104,16 +131,37 @@ def _counts(entry: dict) -> str:
     return f"{entry['n_errors']}" + (f" ({', '.join(parts)})" if parts else "")
 
 
-def _table(results: dict) -> list[str]:
-    lines = ["| task | protocol | metric | n | score | stderr | errors |", "|---|---|---|---|---|---|---|"]
-    for key in sorted(k for k in results if not k.startswith("_") and "skipped" not in results[k]):
+def _table(results: dict, suite: str = "medmax") -> list[str]:
+    keys = sorted(k for k in results if not k.startswith("_") and "skipped" not in results[k]
+                  and results[k].get("suite", "medmax") == suite)
+    if not keys and (suite != "medmax" or any(e.get("suite") == "beyond_medmax" for e in results.values()
+                                               if isinstance(e, dict))):
+        return []
+    if suite != "medmax":
+        head = ["", "## Beyond MedMax's tasks", "", "Benchmarks outside MedMax's suite, listed apart and never averaged "
+                "with MedMax's tasks.", ""]
+    else:
+        head = []
+    lines = head + ["| task | protocol | metric | n | score | stderr | 95% CI | errors |", "|---|---|---|---|---|---|---|---|"]
+    for key in keys:
         entry = results[key]
         proto = entry["protocol"]
         lines.append(f"| {key} | {proto} | {entry['metric']} | {entry['n']} | {_fmt(entry['score'])} | "
-                     f"{_fmt(entry['stderr'])} | {_counts(entry)} |")
+                     f"{_fmt(entry['stderr'])} | {ci_text(entry.get('ci95'))} | {_counts(entry)} |")
         for name, m in sorted(entry["metrics"].items()):
             if name != entry["metric"]:
-                lines.append(f"| {key} | {proto} | {name} | {m['n']} | {_fmt(m['score'])} | {_fmt(m['stderr'])} | |")
+                lines.append(f"| {key} | {proto} | {name} | {m['n']} | {_fmt(m['score'])} | {_fmt(m['stderr'])} | "
+                             f"{ci_text(m.get('ci95'))} | |")
+    return lines
+
+
+def _groups(results: dict) -> list[str]:
+    """Accuracy by each category column a benchmark gives (GMAI-MMBench's clinical VQA task, department ...)."""
+    lines = []
+    for key in sorted(k for k, e in results.items() if not k.startswith("_") and isinstance(e, dict) and e.get("by_group")):
+        lines += ["", f"## {key} by category", "", "| column | value | n | accuracy | 95% CI |", "|---|---|---|---|---|"]
+        for column, by in results[key]["by_group"].items():
+            lines += [f"| {column} | {value} | {m['n']} | {_fmt(m['score'])} | {ci_text(m.get('ci95'))} |" for value, m in by.items()]
     return lines
 
 
@@ -135,8 +183,12 @@ def write_markdown(path: Path, results: dict, problems: list[dict], settings: di
         lines += ["## Warnings", ""] + [f"- {w}" for w in results["_warnings"]] + [""]
     lines += ["The protocol column says which rules produced each number:", ""]
     lines += [f"- {_PROTOCOL_NOTES[p]}" for p in protocols]
-    lines += ["", "MedMax's results layout (accuracy, std_err) of the same numbers is in results_medmax.json.", ""]
-    lines += _table(results) + fid.report_lines(results) + _skipped(results)
+    lines += ["", "MedMax's results layout (accuracy, std_err) of the same numbers is in results_medmax.json. "
+              "95% CI: Wilson's interval for an accuracy (0/1 scores), a seeded bootstrap (2000 resamples) of the "
+              "mean for other metrics (eval/stats.py).", ""]
+    lines += _table(results) + _table(results, "beyond_medmax") + _groups(results) + fid.report_lines(results)
+    lines += ablation.report_lines(results) + circular.report_lines(results) + contamination.report_lines(results)
+    lines += _skipped(results)
     lines += ["", "## Settings", ""] + [f"- {k}: {v}" for k, v in sorted(settings.items())]
     lines += ["", f"## Rows not evaluated ({len(problems)})", ""]
     lines += [f"- `{p['uid']}`: {p['reason']}" for p in problems[:200]]
@@ -154,10 +206,11 @@ def write_chart(path: Path, results: dict) -> None:
     keys = sorted(k for k, v in results.items() if not k.startswith("_") and v.get("score") is not None)
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(keys) + 2), 4))
     scores = [results[k]["score"] for k in keys]
-    errs = [results[k]["stderr"] or 0.0 for k in keys]
+    cis = [results[k].get("ci95") or {"low": s, "high": s} for k, s in zip(keys, scores)]
+    errs = [[s - c["low"] for s, c in zip(scores, cis)], [c["high"] - s for s, c in zip(scores, cis)]]
     ax.bar(range(len(keys)), scores, yerr=errs, capsize=3, color="#4c72b0")
     ax.set_xticks(range(len(keys)), [f"{k}\n({results[k]['metric']})" for k in keys], rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("score (mean, +- stderr)")
+    ax.set_ylabel("score (mean, 95% CI)")
     ax.set_title("MedMax evaluation suite")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

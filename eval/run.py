@@ -20,6 +20,12 @@ Usage::
         --source "VQA_RAD Dataset Public.json" [--split test] --output runs/eval_rad
     # (every --data-format, --split, --lang and --trust-pickle: README, "Evaluation data")
 
+    # checks beside the score (eval/ablation.py, eval/circular.py, eval/contamination.py): is the image read, does an
+    # MCQ answer follow the option's position, which eval images the model trained on
+    python -m eval.run --model runs/export --data data/medmax_eval --output runs/eval --ablate-image --circular-eval \
+        --train-data data/image_tokens data/images.csv
+    # is a gap between two runs real? python -m eval.compare runs/eval_a runs/eval_b (eval/compare.py)
+
     # several GPUs: torchrun --nproc-per-node 4 -m eval.run ... (each rank takes a shard; rank 0 merges)
     # shards started by hand (a job array): the same --run-id for every shard of one launch, a new one per launch
     python -m eval.run ... --shard-rank 1 --num-shards 4 --run-id "$SLURM_ARRAY_JOB_ID"
@@ -48,7 +54,7 @@ import random
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image
@@ -58,7 +64,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from medmax.cli import program
 from medmax.jsonl import append_jsonl, read_json, read_jsonl, write_jsonl
 
-from . import fid, fingerprint, launch, medmax_protocol, outputs, report
+from . import ablation, circular, contamination, fid, fingerprint, launch, medmax_protocol, outputs, report
 from .data import FORMATS, EvalRecord, data_files, load_record_image, load_records
 from .errors import EvalError, FingerprintMismatch, ShardError
 from .judge import PLACEHOLDERS, PROMPT, Judge, JudgeConfig, parse_verdict
@@ -102,6 +108,9 @@ class EvalConfig:
     fid_real: Path | None = None  # the real images FID compares with: a folder, or a CSV of image paths
     fid_kind: str = "auto"
     fid_pool: str = "cls"  # dinov2: the CLS token or pooler_output
+    ablate_image: bool = False  # ask each VQA question again without its image, blank and shuffled (eval/ablation.py)
+    circular_eval: bool = False  # ask each MCQ once per rotation of its options (eval/circular.py)
+    train_data: list[Path] = field(default_factory=list)  # contamination check (eval/contamination.py); decides no prediction
     judge_url: str | None = None
     judge_model: str | None = None
     judge_key_env: str = "OPENAI_API_KEY"
@@ -142,6 +151,7 @@ class EvalConfig:
             raise ValueError(f"shard rank {self.shard_rank} outside 0..{self.num_shards - 1}")
         if not self.data.exists():
             raise FileNotFoundError(f"--data {self.data}: does not exist")
+        contamination.check_paths(self.train_data)
         self._validate_judge()
         self._validate_fid()
         select_tasks(self.tasks)  # raises naming an unknown task
@@ -201,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fid-real", type=Path, help="real images for FID/KID: a folder, or a CSV with an img_path column")
     p.add_argument("--fid-kind", default=EvalConfig.fid_kind, help="auto, clip, dinov2 or vqgan-encoder")
     p.add_argument("--fid-pool", default=EvalConfig.fid_pool, help="dinov2 features: cls or pooled")
+    p.add_argument("--ablate-image", action="store_true",
+                   help="ask each VQA question again with no image, a blank one and another question's (eval/ablation.py)")
+    p.add_argument("--circular-eval", action="store_true",
+                   help="MMBench's CircularEval: ask each MCQ once per rotation of its options (eval/circular.py)")
+    p.add_argument("--train-data", type=Path, nargs="+", default=[], metavar="PATH",
+                   help="image-token folders or image CSVs the model trained on: report eval images and questions found "
+                        "there, and the score on seen and unseen images (eval/contamination.py)")
     p.add_argument("--judge-url", help="OpenAI-compatible base URL (…/v1) for the open-answer judge")
     p.add_argument("--judge-model", help="judge model name (MedMax used gpt-4o-mini)")
     p.add_argument("--judge-key-env", default=EvalConfig.judge_key_env, help="environment variable holding the judge's key")
@@ -289,6 +306,7 @@ class Context:
     pred_dir: Path
     stats: dict = field(default_factory=dict)
     tag: str | None = None  # the fingerprint tag every row written carries
+    partners: dict = field(default_factory=dict)  # --ablate-image: task key -> uid -> the shuffled control's row
 
 
 def _device(config: EvalConfig) -> str:
@@ -361,7 +379,8 @@ def _gen_config(task: Task, config: EvalConfig, seed: int):
 
 
 def _base_row(task: Task, rec: EvalRecord) -> dict:
-    return {"uid": rec.uid, "task": task.key, "question": rec.prompt, "image": rec.image_path, "answer": rec.answer}
+    row = {"uid": rec.uid, "task": task.key, "question": rec.prompt, "image": rec.image_path, "answer": rec.answer}
+    return {**row, "groups": rec.extra["groups"]} if rec.extra.get("groups") else row
 
 
 def _failed_row(task: Task, rec: EvalRecord, reason: str) -> dict:
@@ -429,7 +448,30 @@ def evaluate_batch(task: Task, batch: list[EvalRecord], ctx: Context) -> list[di
     todo = [(rec, prompt, image) for rec, (prompt, image, failed) in zip(batch, prepared) if failed is None]
     outs = _generate(task, [p for _, p, _ in todo], ctx, [_row_seed(ctx.config, rec.uid) for rec, _, _ in todo])
     done = {rec.uid: _score_row(task, rec, out, image, ctx) for (rec, _, image), out in zip(todo, outs)}
+    scored = [(rec, p, image, done[rec.uid]) for rec, p, image in todo if not done[rec.uid].get("error")]
+    if ctx.config.ablate_image and task.kind in ablation.KINDS:
+        _ablate(task, scored, ctx)
+    if ctx.config.circular_eval and task.kind == "mcq":
+        _rotate(task, scored, ctx)
     return [done[rec.uid] if failed is None else failed for rec, (_, _, failed) in zip(batch, prepared)]
+
+
+def _ablate(task: Task, items: list, ctx: Context) -> None:
+    """--ablate-image: the scored rows' questions asked again without, with a blank and with another image."""
+    quiet = replace(ctx, judge=None)  # ablated answers are scored by the task's rule, not sent to the judge
+    ablation.add_conditions(task.kind, items, ctx.partners.get(task.key, {}), lambda rec: _input_image(rec, ctx),
+                            lambda prompts: _generate(task, prompts, ctx, [0] * len(prompts)),
+                            lambda rec, out: _score(task, rec, out, None, quiet))
+
+
+def _rotate(task: Task, items: list, ctx: Context) -> None:
+    """--circular-eval: the scored MCQ rows asked again in every other rotation of their options."""
+    images = {rec.uid: image for rec, _, image, _ in items}
+    quiet = replace(ctx, judge=None)
+    circular.add_rotations([(rec, row) for rec, _, _, row in items],
+                           lambda rec: build_prompt(rec, task, ctx.config.prompt_style, images[rec.uid]),
+                           lambda prompts: _generate(task, prompts, ctx, [0] * len(prompts)),
+                           lambda rec, out: _score(task, rec, out, None, quiet))
 
 
 # ------------------------------------------------------------------------------ scoring one row
@@ -452,8 +494,6 @@ def _score(task: Task, rec: EvalRecord, out, image, ctx: Context) -> dict:
         _score_medmax(row, task, rec, out, ctx)
     elif kind in ("closed", "probmed"):
         row["correct"] = score_closed(row["output"], str(rec.answer))
-        if kind == "probmed":
-            row["pair_id"] = rec.pair_id
     elif kind == "mcq":
         row["parsed"] = parse_mcq(row["output"], rec.options)
         row["correct"] = score_mcq(row["output"], str(rec.answer), rec.options)
@@ -469,6 +509,8 @@ def _score(task: Task, rec: EvalRecord, out, image, ctx: Context) -> dict:
         row["clip"] = ctx.clip.image_text([image], [row["output"]])[0]
     elif kind == "image_generation":
         _score_generated_image(row, rec, out, ctx)
+    if rec.pair_id is not None:  # questions scored together (paired_accuracy): ProbMed's pairs, any pair_id column
+        row["pair_id"] = rec.pair_id
     return row
 
 
@@ -476,8 +518,6 @@ def _score_medmax(row: dict, task: Task, rec: EvalRecord, out, ctx: Context) -> 
     """MedMax's rules on the raw generated text (eval/medmax_protocol.py); open answers go to the judge."""
     row["raw_output"] = out.text
     row.update(medmax_protocol.score(task.kind, out.text, rec.answer))
-    if task.kind == "probmed":
-        row["pair_id"] = rec.pair_id
     if task.kind == "open":
         _ask_judge(row, rec, ctx, row["medmax_text"])
         row["correct"] = row.get("judge")
@@ -572,7 +612,7 @@ _REPORT_HIDDEN = ("shard_rank", "merge_timeout_s", "run_id", "fingerprint_checke
 
 
 def finish(config: EvalConfig, tasks: list[Task], groups: dict, skipped: dict, problems: list[dict], fp: dict,
-           warnings: list[str] | None = None) -> dict:
+           warnings: list[str] | None = None, train: tuple[dict, list[str]] | None = None) -> dict:
     """Merge every task's rows, score them and write the outputs; ``problems`` is extended with the failed rows.
     Warnings (``warnings`` given, tasks mostly unscored, golds MedMax's rules never match, golds split into several
     tokens) go to the console, results.json's ``_warnings`` and the top of report.md."""
@@ -592,8 +632,12 @@ def finish(config: EvalConfig, tasks: list[Task], groups: dict, skipped: dict, p
         results[task.key] = report.task_metrics(task, rows, config.protocol)
         if task.kind == "image_generation":
             results[task.key].update(quality.entry(task.key, rows))
+        found = train and contamination.summarize(task.kind, [r for r in rows if not r.get("error")], train[0], task.key)
+        if found:
+            results[task.key]["contamination"] = found
         warnings += report.failure_warnings(task.key, rows)
-        warnings += filter(None, [medmax_protocol.unmatchable_warning(task.key, results[task.key])])
+        warnings += filter(None, [medmax_protocol.unmatchable_warning(task.key, results[task.key]),
+                                  ablation.flag_line(task.key, results[task.key].get("image_ablation"))])
         scores = medmax_protocol.layout_scores(task, rows, config.protocol)
         if scores is not None:
             layout[task.key] = scores
@@ -604,6 +648,11 @@ def finish(config: EvalConfig, tasks: list[Task], groups: dict, skipped: dict, p
         results["_warnings"] = warnings
     if problems:
         results["_problems"] = len(problems)
+    if train:
+        results["_train_data"] = train[1]
+    beyond = sorted(k for k, e in results.items() if not k.startswith("_") and e.get("suite") == "beyond_medmax")
+    if beyond:
+        results["_beyond_medmax"] = beyond  # reported apart from MedMax's tasks, never averaged with them
     results.update({"_fingerprint": fp, "_protocol": config.protocol, "_toolkit_version": fp["toolkit_version"]})
     report.write_results(config.output / outputs.RESULTS, results)
     unmatchable = {k: e["n_unmatchable"] for k, e in results.items() if k in layout and "n_unmatchable" in e}
@@ -692,10 +741,19 @@ def evaluate(config: EvalConfig, argv: list[str] | None = None) -> dict | None:
         if config.shard_rank != 0:
             return None
         launch.wait_for_shards(config.output, config.num_shards, run_id, fingerprint.row_tag(fp), config.merge_timeout_s)
-    results = finish(config, tasks, groups, skipped, problems, fp, unread)
+    results = finish(config, tasks, groups, skipped, problems, fp, unread, _match_training(config, tasks, groups, skipped))
     logger.info("wrote %s", config.output / outputs.RESULTS)
     _require_scores(config, results, problems)
     return results
+
+
+def _match_training(config: EvalConfig, tasks: list[Task], groups: dict, skipped: dict) -> tuple[dict, list[str]] | None:
+    """--train-data: each evaluated row's image and question looked up in the training data (eval/contamination.py)."""
+    if not config.train_data:
+        return None
+    index = contamination.build_index(config.train_data)
+    records = [rec for t in tasks if t.key not in skipped for rec in groups[t.key]]
+    return contamination.match(records, config.data, config.model, index), index.notes
 
 
 def _skipped(config: EvalConfig, tasks: list[Task], groups: dict) -> dict[str, str]:
@@ -719,6 +777,8 @@ def _run_shard(config: EvalConfig, tasks: list[Task], groups: dict, run_id: str,
     if any(todo.values()):  # a finished run only re-merges: no model load
         ctx = _setup(config, tasks)
         ctx.tag = tag
+        if config.ablate_image:
+            ctx.partners = {t.key: ablation.shuffle_partners(groups[t.key], config.seed, t.key) for t in tasks}
         for task in tasks:
             if todo[task.key]:
                 run_task(task, todo[task.key], ctx)

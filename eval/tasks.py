@@ -1,4 +1,5 @@
-"""The task registry: MedMax's 12 VQA tasks plus captioning, image generation, visual chat and mm_out.
+"""The task registry: MedMax's 12 VQA tasks plus captioning, image generation, visual chat and mm_out, and the
+benchmarks beyond MedMax's suite (VLMEvalKit TSVs, GMAI-MMBench, MMMU's health subjects, MedXpertQA-MM).
 
 A task is one (task_name, question_type) of MedMax's eval schema; its key in results.json is
 MedMax's ``"{task}_{type}"`` (``vqa_rad_closed``, ``image_captioning_pmc_oa``). The keys match MedMax's,
@@ -64,16 +65,23 @@ TASKS: list[Task] = (
     + [Task("image_generation", s, "image_generation") for s in CAPTION_SOURCES]
     + [Task("visual_chat", None, "visual_chat"), Task("mm_out", None, "mm_out")]
 )
+# Benchmarks beyond MedMax's suite, read by eval/data.py's converters. Part of `all`, but reported apart from
+# MedMax's tasks (results.json's "suite": "beyond_medmax", their own table in report.md), never averaged with them.
+BENCHMARK_TASKS: list[Task] = [
+    Task("vlmeval_tsv", "mcq", "mcq"), Task("vlmeval_tsv", "closed", "closed"), Task("gmai_mmbench", "mcq", "mcq"),
+    Task("mmmu_health", "mcq", "mcq"), Task("mmmu_health", "open", "open"), Task("medxpertqa_mm", "mcq", "mcq"),
+]
 # Selectable by name but not part of `all`: the quickstart's held-out synthetic scans (medmax.synthetic).
 EXTRA_TASKS: list[Task] = [Task("synthetic", t, t) for t in ("closed", "mcq", "open")]
-KNOWN_TASKS: list[Task] = TASKS + EXTRA_TASKS
+KNOWN_TASKS: list[Task] = TASKS + BENCHMARK_TASKS + EXTRA_TASKS
+MEDMAX_KEYS = frozenset(t.key for t in TASKS)
 TASKS_BY_KEY = {t.key: t for t in KNOWN_TASKS}
 
 
 def select_tasks(spec: str) -> list[Task]:
     """``all``, or comma-separated keys (``vqa_rad_closed``) or task names (``vqa_rad`` = both of its types)."""
     if spec.strip() == "all":
-        return list(TASKS)
+        return list(TASKS + BENCHMARK_TASKS)
     chosen: list[Task] = []
     for item in (s.strip() for s in spec.split(",") if s.strip()):
         hits = [t for t in KNOWN_TASKS if t.key == item or t.name == item]

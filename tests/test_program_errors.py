@@ -30,6 +30,7 @@ MISSING_INPUT = {
     "medmax-export": ["--checkpoint", "{missing}", "--output", "{tmp}/out"],
     "medmax-convert": ["--input", "{missing}", "--output", "{tmp}/out"],
     "medmax-eval": ["--model", "{tmp}", "--data", "{missing}", "--output", "{tmp}/out"],
+    "medmax-eval-compare": ["{missing}", "{tmp}"],
     "medmax-build-preferences": ["--input", "{missing}", "--tokenizer", "preset:tiny", "--output", "{tmp}/out"],
     "medmax-make-preferences": ["--model", "{missing}", "--input", "{missing}", "--output", "{tmp}/out.jsonl"],
 }
@@ -110,6 +111,7 @@ BAD_VALUE = {
     "medmax-convert": (["--output", "{tmp}/out", "--model-size", "7b"], "--input"),
     "medmax-quickstart": (["--output", "{tmp}/qs", "--nproc", "0"], "--nproc"),
     "medmax-eval": (["--model", "{tmp}", "--data", "{tmp}", "--output", "{tmp}/out", "--batch-size", "0"], "--batch-size"),
+    "medmax-eval-compare": (["{tmp}", "{tmp}"], "RUN_B"),
     "medmax-train-tokenizer": (["--input", "{csv}", "--output", "{tmp}/out", "--text-vocab-size", "10"], "--text-vocab-size"),
     "medmax-train": (["--config", "{yaml}"], "mode='nonsense'"),
 }

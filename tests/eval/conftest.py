@@ -10,8 +10,8 @@ from PIL import Image
 
 @pytest.fixture
 def stub():
-    """An OpenAI-compatible judge on 127.0.0.1 answering from a script: each entry is (status, reply text);
-    every request is recorded as {"path", "auth", "body"}."""
+    """An OpenAI-compatible judge on 127.0.0.1 answering from a script: each entry is (status, reply text), or
+    (status, a whole reply object sent as it is); every request is recorded as {"path", "auth", "body"}."""
     state = {"script": [], "requests": []}
 
     class Handler(BaseHTTPRequestHandler):
@@ -19,7 +19,8 @@ def stub():
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             state["requests"].append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
             status, text = state["script"].pop(0) if state["script"] else (200, "Correctness: 1")
-            payload = json.dumps({"choices": [{"message": {"content": text}}]}).encode()
+            reply = text if isinstance(text, dict) else {"choices": [{"message": {"content": text}}]}
+            payload = json.dumps(reply).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))

@@ -71,7 +71,9 @@ def test_judge_inside_a_run_counts_unparseable_and_never_writes_the_key(stub, ti
     assert run.main(argv) == 0
     entry = json.loads((out / "results.json").read_text())["slake_open"]
     assert entry["judge_unparseable"] == 1 and entry["judge_failed"] == 0
-    assert entry["metrics"]["judge_accuracy"] == {"n": 2, "score": 0.5, "stderr": 0.5}
+    judged = entry["metrics"]["judge_accuracy"]
+    assert {k: judged[k] for k in ("n", "score", "stderr")} == {"n": 2, "score": 0.5, "stderr": 0.5}
+    assert judged["ci95"]["method"] == "wilson"
     assert all(r["auth"] == f"Bearer {SECRET}" for r in stub["requests"])
     written = "".join(p.read_text(errors="ignore") for p in out.rglob("*") if p.is_file() and p.suffix != ".png")
     assert SECRET not in written and SECRET not in caplog.text
@@ -280,7 +282,8 @@ def test_a_row_whose_judge_failed_is_judged_again_on_rerun(stub, tiny_model_dir,
     stub["script"] = [(200, "Correctness: 0")]
     assert run.main(argv) == 0
     entry = json.loads((out / "results.json").read_text())["slake_open"]
-    assert entry["judge_failed"] == 0 and entry["metrics"]["judge_accuracy"] == {"n": 2, "score": 0.5, "stderr": 0.5}
+    judged = entry["metrics"]["judge_accuracy"]
+    assert entry["judge_failed"] == 0 and {k: judged[k] for k in ("n", "score", "stderr")} == {"n": 2, "score": 0.5, "stderr": 0.5}
     assert len(stub["requests"]) == 3  # the first verdict came from the cache
     merged = (out / "predictions" / "slake_open.jsonl").read_text().splitlines()
     assert len(merged) == 2

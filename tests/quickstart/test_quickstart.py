@@ -77,3 +77,12 @@ def test_the_report_says_the_fid_extractor_is_a_stand_in():
     line = " ".join(quickstart._fid_lines(fid))
     assert "12.500" in line and "64 drawn and 64 real" in line and "stand-in" in line and "VQGAN encoder" in line
     assert quickstart._fid_lines(None) == []
+
+
+def test_closed_accuracy_falls_towards_chance_without_the_image(run):
+    """Issue 28: the image ablation can see a model that looks (chance 0.5 for yes/no)."""
+    ablation = json.loads((run / "report" / "summary.json").read_text())["image_ablation"]["closed"]
+    real, shuffled = ablation["real"]["score"], ablation["shuffled"]["score"]
+    assert shuffled <= real - 0.15 and shuffled <= 0.7
+    assert ablation["mcnemar_real_vs_shuffled"]["p_value"] < 0.05 and not ablation["flagged"]
+    assert "Image ablation" in (run / "report" / "README.md").read_text()
