@@ -268,13 +268,15 @@ class Volume:
         for i, plane in self.source.read(axis, sorted(by_source)):
             yield by_source[i], _to_canonical_plane(plane, rest)
 
-    def read_uint8(self, slices: list[int], intensity: Intensity) -> Iterator[tuple[int, np.ndarray]]:
-        """``(k, uint8 slice)`` as :meth:`read_slices` gives them; percentiles take a first pass over the same slices."""
+    def bounds(self, slices: list[int], intensity: Intensity) -> tuple[float, float]:
+        """The values ``intensity`` maps to black and white; percentiles read the slices once, subsampled."""
         samples = []
         if intensity.window is None:
             samples = [p[::_SAMPLE_STRIDE, ::_SAMPLE_STRIDE].copy() for _, p in self.read_slices(slices)]
-        lo, hi = intensity.bounds(samples)
-        del samples
+        return intensity.bounds(samples)
+
+    def read_uint8(self, slices: list[int], lo: float, hi: float) -> Iterator[tuple[int, np.ndarray]]:
+        """``(k, uint8 slice)`` as :meth:`read_slices` gives them, ``lo..hi`` (:meth:`bounds`) mapped to 0..255."""
         for k, plane in self.read_slices(slices):
             yield k, to_uint8(plane, lo, hi)
 
