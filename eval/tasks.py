@@ -64,8 +64,10 @@ TASKS: list[Task] = (
     + [Task("image_generation", s, "image_generation") for s in CAPTION_SOURCES]
     + [Task("visual_chat", None, "visual_chat"), Task("mm_out", None, "mm_out")]
 )
-# Selectable by name but not part of `all`: the quickstart's held-out synthetic scans (medmax.synthetic).
-EXTRA_TASKS: list[Task] = [Task("synthetic", t, t) for t in ("closed", "mcq", "open")]
+# Selectable by name but not part of `all`: the quickstart's held-out synthetic scans (medmax.synthetic), M3D-VQA.
+EXTRA_TASKS: list[Task] = [Task("synthetic", t, t) for t in ("closed", "mcq", "open")] + [
+    Task("m3d_vqa", "mcq", "mcq"), Task("m3d_vqa", "open", "open"),  # 3D volumes (eval.data.convert_m3d_vqa)
+]
 KNOWN_TASKS: list[Task] = TASKS + EXTRA_TASKS
 TASKS_BY_KEY = {t.key: t for t in KNOWN_TASKS}
 

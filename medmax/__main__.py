@@ -35,7 +35,6 @@ from pathlib import Path
 from .cli import run
 from .errors import UserError
 from .generation.config import MODES, GenerationConfig
-from .prompting import expand_volumes
 
 GEN = GenerationConfig  # every generation flag's default is the config field it fills
 
@@ -135,19 +134,17 @@ def _prompt_segments(text: str, images: list, end_of_turn: bool) -> list:
 
 
 def _input_images(args) -> list:
-    """--image files (volumes among them) then --volume ones; volumes' slices at the model's VQGAN resolution."""
+    """--image files (volumes among them) then --volume ones; a volume's slices are resized by the prompt encoder."""
     from .images import load_image
     from .prompting import load_volume_input
     from .volumes import is_volume_path
-    from .vqgan import read_vqgan_yaml
 
     volumes = [p for p in args.image if is_volume_path(p)] + list(args.volume)
-    resolution = read_vqgan_yaml(args.model / "vqgan" / "vqgan.yaml")["ddconfig"]["resolution"] if volumes else None
     out = []
     for path in [*args.image, *args.volume]:
         if path in volumes:
             try:
-                out.append(load_volume_input(path, resolution, args.slices, args.window, args.volume_index))
+                out.append(load_volume_input(path, None, args.slices, args.window, args.volume_index))
             except ValueError as err:  # a bad --slices / --window, or an unreadable volume
                 raise UserError(f"--volume {path}: {err}") from None
         else:
@@ -238,7 +235,7 @@ def _generate(args) -> int:
 
     config = _generation_config(args)  # bad settings fail here, before anything is loaded
     images = _input_images(args)  # an unreadable image or volume fails before the model loads
-    segments = expand_volumes(_prompt_segments(args.prompt, images, not args.no_end_of_turn))
+    segments = _prompt_segments(args.prompt, images, not args.no_end_of_turn)
     n_images = {"text": 0, "image": 1, "interleaved": args.max_images}[args.mode]
     _prepare_output(args.output, args.overwrite, n_images)  # a full or read-only folder fails before any work
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

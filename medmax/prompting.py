@@ -78,14 +78,17 @@ class VolumeInput:
 
     path: str
     header: str  # e.g. "CT, 16 axial slices, 5.0 mm apart, inferior to superior:"
-    slices: tuple  # PIL images, inferior to superior
+    slices: tuple  # PIL images, inferior to superior; the prompt encoder resizes and crops them as Chameleon does
     slice_indices: tuple[int, ...]
     window: str
 
 
-def load_volume_input(path: str | Path, resolution: int, slices: str = "16", window: str = "percentile",
+def load_volume_input(path: str | Path, resolution: int | None = None, slices: str = "16", window: str = "percentile",
                       volume_index: int | None = None) -> VolumeInput:
-    """Read a volume for a prompt with the same rules as its tokenization (ImageLoadError / ValueError when it cannot)."""
+    """Read a volume for a prompt with the same rules as its tokenization (ImageLoadError / ValueError when it cannot).
+
+    ``resolution``: the slices' side, as ``--slice-resolution`` makes it; None keeps them as read, and the prompt
+    encoder's resize to its VQGAN's side then gives the same pixels (Chameleon's resize and crop, once)."""
     from PIL import Image
 
     from .data.rows import volume_header

@@ -56,7 +56,7 @@ class VolumeRule:
 
     root: Path
     slices: str  # "K" or "all"
-    resolution: int  # slice side after resize and crop
+    resolution: int | None  # slice side after resize and crop; None: as read (a prompt's VQGAN resizes it)
     intensity: Intensity
     volume_index: int | None
     limits: ImageLimits
@@ -66,7 +66,7 @@ class VolumeRule:
 class VolumeSlices:
     """A volume's chosen slices, ready to encode."""
 
-    pixels: np.ndarray  # (K, R, R) uint8, inferior to superior
+    pixels: np.ndarray  # (K, R, R) uint8, inferior to superior (rows x columns as read when no resolution)
     slice_indices: list[int]
     positions_mm: list[float] | None
     spacing_mm: list[float] | None
@@ -84,12 +84,12 @@ def load_volume_row(key: str, rule: VolumeRule) -> VolumeSlices:
         wanted = parse_slice_list(listed, path) if listed is not None else None
         slices = choose_slices(volume.n_slices, wanted if wanted is not None else rule.slices, path)
         lo, hi = volume.bounds(slices, rule.intensity)
-        pixels = np.empty((len(slices), rule.resolution, rule.resolution), dtype=np.uint8)  # (K, R, R)
+        pixels = [None] * len(slices)
         place = {k: j for j, k in enumerate(slices)}
         for k, grey in volume.read_uint8(slices, lo, hi):
-            pixels[place[k]] = slice_pixels(grey, rule.resolution)
+            pixels[place[k]] = grey if rule.resolution is None else slice_pixels(grey, rule.resolution)
         geometry = {**volume.describe(), "window_bounds": [round(lo, 4), round(hi, 4)]}
-        return VolumeSlices(pixels, slices, volume.positions(slices), volume.spacing(), rule.intensity.spec, geometry)
+        return VolumeSlices(np.stack(pixels), slices, volume.positions(slices), volume.spacing(), rule.intensity.spec, geometry)
     finally:
         volume.close()
 
