@@ -7,11 +7,13 @@ columns from the patient's right to left), so a test can compare what is read wi
 
 :func:`lesion_volume` draws a "CT" body with a bright lesion spanning a slab of slices, in one third of the
 volume (lower, middle, upper along z) and on one side (the patient's left or right), for the evidence's
-questions.
+questions; :func:`write_volume_dataset` writes a training and a held-out set of them with their questions
+(is there a lesion, in which third, on which side).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,3 +103,79 @@ def lesion_volume(rng: np.random.Generator, shape=(24, 48, 48), lesion: bool = T
         ball = ((z - zc) / 0.2) ** 2 + ((y - yc) / radius) ** 2 + ((x - xc) / radius) ** 2 < 1
         hu[ball] = 300.0 + rng.normal(0, 15, int(ball.sum()))
     return LesionVolume(np.clip(hu, -1024, 3000).astype(np.int16), lesion, third if lesion else None, side if lesion else None)
+
+
+QUESTIONS = {  # question type -> (question, the words an answer is scored by)
+    "presence": ("Is there a lesion?", ("yes", "no")),
+    "third": ("In which third of the volume (upper, middle, lower) is the lesion?", THIRDS),
+    "side": ("Is the lesion on the left or the right?", SIDES),
+}
+_AXCODES = ("LPS", "RAS", "PSR", "LPI")  # NIfTI files in canonical and non-canonical orientations
+
+
+def volume_questions(volume: LesionVolume) -> list[tuple[str, str, str]]:
+    """``(type, question, answer)`` for one volume: presence always, third and side when it has a lesion."""
+    rows = [("presence", QUESTIONS["presence"][0], "yes" if volume.lesion else "no")]
+    if volume.lesion:
+        rows += [("third", QUESTIONS["third"][0], volume.third), ("side", QUESTIONS["side"][0], volume.side)]
+    return rows
+
+
+def write_volume_dataset(folder: str | Path, n_train: int, n_test: int, seed: int = 0, shape=(24, 48, 48),
+                         lesion_fraction: float = 2 / 3, dicom_every: int = 10) -> dict:
+    """Synthetic lesion volumes on disk and their questions, for training and held-out measurement.
+
+    Volume ``i`` is a NIfTI file in one of several orientations (every ``dicom_every``-th a DICOM series folder).
+    Writes ``volumes.csv`` (column ``volume``, every volume), ``train_images.csv`` (PNG mid-slices of the training
+    volumes, for a VQGAN), ``train.jsonl`` (conversation rows with MultiMeditron's ``image_3d`` modality) and
+    ``heldout.jsonl`` (``{volume, type, question, answer}``). Returns their paths.
+    """
+    folder = Path(folder)
+    (folder / "volumes").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names, heldout, train, slices = [], [], [], []
+    for i in range(n_train + n_test):
+        volume = lesion_volume(rng, shape, lesion=bool(rng.random() < lesion_fraction))
+        name = _write_one(folder / "volumes", i, volume, dicom_every, shape)
+        names.append(name)
+        for kind, question, answer in volume_questions(volume):
+            if i < n_train:
+                train.append({"conversations": [{"role": "user", "content": "<image>" + question}, {"role": "assistant", "content": answer}],
+                              "modalities": [{"type": "image_3d", "value": name}]})
+            else:
+                heldout.append({"volume": name, "type": kind, "question": question, "answer": answer})
+        if i < n_train:
+            slices += _training_slices(folder, i, volume)
+    (folder / "volumes.csv").write_text("volume\n" + "".join(f"{n}\n" for n in names))
+    (folder / "train_images.csv").write_text("img_path\n" + "".join(f"{s}\n" for s in slices))
+    order = np.random.default_rng(seed + 1).permutation(len(train))
+    (folder / "train.jsonl").write_text("".join(json.dumps(train[j]) + "\n" for j in order))
+    (folder / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in heldout))
+    return {name: folder / name for name in ("volumes.csv", "train_images.csv", "train.jsonl", "heldout.jsonl")}
+
+
+def _write_one(root: Path, i: int, volume: LesionVolume, dicom_every: int, shape) -> str:
+    spacing = (6.0, 1.0, 1.0)
+    if dicom_every and i % dicom_every == dicom_every - 1:
+        write_dicom_series(root / f"case{i:04d}", volume.hu, spacing, seed=i)
+        return f"volumes/case{i:04d}"
+    write_nifti(root / f"case{i:04d}.nii.gz", volume.hu, spacing, axcodes=_AXCODES[i % len(_AXCODES)])
+    return f"volumes/case{i:04d}.nii.gz"
+
+
+def _training_slices(folder: Path, i: int, volume: LesionVolume) -> list[str]:
+    """Two slices of a training volume as abdomen-windowed PNGs (one through the lesion when it has one)."""
+    from PIL import Image
+
+    from .volumes import WINDOWS, to_uint8
+
+    width, level = WINDOWS["abdomen"]
+    (folder / "slices").mkdir(exist_ok=True)
+    bright = np.flatnonzero((volume.hu > 200).any(axis=(1, 2)))
+    picks = {len(volume.hu) // 2, int(bright[len(bright) // 2]) if len(bright) else 0}
+    out = []
+    for k in sorted(picks):
+        rel = f"slices/case{i:04d}_{k:02d}.png"
+        Image.fromarray(to_uint8(volume.hu[k].astype(np.float32), level - width / 2, level + width / 2)).save(folder / rel)
+        out.append(rel)
+    return out

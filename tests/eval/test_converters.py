@@ -302,7 +302,7 @@ def test_a_file_of_another_release_is_named_in_one_line(tmp_path):
 
 
 def test_every_format_is_listed():
-    assert FORMATS == ("medmax", "vqa_rad", "slake", "pathvqa", "quilt_vqa", "pmc_vqa", "omnimed", "path_mmu", "probmed")
+    assert FORMATS == ("medmax", "vqa_rad", "slake", "pathvqa", "quilt_vqa", "pmc_vqa", "omnimed", "path_mmu", "probmed", "m3d_vqa")
 
 
 # ---------------------------------------------------------------- the program, end to end on embedded images
