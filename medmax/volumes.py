@@ -138,7 +138,7 @@ class _NiftiSource:
 
         self.name = str(path)
         try:
-            self.img = nib.load(path, keep_file_open=True)
+            self.img = nib.load(path, keep_file_open=True, mmap=False)  # read, not mapped: RSS stays one slice
         except Exception as exc:  # noqa: BLE001 - nibabel raises many types for a bad header
             raise VolumeError(self.name, f"not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
         shape = tuple(int(n) for n in self.img.shape)
@@ -157,7 +157,7 @@ class _NiftiSource:
             yield i, plane
 
     def close(self) -> None:
-        self.img.dataobj._opener.close_if_mine() if hasattr(self.img.dataobj, "_opener") else None
+        self.img = None  # the array proxy closes the file it kept open when it goes
 
 
 class _NpySource:
