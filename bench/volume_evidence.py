@@ -104,7 +104,8 @@ def _one_slice(volume, rng):
     from medmax.prompting import VolumeInput
 
     j = int(rng.integers(len(volume.slices)))
-    header = volume_header(SimpleNamespace(slice_indices=[volume.slice_indices[j]], positions_mm=[0.0], geometry={"modality": "CT"}))
+    modality = {"CT": "CT", "MRI": "MR"}.get(volume.header.split(",")[0])  # the whole volume's header names it so
+    header = volume_header(SimpleNamespace(slice_indices=[volume.slice_indices[j]], positions_mm=[0.0], geometry={"modality": modality}))
     return VolumeInput(volume.path, header, (volume.slices[j],), (volume.slice_indices[j],), volume.window)
 
 
