@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         variants.append(_variant("get_fdata", "get_fdata", paths["nifti"]))
         case = Case("read all slices", variants, unit="slices")
         targets = [Target("read all slices", name, "peak_rss_mib", "<=", 2 * int16_bytes / 2**20,
-                          f"peak memory under 2x the volume's int16 size ({2 * int16_bytes / 2**20:.0f} MiB)", every_round=True)
+                          f"{name}: peak memory under 2x the volume's int16 size ({2 * int16_bytes / 2**20:.0f} MiB)", every_round=True)
                    for name in ("nifti", "nifti.gz", "dicom")] if not args.quick else []  # quick: the interpreter alone is over it
         return run_benchmark(bench, [case], targets, args)
     finally:
