@@ -5,8 +5,9 @@ Usage::
     nice -n 10 python bench/volume_evidence.py --output runs/volume_evidence            # the README's figures
     python bench/volume_evidence.py --output runs/volume_small --reduced                # a quick check
 
-Every step calls the program a user would call, as a subprocess; a rerun on a folder holding OUTPUT/model
-only measures again (delete the folder to start over):
+Every step calls the program a user would call, as a subprocess, and is skipped when its output exists, so a
+rerun after a kill continues (image_tokenize and build_sequences resume on their own; delete the folder to
+start over):
 
     1. data       medmax.synthetic_volumes.write_volume_dataset: synthetic CT volumes (24 x 48 x 48, 6 mm slices),
                   two thirds with a bright lesion spanning a slab of slices in one third (lower, middle, upper) and
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SLICES, WINDOW = 6, "abdomen"
-FULL = {"n_train": 600, "n_test": 90, "vqgan_seconds": 60, "steps": 400}
+FULL = {"n_train": 600, "n_test": 90, "vqgan_seconds": 60, "steps": 300}
 REDUCED = {"n_train": 120, "n_test": 30, "vqgan_seconds": 20, "steps": 60}
 
 
@@ -51,18 +52,23 @@ def _run(name: str, cmd: list, log: dict, env: dict | None = None) -> None:
     log[name] = {"command": " ".join(cmd), "seconds": round(time.time() - start, 1)}
 
 
+DATA_FILES = ("volumes.csv", "train_images.csv", "train.jsonl", "heldout.jsonl", "heldout_rows.jsonl")
+
+
 def prepare(out: Path, sizes: dict, seed: int) -> dict:
-    """Step 1 (library calls): the volumes, their questions and the tokenizer."""
+    """Step 1 (library calls): the volumes, their questions and the tokenizer (kept when already written)."""
     from medmax.presets import build_tiny_tokenizer
     from medmax.synthetic_volumes import write_volume_dataset
 
-    data = write_volume_dataset(out / "data", sizes["n_train"], sizes["n_test"], seed=seed)
+    data = {name: out / "data" / name for name in DATA_FILES}
+    data["tokenizer"] = out / "tokenizer.json"
+    if all(path.is_file() for path in data.values()):
+        return data
+    data.update(write_volume_dataset(out / "data", sizes["n_train"], sizes["n_test"], seed=seed))
     rows = [json.loads(line) for line in data["heldout.jsonl"].read_text().splitlines()]
-    data["heldout_rows.jsonl"] = out / "data" / "heldout_rows.jsonl"
     data["heldout_rows.jsonl"].write_text("".join(json.dumps({
         "conversations": [{"role": "user", "content": "<image>" + r["question"]}, {"role": "assistant", "content": r["answer"]}],
         "modalities": [{"type": "image_3d", "value": r["volume"]}]}) + "\n" for r in rows))
-    data["tokenizer"] = out / "tokenizer.json"
     build_tiny_tokenizer().save(str(data["tokenizer"]))
     return data
 
@@ -70,9 +76,8 @@ def prepare(out: Path, sizes: dict, seed: int) -> dict:
 def pipeline(out: Path, data: dict, sizes: dict, seed: int, log: dict) -> None:
     """Steps 2 to 5, each the program a user would run."""
     py = sys.executable
-    _run("2 vqgan", [py, "-m", "tokenization.train_vqgan", "--input", data["train_images.csv"], "--output", out / "vqgan",
-                     "--preset", "tiny", "--steps", 300, "--batch-size", 16, "--lr", 5e-4, "--pixel-weight", "contrast",
-                     "--pixel-weight-alpha", 10, "--seed", seed, "--max-seconds", sizes["vqgan_seconds"], "--threads", 2], log)
+    if not (out / "vqgan" / "vqgan.yaml").is_file():
+        _vqgan(out, data, sizes, seed, log)
     _run("3 tokenize", [py, "-m", "tokenization.image_tokenize", "--input", data["volumes.csv"], "--output", out / "tokens",
                         "--ckpt", out / "vqgan", "--volume-column", "volume", "--slices", SLICES, "--window", WINDOW,
                         "--workers", 0, "--strict", "--no-progress"], log)
@@ -80,12 +85,24 @@ def pipeline(out: Path, data: dict, sizes: dict, seed: int, log: dict) -> None:
         _run(f"4 sequences ({split})", [py, "-m", "tokenization.build_sequences", "--input", rows, "--tokenizer", data["tokenizer"],
                                          "--output", out / "sequences" / split, "--image-tokens", out / "tokens", "--strict",
                                          "--no-progress"], log)
+    if not (out / "model" / "config.json").is_file():
+        _train(out, data, sizes, seed, log)
+
+
+def _vqgan(out: Path, data: dict, sizes: dict, seed: int, log: dict) -> None:
+    py = sys.executable
+    _run("2 vqgan", [py, "-m", "tokenization.train_vqgan", "--input", data["train_images.csv"], "--output", out / "vqgan",
+                     "--preset", "tiny", "--steps", 300, "--batch-size", 16, "--lr", 5e-4, "--pixel-weight", "contrast",
+                     "--pixel-weight-alpha", 10, "--seed", seed, "--max-seconds", sizes["vqgan_seconds"], "--threads", 2], log)
+
+
+def _train(out: Path, data: dict, sizes: dict, seed: int, log: dict) -> None:
     _run("5 train", ["bash", "finetune/launch.sh", "finetune/configs/quickstart.yaml", f"output_dir={out / 'train'}",
                      f"datasets=[{out / 'sequences' / 'train'}]", f"validation={out / 'sequences' / 'heldout'}",
                      f"tokenizer={data['tokenizer']}", f"vqgan={out / 'vqgan'}", f"max_steps={sizes['steps']}", f"seed={seed}",
                      "max_length=512", f"eval_steps={sizes['steps']}", f"save_steps={sizes['steps']}"], log,
          env={"NPROC_PER_NODE": "1", "PYTHON": sys.executable})
-    _run("5 export", [py, "-m", "finetune.export", "--checkpoint", out / "train", "--output", out / "model"], log)
+    _run("5 export", [sys.executable, "-m", "finetune.export", "--checkpoint", out / "train", "--output", out / "model"], log)
 
 
 def _score(output: str, answer: str, words: tuple[str, ...]) -> bool:
@@ -154,16 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.output.resolve()
     log: dict = {}
     start = time.time()
-    if not (out / "model" / "config.json").is_file():
-        if out.exists():
-            import shutil
-
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        data = prepare(out, sizes, args.seed)
-        pipeline(out, data, sizes, args.seed, log)
-    else:
-        data = {name: out / "data" / name for name in ("heldout.jsonl",)}
+    out.mkdir(parents=True, exist_ok=True)
+    data = prepare(out, sizes, args.seed)
+    pipeline(out, data, sizes, args.seed, log)
     results = measure(out, data, args.seed)
     log["total_seconds"] = round(time.time() - start, 1)
     write_summary(out, results, log, sizes)
