@@ -14,7 +14,8 @@ start over):
                   on one side (the patient's left or right); NIfTI files in four orientations (LPS, RAS, PSR, LPI)
                   and every tenth a DICOM series; questions: is there a lesion, in which third, on which side
     2. vqgan      python -m tokenization.train_vqgan on abdomen-windowed training slices (tiny, 64 px)
-    3. tokenize   python -m tokenization.image_tokenize --volume-column volume --slices 6 --window abdomen
+    3. tokenize   python -m tokenization.image_tokenize --volume-column volume --slices 6 --slice-resolution 32
+                  --window abdomen
     4. sequences  python -m tokenization.build_sequences (MultiMeditron-style rows with image_3d modalities)
     5. train      finetune/launch.sh finetune/configs/quickstart.yaml (a small Chameleon from scratch), export
     6. measure    on held-out volumes only, greedy answers of the exported model (medmax.generation), asked
@@ -37,8 +38,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SLICES, WINDOW = 6, "abdomen"
-FULL = {"n_train": 600, "n_test": 90, "vqgan_seconds": 60, "steps": 300}
+SLICES, SLICE_RESOLUTION, WINDOW = 6, 32, "abdomen"  # 6 slices of 4 x 4 codes: about 150 tokens a volume
+# Sized for a shared, loaded 2-core machine (the VQGAN encoder is most of the tokenizing time).
+FULL = {"n_train": 300, "n_test": 60, "vqgan_seconds": 60, "steps": 150}
 REDUCED = {"n_train": 120, "n_test": 30, "vqgan_seconds": 20, "steps": 60}
 
 
@@ -76,11 +78,11 @@ def prepare(out: Path, sizes: dict, seed: int) -> dict:
 def pipeline(out: Path, data: dict, sizes: dict, seed: int, log: dict) -> None:
     """Steps 2 to 5, each the program a user would run."""
     py = sys.executable
-    if not (out / "vqgan" / "vqgan.yaml").is_file():
+    if not (out / "vqgan" / "vqgan.yaml").is_file():  # (vqgan_train/ is kept: a copy there skips the training)
         _vqgan(out, data, sizes, seed, log)
     _run("3 tokenize", [py, "-m", "tokenization.image_tokenize", "--input", data["volumes.csv"], "--output", out / "tokens",
                         "--ckpt", out / "vqgan", "--volume-column", "volume", "--slices", SLICES, "--window", WINDOW,
-                        "--workers", 0, "--strict", "--no-progress"], log)
+                        "--slice-resolution", SLICE_RESOLUTION, "--partition-size", 50, "--workers", 0, "--strict", "--no-progress"], log)
     for split, rows in (("train", data["train.jsonl"]), ("heldout", data["heldout_rows.jsonl"])):
         _run(f"4 sequences ({split})", [py, "-m", "tokenization.build_sequences", "--input", rows, "--tokenizer", data["tokenizer"],
                                          "--output", out / "sequences" / split, "--image-tokens", out / "tokens", "--strict",
@@ -90,17 +92,26 @@ def pipeline(out: Path, data: dict, sizes: dict, seed: int, log: dict) -> None:
 
 
 def _vqgan(out: Path, data: dict, sizes: dict, seed: int, log: dict) -> None:
+    """The tiny VQGAN (64 px), then set to take SLICE_RESOLUTION px: it is fully convolutional, its ``resolution``
+    is only the input side, so generation's prompt encoder sizes the slices as the tokenizer did."""
+    import yaml
+
     py = sys.executable
-    _run("2 vqgan", [py, "-m", "tokenization.train_vqgan", "--input", data["train_images.csv"], "--output", out / "vqgan",
+    _run("2 vqgan", [py, "-m", "tokenization.train_vqgan", "--input", data["train_images.csv"], "--output", out / "vqgan_train",
                      "--preset", "tiny", "--steps", 300, "--batch-size", 16, "--lr", 5e-4, "--pixel-weight", "contrast",
                      "--pixel-weight-alpha", 10, "--seed", seed, "--max-seconds", sizes["vqgan_seconds"], "--threads", 2], log)
+    (out / "vqgan").mkdir(exist_ok=True)
+    doc = yaml.safe_load((out / "vqgan_train" / "vqgan.yaml").read_text())
+    doc["model"]["params"]["ddconfig"]["resolution"] = SLICE_RESOLUTION
+    (out / "vqgan" / "vqgan.safetensors").write_bytes((out / "vqgan_train" / "vqgan.safetensors").read_bytes())
+    (out / "vqgan" / "vqgan.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
 def _train(out: Path, data: dict, sizes: dict, seed: int, log: dict) -> None:
     _run("5 train", ["bash", "finetune/launch.sh", "finetune/configs/quickstart.yaml", f"output_dir={out / 'train'}",
                      f"datasets=[{out / 'sequences' / 'train'}]", f"validation={out / 'sequences' / 'heldout'}",
                      f"tokenizer={data['tokenizer']}", f"vqgan={out / 'vqgan'}", f"max_steps={sizes['steps']}", f"seed={seed}",
-                     "max_length=512", f"eval_steps={sizes['steps']}", f"save_steps={sizes['steps']}"], log,
+                     "max_length=256", f"eval_steps={sizes['steps']}", f"save_steps={sizes['steps']}"], log,
          env={"NPROC_PER_NODE": "1", "PYTHON": sys.executable})
     _run("5 export", [sys.executable, "-m", "finetune.export", "--checkpoint", out / "train", "--output", out / "model"], log)
 
