@@ -9,7 +9,8 @@ Every step calls the same program a user would call, as a subprocess:
 
     1. data        synthetic scans (PNG) with closed / multiple-choice / open questions and captions,
                    plus the DICOM files bundled in pydicom
-    2. vqgan       python -m tokenization.train_vqgan: a tiny VQGAN (64 px, 8x8 codes) trained for a minute to
+    2. vqgan       python -m tokenization.train_vqgan: a tiny VQGAN (64 px, 8x8 codes) trained for 300 steps
+                   (about a minute on 2 quiet cores; a step count, not a time, so every machine trains it alike) to
                    reconstruct the training scans (contrast-weighted, so the small bright lesions survive);
                    held-out scans are never seen by any step
     3. tokenize    torchrun --nproc-per-node 2 -m tokenization.image_tokenize
@@ -50,15 +51,24 @@ class Sizes:
     n_test: int
     max_steps: int
     n_dicom: int
-    vqgan_seconds: int  # reconstruction training of the tiny VQGAN
+    vqgan_steps: int  # reconstruction training of the tiny VQGAN (steps, never wall time: the same on any machine)
 
 
-FULL = Sizes(n_train=1500, n_test=200, max_steps=500, n_dicom=12, vqgan_seconds=60)
-REDUCED = Sizes(n_train=300, n_test=60, max_steps=80, n_dicom=3, vqgan_seconds=20)
+# The VQGAN's steps replace the wall-time budgets it had (60 s full, 20 s reduced; a loaded machine trained it
+# for as few as 7 steps, a quiet one for ~300). Measured here, 2 cores, quiet: ~5 steps/s (batch 16, 64 px,
+# --threads 2), so 300 steps ~ 60 s and 100 steps ~ 20 s, what the budgets gave on a quiet machine.
+FULL = Sizes(n_train=1500, n_test=200, max_steps=500, n_dicom=12, vqgan_steps=300)
+REDUCED = Sizes(n_train=300, n_test=60, max_steps=80, n_dicom=3, vqgan_steps=100)
+
+
+def vqgan_args(images_csv: Path, output: Path, steps: int, seed: int) -> list:
+    """Step 2's train_vqgan arguments: bounded by ``steps`` only, so the same seed trains the same VQGAN anywhere."""
+    return ["--input", images_csv, "--output", output, "--preset", "tiny", "--steps", steps, "--batch-size", 16,
+            "--lr", 5e-4, "--pixel-weight", "contrast", "--pixel-weight-alpha", 10, "--seed", seed, "--threads", 2]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="quickstart", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="medmax-quickstart", description=__doc__.split("\n")[0])
     p.add_argument("--output", type=Path, default=Path("runs/quickstart"), help="run folder (replaced)")
     p.add_argument("--reduced", action="store_true", help="fewer images and steps (the test suite's setting)")
     p.add_argument("--nproc", type=int, default=2, help="processes for image tokenization (torchrun)")
@@ -98,6 +108,7 @@ def _prepare(out: Path, sizes: Sizes, seed: int) -> dict:
 
     data = write_dataset(out / "data", sizes.n_train, sizes.n_test, seed=seed, n_dicom=sizes.n_dicom)
     data["tokenizer"] = out / "tokenizer.json"
+    data["vqgan_steps"] = sizes.vqgan_steps
     build_tiny_tokenizer().save(str(data["tokenizer"]))
     data["generation_prompt"] = f"{GENERATION_PREFIX}A grey scan with a large bright lesion in the {POSITIONS[0]}."
     return data
@@ -235,16 +246,19 @@ def write_report(out: Path, data: dict, times: dict[str, float], faith: dict) ->
     lines += ["", "Artifacts in this folder:", ""] + [f"- `{v}` ({k.replace('_', ' ')})" for k, v in found.items()]
     lines += ["", f"`image_0.png` was drawn from the prompt \"{data['generation_prompt']}\": the model sampled its "
               "8x8 codes with classifier-free guidance and the VQGAN decoded them. That VQGAN was trained in step 2 for "
-              f"{times.get('2 vqgan', 0):.0f} s; `reconstructions.png` shows scans (top) and what its codes keep of them "
+              f"{data['vqgan_steps']} steps ({times.get('2 vqgan', 0):.0f} s here); `reconstructions.png` shows scans (top) and what its codes keep of them "
               "(bottom).", "",
               f"Everything else the run wrote is under `{out}`: data/, tokens/, sequences/, train/, model/, eval/, generated/."]
     (report / "README.md").write_text("\n".join(lines) + "\n")
     return accuracy
 
 
-@program("quickstart")
+@program("medmax-quickstart")
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.nproc < 1:
+        parser.error(f"--nproc must be at least 1, got {args.nproc}")
     sizes = REDUCED if args.reduced else FULL
     if args.max_steps:
         sizes = Sizes(**{**sizes.__dict__, "max_steps": args.max_steps})
@@ -257,10 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     py = sys.executable
 
     data = steps.timed("1 data, tokenizer", _prepare, out, sizes, args.seed)
-    steps.run("2 vqgan", [py, "-m", "tokenization.train_vqgan", "--input", data["train_images_csv"], "--output", out / "vqgan",
-                          "--preset", "tiny", "--steps", 300, "--batch-size", 16, "--lr", 5e-4, "--pixel-weight", "contrast",
-                          "--pixel-weight-alpha", 10, "--seed", args.seed, "--max-seconds", sizes.vqgan_seconds,
-                          "--threads", 2])
+    steps.run("2 vqgan", [py, "-m", "tokenization.train_vqgan", *vqgan_args(data["train_images_csv"], out / "vqgan",
+                                                                          sizes.vqgan_steps, args.seed)])
     steps.run("3 tokenize", [py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
                              "-m", "tokenization.image_tokenize", "--input", data["images_csv"],
                              "--output", out / "tokens", "--ckpt", out / "vqgan", "--batch-size", 32])

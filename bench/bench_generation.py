@@ -93,7 +93,7 @@ class Stream:
         self.logits = self._forward(ids, positions)
 
     def _forward(self, ids, positions):
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, past_key_values=self.cache,
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, cache=self.cache,
                          use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()
 

@@ -34,6 +34,7 @@ from pathlib import Path, PurePosixPath
 
 import pyarrow.parquet as pq
 
+from medmax.answers import options_from_prompt, parse_options
 from medmax.errors import UserError
 from medmax.paths import PathEscapeError, resolve_inside
 
@@ -139,29 +140,6 @@ def _image_fields(row: dict) -> tuple[bytes | None, str | None]:
 
 
 # ---------------------------------------------------------------- MedMax schema
-def parse_options(value) -> dict | None:
-    if value is None or value == "" or (isinstance(value, float) and value != value):
-        return None
-    if isinstance(value, str):
-        value = json.loads(value)
-    return {str(k).strip().upper(): str(v) for k, v in dict(value).items() if v is not None}
-
-
-_OPTION_LINE = re.compile(r"^\s*\(?([A-H])[).:]\s*(\S.*?)\s*$", re.MULTILINE)
-
-
-def options_from_prompt(prompt: str) -> dict | None:
-    """Options written into an MCQ prompt as lines "A: text", "(A) text", "A. text" (MedMax's rows carry no
-    options column); None unless the letters run A, B, ... with at least two of them."""
-    found = {}
-    for letter, text in _OPTION_LINE.findall(prompt or ""):
-        found.setdefault(letter, text)
-    letters = sorted(found)
-    if len(letters) < 2 or "".join(letters) != LETTERS[: len(letters)]:
-        return None
-    return {k: found[k] for k in letters}
-
-
 def parse_answer(value, task_name: str):
     """visual_chat answers are dicts; MedMax stores them as a string (JSON or Python literal)."""
     if task_name == "visual_chat" and isinstance(value, str):
@@ -176,8 +154,12 @@ def _read_rows(path: Path) -> list[dict]:
     if path.suffix == ".parquet":
         return pq.read_table(path).to_pylist()
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{i + 1}: not valid UTF-8 (byte {e.start} of the line)") from None
             if line.strip():
                 try:
                     rows.append(json.loads(line))
@@ -339,15 +321,19 @@ def convert_vqa_rad(path: Path, opts: SourceOptions = SourceOptions()) -> list[d
 
     Also reads the common split files ``trainset.json`` / ``testset.json`` (qid, image_name, image_organ, answer,
     answer_type, question_type, question, phrase_type without the ``test_`` prefix): there the file is the split,
-    and a file whose name says another split than ``--split`` is refused.
+    and a file whose name says another split than ``--split`` is refused. They come from MEVF's ``data_RAD``
+    folder (github.com/aioz-ai/MICCAI19-MedVQA, README "Preprocessing"), whose images are in ``images/``: that is
+    the default image folder for this layout.
     """
     items, split = _read_json(path), opts.split or "test"
-    image_dir = "VQA_RAD Image Folder" if opts.image_dir is None else opts.image_dir
     if any(str(it.get("phrase_type", "")).strip().startswith("test_") for it in items):
         keep = [i for i, it in enumerate(items) if split == "all" or _is_rad_test(it) == (split == "test")]
+        layout_images = "VQA_RAD Image Folder"
     else:
         _check_file_split(path, split, "vqa_rad")
         keep = list(range(len(items)))
+        layout_images = "images"
+    image_dir = layout_images if opts.image_dir is None else opts.image_dir
     logger.info("%s: %d of %d VQA-RAD questions are in the %s split", path, len(keep), len(items), split)
     return [_row("vqa_rad", _answer_type(items[i]["answer_type"]), items[i]["question"], str(items[i]["answer"]).strip(),
                  _join(image_dir, items[i]["image_name"]), uid=f"{path.name}:{i}") for i in keep]
@@ -608,4 +594,6 @@ def load_records(data: Path, fmt: str = "medmax", source: Path | None = None, im
         raise UserError(f"--source {src}: a row has no field {e}; is this the {fmt} release?") from None
     except (TypeError, AttributeError) as e:
         raise UserError(f"--source {src}: not laid out as the {fmt} release ({e})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"--source {src}: not valid UTF-8 (byte {e.start} of a file it reads)") from None
     return _records(rows, src.name)

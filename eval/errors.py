@@ -1,4 +1,4 @@
-"""The mistakes eval.run reports as one line (``eval.run: error: ...``, exit code 2) instead of a traceback."""
+"""The mistakes eval.run reports as one line (``medmax-eval: error: ...``, exit code 2) instead of a traceback."""
 
 from __future__ import annotations
 

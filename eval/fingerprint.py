@@ -33,7 +33,7 @@ from pathlib import Path
 
 RUN_ONLY = frozenset({
     "model", "data", "source", "clip_model", "judge_prompt",  # digested by content instead of named by path
-    "output", "tasks", "batch_size", "device", "workers", "shard_rank", "num_shards", "merge_timeout_s",
+    "output", "tasks", "batch_size", "device", "skip_memory_check", "workers", "shard_rank", "num_shards", "merge_timeout_s",
     "judge_url", "judge_key_env", "judge_deadline_s", "judge_max_reply_bytes", "overwrite", "run_id", "fingerprint_checked",
 })
 IGNORED_SUFFIXES = (".md", ".png", ".jpg", ".jpeg", ".gif")

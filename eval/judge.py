@@ -16,7 +16,8 @@ The judge is an untrusted server. Whatever it sends, one row gets one outcome an
   from another host.
 
 The API key goes in the Authorization header only: it is kept out of ``repr``, logs, errors and every
-file written. The cache (JSONL: key, verdict, reply cut to 2000 characters) survives a cut last line,
+file written. A server can echo it (in a reply, an error body, a redirect's address), so everything the
+server sends is redacted (the key becomes ``[redacted]``) before it is parsed, logged, cached or returned. The cache (JSONL: key, verdict, reply cut to 2000 characters) survives a cut last line,
 and each process appends only to its own cache file (``cache_path``); others are read (``read_paths``).
 """
 
@@ -51,6 +52,7 @@ _VERDICT = re.compile(r"correctness\s*[:=]\s*\**\s*([01])\b", re.IGNORECASE)
 _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 _MAX_REDIRECTS = 3
 _CACHED_REPLY_CHARS = 2000
+REDACTED = "[redacted]"
 
 
 def parse_verdict(reply: str) -> int | None:
@@ -202,11 +204,16 @@ class Judge:
         if config.cache_path:
             self._load(config.cache_path, repair=True)
 
+    def redact(self, text: str) -> str:
+        """``text`` with the API key replaced by ``[redacted]``."""
+        key = self.config.api_key
+        return text.replace(key, REDACTED) if key and text else text
+
     def _load(self, path: Path, repair: bool) -> None:
         for entry in read_jsonl(path, repair=repair):
             key, correct = entry.get("key"), entry.get("correct")
             if isinstance(key, str) and correct in (0, 1) and not isinstance(correct, bool):
-                self.cache[key] = (correct, str(entry.get("reply", "")))
+                self.cache[key] = (correct, self.redact(str(entry.get("reply", ""))))  # a cache an older version wrote
 
     def _request_body(self, question: str, answer: str, output: str) -> dict:
         content = self.config.prompt.replace("{question}", str(question)).replace("{answer}", str(answer))
@@ -220,6 +227,13 @@ class Judge:
         return headers
 
     def _post(self, body: dict, deadline: float) -> str:
+        """The reply's text, or JudgeFailure; both with the key redacted, whatever the server echoed."""
+        try:
+            return self.redact(self._exchange(body, deadline))
+        except JudgeFailure as e:
+            raise JudgeFailure(self.redact(str(e)), e.retry) from None
+
+    def _exchange(self, body: dict, deadline: float) -> str:
         """The reply's text, following only same-origin 307/308 redirects; JudgeFailure otherwise."""
         data = json.dumps(body).encode()
         url = urlsplit(self.config.base_url.rstrip("/") + "/chat/completions")

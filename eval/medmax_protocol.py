@@ -18,6 +18,14 @@ Facts read from MedMax's code (github.com/Hritikbansal/medmax, ``evaluation/vqa.
 - Results: ``{task_id: {"accuracy": mean, "std_err": np.std(scores, ddof=1) / sqrt(n)}}``. numpy gives
   NaN for one row (and for none); JSON has no NaN, so those are written as null.
 
+What the exact rules cannot see, counted and said (the rules themselves stay exact):
+- A gold that the rule can never call right ("Yes" for a closed question, "b" or "(B)" for an MCQ one;
+  171 of VQA-RAD's 272 closed test golds are "Yes"/"No") is counted as ``n_unmatchable`` in results.json,
+  results_medmax.json and the report, with ``accuracy_gold_normalised``: the accuracy against golds
+  lower-cased (closed) or upper-cased (MCQ) and stripped, as the rule treats the model's text.
+- A gold the tokenizer splits into several tokens cannot be generated in the protocol's one new token as
+  it is spelled (the quickstart's tokenizer splits "yes" into ``y`` + ``es``): eval.run warns, naming the pieces.
+
 Where this differs from MedMax's run, on purpose, and what to do about it:
 - Decoding is greedy. MedMax's ``chameleon_generate`` samples with Chameleon's text defaults
   (temperature 0.7, top-p 0.9, repetition penalty 1.2) and no seed, so its own numbers vary between
@@ -90,8 +98,31 @@ def accuracy_and_std_err(scores) -> tuple[float | None, float | None]:
     return metric.score, metric.stderr
 
 
+ONE_TOKEN_KINDS = ("closed", "probmed", "mcq")
+
+
+def normalised_gold(kind: str, answer) -> str:
+    """The gold as the rule treats the model's text: lower-cased (closed) or upper-cased (MCQ), stripped."""
+    text = str(answer).strip()
+    return text.upper() if kind == "mcq" else text.lower()
+
+
+def matchable(kind: str, answer) -> bool:
+    """Whether the rule can ever call a row with this gold right (it compares the gold as stored)."""
+    if kind == "mcq":
+        return isinstance(answer, str) and answer != "" and answer == mcq_text(answer)
+    return answer in ("yes", "no")
+
+
+def _correct_gold_normalised(kind: str, row: dict) -> bool:
+    gold = normalised_gold(kind, row["answer"])
+    text = row["medmax_text"]
+    return mcq_correct(text, gold) if kind == "mcq" else closed_correct(text, gold)
+
+
 def task_metrics(task: Task, rows: list[dict]) -> dict:
-    """results.json entry for a task scored by MedMax's rules (dropped and failed judge rows counted)."""
+    """results.json entry for a task scored by MedMax's rules (dropped and failed judge rows counted; for the
+    one-token kinds, the golds the rule can never match and the accuracy against normalised golds)."""
     good = [r for r in rows if not r.get("error")]
     metric = mean_stderr(r["correct"] for r in good if r.get("correct") is not None).as_dict()
     entry = {"metric": "accuracy", **metric, "metrics": {"accuracy": metric}, "n_errors": len(rows) - len(good),
@@ -99,7 +130,40 @@ def task_metrics(task: Task, rows: list[dict]) -> dict:
     if task.kind == "open":
         entry["n_dropped"] = sum(r.get("judge_status") == "unparseable" for r in good)
         entry["n_judge_failed"] = sum(r.get("judge_status") == "failed" for r in good)
+    if task.kind in ONE_TOKEN_KINDS:
+        entry["n_unmatchable"] = sum(not matchable(task.kind, r.get("answer")) for r in good)
+        if entry["n_unmatchable"]:
+            entry["metrics"]["accuracy_gold_normalised"] = mean_stderr(
+                _correct_gold_normalised(task.kind, r) for r in good if "medmax_text" in r).as_dict()
     return entry
+
+
+def unmatchable_warning(key: str, entry: dict) -> str | None:
+    """One line for a task whose golds the rule can partly never match, with the score against normalised golds."""
+    if not entry.get("n_unmatchable"):
+        return None
+    normalised = entry["metrics"]["accuracy_gold_normalised"]["score"]
+    return (f"{key}: {entry['n_unmatchable']} of {entry['n']} golds can never match under --protocol medmax, which "
+            f"compares the gold as stored (e.g. 'Yes' is not 'yes'); accuracy {_fmt(entry['score'])}, against "
+            f"normalised golds {_fmt(normalised)} (accuracy_gold_normalised)")
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def split_gold_warnings(golds: dict[str, set[str]], pieces) -> list[str]:
+    """Lines for golds of the one-token kinds that the tokenizer splits: ``golds`` maps a task key to its
+    distinct matchable golds, ``pieces(text)`` gives the tokens a text encodes to."""
+    lines = []
+    for key in sorted(golds):
+        for gold in sorted(golds[key]):
+            split = pieces(gold)
+            if len(split) > 1:
+                lines.append(f"{key}: the tokenizer splits the gold {gold!r} into {len(split)} tokens "
+                             f"({' + '.join(map(repr, split))}), and --protocol medmax answers in 1 new token: "
+                             f"a model that answers {gold!r} as it is spelled is never right")
+    return lines
 
 
 def layout_scores(task: Task, rows: list[dict], protocol: str) -> list | None:
@@ -114,10 +178,13 @@ def layout_scores(task: Task, rows: list[dict], protocol: str) -> list | None:
     return [r[field] for r in good if r.get(field) is not None]
 
 
-def results_layout(scores_by_task: dict[str, list]) -> dict:
-    """MedMax's results file: ``{task_id: {"accuracy", "std_err"}}``."""
+def results_layout(scores_by_task: dict[str, list], unmatchable: dict[str, int] | None = None) -> dict:
+    """MedMax's results file: ``{task_id: {"accuracy", "std_err"}}``, plus ``n_unmatchable`` for the tasks
+    ``unmatchable`` names (those scored by MedMax's one-token rules)."""
     out = {}
     for key, scores in scores_by_task.items():
         accuracy, std_err = accuracy_and_std_err(scores)
         out[key] = {"accuracy": accuracy, "std_err": std_err}
+        if unmatchable and key in unmatchable:
+            out[key]["n_unmatchable"] = unmatchable[key]
     return out

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medmax.errors import UserError
-from medmax.prompting import END_OF_TURN, prompt_segments
+from medmax.prompting import END_OF_TURN, prompt_segments, strip_placeholders
 
 from .data import EvalRecord
 from .tasks import Task
@@ -51,7 +51,7 @@ def _content(record: EvalRecord, task: Task, image: Path | None) -> list:
         if record.question_type == "detailed_description":
             return prompt_segments(DETAILED_DESCRIPTION, [image])
         return prompt_segments(record.prompt, [image], strip=True)  # a prompt ending in <image> puts it last
-    text = record.prompt.replace(IMAGE_TAG, "").strip()  # MedMax's VQA code puts the image first, tag or not
+    text = strip_placeholders(record.prompt).strip()  # MedMax's VQA code puts the image first, tag or not
     if task.kind == "captioning" and not text:
         text = CAPTION_FALLBACK
     return prompt_segments(text, [image])

@@ -51,6 +51,36 @@ def task_metrics(task: Task, rows: list[dict], protocol: str = "toolkit") -> dic
     return entry
 
 
+# a task with more than this share of its rows unscored (or of its judge verdicts missing) is reported loudly
+MOSTLY_FAILED = 0.5
+
+
+def failure_warnings(key: str, rows: list[dict]) -> list[str]:
+    """Lines for a task most of whose rows were not scored, or most of whose judge requests gave no verdict,
+    each naming the first such row and its reason."""
+    lines = []
+    failed = [r for r in rows if r.get("error")]
+    if rows and len(failed) > MOSTLY_FAILED * len(rows):
+        lines.append(f"{key}: {len(failed)} of {len(rows)} rows were not scored; the first, {failed[0]['uid']}: "
+                     f"{failed[0]['error']} (every reason is in problems.jsonl)")
+    asked = [r for r in rows if "judge_status" in r]
+    missed = [r for r in asked if r["judge_status"] != "ok"]
+    if asked and len(missed) > MOSTLY_FAILED * len(asked):
+        why = missed[0].get("judge_error") or "a reply without a verdict"
+        lines.append(f"{key}: the judge gave no verdict for {len(missed)} of {len(asked)} rows; the first, "
+                     f"{missed[0]['uid']}: {why}")
+    return lines
+
+
+def unread_warnings(n_rows: int, problems: list[dict]) -> list[str]:
+    """A line when most rows of the data could not be read or belong to no task (``n_rows``: rows read plus
+    rows refused while reading; ``problems``: those refused, and those of no task)."""
+    if not problems or len(problems) <= MOSTLY_FAILED * n_rows:
+        return []
+    return [f"{len(problems)} of {n_rows} rows of the data could not be read or belong to no task; the first, "
+            f"{problems[0]['uid']}: {problems[0]['reason']} (every reason is in problems.jsonl)"]
+
+
 def write_results(path: Path, results: dict) -> None:
     write_atomic(path, json.dumps(results, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
@@ -68,28 +98,45 @@ _PROTOCOL_NOTES = {
 
 def _counts(entry: dict) -> str:
     parts = [f"{entry[k]} {label}" for k, label in (("n_dropped", "dropped (no verdict)"), ("n_judge_failed", "judge failed"),
-                                                    ("judge_unparseable", "judge unparseable"), ("judge_failed", "judge failed"))
+                                                    ("judge_unparseable", "judge unparseable"), ("judge_failed", "judge failed"),
+                                                    ("n_unmatchable", "n_unmatchable (gold never matches)"))
              if entry.get(k)]
     return f"{entry['n_errors']}" + (f" ({', '.join(parts)})" if parts else "")
 
 
-def write_markdown(path: Path, results: dict, problems: list[dict], settings: dict) -> None:
-    protocols = sorted({e["protocol"] for k, e in results.items() if not k.startswith("_") and "protocol" in e})
-    lines = ["# Evaluation report", "", "The protocol column says which rules produced each number:", ""]
-    lines += [f"- {_PROTOCOL_NOTES[p]}" for p in protocols]
-    lines += ["", "MedMax's results layout (accuracy, std_err) of the same numbers is in results_medmax.json.", "",
-              "| task | protocol | metric | n | score | stderr | errors |", "|---|---|---|---|---|---|---|"]
-    for key in sorted(k for k in results if not k.startswith("_")):
+def _table(results: dict) -> list[str]:
+    lines = ["| task | protocol | metric | n | score | stderr | errors |", "|---|---|---|---|---|---|---|"]
+    for key in sorted(k for k in results if not k.startswith("_") and "skipped" not in results[k]):
         entry = results[key]
-        if "skipped" in entry:
-            lines.append(f"| {key} | | skipped: {entry['skipped']} | | | | |")
-            continue
         proto = entry["protocol"]
         lines.append(f"| {key} | {proto} | {entry['metric']} | {entry['n']} | {_fmt(entry['score'])} | "
                      f"{_fmt(entry['stderr'])} | {_counts(entry)} |")
         for name, m in sorted(entry["metrics"].items()):
             if name != entry["metric"]:
                 lines.append(f"| {key} | {proto} | {name} | {m['n']} | {_fmt(m['score'])} | {_fmt(m['stderr'])} | |")
+    return lines
+
+
+def _skipped(results: dict) -> list[str]:
+    """Skipped tasks after the results, one line per reason (the tasks without rows in the data are many)."""
+    by_reason: dict[str, list[str]] = {}
+    for key in sorted(k for k in results if not k.startswith("_") and "skipped" in results[k]):
+        by_reason.setdefault(results[key]["skipped"], []).append(key)
+    if not by_reason:
+        return []
+    lines = ["", f"## Skipped tasks ({sum(map(len, by_reason.values()))})", ""]
+    return lines + [f"- {reason}: {', '.join(keys)}" for reason, keys in sorted(by_reason.items())]
+
+
+def write_markdown(path: Path, results: dict, problems: list[dict], settings: dict) -> None:
+    protocols = sorted({e["protocol"] for k, e in results.items() if not k.startswith("_") and "protocol" in e})
+    lines = ["# Evaluation report", ""]
+    if results.get("_warnings"):
+        lines += ["## Warnings", ""] + [f"- {w}" for w in results["_warnings"]] + [""]
+    lines += ["The protocol column says which rules produced each number:", ""]
+    lines += [f"- {_PROTOCOL_NOTES[p]}" for p in protocols]
+    lines += ["", "MedMax's results layout (accuracy, std_err) of the same numbers is in results_medmax.json.", ""]
+    lines += _table(results) + _skipped(results)
     lines += ["", "## Settings", ""] + [f"- {k}: {v}" for k, v in sorted(settings.items())]
     lines += ["", f"## Rows not evaluated ({len(problems)})", ""]
     lines += [f"- `{p['uid']}`: {p['reason']}" for p in problems[:200]]

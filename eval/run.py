@@ -29,6 +29,9 @@ the merged results.json is identical. A rerun with another model, data file or s
 OUTPUT/fingerprint.json, see eval/fingerprint.py) into the same --output stops before loading the model,
 with one line naming what changed; ``--overwrite`` starts the folder afresh (deleting only files eval.run
 wrote). A row whose image cannot be read or whose generation fails is reported, and its batch goes on.
+A task with more than half of its rows unscored (or of its judge verdicts missing) is a console warning naming
+the first reason, also in results.json's ``_warnings`` and atop report.md; a run that scored no row at all
+writes its outputs and exits 2.
 The judge's key is read from ``--judge-key-env`` (default OPENAI_API_KEY) and is never logged or written.
 """
 
@@ -46,6 +49,7 @@ from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from medmax.cli import program
 from medmax.jsonl import append_jsonl, read_json, read_jsonl, write_jsonl
@@ -88,6 +92,7 @@ class EvalConfig:
     protocol: str = "toolkit"  # scoring rules: the toolkit's, or MedMax's published ones (eval/medmax_protocol.py)
     device: str | None = None
     dtype: str | None = None
+    skip_memory_check: bool = False  # load the model even when config.json's sizes need more memory than is free
     clip_model: Path | None = None
     judge_url: str | None = None
     judge_model: str | None = None
@@ -145,7 +150,7 @@ class EvalConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eval.run", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="medmax-eval", description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, required=True, help="model folder (config.json, model.safetensors, tokenizer.json, vqgan/)")
     p.add_argument("--data", type=Path, required=True, help="MedMax-schema folder/file, or the image root of --source")
     p.add_argument("--output", type=Path, required=True)
@@ -166,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=EvalConfig.repetition_penalty)
     p.add_argument("--device", help="default: cuda (this rank's GPU) when available, else cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="load the model even when config.json's sizes need more memory than is available")
     p.add_argument("--clip-model", type=Path, help="local Hugging Face CLIP folder for captioning / image generation")
     p.add_argument("--judge-url", help="OpenAI-compatible base URL (…/v1) for the open-answer judge")
     p.add_argument("--judge-model", help="judge model name (MedMax used gpt-4o-mini)")
@@ -279,6 +286,15 @@ def _judge(config: EvalConfig) -> Judge | None:
                              deadline_s=config.judge_deadline_s, max_reply_bytes=config.judge_max_reply_bytes))
 
 
+def _quiet_loading_bars() -> None:
+    """transformers' "Loading weights" bar only on a terminal, as eval's own bars (tqdm's ``disable=None``):
+    in a log file its carriage-return frames are fragments among the log lines."""
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def _setup(config: EvalConfig, tasks: list[Task]) -> Context:
     import torch
 
@@ -286,7 +302,8 @@ def _setup(config: EvalConfig, tasks: list[Task]) -> Context:
 
     device = _device(config)
     dtype = getattr(torch, config.dtype) if config.dtype else None
-    generator = Generator.from_dir(config.model, device=device, dtype=dtype)
+    _quiet_loading_bars()
+    generator = Generator.from_dir(config.model, device=device, dtype=dtype, skip_memory_check=config.skip_memory_check)
     clip = None
     if config.clip_model and any(t.needs_clip or t.kind == "mm_out" for t in tasks):
         from .clip_score import ClipScorer
@@ -492,7 +509,8 @@ def run_task(task: Task, mine: list[EvalRecord], ctx: Context) -> None:
     cfg = ctx.config
     path = shard_path(ctx.pred_dir, task.key, cfg.shard_rank)
     start, count = time.perf_counter(), 0
-    with tqdm(total=len(mine), desc=task.key, disable=None) as bar:
+    # log lines during the bar go through tqdm.write, so they never split a half-drawn bar
+    with logging_redirect_tqdm(), tqdm(total=len(mine), desc=task.key, disable=None) as bar:
         for i in range(0, len(mine), cfg.batch_size):
             rows = evaluate_batch(task, mine[i : i + cfg.batch_size], ctx)
             append_jsonl(path, [{**r, "fingerprint": ctx.tag} if ctx.tag else r for r in rows])
@@ -525,10 +543,15 @@ def merge_task(task: Task, records: list[EvalRecord], pred_dir: Path, num_shards
 _REPORT_HIDDEN = ("shard_rank", "merge_timeout_s", "run_id", "fingerprint_checked", "overwrite")
 
 
-def finish(config: EvalConfig, tasks: list[Task], groups: dict, skipped: dict, problems: list[dict], fp: dict) -> dict:
+def finish(config: EvalConfig, tasks: list[Task], groups: dict, skipped: dict, problems: list[dict], fp: dict,
+           warnings: list[str] | None = None) -> dict:
+    """Merge every task's rows, score them and write the outputs; ``problems`` is extended with the failed rows.
+    Warnings (``warnings`` given, tasks mostly unscored, golds MedMax's rules never match, golds split into several
+    tokens) go to the console, results.json's ``_warnings`` and the top of report.md."""
     pred_dir = config.output / PREDICTIONS
     results: dict = {}
     layout: dict = {}
+    warnings = list(warnings or [])
     for task in tasks:
         if task.key in skipped:
             results[task.key] = {"skipped": skipped[task.key]}
@@ -537,20 +560,58 @@ def finish(config: EvalConfig, tasks: list[Task], groups: dict, skipped: dict, p
         problems += missing + [{"uid": r["uid"], "reason": r["error"]} for r in rows if r.get("error")]
         write_jsonl(pred_dir / f"{task.key}.jsonl", rows)
         results[task.key] = report.task_metrics(task, rows, config.protocol)
+        warnings += report.failure_warnings(task.key, rows)
+        warnings += filter(None, [medmax_protocol.unmatchable_warning(task.key, results[task.key])])
         scores = medmax_protocol.layout_scores(task, rows, config.protocol)
         if scores is not None:
             layout[task.key] = scores
+    warnings += _split_gold_warnings(config, [t for t in tasks if t.key not in skipped], groups)
+    for line in warnings:
+        logger.warning("%s", line)
+    if warnings:
+        results["_warnings"] = warnings
     if problems:
         results["_problems"] = len(problems)
     results.update({"_fingerprint": fp, "_protocol": config.protocol, "_toolkit_version": fp["toolkit_version"]})
     report.write_results(config.output / outputs.RESULTS, results)
-    report.write_results(config.output / outputs.RESULTS_MEDMAX, medmax_protocol.results_layout(layout))
+    unmatchable = {k: e["n_unmatchable"] for k, e in results.items() if k in layout and "n_unmatchable" in e}
+    report.write_results(config.output / outputs.RESULTS_MEDMAX, medmax_protocol.results_layout(layout, unmatchable))
     write_jsonl(config.output / outputs.PROBLEMS, problems)
     settings = {k: str(v) for k, v in asdict(config).items() if k not in _REPORT_HIDDEN}
     settings.update(fingerprint=fp["digest"], toolkit_version=fp["toolkit_version"])
     report.write_markdown(config.output / outputs.REPORT_MD, results, problems, settings)
     report.write_chart(config.output / outputs.REPORT_PNG, results)
     return results
+
+
+def _split_gold_warnings(config: EvalConfig, tasks: list[Task], groups: dict) -> list[str]:
+    """Under --protocol medmax (one new token for closed and MCQ answers): golds the tokenizer splits."""
+    golds = {t.key: {str(r.answer) for r in groups[t.key] if medmax_protocol.matchable(t.kind, r.answer)}
+             for t in tasks if medmax_protocol.applies(config.protocol, t) and t.kind in medmax_protocol.ONE_TOKEN_KINDS}
+    if not any(golds.values()):
+        return []
+    from medmax.vocab import encode_text, load_tokenizer
+
+    tokenizer = load_tokenizer(config.model)
+    return medmax_protocol.split_gold_warnings(golds, lambda text: [tokenizer.id_to_token(i) for i in encode_text(tokenizer, text)])
+
+
+def _require_scores(config: EvalConfig, results: dict, problems: list[dict]) -> None:
+    """Raise when not one row was scored, naming the first reason (after the outputs are written)."""
+    entries = {k: e for k, e in results.items() if not k.startswith("_")}
+    if any(e.get("n") for e in entries.values()):
+        return
+    skipped = {k: e["skipped"] for k, e in entries.items() if "skipped" in e}
+    if problems:
+        first = f"the first problem, {problems[0]['uid']}: {problems[0]['reason']}"
+    else:
+        first = "; ".join(f"{k} skipped: {why}" for k, why in sorted(skipped.items())[:3])
+    if any("not found under" in p["reason"] for p in problems):
+        where = "--data and --image-dir (its default depends on the release's layout)" if config.data_format != "medmax" else "--data"
+        first += f" (image paths are read under {where})"
+    n_rows = sum(e.get("n_errors", 0) for e in entries.values())
+    raise EvalError(f"no row was scored ({n_rows} rows failed, {len(skipped)} of {len(entries)} tasks skipped); {first}; "
+                    f"report.md and problems.jsonl in {config.output} list every reason")
 
 
 def _spawn_workers(config: EvalConfig, argv: list[str], run_id: str, fp: dict) -> None:
@@ -569,7 +630,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     return EvalConfig(**{k: v for k, v in vars(args).items()})
 
 
-@program("eval.run")
+@program("medmax-eval")
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -585,8 +646,10 @@ def evaluate(config: EvalConfig, argv: list[str] | None = None) -> dict | None:
     run_id, fp = _launch(config)
     records, problems = load_records(config.data, config.data_format, config.source, config.image_dir,
                                      split=config.split, lang=config.lang, trust_pickle=config.trust_pickle)
+    n_rows = len(records) + len(problems)
     groups, unknown = group_records(records, tasks)
     problems += unknown
+    unread = report.unread_warnings(n_rows, problems)
     groups = {k: apply_limit(v, config.limit, config.seed, k) for k, v in groups.items()}
     skipped = _skipped(config, tasks, groups)
     if config.workers > 1:
@@ -597,8 +660,9 @@ def evaluate(config: EvalConfig, argv: list[str] | None = None) -> dict | None:
         if config.shard_rank != 0:
             return None
         launch.wait_for_shards(config.output, config.num_shards, run_id, fingerprint.row_tag(fp), config.merge_timeout_s)
-    results = finish(config, tasks, groups, skipped, problems, fp)
+    results = finish(config, tasks, groups, skipped, problems, fp, unread)
     logger.info("wrote %s", config.output / outputs.RESULTS)
+    _require_scores(config, results, problems)
     return results
 
 

@@ -7,7 +7,9 @@ One YAML per run, ``key=value`` overrides on top (values parsed as YAML: ``max_s
 from __future__ import annotations
 
 import json
+import math
 import re
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -116,6 +118,9 @@ class FinetuneConfig(TrainingArguments):
         "help": "dtype the weights are loaded in (float32, bfloat16); mixed precision is bf16=true."})
     skip_memory_check: bool = field(default=False, metadata={
         "help": "Load the model even when its config's sizes need more memory than is available (refused by default)."})
+    max_seconds: float | None = field(default=None, metadata={
+        "help": "Stop after this much wall time of training (checked after each optimizer step, agreed by every "
+                "process), saving a checkpoint there so that --resume continues; none by default."})
     trust_checkpoint: bool = field(default=False, metadata={
         "help": "Allow a legacy pickled VQGAN checkpoint (runs code from the file)."})
     # transformers' defaults we change: log to TensorBoard, our own columns reach the collator
@@ -125,12 +130,20 @@ class FinetuneConfig(TrainingArguments):
     prediction_loss_only: bool = field(default=True, metadata={
         "help": "Validation keeps only the loss (gathering (B, T, 65536) logits per batch would exhaust memory)."})
     optim: str = field(default="adamw_torch", metadata={"help": "Optimizer name (transformers' OptimizerNames)."})
+    disable_tqdm: bool | None = field(default=None, metadata={
+        "help": "No progress bars: metrics go to the log as lines. Default: bars only on an interactive terminal "
+                "(a log file or a pipe gets lines, not bar fragments)."})
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={
+        "help": "DDP: search every step for trainable weights the forward did not use. Every mode uses all of "
+                "its trainable weights (the VQGAN is frozen), so false: no extra graph traversal and no warning."})
 
     def __post_init__(self):
         self._check_fields()
         if self.validation is not None and _value(self.eval_strategy) == "no":
             self.eval_strategy = "steps"  # validation given: evaluate every eval_steps (default logging_steps)
         check_contradictions(self)
+        if self.disable_tqdm is None:
+            self.disable_tqdm = not sys.stderr.isatty()
         super().__post_init__()
 
     def _check_fields(self) -> None:
@@ -157,6 +170,8 @@ class FinetuneConfig(TrainingArguments):
         if self.weights_mode == "lora" and (self.lora_r <= 0 or self.lora_alpha <= 0):
             raise ConfigError(f"lora_r={self.lora_r}, lora_alpha={self.lora_alpha}: both must be positive")
         self.validation_fraction()  # raises on a bad value
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ConfigError(f"max_seconds={self.max_seconds}: must be > 0 (or null for no bound)")
         if self.model_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"model_dtype={self.model_dtype!r}: choose float32, bfloat16 or float16")
         sharded = sharded_weights(self.fsdp, self.deepspeed) if self.mode == "image-alignment" else None
@@ -204,12 +219,15 @@ class FinetuneConfig(TrainingArguments):
         specs = []
         for entry in self.datasets:
             if isinstance(entry, dict):
-                spec = DatasetSpec(str(entry["path"]), float(entry.get("weight", 1.0)))
+                path, weight = str(entry["path"]), entry.get("weight", 1.0)
             else:
                 path, _, weight = str(entry).rpartition(":") if _has_weight(str(entry)) else (str(entry), "", "1")
+            try:
                 spec = DatasetSpec(path, float(weight))
-            if spec.weight <= 0:
-                raise ConfigError(f"datasets: {spec.path} has weight {spec.weight}; weights must be positive")
+            except (TypeError, ValueError):
+                spec = DatasetSpec(path, math.nan)
+            if not (math.isfinite(spec.weight) and spec.weight > 0):
+                raise ConfigError(f"datasets: {path} has weight {weight!r}; weights must be positive finite numbers")
             specs.append(spec)
         return specs
 

@@ -72,6 +72,8 @@ class DPOTrainerMixin:
         weight = inputs.pop("weight", None)
         logps, mask = sequence_logps(model, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"))
         out = self.dpo_loss(logps, self.reference_logps(model, inputs), mask, weight if self.use_weights else None)
+        if model.training:
+            self.stop_if_not_finite(out.loss, lambda: torch.nonzero(~torch.isfinite(out.losses.detach())).flatten().tolist())
         self._store_metrics(out, logps, model.training)
         return (out.loss, {"chosen_rewards": out.chosen_rewards, "rejected_rewards": out.rejected_rewards}) \
             if return_outputs else out.loss

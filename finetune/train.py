@@ -22,9 +22,12 @@ into every process as before); an ``s3://`` dataset path names a store on S3-com
 
 ``--resume`` continues from the newest *complete* checkpoint (one whose ``trainer_state.json``, written
 last, is readable; a folder cut short by a kill is skipped with a warning). It refuses, naming the
-difference, to continue a run whose mode, tokenizer, dataset content (manifest and data files, not
-their paths), dataset weights or validation set differ from the ones recorded in the checkpoint's
-``medmax_run.json``; ``--resume-anyway`` continues regardless. A model whose ``config.json`` sizes need
+difference, to continue a run whose mode, starting model (its config and weight files' content, or a
+preset's name and seed), row and trained-weight settings (max_length, packing, seed, freeze, LoRA, DPO), tokenizer, dataset content (manifest and data files, not their paths), dataset
+weights or validation set differ from the ones recorded in the checkpoint's ``medmax_run.json``;
+``--resume-anyway`` continues regardless. Resuming a run that already reached ``max_steps`` trains
+nothing: its final model stays as it is (or is written from its last checkpoint, when the run stopped
+before writing it). A model whose ``config.json`` sizes need
 more memory than is available stops before any allocation (``skip_memory_check=true`` to try anyway).
 """
 
@@ -59,8 +62,6 @@ BASE_MODEL_DIR = "base_model"
 
 def _setup_assets(cfg: FinetuneConfig):
     """Tokenizer, vocabulary and the complete VQGAN, with errors naming the setting."""
-    import torch
-
     from medmax.presets import VQGAN_PRESETS, parse_preset, resolve_tokenizer
     from medmax.vqgan import VQGAN, load_vqgan
 
@@ -71,8 +72,7 @@ def _setup_assets(cfg: FinetuneConfig):
         raise ConfigError(f"model={cfg.model}: not a Hugging Face folder (no config.json) and not preset:NAME")
     tokenizer = resolve_tokenizer(cfg.tokenizer) if cfg.tokenizer else load_tokenizer(model_dir)
     vqgan_preset = parse_preset(cfg.vqgan, VQGAN_PRESETS, "vqgan")
-    if vqgan_preset:  # random weights: CPU smoke runs and tests
-        torch.manual_seed(cfg.seed)
+    if vqgan_preset:  # random weights (seeded by run): CPU smoke runs and tests
         vqgan_path, vqgan = cfg.vqgan, VQGAN.from_params(VQGAN_PRESETS[vqgan_preset])
     else:
         vqgan_path = Path(cfg.vqgan) if cfg.vqgan else model_dir
@@ -214,19 +214,52 @@ def write_curves(output_dir: Path, history: list[dict]) -> None:
         points = [(h["step"], h[key]) for h in history if key in h]
         if points:
             ax.plot(*zip(*points), marker="." if len(points) < 50 else None, label=label)
-    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(), ax.grid(alpha=0.3)
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.grid(alpha=0.3)
+    if ax.lines:  # a run too short to log a loss has no curve to name
+        ax.legend()
     fig.tight_layout()
     fig.savefig(output_dir / "loss_curve.png", dpi=100)
     plt.close(fig)
 
 
+def _trainer_state(folder: Path) -> dict | None:
+    """A folder's trainer_state.json when it is readable and records its step; else None."""
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("global_step"), int) else None
+
+
+def _global_step(folder: Path) -> int | None:
+    """The step recorded in a folder's trainer_state.json; None when there is no readable one."""
+    state = _trainer_state(folder)
+    return state["global_step"] if state else None
+
+
 def _is_complete(checkpoint: Path) -> bool:
     """Trainer writes trainer_state.json last (after weights, optimizer and RNG state): a checkpoint without a
     readable one was cut short while being written."""
-    try:
-        return "global_step" in json.loads((checkpoint / "trainer_state.json").read_text())
-    except (OSError, ValueError, TypeError):
-        return False
+    return _global_step(checkpoint) is not None
+
+
+def _finished_run(cfg: FinetuneConfig, checkpoint: Path | None) -> tuple[int, int] | None:
+    """(step, last step) of the run in output_dir when it finished and also wrote its final model; else None.
+
+    Finished: its newest checkpoint reached max_steps (without max_steps, the steps its run computed from an unchanged
+    num_train_epochs). Final model written: output_dir's trainer_state.json (saved after the final weights) records
+    that step, and loss_curve.png (written last) exists. A kill during teardown leaves exactly this, and the job
+    looks failed; resuming it must change nothing.
+    """
+    state = _trainer_state(checkpoint) if checkpoint is not None else None
+    if state is None:
+        return None
+    same_epochs = state.get("num_train_epochs") == cfg.num_train_epochs
+    last = cfg.max_steps if cfg.max_steps > 0 else (state.get("max_steps") if same_epochs else None)
+    step, output_dir = state["global_step"], Path(cfg.output_dir)
+    if not last or step < last or _global_step(output_dir) != step:
+        return None
+    return (step, last) if (output_dir / "loss_curve.png").is_file() else None
 
 
 def last_complete_checkpoint(output_dir: Path) -> Path | None:
@@ -267,11 +300,36 @@ def _digest(cfg: FinetuneConfig, folder: str) -> str:
     return dataset_digest(folder, cfg.data_store, cfg.store_dir)
 
 
+def _model_identity(cfg: FinetuneConfig) -> str:
+    """The starting model by content: ``preset:NAME seed N`` (the seed draws its weights), else ``sha256:...`` of the
+    folder's config and weight files (``medmax.model.model_digest``)."""
+    if cfg.is_preset:
+        return f"{cfg.model} seed {cfg.seed}"
+    from medmax.model import model_digest
+
+    return f"sha256:{model_digest(cfg.model)}"
+
+
+def _training_settings(cfg: FinetuneConfig) -> dict:
+    """The settings that decide the training rows, their order, what trains and the objective: a resume that changed
+    one would continue one run with another's rows or weights."""
+    keys = ["max_length", "packing", "seed", "data_seed", "freeze"]
+    if cfg.weights_mode == "lora":
+        keys += ["lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"]
+    if cfg.mode == "dpo":
+        keys += ["dpo_beta", "dpo_loss_type", "dpo_label_smoothing", "rpo_alpha", "dpo_use_weights", "dpo_reference"]
+    return {key: getattr(cfg, key) for key in keys}
+
+
 def run_fingerprint(cfg: FinetuneConfig, tokenizer) -> dict:
-    """What a resumed run must share with the run it continues: mode, tokenizer and the data's content."""
+    """What a resumed run must share with the run it continues: mode, starting model, tokenizer and the data's
+    content. The model matters to every mode: DPO's frozen reference and LoRA's base (export merges onto it) are
+    rebuilt from it on resume."""
     fraction = cfg.validation_fraction()
     return {
         "mode": cfg.mode if cfg.mode != "dpo" else f"dpo/{cfg.dpo_weights}",  # dpo's LoRA and full checkpoints differ
+        "model": _model_identity(cfg),
+        "settings": _training_settings(cfg),
         "tokenizer": hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
         "datasets": [{"digest": _digest(cfg, s.path), "weight": s.weight, "path": s.path} for s in cfg.dataset_specs()],
         "validation": fraction if fraction is not None else (_digest(cfg, cfg.validation) if cfg.validation else None),
@@ -283,6 +341,11 @@ def fingerprint_differences(before: dict, now: dict) -> list[str]:
     diffs = []
     if before.get("mode") != now["mode"]:
         diffs.append(f"mode={before.get('mode')} (this run: {now['mode']})")
+    if "model" in before and before["model"] != now["model"]:  # older records lack it (_check_resume warns)
+        diffs.append(f"another model ({_short(before['model'])}, this run {_short(now['model'])})")
+    settings = before.get("settings") or {}
+    diffs += [f"{key}={settings[key]!r} (this run: {value!r})" for key, value in now["settings"].items()
+              if key in settings and settings[key] != value]
     if before.get("tokenizer") != now["tokenizer"]:
         diffs.append(f"another tokenizer (sha256 {str(before.get('tokenizer'))[:12]}, this run {now['tokenizer'][:12]})")
     old, new = before.get("datasets") or [], now["datasets"]
@@ -298,6 +361,12 @@ def fingerprint_differences(before: dict, now: dict) -> list[str]:
     return diffs
 
 
+def _short(identity) -> str:
+    """A model identity for a message: a digest cut to 12 hex digits."""
+    text = str(identity)
+    return f"sha256 {text[7:19]}" if text.startswith("sha256:") else text
+
+
 def _check_resume(checkpoint: Path, fingerprint: dict, anyway: bool) -> None:
     """Stop a resume that would continue another run's training with other data, tokenizer or mode."""
     from .config import ConfigError
@@ -310,6 +379,9 @@ def _check_resume(checkpoint: Path, fingerprint: dict, anyway: bool) -> None:
         logger.warning("%s records no fingerprint (written by an older version): cannot check that this run "
                        "continues it with the same data, tokenizer and mode", checkpoint)
         return
+    if "model" not in before or "settings" not in before:
+        logger.warning("%s records no model or settings fingerprint (written by an older version): cannot check that "
+                       "this run starts from the same model with the same rows and trained weights", checkpoint)
     diffs = fingerprint_differences(before, fingerprint)
     if not diffs:
         return
@@ -345,17 +417,43 @@ def _trainer(cfg: FinetuneConfig, vocab: Vocabulary, model, reference, train_set
                        use_weights=cfg.dpo_use_weights, **common)
 
 
-def run(cfg: FinetuneConfig, resume: bool = False, resume_anyway: bool = False) -> Trainer:
-    """Train with ``cfg``; returns the finished trainer. ``resume_anyway`` resumes without the fingerprint check."""
+def _quiet_console(cfg: FinetuneConfig) -> None:
+    """With ``disable_tqdm`` (the default off a terminal), transformers' own progress bars (loading and writing
+    weights) stay off too; DeepSpeed's CPU notice (filtered for every program by ``medmax.cli``) is heard again in
+    a run that uses DeepSpeed."""
+    import logging as std_logging
+
+    from transformers.utils import logging as hf_logging
+
+    from medmax.cli import not_deepspeed_cpu_notice
+
+    if cfg.disable_tqdm:
+        hf_logging.disable_progress_bar()
+    if cfg.deepspeed:
+        std_logging.getLogger("DeepSpeed").removeFilter(not_deepspeed_cpu_notice)
+
+
+def run(cfg: FinetuneConfig, resume: bool = False, resume_anyway: bool = False) -> Trainer | None:
+    """Train with ``cfg``; returns the finished trainer, or None when resuming a run that had already finished
+    (nothing is trained or written). ``resume_anyway`` resumes without the fingerprint check."""
+    from transformers import set_seed
+
     from medmax.vqgan import save_vqgan
 
     from .modes import setup_mode
 
+    _quiet_console(cfg)
     checkpoint = _resume_point(cfg, resume or resume_anyway)
+    set_seed(cfg.seed)  # before anything random is made (a preset VQGAN, LoRA's adapters), in every mode
     tokenizer, vocab, vqgan = _setup_assets(cfg)
     fingerprint = run_fingerprint(cfg, tokenizer)
     if checkpoint is not None:
         _check_resume(checkpoint, fingerprint, resume_anyway)
+    finished = _finished_run(cfg, checkpoint)
+    if finished is not None:
+        logger.info("%s finished at step %d (max_steps=%d) and holds its final model: nothing to train, nothing "
+                    "changed (raise max_steps to train further)", cfg.output_dir, *finished)
+        return None
     _check_memory(cfg, tokenizer, vqgan)  # before the data is read and the weights allocated
     if cfg.deepspeed:
         _join_deepspeed_comm()
@@ -386,7 +484,7 @@ def run(cfg: FinetuneConfig, resume: bool = False, resume_anyway: bool = False) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="finetune.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="medmax-train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML file of settings (finetune/configs/*.yaml)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the last complete checkpoint in output_dir (same data, tokenizer and mode)")
@@ -401,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@program("finetune.train")
+@program("medmax-train")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .config import check_world_size, load_config  # after parsing: --help does not load transformers

@@ -2,7 +2,7 @@
 
 Each program's ``main(argv=None)`` is decorated with :func:`program`::
 
-    @program("eval.run")
+    @program("medmax-eval")
     def main(argv: list[str] | None = None) -> int:
         ...
 
@@ -42,6 +42,18 @@ def setup_logging(level: int = logging.INFO) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         fmt = LOG_FORMAT.replace("%(name)s", f"[rank {os.environ.get('RANK', '?')}] %(name)s")
     logging.basicConfig(level=level, format=fmt)
+    logging.getLogger("DeepSpeed").addFilter(not_deepspeed_cpu_notice)
+
+
+def not_deepspeed_cpu_notice(record: logging.LogRecord) -> bool:
+    """False for DeepSpeed's "Setting accelerator to CPU" notice, a filter on DeepSpeed's own logger.
+
+    accelerate imports DeepSpeed whenever it is installed (its ``unwrap_model`` looks for a ``DeepSpeedEngine``,
+    and transformers' Trainer calls it as it starts), and DeepSpeed, finding no CUDA device as it loads, prints
+    that notice on stdout in every program that trains or exports on CPU, DeepSpeed used or not. A logger keeps
+    its filters when DeepSpeed sets it up on import. ``finetune.train`` removes it when ``deepspeed=`` is set.
+    """
+    return not record.getMessage().startswith("Setting accelerator to CPU")
 
 
 def error_line(prog: str, error: BaseException | str) -> str:

@@ -11,10 +11,12 @@ module). Everything here runs without a browser and without Gradio:
   layout of training rows and evaluation: each user turn is its images, then its text, then the
   end-of-turn; each answer is its text and drawn images (as their exact codes), then the end-of-turn.
 - :class:`Settings` are the page's controls; :func:`group_requests` groups requests whose settings
-  agree except for the seed; :meth:`Engine.run_batch` runs each group as ONE ``Generator.generate``
+  agree except for the seed; :meth:`Engine.run_pending` takes every request submitted and not yet run
+  (each runs once) and :meth:`Engine.run_batch` runs each group as ONE ``Generator.generate``
   call with a seed per request, so an answer depends on its prompt, settings and seed only, never on
   who else asked at the same time; and streams each answer as it grows into a per-request channel
-  that :meth:`Engine.events` reads.
+  that :meth:`Engine.events` reads: text through :func:`answer_text` (control ids as
+  :data:`CONTROL_MARKER`, an incomplete UTF-8 character held back until it completes).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import dataclasses
 import json
 import logging
 import queue
+import re
 import threading
 import time
 import uuid
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Union
 
+import numpy as np
 from PIL import Image
 
 from .errors import UserError
@@ -37,6 +41,7 @@ from .generation import END_OF_TURN, MODES, GenerationConfig, ImageCodes, ImageO
 from .images import ImageLoadError, load_image, resize_and_crop
 from .paths import PathEscapeError, resolve_inside
 from .prompting import prompt_segments
+from .vocab import control_mask
 
 logger = logging.getLogger(__name__)
 
@@ -227,6 +232,44 @@ def group_requests(requests: list[Request]) -> list[list[int]]:
     return list(groups.values())
 
 
+# ---------------------------------------------------------------------------------------------- answer text
+CONTROL_MARKER = "⟨control {id}⟩"  # how an answer shows a control id the model emitted among its text
+_RESERVED = re.compile(r"<reserved\d+>")  # Chameleon's reserved block: ids with no text, special or not
+_REPLACEMENT = "\ufffd"
+
+
+def control_ids(tokenizer) -> frozenset[int]:
+    """Ids that are not text: special and image-code ids (:func:`medmax.vocab.control_mask`) and the reserved block."""
+    mask = control_mask(tokenizer).copy()
+    for name, idx in tokenizer.get_vocab(with_added_tokens=True).items():
+        mask[idx] |= bool(_RESERVED.fullmatch(name))
+    return frozenset(np.flatnonzero(mask).tolist())
+
+
+def answer_text(ids: list[int], decode, controls: frozenset[int], final: bool) -> str:
+    """An answer's text ids as the page shows them: each control id as :data:`CONTROL_MARKER`, never its raw name;
+    while the answer grows (not ``final``), the byte tokens of a character not yet complete are held back."""
+    parts, run = [], []
+    for tok in ids:
+        if tok in controls:
+            parts += [decode(run), CONTROL_MARKER.format(id=tok)]
+            run = []
+        else:
+            run.append(tok)
+    parts.append(decode(run) if final else _complete_text(run, decode))
+    return "".join(parts)
+
+
+def _complete_text(ids: list[int], decode) -> str:
+    """The text of ``ids`` without an incomplete UTF-8 character at its end (one spans at most 4 byte tokens)."""
+    text = decode(ids)
+    for held in range(1, min(4, len(ids)) + 1):
+        if not text.endswith(_REPLACEMENT):
+            return text
+        text = decode(ids[:-held])
+    return text if not text.endswith(_REPLACEMENT) else decode(ids)  # bytes that are invalid whatever follows
+
+
 class _Answer:
     """One request's answer as it grows: text decoded from its token ids so far, and the images drawn."""
 
@@ -243,17 +286,17 @@ class _Answer:
             if not self.text_ids:
                 self.pieces.append("")
             self.text_ids.append(item)
-            self.pieces[-1] = self.engine.decode(self.text_ids)
+            self.pieces[-1] = self.engine.text(self.text_ids, final=False)
         self.engine.put(self.request.id, Event("partial", list(self.pieces)))
 
     def _images(self) -> list[ShownImage]:
         return [p for p in self.pieces if isinstance(p, ShownImage)]
 
     def final(self, out) -> Event:
-        """The finished answer: the generator's own text segments (stop strings cut), the images as drawn."""
+        """The finished answer: the generator's text segments (the page sets no stop string), the images as drawn."""
         images, pieces = iter(self._images()), []
         for seg in out.segments:
-            pieces.append(next(images) if isinstance(seg, ImageOutput) else seg.text)
+            pieces.append(next(images) if isinstance(seg, ImageOutput) else self.engine.text(seg.token_ids, final=True))
         return Event("done", pieces, finish_reason=out.finish_reason)
 
 
@@ -269,7 +312,9 @@ class Engine:
         self.max_upload_bytes = max_upload_bytes
         v = generator.vocab
         self.end_ids = {v.eos_id, v.eot_id, v.boi_id}
+        self.control_ids = control_ids(generator.tokenizer)
         self._channels: dict[str, queue.Queue] = {}
+        self._pending: dict[str, Request] = {}  # submitted, not yet run (in order of submission)
         self._lock = threading.Lock()
         self.generate_calls = 0  # Generator.generate calls made (the batching test reads it)
 
@@ -281,6 +326,10 @@ class Engine:
 
     def decode(self, ids: list[int]) -> str:
         return self.generator.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def text(self, ids: list[int], final: bool) -> str:
+        """Text ids as the page shows them (:func:`answer_text`)."""
+        return answer_text(ids, self.decode, self.control_ids, final)
 
     # -------------------------------------------------------------------------------- files
     def folder(self, kind: str, request_id: str) -> Path:
@@ -309,6 +358,7 @@ class Engine:
         request = Request(id=uuid.uuid4().hex, prompt=prompt, settings=settings)
         with self._lock:
             self._channels[request.id] = queue.Queue()
+            self._pending[request.id] = request
         return request
 
     def put(self, request_id: str, event: Event) -> None:
@@ -317,15 +367,34 @@ class Engine:
         if channel is not None:
             channel.put(event)
 
+    def run_pending(self) -> int:
+        """Run every request submitted and not yet run, whoever submitted it; -> how many this call ran.
+
+        The page's generation event calls this: requests reach the model through the engine's own list, never
+        through the event's inputs (Gradio gives a batch function one session's state in every slot).
+        """
+        with self._lock:
+            pending = list(self._pending.values())
+        return sum(result != "" for result in self.run_batch(pending))
+
     def run_batch(self, requests: list[Request]) -> list[str]:
-        """Run requests (several tabs' at once): one ``generate`` call per settings group; -> "done" or the error, each."""
-        results = [""] * len(requests)
-        for group in group_requests(requests):
+        """Run requests (several tabs' at once): one ``generate`` call per settings group; -> "done" or the error, each.
+
+        Each request runs once: one already run (or taken by a concurrent call) is left out, with result "".
+        """
+        with self._lock:
+            mine = [self._pending.pop(r.id, None) is not None for r in requests]
+        todo = [r for r, claimed in zip(requests, mine) if claimed]
+        if todo:
+            logger.info("running a batch of %d request(s)", len(todo))
+        results = [""] * len(todo)
+        for group in group_requests(todo):
             for start in range(0, len(group), self.max_batch_size):
                 chunk = group[start : start + self.max_batch_size]
-                for i, result in zip(chunk, self._run_group([requests[i] for i in chunk])):
+                for i, result in zip(chunk, self._run_group([todo[i] for i in chunk])):
                     results[i] = result
-        return results
+        done = iter(results)
+        return [next(done) if claimed else "" for claimed in mine]
 
     def _run_group(self, requests: list[Request]) -> list[str]:
         answers = [_Answer(self, r) for r in requests]
@@ -365,6 +434,7 @@ class Engine:
                 yield event
                 if event.kind in ("done", "error"):
                     return
-        finally:
+        finally:  # the reader is gone (answered, timed out, or its tab closed): nobody waits for this request
             with self._lock:
                 self._channels.pop(request_id, None)
+                self._pending.pop(request_id, None)

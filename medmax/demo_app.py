@@ -4,27 +4,36 @@ One question goes through three events:
 
 1. ``start`` (the question's submit, or the re-run button) loads the attached files, adds the user turn to the
    session's conversation and opens a request;
-2. ``run`` is a Gradio *batch* function (``batch=True``, one worker): requests from every tab that
-   wait in the queue together reach it as one list, and :meth:`medmax.demo.Engine.run_batch` runs each
-   group of same-settings requests as one ``Generator.generate`` call;
-3. ``show`` streams the request's answer into the chat as it grows (Gradio batch functions cannot
-   stream, hence a separate event; it only waits on the request's channel).
+2. ``run`` (one worker for the whole page, ``concurrency_limit=1``) runs every request submitted and not yet
+   run, from every tab (:meth:`medmax.demo.Engine.run_pending`), each group of same-settings requests as one
+   ``Generator.generate`` call. While it generates, new questions wait; the next ``run`` takes them all as
+   one batch, and the ``run`` events that find nothing left return at once. It takes no input: Gradio's own
+   batching (``batch=True``) reads a ``gr.State`` input from one session for every slot of a batch, so
+   several tabs asking at once had one tab's request generated in every slot and the others never;
+3. ``show`` streams the request's answer into the chat as it grows (a separate event, one per tab; it only
+   waits on the request's channel).
 
-Uploads and answers live in the app's temporary folder (Gradio's upload folder), removed at exit.
+Uploads and answers live in the app's temporary folder (``/tmp/medmax-demo-*``, Gradio's upload folder, named
+in the log at start), removed when the server stops: at exit, on Ctrl-C, on SIGTERM, and on a crash as far
+as Python still runs (``atexit``; only SIGKILL or a power cut leaves it behind).
 Gradio is imported only here (``pip install -e .[demo]``).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import uuid
 from functools import partial
 from pathlib import Path
 
-from .demo import (MAX_NEW_TOKENS, Conversation, DemoError, Engine, Settings, Turn, turn_messages,
+from .demo import (MAX_NEW_TOKENS, Conversation, DemoError, Engine, Settings, ShownImage, Turn, turn_messages,
                    user_pieces)
 from .errors import UserError
 
@@ -92,28 +101,33 @@ def rerun(engine: Engine, conversation: Conversation, *controls):
     return conversation.messages(), conversation, request, f"re-running ({settings.mode} mode, seed {settings.seed})"
 
 
-def run(engine: Engine, requests: list) -> list[list[str]]:
-    """Gradio's batch function: every waiting request of every tab; -> one result per request."""
-    real = [r for r in requests if r is not None]
-    logger.info("running a batch of %d request(s)", len(real))
-    results = iter(engine.run_batch(real)) if real else iter(())
-    return [[next(results) if r is not None else "" for r in requests]]
+def run(engine: Engine) -> None:
+    """The generation event: every request waiting, whichever tab asked (each runs once, in one batch per settings)."""
+    engine.run_pending()
+
+
+def downloads(conversation: Conversation, growing: list | None = None) -> list[str] | None:
+    """Every image drawn in the conversation (and in the answer still growing): PNG and codes, oldest first."""
+    answers = [t.pieces for t in conversation.turns if t.role == "assistant"] + [growing or []]
+    files = [str(f) for pieces in answers for p in pieces if isinstance(p, ShownImage) and p.codes is not None
+             for f in (p.path, p.codes_path)]
+    return files or None
 
 
 def show(engine: Engine, request, conversation: Conversation):
     """Stream the request's answer; yields (chat, conversation, downloads, status)."""
     for event in engine.events(request.id):
         if event.kind == "partial":
-            yield conversation.messages() + turn_messages("assistant", event.pieces), conversation, None, "answering…"
+            yield (conversation.messages() + turn_messages("assistant", event.pieces), conversation,
+                   downloads(conversation, event.pieces), "answering…")
         elif event.kind == "error":
             chat = conversation.messages() + [{"role": "assistant", "content": f"⚠ {event.error}"}]
-            yield chat, conversation, None, _status(DemoError(event.error))
+            yield chat, conversation, downloads(conversation), _status(DemoError(event.error))
         else:
             pieces = [p for p in event.pieces if not (isinstance(p, str) and not p)]
             conversation = Conversation([*conversation.turns, Turn("assistant", pieces)], conversation.answered + 1)
-            files = [str(f) for p in pieces if not isinstance(p, str) for f in (p.path, p.codes_path)]
             note = "" if pieces else " (an empty answer: the model ended its turn at once)"
-            yield (conversation.messages(), conversation, files or None,
+            yield (conversation.messages(), conversation, downloads(conversation),
                    f"answer {conversation.answered} done: {event.finish_reason}{note}")
 
 
@@ -144,7 +158,6 @@ def build_app(engine: Engine, title: str = "MedMax demo"):
     with gr.Blocks(title=title, analytics_enabled=False) as app:
         conversation = gr.State(Conversation())
         request = gr.State(None)
-        done = gr.State(None)
         gr.Markdown(f"## {title}\nAsk about a scan (PNG, JPEG, TIFF or DICOM), ask for an image, or both.")
         with gr.Row():
             with gr.Column(scale=3):
@@ -176,16 +189,19 @@ def build_app(engine: Engine, title: str = "MedMax demo"):
                 downloads = gr.File(label="Drawn images: PNG and codes", file_count="multiple", elem_id="downloads",
                                     interactive=False, height=120)
 
-        def answer(started):
-            started.then(partial(run, engine), [request], [done], batch=True, max_batch_size=engine.max_batch_size,
-                         concurrency_limit=1)
+        def answer(started, name: str):
+            # one generation worker for the page: both chains' run events share the concurrency group
+            started.then(partial(run, engine), None, None, concurrency_limit=1, concurrency_id="generate",
+                         api_name=f"{name}_generate", show_progress="hidden")
             started.then(partial(_show_page, engine), [request, conversation], [chat, conversation, downloads, status],
-                         concurrency_limit=None)
+                         concurrency_limit=None, api_name=f"{name}_answer")
 
-        attached.change(partial(_preview_page, engine), [attached], [seen, status], show_progress="hidden")
+        attached.change(partial(_preview_page, engine), [attached], [seen, status], show_progress="hidden",
+                        api_name="preview")
         answer(question.submit(partial(start, engine), [question, attached, conversation, *controls],
-                               [question, attached, chat, conversation, request, status]))
-        answer(again.click(partial(rerun, engine), [conversation, *controls], [chat, conversation, request, status]))
+                               [question, attached, chat, conversation, request, status], api_name="ask"), "ask")
+        answer(again.click(partial(rerun, engine), [conversation, *controls], [chat, conversation, request, status],
+                           api_name="rerun"), "rerun")
         clear.click(lambda: ([], Conversation(), None, None, None, ""), None,
                     [chat, conversation, downloads, attached, seen, status])
     return app
@@ -193,25 +209,74 @@ def build_app(engine: Engine, title: str = "MedMax demo"):
 
 def serve(model_dir: Path, host: str = "127.0.0.1", port: int = 7860, share: bool = False, device: str | None = None,
           dtype=None, max_batch_size: int = 8, max_upload_mb: float = 32) -> None:
-    """Load the model and serve the page until interrupted; the temporary folder is removed at exit."""
+    """Load the model and serve the page until interrupted (Ctrl-C or SIGTERM); the temporary folder is removed."""
     workdir = Path(tempfile.mkdtemp(prefix="medmax-demo-"))
     os.environ["GRADIO_TEMP_DIR"] = str(workdir)  # uploads land here; read before any component is built
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    try:
+    with _removed_when_stopped(workdir):
         try:
-            import gradio as gr
-        except ImportError as err:  # the extra is not installed: the user's setup, not a bug
-            raise UserError(f"medmax demo needs Gradio ({err}); install the extra: pip install -e '.[demo]'") from err
-        from .generation import Generator
+            _serve(workdir, model_dir, host, port, share, device, dtype, max_batch_size, max_upload_mb)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the page was up (Gradio handles it once it is)
+            logger.info("stopped before serving")
 
-        generator = Generator.from_dir(model_dir, device=device, dtype=dtype)
-        engine = Engine(generator, workdir, max_batch_size=max_batch_size, max_upload_bytes=int(max_upload_mb * 2**20))
-        app = build_app(engine, title=f"MedMax demo: {Path(model_dir).name}")
-        app.queue(default_concurrency_limit=1)
-        logger.info("serving %s on http://%s:%d (uploads and answers in %s)", model_dir, host, port, workdir)
-        theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                                  font_mono=["ui-monospace", "monospace"])  # local fonts: nothing fetched
-        app.launch(server_name=host, server_port=port, share=share, max_file_size=int(max_upload_mb * 2**20),
-                   ssr_mode=False, show_error=True, theme=theme, css=_CSS, footer_links=[])
+
+def _serve(workdir: Path, model_dir, host, port, share, device, dtype, max_batch_size, max_upload_mb) -> None:
+    try:
+        import gradio as gr
+    except ImportError as err:  # the extra is not installed: the user's setup, not a bug
+        raise UserError(f"medmax demo needs Gradio ({err}); install the extra: pip install -e '.[demo]'") from err
+    from .generation import Generator
+
+    generator = Generator.from_dir(model_dir, device=device, dtype=dtype)
+    engine = Engine(generator, workdir, max_batch_size=max_batch_size, max_upload_bytes=int(max_upload_mb * 2**20))
+    app = build_app(engine, title=f"MedMax demo: {Path(model_dir).name}")
+    app.queue(default_concurrency_limit=1)
+    logger.info("serving %s on http://%s:%d (uploads and answers in %s)", model_dir, host, port, workdir)
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                              font_mono=["ui-monospace", "monospace"])  # local fonts: nothing fetched
+    app.launch(server_name=host, server_port=port, share=share, max_file_size=int(max_upload_mb * 2**20),
+               ssr_mode=False, show_error=True, theme=theme, css=_CSS, footer_links=[])
+    logger.info("stopped; removing %s", workdir)
+
+
+@contextlib.contextmanager
+def _removed_when_stopped(folder: Path):
+    """Remove ``folder`` however the server stops: a return, Ctrl-C, SIGTERM / SIGHUP, or a crash (``atexit``)."""
+    remove = partial(shutil.rmtree, folder, ignore_errors=True)
+    atexit.register(remove)  # an exception nobody catches still runs atexit handlers
+    replaced = _stop_signals_as_ctrl_c()
+    try:
+        yield
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        remove()
+        atexit.unregister(remove)
+        for signum, handler in replaced.items():
+            signal.signal(signum, handler)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # a service / container stop, a closed terminal
+
+
+def _stop_signals_as_ctrl_c() -> dict:
+    """Make SIGTERM and SIGHUP take Ctrl-C's path (Gradio closes its server, ``finally`` blocks run).
+
+    Python's default for them ends the process at once, with no cleanup. A handler the caller set is called
+    first (chained); a signal the caller ignores stays ignored. -> {signal: the handler replaced}, to restore
+    (nothing off the main thread, where Python cannot set handlers).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    replaced = {}
+    for signum in STOP_SIGNALS:
+        previous = signal.getsignal(signum)
+        if previous == signal.SIG_IGN:
+            continue
+        signal.signal(signum, partial(_interrupt, previous))
+        replaced[signum] = previous
+    return replaced
+
+
+def _interrupt(previous, signum, frame) -> None:
+    if callable(previous):
+        previous(signum, frame)
+    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")

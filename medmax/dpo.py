@@ -27,9 +27,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .errors import UserError
 from .vocab import IGNORE_INDEX
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "sigmoid_norm")
+
+
+class DPOSettingError(UserError):
+    """A DPO loss setting that cannot be used; the message names it."""
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,13 +92,13 @@ class DPOLoss:
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"dpo_loss_type={self.loss_type!r}: choose one of {LOSS_TYPES}")
+            raise DPOSettingError(f"dpo_loss_type={self.loss_type!r}: choose one of {LOSS_TYPES}")
         if self.beta <= 0:
-            raise ValueError(f"dpo_beta={self.beta}: must be positive")
+            raise DPOSettingError(f"dpo_beta={self.beta}: must be positive")
         if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"dpo_label_smoothing={self.label_smoothing}: must lie in [0, 0.5)")
+            raise DPOSettingError(f"dpo_label_smoothing={self.label_smoothing}: must lie in [0, 0.5)")
         if self.rpo_alpha < 0:
-            raise ValueError(f"rpo_alpha={self.rpo_alpha}: must not be negative")
+            raise DPOSettingError(f"rpo_alpha={self.rpo_alpha}: must not be negative")
 
     def __call__(self, policy: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor,
                  weights: torch.Tensor | None = None) -> DPOOutput:

@@ -6,7 +6,7 @@ was given; its message is one line naming the flag, file or row and the reason. 
 message`` and exits with code 2; any other exception is a bug in the toolkit and keeps its traceback.
 
 It subclasses ``ValueError``, so code that caught ``ValueError`` before still catches it. The
-specific classes (``finetune.config.ConfigError``, ``medmax.data.loader.DataError``,
+specific classes (``finetune.config.ConfigError``, ``medmax.data.shards.DataError``,
 ``medmax.images.ImageLoadError``, ``medmax.paths.PathEscapeError``, ``medmax.torch_files.CheckpointError``,
 ``eval.errors.EvalError``, ...) subclass it; raise one of them, or this class, never a bare
 ``SystemExit(message)``.

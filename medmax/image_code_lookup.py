@@ -18,8 +18,16 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .data.inputs import file_digest
-from .data.rows import RowError, VolumeRef
-from .image_tokens import VolumeCodes, folder_fingerprint, folder_kind, partition_files, read_image_tokens, read_manifest, read_volume_tokens
+from .data.rows import BuildConfigError, RowError, VolumeRef
+from .image_tokens import (
+    VolumeCodes,
+    folder_fingerprint,
+    folder_kind,
+    partition_files,
+    read_image_token_manifest,
+    read_image_tokens,
+    read_volume_tokens,
+)
 from .paths import PathEscapeError, resolve_inside
 
 logger = logging.getLogger(__name__)
@@ -49,7 +57,7 @@ def table_code_count(table: dict[str, np.ndarray], folders) -> int | None:
     """The one code count all images in the table share (None for an empty table)."""
     counts = Counter(len(v) for v in table.values())
     if len(counts) > 1:
-        raise ValueError(
+        raise BuildConfigError(
             f"--image-tokens {', '.join(map(str, folders))}: images have different code counts "
             f"{dict(counts.most_common(4))}; pass --codes-per-image to choose one (others are rejected)"
         )
@@ -114,6 +122,6 @@ def image_token_fingerprint(folder: str | Path) -> dict:
     digest: :func:`medmax.image_tokens.folder_fingerprint`; None without a manifest), and each finished
     partition's row count and sha256, which also covers codes no manifest vouches for."""
     folder = Path(folder)
-    manifest = folder_fingerprint(folder) if read_manifest(folder) is not None else None
+    manifest = folder_fingerprint(folder) if read_image_token_manifest(folder) is not None else None
     partitions = {p.name: {"rows": pq.ParquetFile(p).metadata.num_rows, "sha256": file_digest(p)} for p in partition_files(folder)}
     return {"manifest": manifest, "partitions": partitions, "rows": sum(v["rows"] for v in partitions.values())}

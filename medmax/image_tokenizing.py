@@ -66,7 +66,7 @@ from .image_tokens import (
     partition_info,
     partition_path,
     partition_table,
-    read_manifest,
+    read_image_token_manifest,
     write_errors,
     write_json,
     write_partition,
@@ -357,9 +357,9 @@ class ImageRows:
         try:
             if self.settings.kind == "volumes":
                 return load_volume_row(img_path, _volume_rule(self.settings)), None
-            if is_volume_path(resolve_image(img_path, Path(self.settings.image_root))):
+            if is_volume_path(resolve_image(Path(self.settings.image_root), img_path)):
                 return None, "a volume (NIfTI, .npy or a folder): tokenize volumes with --volume-column"
-            image = load_image(resolve_image(img_path, Path(self.settings.image_root)), frame=self.settings.frame, limits=limits)
+            image = load_image(resolve_image(Path(self.settings.image_root), img_path), frame=self.settings.frame, limits=limits)
             return preprocess(image, self.settings.resolution, limits), None  # (3, R, R)
         except ImageLoadError as exc:
             return None, exc.reason
@@ -494,7 +494,7 @@ def _volume_settings(cfg: TokenizeConfig, model: VQGAN) -> dict:
 
 def _check_manifest(output: Path, settings: Settings) -> None:
     """Refuse a folder holding tokens made with other settings, or files image tokenization did not write."""
-    manifest = read_manifest(output)
+    manifest = read_image_token_manifest(output)
     if manifest is None:
         if any(output.glob(PARTITION_GLOB)):
             raise TokenizeError(f"--output {output} holds image-token partitions but no {MANIFEST}; use a new --output")

@@ -20,7 +20,7 @@ A folder holds:
   :func:`read_volume_tokens`.
 - ``errors/part{P:06d}.jsonl``: the failed rows of partition ``P``, one JSON object a line
   (:func:`write_errors`; a partition without failed rows has no file).
-- ``manifest.json`` (:func:`read_manifest`), version 3 (version 2, written before volumes, is an image
+- ``manifest.json`` (:func:`read_image_token_manifest`), version 3 (version 2, written before volumes, is an image
   folder without the fields marked *3*; it is read and resumed as one):
 
   - ``format``: ``"medmax-image-tokens"``; ``version``: 3; ``kind`` (*3*): ``"images"`` or ``"volumes"``.
@@ -64,6 +64,10 @@ from .errors import UserError
 from .jsonl import dumps_line, write_atomic
 
 logger = logging.getLogger(__name__)
+
+
+class ImageTokensError(UserError):
+    """An image-token folder that cannot be read as one; the message names it."""
 
 PARTITION_GLOB = "tokens-rank*-part*.parquet"
 COLUMNS = ("img_path", "img_tokens")
@@ -142,7 +146,7 @@ def volume_table(paths: list[str], volumes: list[VolumeCodes]) -> pa.Table:
 
 def folder_kind(folder: str | Path) -> str:
     """``"images"`` or ``"volumes"`` (a folder without a version-3 manifest holds images)."""
-    return (read_manifest(folder) or {}).get("kind", "images")
+    return (read_image_token_manifest(folder) or {}).get("kind", "images")
 
 
 def iter_volume_tokens(folder: str | Path) -> Iterator[tuple[str, VolumeCodes]]:
@@ -179,7 +183,7 @@ def write_json(path: Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
-def read_manifest(folder: str | Path) -> dict | None:
+def read_image_token_manifest(folder: str | Path) -> dict | None:
     """The folder's ``manifest.json`` (fields in the module docstring), None if it has none."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
@@ -187,7 +191,7 @@ def read_manifest(folder: str | Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+        raise ImageTokensError(f"{path}: not valid JSON ({exc})") from None
 
 
 def folder_fingerprint(folder: str | Path) -> dict:
@@ -197,9 +201,9 @@ def folder_fingerprint(folder: str | Path) -> dict:
     its partition files instead.
     """
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    manifest = read_image_token_manifest(folder)
     if manifest is None:
-        raise ValueError(f"{folder}: not an image-token folder (no {MANIFEST})")
+        raise ImageTokensError(f"{folder}: not an image-token folder (no {MANIFEST})")
     if manifest.get("format") != FORMAT:
         written = sum(pq.read_metadata(p).num_rows for p in partition_files(folder))
         return {"settings": manifest, "rows": {"written": written}, "complete": None, "rows_digest": None}
@@ -216,9 +220,9 @@ def partition_files(folder: str | Path) -> list[Path]:
 
 def iter_image_tokens(folder: str | Path) -> Iterator[tuple[str, list[int]]]:
     """Yield ``(img_path, codes)`` from every finished partition of one image folder (a volume folder is refused)."""
-    manifest = read_manifest(folder) or {}
+    manifest = read_image_token_manifest(folder) or {}
     if manifest.get("kind", "images") != "images":
-        raise UserError(f"{folder}: a volume-token folder; its rows are volumes (read_volume_tokens), not images")
+        raise ImageTokensError(f"{folder}: a volume-token folder; its rows are volumes (read_volume_tokens), not images")
     if manifest.get("complete") is False:
         logger.warning("%s: its last image_tokenize run did not finish; some rows may be missing or stale", folder)
     for path in partition_files(folder):
@@ -230,7 +234,7 @@ def iter_image_tokens(folder: str | Path) -> Iterator[tuple[str, list[int]]]:
 def read_image_tokens(folders: str | Path | Iterable[str | Path], convert: Callable | None = None) -> dict:
     """All ``img_path -> codes`` of one or more output folders (each row's codes passed through ``convert``).
 
-    The same path in two folders must carry the same codes; a conflict raises ``ValueError`` naming it.
+    The same path in two folders must carry the same codes; a conflict raises :class:`ImageTokensError` naming it.
     """
     if isinstance(folders, (str, Path)):
         folders = [folders]
@@ -240,7 +244,7 @@ def read_image_tokens(folders: str | Path | Iterable[str | Path], convert: Calla
             codes = convert(codes) if convert else codes
             previous = tokens.setdefault(img_path, codes)
             if previous is not codes and not np.array_equal(previous, codes):
-                raise UserError(f"{folder}: {img_path!r} has different image tokens in another token folder")
+                raise ImageTokensError(f"{folder}: {img_path!r} has different image tokens in another token folder")
     logger.info("read image tokens for %d images", len(tokens))
     return tokens
 
@@ -254,6 +258,6 @@ def read_volume_tokens(folders: str | Path | Iterable[str | Path]) -> dict[str, 
         for img_path, volume in iter_volume_tokens(folder):
             previous = volumes.setdefault(img_path, volume)
             if previous is not volume and (previous.slice_indices != volume.slice_indices or not np.array_equal(previous.codes, volume.codes)):
-                raise UserError(f"{folder}: volume {img_path!r} has different tokens in another token folder")
+                raise ImageTokensError(f"{folder}: volume {img_path!r} has different tokens in another token folder")
     logger.info("read tokens for %d volumes", len(volumes))
     return volumes

@@ -21,8 +21,10 @@ limits with ``--max-image-pixels`` and ``--max-aspect-ratio``; library callers p
 Images are never downscaled before Chameleon's resize (Pillow's ``draft`` / ``reduce``), because that
 would change their codes; an image over the limits is an error, not a silently different input.
 
-Anything that cannot be read, including an image over the limits or one that runs out of memory,
-raises :class:`ImageLoadError` naming the source and the reason; nothing is replaced by a placeholder.
+A path must name a regular file: a FIFO, a device or a folder is refused at once (opened without blocking, so
+a FIFO under an image root cannot hang a program). Anything that cannot be read, including an image over the
+limits or one that runs out of memory, raises :class:`ImageLoadError` naming the source and the reason;
+nothing is replaced by a placeholder.
 
 :func:`preprocess` is Chameleon's rule: the shorter side is resized to the VQGAN resolution with
 LANCZOS (the other side rounded), the centre square is cropped, pixels go to [-1, 1].
@@ -33,6 +35,8 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import os
+import stat
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -80,12 +84,12 @@ class ImageLimits:
         if pixels > self.max_pixels:
             raise ImageLoadError(
                 name, f"image is {width}x{height} = {pixels:,} pixels, over the limit of {self.max_pixels:,} "
-                "(max_pixels; --max-image-pixels in the programs)"
+                "(max_pixels; --max-image-pixels of image_tokenize and train_vqgan)"
             )
         if ratio > self.max_aspect_ratio:
             raise ImageLoadError(
                 name, f"image is {width}x{height}, aspect ratio {ratio:g} is over the limit of {self.max_aspect_ratio:g} "
-                "(max_aspect_ratio; --max-aspect-ratio in the programs)"
+                "(max_aspect_ratio; --max-aspect-ratio of image_tokenize and train_vqgan)"
             )
 
 
@@ -130,10 +134,18 @@ def _read_source(source: ImageSource) -> tuple[bytes, str]:
             raise ImageLoadError(name, f"a binary file object is needed, this one gives {type(data).__name__}")
         return bytes(data), name
     name = str(source)
-    try:
-        return Path(source).read_bytes(), name
+    try:  # non-blocking: opening a FIFO for reading would otherwise wait for a writer forever
+        fd = os.open(source, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except OSError as exc:
         raise ImageLoadError(name, f"cannot read file ({exc.strerror or exc})") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ImageLoadError(name, "not a regular file (a FIFO, device or folder); an image is read from a file")
+    with os.fdopen(fd, "rb") as fh:
+        try:
+            return fh.read(), name
+        except OSError as exc:
+            raise ImageLoadError(name, f"cannot read file ({exc.strerror or exc})") from exc
 
 
 def _is_dicom(data: bytes) -> bool:

@@ -18,6 +18,7 @@ A model folder (what ``finetune.export`` writes and generation / evaluation load
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
+from .data.inputs import file_digest
 from .errors import UserError
 from .memory import MemoryBudgetError, available_bytes, check_fits
 from .vocab import IGNORE_INDEX, Vocabulary, load_tokenizer
@@ -157,7 +159,7 @@ class MedMaxChameleon(ChameleonForConditionalGeneration):
         pixel_values=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,  # transformers' name since 5.x; `past_key_values` is deprecated there
         inputs_embeds=None,
         labels=None,
         use_cache=None,
@@ -171,7 +173,7 @@ class MedMaxChameleon(ChameleonForConditionalGeneration):
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -183,13 +185,13 @@ class MedMaxChameleon(ChameleonForConditionalGeneration):
             return LabelLogps(*labelled_token_logps(self, hidden, labels))
         if labels is not None and self.training and self.head_on_labelled_positions_only:
             loss = self._labelled_loss(hidden, labels, kwargs.get("num_items_in_batch"))
-            return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values)
+            return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])  # (B, T', V)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
 
     def _labelled_loss(self, hidden: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
         """Next-token cross-entropy over labelled positions; the same value as transformers' ForCausalLMLoss."""
@@ -241,6 +243,25 @@ def save_model_dir(folder: str | Path, model, tokenizer: Tokenizer, vqgan: VQGAN
     if vqgan is not None:
         save_vqgan(vqgan, folder / "vqgan")
     return folder
+
+
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".index.json")
+
+
+def model_digest(folder: str | Path) -> str:
+    """SHA-256 of what a model folder's weights are: its ``config.json`` and weight files (safetensors, ``.bin``
+    and their indexes), by name and content, never the folder's path (a copied model is the same model).
+
+    The tokenizer and ``vqgan/`` are left out: a training run names and fingerprints those separately.
+    Each file is read once, streamed (budget one read of the weights).
+    """
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and (p.name == "config.json" or p.name.endswith(WEIGHT_FILE_SUFFIXES)))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}\0{file_digest(path)}\n".encode())
+    return digest.hexdigest()
 
 
 def load_model_dir(folder: str | Path, dtype: torch.dtype | None = None, device=None, trust_checkpoint: bool = False,

@@ -1,7 +1,9 @@
-"""Paths read from data files stay inside their declared root (CSV image folder, --image-root, eval data)."""
+"""Paths read from data files stay inside their declared root (CSV image folder, --image-root, eval data),
+and a program's output never lands on one of its inputs."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import UserError
@@ -18,3 +20,19 @@ def resolve_inside(root: str | Path, rel: str | Path) -> Path:
     if not path.is_relative_to(root):
         raise PathEscapeError(f"{str(rel)!r} leaves {root}")
     return path
+
+
+def check_apart(output: str | Path, written: Iterable[str | Path], inputs: Iterable[str | Path]) -> None:
+    """Refuse an ``output`` that is, or holds, one of ``inputs`` before anything is written.
+
+    ``written`` are the paths the program writes (the output and its work or side files); links are
+    resolved, so a link to an input is that input. Every program with an ``--output`` and inputs checks here.
+    """
+    targets = [Path(w).resolve() for w in written]
+    for path in inputs:
+        resolved = Path(path).resolve()
+        for target in targets:
+            if resolved == target or target in resolved.parents:
+                where = "is" if resolved == target else "is inside"
+                raise UserError(f"--output {output}: the input {path} {where} {target}, which this run writes; "
+                                "choose an output apart from the inputs")

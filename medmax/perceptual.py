@@ -99,6 +99,10 @@ def _torchvision_to_taming(key: str) -> str:
     return f"net.slice{stage + 1}.{key.removeprefix('features.')}"
 
 
+_NEVER_UNPICKLED = ("perceptual weights are never unpickled, whatever the flags: save the state dict "
+                    "as safetensors, as the README's 'VQGAN fine-tuning' shows")
+
+
 def _read(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
@@ -108,7 +112,10 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"--perceptual-weights {path}: not a readable safetensors file ({exc})") from None
-    state = load_torch_file(path, trust=False)  # weights_only: a file that needs unpickling is refused
+    try:  # weights_only: a file that needs unpickling is refused, and no flag changes that
+        state = load_torch_file(path, refusal=_NEVER_UNPICKLED)
+    except CheckpointError as exc:
+        raise CheckpointError(f"--perceptual-weights {exc}") from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"--perceptual-weights {path}: not a state dict of tensors")

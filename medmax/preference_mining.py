@@ -5,7 +5,7 @@ Multimodal Preference Optimization") builds its dispreferred answers two ways:
 
 - **text hallucination**: the gold answer is preferred to a confident wrong one. Here the wrong answer is
   the model's own greedy answer when it is wrong, else one swapped in from the question's type
-  (:func:`swap_answer`: yes <-> no, another option letter, another open answer of the same type);
+  (:func:`swap_answer`: yes <-> no, another option in the gold's form, another open answer of the same type);
 - **local visual noising**: the lesion region of the image is noised (:func:`noise_region`, a
   diffusion-style ``sqrt(1 - s) x + sqrt(s) eps`` inside the region only), and the model's answer on the
   noised image is the dispreferred one, paired with the original image and the gold answer.
@@ -31,18 +31,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .answers import answer_letter, normalize, options_from_prompt, parse_mcq, parse_options, yes_no
+
 YES_NO = {"yes": "no", "no": "yes"}
 _OPTION = re.compile(r"(?:^|\s)([A-H])\)")
 
 
-def normalise(answer: str) -> str:
-    """Lower case, outer whitespace and trailing punctuation removed: how two answers are compared."""
-    return answer.strip().lower().rstrip(".!?;:,").strip()
-
-
 def question_type(prompt: str, answer: str) -> str:
     """closed (yes/no), mcq (a letter among ``A) .. B) ..`` options in the prompt) or open."""
-    if normalise(answer) in YES_NO:
+    if normalize(answer) in YES_NO:
         return "closed"
     letters = _OPTION.findall(prompt)
     if len(letters) >= 2 and answer.strip().rstrip(".").upper() in letters:
@@ -50,23 +47,49 @@ def question_type(prompt: str, answer: str) -> str:
     return "open"
 
 
-def option_letters(prompt: str, options: list | None) -> list[str]:
-    """The option letters a multiple-choice question offers (from its ``options`` list, else its text)."""
-    if options:
-        return [chr(ord("A") + i) for i in range(len(options))]
-    return sorted(set(_OPTION.findall(prompt)))
+def mcq_options(prompt: str, options) -> dict | None:
+    """A question's options as eval reads them (:mod:`medmax.answers`): the row's ``options`` (a mapping or its
+    JSON string), else "A: text" lines in the prompt; None when neither gives them (ValueError when malformed)."""
+    return parse_options(options) or options_from_prompt(prompt)
 
 
-def swap_answer(kind: str, prompt: str, answer: str, rng: np.random.Generator, options: list | None = None,
-                pool: list[str] = ()) -> str | None:
-    """A wrong answer of the question's own type, or None when there is none to swap in."""
-    if kind == "closed":
-        return YES_NO.get(normalise(answer))
+def same_answer(kind: str, said: str, gold: str, options=None) -> bool:
+    """Whether ``said`` gives the gold answer, read as eval reads it: yes / no, the option letter named, else
+    equal normalised text. A right answer in other words is never a rejected one."""
+    if kind == "closed" and yes_no(gold) is not None:
+        return yes_no(said) == yes_no(gold)
     if kind == "mcq":
-        others = [x for x in option_letters(prompt, options) if x != answer.strip().rstrip(".").upper()]
-    else:
-        others = sorted({p for p in pool if normalise(p) != normalise(answer)})
-    return str(others[int(rng.integers(len(others)))]) if others else None
+        letter = answer_letter(gold, options)
+        return letter is not None and parse_mcq(said, options) == letter
+    return normalize(said) == normalize(gold)
+
+
+def swap_answer(kind: str, prompt: str, answer: str, rng: np.random.Generator, options=None,
+                pool: list[str] = ()) -> str | None:
+    """A wrong answer of the question's own type, or None when there is none to swap in.
+
+    An MCQ's wrong answer is another option, in the gold's own form: its letter for a letter gold, its text
+    for a gold given as option text (``options`` as in eval's schema: a mapping or its JSON string).
+    """
+    if kind == "closed":
+        return YES_NO.get(normalize(answer))
+    if kind == "mcq":
+        return _other_option(prompt, answer, rng, mcq_options(prompt, options))
+    return _pick(sorted({p for p in pool if normalize(p) != normalize(answer)}), rng)
+
+
+def _other_option(prompt: str, answer: str, rng: np.random.Generator, options: dict | None) -> str | None:
+    gold = answer_letter(answer, options)
+    if gold is None:
+        return None
+    letters = list(options) if options else sorted(set(_OPTION.findall(prompt)))
+    pick = _pick([x for x in letters if x != gold], rng)
+    as_letter = answer.strip().strip("()[].: ").upper() == gold
+    return pick if pick is None or as_letter or not options else options[pick]
+
+
+def _pick(choices: list[str], rng: np.random.Generator) -> str | None:
+    return str(choices[int(rng.integers(len(choices)))]) if choices else None
 
 
 @dataclass(frozen=True)

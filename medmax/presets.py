@@ -6,24 +6,23 @@ setting that names a tokenizer, VQGAN or model may say ``preset:NAME`` instead o
 
 The tiny tokenizer keeps the exact Chameleon id layout (README, "Vocabulary"; ``medmax.vocab``): ``<s>`` 0, ``<pad>`` 1,
 ``</s>`` 2, the 8192 ``IMGIMG`` codes at 4..8195, ``<eoss>`` 8196, ``<racm3:break>`` 8197,
-``<reserved08706>`` 8710 and ``<image>`` 8711, followed by a small byte-level BPE for text.
+``<reserved08706>`` 8710 and ``<image>`` 8711, followed by a small byte-level BPE for text
+(:func:`medmax.tokenizer_training.fit_chameleon_bpe`, which fits the same layout to any corpus).
 Sequences built with it therefore match the real layout id for id.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 from .errors import UserError
-from .vocab import BOI, BOS, END_OF_TURN, EOI, EOS, IMAGE_PLACEHOLDER, PAD, image_token_name, load_tokenizer
+from .tokenizer_training import FIRST_TEXT_ID, N_IMAGE_CODES, chameleon_layout_tokens, fit_chameleon_bpe  # noqa: F401  (re-exported)
+from .vocab import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-N_IMAGE_CODES = 8192
-FIRST_TEXT_ID = 8712  # after <image> at 8711
 PRESET_PREFIX = "preset:"
 
 # taming-transformers VQModel `model.params` blocks (the content of a vqgan.yaml).
@@ -56,38 +55,9 @@ _CORPUS = [
 ]
 
 
-def chameleon_layout_tokens() -> list[str]:
-    """Token strings for ids 0..8711, in the Chameleon / MedMax order."""
-    tokens = [BOS, PAD, EOS, "<unk>"]
-    tokens += [image_token_name(c) for c in range(N_IMAGE_CODES)]  # ids 4..8195
-    tokens += [EOI, BOI]  # 8196, 8197
-    tokens += [f"<reserved{i - 4:05d}>" for i in range(8198, 8710)]
-    tokens += [END_OF_TURN, IMAGE_PLACEHOLDER]  # 8710, 8711
-    assert len(tokens) == FIRST_TEXT_ID
-    return tokens
-
-
 def build_tiny_tokenizer(text_vocab_size: int = 1000) -> Tokenizer:
-    """A small byte-level BPE tokenizer with the exact Chameleon special/image id layout."""
-    text = Tokenizer(models.BPE())
-    text.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=text_vocab_size, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    text.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    trained = json.loads(text.to_str())["model"]
-    layout = chameleon_layout_tokens()
-    vocab = {tok: i for i, tok in enumerate(layout)}
-    for tok, idx in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
-        vocab.setdefault(tok, len(vocab))
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in (BOS, PAD, EOS, EOI, BOI, END_OF_TURN, IMAGE_PLACEHOLDER)]
-    )
-    return tok
+    """A small byte-level BPE tokenizer with the exact Chameleon special/image id layout, fitted to :data:`_CORPUS`."""
+    return fit_chameleon_bpe(_CORPUS * 4, text_vocab_size)
 
 
 def make_model_dir(folder, model_preset: str = "tiny", vqgan_preset: str = "tiny", seed: int = 0, vqgan=None, **overrides):

@@ -45,8 +45,12 @@ class UntrustedCheckpointError(CheckpointError):
     """A complete checkpoint whose pickle names globals beyond ``weights_only``; loading it runs code from it."""
 
 
-def load_torch_file(path: str | Path, trust: bool = False, map_location="cpu"):
-    """``torch.load`` the file safely; see the module docstring for what happens when that fails."""
+def load_torch_file(path: str | Path, trust: bool = False, map_location="cpu", refusal: str | None = None):
+    """``torch.load`` the file safely; see the module docstring for what happens when that fails.
+
+    ``refusal``: for a file the caller never unpickles, whatever the user asks (no ``--trust-checkpoint``
+    applies), what the refusal advises instead of passing that flag.
+    """
     path = Path(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
@@ -60,6 +64,9 @@ def load_torch_file(path: str | Path, trust: bool = False, map_location="cpu"):
     beyond = _beyond_weights_only(wanted, failure)
     if not beyond:
         raise CheckpointError(f"{path}: cannot be loaded ({_torch_reason(failure)})") from failure
+    if refusal is not None:
+        raise UntrustedCheckpointError(f"{path}: its pickle asks for {', '.join(beyond[:5])}, which weights_only loading does "
+                                       f"not allow; {refusal}") from failure
     if not trust:
         raise UntrustedCheckpointError(
             f"{path}: needs --trust-checkpoint: its pickle asks for {', '.join(beyond[:5])}, which weights_only loading "

@@ -7,7 +7,8 @@ It sits in the run's ``output_dir`` and in every ``checkpoint-N/`` of it, beside
 - ``base_model``: (LoRA) the folder whose weights the adapters go on, else null;
 - ``vqgan``: the complete VQGAN (``output_dir/vqgan``);
 - ``tokenizer``: ``tokenizer.json``;
-- ``fingerprint``: what ``--resume`` must find unchanged (dataset content, weights, validation, tokenizer, mode).
+- ``fingerprint``: what ``--resume`` must find unchanged (dataset content, weights, validation, tokenizer, mode,
+  starting model).
 
 ``base_model`` and ``vqgan`` are written relative to the folder holding the record when they lie inside
 the run (so a run folder can be moved), and read back as absolute paths.

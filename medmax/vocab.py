@@ -167,6 +167,20 @@ def split_markers(text: str, markers: tuple[str, ...]) -> list[tuple[str | None,
     return out
 
 
+def split_turn(text: str, marker: str) -> tuple[str, str] | None:
+    """``text`` cut at its first unescaped ``marker`` (the end-of-turn of a MedMax row, as :func:`split_markers`
+    reads it): (before, after), each as written (escapes kept); None when there is none."""
+    for match in _marker_pattern((marker,)).finditer(text):
+        if len(match.group(1)) % 2 == 0:
+            return text[: match.start(2)], text[match.end(2) :]
+    return None
+
+
+def escape_markers(text: str, markers: tuple[str, ...]) -> str:
+    """Literal ``text`` written so that :func:`split_markers` reads it back as one text piece (markers escaped)."""
+    return _marker_pattern(markers).sub(lambda m: "\\" * (2 * len(m.group(1)) + 1) + m.group(2), text)
+
+
 _PATTERNS: dict[tuple[str, ...], re.Pattern] = {}
 
 

@@ -77,7 +77,7 @@ class VolumeSlices:
 def load_volume_row(key: str, rule: VolumeRule) -> VolumeSlices:
     """Read one row's volume (raises ``ImageLoadError`` / ``VolumeError`` naming the file and the reason)."""
     path, listed = split_key(key)
-    volume = open_volume(resolve_image(path, rule.root), rule.volume_index)
+    volume = open_volume(resolve_image(rule.root, path), rule.volume_index)
     try:
         h, w = (volume.source.shape[s] for s in range(3) if s != volume.slice_axis)
         rule.limits.check(w, h, path)

@@ -69,6 +69,10 @@ CHECKPOINT = "checkpoint/trainer_state.pt"
 _CODE_MODULES = ("encoder", "quant_conv", "quantize")  # what decides the codes (frozen by train="decoder")
 
 
+_FOREIGN_CHECKPOINT = ("this program never wrote such a file and never unpickles one, whatever the flags: "
+                       "move it away, or use a new --output")
+
+
 class ResumeMismatch(VQGANConfigError):
     """An output folder holds a run made with other settings or inputs; the message names each difference."""
 
@@ -78,7 +82,8 @@ class RunContext:
     """What a run needs besides the model, its images and its config."""
 
     output: Path | None = None  # checkpoint, TensorBoard, evaluation grids; None: nothing written
-    eval_pixels: torch.Tensor | None = None  # held-out (N, 3, R, R) images evaluated every eval_every steps
+    eval_pixels: torch.Tensor | None = None  # (N, 3, R, R) images evaluated every eval_every steps
+    eval_label: str = "held-out"  # what eval_pixels are, in log lines: "held-out", or "training-image" when they were trained on
     perceptual: nn.Module | None = None  # LPIPS; None: no perceptual term
     identity: dict = field(default_factory=dict)  # the inputs a resume must match (CSV digest, starting VQGAN...)
     dist: Dist = field(default_factory=Dist)
@@ -450,8 +455,8 @@ class Trainer:
             return
         record = {"step": self.step, **evaluate_vqgan(self.vqgan, pixels)}
         self.evals.append(record)
-        logger.info("step %d: held-out PSNR %.2f dB, SSIM %.3f, codes %d, perplexity %.1f, lesions kept %s of %d", self.step,
-                    record["psnr"], record["ssim"], record["codes_used"], record["perplexity"], _share(record), record["lesions"])
+        logger.info("step %d: %s PSNR %.2f dB, SSIM %.3f, codes %d, perplexity %.1f, lesions kept %s of %d", self.step,
+                    self.ctx.eval_label, record["psnr"], record["ssim"], record["codes_used"], record["perplexity"], _share(record), record["lesions"])
         if self.ctx.output is not None:
             (self.ctx.output / "eval").mkdir(parents=True, exist_ok=True)
             save_grid(self.vqgan, pixels, self.ctx.output / "eval" / f"step{self.step:06d}.png")
@@ -503,7 +508,7 @@ class Trainer:
             return False
         from .torch_files import load_torch_file
 
-        state = load_torch_file(path, map_location=self.device)  # weights_only: plain tensors, numbers and lists
+        state = load_torch_file(path, map_location=self.device, refusal=_FOREIGN_CHECKPOINT)  # weights_only: tensors, numbers, lists
         check_same_run(state["identity"], self._identity(), path)
         self.vqgan.load_state_dict(state["vqgan"])
         self.opt_ae.load_state_dict(state["opt_ae"])

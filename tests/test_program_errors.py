@@ -3,7 +3,9 @@
 Each script of pyproject.toml's ``[project.scripts]`` is run as its console-script wrapper runs it
 (``sys.exit(main())``) with an argument it does not know, and with an input file that does not exist.
 Both must end in one ``prog: error: message`` line on stderr (the message naming the missing file) and
-exit code 2, never a traceback and never Python's bare ``SystemExit(message)`` (exit code 1).
+exit code 2, never a traceback and never Python's bare ``SystemExit(message)`` (exit code 1). ``prog`` is the
+console script's name, whichever way the program fails. Each script also gets a value its parser accepts and
+its config refuses.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ MISSING_INPUT = {
     "medmax": ["generate", "--model", "{missing}", "--prompt", "x", "--mode", "text", "--output", "{tmp}/out"],
     "medmax-image-tokenize": ["--input", "{missing}", "--output", "{tmp}/out", "--ckpt", "{tmp}"],
     "medmax-train-vqgan": ["--input", "{missing}", "--output", "{tmp}/out"],
+    "medmax-train-tokenizer": ["--input", "{missing}", "--output", "{tmp}/out"],
     "medmax-build-sequences": ["--input", "{missing}", "--tokenizer", "preset:tiny", "--output", "{tmp}/out"],
     "medmax-train": ["--config", "{missing}"],
     "medmax-export": ["--checkpoint", "{missing}", "--output", "{tmp}/out"],
@@ -73,7 +76,9 @@ def test_a_bad_argument_is_one_error_line_and_exit_code_2(name, tmp_path, capsys
     argv = _args(MISSING_INPUT.get(name, []), tmp_path) + ["--no-such-flag"]
     code, err = _run(name, argv, capsys)
     assert code == 2, err
-    assert "--no-such-flag" in _error_line(err)["message"]
+    line = _error_line(err)
+    assert "--no-such-flag" in line["message"]
+    assert line["prog"].split()[0] == name
 
 
 @pytest.mark.parametrize("name", sorted(MISSING_INPUT))
@@ -84,7 +89,7 @@ def test_a_missing_input_file_is_one_error_line_and_exit_code_2(name, tmp_path, 
     assert code == 2, err
     line = _error_line(err)
     assert "no-such-file.csv" in line["message"]
-    assert line["prog"].split()[0] == _error_line(parse_err)["prog"].split()[0]  # the program names itself one way
+    assert line["prog"].split()[0] == _error_line(parse_err)["prog"].split()[0] == name  # one name: the console script's
 
 
 # A value the program refuses once parsed (argparse accepts it): the flag is named in the one line.
@@ -95,9 +100,23 @@ BAD_VALUE = {
                               "--batch-size"),
     "medmax-build-sequences": (["--input", "{csv}", "--tokenizer", "preset:tiny", "--output", "{tmp}/out",
                                 "--workers", "0"], "--workers"),
+    "medmax-build-preferences": (["--input", "{csv}", "--tokenizer", "preset:tiny", "--output", "{tmp}/out",
+                                  "--workers", "0"], "--workers"),
+    "medmax-make-preferences": (["--model", "{tmp}", "--input", "{csv}", "--output", "{tmp}/out.jsonl",
+                                 "--noise-level", "2"], "--noise-level"),
+    "medmax-train-vqgan": (["--input", "{csv}", "--output", "{tmp}/out", "--batch-size", "0"], "batch_size"),
+    "medmax-export": (["--checkpoint", "{tmp}", "--output", "{tmp}/out", "--format", "chameleon", "--shards", "0"],
+                      "--shards"),
+    "medmax-convert": (["--output", "{tmp}/out", "--model-size", "7b"], "--input"),
+    "medmax-quickstart": (["--output", "{tmp}/qs", "--nproc", "0"], "--nproc"),
     "medmax-eval": (["--model", "{tmp}", "--data", "{tmp}", "--output", "{tmp}/out", "--batch-size", "0"], "--batch-size"),
+    "medmax-train-tokenizer": (["--input", "{csv}", "--output", "{tmp}/out", "--text-vocab-size", "10"], "--text-vocab-size"),
     "medmax-train": (["--config", "{yaml}"], "mode='nonsense'"),
 }
+
+
+def test_every_script_has_a_refused_value_case():
+    assert set(BAD_VALUE) == set(SCRIPTS)
 
 
 @pytest.mark.parametrize("name", sorted(BAD_VALUE))
@@ -108,4 +127,6 @@ def test_a_refused_value_is_one_error_line_naming_the_flag(name, tmp_path, capsy
     argv = [a.format(tmp=tmp_path, csv=tmp_path / "in.csv", yaml=tmp_path / "config.yaml") for a in argv]
     code, err = _run(name, argv, capsys)
     assert code == 2, err
-    assert flag in _error_line(err)["message"]
+    line = _error_line(err)
+    assert flag in line["message"]
+    assert line["prog"].split()[0] == name

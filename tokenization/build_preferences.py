@@ -33,54 +33,16 @@ and the same refusals of an ``--output`` that holds inputs or foreign files. A p
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 
 from medmax.cli import program
-from medmax.data.build import BuildConfig, timed_build
-from medmax.data.rows import SequenceConfig
 
-logger = logging.getLogger("tokenization.build_preferences")
+from .build_flags import run_build
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="build_preferences", description=__doc__.split("\n")[0])
-    p.add_argument("--input", nargs="+", required=True, help="JSONL / parquet files of preference rows, folders, or globs")
-    p.add_argument("--tokenizer", required=True, help="tokenizer.json or a checkpoint folder")
-    p.add_argument("--output", required=True, help="output folder (built beside it, swapped in when complete)")
-    p.add_argument("--image-tokens", nargs="*", default=[], metavar="DIR", help="folders written by tokenization.image_tokenize")
-    p.add_argument("--ckpt", help="VQGAN checkpoint (or model folder) to encode image bytes or --image-root paths")
-    p.add_argument("--image-root", help="with --ckpt: read image paths missing from --image-tokens under this folder")
-    p.add_argument("--trust-checkpoint", action="store_true", help="allow a legacy pickled VQGAN checkpoint (runs code from it)")
-    p.add_argument("--max-length", type=int, default=SequenceConfig.max_length,
-                   help="drop pairs whose prompt plus longer continuation is longer; 0: no limit")
-    p.add_argument("--max-row-bytes", type=int, default=BuildConfig.max_row_bytes)
-    p.add_argument("--codes-per-image", type=int, help="codes every image must have (default: the VQGAN grid or the first image)")
-    p.add_argument("--codebook-size", type=int, help="VQGAN codebook size when --ckpt is not given")
-    columns = p.add_mutually_exclusive_group()
-    columns.add_argument("--keep", nargs="*", metavar="COL", help="pass only these input columns through")
-    columns.add_argument("--drop", nargs="+", default=[], metavar="COL", help="pass every unread column through but these")
-    p.add_argument("--workers", type=int, default=BuildConfig.workers, help="processes; each takes whole input files")
-    p.add_argument("--batch-size", type=int, default=BuildConfig.batch_size)
-    p.add_argument("--rows-per-shard", type=int, default=BuildConfig.rows_per_shard)
-    p.add_argument("--strict", action="store_true", help="fail on the first rejected row")
-    p.add_argument("--resume", action="store_true", help="keep input files an earlier build finished unchanged")
-    p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
-
-
-def config_from_args(args: argparse.Namespace) -> BuildConfig:
-    sequence = SequenceConfig(max_length=args.max_length or None, codes_per_image=args.codes_per_image,
-                              codebook_size=args.codebook_size)
-    return BuildConfig.from_flags(args, sequence, layout="preferences")
-
-
-@program("build_preferences")
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    print(timed_build(config_from_args(args)), file=sys.stderr)
-    return 0
+@program("medmax-build-preferences")
+def main(argv: list[str] | None = None) -> int:
+    return run_build(argv, "medmax-build-preferences", __doc__, "preferences")
 
 
 if __name__ == "__main__":

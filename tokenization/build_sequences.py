@@ -41,74 +41,16 @@ rebuilding the others.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 
 from medmax.cli import program
-from medmax.data.build import BuildConfig, timed_build
-from medmax.data.rows import SequenceConfig
-from medmax.errors import UserError
-from medmax.vocab import IMAGE_PLACEHOLDER
 
-logger = logging.getLogger("tokenization.build_sequences")
+from .build_flags import run_build
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="build_sequences", description=__doc__.split("\n")[0])
-    p.add_argument("--input", nargs="+", required=True, help="JSONL / parquet files, folders of them, or globs")
-    p.add_argument("--tokenizer", required=True, help="tokenizer.json (e.g. text_tokenizer_modified.json) or a checkpoint folder")
-    p.add_argument("--output", required=True,
-                   help="output folder: built beside it (OUTPUT.partial) and swapped in when complete; must not hold the inputs")
-    p.add_argument("--image-tokens", nargs="*", default=[], metavar="DIR", help="folders written by tokenization.image_tokenize")
-    p.add_argument("--ckpt", help="VQGAN checkpoint (or model folder) to encode image bytes in rows on the fly")
-    p.add_argument("--image-root", help="with --ckpt: read image paths missing from --image-tokens under this folder")
-    p.add_argument("--trust-checkpoint", action="store_true", help="allow a legacy pickled VQGAN checkpoint (runs code from it)")
-    p.add_argument("--attachment-token", action="append", default=[], metavar="STR",
-                   help=f"extra image placeholder in conversation / pretraining text (besides {IMAGE_PLACEHOLDER}); repeatable")
-    p.add_argument("--no-image-loss", action="store_true", help="no loss on image codes inside answers")
-    p.add_argument("--max-length", type=int, default=SequenceConfig.max_length,
-                   help="truncate longer sequences at the end of answer text, or drop rows that cannot be cut there; 0: no limit")
-    p.add_argument("--max-row-bytes", type=int, default=BuildConfig.max_row_bytes,
-                   help="a longer JSONL line (or parquet row's text) is that row's error, never read whole")
-    p.add_argument("--codes-per-image", type=int, help="codes every image must have (default: the VQGAN grid, or the images' one shared count)")
-    p.add_argument("--codebook-size", type=int, help="VQGAN codebook size when --ckpt is not given (codes must lie below it)")
-    columns = p.add_mutually_exclusive_group()
-    columns.add_argument("--keep", nargs="*", metavar="COL",
-                         help="pass only these input columns through (default: every column the builder does not read)")
-    columns.add_argument("--drop", nargs="+", default=[], metavar="COL", help="pass every unread input column through but these")
-    p.add_argument("--workers", type=int, default=BuildConfig.workers, help="processes; each takes whole input files")
-    p.add_argument("--batch-size", type=int, default=BuildConfig.batch_size, help="rows per tokenizer call")
-    p.add_argument("--rows-per-shard", type=int, default=BuildConfig.rows_per_shard)
-    p.add_argument("--strict", action="store_true", help="fail on the first rejected row")
-    p.add_argument("--resume", action="store_true", help="keep input files an earlier build finished unchanged; build the rest")
-    p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
-
-
-def config_from_args(args: argparse.Namespace) -> BuildConfig:
-    try:
-        return _config(args)
-    except ValueError as err:  # the configs' own checks name the flag
-        raise UserError(str(err)) from None
-
-
-def _config(args: argparse.Namespace) -> BuildConfig:
-    sequence = SequenceConfig(
-        placeholders=(IMAGE_PLACEHOLDER, *args.attachment_token),
-        image_loss=not args.no_image_loss,
-        max_length=args.max_length or None,
-        codes_per_image=args.codes_per_image,
-        codebook_size=args.codebook_size,
-    )
-    return BuildConfig.from_flags(args, sequence)
-
-
-@program("build_sequences")
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    print(timed_build(config_from_args(args)), file=sys.stderr)
-    return 0
+@program("medmax-build-sequences")
+def main(argv: list[str] | None = None) -> int:
+    return run_build(argv, "medmax-build-sequences", __doc__, "sequences")
 
 
 if __name__ == "__main__":

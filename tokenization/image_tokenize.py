@@ -58,7 +58,7 @@ from medmax.images import allow_in_pillow
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="image_tokenize", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="medmax-image-tokenize", description=__doc__.split("\n\n")[0])
     p.add_argument("--input", required=True, type=Path, help="CSV with one image path per row")
     p.add_argument("--output", required=True, type=Path, help="folder for the parquet partitions")
     p.add_argument("--ckpt", required=True, type=Path, help="VQGAN checkpoint (see the module docstring)")
@@ -99,7 +99,7 @@ def config_from_args(args: argparse.Namespace) -> TokenizeConfig:
     return TokenizeConfig(**flags, progress=not args.no_progress)
 
 
-@program("image_tokenize")
+@program("medmax-image-tokenize")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)

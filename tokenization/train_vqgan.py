@@ -27,25 +27,32 @@ every image already tokenized, and every model trained on those tokens, stays va
 change. ``--train all`` changes the codes: the saved VQGAN's codes digest differs, and
 ``image_tokenize`` refuses to add its codes to a folder tokenized with the old one (use a new --output).
 
-The CSV is read like ``image_tokenize`` reads it: column ``img_path`` or ``image_path`` (or ``--column``),
-relative paths against ``--image-root`` (default: the CSV's folder), no path may leave that root.
-Unreadable images are never replaced: each is listed in ``OUTPUT/errors.jsonl``, counted in
-``summary.json`` and logged; ``--strict`` makes any of them an error (exit 1). Every image is held in
-memory (3 MB per 512 px image and process).
+The CSV is read like ``image_tokenize`` reads it (``medmax.image_csv``): column ``img_path`` or
+``image_path`` (or ``--column``), relative paths against ``--image-root`` (default: the CSV's folder), no
+path may leave that root, a path that is not valid UTF-8 fails its row only, and the same
+``--max-image-pixels`` / ``--max-aspect-ratio`` limits. Unreadable images are never replaced: each is
+listed in ``OUTPUT/errors.jsonl``, counted in ``summary.json`` and logged; ``--strict`` makes any of them
+an error (exit 1). Every image is held in memory (3 MB per 512 px image and process).
+
+What is evaluated: with ``--eval-input``, held-out images; without it, the first ``--eval-images``
+training images, and every report says "training-image PSNR" (``summary.json``: ``eval_images``),
+since a VQGAN scores higher on images it was trained on.
 
 Writes into ``--output``: ``vqgan.yaml`` + ``vqgan.safetensors`` (what ``image_tokenize --ckpt`` and
-model folders' ``vqgan/`` read), ``history.jsonl`` (training records), ``evals.jsonl`` (held-out PSNR,
-SSIM, codes used, perplexity, lesion survival: before training, every ``--eval-every`` steps, at the
-end), ``eval/stepNNNNNN.png`` and ``reconstructions.png`` (inputs on top, reconstructions below),
+model folders' ``vqgan/`` read), ``history.jsonl`` (training records), ``evals.jsonl`` (PSNR, SSIM, codes
+used, perplexity, lesion survival of the evaluated images: before training, every ``--eval-every`` steps,
+at the end), ``eval/stepNNNNNN.png`` and ``reconstructions.png`` (inputs on top, reconstructions below),
 ``tensorboard/``, ``summary.json`` and ``checkpoint/trainer_state.pt``. Run the same command again
-and it resumes from that checkpoint (it refuses if a setting or input differs; ``--steps`` and
-``--max-seconds`` may grow).
+and it resumes from that checkpoint (it refuses if a setting or input differs, the images' content
+included: a file replaced under the same CSV row, a starting VQGAN with other codes or other
+``--perceptual-weights`` under the same path is a different input; ``--steps`` and
+``--max-seconds`` may grow). ``summary.json``'s ``codes_changed`` is null from a ``--preset`` start:
+no earlier codes exist.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -54,6 +61,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medmax.cli import program
+from medmax.errors import UserError
+from medmax.images import ImageLimits
 from medmax.presets import VQGAN_PRESETS
 from medmax.vqgan_train_config import (
     AUTOCASTS,
@@ -70,6 +79,7 @@ if TYPE_CHECKING:  # annotations only: torch and the VQGAN load when a run start
     import torch
 
     from medmax.distributed import Dist
+    from medmax.image_csv import LoadedImages
     from medmax.vqgan import VQGAN
 
 logger = logging.getLogger("tokenization.train_vqgan")
@@ -82,14 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="YAML of VQGANTrainConfig settings (and init / preset); flags override it")
     p.add_argument("--input", type=Path, required=True, help="CSV with an img_path / image_path column")
     p.add_argument("--output", type=Path, required=True, help="folder for vqgan.yaml, vqgan.safetensors, reports and the checkpoint")
-    p.add_argument("--eval-input", type=Path, help="held-out CSV evaluated during training (default: the first --eval-images inputs)")
-    p.add_argument("--eval-images", type=int, default=256, help="held-out images evaluated (the first of the CSV)")
+    p.add_argument("--eval-input", type=Path,
+                   help="held-out CSV evaluated during training (default: the first --eval-images training images, labelled so)")
+    p.add_argument("--eval-images", type=int, default=256, help="images evaluated (the first of the CSV)")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--preset", choices=sorted(VQGAN_PRESETS), help="start from a randomly initialised preset (default: tiny)")
     start.add_argument("--init", type=Path, help="start from a saved VQGAN: a Chameleon release, a model folder, or a folder this program wrote")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow an --init checkpoint that needs full unpickling")
     p.add_argument("--column", help="the CSV's image-path column (default: img_path, else image_path)")
     p.add_argument("--image-root", type=Path, help="folder relative paths resolve against (default: each CSV's)")
+    p.add_argument("--max-image-pixels", type=int, default=ImageLimits.max_pixels,
+                   help="an image with more pixels (width x height, from its header) is a failed row (default: %(default)s)")
+    p.add_argument("--max-aspect-ratio", type=float, default=ImageLimits.max_aspect_ratio,
+                   help="an image whose long side / short side is larger is a failed row (default: %(default)s)")
     _add_objective_flags(p)
     _add_run_flags(p)
     return p
@@ -183,15 +198,22 @@ def _setup_device(config: VQGANTrainConfig, info: Dist, threads: int | None) -> 
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // info.local_world_size))
 
 
-def _load(csv: Path, args: argparse.Namespace, resolution: int, progress: bool) -> tuple[torch.Tensor | None, list[dict]]:
+def _load(csv: Path, args: argparse.Namespace, resolution: int, progress: bool) -> LoadedImages:
     from medmax.image_csv import load_image_csv, pick_column
 
     root = (args.image_root or csv.parent).resolve()
-    return load_image_csv(csv, pick_column(csv, args.column), root, resolution, progress)
+    return load_image_csv(csv, pick_column(csv, args.column), root, resolution, progress, _limits(args))
 
 
-def _file_digest(path: Path | None) -> str | None:
-    return None if path is None else hashlib.sha256(path.read_bytes()).hexdigest()
+def _limits(args: argparse.Namespace) -> ImageLimits:
+    from medmax.images import allow_in_pillow
+
+    try:
+        limits = ImageLimits(max_pixels=args.max_image_pixels, max_aspect_ratio=args.max_aspect_ratio)
+    except UserError as exc:
+        raise VQGANConfigError(f"--max-image-pixels / --max-aspect-ratio: {exc}") from None
+    allow_in_pillow(limits)  # Pillow's own bomb check never refuses what the limits allow
+    return limits
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
@@ -206,23 +228,35 @@ def _check_paths(args: argparse.Namespace) -> None:
             raise VQGANConfigError(f"{flag} {path}: no such file")
     if args.eval_images < 1:
         raise VQGANConfigError(f"--eval-images must be >= 1, got {args.eval_images}")
+    _limits(args)
 
 
-def _data(args, vqgan, progress: bool, is_main: bool):
-    """(training pixels, held-out pixels, failures); failures are written to errors.jsonl by rank 0."""
-    pixels, errors = _load(args.input, args, vqgan.resolution, progress)
-    held, held_errors = (None, [])
-    if args.eval_input is not None:
-        held, held_errors = _load(args.eval_input, args, vqgan.resolution, progress)
-    errors += [{**e, "csv": str(args.eval_input)} for e in held_errors]
+def _data(args, vqgan, progress: bool, is_main: bool) -> tuple[LoadedImages, LoadedImages | None, list[dict]]:
+    """(training images, held-out images or None, failures); failures are written to errors.jsonl by rank 0."""
+    train = _load(args.input, args, vqgan.resolution, progress)
+    held = None if args.eval_input is None else _load(args.eval_input, args, vqgan.resolution, progress)
+    errors = train.errors + [{**e, "csv": str(args.eval_input)} for e in (held.errors if held else [])]
     if is_main:
         args.output.mkdir(parents=True, exist_ok=True)
         _write_jsonl(args.output / "errors.jsonl", errors)
-    for flag, csv, loaded in (("--input", args.input, pixels), ("--eval-input", args.eval_input, held)):
-        if csv is not None and loaded is None:
+    for flag, csv, loaded in (("--input", args.input, train), ("--eval-input", args.eval_input, held)):
+        if loaded is not None and loaded.pixels is None:
             raise VQGANConfigError(f"{flag} {csv}: none of its images could be read (see {args.output / 'errors.jsonl'})")
-    held = pixels[: args.eval_images] if held is None else held[: args.eval_images]
-    return pixels, held, errors
+    return train, held, errors
+
+
+def _eval_set(args, train: LoadedImages, held: LoadedImages | None) -> tuple[torch.Tensor, str]:
+    """The images evaluated during training and what they are: held-out (--eval-input) or the first training images."""
+    if held is not None:
+        n = min(args.eval_images, held.pixels.shape[0])
+        trained_on = len(set(held.files[:n]) & set(train.files))
+        if trained_on:  # the same file in both CSVs: its PSNR is not a held-out one
+            logger.warning("%d of the %d --eval-input images evaluated are also --input images: the evaluation is not held out",
+                           trained_on, n)
+            return held.pixels[:n], f"partly training images ({trained_on} of the first {n} of --eval-input are in --input)"
+        return held.pixels[:n], f"held-out images (the first {n} of --eval-input {args.eval_input})"
+    n = min(args.eval_images, train.pixels.shape[0])
+    return train.pixels[:n], f"training images (the first {n} of --input; not held out: give --eval-input for that)"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -237,25 +271,30 @@ def _run(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, config, start: dict, info) -> int:
     """Train in this rank of the launch; rank 0 writes the folder."""
     _setup_device(config, info, args.threads)
+    from medmax.data.inputs import file_digest
     from medmax.perceptual import load_lpips
     from medmax.vqgan_training import RunContext, Trainer, stack_images
 
     vqgan = _setup_model(start, config.seed, args.trust_checkpoint)
-    digest_before = vqgan.codes_digest()
-    pixels, held, errors = _data(args, vqgan, config.progress and info.rank == 0, info.rank == 0)
+    digest_before = vqgan.codes_digest() if "init" in start else None  # a random start has no codes anyone tokenized with
+    train, held, errors = _data(args, vqgan, config.progress and info.rank == 0, info.rank == 0)
+    eval_pixels, eval_label = _eval_set(args, train, held)
     perceptual = load_lpips(config.perceptual_weights) if config.perceptual_weights else None
-    identity = {"input": _file_digest(args.input), "eval_input": _file_digest(args.eval_input), "eval_images": args.eval_images,
-                "start": start.get("preset") or str(Path(start["init"]).resolve()), "column": args.column,
-                "image_root": str(args.image_root.resolve()) if args.image_root else None}
-    context = RunContext(output=args.output, eval_pixels=held, perceptual=perceptual, identity=identity, dist=info)
-    trainer = Trainer(vqgan, stack_images(pixels, vqgan.resolution), config, context)
+    identity = {"input_images": train.digest, "eval_input_images": held.digest if held else None, "eval_images": args.eval_images,
+                "start": start.get("preset") or str(Path(start["init"]).resolve()), "start_codes": digest_before,
+                "perceptual_weights_sha256": file_digest(Path(config.perceptual_weights)) if perceptual else None,
+                "column": args.column, "image_root": str(args.image_root.resolve()) if args.image_root else None}
+    label = "held-out" if eval_label.startswith("held-out") else "training-image"
+    context = RunContext(output=args.output, eval_pixels=eval_pixels, eval_label=label,
+                         perceptual=perceptual, identity=identity, dist=info)
+    trainer = Trainer(vqgan, stack_images(train.pixels, vqgan.resolution), config, context)
     trainer.run()
     if info.rank == 0:
-        _finish(args, trainer, errors, digest_before, held)
+        _finish(args, trainer, errors, digest_before, (eval_pixels, eval_label))
     return 1 if args.strict and errors else 0
 
 
-def _finish(args, trainer, errors, digest_before, held) -> None:
+def _finish(args, trainer, errors, digest_before, evaluated) -> None:
     from medmax.vqgan import save_vqgan
     from medmax.vqgan_eval import save_grid
     from medmax.vqgan_training import config_dict
@@ -264,17 +303,17 @@ def _finish(args, trainer, errors, digest_before, held) -> None:
     save_vqgan(vqgan, args.output)
     _write_jsonl(args.output / "history.jsonl", history)
     _write_jsonl(args.output / "evals.jsonl", evals)
-    save_grid(vqgan, held, args.output / "reconstructions.png")
+    save_grid(vqgan, evaluated[0], args.output / "reconstructions.png")
     digest_after = vqgan.codes_digest()
     summary = {"n_images": n_images, "n_failed": len(errors), "steps_run": history[-1]["step"] if history else 0,
                "seconds": history[-1]["seconds"] if history else 0.0, "cpu_seconds": history[-1]["cpu_seconds"] if history else 0.0,
-               "before": evals[0] if evals else None, "after": evals[-1] if evals else None,
-               "codes_digest_before": digest_before, "codes_digest_after": digest_after, "codes_changed": digest_before != digest_after,
-               "config": config_dict(config)}
+               "eval_images": evaluated[1], "before": evals[0] if evals else None, "after": evals[-1] if evals else None,
+               "codes_digest_before": digest_before, "codes_digest_after": digest_after,
+               "codes_changed": None if digest_before is None else digest_before != digest_after, "config": config_dict(config)}
     (args.output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     after = summary["after"] or {}
-    logger.info("trained %d steps in %.1f s on %d images (%d unreadable): held-out PSNR %.2f dB, SSIM %.3f, codes used %s; wrote %s",
-                summary["steps_run"], summary["seconds"], n_images, len(errors), after.get("psnr", float("nan")),
+    logger.info("trained %d steps in %.1f s on %d images (%d unreadable): %s PSNR %.2f dB, SSIM %.3f, codes used %s; wrote %s",
+                summary["steps_run"], summary["seconds"], n_images, len(errors), trainer.ctx.eval_label, after.get("psnr", float("nan")),
                 after.get("ssim", float("nan")), after.get("codes_used"), args.output)
     if summary["codes_changed"]:
         logger.warning("the codes changed (--train all): images tokenized with the starting VQGAN must be tokenized again, "

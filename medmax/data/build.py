@@ -36,7 +36,7 @@ from .build_folder import BuildFolder
 from .inputs import MAX_ROW_BYTES, file_digest, find_inputs, iter_row_batches, row_id
 from .passthrough import ColumnFilter
 from .preferences import CONSUMED_COLUMNS, PREFERENCES, PreferenceBuilder
-from .rows import VOLUME_LAYOUT, LengthDrop, RowError, SequenceBuilder, SequenceConfig
+from .rows import VOLUME_LAYOUT, BuildConfigError, LengthDrop, RowError, SequenceBuilder, SequenceConfig
 from .shards import (
     ERRORS,
     FORMAT_NAME,
@@ -80,15 +80,15 @@ class BuildConfig:
 
     def __post_init__(self):
         if self.layout not in ("sequences", "preferences"):
-            raise ValueError(f"layout={self.layout!r}: choose sequences or preferences")
+            raise BuildConfigError(f"layout={self.layout!r}: choose sequences or preferences")
         if self.workers < 1:
-            raise ValueError(f"--workers must be at least 1, got {self.workers}")
+            raise BuildConfigError(f"--workers must be at least 1, got {self.workers}")
         if self.batch_size < 1 or self.rows_per_shard < 1:
-            raise ValueError("--batch-size and --rows-per-shard must be positive")
+            raise BuildConfigError("--batch-size and --rows-per-shard must be positive")
         if self.image_root is not None and self.ckpt is None:
-            raise ValueError("--image-root needs --ckpt (images read from disk are encoded with the VQGAN)")
+            raise BuildConfigError("--image-root needs --ckpt (images read from disk are encoded with the VQGAN)")
         if self.max_row_bytes < 1:
-            raise ValueError(f"--max-row-bytes must be positive, got {self.max_row_bytes}")
+            raise BuildConfigError(f"--max-row-bytes must be positive, got {self.max_row_bytes}")
         self.columns  # noqa: B018 - validates --keep / --drop
 
     @classmethod
@@ -276,7 +276,7 @@ def _setup(cfg: BuildConfig) -> dict:
 
         vqgan = load_vqgan(cfg.ckpt, trust_checkpoint=cfg.trust_checkpoint)
         if seq.codes_per_image is not None and seq.codes_per_image != vqgan.n_codes_per_image:
-            raise ValueError(f"--codes-per-image {seq.codes_per_image} but the VQGAN in --ckpt gives {vqgan.n_codes_per_image}")
+            raise BuildConfigError(f"--codes-per-image {seq.codes_per_image} but the VQGAN in --ckpt gives {vqgan.n_codes_per_image}")
         seq = SequenceConfig(**{**asdict(seq), "codes_per_image": vqgan.n_codes_per_image, "codebook_size": vqgan.n_embed})
     if seq.codes_per_image is None and table:
         seq = SequenceConfig(**{**asdict(seq), "codes_per_image": table_code_count(table, cfg.image_tokens)})
@@ -390,7 +390,7 @@ def _codes_per_image(results: list[FileResult], configured: int | None) -> int |
     seen = {r.codes_per_image for r in results if r.codes_per_image is not None}
     if len(seen) > 1:
         by_file = {r.path: r.codes_per_image for r in results if r.codes_per_image is not None}
-        raise ValueError(f"images have different code counts across input files {by_file}; pass --codes-per-image")
+        raise BuildConfigError(f"images have different code counts across input files {by_file}; pass --codes-per-image")
     return configured if configured is not None else next(iter(seen), None)
 
 

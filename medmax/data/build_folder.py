@@ -26,6 +26,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import UserError
+from ..paths import check_apart
 from .shards import FORMAT_NAME, MANIFEST, PROGRESS, written_files
 
 logger = logging.getLogger(__name__)
@@ -50,8 +51,7 @@ class BuildFolder:
 
     def check(self, inputs: list[Path]) -> None:
         """Refuse an output that is or contains an input, or that holds files a build did not write."""
-        for path in inputs:
-            self._check_apart(Path(path))
+        check_apart(self.path, (self.path, self.partial), inputs)
         for folder in (self.path, self.old):
             foreign = _foreign_files(folder)
             if foreign:
@@ -61,13 +61,6 @@ class BuildFolder:
                 )
         if self.partial.exists() and not (self.partial / MARKER).is_file():
             raise UserError(f"--output {self.path}: {self.partial} exists but was not made by build_sequences; move it away")
-
-    def _check_apart(self, path: Path) -> None:
-        resolved = path.resolve()
-        for folder in (self.path.resolve(), self.partial.resolve()):
-            if resolved == folder or folder in resolved.parents:
-                where = "is that folder" if resolved == folder else f"is inside {folder}"
-                raise UserError(f"--output {self.path}: the input {path} {where}; choose an output folder apart from the inputs")
 
     # -- the work folder ----------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .rows import RowError
+from .rows import BuildConfigError, RowError
 
 INPUT_SUFFIXES = (".jsonl", ".json", ".parquet")
 MAX_ROW_BYTES = 4 * 2**20  # 4 MiB: a 4096-token row is ~20 KB of text; raise it with --max-row-bytes
@@ -28,22 +28,22 @@ MAX_ROW_BYTES = 4 * 2**20  # 4 MiB: a 4096-token row is ~20 KB of text; raise it
 ID_COLUMNS = ("id", "uid", "uuid", "qid", "question_id", "sample_id", "example_id", "row_id", "idx")
 
 
-def find_inputs(specs: list[str | Path]) -> list[Path]:
-    """Input files from files, folders (their *.jsonl / *.json / *.parquet) or glob patterns, sorted."""
+def find_inputs(specs: list[str | Path], suffixes: tuple[str, ...] = INPUT_SUFFIXES) -> list[Path]:
+    """Input files from files, folders (their files with one of ``suffixes``) or glob patterns, sorted."""
     found: list[Path] = []
     for spec in specs:
         path = Path(spec)
         if path.is_dir():
-            matches = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in INPUT_SUFFIXES)
+            matches = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in suffixes)
         elif path.is_file():
             matches = [path]
         else:
             matches = sorted(Path(p) for p in glob.glob(str(spec)) if Path(p).is_file())
         if not matches:
-            raise FileNotFoundError(f"--input {spec}: no JSONL or parquet files found")
-        bad = [p for p in matches if p.suffix not in INPUT_SUFFIXES]
+            raise FileNotFoundError(f"--input {spec}: no {' / '.join(suffixes)} files found")
+        bad = [p for p in matches if p.suffix not in suffixes]
         if bad:
-            raise ValueError(f"--input {bad[0]}: unsupported file type (expected {', '.join(INPUT_SUFFIXES)})")
+            raise BuildConfigError(f"--input {bad[0]}: unsupported file type (expected {', '.join(suffixes)})")
         found += matches
     return list(dict.fromkeys(found))
 
@@ -117,7 +117,7 @@ def _parse_json_line(line: bytes) -> dict | RowError:
     return row
 
 
-def _lines(fh, limit: int) -> Iterator[bytes | None]:
+def bounded_lines(fh, limit: int) -> Iterator[bytes | None]:
     """Lines of a binary file; None for a line over ``limit`` bytes, skipped in 1 MiB pieces."""
     while line := fh.readline(limit + 1):
         if line.endswith(b"\n") or len(line) <= limit:
@@ -131,7 +131,7 @@ def _lines(fh, limit: int) -> Iterator[bytes | None]:
 def _jsonl_batches(path: Path, batch_size: int, limit: int):
     batch = []
     with open(path, "rb") as fh:
-        for number, line in enumerate(_lines(fh, limit), start=1):
+        for number, line in enumerate(bounded_lines(fh, limit), start=1):
             if line is None:
                 batch.append((number, _too_large(limit, "the line")))
             elif line.strip():  # blank lines are not rows

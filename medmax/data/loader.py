@@ -27,31 +27,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from ..errors import UserError
 from ..vocab import IGNORE_INDEX
 from .plans import cached_plan, make_plan, plan_key
 from .shards import MANIFEST as MANIFEST_NAME
+from .shards import DataError, read_manifest
 
 logger = logging.getLogger(__name__)
-
-
-class DataError(UserError):
-    """Training data that cannot be used; the message names the file or setting."""
-
-
-def read_manifest(folder: str | Path) -> dict:
-    """The checked manifest of a sequence folder (``medmax.data.shards.read_manifest``), errors as DataError."""
-    from .shards import read_manifest as _read
-
-    if not Path(folder).is_dir():
-        raise DataError(f"{folder}: dataset folder does not exist")
-    try:
-        manifest = _read(folder)
-    except (OSError, ValueError) as err:
-        raise DataError(str(err)) from None
-    if not isinstance(manifest.get("special_ids"), dict):
-        raise DataError(f"{Path(folder) / MANIFEST_NAME}: special_ids is not a mapping")
-    return manifest
 
 
 @dataclass
@@ -63,6 +44,7 @@ class SequenceData:
     labels: np.ndarray  # (N_tokens,) int32
     offsets: np.ndarray  # (N + 1,) int64
     manifest: dict
+    index: np.ndarray | None = None  # each sequence's position in the folder, for messages (None: all, in order)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -82,7 +64,9 @@ class SequenceData:
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
         labels = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int32)
-        return SequenceData(self.folder, ids, labels, offsets, self.manifest)
+        index = np.asarray(index, dtype=np.int64)
+        return SequenceData(self.folder, ids, labels, offsets, self.manifest,
+                            index if self.index is None else self.index[index])
 
     identity = None  # in memory: no plan is cached for it (medmax.data.store's sequences have one)
     plan_cache = None
@@ -239,6 +223,12 @@ def split_validation(data: SequenceData, fraction: float, seed: int) -> tuple[Se
     return data.subset(np.sort(order[n_val:])), data.subset(np.sort(order[:n_val]))
 
 
+def folder_position(data, i: int) -> int:
+    """Where sequence (or pair) ``i`` of ``data``, perhaps a subset, sits in its folder."""
+    index = getattr(data, "index", None)
+    return i if index is None else int(index[i])
+
+
 def _example(parts: list[tuple[np.ndarray, np.ndarray]]) -> dict:
     """One training row from one or more sequences: positions restart and first labels are masked."""
     ids = np.concatenate([p[0] for p in parts]).astype(np.int64)
@@ -252,7 +242,7 @@ class SequenceDataset(torch.utils.data.Dataset):
     """Training rows over one or more sequence folders, packed (default) or one sequence per row.
 
     The row list is fixed at construction from ``seed`` (sampling by weight, then packing: a
-    :class:`medmax.data.plans.Plan`), so every process and every resumed run sees the same rows; the
+    :class:`medmax.data.plans.EpochPlan`), so every process and every resumed run sees the same rows; the
     Trainer's sampler shuffles them. When every dataset has an ``identity`` (sequences served from a
     ``medmax.data.store``), the plan is computed once and cached in the first one's ``plan_cache`` folder.
     """
@@ -280,7 +270,12 @@ class SequenceDataset(torch.utils.data.Dataset):
         return len(self.plan)
 
     def __getitem__(self, index: int) -> dict:
-        return _example([self.datasets[d].sequence(int(i)) for d, i in self.plan.row(index)])
+        return {**_example([self.datasets[d].sequence(int(i)) for d, i in self.plan.row(index)]), "row": index}
+
+    def describe(self, index: int) -> str:
+        """Where training row ``index`` comes from: each of its sequences' folder and position there."""
+        return ", ".join(f"{self.datasets[d].folder} sequence {folder_position(self.datasets[d], int(i))}"
+                         for d, i in self.plan.row(index))
 
     def n_tokens(self) -> int:
         order = self.plan.order
@@ -310,7 +305,8 @@ class PackedCollator:
             positions[b, :n] = torch.from_numpy(row["position_ids"])
             positions[b, n:] = torch.arange(width - n)
         n_real = sum(len(r["input_ids"]) for r in rows)
-        return {"input_ids": ids, "labels": labels, "position_ids": positions, "n_real_tokens": torch.tensor(n_real)}
+        batch = {"input_ids": ids, "labels": labels, "position_ids": positions, "n_real_tokens": torch.tensor(n_real)}
+        return with_rows(batch, rows)
 
 
 @dataclass
@@ -329,4 +325,12 @@ class PaddingCollator:
             ids[b, :n] = torch.from_numpy(row["input_ids"])
             labels[b, :n] = torch.from_numpy(row["labels"])
             mask[b, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "n_real_tokens": mask.sum()}
+        return with_rows({"input_ids": ids, "labels": labels, "attention_mask": mask, "n_real_tokens": mask.sum()}, rows)
+
+
+def with_rows(batch: dict, items: list[dict]) -> dict:
+    """``batch`` plus ``rows`` (B,), the dataset indices of its items when they carry one (``row``), so that a
+    failing step can name its rows (``dataset.describe``); the trainer pops it before the forward."""
+    if items and all("row" in item for item in items):
+        batch["rows"] = torch.tensor([int(item["row"]) for item in items], dtype=torch.long)
+    return batch

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from .rows import CONSUMED_COLUMNS
+from .rows import CONSUMED_COLUMNS, BuildConfigError
 
 RESERVED = ("input_ids", "labels", "length", "format")  # the output's own columns
 JSON = "json"  # the type of a column stored as JSON text
@@ -46,10 +46,10 @@ class ColumnFilter:
 
     def __post_init__(self):
         if self.keep is not None and self.drop:
-            raise ValueError("--keep and --drop: give one of them (--keep lists the columns to pass, --drop the ones to leave out)")
+            raise BuildConfigError("--keep and --drop: give one of them (--keep lists the columns to pass, --drop the ones to leave out)")
         clash = [c for c in (self.keep or ()) if c in self.reserved]
         if clash:
-            raise ValueError(f"--keep {clash[0]!r}: the output has its own column of that name ({', '.join(self.reserved)})")
+            raise BuildConfigError(f"--keep {clash[0]!r}: the output has its own column of that name ({', '.join(self.reserved)})")
 
     def select(self, row: dict) -> list[str]:
         """The passthrough columns of one row, in order."""
@@ -58,7 +58,7 @@ class ColumnFilter:
         names = [k for k in row if k not in self.consumed and k not in self.drop]
         clash = next((k for k in names if k in self.reserved), None)
         if clash is not None:
-            raise ValueError(f"input column {clash!r} has the name of an output column; pass --drop {clash} (or rename it)")
+            raise BuildConfigError(f"input column {clash!r} has the name of an output column; pass --drop {clash} (or rename it)")
         return names
 
 

@@ -81,8 +81,8 @@ def pack_greedy(lengths: list[int], max_length: int) -> list[list[int]]:
 
 
 @dataclass
-class Plan:
-    """Row ``r`` holds the pairs ``order[bins[bin_starts[r]:bin_starts[r + 1]]]``."""
+class EpochPlan:
+    """The training rows of an epoch: row ``r`` holds the pairs ``order[bins[bin_starts[r]:bin_starts[r + 1]]]``."""
 
     order: np.ndarray  # (M, 2) int64: (dataset, sequence)
     bins: np.ndarray  # (M,) int64: positions into order, bin after bin
@@ -96,11 +96,11 @@ class Plan:
         return self.order[self.bins[self.bin_starts[r] : self.bin_starts[r + 1]]]
 
 
-def make_plan(lengths: list[np.ndarray], weights: list[float], max_length: int, packing: bool, seed: int) -> Plan:
+def make_plan(lengths: list[np.ndarray], weights: list[float], max_length: int, packing: bool, seed: int) -> EpochPlan:
     """The plan over datasets whose sequences have ``lengths`` (one array per dataset)."""
     order = weighted_order_array([len(x) for x in lengths], weights, seed)
     if not packing:
-        return Plan(order, np.arange(len(order), dtype=np.int64), np.arange(len(order) + 1, dtype=np.int64))
+        return EpochPlan(order, np.arange(len(order), dtype=np.int64), np.arange(len(order) + 1, dtype=np.int64))
     stream = np.zeros(len(order), dtype=np.int64)
     for d, x in enumerate(lengths):
         mine = order[:, 0] == d
@@ -109,7 +109,7 @@ def make_plan(lengths: list[np.ndarray], weights: list[float], max_length: int, 
     starts = np.zeros(len(bins) + 1, dtype=np.int64)
     np.cumsum([len(b) for b in bins], out=starts[1:])
     flat = np.fromiter((k for b in bins for k in b), dtype=np.int64, count=int(starts[-1]))
-    return Plan(order, flat, starts)
+    return EpochPlan(order, flat, starts)
 
 
 def plan_key(identities: list[str], weights: list[float], max_length: int, packing: bool, seed: int) -> str:
@@ -131,13 +131,13 @@ def locked(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _load(folder: Path) -> Plan | None:
+def _load(folder: Path) -> EpochPlan | None:
     if not all((folder / name).is_file() for name in PLAN_FILES):
         return None
-    return Plan(*(np.load(folder / name, mmap_mode="r") for name in PLAN_FILES))
+    return EpochPlan(*(np.load(folder / name, mmap_mode="r") for name in PLAN_FILES))
 
 
-def cached_plan(cache: Path, key: str, compute) -> Plan:
+def cached_plan(cache: Path, key: str, compute) -> EpochPlan:
     """The plan in ``cache/key`` (memory-mapped), computed by ``compute()`` under a lock when missing."""
     folder = cache / key
     plan = _load(folder)

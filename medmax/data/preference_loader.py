@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 import torch
 
 from ..vocab import IGNORE_INDEX
-from .loader import DataError, read_manifest
+from .loader import folder_position, with_rows
 from .plans import weighted_order
-from .preferences import LAYOUT
-from .shards import MANIFEST
+from .preferences import LAYOUT, WEIGHT_MAX
+from .shards import MANIFEST, DataError, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ class PreferenceData:
     weights: np.ndarray  # (N,) float64
     formats: np.ndarray  # (N,) str
     manifest: dict
+    index: np.ndarray | None = None  # each pair's position in the folder, for messages (None: all, in order)
 
     def __len__(self) -> int:
         return len(self.weights)
@@ -55,7 +56,9 @@ class PreferenceData:
         parts = {k: [self.part(k, int(i)) for i in index] for k in self.ids}
         ids = {k: np.concatenate(v) if v else np.zeros(0, np.int32) for k, v in parts.items()}
         offsets = {k: np.concatenate([[0], np.cumsum([len(a) for a in v])]).astype(np.int64) for k, v in parts.items()}
-        return PreferenceData(self.folder, ids, offsets, self.weights[index], self.formats[index], self.manifest)
+        index = np.asarray(index, dtype=np.int64)
+        return PreferenceData(self.folder, ids, offsets, self.weights[index], self.formats[index], self.manifest,
+                              index if self.index is None else self.index[index])
 
 
 def load_preferences(folder: str | Path) -> PreferenceData:
@@ -104,6 +107,12 @@ def check_preferences(data: PreferenceData, vocab_size: int, max_length: int, sp
     empty = np.flatnonzero((np.diff(data.offsets["chosen"]) == 0) | (np.diff(data.offsets["rejected"]) == 0))
     if len(empty):
         raise DataError(f"{where}: pair {empty[0]} has an empty continuation")
+    unusable = np.flatnonzero(~((data.weights >= 0) & (data.weights <= WEIGHT_MAX)))  # NaN fails both
+    if len(unusable):
+        i = unusable[0]
+        raise DataError(f"{where}: pair {folder_position(data, i)} has weight {float(data.weights[i])!r}, outside "
+                        f"0..{WEIGHT_MAX:.4g} (finite as float32; {len(unusable)} of {len(data)} pairs): training would "
+                        "stop at its loss. Rebuild the folder with tokenization.build_preferences, whose rows name their weights")
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
@@ -118,7 +127,12 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         d, i = self.order[index]
-        return self.datasets[d].pair(i)
+        return {**self.datasets[d].pair(i), "row": index}
+
+    def describe(self, index: int) -> str:
+        """Where training pair ``index`` comes from: its folder and position there."""
+        d, i = self.order[index]
+        return f"{self.datasets[d].folder} pair {folder_position(self.datasets[d], int(i))}"
 
 
 @dataclass
@@ -141,4 +155,5 @@ class PreferenceCollator:
             ids[n, : len(seq)], mask[n, : len(seq)] = seq, 1
             labels[n, len(prompt) : len(seq)] = seq[len(prompt) :]
         weight = torch.tensor([float(p.get("weight", 1.0)) for p in pairs], dtype=torch.float32)
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "weight": weight, "n_real_tokens": mask.sum()}
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask, "weight": weight, "n_real_tokens": mask.sum()}
+        return with_rows(batch, pairs)

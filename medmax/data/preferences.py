@@ -12,12 +12,15 @@ a Hugging Face image struct) or ``image_tokens`` (raw codes). The prompt's image
 :mod:`medmax.prompting`'s one layout (before the text unless placed with ``<image>``).
 
 Each side is built as the MedMax row ``prompt <reserved08706> continuation`` by
-:class:`medmax.data.rows.SequenceBuilder` (same vocabulary, same image blocks, same bad-input rules),
-then cut after the end-of-turn: ``prompt_ids`` = ``[bos] ... <reserved08706>``, ``chosen_ids`` /
-``rejected_ids`` = the continuation and ``eos`` (an image continuation is ``[boi] codes [eoi] [eos]``).
-Neither text may hold an end-of-turn (the builder places the one that closes the prompt), and a text
-continuation may hold no image placeholder. A pair longer than ``max_length`` (prompt plus the longer
-side) is dropped, never truncated: a cut continuation is not the answer that was preferred.
+:class:`medmax.data.rows.SequenceBuilder` (same vocabulary, same image blocks, same bad-input rules), then cut
+after the end-of-turn: ``prompt_ids`` = ``[bos] ... <reserved08706>``, ``chosen_ids`` / ``rejected_ids`` = the
+continuation and ``eos`` (an image continuation is ``[boi] codes [eoi] [eos]``). Neither text may hold an
+end-of-turn (the builder places the one that closes the prompt), and a text continuation may hold no image
+placeholder. A pair that teaches nothing is the row's error, counted by kind: an empty ``chosen`` text
+(``empty_chosen``), or two continuations of the same tokens (``same_continuations``: no gradient, and a lower
+reward accuracy). ``weight`` is a number from 0 to float32's largest (training computes in float32, where
+``1e39`` is infinite). A pair longer than ``max_length`` (prompt plus the longer side) is dropped, never
+truncated: a cut continuation is not the answer that was preferred.
 
 The folder is a sequence folder (``medmax.data.shards``: manifest, ``errors.jsonl``, progress, the same
 build and resume rules) whose manifest says ``"layout": "preferences"`` and whose shards hold
@@ -29,7 +32,6 @@ read for training by :mod:`medmax.data.preference_loader`.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -46,6 +48,7 @@ logger = logging.getLogger(__name__)
 LAYOUT = "preferences"
 CONSUMED_COLUMNS = ("prompt", "images", "chosen", "rejected", "weight")
 CONTINUATION_KEYS = ("text", "image", "image_tokens")
+WEIGHT_MAX = float(np.finfo(np.float32).max)  # training multiplies the loss by the weight in float32
 
 
 @dataclass
@@ -133,13 +136,16 @@ def _prompt(row: dict) -> tuple[str, list]:
         raise RowError("placeholder_mismatch", str(err)) from None
 
 
+def check_weight(weight) -> float:
+    """A pair's weight as training uses it: a number >= 0 that stays finite as float32 (DPO's dtype), else RowError."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= WEIGHT_MAX:
+        raise RowError("bad_field", f"'weight' must be a number from 0 to {WEIGHT_MAX:.4g} (finite as float32), got {weight!r}")
+    return float(weight)
+
+
 def _weight(row: dict) -> float:
     weight = row.get("weight")
-    if weight is None:
-        return 1.0
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-        raise RowError("bad_field", f"'weight' must be a finite number >= 0, got {weight!r}")
-    return float(weight)
+    return 1.0 if weight is None else check_weight(weight)
 
 
 class PreferenceBuilder:
@@ -174,10 +180,14 @@ class PreferenceBuilder:
         for side in (chosen, rejected):
             if isinstance(side, RowError):
                 return side
+        if item[1][1] is None and not item[1][0].strip():
+            return RowError("empty_chosen", "'chosen' is empty: an empty answer cannot be the preferred one")
         cut_c, cut_r = chosen.answer_mask().argmax(), rejected.answer_mask().argmax()
         prompt = chosen.input_ids[:cut_c]
         if cut_c != cut_r or not np.array_equal(prompt, rejected.input_ids[:cut_r]):
             return RowError("prompt_mismatch", "the prompt tokenizes differently before the two continuations")
+        if np.array_equal(chosen.input_ids[cut_c:], rejected.input_ids[cut_r:]):
+            return RowError("same_continuations", "'chosen' and 'rejected' are the same tokens: the pair gives no gradient")
         pair = PreferencePair(prompt, chosen.input_ids[cut_c:], rejected.input_ids[cut_r:], item[0],
                               "text" if item[1][1] is None else "image")
         limit = self.config.max_length

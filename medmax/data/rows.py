@@ -98,6 +98,10 @@ MEDMAX_MARKERS = (IMAGE_PLACEHOLDER, END_OF_TURN)
 DEFAULT_MAX_LENGTH = 4096
 
 
+class BuildConfigError(UserError):
+    """A build setting that cannot be used (``SequenceConfig``, ``BuildConfig``, the inputs and columns); names the flag."""
+
+
 class RowError(UserError):
     """A row that cannot become a sequence. ``kind`` is the counted category, the message the detail."""
 
@@ -153,11 +157,11 @@ class SequenceConfig:
 
     def __post_init__(self):
         if not self.placeholders or any(not p for p in self.placeholders):
-            raise ValueError("placeholders: give at least one non-empty placeholder string")
+            raise BuildConfigError("placeholders: give at least one non-empty placeholder string")
         if self.max_length is not None and self.max_length < 3:
-            raise ValueError(f"max_length must be at least 3, got {self.max_length}")
+            raise BuildConfigError(f"--max-length must be at least 3, got {self.max_length}")
         if self.codes_per_image is not None and self.codes_per_image < 1:
-            raise ValueError(f"codes_per_image must be positive, got {self.codes_per_image}")
+            raise BuildConfigError(f"--codes-per-image must be positive, got {self.codes_per_image}")
 
 
 @dataclass
@@ -320,7 +324,9 @@ class _Piece:
 
 
 @dataclass
-class Plan:
+class RowPlan:
+    """What one row becomes, before any text is encoded (texts of a batch are encoded together)."""
+
     format: str
     images: list  # image references (codes, paths or bytes), one per placeholder, in order
     whole_text: str | None = None  # medmax: encoded at once, as MedMax does (see _encode_medmax)
@@ -361,7 +367,7 @@ class SequenceBuilder:
 
     def build_batch(self, rows: Sequence[dict]) -> list[Built | RowError]:
         """Rows -> sequences or the RowError of each row, encoding all texts in two tokenizer calls."""
-        plans: list[Plan | RowError] = []
+        plans: list[RowPlan | RowError] = []
         for row in rows:
             try:
                 plans.append(self.plan(row))
@@ -380,11 +386,11 @@ class SequenceBuilder:
                 out.append(err)
         return out
 
-    def plan(self, row: dict) -> Plan:
+    def plan(self, row: dict) -> RowPlan:
         """What a row needs: its format, image references and the texts to encode."""
         fmt = detect_format(row)
         if fmt == "medmax":
-            return Plan("medmax", _medmax_images(row), whole_text=_text_field(row, "text"))
+            return RowPlan("medmax", _medmax_images(row), whole_text=_text_field(row, "text"))
         if fmt == "conversation":
             return self._plan_conversation(row)
         return self._plan_pretraining(row)
@@ -408,7 +414,7 @@ class SequenceBuilder:
     def _count_images(self, pieces: list[_Piece]) -> int:
         return sum(p.image is not None for p in pieces)
 
-    def _plan_conversation(self, row: dict) -> Plan:
+    def _plan_conversation(self, row: dict) -> RowPlan:
         v = self.vocab
         pieces = [_Piece(False, ids=(v.bos_id,))]
         turns = _turns(row)
@@ -417,22 +423,22 @@ class SequenceBuilder:
             pieces += self._text_pieces(content, trained, self._count_images(pieces))
             pieces.append(_Piece(trained, ids=(v.eot_id,)))
         pieces.append(_Piece(turns[-1][0] == "assistant", ids=(v.eos_id,)))
-        return Plan("conversation", _row_images(row), pieces=pieces)
+        return RowPlan("conversation", _row_images(row), pieces=pieces)
 
-    def _plan_pretraining(self, row: dict) -> Plan:
+    def _plan_pretraining(self, row: dict) -> RowPlan:
         v = self.vocab
         pieces = [_Piece(False, ids=(v.bos_id,))]
         # An unescaped end-of-turn would have made this a MedMax row; \<reserved08706> is its literal text.
         pieces += self._text_pieces(_text_field(row, "text"), True, 0, (END_OF_TURN,))
         pieces.append(_Piece(True, ids=(v.eos_id,)))
-        return Plan("pretraining", _row_images(row), pieces=pieces)
+        return RowPlan("pretraining", _row_images(row), pieces=pieces)
 
     # -- encoding -----------------------------------------------------------------------------
 
     def _encode_all(self, plans) -> tuple[dict, dict]:
         """Encode every text of a batch: {id(plan): ids} for MedMax texts, {id(piece): ids} for pieces."""
-        whole = [p for p in plans if isinstance(p, Plan) and p.whole_text is not None]
-        parts = [x for p in plans if isinstance(p, Plan) for x in p.pieces if x.text is not None]
+        whole = [p for p in plans if isinstance(p, RowPlan) and p.whole_text is not None]
+        parts = [x for p in plans if isinstance(p, RowPlan) for x in p.pieces if x.text is not None]
         whole_ids = self._encode_medmax([p.whole_text for p in whole])
         part_ids = self._encode_safe([x.text for x in parts])
         return {id(p): e for p, e in zip(whole, whole_ids)}, {id(x): e for x, e in zip(parts, part_ids)}
@@ -548,12 +554,12 @@ class SequenceBuilder:
         if n_placeholders != len(images):
             raise RowError("placeholder_mismatch", f"{n_placeholders} image placeholders but {len(images)} images")
 
-    def _assemble(self, plan: Plan, whole: dict, pieces: dict) -> Built:
+    def _assemble(self, plan: RowPlan, whole: dict, pieces: dict) -> Built:
         if plan.format == "medmax":
             return self._assemble_medmax(plan, whole[id(plan)])
         return self._assemble_pieces(plan, pieces)
 
-    def _assemble_medmax(self, plan: Plan, text_ids) -> Built:
+    def _assemble_medmax(self, plan: RowPlan, text_ids) -> Built:
         v = self.vocab
         if isinstance(text_ids, RowError):
             raise text_ids
@@ -582,7 +588,7 @@ class SequenceBuilder:
         v = self.vocab
         return (ids == v.boi_id) | (ids == v.eoi_id) | self._is_code[ids]
 
-    def _assemble_pieces(self, plan: Plan, encoded: dict) -> Built:
+    def _assemble_pieces(self, plan: RowPlan, encoded: dict) -> Built:
         self._check_images(self._count_images(plan.pieces), plan.images)
         parts = []
         for piece in plan.pieces:
@@ -606,7 +612,7 @@ class SequenceBuilder:
         labels = block if with_loss else np.full(len(block), IGNORE_INDEX, dtype=np.int32)
         return block, labels, np.full(len(block), trained)
 
-    def _join(self, parts, plan: Plan) -> Built:
+    def _join(self, parts, plan: RowPlan) -> Built:
         ids, labels, answer = (np.concatenate([p[i] for p in parts]) for i in range(3))
         return Built(ids, labels, answer, format=plan.format, n_images=len(plan.images))
 

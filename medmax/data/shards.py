@@ -37,6 +37,7 @@ from . import passthrough
 from .inputs import row_id, update_digest
 from .passthrough import ColumnFilter
 from ..image_tokens import list_array  # the one list<int32> conversion
+from ..errors import UserError
 from ..vocab import IGNORE_INDEX
 from .rows import Built, RowError
 
@@ -49,6 +50,10 @@ FORMAT_NAME = "medmax-sequences"
 FORMAT_VERSION = 1
 SHARD_GLOB = "part-*.parquet"
 _REQUIRED_KEYS = ("format", "version", "special_ids", "tokenizer", "counts", "token_stats", "files")
+
+
+class DataError(UserError):
+    """A data folder that cannot be used (its manifest, files or content); the message names the file or setting."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,24 +247,29 @@ def write_manifest(folder: Path, manifest: dict) -> Path:
 
 
 def read_manifest(folder: str | Path) -> dict:
-    """The manifest of a sequence folder, checked: format, version, required keys and shard files."""
+    """The manifest of a sequence (or preference) folder, checked: format, version, required keys, special ids
+    and shard files. Anything wrong is a :class:`DataError` naming the folder or file."""
     path = Path(folder) / MANIFEST
+    if not Path(folder).is_dir():
+        raise DataError(f"{folder}: dataset folder does not exist")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no manifest; is {folder} a folder written by tokenization.build_sequences?")
+        raise DataError(f"{path}: no manifest; is {folder} a folder written by tokenization.build_sequences?")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON: {err}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON: {err}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path}: format is {manifest.get('format') if isinstance(manifest, dict) else None!r}, expected {FORMAT_NAME!r}")
+        raise DataError(f"{path}: format is {manifest.get('format') if isinstance(manifest, dict) else None!r}, expected {FORMAT_NAME!r}")
     if manifest.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: version {manifest.get('version')!r} is not supported (expected {FORMAT_VERSION})")
+        raise DataError(f"{path}: version {manifest.get('version')!r} is not supported (expected {FORMAT_VERSION})")
     missing = [k for k in _REQUIRED_KEYS if k not in manifest]
     if missing:
-        raise ValueError(f"{path}: missing keys {missing}")
+        raise DataError(f"{path}: missing keys {missing}")
+    if not isinstance(manifest["special_ids"], dict):
+        raise DataError(f"{path}: special_ids is not a mapping")
     absent = [f for f in manifest["files"] if not (path.parent / f).is_file()]
     if absent:
-        raise FileNotFoundError(f"{path}: lists shard files that do not exist: {absent[:3]}")
+        raise DataError(f"{path}: lists shard files that do not exist: {absent[:3]}")
     return manifest
 
 

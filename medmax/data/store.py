@@ -43,9 +43,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .loader import DataError, holds_sequences, read_manifest, require_sequences, row_stats
+from .loader import holds_sequences, require_sequences, row_stats
 from .plans import locked
-from .shards import MANIFEST, folder_digest
+from .shards import MANIFEST, DataError, folder_digest, read_manifest
 
 logger = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ class ModelRunner:
     def forward(self, ids, mask, positions, cache) -> torch.Tensor:
         """One transformer pass; -> last position's hidden state (B, C)."""
         out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                               past_key_values=cache, use_cache=True)
+                               cache=cache, use_cache=True)
         return out.last_hidden_state[:, -1, :]
 
     def output_rows(self, ids: torch.Tensor):

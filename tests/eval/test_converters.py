@@ -327,4 +327,16 @@ def test_eval_run_reads_embedded_images_and_the_source_flags(tiny_model_dir, tmp
     path_mmu = [{"pathvqa": "path_mmu", "test": "all", str(out): str(tmp_path / "out_mmu")}.get(a, a) for a in argv]
     capsys.readouterr()
     assert run.main(path_mmu) == 2
-    assert capsys.readouterr().err == "eval.run: error: --split must be one of test, test_tiny, val for path_mmu, got 'all'\n"
+    assert capsys.readouterr().err == "medmax-eval: error: --split must be one of test, test_tiny, val for path_mmu, got 'all'\n"
+
+
+def test_vqa_rad_image_folder_defaults_per_layout(tmp_path):
+    """OSF's one file: ``VQA_RAD Image Folder/``. MEVF's split files (github.com/aioz-ai/MICCAI19-MedVQA, the
+    data_RAD folder its README links: testset.json, trainset.json, images/): ``images/``. --image-dir still wins."""
+    fields = ("qid", "image_name", "image_organ", "answer", "answer_type", "question_type", "question", "phrase_type")
+    _write_json(tmp_path / "testset.json", [{k: _rad(1, "freeform", "Yes", "CLOSED")[k] for k in fields}])
+    _write_json(tmp_path / "VQA_RAD Dataset Public.json", [_rad(2, "test_freeform", "Yes", "CLOSED")])
+    assert load_records(tmp_path, "vqa_rad", Path("testset.json"))[0][0].image_path == "images/synpic100.jpg"
+    osf = load_records(tmp_path, "vqa_rad", Path("VQA_RAD Dataset Public.json"))[0][0]
+    assert osf.image_path == "VQA_RAD Image Folder/synpic100.jpg"
+    assert load_records(tmp_path, "vqa_rad", Path("testset.json"), "imgs")[0][0].image_path == "imgs/synpic100.jpg"

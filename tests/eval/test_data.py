@@ -1,6 +1,7 @@
 """Eval data: MedMax schema, released-file converters, safe image paths, task registry, prompt styles."""
 
 import csv
+import re
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from eval.data import BadRow, convert_path_mmu, convert_pmc_vqa, load_medmax, lo
 from eval.prompts import build_prompt
 from eval.run import apply_limit
 from eval.tasks import TASKS, VQA_TASKS, select_tasks, task_for
+from medmax.errors import UserError
 from medmax.generation import END_OF_TURN
 
 
@@ -130,3 +132,15 @@ def test_synthetic_tasks_are_selectable_but_not_in_all():
     assert [t.key for t in select_tasks("synthetic")] == ["synthetic_closed", "synthetic_mcq", "synthetic_open"]
     assert "synthetic" not in {t.name for t in select_tasks("all")}
     assert task_for("synthetic", "mcq").kind == "mcq"
+
+
+@pytest.mark.parametrize("fmt, name", [("medmax", "rows.jsonl"), ("vqa_rad", "testset.json"), ("pmc_vqa", "test.csv"),
+                                       ("slake", "test.json")])
+def test_a_data_file_that_is_not_utf8_is_one_clear_error(tmp_path, fmt, name):
+    """README "Bad input and limits": an unreadable file is one line naming it, never a traceback."""
+    good = json.dumps({"task_name": "vqa_rad", "question_type": "closed", "prompt": "q", "answer": "yes", "image_path": "a.png"})
+    (tmp_path / name).write_bytes(good.encode() + b"\n" + b'{"prompt": "caf\xe9"}\n')
+    source = None if fmt == "medmax" else Path(name)
+    where = r"rows\.jsonl:2" if fmt == "medmax" else re.escape(name)
+    with pytest.raises(UserError, match=rf"{where}: not valid UTF-8"):
+        load_records(tmp_path, fmt, source)

@@ -64,7 +64,7 @@ def _refused(argv, capsys) -> str:
     """Run the program; it must stop with exit code 2 and one line naming the difference; -> that line."""
     assert run.main(argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1 and err[0].startswith("eval.run: error: "), err
+    assert len(err) == 1 and err[0].startswith("medmax-eval: error: "), err
     return err[0]
 
 

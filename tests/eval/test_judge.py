@@ -62,7 +62,8 @@ def test_judge_inside_a_run_counts_unparseable_and_never_writes_the_key(stub, ti
     import eval.run as run
 
     data = open_questions(3)
-    stub["script"] = [(200, "Correctness: 1"), (200, "no idea"), (200, "Correctness: 0")]
+    # replies that echo the key (issue 23): it must reach no file and no log line
+    stub["script"] = [(200, f"Correctness: 1, said to {SECRET}"), (200, f"no idea, {SECRET}"), (200, "Correctness: 0")]
     monkeypatch.setenv("MY_JUDGE_KEY", SECRET)
     out = tmp_path / "out"
     argv = ["--model", str(tiny_model_dir), "--data", str(data), "--output", str(out), "--device", "cpu", "--tasks", "slake_open",
@@ -205,6 +206,22 @@ def test_a_redirect_to_another_origin_is_not_followed_and_gets_no_key(hostile, t
         assert SECRET not in "".join(str(v.error) for v in [verdict])
     finally:
         other.close()
+
+
+def test_the_key_echoed_by_the_judge_is_redacted_before_anything_is_written(hostile, tmp_path, caplog):
+    """Issue 23: a reply echoing the API key was cached to judge_cache.*.jsonl; the README says it is never written."""
+    hostile.script = [_json_reply(f"Correctness: 1 (Bearer {SECRET})"), _json_reply(f"who is {SECRET}?" * 40),
+                      _raw(302, b"", [("Location", f"http://{SECRET}@elsewhere.example/v1")]),
+                      _raw(503, SECRET.encode()), _raw(200, f'{{"choices": "{SECRET}"}}'.encode())]
+    judge = _hjudge(hostile, tmp_path, max_retries=0)
+    verdicts = [judge.judge(f"q{i}", "a", "b") for i in range(5)]
+    assert verdicts[0].correct == 1 and "[redacted]" in verdicts[0].reply
+    assert verdicts[1].correct is None and verdicts[2].correct is None and "another origin" in verdicts[2].error
+    cache = (tmp_path / "cache.jsonl").read_text()
+    assert "[redacted]" in cache and SECRET not in cache
+    said = [str(v.reply) + str(v.error) for v in verdicts]
+    assert all(SECRET not in text for text in said) and SECRET not in caplog.text
+    assert "judge reply has no verdict" in caplog.text  # the unparseable reply was logged, redacted
 
 
 def test_a_same_origin_307_is_followed(hostile, tmp_path):

@@ -129,11 +129,52 @@ def test_a_medmax_run_generates_one_token_scores_by_medmax_and_counts_dropped_ro
     medmax = json.loads((out / "results_medmax.json").read_text())
     assert set(medmax) == {"vqa_rad_closed", "pmc_vqa_mcq", "slake_open"}
     for key, entry in medmax.items():
-        assert set(entry) == {"accuracy", "std_err"}
+        assert set(entry) == {"accuracy", "std_err"} | ({"n_unmatchable"} if key != "slake_open" else set())
+        assert entry.get("n_unmatchable", 0) == 0  # every gold is spelled as the rule compares it
         scores = [r["correct"] for r in preds[key] if r.get("correct") is not None]
         assert (entry["accuracy"], entry["std_err"]) == mp.accuracy_and_std_err(scores)
     report = (out / "report.md").read_text()
     assert "| slake_open | medmax |" in report and "dropped" in report
+
+
+def test_unmatchable_golds_are_counted_with_the_score_against_normalised_golds():
+    """Issue 23 item 8: "Yes" never matches MedMax's closed rule, "b" never its MCQ rule; the rule stays exact."""
+    from eval.tasks import TASKS_BY_KEY
+
+    closed = [{"uid": str(i), "answer": gold, "medmax_text": text, "correct": mp.closed_correct(text, gold)}
+              for i, (gold, text) in enumerate([("Yes", "yes"), ("No", "no"), ("yes", "yes"), ("left", "left"), ("no", "yes")])]
+    entry = mp.task_metrics(TASKS_BY_KEY["vqa_rad_closed"], closed)
+    assert entry["score"] == 0.2 and entry["n_unmatchable"] == 3
+    assert entry["metrics"]["accuracy_gold_normalised"]["score"] == 0.6  # Yes and No now match; "left" still cannot
+    line = mp.unmatchable_warning("vqa_rad_closed", entry)
+    assert "3 of 5 golds can never match" in line and "0.200" in line and "0.600" in line
+    mcq = [{"uid": "0", "answer": "b", "medmax_text": "B", "correct": False},
+           {"uid": "1", "answer": "B", "medmax_text": "B", "correct": True}]
+    entry = mp.task_metrics(TASKS_BY_KEY["pmc_vqa_mcq"], mcq)
+    assert entry["n_unmatchable"] == 1 and entry["metrics"]["accuracy_gold_normalised"]["score"] == 1.0
+    layout = mp.results_layout({"vqa_rad_closed": [r["correct"] for r in closed]}, {"vqa_rad_closed": 3})
+    assert layout["vqa_rad_closed"]["n_unmatchable"] == 3 and layout["vqa_rad_closed"]["accuracy"] == 0.2
+
+
+def test_a_medmax_run_counts_unmatchable_golds_and_warns_of_split_golds(tiny_model_dir, tmp_path, caplog):
+    """VQA-RAD stores most closed golds as "Yes"/"No"; the tiny tokenizer, like the quickstart's, splits "yes"."""
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (64, 64), (10, 90, 200)).save(data / "a.png")
+    rows = [{"task_name": "vqa_rad", "question_type": "closed", "prompt": f"Is there a lesion {i}?", "answer": a,
+             "image_path": "a.png"} for i, a in enumerate(["Yes", "No", "yes", "no"])]
+    (data / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert run.main(["--model", str(tiny_model_dir), "--data", str(data), "--output", str(out), "--device", "cpu",
+                     "--tasks", "vqa_rad_closed", "--protocol", "medmax"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["vqa_rad_closed"]["n_unmatchable"] == 2
+    assert json.loads((out / "results_medmax.json").read_text())["vqa_rad_closed"]["n_unmatchable"] == 2
+    report = (out / "report.md").read_text()
+    assert "2 n_unmatchable" in report and "| vqa_rad_closed | medmax | accuracy_gold_normalised | 4 |" in report
+    split = [w for w in results["_warnings"] if "splits the gold 'yes' into 2 tokens ('y' + 'es')" in w]
+    assert len(split) == 1 and split[0] in caplog.text and "gold 'no'" not in " ".join(results["_warnings"])
+    assert "2 of 4 golds can never match" in report
 
 
 def test_medmax_protocol_without_a_judge_skips_open_tasks_and_refuses_a_length(tiny_model_dir, vqa_data, tmp_path, capsys):

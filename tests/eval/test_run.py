@@ -88,6 +88,19 @@ def test_bad_rows_are_reported_and_the_rest_completes(full_run):
     assert "contains '..'" in (out / "report.md").read_text()
 
 
+def test_report_lists_real_results_first_and_skipped_tasks_once_per_reason(full_run):
+    """Issue 23: --tasks all on one benchmark's data put many "skipped: no rows" lines before the real ones."""
+    out, results = full_run
+    lines = (out / "report.md").read_text().splitlines()
+    table = [i for i, line in enumerate(lines) if line.startswith("| ")]
+    assert not any("skipped" in lines[i] for i in table)
+    no_rows = sorted(k for k, e in results.items() if not k.startswith("_") and "no rows" in e.get("skipped", ""))
+    assert len(no_rows) > 1
+    summary = [line for line in lines if "no rows for this task in the data" in line]
+    assert summary == [f"- no rows for this task in the data: {', '.join(no_rows)}"]
+    assert lines.index(summary[0]) > table[-1] and lines.index(summary[0]) > lines.index(f"## Skipped tasks ({len(no_rows) + 1})")
+
+
 def test_resume_after_interruption_gives_identical_results(tiny_model_dir, eval_data, full_run, tmp_path, monkeypatch):
     out = tmp_path / "resumed"
     real, calls = run.evaluate_batch, {"n": 0}
@@ -136,7 +149,7 @@ def test_limit_and_flag_errors(tiny_model_dir, eval_data, tmp_path, capsys):
                            (["--judge-url", "ftp://judge"], "--judge-url must start with http")):
         assert run.main(_argv(tiny_model_dir, eval_data, tmp_path / "x", *extra)) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("eval.run: error: ") and message in err[0]
+        assert len(err) == 1 and err[0].startswith("medmax-eval: error: ") and message in err[0]
     assert not (tmp_path / "x").exists()
 
 
@@ -202,3 +215,87 @@ def test_every_flag_defaults_to_its_eval_config_field(tmp_path, monkeypatch):
     for f in dataclasses.fields(EvalConfig):
         if f.default is not dataclasses.MISSING:
             assert getattr(built, f.name) == f.default, f.name
+
+
+# ------------------------------------------------------------------------------ runs that score little or nothing
+def _mevf_rad(root: Path, n_closed: int = 3) -> Path:
+    """VQA-RAD as MEVF (github.com/aioz-ai/MICCAI19-MedVQA) ships it: ``data_RAD/testset.json`` with the images
+    in ``data_RAD/images/`` (README: "extracted to data_RAD/"; its users read ``data_RAD/images/<image_name>``)."""
+    folder = root / "data_RAD"
+    (folder / "images").mkdir(parents=True)
+    Image.new("RGB", (64, 64), (10, 90, 200)).save(folder / "images" / "synpic100.jpg")
+    rows = [{"qid": i, "image_name": "synpic100.jpg", "image_organ": "HEAD", "answer": "Yes", "answer_type": "CLOSED",
+             "question_type": "PRES", "question": f"Is there a mass {i}?", "phrase_type": "freeform"} for i in range(n_closed)]
+    (folder / "testset.json").write_text(json.dumps(rows))
+    return folder
+
+
+def test_vqa_rad_split_file_finds_its_images_without_image_dir(tiny_model_dir, tmp_path):
+    """Issue 23 item 7: the MEVF layout's images are in images/, not in the OSF release's folder name."""
+    data = _mevf_rad(tmp_path)
+    results = _main(_argv(tiny_model_dir, data, tmp_path / "out", "--data-format", "vqa_rad", "--source", "testset.json",
+                          "--tasks", "vqa_rad_closed"))
+    assert results["vqa_rad_closed"]["n"] == 3 and results["vqa_rad_closed"]["n_errors"] == 0
+
+
+def test_a_run_that_scores_nothing_says_why_and_exits_non_zero(tiny_model_dir, tmp_path, capsys, caplog):
+    """Issue 23 item 7: every row failing was exit 0, a silent console and a report showing 0."""
+    data = _mevf_rad(tmp_path)
+    out = tmp_path / "out"
+    argv = _argv(tiny_model_dir, data, out, "--data-format", "vqa_rad", "--source", "testset.json",
+                 "--tasks", "vqa_rad_closed", "--image-dir", "VQA_RAD Image Folder")
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("medmax-eval: error: no row was scored") and "not found" in err[0]
+    assert "--image-dir" in err[0]
+    assert "vqa_rad_closed: 3 of 3 rows were not scored" in caplog.text and "synpic100.jpg" in caplog.text
+    report = (out / "report.md").read_text()
+    assert "## Warnings" in report and "3 of 3 rows were not scored" in report
+    assert json.loads((out / "results.json").read_text())["vqa_rad_closed"]["n_errors"] == 3
+
+
+def test_a_task_whose_rows_mostly_fail_warns_with_the_first_reason(tiny_model_dir, tmp_path, caplog):
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (64, 64), (10, 90, 200)).save(data / "good.png")
+    images = ["good.png", "gone1.png", "gone2.png"]
+    rows = [{"task_name": "vqa_rad", "question_type": "closed", "prompt": f"Lesion {i}?", "answer": "yes",
+             "image_path": image} for i, image in enumerate(images)]
+    (data / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = _main(_argv(tiny_model_dir, data, tmp_path / "out", "--tasks", "vqa_rad_closed"))
+    assert results["vqa_rad_closed"]["n"] == 1
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "2 of 3 rows were not scored" in r.getMessage()]
+    assert len(warned) == 1 and "gone1.png" in warned[0].getMessage()
+    assert results["_warnings"] == [warned[0].getMessage()]
+
+
+def test_data_whose_rows_mostly_cannot_be_read_warns(tiny_model_dir, tmp_path, caplog):
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (64, 64), (10, 90, 200)).save(data / "a.png")
+    rows = [{"task_name": "vqa_rad", "question_type": "closed", "prompt": "Lesion?", "answer": "yes", "image_path": "a.png"}]
+    rows += [{"task_name": "pmc_vqa", "question_type": "mcq", "prompt": "Which?\n(A) lung\n(B) liver", "answer": "kidney",
+              "image_path": "a.png"}] * 2
+    (data / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = _main(_argv(tiny_model_dir, data, tmp_path / "out", "--tasks", "vqa_rad_closed"))
+    assert results["vqa_rad_closed"]["n"] == 1
+    [line] = results["_warnings"]
+    assert line.startswith("2 of 3 rows of the data could not be read or belong to no task; the first, rows.jsonl:1:")
+    assert line in caplog.text
+
+
+def test_eval_s_memory_check_can_be_raised(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """README "Bad input and limits": the model-memory check of every program that loads a model can be overridden."""
+    import medmax.model
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (64, 64), (10, 90, 200)).save(data / "a.png")
+    row = {"task_name": "vqa_rad", "question_type": "closed", "prompt": "Lesion?", "answer": "yes", "image_path": "a.png"}
+    (data / "rows.jsonl").write_text(json.dumps(row) + "\n")
+    monkeypatch.setattr(medmax.model, "_available_bytes", lambda device=None: 1 << 20)  # 1 MiB free
+    capsys.readouterr()
+    assert run.main(_argv(tiny_model_dir, data, tmp_path / "mem", "--tasks", "vqa_rad_closed")) == 2
+    assert "only 1.0 MiB" in capsys.readouterr().err
+    results = _main(_argv(tiny_model_dir, data, tmp_path / "mem", "--tasks", "vqa_rad_closed", "--skip-memory-check"))
+    assert results["vqa_rad_closed"]["n"] == 1  # the flag decides no prediction: the same folder resumes

@@ -14,7 +14,7 @@ from finetune.config import ConfigError, load_config, parse_overrides, parse_yam
 from finetune.demo_data import demo_rows
 from finetune.modes import NothingToTrainError
 from finetune.train import main as train_main
-from medmax.data.loader import DataError
+from medmax.data.shards import DataError
 from medmax.data.shards import write_sequences
 
 ROOT = Path(__file__).parents[2]
@@ -220,3 +220,11 @@ def test_launch_script_counts_gpus_from_nvidia_smi(tmp_path, listing, status, np
     assert run.returncode == 0 and not run.stderr, run.stderr
     assert f"--nproc-per-node {nproc} " in run.stdout and ("ddp_backend=gloo" in run.stdout) == gloo
     assert "--rdzv-endpoint localhost:0 " in run.stdout  # one node: a free port, never another run's rendezvous
+
+
+@pytest.mark.parametrize("entry", ["/data/seq/train:nan", "/data/seq/train:1e400", "/data/seq/train:-1",
+                                   "{path: /data/seq/train, weight: .inf}", "{path: /data/seq/train, weight: heavy}"])
+def test_a_dataset_weight_that_is_not_a_positive_finite_number_is_a_config_error(entry):
+    """The sibling of a preference weight's rule (issue 23 item 3): NaN or inf would reach the epoch plan."""
+    with pytest.raises(ConfigError, match="/data/seq/train"):
+        load_config(ROOT / "finetune/configs/tiny_cpu.yaml", [f"datasets=[{entry}]"]).dataset_specs()

@@ -233,7 +233,8 @@ def test_dpo_settings_outside_mode_dpo_are_refused():
 def test_a_sequence_folder_is_refused_by_dpo_and_a_preference_folder_by_sft(tmp_path, tiny_model_dir, prefs,
                                                                             tiny_tokenizer, tiny_vocab):
     from finetune.demo_data import demo_rows
-    from medmax.data.loader import DataError, load_sequences
+    from medmax.data.loader import load_sequences
+    from medmax.data.shards import DataError
     from medmax.data.shards import write_sequences
 
     seq = write_sequences(tmp_path / "seq", demo_rows(tiny_tokenizer, 4, n_codes=8), tiny_vocab.special_ids())

@@ -54,7 +54,7 @@ def test_every_users_error_class_shares_the_base():
     from medmax.data.build import RowRejected
     from medmax.data.rows import RowError
     from medmax.torch_files import CheckpointError, UntrustedCheckpointError
-    from medmax.data.loader import DataError
+    from medmax.data.shards import DataError
     from medmax.vocab import ControlTokenInText
 
     for cls in (BadRow, EvalError, UnresolvedGold, ConfigError, NothingToTrainError, DemoError, ImageLoadError,

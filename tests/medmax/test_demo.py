@@ -64,7 +64,7 @@ def _ask(engine, message, conversation=None, **changes):
     _, _, _, conversation, request, status = demo_app.start(engine, message.get("text"), message.get("files"),
                                                             conversation or Conversation(), *_controls(**changes))
     assert request is not None, status
-    assert demo_app.run(engine, [request]) == [["done"]]
+    demo_app.run(engine)
     return list(demo_app.show(engine, request, conversation))
 
 
@@ -225,7 +225,7 @@ def test_rerun_with_the_same_seed_reproduces_the_answer(engine, scan_path):
     assert status.startswith("answer 1 done")
     chat2, conv2, request, _ = demo_app.rerun(engine, conv, *_controls(max_new_tokens=10))
     assert len(conv2.turns) == 1  # the last answer is dropped before asking again
-    demo_app.run(engine, [request])
+    demo_app.run(engine)
     chat3, conv3, _, status = list(demo_app.show(engine, request, conv2))[-1]
     assert chat3 == chat and conv3.prompt() == conv.prompt() and status.startswith("answer 2 done")
 
@@ -256,7 +256,7 @@ def test_the_page_shows_the_answer_while_it_grows(generator, tmp_path):
     engine = Engine(_SlowGenerator(generator), tmp_path)
     _, _, _, conv, request, _ = demo_app.start(engine, "Describe the scan", None, Conversation(),
                                                *_controls(max_new_tokens=12, temperature=1.5, top_p=1.0, seed=3))
-    worker = threading.Thread(target=demo_app.run, args=(engine, [request]))
+    worker = threading.Thread(target=demo_app.run, args=(engine,))
     worker.start()
     updates = list(demo_app.show(engine, request, conv))
     worker.join()
@@ -300,7 +300,7 @@ def test_a_generation_error_reaches_the_page_and_spares_the_other_requests(engin
     too_long = " ".join(["lesion"] * 5000)
     bad = engine.submit([too_long, END_OF_TURN], Settings(max_new_tokens=4))
     good = engine.submit(["Is there a lesion?", END_OF_TURN], Settings(max_new_tokens=4, seed=3))
-    assert demo_app.run(engine, [bad, None, good])[0][1] == ""
+    demo_app.run(engine)
     chat, _, _, status = list(demo_app.show(engine, bad, Conversation()))[-1]
     assert "generation failed" in status and "context" in status and "generation failed" in chat[-1]["content"]
     assert list(demo_app.show(engine, good, Conversation()))[-1][3].startswith("answer 1 done")
@@ -318,11 +318,95 @@ def test_model_view_is_the_centre_crop_at_the_vqgan_resolution():
     assert view.shape == (32, 32, 3) and view.min() > 200
 
 
-def test_the_page_batches_its_generation_event(engine):
+def test_the_page_generates_through_one_worker_that_reads_no_session_state(engine):
+    """Gradio's batching reads a gr.State input from one session for every slot of a batch: no generation
+    event may take an input (the engine's own list of waiting requests is the batch)."""
     gr = pytest.importorskip("gradio")
     app = demo_app.build_app(engine)
     assert isinstance(app, gr.Blocks)
-    batched = [fn for fn in app.fns.values() if fn.batch]
-    assert len(batched) == 2  # the question's and the re-run's generation
-    assert {fn.max_batch_size for fn in batched} == {engine.max_batch_size}
-    assert {fn.concurrency_limit for fn in batched} == {1}
+    generation = [fn for fn in app.fns.values() if fn.api_name in ("ask_generate", "rerun_generate")]
+    assert len(generation) == 2 and not any(fn.batch or fn.inputs for fn in generation)
+    assert {(fn.concurrency_id, fn.concurrency_limit) for fn in generation} == {("generate", 1)}
+
+
+def test_each_waiting_request_runs_once_whichever_tab_triggers_the_run(generator, tmp_path):
+    counting = _CountingGenerator(generator)
+    engine = Engine(counting, tmp_path, max_batch_size=8)
+    requests = [engine.submit([f"question {i}", END_OF_TURN], Settings(max_new_tokens=3, seed=i)) for i in range(5)]
+    runs = [threading.Thread(target=demo_app.run, args=(engine,)) for _ in range(5)]  # one per tab, at once
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join()
+    assert sum(n for n, _, _ in counting.calls) == 5  # each request generated once
+    for r in requests:
+        assert [e.kind for e in engine.events(r.id, timeout=1)][-1] == "done"
+    assert engine.run_batch(requests) == [""] * 5 and sum(n for n, _, _ in counting.calls) == 5  # never again
+
+
+def test_drawn_images_stay_downloadable_after_later_answers(engine):
+    _, conv, drawn, _ = _ask(engine, {"text": "Generate an image of a scan", "files": []}, mode="image")[-1]
+    assert len(drawn) == 2
+    updates = _ask(engine, {"text": "Describe it", "files": []}, conv, max_new_tokens=4)
+    assert all(files[:2] == drawn for _, _, files, _ in updates)  # while the text answer grows, and after
+    _, conv, _, _ = updates[-1]
+    _, _, files, _ = _ask(engine, {"text": "Another one", "files": []}, conv, mode="image")[-1]
+    assert files[:2] == drawn and len(files) == 4 and all(os.path.isfile(f) for f in files)
+
+
+class _ForcedGenerator:
+    """The real generator's tokenizer and vocabulary; generate emits a fixed token stream as a model would."""
+
+    def __init__(self, inner, stream: list[int]):
+        self.inner, self.stream = inner, stream
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def generate(self, prompts, config, on_step=None, **kw):
+        from medmax.generation import GenerationOutput, TextOutput
+
+        for tok in self.stream:
+            on_step(0, tok)
+        body = [t for t in self.stream if t != self.vocab.eot_id]
+        text = TextOutput(self.tokenizer.decode(body, skip_special_tokens=True), body)
+        return [GenerationOutput([text], self.stream, "eos")]
+
+
+def test_control_ids_show_a_marker_and_partial_characters_wait_until_complete(generator, tmp_path):
+    tok, v = generator.tokenizer, generator.vocab
+    arrow = tok.encode("→", add_special_tokens=False).ids  # a 3-byte character: 3 byte tokens
+    reserved = tok.token_to_id("<reserved08300>")
+    text = tok.encode("a", add_special_tokens=False).ids
+    assert len(arrow) == 3 and reserved is not None
+    stream = text + arrow + [reserved] + text + arrow[:2] + [v.eot_id]  # ends on an incomplete character
+    engine = Engine(_ForcedGenerator(generator, stream), tmp_path)
+    request = engine.submit(["q", END_OF_TURN], Settings(max_new_tokens=len(stream)))
+    engine.run_batch([request])
+    events = list(engine.events(request.id, timeout=1, merge=False))
+    shown = [e.pieces[0] for e in events if e.kind == "partial"]
+    marker = f"⟨control {reserved}⟩"
+    assert shown[:6] == ["a", "a", "a", "a→", f"a→{marker}", f"a→{marker}a"]
+    assert all("\ufffd" not in t and "<reserved" not in t for t in shown)
+    final = events[-1].pieces[0]
+    assert events[-1].kind == "done" and final == f"a→{marker}a\ufffd"  # never completed: shown as invalid
+
+
+def test_sigterm_takes_ctrl_cs_path_removes_the_folder_and_restores_the_callers_handler(tmp_path):
+    import signal
+
+    folder = tmp_path / "medmax-demo-x"
+    (folder / "uploads").mkdir(parents=True)
+    (folder / "uploads" / "scan.png").write_bytes(b"a patient's scan")
+    seen = []
+    callers = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            with demo_app._removed_when_stopped(folder):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler interrupts this
+        assert not folder.exists() and seen == [signal.SIGTERM]  # removed; the caller's handler chained
+        os.kill(os.getpid(), signal.SIGTERM)  # restored: the caller's handler alone, no interrupt
+        assert seen == [signal.SIGTERM] * 2
+    finally:
+        signal.signal(signal.SIGTERM, callers)

@@ -246,3 +246,14 @@ def test_typed_control_strings_stay_text(gen, tiny_vocab):
     assert not control & set(ids[1:-1]) and not any(v.is_image_code(np.asarray(ids[1:-1])))
     assert gen.tokenizer.decode(ids[1:-1], skip_special_tokens=False) == typed
     assert gen.tokenizer.encode_special_tokens is False  # the shared tokenizer is left as it was
+
+
+def test_decoding_passes_no_deprecated_argument_to_the_model(gen):
+    """Issue 23: a `past_key_values` FutureWarning after every eval pass; transformers names the cache `cache`."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = gen.generate([["Is there a lesion?"]], GenerationConfig(mode="text", max_new_tokens=3, do_sample=False))
+    assert out[0].token_ids
+    assert [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))] == []

@@ -352,3 +352,51 @@ def test_dicom_in_strips_equals_whole(monkeypatch):
     assert whole[0].std() > 10 and not np.array_equal(whole[0], whole[1])  # the VOI LUT took effect
     monkeypatch.setattr(images, "_STRIP_PIXELS", 37)  # strips of a single row, or a few
     assert all(np.array_equal(np.asarray(load_image(s)), w) for s, w in zip(sources, whole))
+
+
+def _load_in_thread(load, *args):
+    """Run ``load(*args)`` in a daemon thread: -> (finished within 10 s, its exception or None)."""
+    import threading
+
+    outcome = {}
+
+    def body():
+        try:
+            load(*args)
+            outcome["error"] = None
+        except Exception as exc:  # noqa: BLE001 - handed back to the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    thread.join(10)
+    return not thread.is_alive(), outcome.get("error")
+
+
+def _unblock(fifo: Path) -> None:
+    """Let a reader stuck on the FIFO's open see end of file (the old code's hang), so nothing is left blocked."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass  # no reader is waiting
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_a_fifo_or_folder_is_refused_not_waited_on(tmp_path):
+    from medmax.image_csv import load_image_csv
+
+    fifo = tmp_path / "scan.png"
+    os.mkfifo(fifo)
+    try:
+        finished, error = _load_in_thread(load_image, fifo)
+        assert finished, "load_image waited on a FIFO"
+        assert isinstance(error, ImageLoadError) and "not a regular file" in error.reason
+        (tmp_path / "images.csv").write_text("img_path\nscan.png\nfolder\n")
+        (tmp_path / "folder").mkdir()
+        finished, error = _load_in_thread(load_image_csv, tmp_path / "images.csv", "img_path", tmp_path, 16, False)
+        assert finished and error is None
+        pixels, failures = load_image_csv(tmp_path / "images.csv", "img_path", tmp_path, 16, progress=False)
+        assert pixels is None and [f["row"] for f in failures] == [0, 1]
+        assert all("not a regular file" in f["error"] for f in failures)
+    finally:
+        _unblock(fifo)

@@ -117,3 +117,19 @@ def test_the_check_uses_available_memory_and_can_be_overridden(tiny_model_dir, m
         load_model_dir(tiny_model_dir)
     assert load_model_dir(tiny_model_dir, skip_memory_check=True).model is not None
     assert "the check was overridden" in caplog.text
+
+
+def test_forward_passes_no_deprecated_argument_and_returns_the_cache(tiny_model_dir, tiny_vocab):
+    """Issue 23: every forward warned that `past_key_values` is deprecated (transformers' name is `cache`)."""
+    import warnings
+
+    from transformers import DynamicCache
+
+    model = load_model_dir(tiny_model_dir).model
+    ids = torch.tensor([[tiny_vocab.bos_id, 5, 6, 7]])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+        cached = model(input_ids=ids, use_cache=True, cache=DynamicCache(config=model.config))
+    assert [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))] == []
+    assert cached.cache.get_seq_length() == 4

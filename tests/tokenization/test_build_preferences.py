@@ -92,3 +92,48 @@ def test_the_build_refuses_an_output_holding_foreign_files(tmp_path, tiny_tokeni
     with pytest.raises(ValueError, match="did not write"):
         _build(tmp_path, tiny_tokenizer_path, [{"prompt": "q", "chosen": "a", "rejected": "b"}], body=True)
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("row, kind, reason", [
+    # finite as float64, infinite as the float32 training reads it in: DPO's loss would be NaN
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "weight": 1e39}, "bad_field", "'weight'"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "weight": -1e39}, "bad_field", "'weight'"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "weight": float("inf")}, "bad_field", "'weight'"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "weight": -0.5}, "bad_field", "'weight'"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "weight": True}, "bad_field", "'weight'"),
+])
+def test_a_weight_training_cannot_use_is_the_rows_error(tmp_path, tiny_tokenizer_path, row, kind, reason):
+    test_bad_rows_are_listed_with_kind_and_reason_and_the_rest_is_built(tmp_path, tiny_tokenizer_path, row, kind, reason)
+
+
+@pytest.mark.parametrize("row, kind, reason", [
+    ({"prompt": "q", "chosen": "same", "rejected": "same"}, "same_continuations", "no gradient"),
+    ({"prompt": "q", "chosen": {"text": "same"}, "rejected": "same"}, "same_continuations", "no gradient"),
+    ({"prompt": "q", "chosen": {"image_tokens": CODES}, "rejected": {"image_tokens": CODES}}, "same_continuations", "no gradient"),
+    ({"prompt": "q", "chosen": "", "rejected": "b"}, "empty_chosen", "'chosen'"),
+    ({"prompt": "q", "chosen": "  \n", "rejected": "b"}, "empty_chosen", "'chosen'"),
+])
+def test_a_pair_that_teaches_nothing_is_a_counted_row_error(tmp_path, tiny_tokenizer_path, row, kind, reason):
+    test_bad_rows_are_listed_with_kind_and_reason_and_the_rest_is_built(tmp_path, tiny_tokenizer_path, row, kind, reason)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert kind in json.dumps(manifest["counts"])
+
+
+@pytest.mark.parametrize("weight", [1e39, float("nan"), -1.0])
+def test_training_refuses_a_folder_whose_weights_it_cannot_use(tmp_path, tiny_tokenizer_path, tiny_tokenizer, weight):
+    """A folder written before build_preferences refused such weights (or edited since) stops before training."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from medmax.data.loader import DataError
+    from medmax.data.preference_loader import check_preferences
+    from medmax.vocab import Vocabulary
+
+    out = _build(tmp_path, tiny_tokenizer_path, [{"prompt": "q", "chosen": "a", "rejected": "b"}] * 2)
+    shard = next(out.rglob("*.parquet"))
+    table = pq.read_table(shard)
+    column = table.schema.get_field_index("weight")
+    pq.write_table(table.set_column(column, "weight", pa.array([1.0, weight], type=pa.float64())), shard)
+    vocab = Vocabulary.from_tokenizer(tiny_tokenizer)
+    with pytest.raises(DataError, match="pair 1 .*weight"):
+        check_preferences(load_preferences(out), tiny_tokenizer.get_vocab_size(), 4096, vocab.special_ids())

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from medmax.data.shards import read_manifest, shard_paths
+from medmax.data.shards import DataError, read_manifest, shard_paths
 from medmax.images import load_image, preprocess
 from medmax.data.passthrough import type_name
 from medmax.data.build import RowRejected
@@ -99,7 +99,7 @@ def test_strict_fails_on_the_first_bad_row(tmp_path, tiny_tokenizer_path, image_
     src = write_jsonl(tmp_path / "in.jsonl", MEDMAX + [{"text": "Q<image>" + EOT + "A", "image_path": "gone.png"}])
     with pytest.raises(RowRejected, match=r"in\.jsonl row 4: no image codes for path 'gone.png'"):
         run(tmp_path, [src], tiny_tokenizer_path, "out", "--image-tokens", str(image_tokens), "--strict")
-    with pytest.raises(FileNotFoundError, match="manifest"):
+    with pytest.raises(DataError, match="out: dataset folder does not exist"):
         read_manifest(tmp_path / "out")
 
 
@@ -334,7 +334,7 @@ def test_output_that_is_the_input_folder_is_refused_and_nothing_is_deleted(tmp_p
         assert main(["--input", str(raw), "--tokenizer", str(tiny_tokenizer_path), "--output", str(output),
                      "--image-tokens", str(image_tokens), "--no-progress"]) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"build_sequences: error: --output {output}") and " input " in err and err.count("\n") == 1
+        assert err.startswith(f"medmax-build-sequences: error: --output {output}") and " input " in err and err.count("\n") == 1
         assert {p.name: p.read_bytes() for p in raw.iterdir()} == before
 
 

@@ -18,7 +18,13 @@ import pytest
 import torch
 from PIL import Image
 
-from medmax.image_tokens import folder_fingerprint, iter_image_tokens, partition_files, read_image_tokens, read_manifest
+from medmax.image_tokens import (
+    folder_fingerprint,
+    iter_image_tokens,
+    partition_files,
+    read_image_token_manifest,
+    read_image_tokens,
+)
 from medmax.images import load_image, preprocess
 from medmax.vqgan import VQGAN, save_vqgan
 from medmax import image_tokenizing
@@ -55,7 +61,7 @@ def dataset(tmp_path_factory) -> Path:
 
 
 class Refused(Exception):
-    """The run ended in its one error line (``image_tokenize: error: ...``, exit code 2), raised here to be matched."""
+    """The run ended in its one error line (``medmax-image-tokenize: error: ...``, exit code 2), raised here to be matched."""
 
 
 def _run(csv: Path, out: Path, ckpt: Path, *extra: str) -> int:
@@ -63,7 +69,7 @@ def _run(csv: Path, out: Path, ckpt: Path, *extra: str) -> int:
     with contextlib.redirect_stderr(err):
         code = main(["--input", str(csv), "--output", str(out), "--ckpt", str(ckpt), "--workers", "0", "--no-progress", *extra])
     if code == 2:
-        assert err.getvalue().startswith("image_tokenize: error: ") and err.getvalue().count("\n") == 1, err.getvalue()
+        assert err.getvalue().startswith("medmax-image-tokenize: error: ") and err.getvalue().count("\n") == 1, err.getvalue()
         raise Refused(err.getvalue())
     sys.stderr.write(err.getvalue())
     return code
@@ -224,7 +230,7 @@ def test_torchrun_two_processes_match_one(dataset, tiny_vqgan_dir, tmp_path, pro
 
 
 def _manifest(out: Path) -> dict:
-    manifest = read_manifest(out)
+    manifest = read_image_token_manifest(out)
     assert manifest is not None and manifest["complete"] is True
     rows = manifest["rows"]
     assert rows["input"] == rows["written"] + rows["failed"] + rows["duplicate"]  # every row counted once

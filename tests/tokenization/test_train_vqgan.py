@@ -376,3 +376,118 @@ def test_a_discriminator_too_deep_for_the_images_is_refused_before_training(pixe
 
     with pytest.raises(VQGANConfigError, match=r"disc_num_layers 3 is too many for 16 px images .*use at most 2"):
         _trainer(pixels, _gan_config(disc_num_layers=3))
+
+
+# ------------------------------------------------------------------ issue 23: inputs, advice and labels
+
+
+def _quick(data, out, *extra):
+    """One step of the 16 px VQGAN (or the tiny preset, with --preset) on the CSV ``data``."""
+    start = [] if "--preset" in extra else ["--init", str(save_vqgan(_small_vqgan(), out.parent / f"{out.name}_init"))]
+    return main(["--input", str(data), "--output", str(out), *start, "--batch-size", "4", "--no-progress", "--no-tensorboard",
+                 "--eval-images", "4", "--threads", "1", *extra])
+
+
+def test_resume_refuses_images_replaced_under_the_same_csv(scans, tmp_path, capsys):
+    data = _image_csv(scans[:6], tmp_path / "data")
+    out = tmp_path / "out"
+    assert _quick(data, out, "--steps", "1") == 0
+    scans[10].image.save(data.parent / f"{scans[0].name}.png")  # another scan under the first row's name: the CSV is unchanged
+    assert _quick(data, out, "--steps", "2") == 2
+    err = capsys.readouterr().err
+    assert re.search(r"other settings: input_images was '[0-9a-f]{64}', now '[0-9a-f]{64}'", err), err
+    scans[0].image.save(data.parent / f"{scans[0].name}.png")  # the same bytes again: the run resumes
+    assert _quick(data, out, "--steps", "2") == 0
+    assert [json.loads(line)["step"] for line in (out / "history.jsonl").read_text().splitlines()][-1] == 2
+
+
+def test_an_invalid_utf8_path_is_that_rows_error(scans, tmp_path):
+    data = _image_csv(scans[:6], tmp_path / "data")
+    data.write_bytes(data.read_bytes() + b"bad\xff\xfe.png\n")
+    out = tmp_path / "out"
+    assert _quick(data, out, "--steps", "1") == 0
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert [(e["row"], e["img_path"]) for e in errors] == [(6, "bad\\xff\\xfe.png")]
+    assert "not valid UTF-8" in errors[0]["error"]
+    assert json.loads((out / "summary.json").read_text())["n_images"] == 6
+
+
+def test_a_pickled_perceptual_file_is_refused_with_advice_that_applies(scans, gan_yaml, tmp_path, capsys):
+    import argparse
+
+    torch.save({"net": argparse.Namespace(weight=torch.zeros(1))}, tmp_path / "lpips.pt")  # needs full unpickling
+    data = _image_csv(scans[:6], tmp_path / "data")
+    assert _quick(data, tmp_path / "out", "--steps", "1", "--perceptual-weights", str(tmp_path / "lpips.pt")) == 2
+    err = capsys.readouterr().err
+    assert "--perceptual-weights" in err and "--trust-checkpoint" not in err and "safetensors" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_the_aspect_ratio_limit_names_a_flag_the_program_has(scans, tmp_path):
+    from PIL import Image
+
+    data = _image_csv(scans[:6], tmp_path / "data")
+    Image.new("RGB", (10, 300), "white").save(data.parent / "strip.png")
+    data.write_text(data.read_text() + "strip.png\n")
+    out = tmp_path / "out"
+    assert _quick(data, out, "--steps", "1") == 0
+    (error,) = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert "aspect ratio 30 is over the limit of 20" in error["error"]
+    flag = re.search(r"--max-aspect-ratio", error["error"]).group(0)
+    assert _quick(data, tmp_path / "wide", "--steps", "1", flag, "40") == 0  # the named flag exists and lifts the limit
+    assert json.loads((tmp_path / "wide" / "summary.json").read_text())["n_failed"] == 0
+
+
+def test_a_random_start_does_not_warn_that_the_codes_changed(scans, tmp_path, caplog):
+    data = _image_csv(scans[:4], tmp_path / "data")
+    assert _quick(data, tmp_path / "fresh", "--steps", "1", "--preset", "tiny", "--eval-images", "2") == 0
+    assert not [r for r in caplog.records if "codes changed" in r.getMessage()]
+    summary = json.loads((tmp_path / "fresh" / "summary.json").read_text())
+    assert summary["codes_changed"] is None and summary["codes_digest_before"] is None
+    caplog.clear()
+    assert _quick(data, tmp_path / "from_init", "--steps", "1", "--train", "all") == 0  # from a saved VQGAN it still warns
+    assert [r for r in caplog.records if "codes changed" in r.getMessage() and r.levelname == "WARNING"]
+
+
+def test_psnr_without_eval_input_is_labelled_as_measured_on_training_images(scans, tmp_path, caplog):
+    data = _image_csv(scans[:6], tmp_path / "data")
+    assert _quick(data, tmp_path / "train_only", "--steps", "1") == 0
+    messages = [r.getMessage() for r in caplog.records if "PSNR" in r.getMessage()]
+    assert messages and all("held-out" not in m and "training-image PSNR" in m for m in messages), messages
+    assert json.loads((tmp_path / "train_only" / "summary.json").read_text())["eval_images"].startswith("training images")
+    caplog.clear()
+    held = _image_csv(scans[6:10], tmp_path / "held")
+    assert _quick(data, tmp_path / "with_held", "--steps", "1", "--eval-input", str(held)) == 0
+    messages = [r.getMessage() for r in caplog.records if "PSNR" in r.getMessage()]
+    assert messages and all("held-out PSNR" in m for m in messages), messages
+    assert json.loads((tmp_path / "with_held" / "summary.json").read_text())["eval_images"].startswith("held-out")
+
+
+def test_resume_refuses_perceptual_weights_replaced_under_the_same_path(scans, tmp_path, capsys):
+    from medmax.perceptual import LPIPS
+
+    def write_lpips(seed):
+        torch.manual_seed(seed)
+        lpips = LPIPS((4, 8, 8, 8, 8))
+        for p in lpips.parameters():
+            p.data.uniform_(0.0, 0.2)
+        save_file({k: v.contiguous() for k, v in lpips.state_dict().items()}, str(tmp_path / "lpips.safetensors"))
+
+    write_lpips(0)
+    data, out = _image_csv(scans[:6], tmp_path / "data"), tmp_path / "out"
+    flags = ["--perceptual-weights", str(tmp_path / "lpips.safetensors")]
+    assert _quick(data, out, "--steps", "1", *flags) == 0
+    write_lpips(1)  # other weights, same file name
+    assert _quick(data, out, "--steps", "2", *flags) == 2
+    assert re.search(r"other settings: perceptual_weights_sha256 was '[0-9a-f]{64}', now '[0-9a-f]{64}'", capsys.readouterr().err)
+
+
+def test_eval_input_that_repeats_training_images_is_not_called_held_out(scans, tmp_path, caplog):
+    data = _image_csv(scans[:6], tmp_path / "data")
+    held = data.with_name("held.csv")
+    held.write_text(f"img_path\n{scans[0].name}.png\n{scans[1].name}.png\n")  # the same files as two training rows
+    assert _quick(data, tmp_path / "out", "--steps", "1", "--eval-input", str(held)) == 0
+    messages = [r.getMessage() for r in caplog.records if "PSNR" in r.getMessage()]
+    assert messages and all("training-image PSNR" in m for m in messages), messages
+    assert any("2 of the 2 --eval-input images evaluated are also --input images" in r.getMessage() for r in caplog.records)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["eval_images"].startswith("partly training images")

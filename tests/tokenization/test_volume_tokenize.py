@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from medmax.image_tokens import partition_files, read_manifest, read_volume_tokens
+from medmax.image_tokens import partition_files, read_image_token_manifest, read_volume_tokens
 from medmax.images import preprocess
 from medmax.synthetic_volumes import lesion_volume, write_dicom_series, write_nifti
 from medmax.volumes import to_uint8
@@ -89,7 +89,7 @@ def test_each_volume_is_one_row_of_slice_codes_in_canonical_order(volumes, tiny_
     assert tokens["mr.nii.gz"].geometry["source_axcodes"] == "PIR"
     errors = _errors(out)
     assert set(errors) == set(BAD) and all(reason in errors[p] for p, reason in BAD.items()), errors
-    manifest = read_manifest(out)
+    manifest = read_image_token_manifest(out)
     assert (manifest["version"], manifest["kind"], manifest["settings"]["window"]) == (3, "volumes", WINDOW)
     assert manifest["volumes"]["intensity"] == {"rule": "window", "name": None, "width": 400.0, "level": 50.0}
     assert manifest["rows"] == {"input": 8, "written": 3, "failed": 5, "duplicate": 0, "slices": 11, "skipped_files": 0}
@@ -127,7 +127,7 @@ def test_an_image_folder_with_a_version_2_manifest_still_resumes(volumes, tiny_v
     (root / "images.csv").write_text("img_path\nflat.png\n")
     out = tmp_path / "out"
     _run(root / "images.csv", out, tiny_vqgan_dir)
-    manifest = read_manifest(out)
+    manifest = read_image_token_manifest(out)
     manifest["version"] = 2
     del manifest["kind"]
     for key in ("kind", "slices", "slice_column", "slice_resolution", "window", "volume_index"):
@@ -136,7 +136,7 @@ def test_an_image_folder_with_a_version_2_manifest_still_resumes(volumes, tiny_v
     before = [p.stat().st_mtime_ns for p in partition_files(out)]
     assert _run(root / "images.csv", out, tiny_vqgan_dir) == 0
     assert [p.stat().st_mtime_ns for p in partition_files(out)] == before  # nothing redone
-    assert read_manifest(out)["version"] == 3
+    assert read_image_token_manifest(out)["version"] == 3
 
 
 def test_torchrun_two_processes_match_one_for_volumes(volumes, tiny_vqgan_dir, tmp_path):

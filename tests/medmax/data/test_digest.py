@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from medmax.data import shards
-from medmax.data.loader import DataError
+from medmax.data import loader, shards, store
+from medmax.data.shards import DataError
 from medmax.data.shards import MANIFEST, folder_digest, write_sequences
 from medmax.data.store import dataset_digest
 
@@ -20,8 +20,10 @@ def _folder(path):
 
 
 def _count_reads(monkeypatch) -> list:
+    """Every call of the manifest reader, under each name the data modules know it by."""
     reads, read = [], shards.read_manifest
-    monkeypatch.setattr(shards, "read_manifest", lambda folder: reads.append(folder) or read(folder))
+    for module in (shards, loader, store):
+        monkeypatch.setattr(module, "read_manifest", lambda folder: reads.append(folder) or read(folder))
     return reads
 
 

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from medmax.data import store as store_module
-from medmax.data.loader import DataError, SequenceDataset, check_sequences, load_sequences, split_validation
+from medmax.data.loader import SequenceDataset, check_sequences, load_sequences, split_validation
+from medmax.data.shards import DataError
 from medmax.data.shards import folder_digest, write_sequences
 from medmax.data.store import META, TokenStore, ensure_store, open_sequences, store_digest
 from medmax.vocab import IGNORE_INDEX

@@ -17,7 +17,8 @@ import pytest
 pytest.importorskip("moto")
 s3fs = pytest.importorskip("s3fs")
 
-from medmax.data.loader import DataError, load_sequences  # noqa: E402
+from medmax.data.loader import load_sequences  # noqa: E402
+from medmax.data.shards import DataError  # noqa: E402
 from medmax.data.shards import write_sequences  # noqa: E402
 from medmax.data.store import ensure_store, open_sequences, store_digest  # noqa: E402
 
