@@ -147,6 +147,7 @@ def measure_faithfulness(out: Path, data: dict, seed: int) -> dict:
     import torch
 
     from medmax.generation import GenerationConfig, Generator
+    from medmax.image_metrics import vqgan_encoder_fid
     from medmax.images import load_image, preprocess
     from medmax.prompting import prompt_segments
     from medmax.synthetic import faithfulness
@@ -163,6 +164,8 @@ def measure_faithfulness(out: Path, data: dict, seed: int) -> dict:
         scans = torch.stack([preprocess(load_image(data["eval_dir"] / r["image_path"]), gen.vqgan.resolution) for r in rows])
         recon = [Image.fromarray(a.numpy()) for a in to_uint8(gen.vqgan.decode_codes(gen.vqgan.encode_codes(scans)))]
     result["detector_on_reconstructions"] = faithfulness(recon, targets)["match"]
+    real = [load_image(data["eval_dir"] / r["image_path"]) for r in rows]  # the held-out scans of these prompts
+    result["fid"] = vqgan_encoder_fid(gen.vqgan, drawn, real, seed=seed)  # a stand-in extractor: see the report
     found = [" ".join(f) if f else "none" for f in result["found"]]
     _grid(drawn, [f"asked {s} {p}\nfound {f}" for (p, s), f in zip(targets, found)], out / "faithfulness.png")
     return result
@@ -202,6 +205,17 @@ def _image_summary(out: Path) -> dict:
     }
 
 
+def _fid_lines(fid: dict | None) -> list[str]:
+    if not fid:
+        return []
+    return [f"FID of the drawn images against the same prompts' held-out real scans: {fid['fid']:.3f} (KID "
+            f"{fid['kid']:.5f} +- {fid['kid_std']:.5f}), {fid['n_generated']} drawn and {fid['n_real']} real images. "
+            "The features are a stand-in: this run's own VQGAN encoder (pre-quantisation, mean-pooled; "
+            "`--fid-kind vqgan-encoder` of eval.run), since a CPU quickstart has no Inception, DINOv2 or RadDino "
+            "weights. The figure compares runs of this quickstart only, at this n (FID is biased upward at small n), "
+            "and says nothing about published FIDs."]
+
+
 def write_report(out: Path, data: dict, times: dict[str, float], faith: dict) -> dict[str, float]:
     """Step 8: OUTPUT/report/ with the artifacts, summary.json and a README; returns held-out accuracies."""
     report = out / "report"
@@ -238,6 +252,8 @@ def write_report(out: Path, data: dict, times: dict[str, float], faith: dict) ->
         f"reconstructions of those held-out scans right {faith['detector_on_reconstructions']:.3f} of the time "
         "(what the measure can see through the decoder). The prompts' words recur in training (there are only 8 "
         "lesion captions); their scans did not. `faithfulness.png` shows the first 16 drawings.",
+        "",
+        *_fid_lines(faith.get("fid")),
     ]
     lines += ["", f"Image tokenizer: {images['tokenized']} images tokenized, {images['dicom_tokenized']} of them DICOM; "
               f"{len(images['failed'])} reported as unreadable and left out (never replaced):", ""]

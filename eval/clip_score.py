@@ -1,6 +1,8 @@
-"""CLIP similarity for captioning and image generation, from a local Hugging Face CLIP folder.
+"""CLIP similarity for captioning and image generation, from a local Hugging Face CLIP folder or an open_clip one.
 
-The folder holds ``config.json`` + weights (``CLIPModel``), a tokenizer, and optionally
+An open_clip folder (``open_clip_config.json`` + ``open_clip_pytorch_model.bin``, BiomedCLIP's layout, MedMax's
+image-generation metric) is read by eval/open_clip_layout.py, without open_clip (see there why).
+A Hugging Face folder holds ``config.json`` + weights (``CLIPModel``), a tokenizer, and optionally
 ``preprocessor_config.json``. Images are preprocessed here with PIL (shorter side to the model's
 size with bicubic resampling, centre crop, the processor's mean/std) rather than through transformers'
 image processors, which may need torchvision. Nothing is downloaded: ``local_files_only`` throughout.
@@ -13,9 +15,10 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
+
+from medmax.image_metrics import processor_size, resize_crop_normalize
 
 logger = logging.getLogger(__name__)
 
@@ -23,45 +26,40 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _size(value, default: int) -> int:
-    if isinstance(value, dict):
-        return int(value.get("shortest_edge") or value.get("height") or default)
-    return int(value) if value else default
-
-
 class ClipScorer:
-    def __init__(self, model, tokenizer, image_size: int, crop_size: int, mean, std, device="cpu"):
+    def __init__(self, model, tokenizer, image_size: int, crop_size: int, mean, std, device="cpu",
+                 max_text_len: int | None = None, clean_text: bool = False):
         self.model, self.tokenizer, self.device = model.eval().to(device), tokenizer, device
         self.image_size, self.crop_size = image_size, crop_size
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
-        self.max_text_len = int(model.config.text_config.max_position_embeddings)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.max_text_len = max_text_len or int(model.config.text_config.max_position_embeddings)
+        self.clean_text = clean_text  # open_clip's HFTokenizer collapses whitespace before tokenizing
 
     @classmethod
     def from_dir(cls, folder: str | Path, device="cpu") -> "ClipScorer":
+        """A Hugging Face CLIPModel folder, or an open_clip folder (BiomedCLIP's layout)."""
         from transformers import AutoTokenizer, CLIPModel
 
+        from .open_clip_layout import is_open_clip_dir, load_open_clip_dir
+
         folder = Path(folder)
+        if is_open_clip_dir(folder):
+            model, tokenizer, size, mean, std, context = load_open_clip_dir(folder)
+            return cls(model, tokenizer, size, size, mean or OPENAI_CLIP_MEAN, std or OPENAI_CLIP_STD, device,
+                       max_text_len=context, clean_text=True)
         if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"--clip-model {folder}: not a Hugging Face CLIP folder (no config.json)")
+            raise FileNotFoundError(f"--clip-model {folder}: neither a Hugging Face CLIP folder (config.json) nor an "
+                                    "open_clip one (open_clip_config.json)")
         model = CLIPModel.from_pretrained(folder, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         pre = json.loads((folder / "preprocessor_config.json").read_text()) if (folder / "preprocessor_config.json").is_file() else {}
         native = int(model.config.vision_config.image_size)
-        return cls(model, tokenizer, _size(pre.get("size"), native), _size(pre.get("crop_size"), native),
+        return cls(model, tokenizer, processor_size(pre.get("size"), native), processor_size(pre.get("crop_size"), native),
                    pre.get("image_mean", OPENAI_CLIP_MEAN), pre.get("image_std", OPENAI_CLIP_STD), device)
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """(3, crop, crop) float tensor, normalised."""
-        image = image.convert("RGB")
-        w, h = image.size
-        scale = self.image_size / min(w, h)
-        image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
-        w, h = image.size
-        left, top = (w - self.crop_size) // 2, (h - self.crop_size) // 2
-        image = image.crop((left, top, left + self.crop_size, top + self.crop_size))
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return (x - self.mean) / self.std
+        return resize_crop_normalize(image, self.image_size, self.crop_size, self.mean, self.std)
 
     @staticmethod
     def _features(out) -> torch.Tensor:
@@ -75,6 +73,8 @@ class ClipScorer:
 
     @torch.no_grad()
     def text_embeds(self, texts: list[str]) -> torch.Tensor:  # (N, D), unit norm
+        if self.clean_text:
+            texts = [" ".join(t.split()) for t in texts]
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_text_len, return_tensors="pt")
         enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         feats = self._features(self.model.get_text_features(**enc))

@@ -8,6 +8,8 @@ An output folder records it in ``fingerprint.json`` (and results.json carries it
 - ``data``: a SHA-256 of each data file the records are read from (MedMax-schema files, or a converter's
   ``--source`` file or folder). Image files are not hashed: their paths are part of the data files.
 - ``clip_model`` / ``judge_prompt``: the same for those inputs when given.
+- ``fid_features`` / ``fid_real`` (only when ``--fid-features`` is given, so other runs' fingerprints are
+  unchanged): the extractor's files, and every file of the real images (images included: they are the data).
 - ``settings``: every setting that can change a prediction or its score (prompt style, answer length,
   repetition penalty, seed, dtype, limit, data format, image folder, protocol, judge model ...): every
   field of ``EvalConfig`` except the ones listed in ``RUN_ONLY`` (how and where the run goes, not what
@@ -32,7 +34,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 RUN_ONLY = frozenset({
-    "model", "data", "source", "clip_model", "judge_prompt",  # digested by content instead of named by path
+    "model", "data", "source", "clip_model", "judge_prompt", "fid_features", "fid_real",  # digested by content, not path
     "output", "tasks", "batch_size", "device", "skip_memory_check", "workers", "shard_rank", "num_shards", "merge_timeout_s",
     "judge_url", "judge_key_env", "judge_deadline_s", "judge_max_reply_bytes", "overwrite", "run_id", "fingerprint_checked",
 })
@@ -54,8 +56,9 @@ def file_digest(path: Path) -> str:
     return _DIGESTS[key]
 
 
-def tree_digests(root: Path) -> dict[str, str]:
-    """``{relative posix path: digest}`` of a file (keyed by its name) or of every file under a folder."""
+def tree_digests(root: Path, ignored: tuple[str, ...] = IGNORED_SUFFIXES) -> dict[str, str]:
+    """``{relative posix path: digest}`` of a file (keyed by its name) or of every file under a folder
+    (but those ending in ``ignored``: by default images and notes, which decide no prediction)."""
     if root.is_file():
         return {root.name: file_digest(root)}
     if not root.is_dir():
@@ -64,7 +67,7 @@ def tree_digests(root: Path) -> dict[str, str]:
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
         if path.is_file() and not any(p.startswith(".") or p == "__pycache__" for p in rel.parts) \
-                and path.suffix.lower() not in IGNORED_SUFFIXES:
+                and path.suffix.lower() not in ignored:
             files[rel.as_posix()] = path
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(files)))) as pool:
         return dict(zip(files, pool.map(file_digest, files.values())))
@@ -85,6 +88,9 @@ def settings(config) -> dict:
     values = {k: v for k, v in asdict(config).items() if k not in RUN_ONLY}
     if not config.judge_url:
         values["judge_model"] = None  # no judge: its model name decides nothing
+    if not getattr(config, "fid_features", None):  # no FID: its settings decide nothing (and older runs still match)
+        for key in ("fid_kind", "fid_pool"):
+            values.pop(key, None)
     return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
 
 
@@ -99,6 +105,9 @@ def compute(config, data: dict[str, str]) -> dict:
         "judge_prompt": file_digest(config.judge_prompt) if config.judge_prompt and config.judge_url else None,
         "settings": settings(config),
     }
+    if getattr(config, "fid_features", None):  # the extractor and the real images decide the FID
+        fp["fid_features"] = tree_digests(config.fid_features)
+        fp["fid_real"] = tree_digests(config.fid_real, ignored=())
     fp["digest"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
     return fp
 
@@ -126,7 +135,7 @@ def differences(old: dict, new: dict) -> list[str]:
     out = []
     if old.get("toolkit_version") != new.get("toolkit_version"):
         out.append(f"toolkit version {old.get('toolkit_version')} -> {new.get('toolkit_version')}")
-    for kind in ("model", "data", "clip_model"):
+    for kind in ("model", "data", "clip_model", "fid_features", "fid_real"):
         out += _file_changes(kind.replace("_", " "), old.get(kind), new.get(kind))
     if old.get("judge_prompt") != new.get("judge_prompt"):
         out.append("judge prompt changed")

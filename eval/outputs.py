@@ -9,6 +9,7 @@
     OUTPUT/predictions/<task>.jsonl            merged rows in data order (rank 0)
     OUTPUT/predictions/<task>.rank<R>.jsonl    rank R's rows as they are made (rank R only)
     OUTPUT/predictions/images/<uid>.png        drawn images
+    OUTPUT/generations_<task>.png              a grid of an image-generation task's prompts and drawings (eval/fid.py)
     OUTPUT/judge_cache.rank<R>.jsonl           parsed judge verdicts, keyed by the whole request
     OUTPUT/.shard<R>.done                      rank R finished this launch (eval/launch.py)
 
@@ -45,6 +46,10 @@ def shard_path(pred_dir: Path, key: str, rank: int) -> Path:
     return pred_dir / f"{key}.rank{rank}.jsonl"
 
 
+def grid_name(key: str) -> str:
+    return f"generations_{key}.png"
+
+
 def judge_cache_path(output: Path, rank: int) -> Path:
     return output / f"judge_cache.rank{rank}.jsonl"
 
@@ -60,7 +65,7 @@ def _rank_files(output: Path) -> list[tuple[Path, int]]:
 def _shared_files(output: Path) -> list[Path]:
     pred = output / PREDICTIONS
     files = [output / name for name in SHARED + (FINGERPRINT,)]
-    files += [pred / f"{key}.jsonl" for key in TASKS_BY_KEY]
+    files += [pred / f"{key}.jsonl" for key in TASKS_BY_KEY] + [output / grid_name(key) for key in TASKS_BY_KEY]
     if (pred / "images").is_dir():
         files += [p for p in (pred / "images").iterdir() if p.suffix == ".png"]
     return [p for p in files if p.is_file()]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from medmax.jsonl import write_atomic
 
-from . import medmax_protocol
+from . import fid, medmax_protocol
 from .scoring import mean_stderr, paired_accuracy
 from .tasks import Task
 
@@ -136,7 +136,7 @@ def write_markdown(path: Path, results: dict, problems: list[dict], settings: di
     lines += ["The protocol column says which rules produced each number:", ""]
     lines += [f"- {_PROTOCOL_NOTES[p]}" for p in protocols]
     lines += ["", "MedMax's results layout (accuracy, std_err) of the same numbers is in results_medmax.json.", ""]
-    lines += _table(results) + _skipped(results)
+    lines += _table(results) + fid.report_lines(results) + _skipped(results)
     lines += ["", "## Settings", ""] + [f"- {k}: {v}" for k, v in sorted(settings.items())]
     lines += ["", f"## Rows not evaluated ({len(problems)})", ""]
     lines += [f"- `{p['uid']}`: {p['reason']}" for p in problems[:200]]

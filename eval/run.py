@@ -7,6 +7,10 @@ Usage::
         [--protocol toolkit|medmax] [--batch-size 16] [--clip-model models/clip] \\
         [--judge-url URL --judge-model NAME [--judge-prompt FILE]] [--workers 2] [--overwrite]
 
+    # image generation: FID / KID against real scans on a chosen extractor (eval/fid.py), BiomedCLIP similarity
+    python -m eval.run ... --tasks image_generation --clip-model models/BiomedCLIP \
+        --fid-features models/rad-dino --fid-real data/real_scans [--fid-kind auto|clip|dinov2|vqgan-encoder]
+
     # MedMax's published scoring (eval/medmax_protocol.py): 1-token closed and MCQ answers, a GPT judge for open ones
     python -m eval.run --model runs/export --data data/medmax_eval --output runs/eval_medmax --protocol medmax \\
         --judge-url https://api.openai.com/v1 --judge-model gpt-4o-mini
@@ -54,7 +58,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from medmax.cli import program
 from medmax.jsonl import append_jsonl, read_json, read_jsonl, write_jsonl
 
-from . import fingerprint, launch, medmax_protocol, outputs, report
+from . import fid, fingerprint, launch, medmax_protocol, outputs, report
 from .data import FORMATS, EvalRecord, data_files, load_record_image, load_records
 from .errors import EvalError, FingerprintMismatch, ShardError
 from .judge import PLACEHOLDERS, PROMPT, Judge, JudgeConfig, parse_verdict
@@ -93,7 +97,11 @@ class EvalConfig:
     device: str | None = None
     dtype: str | None = None
     skip_memory_check: bool = False  # load the model even when config.json's sizes need more memory than is free
-    clip_model: Path | None = None
+    clip_model: Path | None = None  # a Hugging Face CLIP folder or an open_clip one (BiomedCLIP)
+    fid_features: Path | None = None  # image generation: FID / KID feature extractor (eval/fid.py)
+    fid_real: Path | None = None  # the real images FID compares with: a folder, or a CSV of image paths
+    fid_kind: str = "auto"
+    fid_pool: str = "cls"  # dinov2: the CLS token or pooler_output
     judge_url: str | None = None
     judge_model: str | None = None
     judge_key_env: str = "OPENAI_API_KEY"
@@ -135,7 +143,21 @@ class EvalConfig:
         if not self.data.exists():
             raise FileNotFoundError(f"--data {self.data}: does not exist")
         self._validate_judge()
+        self._validate_fid()
         select_tasks(self.tasks)  # raises naming an unknown task
+
+    def _validate_fid(self):
+        from .fid import KINDS, POOLS, detect_kind
+
+        if self.fid_kind not in KINDS or self.fid_pool not in POOLS:
+            raise ValueError(f"--fid-kind must be one of {KINDS} and --fid-pool one of {POOLS}")
+        if (self.fid_features is None) != (self.fid_real is None):
+            raise ValueError("--fid-features and --fid-real go together: FID compares drawn images with real ones")
+        for flag, path in (("--fid-features", self.fid_features), ("--fid-real", self.fid_real)):
+            if path is not None and not path.exists():
+                raise FileNotFoundError(f"{flag} {path}: does not exist")
+        if self.fid_features is not None and self.fid_kind == "auto":
+            detect_kind(self.fid_features)  # an extractor it cannot tell stops the run before any drawing
 
     def _validate_judge(self):
         if not self.judge_url:
@@ -173,7 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--skip-memory-check", action="store_true",
                    help="load the model even when config.json's sizes need more memory than is available")
-    p.add_argument("--clip-model", type=Path, help="local Hugging Face CLIP folder for captioning / image generation")
+    p.add_argument("--clip-model", type=Path,
+                   help="local Hugging Face CLIP or open_clip (BiomedCLIP) folder for captioning / image generation")
+    p.add_argument("--fid-features", type=Path, help="image generation: FID/KID feature extractor (CLIP, DINOv2/RadDino folder, VQGAN)")
+    p.add_argument("--fid-real", type=Path, help="real images for FID/KID: a folder, or a CSV with an img_path column")
+    p.add_argument("--fid-kind", default=EvalConfig.fid_kind, help="auto, clip, dinov2 or vqgan-encoder")
+    p.add_argument("--fid-pool", default=EvalConfig.fid_pool, help="dinov2 features: cls or pooled")
     p.add_argument("--judge-url", help="OpenAI-compatible base URL (…/v1) for the open-answer judge")
     p.add_argument("--judge-model", help="judge model name (MedMax used gpt-4o-mini)")
     p.add_argument("--judge-key-env", default=EvalConfig.judge_key_env, help="environment variable holding the judge's key")
@@ -477,7 +504,8 @@ def _save_image(image, ctx: Context, uid: str) -> str:
 def _score_generated_image(row: dict, rec: EvalRecord, out, ctx: Context) -> None:
     image = out.images[0].image
     row["output_image"] = _save_image(image, ctx, rec.uid)
-    row["clip"] = ctx.clip.image_text([image], [rec.prompt])[0]
+    if ctx.clip is not None:  # without --clip-model, a run with --fid-features still draws and measures FID
+        row["clip"] = ctx.clip.image_text([image], [rec.prompt])[0]
 
 
 def _score_mm_image(row: dict, rec: EvalRecord, out, ctx: Context) -> None:
@@ -552,6 +580,8 @@ def finish(config: EvalConfig, tasks: list[Task], groups: dict, skipped: dict, p
     results: dict = {}
     layout: dict = {}
     warnings = list(warnings or [])
+    quality = fid.GenerationQuality(config.output, config.fid_features, config.fid_real, config.fid_kind, config.fid_pool,
+                                    config.device or "cpu", config.seed)
     for task in tasks:
         if task.key in skipped:
             results[task.key] = {"skipped": skipped[task.key]}
@@ -560,6 +590,8 @@ def finish(config: EvalConfig, tasks: list[Task], groups: dict, skipped: dict, p
         problems += missing + [{"uid": r["uid"], "reason": r["error"]} for r in rows if r.get("error")]
         write_jsonl(pred_dir / f"{task.key}.jsonl", rows)
         results[task.key] = report.task_metrics(task, rows, config.protocol)
+        if task.kind == "image_generation":
+            results[task.key].update(quality.entry(task.key, rows))
         warnings += report.failure_warnings(task.key, rows)
         warnings += filter(None, [medmax_protocol.unmatchable_warning(task.key, results[task.key])])
         scores = medmax_protocol.layout_scores(task, rows, config.protocol)
@@ -599,7 +631,7 @@ def _split_gold_warnings(config: EvalConfig, tasks: list[Task], groups: dict) ->
 def _require_scores(config: EvalConfig, results: dict, problems: list[dict]) -> None:
     """Raise when not one row was scored, naming the first reason (after the outputs are written)."""
     entries = {k: e for k, e in results.items() if not k.startswith("_")}
-    if any(e.get("n") for e in entries.values()):
+    if any(e.get("n") or e.get("image_quality", {}).get("n_generated") for e in entries.values()):
         return
     skipped = {k: e["skipped"] for k, e in entries.items() if "skipped" in e}
     if problems:
@@ -671,8 +703,8 @@ def _skipped(config: EvalConfig, tasks: list[Task], groups: dict) -> dict[str, s
     for task in tasks:
         if not groups[task.key]:
             skipped[task.key] = "no rows for this task in the data"
-        elif task.needs_clip and config.clip_model is None:
-            skipped[task.key] = "no --clip-model given; CLIP similarity cannot be computed"
+        elif task.needs_clip and config.clip_model is None and not (task.kind == "image_generation" and config.fid_features):
+            skipped[task.key] = "no --clip-model (nor, for image generation, --fid-features) given; nothing to score it with"
         elif task.kind == "open" and config.protocol == "medmax" and not config.judge_url:
             skipped[task.key] = "--protocol medmax scores open answers with a GPT judge, and no --judge-url was given"
         if task.key in skipped and groups[task.key]:

@@ -132,12 +132,13 @@ def convert_hf(hf_model: str | Path, original: str | Path, output: str | Path, t
     """A Hugging Face Chameleon folder + the original ``tokenizer/`` -> model folder (adds the VQGAN decoder)."""
     import torch
 
-    from medmax.checkpoints import fresh_output, load_complete_vqgan
+    from medmax.checkpoints import check_weights, fresh_output, load_complete_vqgan
     from medmax.meta_layout import original_tokenizer
     from medmax.model import MedMaxChameleon, save_model_dir
     from medmax.vocab import Vocabulary, load_tokenizer
 
     hf_model, original = Path(hf_model), Path(original)
+    check_weights(hf_model)  # before transformers builds a model of the config's size
     vqgan = load_complete_vqgan(original / "tokenizer", trust_checkpoint)
     model = MedMaxChameleon.from_pretrained(hf_model, dtype=getattr(torch, dtype) if dtype else "auto")
     check_same_encoder(model, vqgan, hf_model, original)

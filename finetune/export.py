@@ -127,8 +127,9 @@ def export_chameleon(source: str | Path, output: str | Path, shards: int | None 
     import torch
 
     from medmax.checkpoints import fresh_output
-    from medmax.meta_layout import MetaParams, exact_shard_counts, hf_to_meta, write_original
+    from medmax.meta_layout import MetaParams, check_size_name, exact_shard_counts, hf_to_meta, write_original
 
+    check_size_name(model_size)  # before anything is read
     src = open_source(Path(source), dtype, trust_checkpoint)
     shards = shards or getattr(src.config, "model_parallel_size", 1) or 1
     exact = exact_shard_counts(src.get, src.config)

@@ -28,8 +28,9 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, is_disk_refusal, write_refused
 from .meta_layout import PlannedTensor
+from .paths import output_target
 
 logger = logging.getLogger(__name__)
 
@@ -179,8 +180,9 @@ def fresh_output(output: str | Path) -> Iterator[Path]:
     ``output`` must not exist or be empty: a conversion never mixes with, or deletes, earlier files.
     The work goes to ``<output>.partial`` (marked as ours); a failure removes it, and so does the next run
     when a killed run left it behind. A ``.partial`` folder without the mark is someone else's: refused.
+    An ``output`` that is a symbolic link is written where the link points (see :func:`medmax.paths.output_target`).
     """
-    output = Path(output)
+    output = output_target(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise FileExistsError(f"{output}: already exists and is not empty; choose a new --output or remove it")
     partial = output.with_name(output.name + ".partial")
@@ -189,17 +191,19 @@ def fresh_output(output: str | Path) -> Iterator[Path]:
             raise FileExistsError(f"{partial}: exists and was not written by this toolkit; move it away")
         logger.warning("%s: left by an interrupted run; starting again", partial)
         shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    (partial / _PARTIAL_MARK).write_text("written by medmax; removed when complete\n")
     try:
+        partial.mkdir(parents=True)
+        (partial / _PARTIAL_MARK).write_text("written by medmax; removed when complete\n")
         yield partial
-    except BaseException:
+        (partial / _PARTIAL_MARK).unlink()
+        if output.exists():
+            output.rmdir()  # empty, checked above
+        os.replace(partial, output)
+    except BaseException as err:
         shutil.rmtree(partial, ignore_errors=True)
+        if is_disk_refusal(err):
+            raise write_refused(output, err) from None
         raise
-    (partial / _PARTIAL_MARK).unlink()
-    if output.exists():
-        output.rmdir()  # empty, checked above
-    os.replace(partial, output)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -265,13 +269,39 @@ def load_complete_vqgan(path: str | Path, trust_checkpoint: bool = False):
     return vqgan
 
 
+# config.json's sizes: positive integers (checked before transformers builds anything from them)
+_CONFIG_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "vocab_size")
+
+
 def _config(folder: Path):
     from transformers import ChameleonConfig
 
-    doc = json.loads((folder / "config.json").read_text())
-    if doc.get("model_type") != "chameleon":
-        raise UserError(f"{folder}/config.json: model_type {doc.get('model_type')!r}, expected 'chameleon'")
-    return ChameleonConfig.from_pretrained(folder)
+    path = folder / "config.json"
+    try:
+        doc = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"{path}: not valid UTF-8 JSON ({err})") from None
+    if not isinstance(doc, dict) or doc.get("model_type") != "chameleon":
+        found = doc.get("model_type") if isinstance(doc, dict) else type(doc).__name__
+        raise UserError(f"{path}: model_type {found!r}, expected 'chameleon'")
+    for key in _CONFIG_SIZES:
+        value = doc.get(key)
+        if key in doc and (not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**53):
+            raise UserError(f"{path}: {key} is {json.dumps(value)}; it must be a positive integer")
+    try:
+        return ChameleonConfig.from_pretrained(folder)
+    except (TypeError, ValueError) as err:  # transformers' own field validation
+        raise UserError(f"{path}: {' '.join(str(err).split())}") from None
+
+
+def _check_layer_count(folder: Path, config, stored: dict) -> None:
+    """config.json's num_hidden_layers against the layers the weights hold, before a model is built from it."""
+    held = {int(k.split(".")[2]) for k in stored if k.startswith("model.layers.") and k.split(".")[2].isdigit()}
+    count = max(held) + 1 if held else 0
+    if count != config.num_hidden_layers:
+        raise UserError(f"{folder}/config.json: num_hidden_layers {config.num_hidden_layers}, but the weights hold "
+                        f"{count} layers")
 
 
 def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
@@ -280,6 +310,37 @@ def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = MedMaxChameleon(config)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+# safetensors' dtype codes of floating-point tensors (and its 8-bit float formats)
+_FLOAT_CODES = {code for dtype, code in _ST_DTYPES.items() if dtype.is_floating_point} | {"F8_E4M3", "F8_E5M2"}
+
+
+def check_weights(folder: str | Path):
+    """``folder``'s config.json against its safetensors, from their headers, before any model is built from it.
+
+    The config's sizes are positive integers, its layer count is the weights', the tensors are exactly (names and
+    shapes) those the config implies, and floating point. Returns (config, :class:`FolderTensors`, stored shapes).
+    """
+    folder = Path(folder)
+    config = _config(folder)
+    tensors = FolderTensors.open(folder)
+    stored = tensors.shapes()
+    _check_layer_count(folder, config, stored)
+    expected = _expected_shapes(config)
+    missing, extra = sorted(expected.keys() - stored.keys()), sorted(stored.keys() - expected.keys())
+    if missing or extra:
+        raise UserError(f"{folder}: weights do not match config.json (missing {missing[:4]}, unexpected {extra[:4]})")
+    wrong = [k for k in expected if stored[k][0] != expected[k]]
+    if wrong:
+        raise UserError(f"{folder}: {wrong[0]} has shape {stored[wrong[0]][0]}, config.json implies {expected[wrong[0]]}")
+    integral = [k for k in expected if stored[k][1] not in _FLOAT_CODES]
+    if integral:
+        code = stored[integral[0]][1]
+        name = next((str(d).removeprefix("torch.") for d, c in _ST_DTYPES.items() if c == code), code)
+        raise UserError(f"{folder}: {integral[0]} is {name} ({len(integral)} tensor(s) are not "
+                        "floating point); a model's weights are floating point")
+    return config, tensors, stored
 
 
 def check_model_folder(folder: str | Path, trust_checkpoint: bool = False) -> dict:
@@ -295,21 +356,13 @@ def check_model_folder(folder: str | Path, trust_checkpoint: bool = False) -> di
     for name in ("config.json", "tokenizer.json", "vqgan"):
         if not (folder / name).exists():
             raise FileNotFoundError(f"{folder}: not a model folder (no {name})")
-    config = _config(folder)
+    config, tensors, stored = check_weights(folder)
     tokenizer = load_tokenizer(folder / "tokenizer.json")
     vocab = Vocabulary.from_tokenizer(tokenizer)
     if vocab.size > config.vocab_size:
         raise UserError(f"{folder}: tokenizer.json has {vocab.size} ids, config.json vocab_size {config.vocab_size}")
     if config.vocabulary_map and config.vocabulary_map != tokenizer.get_vocab(with_added_tokens=True):
         raise UserError(f"{folder}: config.json's vocabulary_map differs from tokenizer.json")
-    tensors = FolderTensors.open(folder)
-    stored, expected = tensors.shapes(), _expected_shapes(config)
-    missing, extra = sorted(expected.keys() - stored.keys()), sorted(stored.keys() - expected.keys())
-    if missing or extra:
-        raise UserError(f"{folder}: weights do not match config.json (missing {missing[:4]}, unexpected {extra[:4]})")
-    wrong = [k for k in expected if stored[k][0] != expected[k]]
-    if wrong:
-        raise UserError(f"{folder}: {wrong[0]} has shape {stored[wrong[0]][0]}, config.json implies {expected[wrong[0]]}")
     vqgan = load_complete_vqgan(folder / "vqgan", trust_checkpoint=trust_checkpoint)
     for key, value in vqgan.state_dict().items():
         if not key.startswith("decoder.") and not torch.equal(tensors.get(f"model.vqmodel.{key}").float(), value.float()):

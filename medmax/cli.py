@@ -13,7 +13,9 @@ exit code 2, as argparse ends a bad argument:
 - a :class:`medmax.errors.UserError` (every error class that describes a user's mistake subclasses it);
 - a missing, existing or unreadable path (``FileNotFoundError``, ``FileExistsError``,
   ``NotADirectoryError``, ``IsADirectoryError``, ``PermissionError``), whose message names the path;
-- ``SystemExit(message)`` with a text message.
+- ``SystemExit(message)`` with a text message;
+- a write the file system refuses (a full disk, a read-only file system, a quota: ``OSError`` with an errno
+  in :data:`medmax.errors.DISK_ERRNOS`, or safetensors' error carrying one), as ``path: cannot write: reason``.
 
 Anything else is a bug in the toolkit and raises with its traceback. Under torchrun each failing rank
 prints its own one line; ranks that stop because another failed say which.
@@ -29,7 +31,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from .errors import UserError
+from .errors import UserError, is_disk_refusal, refusal_reason
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
@@ -75,6 +77,11 @@ def run(prog: str, body: Callable[..., int | None], *args, **kwargs) -> int:
         return body(*args, **kwargs) or 0
     except USER_ERRORS as err:
         return fail(prog, err)
+    except Exception as err:  # noqa: BLE001 -- only a disk refusal is handled; everything else re-raised
+        if not is_disk_refusal(err):
+            raise
+        return fail(prog, f"{getattr(err, 'filename', None) or 'writing'}: cannot write: "
+                          f"{getattr(err, 'strerror', None) or refusal_reason(err)}")
     except SystemExit as exc:
         if isinstance(exc.code, str):  # SystemExit("message"): Python would print it bare and exit 1
             return fail(prog, exc.code)

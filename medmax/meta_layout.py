@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
 import torch
 
-from .torch_files import CheckpointError
+from .torch_files import CheckpointError, check_zip_crc
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class MetaParams:
 
     @classmethod
     def from_files(cls, files: dict, where: str | Path = PARAMS_FILE) -> "MetaParams":
+        """``where``: the path of ``params.json`` (``consolidate_params.json`` sits beside it), for messages."""
         params = files[PARAMS_FILE]
         nested = params.get("model") if isinstance(params.get("model"), dict) else {}
         merged = {**params, **nested, **files.get(CONSOLIDATE_FILE, {})}
@@ -115,6 +117,8 @@ class MetaParams:
         if missing:
             raise CheckpointError(f"{where}: missing {', '.join(missing)} (looked at the top level and under 'model')")
         known = {k: merged[k] for k in (*_MODEL_ARGS, "model_parallel_size", "max_seq_len") if merged.get(k) is not None}
+        for key, value in known.items():
+            _check_field(key, value, _source(files, key, Path(where)))
         out = cls(**known, files=files)
         out.validate(where)
         return out
@@ -194,6 +198,32 @@ class MetaParams:
         return {PARAMS_FILE: params, CONSOLIDATE_FILE: consolidate}
 
 
+# what each params field must be: "count" a positive integer, "number" a positive number, "flag" a boolean
+_FIELD_KINDS = {"dim": "count", "n_layers": "count", "n_heads": "count", "n_kv_heads": "count", "vocab_size": "count",
+                "multiple_of": "count", "model_parallel_size": "count", "max_seq_len": "count",
+                "ffn_dim_multiplier": "number", "norm_eps": "number", "rope_theta": "number",
+                "qk_normalization": "flag", "swin_norm": "flag"}
+_KIND_WORDS = {"count": "a positive integer (below 2**53)", "number": "a positive number (below 2**53)",
+               "flag": "true or false"}
+
+
+def _check_field(key: str, value, where: Path) -> None:
+    """One params field of the right JSON type and range, or a CheckpointError naming its file and key."""
+    kind = _FIELD_KINDS[key]
+    if kind == "flag":
+        fits = isinstance(value, bool)
+    else:
+        number = isinstance(value, int) if kind == "count" else isinstance(value, (int, float))
+        fits = number and not isinstance(value, bool) and 0 < value < 2**53
+    if not fits:
+        raise CheckpointError(f"{where}: {key} is {json.dumps(value)}; it must be {_KIND_WORDS[kind]}")
+
+
+def _source(files: dict, key: str, params_path: Path) -> Path:
+    """The file whose ``key`` Meta's merge keeps: consolidate_params.json over params.json."""
+    return params_path.with_name(CONSOLIDATE_FILE) if key in files.get(CONSOLIDATE_FILE, {}) else params_path
+
+
 def _ffn_settings(dim: int, width: int, old: MetaParams | None) -> tuple[int, float | None]:
     """(multiple_of, ffn_dim_multiplier) that give an FFN of ``width``: the original's, else the simplest that fit."""
     base = int(2 * 4 * dim / 3)
@@ -209,9 +239,9 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing")
     try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+        doc = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid UTF-8 JSON ({exc})") from None
     if not isinstance(doc, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return doc
@@ -307,7 +337,16 @@ class ShardSet:
                                   f"{params.model_parallel_size} in params")
         self.shards, self.params, self.names = shards, params, names
         self.allow_norm_mismatch = allow_norm_mismatch
+        self._check_layer_count()
         self._check_tensors()
+
+    def _check_layer_count(self) -> None:
+        """params.json's n_layers against the layers the first shard holds, before any per-layer work."""
+        held = {int(k.split(".")[1]) for k in self.shards[0] if k.startswith("layers.") and k.split(".")[1].isdigit()}
+        count = max(held) + 1 if held else 0
+        if count != self.params.n_layers:
+            raise CheckpointError(f"{self.names[0]}: holds {count} layers, but params.json says n_layers "
+                                  f"{self.params.n_layers}")
 
     def expected(self) -> dict[str, tuple[int, ...]]:
         """Every tensor name a shard must hold, with its per-shard shape."""
@@ -332,6 +371,9 @@ class ShardSet:
                 if not torch.is_tensor(value) or tuple(value.shape) != shape:
                     got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
                     raise CheckpointError(f"{name}: {key} is {got}, params.json implies shape {shape}")
+                if not value.dtype.is_floating_point:
+                    raise CheckpointError(f"{name}: {key} is {str(value.dtype).removeprefix('torch.')}; a model's "
+                                          "weights are floating point")
                 if value.dtype != self.shards[0][key].dtype:
                     raise CheckpointError(f"{name}: {key} is {value.dtype}, {self.names[0]} has {self.shards[0][key].dtype}")
 
@@ -551,8 +593,10 @@ def shard_files(model_dir: Path) -> list[Path]:
 def load_shard(path: Path) -> dict[str, torch.Tensor]:
     """One ``consolidated*.pth``, memory-mapped (its tensors are read from disk only when used).
 
-    The file must hold plain tensors: it is opened with ``weights_only=True`` and never fully unpickled.
+    The file must hold plain tensors: it is opened with ``weights_only=True`` and never fully unpickled. Its
+    zip CRCs are checked first (``torch.load`` does not; the conversion reads every byte anyway).
     """
+    check_zip_crc(path)
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except RuntimeError as exc:
@@ -650,11 +694,23 @@ def text_tokenizer_variants(tokenizer) -> dict[str, str]:
     return {TEXT_TOKENIZER: json.dumps(doc, ensure_ascii=False, indent=2), MEDMAX_TOKENIZER: text}
 
 
+_SIZE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_size_name(model_size: str) -> str:
+    """``model_size`` as the one folder name ``models/<size>/`` (``7b``, ``30b``, ...): no path, nothing hidden."""
+    if not _SIZE_NAME.fullmatch(model_size) or ".." in model_size:
+        raise CheckpointError(f"--model-size {model_size!r}: must be one folder name such as 7b or 30b (letters, digits, "
+                              "'.', '_', '-'; no path separators, no '..'), as models/<size>/ is written inside --output")
+    return model_size
+
+
 def write_original(out: str | Path, shards: list[dict[str, torch.Tensor]], params: MetaParams, tokenizer, vqgan,
                    model_size: str = "7b") -> Path:
     """Write Meta's layout (module docstring) into ``out``: shards, params files, tokenizer file(s), VQGAN."""
     import yaml
 
+    check_size_name(model_size)
     out = Path(out)
     model_dir = out / "models" / model_size
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -662,7 +718,7 @@ def write_original(out: str | Path, shards: list[dict[str, torch.Tensor]], param
         (model_dir / name).write_text(json.dumps(doc, indent=2) + "\n")
     names = ["consolidated.pth"] if len(shards) == 1 else [f"consolidated.{i:02d}.pth" for i in range(len(shards))]
     for name, shard in zip(names, shards):
-        torch.save(shard, model_dir / name)
+        _save(shard, model_dir / name)
         logger.info("wrote %s (%d tensors)", model_dir / name, len(shard))
     tok_dir = out / TOKENIZER_DIR
     tok_dir.mkdir(parents=True, exist_ok=True)
@@ -671,5 +727,18 @@ def write_original(out: str | Path, shards: list[dict[str, torch.Tensor]], param
     doc = {"model": {"target": "taming.models.vqgan.VQModel", "params": vqgan.params}}
     (tok_dir / "vqgan.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     state = {k: v.detach().cpu().contiguous() for k, v in vqgan.state_dict().items()}
-    torch.save({"state_dict": state}, tok_dir / "vqgan.ckpt")
+    _save({"state_dict": state}, tok_dir / "vqgan.ckpt")
     return out
+
+
+def _save(obj, path: Path) -> None:
+    """``torch.save`` through a Python file, so that a full disk raises its OSError naming ``path`` (torch's own
+    writer reports it as ``RuntimeError: unexpected pos``, and so does its end of archive after a failed write)."""
+    with open(path, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as err:
+            cause = err.__context__
+            if isinstance(cause, OSError):
+                raise OSError(cause.errno, cause.strerror, str(path)) from None
+            raise

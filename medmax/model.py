@@ -234,10 +234,36 @@ class ModelBundle:
     path: Path | None = None
 
 
+def import_deepspeed_quietly() -> None:
+    """Import an installed DeepSpeed telling it the accelerator, where its probe would only warn.
+
+    ``save_pretrained`` unwraps the model through accelerate, which imports DeepSpeed whenever it is installed,
+    only to test ``isinstance(model, DeepSpeedEngine)``. On import DeepSpeed probes for an accelerator and, with
+    none, warns "Setting accelerator to CPU" on every export and conversion. Where torch sees no accelerator
+    (CUDA, MPS, XPU, ...) that probe settles on the CPU; ``DS_ACCELERATOR=cpu`` (DeepSpeed's own override) says
+    so, for that import only.
+    """
+    import importlib.util
+    import os
+    import sys
+
+    accelerator = getattr(torch, "accelerator", None)
+    has_accelerator = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    if ("deepspeed" in sys.modules or "DS_ACCELERATOR" in os.environ or has_accelerator
+            or importlib.util.find_spec("deepspeed") is None):
+        return
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    try:
+        import deepspeed  # noqa: F401
+    finally:
+        del os.environ["DS_ACCELERATOR"]
+
+
 def save_model_dir(folder: str | Path, model, tokenizer: Tokenizer, vqgan: VQGAN | None) -> Path:
     """Write a model folder (layout in the module docstring)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    import_deepspeed_quietly()
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save(str(folder / "tokenizer.json"))
     if vqgan is not None:

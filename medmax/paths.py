@@ -22,6 +22,16 @@ def resolve_inside(root: str | Path, rel: str | Path) -> Path:
     return path
 
 
+def output_target(output: str | Path) -> Path:
+    """The folder an output path names, with symbolic links followed (also a link whose target is not made yet).
+
+    A program that builds ``OUT.partial`` beside its output and renames it onto ``OUT`` works beside this path:
+    renaming onto the link's own name would fail (a link is not a folder), stranding the finished work in
+    ``.partial``, or replace the link. The user's link keeps pointing at the finished output.
+    """
+    return Path(output).absolute().resolve()
+
+
 def check_apart(output: str | Path, written: Iterable[str | Path], inputs: Iterable[str | Path]) -> None:
     """Refuse an ``output`` that is, or holds, one of ``inputs`` before anything is written.
 

@@ -45,13 +45,39 @@ class UntrustedCheckpointError(CheckpointError):
     """A complete checkpoint whose pickle names globals beyond ``weights_only``; loading it runs code from it."""
 
 
+def check_zip_crc(path: str | Path) -> None:
+    """Raise :class:`CheckpointError` when a member of a zip-format ``torch.save`` file fails its CRC.
+
+    ``torch.load`` never checks the CRCs the archive records, so a flipped byte loads silently. This reads
+    every byte once (the callers read them all anyway); a legacy (non-zip) file has no CRC and passes.
+    A member whose CRC is 0 was saved without one (``torch.serialization.config.save.compute_crc32``) and is
+    not checked.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        if f.read(2) != b"PK":
+            return
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if info.CRC == 0 and info.file_size:
+                    continue
+                with zf.open(info) as member:  # raises BadZipFile at the end of a member whose CRC differs
+                    while member.read(1 << 24):
+                        pass
+    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
+        raise CheckpointError(f"{path}: truncated or corrupt: its zip archive fails its CRC check ({exc})") from None
+
+
 def load_torch_file(path: str | Path, trust: bool = False, map_location="cpu", refusal: str | None = None):
-    """``torch.load`` the file safely; see the module docstring for what happens when that fails.
+    """``torch.load`` the file safely, its zip CRCs checked; see the module docstring for what happens when that fails.
 
     ``refusal``: for a file the caller never unpickles, whatever the user asks (no ``--trust-checkpoint``
     applies), what the refusal advises instead of passing that flag.
     """
     path = Path(path)
+    if path.is_file():
+        check_zip_crc(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:

@@ -81,8 +81,20 @@ def tokenizer_file(path: str | Path) -> Path:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a ``tokenizers`` tokenizer from a JSON file or a checkpoint folder that holds one."""
-    return Tokenizer.from_file(str(tokenizer_file(path)))
+    """Load a ``tokenizers`` tokenizer from a JSON file or a checkpoint folder that holds one.
+
+    A file that is not a tokenizer (invalid UTF-8 or JSON, another schema) raises :class:`TokenizerFileError`
+    naming it.
+    """
+    file = tokenizer_file(path)
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as exc:  # tokenizers raises a bare Exception for every reason
+        raise TokenizerFileError(f"{file}: not a readable tokenizer JSON file ({exc})") from None
+
+
+class TokenizerFileError(UserError):
+    """A tokenizer file that ``tokenizers`` cannot read (its message names the file and the reason)."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@
 ``preference_loader.py``  a preference folder read for DPO: pairs, checks, order, batches
 ``store.py``              a sequence folder as a memory-mapped token store, shared by every rank of a node
 ``plans.py``              the sampling and packing plan, computed once from lengths and cached with the store
+``integrity.py``          checksums of a store's and a cached plan's files, recorded when made, checked on open
 ``loader.py``             training rows: checks, validation split, weighted sampling, packing, collators
 ========================  ==================================================================================
 """

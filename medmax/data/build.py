@@ -28,7 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from ..errors import UserError
+from ..errors import UserError, is_disk_refusal, write_refused
 from ..image_code_lookup import ImageCodeLookup, image_token_fingerprint, load_code_table, load_volume_table, table_code_count
 from ..vocab import Vocabulary, load_tokenizer, tokenizer_file
 from . import passthrough
@@ -333,6 +333,16 @@ def build_dataset(cfg: BuildConfig) -> dict:
     folder.check([*inputs, *(Path(spec) for spec in cfg.inputs if Path(spec).is_dir())])
     state = _setup(cfg)
     cfg = replace(cfg, sequence=state["sequence"])
+    try:
+        return _build(cfg, inputs, folder, state)
+    except OSError as err:  # a full disk or read-only file system: one line naming the output
+        if not is_disk_refusal(err):
+            raise
+        kept = f"{folder.partial} is kept for --resume" if folder.partial.exists() else "nothing was written"
+        raise write_refused(folder.path, err, kept) from None
+
+
+def _build(cfg: BuildConfig, inputs: list[Path], folder: BuildFolder, state: dict) -> dict:
     fingerprint = _fingerprint(cfg, state["vqgan"])
     work = folder.start(cfg.resume)
     finished = _resume(work, inputs, fingerprint) if cfg.resume else {}

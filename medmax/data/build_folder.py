@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import UserError
-from ..paths import check_apart
+from ..paths import check_apart, output_target
 from .shards import FORMAT_NAME, MANIFEST, PROGRESS, written_files
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class BuildFolder:
     """``OUT`` and its work folder ``OUT.partial``: check, start, finish (see the module docstring)."""
 
     def __init__(self, output: str | Path):
-        self.path = Path(output).absolute()
+        self.path = output_target(output)  # a symlinked OUT is built, and swapped in, where it points
         if not self.path.name:
             raise UserError(f"--output {output}: give a folder below the file system root")
         self.partial = self.path.with_name(self.path.name + ".partial")

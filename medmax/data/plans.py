@@ -27,9 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import is_disk_refusal
+from .integrity import checksums, damage
+
 logger = logging.getLogger(__name__)
 
 PLAN_FILES = ("order.npy", "bins.npy", "bin_starts.npy")
+PLAN_META = "plan.json"  # each file's checksum; written last, so a plan without it is incomplete
 
 
 def weighted_order_array(sizes: list[int], weights: list[float], seed: int) -> np.ndarray:
@@ -115,7 +119,7 @@ def make_plan(lengths: list[np.ndarray], weights: list[float], max_length: int, 
 def plan_key(identities: list[str], weights: list[float], max_length: int, packing: bool, seed: int) -> str:
     """The cache key of a plan: everything it depends on."""
     what = {"datasets": identities, "weights": [float(w) for w in weights], "max_length": max_length,
-            "packing": packing, "seed": seed, "version": 1}
+            "packing": packing, "seed": seed, "version": 2}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -131,28 +135,54 @@ def locked(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _load(folder: Path) -> EpochPlan | None:
-    if not all((folder / name).is_file() for name in PLAN_FILES):
+def _load(folder: Path, warn: bool = False) -> EpochPlan | None:
+    """The cached plan in ``folder``, None when it is missing or fails its checksums (``warn``: say so)."""
+    try:
+        recorded = json.loads((folder / PLAN_META).read_text())
+    except (OSError, ValueError):
+        return None
+    problem = damage(folder, recorded)
+    if problem:
+        if warn:
+            logger.warning("cached packing plan %s fails its integrity check (%s); computing it again", folder, problem)
         return None
     return EpochPlan(*(np.load(folder / name, mmap_mode="r") for name in PLAN_FILES))
 
 
 def cached_plan(cache: Path, key: str, compute) -> EpochPlan:
-    """The plan in ``cache/key`` (memory-mapped), computed by ``compute()`` under a lock when missing."""
+    """The plan in ``cache/key`` (memory-mapped), computed by ``compute()`` under a lock when missing.
+
+    A cache the file system will not write (full, read-only) is skipped with a warning: the plan is used from memory.
+    """
     folder = cache / key
     plan = _load(folder)
     if plan is not None:
         return plan
-    with locked(cache / f"{key}.lock"):
-        plan = _load(folder)
-        if plan is not None:
-            return plan
-        plan = compute()
-        tmp = cache / f"{key}.partial-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with locked(cache / f"{key}.lock"):
+            plan = _load(folder, warn=True)
+            if plan is None:
+                plan = compute()
+                _save(plan, cache, key)
+    except OSError as err:
+        if not (is_disk_refusal(err) or isinstance(err, PermissionError)):
+            raise
+        logger.warning("packing plan %s: not cached in %s (%s); using it from memory", key, cache, err.strerror)
+        return plan if plan is not None else compute()
+    return _load(folder)
+
+
+def _save(plan: EpochPlan, cache: Path, key: str) -> None:
+    tmp = cache / f"{key}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
         tmp.mkdir(parents=True)
         for name, array in zip(PLAN_FILES, (plan.order, plan.bins, plan.bin_starts)):
             np.save(tmp / name, np.ascontiguousarray(array))
-        tmp.rename(folder)
-        logger.info("packing plan %s: %d rows of %d sequences, cached in %s", key, len(plan), len(plan.order), folder)
-    return _load(folder)
+        (tmp / PLAN_META).write_text(json.dumps(checksums(tmp, list(PLAN_FILES))))
+        shutil.rmtree(cache / key, ignore_errors=True)  # one that failed its check (we hold its lock)
+        tmp.rename(cache / key)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("packing plan %s: %d rows of %d sequences, cached in %s", key, len(plan), len(plan.order), cache / key)

@@ -14,12 +14,14 @@ Layout, beside the folder (or under ``store_root``)::
         lengths.<column>.npy    (N,) int64 per column
         stats.<column>.npy      (N, 5) int64: min, max, and min, max, count of the values that are not -100
         store.json              format, version, columns, rows, the folder's manifest, its sha256, each data
-                                file's size and mtime, the folder's content digest; written last
-        plans/                  cached epoch plans (medmax.data.plans)
+                                file's size and mtime, the folder's content digest, and the size and xxh3_64
+                                checksum of each store file above (``checksums``); written last
+        plans/                  cached epoch plans (medmax.data.plans), each with its own checksums
 
 The store is made by the first process that needs it, under a file lock; the others wait and map it. It is
 used while ``store.json`` records the same manifest digest, columns and data files of the same size and
-mtime; otherwise it is made again (and the stores of the folder's older manifests are removed). Making it reads
+mtime, and its files match their checksums (:mod:`medmax.data.integrity`; a store changed or cut short is made
+again with a warning); otherwise it is made again (and the stores of the folder's older manifests are removed). Making it reads
 the folder twice (a sha256 of its content, which a resumed run compares, and the conversion), in bounded memory.
 
 A store can also be read from S3-compatible storage (``s3://bucket/path/to/store``, through ``fsspec`` /
@@ -43,6 +45,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..errors import is_disk_refusal
+from .integrity import checksums, damage
 from .loader import holds_sequences, require_sequences, row_stats
 from .plans import locked
 from .shards import MANIFEST, DataError, folder_digest, read_manifest
@@ -50,7 +54,7 @@ from .shards import MANIFEST, DataError, folder_digest, read_manifest
 logger = logging.getLogger(__name__)
 
 FORMAT = "medmax-token-store"
-VERSION = 1
+VERSION = 2  # 2: store.json records each file's checksum
 META = "store.json"
 TOKENS = "tokens.arrow"
 PLANS = "plans"
@@ -90,6 +94,25 @@ def _is_fresh(path: Path, want: dict) -> bool:
     return all(meta.get(k) == v for k, v in want.items())
 
 
+def _store_damage(path: Path) -> str | None:
+    """What is wrong with a store's files against the checksums its store.json recorded (None: intact)."""
+    try:
+        recorded = json.loads((path / META).read_text()).get("checksums")
+    except (OSError, ValueError) as err:
+        return f"{path / META}: unreadable ({err})"
+    return damage(path, recorded)
+
+
+def _usable(path: Path, want: dict, warn: bool = False) -> bool:
+    """The store at ``path`` is for ``want`` and its files are intact (``warn``: say so when they are not)."""
+    if not _is_fresh(path, want):
+        return False
+    problem = _store_damage(path)
+    if problem and warn:
+        logger.warning("token store %s fails its integrity check (%s); making it again", path, problem)
+    return problem is None
+
+
 def ensure_store(folder: str | Path, columns: tuple[str, ...] = SEQUENCE_COLUMNS,
                  store_root: str | Path | None = None, read=read_manifest) -> Path:
     """The store of ``folder``'s list ``columns``: made (under a lock) when missing or stale, else found.
@@ -101,17 +124,20 @@ def ensure_store(folder: str | Path, columns: tuple[str, ...] = SEQUENCE_COLUMNS
     manifest, want = _wanted(folder, columns, read)
     group = store_group(folder, store_root)
     path = group / want["manifest_sha256"][:16]
-    if _is_fresh(path, want):
+    if _usable(path, want):
         return path
     try:
         group.mkdir(parents=True, exist_ok=True)
         (group / ".lock").touch()
-    except OSError as err:
-        raise DataError(f"{folder}: cannot write its token store in {group} ({err.strerror}); set store_dir to a "
-                        "writable folder, or data_store=false to read the folder into memory") from None
-    with locked(group / ".lock"):
-        if not _is_fresh(path, want):
-            _make(folder, manifest, want, path)
+        with locked(group / ".lock"):
+            if not _usable(path, want, warn=True):
+                _make(folder, manifest, want, path)
+    except OSError as err:  # writing the store (numpy's short write on a full disk names no file nor errno)
+        if err.filename is not None and not Path(err.filename).is_relative_to(group) and not is_disk_refusal(err):
+            raise  # e.g. a shard that went missing: not about the store's place
+        at = f" at {err.filename}" if err.filename and Path(err.filename) != group else ""
+        raise DataError(f"{folder}: cannot write its token store in {group} ({err.strerror or err}{at}); set store_dir "
+                        "to a writable folder, or data_store=false to read the folder into memory") from None
     return path
 
 
@@ -122,19 +148,11 @@ def _make(folder: Path, manifest: dict, want: dict, path: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     logger.info("%s: writing its token store %s (once; later runs and other ranks map it)", folder, path)
-    columns = tuple(want["columns"])
     try:
-        digest = folder_digest(folder, manifest)
-        rows, stats = _convert([folder / name for name in manifest["files"]], columns, tmp / TOKENS)
+        _write(folder, manifest, want, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for column in columns:
-        np.save(tmp / f"lengths.{column}.npy", np.concatenate(stats[column]["lengths"]))
-        np.save(tmp / f"stats.{column}.npy", np.concatenate(stats[column]["stats"]))
-    meta = {**want, "rows": rows, "source": str(folder.absolute()), "folder_digest": digest, "manifest": manifest,
-            "tokens": {c: int(sum(x.sum() for x in stats[c]["lengths"])) for c in columns}}
-    (tmp / META).write_text(json.dumps(meta, indent=1))
     old = path.with_name(f"{path.name}.old-{os.getpid()}")
     if path.exists():
         path.rename(old)
@@ -143,6 +161,25 @@ def _make(folder: Path, manifest: dict, want: dict, path: Path) -> None:
     for other in path.parent.iterdir():  # earlier manifests' stores, and work folders of killed conversions
         if other != path and other.is_dir() and ((other / META).is_file() or ".partial-" in other.name):
             shutil.rmtree(other, ignore_errors=True)
+
+
+def _write(folder: Path, manifest: dict, want: dict, tmp: Path) -> None:
+    """Every file of a store into the work folder ``tmp``, ``store.json`` last."""
+    columns = tuple(want["columns"])
+    digest = folder_digest(folder, manifest)
+    rows, stats = _convert([folder / name for name in manifest["files"]], columns, tmp / TOKENS)
+    for column in columns:
+        np.save(tmp / f"lengths.{column}.npy", np.concatenate(stats[column]["lengths"]))
+        np.save(tmp / f"stats.{column}.npy", np.concatenate(stats[column]["stats"]))
+    meta = {**want, "rows": rows, "source": str(folder.absolute()), "folder_digest": digest, "manifest": manifest,
+            "tokens": {c: int(sum(x.sum() for x in stats[c]["lengths"])) for c in columns},
+            "checksums": checksums(tmp, _data_files(columns))}
+    (tmp / META).write_text(json.dumps(meta, indent=1))
+
+
+def _data_files(columns) -> list[str]:
+    """The files of a store beside its store.json."""
+    return [TOKENS, *(f"{kind}.{c}.npy" for c in columns for kind in ("lengths", "stats"))]
 
 
 def _int32_lists(column: pa.Array, shard: Path, name: str, row0: int) -> pa.ListArray:
@@ -323,17 +360,22 @@ def fetch_store(url: str, store_root: str | Path | None = None, storage_options:
         raise DataError(f"{url}/{META}: not a readable token store ({err})") from None
     group = Path(store_root or REMOTE_CACHE).expanduser() / "remote"
     local = group / f"{meta.get('folder_digest', 'unknown')[:16]}-{hashlib.sha256(url.encode()).hexdigest()[:8]}"
-    want = {k: meta.get(k) for k in ("format", "version", "columns", "manifest_sha256", "stamps", "folder_digest")}
-    if _is_fresh(local, want):
+    want = {k: meta.get(k) for k in ("format", "version", "columns", "manifest_sha256", "stamps", "folder_digest",
+                                     "checksums")}
+    if _usable(local, want):
         return local
     with locked(group / ".lock"):
-        if not _is_fresh(local, want):
+        if not _usable(local, want, warn=local.exists()):
             tmp = local.with_name(f"{local.name}.partial-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            names = [TOKENS, *(f"{kind}.{c}.npy" for c in meta.get("columns", ()) for kind in ("lengths", "stats"))]
-            for name in names:
+            for name in _data_files(meta.get("columns", ())):
                 fs.get_file(f"{remote}/{name}", str(tmp / name))
+            problem = damage(tmp, meta.get("checksums"))
+            if problem:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise DataError(f"{url}: its copy fails the checksums its {META} records ({problem}); the store "
+                                "there is damaged or was made by an older version: upload it again")
             (tmp / META).write_text(json.dumps(meta))  # last: a copy cut short is never taken as whole
             shutil.rmtree(local, ignore_errors=True)
             tmp.rename(local)
@@ -348,7 +390,12 @@ def open_store(source: str | Path, columns: tuple[str, ...] = SEQUENCE_COLUMNS, 
     if is_remote(source):
         return TokenStore(fetch_store(str(source), store_root, storage_options))
     if (Path(source) / META).is_file():
-        return TokenStore(source)
+        store = TokenStore(source)
+        problem = _store_damage(store.path)
+        if problem:
+            raise DataError(f"{problem}: the token store fails its checksum check; name its data folder instead "
+                            "(a damaged store is made again from it) or delete the store")
+        return store
     return TokenStore(ensure_store(source, columns, store_root, read))
 
 

@@ -44,7 +44,7 @@ def test_clip_scores(clip_dir):
     assert -1.0 <= cross < 0.9999
     texts = scorer.image_text([a, a], ["a round lesion", "a CT scan of the liver"])
     assert all(-1.0 <= t <= 1.0 for t in texts) and texts[0] != texts[1]
-    with pytest.raises(FileNotFoundError, match="not a Hugging Face CLIP folder"):
+    with pytest.raises(FileNotFoundError, match="neither a Hugging Face CLIP folder"):
         ClipScorer.from_dir(clip_dir / "nope")
 
 

@@ -290,3 +290,201 @@ def test_a_single_numbered_shard_is_a_one_shard_release(tmp_path, tiny_tokenizer
     assert convert_main(["--input", str(root), "--output", str(tmp_path / "out")]) == 0
     torch.testing.assert_close(_logits(tmp_path / "out"), meta_forward(state, release_params(), TEXT_IDS),
                                atol=2e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hostile releases (issue 23): one line naming the file and key, before anything is built
+
+
+def _set_param(model_dir: Path, key: str, value, file: str = "params.json") -> None:
+    path = model_dir / file
+    doc = json.loads(path.read_text())
+    (doc["model"] if file == "params.json" else doc)[key] = value
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("key, value, file", [
+    ("n_heads", 0, "params.json"), ("dim", "64", "params.json"), ("n_layers", 2.5, "params.json"),
+    ("model_parallel_size", 0, "consolidate_params.json"), ("n_layers", True, "params.json"),
+    ("vocab_size", -5, "params.json"), ("norm_eps", "small", "params.json"), ("multiple_of", 0, "params.json"),
+    ("qk_normalization", "yes", "params.json"), ("ffn_dim_multiplier", [1], "params.json"),
+    ("n_kv_heads", 0, "params.json"), ("rope_theta", -1.0, "params.json"), ("max_seq_len", 0.5, "params.json"),
+])
+def test_params_of_the_wrong_type_or_zero_are_one_line_naming_the_file_and_key(tmp_path, tiny_tokenizer, tiny_vqgan,
+                                                                                capsys, key, value, file):
+    root, _ = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan)
+    _set_param(root / "models" / "7b", key, value, file)
+    assert convert_main(["--input", str(root), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("medmax-convert: error: ") and "Traceback" not in err
+    assert file in err and key in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_a_huge_layer_count_is_refused_against_the_checkpoint_before_any_layer_is_built(tmp_path, tiny_tokenizer,
+                                                                                         tiny_vqgan, capsys):
+    """n_layers 1e6 once cost 3.3 GB and 31 s (a million layers of expected names) before the refusal."""
+    import time
+
+    root, _ = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan)
+    _set_param(root / "models" / "7b", "n_layers", 1000000)
+    start = time.perf_counter()
+    assert convert_main(["--input", str(root), "--output", str(tmp_path / "out")]) == 2
+    assert time.perf_counter() - start < 3
+    err = capsys.readouterr().err
+    assert "n_layers 1000000" in err and "2 layers" in err and "params.json" in err, err
+
+
+@pytest.mark.parametrize("what", ["params.json", "text_tokenizer_modified.json"])
+@pytest.mark.parametrize("fault", ["invalid UTF-8", "broken JSON"])
+def test_an_unreadable_params_or_tokenizer_file_is_one_line_naming_it(tmp_path, tiny_tokenizer, tiny_vqgan, capsys,
+                                                                       what, fault):
+    root, _ = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan)
+    path = root / ("models/7b" if what == "params.json" else "tokenizer") / what
+    text = path.read_bytes()
+    path.write_bytes(text.replace(b"{", b"{\"k\": \"\xff\xfe\", ", 1) if fault == "invalid UTF-8" else text[: len(text) // 2])
+    assert convert_main(["--input", str(root), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and str(path) in err, err
+
+
+def test_integer_weights_are_not_a_model(tmp_path, tiny_tokenizer, tiny_vqgan, tiny_model_dir, capsys):
+    root, state = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan)
+    shard = root / "models" / "7b" / "consolidated.pth"
+    _rewrite_shard(shard, **{"layers.1.feed_forward.w2.weight": state[0]["layers.1.feed_forward.w2.weight"].long()})
+    assert convert_main(["--input", str(root), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "layers.1.feed_forward.w2.weight" in err and "int64" in err and not (tmp_path / "out").exists()
+    # a model folder holding integer weights is not "a valid model folder"
+    from safetensors.torch import load_file, save_file
+
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = load_file(folder / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.weight"
+    weights[name] = weights[name].long()
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    assert convert_main(["--input", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert name in err and "int64" in err
+
+
+def _corrupt_tensor_bytes(path: Path) -> None:
+    """Flip one byte of a stored tensor's data inside the zip, leaving the archive's CRC as it was."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = (int.from_bytes(f.read(2), "little") for _ in range(2))
+        at = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize("file", ["models/7b/consolidated.01.pth", "tokenizer/vqgan.ckpt"])
+def test_a_checkpoint_whose_zip_crc_is_wrong_is_refused(tmp_path, tiny_tokenizer, tiny_vqgan, capsys, file):
+    """torch.load never checks the CRCs a zip-format file records; a flipped byte would be converted."""
+    root, _ = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan, shards=2)
+    shard = root / file
+    _corrupt_tensor_bytes(shard)
+    assert convert_main(["--input", str(root), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(shard) in err and "CRC" in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.parametrize("target", ["an empty folder", "nothing yet"])
+def test_an_output_that_is_a_symlink_receives_the_model_where_it_points(tmp_path, tiny_tokenizer, tiny_vqgan, target):
+    """The swap once renamed the work folder onto the link's name: the model was stranded in .partial."""
+    root, state = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan)
+    (tmp_path / "disk").mkdir()
+    real = tmp_path / "disk" / "model"
+    if target == "an empty folder":
+        real.mkdir()
+    link = tmp_path / "out"
+    link.symlink_to(real, target_is_directory=True)
+    assert convert_main(["--input", str(root), "--output", str(link)]) == 0
+    assert link.is_symlink() and (real / "config.json").is_file()
+    check_model_folder(link)
+    torch.testing.assert_close(_logits(link), meta_forward(state, release_params(), TEXT_IDS), atol=2e-5, rtol=1e-5)
+    assert not [p for p in (*tmp_path.iterdir(), *real.parent.iterdir()) if p.name.endswith(".partial")]
+
+
+@pytest.mark.parametrize("fault", ["full disk", "read-only file system"])
+def test_a_full_disk_or_read_only_output_is_one_line_naming_the_path(tmp_path, tiny_tokenizer, tiny_vqgan, capsys,
+                                                                    monkeypatch, fault):
+    import errno
+
+    import medmax.checkpoints
+
+    root, _ = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan)
+    out = tmp_path / "out"
+    if fault == "full disk":
+        def write(path, *args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")  # f.write names no file
+        monkeypatch.setattr(medmax.checkpoints, "write_safetensors_stream", write)
+    else:
+        mkdir = Path.mkdir
+
+        def read_only(self, *args, **kwargs):
+            if self.name.startswith("out"):
+                raise OSError(errno.EROFS, "Read-only file system", str(self))
+            return mkdir(self, *args, **kwargs)
+        monkeypatch.setattr(Path, "mkdir", read_only)
+    assert convert_main(["--input", str(root), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and str(out) in err, err
+    assert ("No space left on device" if fault == "full disk" else "Read-only file system") in err
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.parametrize("key, value", [("num_hidden_layers", 1000000), ("num_attention_heads", 0),
+                                        ("hidden_size", "32"), ("intermediate_size", 2.5), ("vocab_size", True)])
+def test_a_model_folder_config_of_the_wrong_type_or_size_is_one_line_before_any_layer_is_built(
+        tmp_path, tiny_model_dir, capsys, key, value):
+    import shutil
+    import time
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    start = time.perf_counter()
+    assert convert_main(["--input", str(folder)]) == 2
+    assert time.perf_counter() - start < 5
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config.json" in err and key in err, err
+
+
+@pytest.mark.parametrize("fault", ["num_hidden_layers 1000000", "num_attention_heads 0", "int64 weights"])
+def test_a_hugging_face_folder_is_checked_against_its_weights_before_a_model_is_built(
+        tmp_path, tiny_tokenizer, tiny_vqgan, capsys, fault):
+    import time
+
+    from safetensors.torch import load_file, save_file
+
+    original, _ = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan)
+    hf = _hf_folder(tmp_path / "hf", tiny_tokenizer, tiny_vqgan)
+    if fault == "int64 weights":
+        weights = load_file(hf / "model.safetensors")
+        weights["model.norm.weight"] = weights["model.norm.weight"].long()
+        save_file(weights, hf / "model.safetensors", metadata={"format": "pt"})
+    else:
+        key, value = fault.split()
+        config = json.loads((hf / "config.json").read_text())
+        config[key] = int(value)
+        (hf / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()  # the fixture's own output
+    start = time.perf_counter()
+    assert convert_main(["--input", str(hf), "--original", str(original), "--output", str(tmp_path / "out")]) == 2
+    assert time.perf_counter() - start < 5
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(hf) in err and ("int64" if "int64" in fault else fault.split()[0]) in err, err
+    assert not (tmp_path / "out").exists()

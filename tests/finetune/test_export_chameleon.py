@@ -123,3 +123,57 @@ def test_per_head_norms_need_as_many_shards_as_hold_them(tmp_path, tiny_tokenize
     with torch.no_grad():
         expected = model.eval()(input_ids=TEXT_IDS[None]).logits[0].double()
     torch.testing.assert_close(meta_forward(shards, params, TEXT_IDS), expected, atol=2e-5, rtol=1e-5)
+
+
+def test_an_output_that_is_a_symlink_to_an_empty_folder_receives_the_release(tmp_path, tiny_tokenizer, tiny_vqgan):
+    root, state = write_release(tmp_path / "ckpt", tiny_tokenizer, tiny_vqgan)
+    assert convert_main(["--input", str(root), "--output", str(tmp_path / "model")]) == 0
+    (tmp_path / "disk" / "release").mkdir(parents=True)
+    (tmp_path / "back").symlink_to(tmp_path / "disk" / "release", target_is_directory=True)
+    assert export_main(["--checkpoint", str(tmp_path / "model"), "--output", str(tmp_path / "back"),
+                        "--format", "chameleon"]) == 0
+    shards, _ = _load_release(tmp_path / "disk" / "release")
+    assert all(torch.equal(shards[0][k], v) for k, v in state[0].items())
+    assert not [p for p in (*tmp_path.iterdir(), *(tmp_path / "disk").iterdir()) if p.name.endswith(".partial")]
+
+
+@pytest.mark.parametrize("size", ["../../x", "..", "a/b", "/abs", "", ".hidden"])
+def test_a_model_size_is_one_plain_folder_name(tmp_path, tiny_model_dir, capsys, size):
+    """--model-size ../../x once wrote the weights two folders above --output."""
+    out = tmp_path / "a" / "b" / "out"
+    out.parent.mkdir(parents=True)
+    assert export_main(["--checkpoint", str(tiny_model_dir), "--output", str(out), "--format", "chameleon",
+                        "--model-size", size]) == 2
+    err = capsys.readouterr().err
+    assert "--model-size" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 256 KiB file system (tmpfs), so that writes fail as they do on a full disk; skipped without mount rights."""
+    import subprocess
+
+    where = tmp_path / "disk"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(where)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.mark.parametrize("fault", ["full disk", "read-only file system"])
+def test_a_full_or_read_only_disk_is_one_line_naming_the_output(tmp_path, tiny_model_dir, small_disk, capsys, fault):
+    """torch.save's own writer turned a full disk into RuntimeError: unexpected pos, with a traceback."""
+    import subprocess
+
+    if fault == "read-only file system":
+        subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    out = small_disk / "release"
+    assert export_main(["--checkpoint", str(tiny_model_dir), "--output", str(out), "--format", "chameleon"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(out) in err, err
+    assert ("No space left on device" if fault == "full disk" else "Read-only file system") in err
+    assert list(small_disk.iterdir()) == []

@@ -80,3 +80,21 @@ def test_a_torchrun_worker_logs_its_rank(monkeypatch):
 def test_a_message_that_already_names_the_program_is_not_prefixed_twice(capsys):
     assert _main(SystemExit("prog: error: --input x: no such file"))() == 2
     assert capsys.readouterr().err == "prog: error: --input x: no such file\n"
+
+
+@pytest.mark.parametrize("code, words", [(28, "No space left on device"), (30, "Read-only file system"),
+                                         (122, "Disk quota exceeded")])
+def test_a_full_or_read_only_disk_is_one_line_naming_the_file(code, words, capsys):
+    """Every program: the file system refusing a write is the user's environment, not a bug."""
+    assert _main(OSError(code, words, "/data/out/part-0.parquet"))() == 2
+    err = capsys.readouterr().err
+    assert err == f"prog: error: /data/out/part-0.parquet: cannot write: {words}\n"
+
+
+def test_safetensors_refusing_a_write_is_one_line_too(capsys):
+    from safetensors import SafetensorError
+
+    assert _main(SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"))() == 2
+    assert capsys.readouterr().err == "prog: error: writing: cannot write: No space left on device\n"
+    with pytest.raises(SafetensorError):  # any other safetensors error is still a bug with its traceback
+        _main(SafetensorError("Error while deserializing header: HeaderTooLarge"))()

@@ -395,8 +395,8 @@ def test_a_fifo_or_folder_is_refused_not_waited_on(tmp_path):
         (tmp_path / "folder").mkdir()
         finished, error = _load_in_thread(load_image_csv, tmp_path / "images.csv", "img_path", tmp_path, 16, False)
         assert finished and error is None
-        pixels, failures = load_image_csv(tmp_path / "images.csv", "img_path", tmp_path, 16, progress=False)
-        assert pixels is None and [f["row"] for f in failures] == [0, 1]
-        assert all("not a regular file" in f["error"] for f in failures)
+        loaded = load_image_csv(tmp_path / "images.csv", "img_path", tmp_path, 16, progress=False)
+        assert loaded.pixels is None and [f["row"] for f in loaded.errors] == [0, 1]
+        assert all("not a regular file" in f["error"] for f in loaded.errors)
     finally:
         _unblock(fifo)

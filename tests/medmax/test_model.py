@@ -119,6 +119,27 @@ def test_the_check_uses_available_memory_and_can_be_overridden(tiny_model_dir, m
     assert "the check was overridden" in caplog.text
 
 
+def test_saving_a_model_folder_on_a_cpu_machine_prints_no_deepspeed_probe(tiny_model_dir, tmp_path):
+    """save_pretrained's unwrap (accelerate) imports an installed DeepSpeed only for an isinstance check; its
+    accelerator probe then printed "Setting accelerator to CPU" in export, convert and quickstart."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed")
+    if torch.cuda.is_available():
+        pytest.skip("the probe only warns without CUDA")
+    code = ("import sys; from medmax.model import load_model_dir, save_model_dir; b = load_model_dir(sys.argv[1]); "
+            "save_model_dir(sys.argv[2], b.model, b.tokenizer, b.vqgan); import deepspeed.accelerator as a; "
+            "print(type(a.get_accelerator()).__name__)")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "DS_ACCELERATOR"}
+    done = subprocess.run([sys.executable, "-c", code, str(tiny_model_dir), str(tmp_path / "saved")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Setting accelerator" not in done.stderr + done.stdout
+    assert done.stdout.strip() == "CPU_Accelerator" and "DS_ACCELERATOR" not in env
+    load_model_dir(tmp_path / "saved")
+
+
 def test_forward_passes_no_deprecated_argument_and_returns_the_cache(tiny_model_dir, tiny_vocab):
     """Issue 23: every forward warned that `past_key_values` is deprecated (transformers' name is `cache`)."""
     import warnings

@@ -67,3 +67,13 @@ def test_text_to_image_faithfulness_is_measured_on_heldout_prompts(run):
     assert faith["n"] >= 16 and faith["chance"] == 1 / 8 and len(faith["found"]) == faith["n"]
     assert 0.0 <= faith["match"] <= min(faith["position_match"], faith["size_match"]) <= 1.0
     assert "faithfulness" in (run / "report" / "README.md").read_text()
+    fid = faith["fid"]  # drawn against the same prompts' held-out scans, on the VQGAN encoder's features
+    assert (fid["n_generated"], fid["n_real"], fid["extractor"]) == (faith["n"], faith["n"], "vqgan-encoder") and fid["fid"] >= 0
+    assert "stand-in" in (run / "report" / "README.md").read_text()
+
+
+def test_the_report_says_the_fid_extractor_is_a_stand_in():
+    fid = {"fid": 12.5, "kid": 0.01, "kid_std": 0.002, "n_generated": 64, "n_real": 64}
+    line = " ".join(quickstart._fid_lines(fid))
+    assert "12.500" in line and "64 drawn and 64 real" in line and "stand-in" in line and "VQGAN encoder" in line
+    assert quickstart._fid_lines(None) == []

@@ -506,3 +506,31 @@ def test_write_sequences_writes_the_builds_format_and_manifest(tmp_path, tiny_to
     assert pq.read_schema(shard_paths(helper)[0]).names == ["input_ids", "labels", "length", "format"]
     assert sorted(written_files(b)) == sorted([*b["files"], "manifest.json"])
     assert [(r["input_ids"], r["labels"]) for r in read_rows(helper)] == rows
+
+
+def test_an_output_that_is_a_symlink_is_built_where_it_points(tmp_path, tiny_tokenizer_path, image_tokens):
+    """The swap renamed the work folder onto the link's own name: a link to an empty folder stranded the build."""
+    src = write_jsonl(tmp_path / "in.jsonl", MEDMAX)
+    (tmp_path / "disk" / "seqs").mkdir(parents=True)
+    (tmp_path / "out").symlink_to(tmp_path / "disk" / "seqs", target_is_directory=True)
+    for _ in range(2):  # into the empty folder, then over its own earlier build
+        run(tmp_path, [src], tiny_tokenizer_path, "out", "--image-tokens", str(image_tokens))
+        assert (tmp_path / "out").is_symlink() and len(read_rows(tmp_path / "disk" / "seqs")) == 3
+    leftovers = [p.name for p in (*tmp_path.iterdir(), *(tmp_path / "disk").iterdir()) if "." in p.name and p.is_dir()]
+    assert leftovers == []
+
+
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, tiny_tokenizer_path, image_tokens, monkeypatch, capsys):
+    import errno
+
+    import pyarrow.parquet
+
+    def full(*args, **kwargs):  # as pyarrow reports it: no file named
+        raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+    monkeypatch.setattr(pyarrow.parquet, "ParquetWriter", full)
+    src = write_jsonl(tmp_path / "in.jsonl", MEDMAX)
+    assert main(["--input", str(src), "--tokenizer", str(tiny_tokenizer_path), "--output", str(tmp_path / "out"),
+                 "--no-progress", "--image-tokens", str(image_tokens)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err, err
+    assert f": error: {tmp_path / 'out'}: cannot write (" in err and "kept for --resume" in err

@@ -227,3 +227,107 @@ def test_a_broken_shard_is_named_and_leaves_no_half_made_store(folder):
     with pytest.raises(DataError, match=re.escape(f"{shard}: not a readable parquet file")):
         open_sequences(folder)
     assert [p.name for p in store_module.store_group(folder, None).iterdir()] == [".lock"]
+
+
+@pytest.mark.parametrize("fault", ["full disk", "read-only file system", "short write"])
+def test_a_full_disk_or_read_only_store_place_is_one_line_naming_it(folder, monkeypatch, fault):
+    import errno
+
+    group = store_module.store_group(folder, None)
+    if fault == "full disk":
+        def convert(*args):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(store_module, "_convert", convert)
+    elif fault == "short write":  # numpy on a full disk: no errno, no file
+        def save(path, *args, **kwargs):
+            raise OSError("100000 requested and 2032 written")
+        monkeypatch.setattr(store_module.np, "save", save)
+    else:
+        def save(path, *args, **kwargs):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        monkeypatch.setattr(store_module.np, "save", save)
+    with pytest.raises(DataError) as err:
+        open_sequences(folder)
+    message = str(err.value)
+    assert str(group) in message and "store_dir" in message and "\n" not in message
+    words = {"full disk": "No space left on device", "read-only file system": "Read-only file system"}
+    assert words.get(fault, "2032 written") in message
+    assert [p.name for p in group.iterdir()] == [".lock"]  # no half-made store left
+
+
+def test_a_plan_that_cannot_be_cached_is_used_from_memory_with_a_warning(folder, monkeypatch, caplog):
+    """A store on a read-only or full disk still trains: the plan cache is only a saving."""
+    import errno
+
+    from medmax.data import plans
+
+    data = open_sequences(folder)
+    expected = SequenceDataset([load_sequences(folder)], None, 128, seed=3).plan
+
+    def save(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+    monkeypatch.setattr(plans.np, "save", save)
+    got = SequenceDataset([data], None, 128, seed=3).plan
+    np.testing.assert_array_equal(got.bins, expected.bins)
+    assert "Read-only file system" in caplog.text and "not cached" in caplog.text
+    assert not [p for p in data.plan_cache.iterdir() if p.is_dir()]
+
+
+# ------------------------------------------------------------------------------------------ integrity (issue 23)
+def _flip_byte_keeping_size_and_mtime(path, at=None):
+    stat = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(stat.st_size // 2 if at is None else at)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x01]))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+
+
+def _assert_served_like_the_folder(folder):
+    memory, mapped = load_sequences(folder), open_sequences(folder)
+    for i in range(len(memory)):
+        for a, b in zip(memory.sequence(i), mapped.sequence(i)):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(memory.lengths, mapped.lengths)
+
+
+@pytest.mark.parametrize("file", ["tokens.arrow", "lengths.input_ids.npy", "stats.labels.npy"])
+def test_a_store_file_changed_in_place_is_made_again_with_a_warning(folder, caplog, file):
+    """Same size, same mtime, other token values: a store is never trained on unless its checksums hold."""
+    path = ensure_store(folder)
+    # a byte of the last row's values (before the stream's 8-byte end marker): a readable store with other values
+    _flip_byte_keeping_size_and_mtime(path / file, at=path.joinpath(file).stat().st_size - 9)
+    caplog.clear()
+    _assert_served_like_the_folder(folder)
+    assert f"{path}" in caplog.text and "fails its integrity check" in caplog.text and file in caplog.text
+
+
+def test_a_truncated_store_file_is_made_again_not_a_traceback(folder, caplog):
+    path = ensure_store(folder)
+    tokens = path / "tokens.arrow"
+    os.truncate(tokens, tokens.stat().st_size // 2)
+    _assert_served_like_the_folder(folder)
+    assert "fails its integrity check" in caplog.text and "tokens.arrow" in caplog.text
+
+
+def test_a_store_folder_named_directly_that_fails_its_check_is_refused(folder):
+    path = ensure_store(folder)
+    _flip_byte_keeping_size_and_mtime(path / "tokens.arrow")
+    with pytest.raises(DataError, match=re.escape(str(path / "tokens.arrow")) + ".*checksum"):
+        open_sequences(path)
+
+
+def test_a_rewritten_cached_plan_is_computed_again_with_a_warning(folder, caplog):
+    data = open_sequences(folder)
+    first = SequenceDataset([data], None, 128, seed=1).plan
+    bins = np.array(first.bins)
+    (cached,) = [p for p in data.plan_cache.iterdir() if p.is_dir()]
+    stat = (cached / "bins.npy").stat()
+    np.save(cached / "bins.npy", bins[::-1].copy())  # another valid plan of the same size
+    os.utime(cached / "bins.npy", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    caplog.clear()
+    again = SequenceDataset([open_sequences(folder)], None, 128, seed=1).plan
+    np.testing.assert_array_equal(again.bins, bins)
+    assert "fails its integrity check" in caplog.text and "bins.npy" in caplog.text
