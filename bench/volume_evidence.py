@@ -111,7 +111,8 @@ def _train(out: Path, data: dict, sizes: dict, seed: int, log: dict) -> None:
     _run("5 train", ["bash", "finetune/launch.sh", "finetune/configs/quickstart.yaml", f"output_dir={out / 'train'}",
                      f"datasets=[{out / 'sequences' / 'train'}]", f"validation={out / 'sequences' / 'heldout'}",
                      f"tokenizer={data['tokenizer']}", f"vqgan={out / 'vqgan'}", f"max_steps={sizes['steps']}", f"seed={seed}",
-                     "max_length=256", f"eval_steps={sizes['steps']}", f"save_steps={sizes['steps']}"], log,
+                     "max_length=256", f"eval_steps={sizes['steps']}", f"save_steps={sizes['steps']}",
+                     *([f"max_seconds={sizes['train_seconds']}"] if sizes.get("train_seconds") else [])], log,
          env={"NPROC_PER_NODE": "1", "PYTHON": sys.executable})
     _run("5 export", [sys.executable, "-m", "finetune.export", "--checkpoint", out / "train", "--output", out / "model"], log)
 
@@ -177,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--reduced", action="store_true", help="a small run (a quick check, not the README's figures)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-seconds", type=float, help="bound training's wall time (finetune's max_seconds; a checkpoint is saved there)")
     args = p.parse_args(argv)
-    sizes = REDUCED if args.reduced else FULL
+    sizes = {**(REDUCED if args.reduced else FULL), "train_seconds": args.train_seconds}
     out = args.output.resolve()
     log: dict = {}
     start = time.time()
