@@ -12,7 +12,7 @@ PY=${PYTHON:-.venv/bin/python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || uptime)"
 status=0
-for script in bench_startup bench_image_tokenize bench_build_sequences bench_packing bench_generation bench_eval bench_convert bench_store; do
+for script in bench_startup bench_image_tokenize bench_build_sequences bench_packing bench_generation bench_eval bench_convert bench_store bench_volumes; do
     echo "== $script $*"
     "$PY" "bench/$script.py" "$@" || { echo "!! $script failed"; status=1; }
 done

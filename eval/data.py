@@ -47,7 +47,10 @@ logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("task_name", "question_type", "prompt", "answer", "image_path")
 FORMATS = ("medmax", "vqa_rad", "slake", "pathvqa", "quilt_vqa", "pmc_vqa", "omnimed", "path_mmu", "probmed",
-           "vlmeval_tsv", "gmai_mmbench", "mmmu", "medxpertqa_mm")
+           "vlmeval_tsv", "gmai_mmbench", "mmmu", "medxpertqa_mm", "m3d_vqa")
+# A volume named by a row (a .npy of M3D-VQA, a NIfTI file, a DICOM series folder) enters a prompt as this many
+# slices, evenly spaced, normalised by percentile: the defaults of ``image_tokenize --volume-column``.
+VOLUME_SLICES, VOLUME_WINDOW = "16", "percentile"
 
 
 @dataclass
@@ -98,7 +101,7 @@ def resolve_image(root: Path, rel: str | None) -> Path:
         path = resolve_inside(root, text)
     except PathEscapeError:
         raise BadRow(f"image_path {rel!r} leaves the data folder through a link") from None
-    if not path.is_file():
+    if not path.is_file() and not path.is_dir():  # a folder: a DICOM series
         raise BadRow(f"image {rel!r} not found under {root}")
     return path
 
@@ -113,9 +116,13 @@ def record_image(root: Path, rec: EvalRecord):
 def load_record_image(root: Path, rec: EvalRecord):
     """The row's image as RGB ``PIL.Image`` through ``medmax.images.load_image``; BadRow when it cannot be read."""
     from medmax.images import ImageLoadError, load_image
+    from medmax.prompting import load_volume_input
+    from medmax.volumes import is_volume_path
 
     source = rec.image_bytes if rec.image_bytes is not None else resolve_image(root, rec.image_path)
     try:
+        if isinstance(source, Path) and is_volume_path(source):  # its slices and header (medmax.prompting)
+            return load_volume_input(source, slices=VOLUME_SLICES, window=VOLUME_WINDOW)
         return load_image(source)
     except ImageLoadError as e:
         name = f"embedded image {rec.image_path or '(no name)'!r}" if rec.image_bytes is not None else f"image {rec.image_path!r}"
@@ -678,10 +685,35 @@ def convert_medxpertqa_mm(path: Path, opts: SourceOptions = SourceOptions()) -> 
     return rows
 
 
+M3D_QUESTION_TYPES = {"1": "plane", "2": "phase", "3": "organ", "4": "abnormality", "5": "location"}
+
+
+def convert_m3d_vqa(path: Path, opts: SourceOptions = SourceOptions()) -> list[dict]:
+    """M3D-VQA (Bai et al. 2024, BAAI-DCAI/M3D, the M3D-Data release): ``M3D_VQA_{train,val,test}.csv`` with the
+    columns its generator writes (``Data/process/m3d_vqa_data_generation.py``): Image Path, Text (the whole
+    report, multi-line and quoted), Question Type (1 plane, 2 phase, 3 organ, 4 abnormality, 5 location),
+    Question, Choice A .. Choice D (``NA`` where the question had fewer choices), Answer (the right choice's
+    text) and Answer Choice (its letter). Image Path is a ``.npy`` volume of shape (1, 32, 256, 256) relative to
+    the data root (``Bench/dataset/multi_dataset.py``'s VQADataset joins it to ``data_root``). Each row is asked
+    twice, as M3D's ``eval_vqa.py`` does: closed-ended (``m3d_vqa`` / ``mcq``, the NA choices left out) and
+    open-ended (``m3d_vqa`` / ``open``, the Answer text), scored by the same rules as the 2D tasks."""
+    image_dir = "" if opts.image_dir is None else opts.image_dir
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for i, it in enumerate(csv.DictReader(f)):
+            options = {k: it[f"Choice {k}"].strip() for k in "ABCD" if it.get(f"Choice {k}", "NA").strip() not in ("", "NA")}
+            volume = _join(image_dir, it["Image Path"])
+            kind = M3D_QUESTION_TYPES.get(str(it["Question Type"]).strip(), str(it["Question Type"]))
+            rows.append(_row("m3d_vqa", "mcq", mcq_prompt(it["Question"], options), _mcq_gold(it["Answer Choice"].strip(), options),
+                             volume, options, uid=f"{path.name}:{i}:mcq:{kind}"))
+            rows.append(_row("m3d_vqa", "open", it["Question"].strip(), it["Answer"].strip(), volume, uid=f"{path.name}:{i}:open:{kind}"))
+    return rows
+
+
 CONVERTERS = {"vqa_rad": convert_vqa_rad, "slake": convert_slake, "pathvqa": convert_pathvqa, "quilt_vqa": convert_quilt_vqa,
               "pmc_vqa": convert_pmc_vqa, "omnimed": convert_omnimed, "path_mmu": convert_path_mmu, "probmed": convert_probmed,
               "vlmeval_tsv": convert_vlmeval_tsv, "gmai_mmbench": convert_gmai_mmbench, "mmmu": convert_mmmu,
-              "medxpertqa_mm": convert_medxpertqa_mm}
+              "medxpertqa_mm": convert_medxpertqa_mm, "m3d_vqa": convert_m3d_vqa}
 
 
 def _check_options(fmt: str, opts: SourceOptions) -> None:

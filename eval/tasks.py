@@ -71,8 +71,10 @@ BENCHMARK_TASKS: list[Task] = [
     Task("vlmeval_tsv", "mcq", "mcq"), Task("vlmeval_tsv", "closed", "closed"), Task("gmai_mmbench", "mcq", "mcq"),
     Task("mmmu_health", "mcq", "mcq"), Task("mmmu_health", "open", "open"), Task("medxpertqa_mm", "mcq", "mcq"),
 ]
-# Selectable by name but not part of `all`: the quickstart's held-out synthetic scans (medmax.synthetic).
-EXTRA_TASKS: list[Task] = [Task("synthetic", t, t) for t in ("closed", "mcq", "open")]
+# Selectable by name but not part of `all`: the quickstart's held-out synthetic scans (medmax.synthetic), M3D-VQA.
+EXTRA_TASKS: list[Task] = [Task("synthetic", t, t) for t in ("closed", "mcq", "open")] + [
+    Task("m3d_vqa", "mcq", "mcq"), Task("m3d_vqa", "open", "open"),  # 3D volumes (eval.data.convert_m3d_vqa)
+]
 KNOWN_TASKS: list[Task] = TASKS + BENCHMARK_TASKS + EXTRA_TASKS
 MEDMAX_KEYS = frozenset(t.key for t in TASKS)
 TASKS_BY_KEY = {t.key: t for t in KNOWN_TASKS}

@@ -64,7 +64,13 @@ def _build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text, an image, or both from a model folder")
     g.add_argument("--model", required=True, type=Path, help="model folder (config.json, tokenizer.json, vqgan/)")
     g.add_argument("--prompt", required=True, help="prompt text; <image> marks where each --image goes")
-    g.add_argument("--image", action="append", default=[], type=Path, help="an input image (repeatable)")
+    g.add_argument("--image", action="append", default=[], type=Path,
+                   help="an input image (repeatable); a NIfTI file, .npy or DICOM series folder is read as a volume")
+    g.add_argument("--volume", action="append", default=[], type=Path,
+                   help="an input volume: NIfTI, .npy or a DICOM series folder (repeatable; after the --image ones)")
+    g.add_argument("--slices", default="16", help="slices a volume gives, evenly spaced along z, or all (default: %(default)s)")
+    g.add_argument("--window", default="percentile", help="a volume's CT window (lung, abdomen, ..., W/L) or percentile")
+    g.add_argument("--volume-index", type=int, help="which volume of a 4D file")
     g.add_argument("--mode", required=True, choices=MODES)
     g.add_argument("--output", required=True, type=Path, help="folder for the PNGs and generation.json")
     g.add_argument("--overwrite", action="store_true",
@@ -129,6 +135,25 @@ def _prompt_segments(text: str, images: list, end_of_turn: bool) -> list:
         return prompt_segments(text, images, end_of_turn=end_of_turn)
     except UserError as err:
         raise UserError(f"--prompt / --image: {err}") from None
+
+
+def _input_images(args) -> list:
+    """--image files (volumes among them) then --volume ones; a volume's slices are resized by the prompt encoder."""
+    from .images import load_image
+    from .prompting import load_volume_input
+    from .volumes import is_volume_path
+
+    volumes = [p for p in args.image if is_volume_path(p)] + list(args.volume)
+    out = []
+    for path in [*args.image, *args.volume]:
+        if path in volumes:
+            try:
+                out.append(load_volume_input(path, None, args.slices, args.window, args.volume_index))
+            except ValueError as err:  # a bad --slices / --window, or an unreadable volume
+                raise UserError(f"--volume {path}: {err}") from None
+        else:
+            out.append(load_image(path))
+    return out
 
 
 def _generation_config(args) -> GenerationConfig:
@@ -196,6 +221,7 @@ def _write_record(out, args, config, output_dir: Path) -> Path:
             segments.append({"type": "text", "text": seg.text})
     record = {
         "model": str(args.model), "prompt": args.prompt, "images": [str(p) for p in args.image],
+        "volumes": [str(p) for p in args.volume], "volume_slices": {"slices": args.slices, "window": args.window},
         "config": dataclasses.asdict(config), "finish_reason": out.finish_reason,
         "segments": segments, "token_ids": out.token_ids,
     }
@@ -210,10 +236,9 @@ def _generate(args) -> int:
     import torch
 
     from .generation import Generator
-    from .images import load_image
 
     config = _generation_config(args)  # bad settings fail here, before anything is loaded
-    images = [load_image(p) for p in args.image]  # an unreadable image fails before the model loads
+    images = _input_images(args)  # an unreadable image or volume fails before the model loads
     segments = _prompt_segments(args.prompt, images, not args.no_end_of_turn)
     n_images = {"text": 0, "image": 1, "interleaved": args.max_images}[args.mode]
     _prepare_output(args.output, args.overwrite, n_images)  # a full or read-only folder fails before any work

@@ -18,8 +18,16 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .data.inputs import file_digest
-from .data.rows import BuildConfigError, RowError
-from .image_tokens import folder_fingerprint, partition_files, read_image_token_manifest, read_image_tokens
+from .data.rows import BuildConfigError, RowError, VolumeRef
+from .image_tokens import (
+    VolumeCodes,
+    folder_fingerprint,
+    folder_kind,
+    partition_files,
+    read_image_token_manifest,
+    read_image_tokens,
+    read_volume_tokens,
+)
 from .paths import PathEscapeError, resolve_inside
 
 logger = logging.getLogger(__name__)
@@ -33,10 +41,16 @@ def _compact(codes) -> np.ndarray:
 
 
 def load_code_table(folders: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """``img_path -> codes`` of every image-token folder, stored compactly; conflicts raise."""
-    table = read_image_tokens(folders, convert=_compact)
-    logger.info("image codes for %d images from %d folder(s)", len(table), len(folders))
+    """``img_path -> codes`` of every image folder among ``folders``, stored compactly; conflicts raise."""
+    images = [f for f in folders if folder_kind(f) == "images"]
+    table = read_image_tokens(images, convert=_compact)
+    logger.info("image codes for %d images from %d folder(s)", len(table), len(images))
     return table
+
+
+def load_volume_table(folders: tuple[str, ...]) -> dict[str, VolumeCodes]:
+    """``img_path -> VolumeCodes`` of every volume folder among ``folders`` (written with ``--volume-column``)."""
+    return read_volume_tokens([f for f in folders if folder_kind(f) == "volumes"])
 
 
 def table_code_count(table: dict[str, np.ndarray], folders) -> int | None:
@@ -53,11 +67,18 @@ def table_code_count(table: dict[str, np.ndarray], folders) -> int | None:
 class ImageCodeLookup:
     """Resolves an image reference (path or bytes) to raw codes: the table first, then the VQGAN."""
 
-    def __init__(self, table: dict[str, np.ndarray], vqgan=None, image_root: str | None = None):
-        self.table, self.vqgan = table, vqgan
+    def __init__(self, table: dict[str, np.ndarray], vqgan=None, image_root: str | None = None,
+                 volumes: dict[str, VolumeCodes] | None = None):
+        self.table, self.vqgan, self.volumes = table, vqgan, volumes or {}
         self.root = Path(image_root).resolve() if image_root else None
 
-    def __call__(self, ref) -> np.ndarray:
+    def __call__(self, ref) -> np.ndarray | VolumeCodes:
+        if isinstance(ref, VolumeRef):
+            found = self.volumes.get(ref.path, self.volumes.get(os.path.normpath(ref.path)))
+            if found is None:
+                raise RowError("missing_image", f"volume {ref.path!r} is not in --image-tokens (tokenize volumes with "
+                                                "image_tokenize --volume-column)")
+            return found
         if isinstance(ref, str):
             codes = self.table.get(ref)
             if codes is None:

@@ -57,8 +57,10 @@ from .image_tokens import (
     FORMAT,
     MANIFEST,
     PARTITION_GLOB,
+    READABLE_VERSIONS,
     SUMMARY,
     VERSION,
+    VolumeCodes,
     error_path,
     partition_index,
     partition_info,
@@ -68,9 +70,12 @@ from .image_tokens import (
     write_errors,
     write_json,
     write_partition,
+    volume_table,
 )
 from .images import ImageLimits, ImageLoadError, load_image, preprocess
 from .memory import MemoryBudgetError
+from .volume_tokenizing import VolumeRule, VolumeSlices, encode_volume, load_volume_row, row_key, split_key
+from .volumes import Intensity, is_volume_path
 
 if TYPE_CHECKING:  # annotations only: torch, pandas and the VQGAN load in the functions that run, not for --help
     import torch
@@ -99,6 +104,12 @@ class Settings:
     column: str  # the CSV's image-path column
     image_root: str  # relative paths resolve here; no path may leave it
     partition_size: int  # CSV rows per output partition
+    kind: str = "images"  # "images" or "volumes" (--volume-column); the rest is None for images
+    slices: str | None = None  # K evenly spaced slices, or "all"
+    slice_column: str | None = None  # the CSV column with a row's own slice list
+    slice_resolution: int | None = None  # slice side given to the VQGAN
+    window: str | None = None  # CT window name, W/L, or percentile
+    volume_index: int | None = None  # the volume of a 4D file
 
     @property
     def limits(self) -> ImageLimits:
@@ -110,8 +121,11 @@ FLAGS = {  # how a user changes each setting, for the message naming a differenc
     "n_embed": "--ckpt (the VQGAN's codebook size)", "dtype": "--dtype", "channels_last": "--channels-last",
     "device_type": "--device", "frame": "--frame", "max_image_pixels": "--max-image-pixels",
     "max_aspect_ratio": "--max-aspect-ratio", "column": "--column", "image_root": "--image-root",
-    "partition_size": "--partition-size",
+    "partition_size": "--partition-size", "kind": "--volume-column", "slices": "--slices", "slice_column": "--slice-column",
+    "slice_resolution": "--slice-resolution", "window": "--window", "volume_index": "--volume-index",
 }
+# What a version-2 manifest (written before volumes) means by the settings it lacks.
+_V2_SETTINGS = {"kind": "images", "slices": None, "slice_column": None, "slice_resolution": None, "window": None, "volume_index": None}
 
 
 # ------------------------------------------------------------------------------------------- the run's config
@@ -152,6 +166,12 @@ class TokenizeConfig:
     skip_memory_check: bool = False  # load a VQGAN even if its weights seem not to fit in memory
     trust_checkpoint: bool = False  # allow a checkpoint that needs full unpickling
     progress: bool = True  # a progress bar on rank 0
+    volume_column: str | None = None  # rows are volumes (NIfTI, DICOM series folder, .npy) named in this column
+    slices: str = "16"  # volumes: K slices evenly spaced along z, or "all"
+    slice_column: str | None = None  # volumes: a column holding a row's own slice list (empty: --slices)
+    slice_resolution: int | None = None  # volumes: slice side, a multiple of the VQGAN's downsampling (default: its resolution)
+    window: str = "percentile"  # volumes: lung | mediastinum | bone | brain | abdomen | W/L in HU | percentile
+    volume_index: int | None = None  # volumes: which volume of a 4D file
 
     def __post_init__(self):
         self.input, self.output, self.ckpt = Path(self.input), Path(self.output), Path(self.ckpt)
@@ -168,6 +188,22 @@ class TokenizeConfig:
         if self.dtype not in ("fp32", "bf16"):
             raise TokenizeError(f"--dtype {self.dtype!r}: choose fp32 or bf16")
         self.limits  # noqa: B018 - validates the limits
+        self._check_volume_flags()
+
+    def _check_volume_flags(self) -> None:
+        from .volumes import Intensity
+
+        self.slices = str(self.slices).strip().lower()
+        if self.slices != "all" and not (self.slices.isdigit() and int(self.slices) >= 1):
+            raise TokenizeError(f"--slices {self.slices!r}: give a number of slices (at least 1) or all")
+        try:
+            self.window = Intensity.parse(self.window).spec
+        except ValueError as exc:
+            raise TokenizeError(f"--window: {exc}") from None
+        if self.volume_index is not None and self.volume_index < 0:
+            raise TokenizeError(f"--volume-index must be >= 0, got {self.volume_index}")
+        if self.slice_resolution is not None and self.slice_resolution < 1:
+            raise TokenizeError(f"--slice-resolution must be positive, got {self.slice_resolution}")
 
     @property
     def limits(self) -> ImageLimits:
@@ -187,6 +223,7 @@ class Source:
     csv: str
     column: str
     partition_size: int
+    slice_column: str | None = None  # volumes: a row's own slice list, part of its key (medmax.volume_tokenizing)
 
 
 def iter_partitions(source: Source) -> Iterator[tuple[int, list[str]]]:
@@ -196,11 +233,15 @@ def iter_partitions(source: Source) -> Iterator[tuple[int, list[str]]]:
     """
     import pandas as pd
 
-    reader = pd.read_csv(source.csv, usecols=[source.column], skip_blank_lines=False, chunksize=source.partition_size, **_CSV_OPTIONS)
+    columns = [source.column] + ([source.slice_column] if source.slice_column not in (None, source.column) else [])
+    reader = pd.read_csv(source.csv, usecols=columns, skip_blank_lines=False, chunksize=source.partition_size, **_CSV_OPTIONS)
     try:
         with reader:
             for k, frame in enumerate(reader):
-                yield k, [str(p) for p in frame[source.column].tolist()]
+                paths = [str(p) for p in frame[source.column].tolist()]
+                if source.slice_column is not None:
+                    paths = [row_key(p, str(s)) for p, s in zip(paths, frame[source.slice_column].tolist())]
+                yield k, paths
     except pd.errors.ParserError as exc:
         raise TokenizeError(f"--input {source.csv}: cannot be parsed as CSV ({exc})") from None
 
@@ -311,9 +352,13 @@ class ImageRows:
                     yield (k, row, len(paths), img_path, *loaded, row in duplicates)
                 seen += 1
 
-    def _load(self, img_path: str) -> tuple[torch.Tensor | None, str | None]:
+    def _load(self, img_path: str) -> tuple[torch.Tensor | VolumeSlices | None, str | None]:
         limits = self.settings.limits
         try:
+            if self.settings.kind == "volumes":
+                return load_volume_row(img_path, _volume_rule(self.settings)), None
+            if is_volume_path(resolve_image(Path(self.settings.image_root), img_path)):
+                return None, "a volume (NIfTI, .npy or a folder): tokenize volumes with --volume-column"
             image = load_image(resolve_image(Path(self.settings.image_root), img_path), frame=self.settings.frame, limits=limits)
             return preprocess(image, self.settings.resolution, limits), None  # (3, R, R)
         except ImageLoadError as exc:
@@ -323,15 +368,21 @@ class ImageRows:
 
 
 def collate(items: list[tuple]) -> dict:
-    """Stack the readable images of a batch; keep every row's bookkeeping."""
+    """Stack the readable images of a batch (volumes: keep their slices apart); keep every row's bookkeeping."""
     import torch
 
     ok = [it for it in items if it[4] is not None]
+    volumes = bool(ok) and not isinstance(ok[0][4], torch.Tensor)
     return {
         "rows": [(k, row, n, path, err, dup) for k, row, n, path, _, err, dup in items],
         "ok": [(k, row) for k, row, *_ in ok],
-        "pixels": torch.stack([it[4] for it in ok]) if ok else None,  # (B_ok, 3, R, R)
+        "pixels": None if not ok else [it[4] for it in ok] if volumes else torch.stack([it[4] for it in ok]),  # (B_ok, 3, R, R)
     }
+
+
+def _volume_rule(settings: Settings) -> VolumeRule:
+    return VolumeRule(root=Path(settings.image_root), slices=settings.slices, resolution=settings.slice_resolution,
+                      intensity=Intensity.parse(settings.window), volume_index=settings.volume_index, limits=settings.limits)
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -340,13 +391,14 @@ def collate(items: list[tuple]) -> dict:
 class PartitionWriter:
     """Collects rows per partition and publishes a partition (errors, then parquet) once it is complete."""
 
-    def __init__(self, output: Path, rank: int, partition_size: int, digests: list[str]):
-        self.output, self.rank, self.partition_size, self.digests = output, rank, partition_size, digests
+    def __init__(self, output: Path, rank: int, partition_size: int, digests: list[str], kind: str = "images"):
+        self.output, self.rank, self.partition_size, self.digests, self.kind = output, rank, partition_size, digests, kind
         self.pending: dict[int, dict] = {}  # k -> {"n": rows, "codes": {row: (path, codes)}, "errors": {...}, "duplicates": set}
         self.tokenized = self.failed = self.duplicate = 0
         self.published: list[int] = []
 
-    def add(self, k: int, row: int, n_rows: int, img_path: str, codes: np.ndarray | None, error: str | None, duplicate: bool = False):
+    def add(self, k: int, row: int, n_rows: int, img_path: str, codes: np.ndarray | VolumeCodes | None, error: str | None,
+            duplicate: bool = False):
         part = self.pending.setdefault(k, {"n": n_rows, "codes": {}, "errors": {}, "duplicates": set()})
         if duplicate:
             part["duplicates"].add(row)
@@ -358,12 +410,18 @@ class PartitionWriter:
             self._publish(k, self.pending.pop(k))
 
     def _publish(self, k: int, part: dict) -> None:
-        errors = [{"img_path": display_path(p), "row": k * self.partition_size + row, "reason": r} for row, (p, r) in sorted(part["errors"].items())]
+        errors = [{"img_path": display_path(split_key(p)[0]), "row": k * self.partition_size + row, "reason": r}
+                  for row, (p, r) in sorted(part["errors"].items())]
         write_errors(error_path(self.output, k), errors)
-        rows = [part["codes"][row] for row in sorted(part["codes"])]
-        table = partition_table([p for p, _ in rows], [c for _, c in rows])
+        rows = [(split_key(p)[0], c) for p, c in (part["codes"][row] for row in sorted(part["codes"]))]
         info = {"partition": k, "rows": part["n"], "written": len(rows), "failed": len(errors), "duplicate": len(part["duplicates"]),
                 "digest": self.digests[k], "errors": errors}
+        if self.kind == "volumes":
+            table = volume_table([p for p, _ in rows], [c for _, c in rows])
+            info["slices"] = sum(len(c.slice_indices) for _, c in rows)
+            info["skipped_files"] = sum(c.geometry.get("skipped_files", 0) for _, c in rows)
+        else:
+            table = partition_table([p for p, _ in rows], [c for _, c in rows])
         final = partition_path(self.output, self.rank, k)
         write_partition(final, table, info)
         _remove([p for p in self.output.glob(f"tokens-rank*-part{k:06d}.parquet") if p != final])  # an older run's, now replaced
@@ -418,9 +476,20 @@ def _settings(cfg: TokenizeConfig, model: VQGAN, digest: str, device: torch.devi
         vqgan_digest=digest, resolution=model.resolution, n_embed=model.n_embed, dtype=cfg.dtype,
         channels_last=cfg.channels_last or cfg.dtype == "bf16", device_type=device.type, frame=cfg.frame,
         max_image_pixels=limits.max_pixels, max_aspect_ratio=limits.max_aspect_ratio,
-        column=image_csv.pick_column(cfg.input, cfg.column), image_root=str((cfg.image_root or cfg.input.parent).resolve()),
-        partition_size=cfg.partition_size,
+        column=image_csv.pick_column(cfg.input, cfg.volume_column or cfg.column), image_root=str((cfg.image_root or cfg.input.parent).resolve()),
+        partition_size=cfg.partition_size, **(_volume_settings(cfg, model) if cfg.volume_column else {}),
     )
+
+
+def _volume_settings(cfg: TokenizeConfig, model: VQGAN) -> dict:
+    """The settings of a volume run; the slice side must be a multiple of the VQGAN's downsampling."""
+    factor = model.resolution // model.grid_shape[0]  # 16 for Chameleon's VQGAN
+    side = cfg.slice_resolution or model.resolution
+    if side % factor:
+        raise TokenizeError(f"--slice-resolution {side}: the VQGAN tiles multiples of {factor} pixels")
+    slice_column = image_csv.pick_column(cfg.input, cfg.slice_column) if cfg.slice_column else None
+    return {"kind": "volumes", "slices": cfg.slices, "slice_column": slice_column, "slice_resolution": side,
+            "window": cfg.window, "volume_index": cfg.volume_index}
 
 
 def _check_manifest(output: Path, settings: Settings) -> None:
@@ -430,10 +499,10 @@ def _check_manifest(output: Path, settings: Settings) -> None:
         if any(output.glob(PARTITION_GLOB)):
             raise TokenizeError(f"--output {output} holds image-token partitions but no {MANIFEST}; use a new --output")
         return
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    if manifest.get("format") != FORMAT or manifest.get("version") not in READABLE_VERSIONS:
         raise TokenizeError(f"--output {output} was written by an earlier image_tokenize, whose manifest does not record "
                         "what decides the codes; use a new --output")
-    found = manifest.get("settings", {})
+    found = {**_V2_SETTINGS, **manifest.get("settings", {})}
     changed = [f"{FLAGS[f.name]} was {_show(found.get(f.name))}, now {_show(getattr(settings, f.name))}"
                for f in fields(Settings) if found.get(f.name) != getattr(settings, f.name)]
     if changed:
@@ -447,8 +516,20 @@ def _show(value) -> str:
 
 def _start_manifest(cfg: TokenizeConfig, settings: Settings) -> None:
     """Mark the folder as being written: complete again only when a run finishes."""
-    write_json(cfg.output / MANIFEST, {"format": FORMAT, "version": VERSION, "settings": asdict(settings), "complete": False,
+    write_json(cfg.output / MANIFEST, {**_manifest_head(settings), "complete": False,
                                         "input": str(cfg.input.resolve()), "ckpt": str(cfg.ckpt.resolve())})
+
+
+def _manifest_head(settings: Settings) -> dict:
+    """format, version, kind, settings and, for volumes, the intensity rule and orientation in words."""
+    from .volumes import CANONICAL
+
+    head = {"format": FORMAT, "version": VERSION, "kind": settings.kind, "settings": asdict(settings)}
+    if settings.kind == "volumes":
+        head["volumes"] = {"intensity": Intensity.parse(settings.window).describe(),
+                           "orientation": f"{CANONICAL}: slices along z, inferior to superior; rows anterior to posterior, "
+                                          "columns from the patient's right to left"}
+    return head
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -489,6 +570,15 @@ def _encode(model: VQGAN, pixels: torch.Tensor, device: torch.device) -> np.ndar
     return model.encode_codes(pixels).to(torch.int32).cpu().numpy()  # (B, h*w); 4 bytes a code while pending
 
 
+def _encode_batch(model: VQGAN, batch: dict, device: torch.device, chunk: int) -> list:
+    """The codes of a batch's readable rows: one (h*w,) array per image, or one VolumeCodes per volume."""
+    if batch["pixels"] is None:
+        return []
+    if isinstance(batch["pixels"], list):
+        return [encode_volume(model, volume, device, chunk) for volume in batch["pixels"]]
+    return _encode(model, batch["pixels"], device)
+
+
 def run(cfg: TokenizeConfig, source: Source, settings: Settings, plan: PartitionPlan, model: VQGAN, device: torch.device, info: Dist) -> PartitionWriter:
     """Tokenize this rank's planned partitions."""
     from torch.utils.data import DataLoader, IterableDataset
@@ -499,10 +589,10 @@ def run(cfg: TokenizeConfig, source: Source, settings: Settings, plan: Partition
         pin_memory=device.type == "cuda", persistent_workers=False,
     )
     progress = Progress(info, plan.n_rows, plan.done_rows, enabled=cfg.progress)
-    writer = PartitionWriter(cfg.output, info.rank, settings.partition_size, plan.digests)
+    writer = PartitionWriter(cfg.output, info.rank, settings.partition_size, plan.digests, settings.kind)
     try:
         for batch in loader:
-            codes = _encode(model, batch["pixels"], device) if batch["pixels"] is not None else []
+            codes = _encode_batch(model, batch, device, cfg.batch_size)
             by_row = dict(zip(batch["ok"], codes))
             for k, row, n, path, err, dup in batch["rows"]:
                 writer.add(k, row, n, path, by_row.get((k, row)), err, dup)
@@ -530,8 +620,9 @@ def finish_folder(output: Path, plan: PartitionPlan) -> dict:
         _remove([path for path, _ in good[1:]])
         meta = good[0][1]
         write_errors(error_path(output, k), meta["errors"])
-        for key in ("written", "failed", "duplicate"):
-            rows[key] += meta[key]
+        for key in ("written", "failed", "duplicate", "slices", "skipped_files"):
+            if key in meta:
+                rows[key] = rows.get(key, 0) + meta[key]
     if rows["written"] + rows["failed"] + rows["duplicate"] != plan.n_rows:
         raise RuntimeError(f"{output}: the partitions account for a different number of rows than the CSV's {plan.n_rows}")
     return rows
@@ -566,7 +657,7 @@ def _close(cfg: TokenizeConfig, settings: Settings, plan: PartitionPlan, this_ru
     """Rank 0: finish the folder, write the complete manifest and the summary; -> the summary."""
     rows = finish_folder(cfg.output, plan)
     write_json(cfg.output / MANIFEST, {
-        "format": FORMAT, "version": VERSION, "settings": asdict(settings), "complete": True, "rows": rows,
+        **_manifest_head(settings), "complete": True, "rows": rows,
         "rows_digest": hashlib.sha256("".join(plan.digests).encode()).hexdigest(),
         "input": str(cfg.input.resolve()), "ckpt": str(cfg.ckpt.resolve()),
     })
@@ -624,7 +715,7 @@ def tokenize_images(cfg: TokenizeConfig, info: Dist) -> TokenizeResult:
     model, digest = _setup_model(cfg, device)
     settings = _settings(cfg, model, digest, device, cfg.limits)
     _claim(cfg, settings, device, info)
-    source = Source(str(cfg.input.resolve()), settings.column, settings.partition_size)
+    source = Source(str(cfg.input.resolve()), settings.column, settings.partition_size, settings.slice_column)
     plan = make_plan(source, cfg.output, info)
     start = time.perf_counter()
     this_run = _run_counts(run(cfg, source, settings, plan, model, device, info), device)

@@ -11,19 +11,32 @@ A folder holds:
   already had), ``digest`` (sha256 of its rows' paths and duplicate flags) and ``errors`` (the failed
   rows: ``row``, ``img_path``, ``reason``). A partition is written as a hidden ``.tmp`` file and
   renamed when complete; readers here see finished files only.
+- A *volume* folder's partitions have :data:`VOLUME_SCHEMA`: one row per volume, ``img_path`` (the CSV's
+  path), ``img_tokens`` (every chosen slice's codes, slice after slice), ``slice_indices`` (canonical slice
+  numbers, inferior to superior), ``positions_mm`` (each slice's z in LPS; null without geometry),
+  ``grid`` (codes per slice as ``[h, w]``), ``spacing_mm`` (slice, row, column; null without geometry),
+  ``window`` (the intensity rule), ``window_bounds`` (the values mapped to black and white) and
+  ``geometry`` (JSON: source kind, shape, axis codes, slice axis, modality, skipped files). Read them with
+  :func:`read_volume_tokens`.
 - ``errors/part{P:06d}.jsonl``: the failed rows of partition ``P``, one JSON object a line
   (:func:`write_errors`; a partition without failed rows has no file).
-- ``manifest.json`` (:func:`read_image_token_manifest`), version 2:
+- ``manifest.json`` (:func:`read_image_token_manifest`), version 3 (version 2, written before volumes, is an image
+  folder without the fields marked *3*; it is read and resumed as one):
 
-  - ``format``: ``"medmax-image-tokens"``; ``version``: 2.
+  - ``format``: ``"medmax-image-tokens"``; ``version``: 3; ``kind`` (*3*): ``"images"`` or ``"volumes"``.
   - ``settings``: everything that decides a code or whether a row fails; a resume must match all of
     it. ``vqgan_digest`` (sha256 of the VQGAN's encoder, ``quant_conv`` and codebook weights and sizes:
     :meth:`medmax.vqgan.VQGAN.codes_digest`, never its path), ``resolution``, ``n_embed``, ``dtype``
     (``fp32`` / ``bf16``), ``channels_last``, ``device_type`` (``cpu`` / ``cuda``), ``frame``,
-    ``max_image_pixels``, ``max_aspect_ratio``, ``column``, ``image_root`` and ``partition_size``.
+    ``max_image_pixels``, ``max_aspect_ratio``, ``column``, ``image_root`` and ``partition_size``; *3*: ``kind``
+    and, for volumes (null for images), ``slices`` (``K``, ``all``), ``slice_column``, ``slice_resolution``,
+    ``window`` and ``volume_index``.
+  - ``volumes`` (*3*, volume folders): ``intensity`` (the window's width and level in HU, or the percentiles)
+    and ``orientation`` (the canonical one slices are taken in, :mod:`medmax.volumes`).
   - ``complete``: true when every row of the CSV the last run read is in exactly one partition;
     false while a run is under way or after it was killed.
-  - ``rows`` (when complete): ``input`` = ``written`` + ``failed`` + ``duplicate``.
+  - ``rows`` (when complete): ``input`` = ``written`` + ``failed`` + ``duplicate``; for volumes also
+    ``slices`` (slices tokenized) and ``skipped_files`` (files of DICOM folders that are not slices).
   - ``rows_digest`` (when complete): sha256 over the partitions' digests, i.e. the content of the
     image-path column; it changes when any row is added, removed or edited.
   - ``input``, ``ckpt``: the paths the last run was given (for people; nothing is keyed on them).
@@ -40,6 +53,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +72,15 @@ class ImageTokensError(UserError):
 PARTITION_GLOB = "tokens-rank*-part*.parquet"
 COLUMNS = ("img_path", "img_tokens")
 SCHEMA = pa.schema([("img_path", pa.string()), ("img_tokens", pa.list_(pa.int32()))])
+VOLUME_SCHEMA = pa.schema([
+    ("img_path", pa.string()), ("img_tokens", pa.list_(pa.int32())), ("slice_indices", pa.list_(pa.int32())),
+    ("positions_mm", pa.list_(pa.float64())), ("grid", pa.list_(pa.int32())), ("spacing_mm", pa.list_(pa.float64())),
+    ("window", pa.string()), ("window_bounds", pa.list_(pa.float64())), ("geometry", pa.string()),
+])
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
-FORMAT, VERSION = "medmax-image-tokens", 2
+FORMAT, VERSION = "medmax-image-tokens", 3
+READABLE_VERSIONS = (2, 3)  # 2: image folders written before volumes, the same partitions
 PARTITION_KEY = b"medmax.partition"  # parquet file metadata: what the partition covers
 
 
@@ -94,6 +114,50 @@ def list_array(rows: list) -> pa.ListArray:
 def partition_table(paths: list[str], codes: list) -> pa.Table:
     """A partition's rows in :data:`SCHEMA`: each image path and its codes."""
     return pa.table({"img_path": paths, "img_tokens": list_array(codes)}, schema=SCHEMA)
+
+
+@dataclass(frozen=True)
+class VolumeCodes:
+    """One tokenized volume: its slices' codes and where they lie (a row of :data:`VOLUME_SCHEMA`)."""
+
+    codes: np.ndarray  # (K, h*w) codes of the K chosen slices, inferior to superior
+    slice_indices: list[int]
+    positions_mm: list[float] | None
+    grid: tuple[int, int]
+    spacing_mm: list[float] | None
+    window: str
+    geometry: dict
+
+    def record(self) -> dict:
+        """The row's columns (``img_path`` aside)."""
+        return {"img_tokens": self.codes.reshape(-1), "slice_indices": self.slice_indices, "positions_mm": self.positions_mm,
+                "grid": list(self.grid), "spacing_mm": self.spacing_mm, "window": self.window,
+                "window_bounds": self.geometry.get("window_bounds"), "geometry": json.dumps(self.geometry, sort_keys=True)}
+
+
+def volume_table(paths: list[str], volumes: list[VolumeCodes]) -> pa.Table:
+    """A volume partition's rows in :data:`VOLUME_SCHEMA`."""
+    records = [v.record() for v in volumes]
+    columns = {"img_path": paths, "img_tokens": list_array([r["img_tokens"] for r in records])}
+    for name in VOLUME_SCHEMA.names[2:]:
+        columns[name] = pa.array([r[name] for r in records], type=VOLUME_SCHEMA.field(name).type)
+    return pa.table(columns, schema=VOLUME_SCHEMA)
+
+
+def folder_kind(folder: str | Path) -> str:
+    """``"images"`` or ``"volumes"`` (a folder without a version-3 manifest holds images)."""
+    return (read_image_token_manifest(folder) or {}).get("kind", "images")
+
+
+def iter_volume_tokens(folder: str | Path) -> Iterator[tuple[str, VolumeCodes]]:
+    """Yield ``(img_path, VolumeCodes)`` from every finished partition of a volume folder."""
+    for path in partition_files(folder):
+        for row in pq.read_table(path, schema=VOLUME_SCHEMA).to_pylist():
+            h, w = row["grid"]
+            codes = np.asarray(row["img_tokens"], dtype=np.int32).reshape(len(row["slice_indices"]), h * w)
+            geometry = json.loads(row["geometry"])
+            yield row["img_path"], VolumeCodes(codes, row["slice_indices"], row["positions_mm"], (h, w), row["spacing_mm"],
+                                               row["window"], geometry)
 
 
 def write_partition(path: Path, table: pa.Table, info: dict) -> None:
@@ -155,8 +219,10 @@ def partition_files(folder: str | Path) -> list[Path]:
 
 
 def iter_image_tokens(folder: str | Path) -> Iterator[tuple[str, list[int]]]:
-    """Yield ``(img_path, codes)`` from every finished partition of one output folder."""
+    """Yield ``(img_path, codes)`` from every finished partition of one image folder (a volume folder is refused)."""
     manifest = read_image_token_manifest(folder) or {}
+    if manifest.get("kind", "images") != "images":
+        raise ImageTokensError(f"{folder}: a volume-token folder; its rows are volumes (read_volume_tokens), not images")
     if manifest.get("complete") is False:
         logger.warning("%s: its last image_tokenize run did not finish; some rows may be missing or stale", folder)
     for path in partition_files(folder):
@@ -181,3 +247,17 @@ def read_image_tokens(folders: str | Path | Iterable[str | Path], convert: Calla
                 raise ImageTokensError(f"{folder}: {img_path!r} has different image tokens in another token folder")
     logger.info("read image tokens for %d images", len(tokens))
     return tokens
+
+
+def read_volume_tokens(folders: str | Path | Iterable[str | Path]) -> dict[str, VolumeCodes]:
+    """All ``img_path -> VolumeCodes`` of one or more volume folders; the same path with other codes raises."""
+    if isinstance(folders, (str, Path)):
+        folders = [folders]
+    volumes: dict[str, VolumeCodes] = {}
+    for folder in folders:
+        for img_path, volume in iter_volume_tokens(folder):
+            previous = volumes.setdefault(img_path, volume)
+            if previous is not volume and (previous.slice_indices != volume.slice_indices or not np.array_equal(previous.codes, volume.codes)):
+                raise ImageTokensError(f"{folder}: volume {img_path!r} has different tokens in another token folder")
+    logger.info("read tokens for %d volumes", len(volumes))
+    return volumes

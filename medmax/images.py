@@ -115,6 +115,10 @@ class ImageLoadError(UserError):
         self.reason = reason
 
 
+class VolumeError(ImageLoadError):
+    """A 3D volume (or one file of a DICOM series) that cannot be read (:mod:`medmax.volumes`); names the file and why."""
+
+
 def _read_source(source: ImageSource) -> tuple[bytes, str]:
     """The bytes of a path, bytes-like or binary file object, and a name for messages."""
     if isinstance(source, (bytes, bytearray, memoryview)):

@@ -8,6 +8,11 @@ placeholder as it does in training rows (``medmax.vocab.split_markers``): ``\\<i
 ``<image>``, never an image's place. :func:`place_images` states that rule on text (MedMax's row format);
 :func:`prompt_segments` turns it into the segment list ``medmax.generation.Generator`` takes.
 
+A volume (a NIfTI file, a DICOM series folder or a ``.npy`` array) fills one image's place: :func:`load_volume_input`
+reads the slices the way ``image_tokenize --volume-column`` does (:mod:`medmax.volume_tokenizing`) and
+:func:`expand_volumes` writes it out in the training layout (``medmax.data.rows.VOLUME_LAYOUT``): its header
+text, then one greyscale image per slice, inferior to superior.
+
 The end-of-turn sentinel :data:`END_OF_TURN` (``<reserved08706>`` in the sequence) closes a prompt
 the way training rows close theirs; the model answers after it.
 
@@ -16,6 +21,8 @@ This module imports nothing heavy, so data writers can use it without torch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence, TypeVar
 
 from .errors import UserError
@@ -73,3 +80,43 @@ def prompt_segments(text: str, images: Sequence[T], end_of_turn: bool = False, s
         elif piece.strip() if strip else piece:
             segments.append(piece.strip() if strip else piece)
     return segments + ([END_OF_TURN] if end_of_turn else [])
+
+
+@dataclass(frozen=True)
+class VolumeInput:
+    """A volume in a prompt: its header and its slices as the model sees them (greyscale RGB, VQGAN-sized)."""
+
+    path: str
+    header: str  # e.g. "CT, 16 axial slices, 5.0 mm apart, inferior to superior:"
+    slices: tuple  # PIL images, inferior to superior; the prompt encoder resizes and crops them as Chameleon does
+    slice_indices: tuple[int, ...]
+    window: str
+
+
+def load_volume_input(path: str | Path, resolution: int | None = None, slices: str = "16", window: str = "percentile",
+                      volume_index: int | None = None) -> VolumeInput:
+    """Read a volume for a prompt with the same rules as its tokenization (ImageLoadError / ValueError when it cannot).
+
+    ``resolution``: the slices' side, as ``--slice-resolution`` makes it; None keeps them as read, and the prompt
+    encoder's resize to its VQGAN's side then gives the same pixels (Chameleon's resize and crop, once)."""
+    from PIL import Image
+
+    from .data.rows import volume_header
+    from .images import DEFAULT_LIMITS
+    from .volume_tokenizing import VolumeRule, load_volume_row
+    from .volumes import Intensity
+
+    path = Path(path).absolute()
+    rule = VolumeRule(root=path.parent, slices=str(slices), resolution=resolution, intensity=Intensity.parse(window),
+                      volume_index=volume_index, limits=DEFAULT_LIMITS)
+    volume = load_volume_row(path.name, rule)
+    images = tuple(Image.fromarray(grey, mode="L").convert("RGB") for grey in volume.pixels)
+    return VolumeInput(str(path), volume_header(volume), images, tuple(volume.slice_indices), volume.window)
+
+
+def expand_volumes(segments: list) -> list:
+    """Each :class:`VolumeInput` segment -> its header text and its slice images, in place; others as they are."""
+    out: list = []
+    for seg in segments:
+        out += [seg.header, *seg.slices] if isinstance(seg, VolumeInput) else [seg]
+    return out

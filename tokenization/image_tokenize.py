@@ -9,6 +9,9 @@ Usage::
         --output data/image_tokens --ckpt CKPT --batch-size 16 --workers 4 --dtype bf16
     # images larger than the default limits (64 Mpx, aspect ratio 20)
     python -m tokenization.image_tokenize ... --max-image-pixels 200000000 --max-aspect-ratio 50
+    # volumes (NIfTI, DICOM series folders, .npy): 16 axial slices each at 256 px, CT abdomen window
+    python -m tokenization.image_tokenize --input data/ct.csv --volume-column volume --output data/volume_tokens \
+        --ckpt CKPT --slices 16 --slice-resolution 256 --window abdomen
 
 ``--batch-size`` defaults per device: 1 on CPU, where batches of 4 or 8 are no faster and take 2.5x the
 memory (measured in BENCHMARKS.md), and 16 on CUDA. fp32 codes do not depend on it.
@@ -28,6 +31,15 @@ Limits (see ``medmax.images.ImageLimits``): an image whose header says more than
 (default 67,108,864 = 8192 x 8192) or an aspect ratio over ``--max-aspect-ratio`` (default 20) is a
 failed row, checked before it is decoded. A VQGAN config whose weights would not fit in the memory
 available is refused before anything is allocated (``--skip-memory-check`` to try anyway).
+
+Volumes (``--volume-column NAME``): each row names a NIfTI file, a folder holding one DICOM series or a
+``.npy`` array (:mod:`medmax.volumes`: read slice by slice, reoriented to LPS, slices along z inferior to
+superior). ``--slices K`` takes K evenly spaced slices (``all``: every slice), or ``--slice-column`` gives a
+row's own list; ``--slice-resolution R`` (a multiple of 16 for Chameleon's VQGAN: 256 px is 256 codes a slice)
+and ``--window`` (``lung``, ``mediastinum``, ``bone``, ``brain``, ``abdomen``, ``W/L`` in HU, or
+``percentile`` for MRI) decide the pixels. A volume is one row of the folder, with its slices' codes,
+indices, positions in mm, grid, window and spacing (:mod:`medmax.image_tokens`). A row naming a volume in
+an image run fails, telling you to use ``--volume-column``.
 
 The engine is :mod:`medmax.image_tokenizing` (how the work is split over ranks and partitions, and why a
 rerun cannot lose, repeat or mix a row); the folder's format is :mod:`medmax.image_tokens`.
@@ -67,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an image with more pixels (width x height, from its header) is a failed row (default: %(default)s)")
     p.add_argument("--max-aspect-ratio", type=float, default=TokenizeConfig.max_aspect_ratio,
                    help="an image whose long side / short side is larger is a failed row (default: %(default)s)")
+    v = p.add_argument_group("volumes")
+    v.add_argument("--volume-column", help="rows are volumes (NIfTI, DICOM series folder, .npy) named in this column")
+    v.add_argument("--slices", default=TokenizeConfig.slices, help="slices per volume, evenly spaced along z, or all (default: %(default)s)")
+    v.add_argument("--slice-column", help="a column holding a row's own slice list, e.g. '3 7 12' (empty: --slices)")
+    v.add_argument("--slice-resolution", type=int, help="slice side in pixels, a multiple of the VQGAN's 16 (default: its resolution)")
+    v.add_argument("--window", default=TokenizeConfig.window,
+                   help="lung | mediastinum | bone | brain | abdomen | W/L in HU | percentile (MRI) (default: %(default)s)")
+    v.add_argument("--volume-index", type=int, help="which volume of a 4D file")
     p.add_argument("--skip-memory-check", action="store_true", help="load a VQGAN even if its weights seem not to fit in memory")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow a checkpoint that needs full unpickling")
     p.add_argument("--strict", action="store_true", help="exit non-zero when any image failed")

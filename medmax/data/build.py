@@ -29,14 +29,14 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from ..errors import UserError, is_disk_refusal, write_refused
-from ..image_code_lookup import ImageCodeLookup, image_token_fingerprint, load_code_table, table_code_count
+from ..image_code_lookup import ImageCodeLookup, image_token_fingerprint, load_code_table, load_volume_table, table_code_count
 from ..vocab import Vocabulary, load_tokenizer, tokenizer_file
 from . import passthrough
 from .build_folder import BuildFolder
 from .inputs import MAX_ROW_BYTES, file_digest, find_inputs, iter_row_batches, row_id
 from .passthrough import ColumnFilter
 from .preferences import CONSUMED_COLUMNS, PREFERENCES, PreferenceBuilder
-from .rows import BuildConfigError, LengthDrop, RowError, SequenceBuilder, SequenceConfig
+from .rows import VOLUME_LAYOUT, BuildConfigError, LengthDrop, RowError, SequenceBuilder, SequenceConfig
 from .shards import (
     ERRORS,
     FORMAT_NAME,
@@ -281,7 +281,8 @@ def _setup(cfg: BuildConfig) -> dict:
     if seq.codes_per_image is None and table:
         seq = SequenceConfig(**{**asdict(seq), "codes_per_image": table_code_count(table, cfg.image_tokens)})
     vocab = Vocabulary.from_tokenizer(tokenizer)
-    return {"tokenizer": tokenizer, "vocab": vocab, "resolver": ImageCodeLookup(table, vqgan, cfg.image_root), "sequence": seq,
+    volumes = load_volume_table(cfg.image_tokens) if cfg.image_tokens else {}
+    return {"tokenizer": tokenizer, "vocab": vocab, "resolver": ImageCodeLookup(table, vqgan, cfg.image_root, volumes), "sequence": seq,
             "vqgan": vqgan}
 
 
@@ -418,6 +419,7 @@ def _manifest(cfg: BuildConfig, inputs, results: list[FileResult], vocab: Vocabu
         "image_code_offset": vocab.offset,
         "codes_per_image": _codes_per_image(results, cfg.sequence.codes_per_image),
         "codebook_size": cfg.sequence.codebook_size,
+        "volume_layout": VOLUME_LAYOUT,
         "counts": {
             "rows_read": sum(r.rows_read for r in results),
             "rows_written": written,

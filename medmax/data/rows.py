@@ -25,6 +25,21 @@ Three input formats, detected from a row's fields (:func:`detect_format`):
 An image is a code list, a path (looked up in the image-token folders, or read under an image root),
 image bytes, or a Hugging Face ``datasets`` image struct ``{"bytes": ..., "path": ...}`` (bytes first).
 
+A **volume** (a CT / MRI study tokenized by ``image_tokenize --volume-column``) is a path given as a
+``modalities`` item ``{"type": "image_3d", "value": path}`` (MultiMeditron's modality type, whose volume
+loader reads ``value`` as a path under a base folder: ``src/multimeditron/dataset/loader/volume/volume_loader.py``
+and ``model/modalities/volume/volume_config.py`` in EPFLiGHT/MultiMeditron), or in a ``volume`` column (one
+path or a list; a row with images too must order them in ``modalities``). It fills one placeholder with
+:data:`VOLUME_LAYOUT`: a short text header, then one image block per slice, inferior to superior::
+
+    "CT, 16 axial slices, 5.0 mm apart, inferior to superior:" [boi] codes [eoi] [boi] codes [eoi] ...
+
+Why a text header and not new reserved tokens: a released Chameleon / MedMax checkpoint has no trained
+embedding for a token it never saw, while it reads text; the header names what no token could (modality,
+slice count, spacing, direction), it tells a volume from several images (images never carry one) and
+the order of the slices. Slices without positions (``.npy``) say ``N slices, in order:``; unevenly spaced
+ones list their positions. The header takes the loss of the block it introduces.
+
 Control tokens enter only through structure: ``bos``, ``eos``, end-of-turns, image blocks and, in
 MedMax rows, the two markers above. Text is encoded with :func:`medmax.vocab.encode_texts`
 (special-token parsing off), so typed control strings stay text. The one documented exception is the
@@ -65,8 +80,19 @@ FORMATS = ("medmax", "conversation", "pretraining")
 CONTEXT_ROLES = {"system": "system", "user": "user", "human": "user"}
 ANSWER_ROLES = {"assistant": "assistant", "gpt": "assistant"}
 IMAGE_COLUMNS = ("modalities", "images", "image")
+VOLUME_COLUMN = "volume"
 # Every column the builder reads; the others pass through to the shards (medmax.data.passthrough).
-CONSUMED_COLUMNS = ("text", "image_path", "image_tokens", "conversations", *IMAGE_COLUMNS)
+CONSUMED_COLUMNS = ("text", "image_path", "image_tokens", "conversations", *IMAGE_COLUMNS, VOLUME_COLUMN)
+# How a volume becomes tokens; recorded in every sequence folder's manifest.
+VOLUME_LAYOUT = {
+    "kind": "text_header",
+    "header": "{modality}, {n} axial slices, {step} mm apart, inferior to superior:",
+    "header_without_positions": "{n} slices, in order:",
+    "header_uneven": "{modality}, {n} axial slices at {positions} mm, inferior to superior:",
+    "slice": "[boi] codes [eoi], one per slice, in the header's order",
+    "orientation": "LPS: rows anterior to posterior, columns from the patient's right to left",
+}
+_MODALITY_WORDS = {"CT": "CT", "MR": "MRI", "PT": "PET"}
 MEDMAX_MARKERS = (IMAGE_PLACEHOLDER, END_OF_TURN)
 # The training length of finetune's configs. MedMax's own training (training/data.py) cuts every row at 2048.
 DEFAULT_MAX_LENGTH = 4096
@@ -91,6 +117,27 @@ class LengthDrop(RowError):
     def __init__(self, kind: str, reason: str, length: int):
         super().__init__(kind, reason)
         self.length = length
+
+
+@dataclass(frozen=True)
+class VolumeRef:
+    """A volume named in a row (``image_3d`` modality or ``volume`` column), resolved to its tokenized slices."""
+
+    path: str
+
+
+def volume_header(volume) -> str:
+    """The text before a volume's slices (:data:`VOLUME_LAYOUT`); ``volume`` is a :class:`medmax.image_tokens.VolumeCodes`."""
+    n, positions = len(volume.slice_indices), volume.positions_mm
+    modality = _MODALITY_WORDS.get(volume.geometry.get("modality") or "", "Scan")
+    if not positions:
+        return VOLUME_LAYOUT["header_without_positions"].format(n=n)
+    steps = np.diff(positions)
+    if len(steps) and steps.max() - steps.min() > 0.1 * abs(float(np.median(steps))):
+        shown = ", ".join(f"{p:.1f}" for p in positions)
+        return VOLUME_LAYOUT["header_uneven"].format(modality=modality, n=n, positions=shown)
+    step = float(np.median(steps)) if len(steps) else 0.0
+    return VOLUME_LAYOUT["header"].format(modality=modality, n=n, step=f"{step:.1f}")
 
 
 @dataclass
@@ -191,7 +238,7 @@ def _medmax_images(row: dict) -> list:
         return [np.asarray(tokens)] if tokens else []
     if row.get("image_path") is not None:
         return _as_list(row["image_path"])
-    return _row_images(row)
+    return _row_images(row)  # embedded images, modalities (image_3d too) or a volume column
 
 
 def _image_source(ref, index: int):
@@ -206,16 +253,33 @@ def _image_source(ref, index: int):
 
 
 def _row_images(row: dict) -> list:
-    """Image references of a conversation / pretraining row (paths, bytes or code lists)."""
+    """Image references of a conversation / pretraining row (paths, bytes, code lists or VolumeRef)."""
+    volumes = [VolumeRef(_volume_path(v, VOLUME_COLUMN)) for v in _as_list(row.get(VOLUME_COLUMN))]
+    if volumes and any(row.get(c) is not None for c in IMAGE_COLUMNS):
+        raise RowError("bad_field", "the row has a 'volume' column and images: give both in order in 'modalities' "
+                                    "(type image / image_3d)")
+    if volumes:
+        return volumes
     if row.get("modalities") is not None:
-        refs = []
-        for i, item in enumerate(_as_list(row["modalities"])):
-            if not isinstance(item, dict) or item.get("type") != "image" or item.get("value") is None:
-                raise RowError("bad_field", f"modalities[{i}] must be {{'type': 'image', 'value': path or bytes}}, got {item!r:.80}")
-            refs.append(item["value"])
-        return refs
+        return [_modality(i, item) for i, item in enumerate(_as_list(row["modalities"]))]
     images = row.get("images")
     return _as_list(images if images is not None else row.get("image"))
+
+
+def _modality(i: int, item) -> object:
+    """One ``modalities`` item: an image's value, or a VolumeRef for MultiMeditron's ``image_3d``."""
+    if isinstance(item, dict) and item.get("type") == "image_3d":
+        return VolumeRef(_volume_path(item.get("value"), f"modalities[{i}]"))
+    if not isinstance(item, dict) or item.get("type") != "image" or item.get("value") is None:
+        raise RowError("bad_field", f"modalities[{i}] must be {{'type': 'image' or 'image_3d', 'value': ...}}, got {item!r:.80}")
+    return item["value"]
+
+
+def _volume_path(value, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise RowError("bad_field", f"{where}: a volume is given by its path (as tokenized by image_tokenize --volume-column), "
+                                    f"got {type(value).__name__}")
+    return value
 
 
 def _turns(row: dict) -> list[tuple[str, str]]:
@@ -437,12 +501,30 @@ class SequenceBuilder:
     # -- assembly -----------------------------------------------------------------------------
 
     def _image_block(self, ref, index: int) -> np.ndarray:
-        """``[boi] + code ids + [eoi]`` of one image reference (codes checked for count and range)."""
+        """``[boi] + code ids + [eoi]`` of one image reference (codes checked for count and range); a volume's
+        header and slice blocks (:data:`VOLUME_LAYOUT`)."""
+        if isinstance(ref, VolumeRef):
+            return self._volume_block(ref, index)
         codes = self._codes(ref, index)
         block = np.empty(len(codes) + 2, dtype=np.int32)
         block[0], block[-1] = self.vocab.boi_id, self.vocab.eoi_id
         block[1:-1] = self._code_ids[codes]
         return block
+
+    def _volume_block(self, ref: VolumeRef, index: int) -> np.ndarray:
+        if self.resolve_image is None:
+            raise RowError("missing_image", f"image {index} is a volume and no image codes source was given (--image-tokens)")
+        volume = self.resolve_image(ref)
+        header = self._encode_safe([volume_header(volume)])[0]
+        if isinstance(header, RowError):
+            raise header
+        codes = np.asarray(volume.codes)  # (K, h*w)
+        if codes.size and (codes.min() < 0 or codes.max() >= self.code_limit):
+            raise RowError("bad_codes", f"volume {ref.path!r}: codes must lie in 0..{self.code_limit - 1}")
+        blocks = np.empty((len(codes), codes.shape[1] + 2), dtype=np.int32)  # (K, 1 + h*w + 1)
+        blocks[:, 0], blocks[:, -1] = self.vocab.boi_id, self.vocab.eoi_id
+        blocks[:, 1:-1] = self._code_ids[codes]
+        return np.concatenate([np.asarray(header, dtype=np.int32), blocks.reshape(-1)])
 
     def _codes(self, ref, index: int) -> np.ndarray:
         ref = _image_source(ref, index)

@@ -1,7 +1,8 @@
 """Prompts: their segments, and checking and encoding them into token ids.
 
 A prompt is a list of segments: ``str`` (text), ``PIL.Image.Image`` or ``pathlib.Path`` (an image,
-tokenized with the bundle's VQGAN), :class:`ImageCodes` (raw VQGAN codes) and :data:`END_OF_TURN`.
+tokenized with the bundle's VQGAN), :class:`ImageCodes` (raw VQGAN codes), :data:`END_OF_TURN` and
+:class:`medmax.prompting.VolumeInput` (a volume: its header text, then its slices as images).
 It is encoded the way training sequences are built: ``<s>``, then each segment in order (text with
 special-token parsing off, so typed ``<racm3:break>`` or ``</s>`` stay text; an image as
 ``boi + code ids + eoi``; the end-of-turn id).
@@ -21,7 +22,7 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
-from ..prompting import _EndOfTurn
+from ..prompting import _EndOfTurn, expand_volumes
 from ..vocab import encode_text
 
 _ENCODE_BATCH = 8  # prompt images per VQGAN encoder call
@@ -73,6 +74,7 @@ class PromptEncoder:
         for i, prompt in enumerate(prompts):
             if isinstance(prompt, (*_SINGLE, ImageCodes, _EndOfTurn)):
                 prompt = [prompt]
+            prompt = expand_volumes(prompt)  # a volume: its header, then its slices as images
             segs = [self._check_segment(s, f"prompt {i} segment {j}") for j, s in enumerate(prompt)]
             length = 1 + sum(self._segment_length(s) for s in segs)
             if length + needed > self.context_length:

@@ -303,7 +303,7 @@ def test_a_file_of_another_release_is_named_in_one_line(tmp_path):
 
 def test_every_format_is_listed():
     assert FORMATS == ("medmax", "vqa_rad", "slake", "pathvqa", "quilt_vqa", "pmc_vqa", "omnimed", "path_mmu", "probmed",
-                       "vlmeval_tsv", "gmai_mmbench", "mmmu", "medxpertqa_mm")
+                       "vlmeval_tsv", "gmai_mmbench", "mmmu", "medxpertqa_mm", "m3d_vqa")
 
 
 # ---------------------------------------------------------------- the program, end to end on embedded images

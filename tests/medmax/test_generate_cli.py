@@ -236,3 +236,37 @@ def test_decoding_flag_reaches_the_config_and_greedy_codes_agree(tiny_model_dir,
     sjd = _generate(tiny_model_dir, tmp_path / "sjd", *image, "--decoding", "sjd", "--sjd-window", "4")
     assert (plain["config"]["decoding"], sjd["config"]["decoding"], sjd["config"]["sjd_window"]) == ("plain", "sjd", 4)
     assert plain["segments"][0]["codes"] == sjd["segments"][0]["codes"]
+
+
+def test_a_volume_prompt_is_the_training_layout(tiny_model_dir, tmp_path, monkeypatch):
+    """`medmax generate --volume` gives the ids a training row with that volume has: header, then each slice's block."""
+    from medmax.data.rows import SequenceBuilder, VolumeRef
+    from medmax.generation.prompts import PromptEncoder
+    from medmax.image_tokens import read_volume_tokens
+    from medmax.synthetic_volumes import lesion_volume, write_nifti
+    from medmax.vocab import load_tokenizer
+    from tokenization.image_tokenize import main as tokenize_main
+
+    nifti = write_nifti(tmp_path / "ct.nii.gz", lesion_volume(np.random.default_rng(0), shape=(9, 20, 24)).hu, axcodes="RAS")
+    (tmp_path / "v.csv").write_text("volume\nct.nii.gz\n")
+    assert tokenize_main(["--input", str(tmp_path / "v.csv"), "--output", str(tmp_path / "tok"), "--ckpt", str(tiny_model_dir / "vqgan"),
+                          "--volume-column", "volume", "--slices", "3", "--window", "abdomen", "--workers", "0", "--no-progress"]) == 0
+    built = []
+    original = PromptEncoder.encode
+    # a copy: generation appends its tokens to the lists encode returns
+    def record(self, checked):
+        ids = original(self, checked)
+        built.append([list(x) for x in ids])
+        return ids
+
+    monkeypatch.setattr(PromptEncoder, "encode", record)
+    question = "Is there a lesion?"
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", question, "--volume", str(nifti), "--slices", "3",
+                 "--window", "abdomen", "--mode", "text", "--greedy", "--max-new-tokens", "1", "--no-end-of-turn",
+                 "--output", str(tmp_path / "gen"), "--device", "cpu"]) == 0
+    volume = read_volume_tokens(tmp_path / "tok")["ct.nii.gz"]
+    builder = SequenceBuilder(load_tokenizer(tiny_model_dir / "tokenizer.json"), resolve_image=lambda ref: volume)
+    training = builder.build({"text": "<image>" + question, "volume": "ct.nii.gz"}).input_ids.tolist()
+    assert built[0][0] == training[:-1]  # the training row ends with </s>
+    record = json.loads((tmp_path / "gen" / "generation.json").read_text())
+    assert record["volumes"] == [str(nifti)]
