@@ -105,7 +105,7 @@ def _prompt_of(row: dict, path, n: int) -> str:
         prompt = row["text"].split(END_OF_TURN)[0]
     else:
         raise PromptFileError(f"{path}:{n}: no prompt (a 'prompt' string, or a 'text' with {END_OF_TURN})")
-    if "<image>" in prompt or row.get("image_path"):
+    if "<image>" in prompt:
         raise PromptFileError(f"{path}:{n}: a prompt with an input image; mode grpo takes text prompts only so far")
     if not prompt.strip():
         raise PromptFileError(f"{path}:{n}: an empty prompt")
