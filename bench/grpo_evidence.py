@@ -54,7 +54,7 @@ def grpo(out: Path, name: str, seconds: float, max_steps: int | None, log: dict)
     if (model / "config.json").is_file():
         return model
     py, qs = sys.executable, out / "qs"
-    bound = [f"max_steps={max_steps}"] if max_steps else [f"max_seconds={seconds}"]
+    bound = [f"max_steps={max_steps}", "logging_steps=1"] if max_steps else [f"max_seconds={seconds}"]
     _run(f"2 grpo {name}", [py, "-m", "finetune.train", "--config", "finetune/configs/grpo_tiny_cpu.yaml",
                             f"model={qs / 'model'}", f"datasets=[{qs / 'data' / 'train.jsonl'}]",
                             f"output_dir={out / f'grpo_{name}'}", f"rewards=[{REWARDS[name]}]", *bound,

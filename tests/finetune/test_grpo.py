@@ -192,6 +192,40 @@ def test_a_reward_that_raises_or_gives_nan_is_a_counted_failure(caplog):
     assert adv[1] == 0 and adv[0] > 0 > adv[2]  # an unscorable sample: no advantage, not in its group's baseline
 
 
+# ------------------------------------------------------------------------------ built-in rewards
+def _scan(position: str, size: str):
+    from medmax.synthetic import _render
+
+    from PIL import Image
+
+    return Image.fromarray(_render(np.random.default_rng(0), 64, True, position, size), mode="L")
+
+
+def test_lesion_locator_scores_position_and_size_against_the_prompt():
+    from medmax.grpo_rewards import lesion_locator
+
+    ask = "Generate a scan: A grey scan with a small bright lesion in the upper left."
+    images = [[_scan("upper left", "small")], [_scan("upper left", "large")], [_scan("lower right", "small")],
+              [_scan("lower right", "large")], []]
+    samples = Samples([ask] * 5 + ["Draw anything."], [""] * 6, images + [[_scan("upper left", "small")]], [[]] * 6)
+    values = lesion_locator(samples)
+    assert values[:5] == [1.0, 0.5, 0.5, 0.0, 0.0] and math.isnan(values[5])  # no drawing: 0; no target: a failure
+
+
+def test_self_consistency_asks_the_policy_about_its_own_codes(tiny_model_dir):
+    from medmax.generation import Generator
+    from medmax.grpo_rewards import self_consistency
+
+    gen = Generator.from_dir(tiny_model_dir)
+    n = gen.vqgan.n_codes_per_image
+    prompts = ["Generate a scan: A grey scan with a large bright lesion in the lower left.",
+               "Generate a scan: A grey scan with no lesion.", "Tell me a story."]
+    samples = Samples(prompts, [""] * 3, [[None]] * 3, [[list(range(n))], [list(range(n))], [list(range(n))]],
+                      generator=gen)
+    values = self_consistency(samples)
+    assert values[0] in (0.0, 0.5, 1.0) and values[1] in (0.0, 1.0) and math.isnan(values[2])
+
+
 # ------------------------------------------------------------------------------ runs
 def mean_brightness(samples: Samples) -> list[float]:
     """A reward for the smoke runs: the drawing's mean grey level (varies on a random tiny model)."""
@@ -224,6 +258,7 @@ def _history(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # ~35 s of CPU each (8 steps of 6 drawings, export), minutes on a loaded machine
 @pytest.mark.parametrize("weights", ["lora", "full"])
 def test_grpo_trains_resumes_and_exports_on_one_cpu_process(tmp_path, prompt_file, weights):
     from finetune.export import main as export_main
