@@ -122,13 +122,15 @@ def main(argv=None) -> int:
     p.add_argument("--start", type=Path, help="an existing quickstart run folder (model/ and data/) to start from")
     p.add_argument("--seconds", type=float, default=900, help="wall time of each GRPO run")
     p.add_argument("--seeds", type=int, default=4, help="drawings per held-out prompt")
+    p.add_argument("--runs", nargs="+", choices=sorted(REWARDS), default=["locator", "selfcons"],
+                   help="which GRPO runs (rewards) to make and measure")
     p.add_argument("--reduced", action="store_true", help="2 GRPO steps, the locator only, 1 seed (the slow test)")
     args = p.parse_args(argv)
     out = args.output.resolve()
     out.mkdir(parents=True, exist_ok=True)
     log: dict = {}
     sft(out, args.start.resolve() if args.start else None, log)
-    names = ["locator"] if args.reduced else ["locator", "selfcons"]
+    names = ["locator"] if args.reduced else args.runs
     models = {"sft": out / "qs" / "model"}
     for name in names:
         models[name] = grpo(out, name, args.seconds, 2 if args.reduced else None, log)
