@@ -120,16 +120,15 @@ class GRPOLoss:
 class Samples:
     """What reward functions see: one entry per sampled continuation (``G`` consecutive ones per prompt).
 
-    ``prompts`` the prompt text; ``texts`` the generated text; ``images`` the decoded images (PIL, or None where
-    none was drawn); ``codes`` each drawn image's VQGAN codes (list of lists); ``extra`` the prompt rows' other
-    fields; ``generator`` the policy as a :class:`medmax.generation.Generator` (self-consistency asks it questions).
+    ``prompts`` the prompt text; ``texts`` the generated text; ``images`` each sample's decoded images (PIL; an empty
+    list where none was drawn); ``codes`` each drawn image's VQGAN codes (a list of lists per sample); ``generator``
+    the policy as a :class:`medmax.generation.Generator` (self-consistency asks it questions).
     """
 
     prompts: list[str]
     texts: list[str]
     images: list[Any]
     codes: list[list[list[int]]]
-    extra: list[dict] = field(default_factory=list)
     generator: Any = None
 
     def __len__(self) -> int:
