@@ -112,7 +112,7 @@ def _markdown(summary: dict) -> str:
             ("closed accuracy", "eval", "closed"), ("MCQ accuracy", "eval", "mcq")]
     for label, group, key in rows:
         cells = [summary[n].get(group, {}).get(key) for n in names]
-        lines.append(f"| {label} | " + " | ".join(f"{c:.3f}" if isinstance(c, (int, float)) else "-" for c in cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(f"{c:.4g}" if isinstance(c, (int, float)) else "-" for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
