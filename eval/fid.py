@@ -4,7 +4,7 @@
 decides from the files):
 
 - ``clip``: a Hugging Face CLIP folder or an open_clip one (BiomedCLIP), its image tower's unit-norm embedding
-  (eval/clip_score.py);
+  (medmax/clip_score.py);
 - ``dinov2``: a transformers vision folder (DINOv2, RadDino: ``config.json`` of another model type), its CLS
   token, or ``pooler_output`` with ``--fid-pool pooled``;
 - ``vqgan-encoder``: a VQGAN (``vqgan.yaml`` + weights, as under a model folder's ``vqgan/``), mean-pooled
@@ -76,7 +76,7 @@ def load_extractor(path: Path, kind: str = "auto", pool: str = "cls", device: st
         raise EvalError(f"--fid-features {path}: does not exist")
     kind = detect_kind(path) if kind == "auto" else kind
     if kind == "clip":
-        from .clip_score import ClipScorer
+        from medmax.clip_score import ClipScorer
 
         return ClipImageFeatures(ClipScorer.from_dir(path, device=device), f"clip {path.name}")
     if kind == "dinov2":

@@ -351,7 +351,7 @@ def _setup(config: EvalConfig, tasks: list[Task]) -> Context:
     generator = Generator.from_dir(config.model, device=device, dtype=dtype, skip_memory_check=config.skip_memory_check)
     clip = None
     if config.clip_model and any(t.needs_clip or t.kind == "mm_out" for t in tasks):
-        from .clip_score import ClipScorer
+        from medmax.clip_score import ClipScorer
 
         clip = ClipScorer.from_dir(config.clip_model, device=device)
     pred_dir = config.output / PREDICTIONS

@@ -20,11 +20,13 @@ from medmax.errors import UserError
 from medmax.model import MODEL_PRESETS
 from medmax.presets import TOKENIZER_PRESETS, VQGAN_PRESETS, parse_preset
 
-MODES = ("full", "lora", "image-alignment", "dpo")
-DPO_WEIGHTS = ("lora", "full")  # what mode dpo trains
+MODES = ("full", "lora", "image-alignment", "dpo", "grpo")
+DPO_WEIGHTS = ("lora", "full")  # what mode dpo (and grpo) trains
 DPO_REFERENCES = ("auto", "copy")
 DPO_FIELDS = ("dpo_weights", "dpo_beta", "dpo_loss_type", "dpo_label_smoothing", "rpo_alpha", "dpo_use_weights",
               "dpo_reference")
+GRPO_FIELDS = ("grpo_weights", "grpo_num_generations", "grpo_beta", "grpo_epsilon", "grpo_epsilon_high",
+               "grpo_reference", "grpo_generation", "rewards", "reward_weights", "reward_settings", "prompt_tasks")
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -94,6 +96,30 @@ class FinetuneConfig(TrainingArguments):
     dpo_reference: str = field(default="auto", metadata={
         "help": "mode dpo: auto = under LoRA the same weights with adapters disabled, else a frozen copy; "
                 "copy = always a frozen copy of the starting model."})
+    grpo_weights: str = field(default="lora", metadata={
+        "help": f"mode grpo: which weights train, one of {DPO_WEIGHTS} (LoRA settings as in mode lora)."})
+    grpo_num_generations: int = field(default=4, metadata={
+        "help": "mode grpo: G, continuations sampled per prompt (a group); advantages are normalised per group."})
+    grpo_beta: float = field(default=0.04, metadata={
+        "help": "mode grpo: factor of the KL term to the reference (k3 estimator); 0 = no reference."})
+    grpo_epsilon: float = field(default=0.2, metadata={"help": "mode grpo: the policy ratio's clip, 1 +- epsilon."})
+    grpo_epsilon_high: float | None = field(default=None, metadata={
+        "help": "mode grpo: the upper clip (DAPO's clip-higher); null = grpo_epsilon."})
+    grpo_reference: str = field(default="auto", metadata={
+        "help": "mode grpo: auto = under LoRA the same weights with adapters disabled, else a frozen copy; "
+                "copy = always a frozen copy of the starting model."})
+    grpo_generation: dict = field(default_factory=dict, metadata={
+        "help": "mode grpo: how to sample, medmax.generation.GenerationConfig's fields (mode: image by default; "
+                "text or interleaved for text continuations); batch_size defaults to a group per batch."})
+    rewards: list = field(default_factory=list, metadata={
+        "help": "mode grpo: reward functions as module:function (built in: medmax.grpo_rewards:lesion_locator, "
+                "clip_similarity, classifier_probability, self_consistency)."})
+    reward_weights: list | None = field(default=None, metadata={
+        "help": "mode grpo: one weight per reward (the total is their weighted sum); null = all 1."})
+    reward_settings: dict = field(default_factory=dict, metadata={
+        "help": "mode grpo: keyword arguments per reward function name, e.g. {clip_similarity: {model: PATH}}."})
+    prompt_tasks: list = field(default_factory=list, metadata={
+        "help": "mode grpo: keep only prompt rows whose 'task' is listed (e.g. [image_generation]); [] = every row."})
     freeze: list = field(default_factory=list, metadata={
         "help": "Regular expressions (re.search) over parameter names to freeze in addition to the mode."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (mode lora)."})
@@ -167,6 +193,7 @@ class FinetuneConfig(TrainingArguments):
                 if not getattr(self, key):
                     raise ConfigError(f"{key}: required when model is a preset ({self.model})")
         self._check_dpo()
+        self._check_grpo()
         if self.weights_mode == "lora" and (self.lora_r <= 0 or self.lora_alpha <= 0):
             raise ConfigError(f"lora_r={self.lora_r}, lora_alpha={self.lora_alpha}: both must be positive")
         self.validation_fraction()  # raises on a bad value
@@ -195,6 +222,70 @@ class FinetuneConfig(TrainingArguments):
         except ValueError as err:
             raise ConfigError(str(err)) from None
 
+    def _check_grpo(self) -> None:
+        for key in ("rewards", "prompt_tasks"):
+            if isinstance(getattr(self, key), str):
+                setattr(self, key, [getattr(self, key)])
+        if self.mode != "grpo":
+            defaults = {f.name: (f.default_factory() if callable(f.default_factory) else f.default)
+                        for f in fields(FinetuneConfig) if f.name in GRPO_FIELDS}
+            stray = [f"{k}={getattr(self, k)!r}" for k in GRPO_FIELDS if getattr(self, k) != defaults[k]]
+            if stray:
+                raise ConfigError(f"{', '.join(stray)}: only used with mode: grpo (mode is {self.mode})")
+            return
+        if self.grpo_weights not in DPO_WEIGHTS:
+            raise ConfigError(f"grpo_weights={self.grpo_weights!r}: choose one of {DPO_WEIGHTS}")
+        if self.grpo_reference not in DPO_REFERENCES:
+            raise ConfigError(f"grpo_reference={self.grpo_reference!r}: choose one of {DPO_REFERENCES}")
+        if self.grpo_num_generations < 1:
+            raise ConfigError(f"grpo_num_generations={self.grpo_num_generations}: must be at least 1 (2 or more to learn)")
+        if self.validation is not None:
+            raise ConfigError(f"validation={self.validation}: mode grpo has no validation loss; measure the exported "
+                              "model with eval.run instead")
+        if not self.rewards:
+            raise ConfigError("rewards: mode grpo needs at least one reward (module:function)")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ConfigError(f"reward_weights={self.reward_weights}: one weight per reward ({len(self.rewards)})")
+        try:
+            self.grpo_loss()
+            self.generation_config()
+            self.reward_functions()
+        except (ValueError, TypeError, UserError) as err:
+            raise ConfigError(str(err)) from None
+
+    def grpo_loss(self):
+        """The GRPO objective these settings describe (``medmax.grpo.GRPOLoss``)."""
+        from medmax.grpo import GRPOLoss
+
+        return GRPOLoss(self.grpo_beta, self.grpo_epsilon, self.grpo_epsilon_high)
+
+    def generation_config(self):
+        """How mode grpo samples (``medmax.generation.GenerationConfig``): image mode and a batch of one group,
+        unless ``grpo_generation`` says otherwise."""
+        from medmax.generation import GenerationConfig
+
+        known = {f.name for f in fields(GenerationConfig)}
+        unknown = sorted(set(self.grpo_generation or {}) - known)
+        if unknown:
+            raise ConfigError(f"grpo_generation: unknown settings {unknown} (GenerationConfig's fields: {sorted(known)})")
+        values = {"mode": "image", "batch_size": self.grpo_num_generations, **(self.grpo_generation or {})}
+        return GenerationConfig(**values)
+
+    def reward_functions(self):
+        """The configured rewards (``medmax.grpo.Reward``), loaded; a bad name or settings key raises ConfigError."""
+        from medmax.grpo import GRPOSettingError, Reward, load_reward
+
+        weights = self.reward_weights or [1.0] * len(self.rewards)
+        names = [str(spec).rpartition(":")[2] for spec in self.rewards]
+        stray = sorted(set(self.reward_settings or {}) - set(names))
+        if stray:
+            raise ConfigError(f"reward_settings: {stray} name no reward in rewards ({names})")
+        try:
+            return [Reward(name, load_reward(spec), float(w), dict((self.reward_settings or {}).get(name) or {}))
+                    for spec, name, w in zip(self.rewards, names, weights)]
+        except GRPOSettingError as err:
+            raise ConfigError(str(err)) from None
+
     def dpo_loss(self):
         """The DPO objective these settings describe (``medmax.dpo.DPOLoss``)."""
         from medmax.dpo import DPOLoss
@@ -203,8 +294,8 @@ class FinetuneConfig(TrainingArguments):
 
     @property
     def weights_mode(self) -> str:
-        """What trains: full, lora or image-alignment (mode dpo: its dpo_weights)."""
-        return self.dpo_weights if self.mode == "dpo" else self.mode
+        """What trains: full, lora or image-alignment (mode dpo: its dpo_weights; mode grpo: its grpo_weights)."""
+        return {"dpo": self.dpo_weights, "grpo": self.grpo_weights}.get(self.mode, self.mode)
 
     @property
     def is_preset(self) -> bool:

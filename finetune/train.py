@@ -155,6 +155,12 @@ def _setup_data(cfg: FinetuneConfig, vocab: Vocabulary, vocab_size: int):
         from .dpo import setup_preference_data
 
         return setup_preference_data(cfg, vocab, vocab_size)
+    if cfg.mode == "grpo":
+        from .grpo import PromptDataset
+
+        prompts = PromptDataset([s.path for s in cfg.dataset_specs()], cfg.prompt_tasks or None)
+        logger.info("prompts: %d (groups of %d continuations)", len(prompts), cfg.grpo_num_generations)
+        return prompts, None
     from medmax.data.loader import SequenceDataset, check_sequences, split_validation
 
     load = _loader(cfg)
@@ -294,8 +300,13 @@ def _resume_point(cfg: FinetuneConfig, resume: bool) -> Path | None:
 # ------------------------------------------------------------------------------ what a run continues
 def _digest(cfg: FinetuneConfig, folder: str) -> str:
     """A folder's content digest (``medmax.data.store.dataset_digest``); with the token store, the one recorded
-    when the store was made."""
+    when the store was made. Mode grpo: the prompt file's sha256."""
     from medmax.data.store import dataset_digest
+
+    if cfg.mode == "grpo":
+        from .grpo import prompt_file_digest
+
+        return prompt_file_digest(folder)
 
     return dataset_digest(folder, cfg.data_store, cfg.store_dir)
 
@@ -318,6 +329,9 @@ def _training_settings(cfg: FinetuneConfig) -> dict:
         keys += ["lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"]
     if cfg.mode == "dpo":
         keys += ["dpo_beta", "dpo_loss_type", "dpo_label_smoothing", "rpo_alpha", "dpo_use_weights", "dpo_reference"]
+    if cfg.mode == "grpo":
+        keys += ["grpo_num_generations", "grpo_beta", "grpo_epsilon", "grpo_epsilon_high", "grpo_reference",
+                 "grpo_generation", "rewards", "reward_weights", "reward_settings", "prompt_tasks"]
     return {key: getattr(cfg, key) for key in keys}
 
 
@@ -327,7 +341,7 @@ def run_fingerprint(cfg: FinetuneConfig, tokenizer) -> dict:
     rebuilt from it on resume."""
     fraction = cfg.validation_fraction()
     return {
-        "mode": cfg.mode if cfg.mode != "dpo" else f"dpo/{cfg.dpo_weights}",  # dpo's LoRA and full checkpoints differ
+        "mode": cfg.mode if cfg.mode not in ("dpo", "grpo") else f"{cfg.mode}/{cfg.weights_mode}",  # LoRA and full differ
         "model": _model_identity(cfg),
         "settings": _training_settings(cfg),
         "tokenizer": hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
@@ -391,21 +405,32 @@ def _check_resume(checkpoint: Path, fingerprint: dict, anyway: bool) -> None:
     logger.warning("%s; continuing anyway (--resume-anyway)", message)
 
 
-def _dpo_reference(cfg: FinetuneConfig, model):
-    """Mode dpo: a frozen copy of the starting model as the reference, unless LoRA's disabled adapters serve."""
-    if cfg.mode != "dpo":
+def _reference(cfg: FinetuneConfig, model):
+    """Modes dpo and grpo: a frozen copy of the starting model as the reference, unless LoRA's disabled adapters
+    serve (or grpo_beta is 0: no KL term, no reference)."""
+    if cfg.mode not in ("dpo", "grpo"):
         return None
     from .dpo import disable_dropout, frozen_copy
 
     disable_dropout(model)
-    if cfg.dpo_weights == "lora" and cfg.dpo_reference == "auto":
+    setting = cfg.dpo_reference if cfg.mode == "dpo" else cfg.grpo_reference
+    if (cfg.weights_mode == "lora" and setting == "auto") or (cfg.mode == "grpo" and cfg.grpo_beta == 0):
         return None
     return frozen_copy(model)
 
 
-def _trainer(cfg: FinetuneConfig, vocab: Vocabulary, model, reference, train_set, val_set, info: dict, tokenizer):
+def _trainer(cfg: FinetuneConfig, vocab: Vocabulary, model, reference, train_set, val_set, info: dict, tokenizer,
+             vqgan=None):
     common = dict(model=model, args=cfg, train_dataset=train_set, eval_dataset=val_set, run_info=info,
                   tokenizer_obj=tokenizer)
+    if cfg.mode == "grpo":
+        from .dpo import disable_dropout
+        from .grpo import collate_prompts, grpo_trainer
+
+        disable_dropout(model)  # LoRA's dropout layers exist only now
+        return grpo_trainer(data_collator=collate_prompts, grpo_loss=cfg.grpo_loss(), rewards=cfg.reward_functions(),
+                            num_generations=cfg.grpo_num_generations, generation=cfg.generation_config(),
+                            vqgan=vqgan, vocab=vocab, ref_model=reference, **common)
     if cfg.mode != "dpo":
         return medmax_trainer(data_collator=_collator(cfg, vocab), **common)
     from medmax.data.preference_loader import PreferenceCollator
@@ -462,7 +487,7 @@ def run(cfg: FinetuneConfig, resume: bool = False, resume_anyway: bool = False) 
     model, base_dir = _setup_model(cfg, tokenizer, vqgan, resume)
     # transformers finds packed boundaries only without a KV cache, and Chameleon makes one whenever use_cache is on
     model.config.use_cache = False
-    reference = _dpo_reference(cfg, model)
+    reference = _reference(cfg, model)
     lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_target_modules)
     model = setup_mode(model, cfg.weights_mode, vocab, cfg.freeze, lora)
     if cfg.gradient_checkpointing and cfg.weights_mode != "full":
@@ -472,7 +497,7 @@ def run(cfg: FinetuneConfig, resume: bool = False, resume_anyway: bool = False) 
         save_vqgan(vqgan, output_dir / "vqgan")
     info = {"mode": cfg.mode, "model": cfg.model, "base_model": base_dir if cfg.weights_mode == "lora" else None,
             "vqgan": str(output_dir / "vqgan"), "tokenizer": "tokenizer.json", "fingerprint": fingerprint}
-    trainer = _trainer(cfg, vocab, model, reference, train_set, val_set, info, tokenizer)
+    trainer = _trainer(cfg, vocab, model, reference, train_set, val_set, info, tokenizer, vqgan)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if val_set is not None:
         trainer.evaluate()

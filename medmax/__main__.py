@@ -47,7 +47,7 @@ The MedMax toolkit's programs (each has --help):
   python -m tokenization.build_sequences ...           text + codes -> training sequences (medmax-build-sequences)
   python -m tokenization.build_preferences ...         preference rows -> prompt / chosen / rejected ids (medmax-build-preferences)
   python -m tokenization.train_vqgan ...               VQGAN training / fine-tuning, taming objective (medmax-train-vqgan)
-  finetune/launch.sh ... | python -m finetune.train ... fine-tuning: full, LoRA, image-alignment, dpo (medmax-train)
+  finetune/launch.sh ... | python -m finetune.train ... fine-tuning: full, LoRA, image-alignment, dpo, grpo (medmax-train)
   python -m finetune.make_preferences ...              MMedPO-style preference rows from a VQA set and a model (medmax-make-preferences)
   python -m finetune.export ...                        merge and export a model folder (medmax-export)
   python -m finetune.convert ...                       original Chameleon / MedMax layout -> model folder (medmax-convert)

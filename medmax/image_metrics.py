@@ -28,7 +28,7 @@ Extractors (each maps a list of RGB PIL images to an (N, D) float tensor):
 - :class:`VqganEncoderFeatures` (kind ``vqgan-encoder``): a VQGAN's encoder output after ``quant_conv`` and before
   quantisation, mean-pooled over the grid. A stand-in for tiny runs that have no trained extractor (the
   quickstart); not comparable with any published FID.
-- The CLIP / BiomedCLIP image tower is in eval/fid.py (it reads through eval/clip_score.py).
+- The CLIP / BiomedCLIP image tower is in eval/fid.py (it reads through medmax/clip_score.py).
 """
 
 from __future__ import annotations

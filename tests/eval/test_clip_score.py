@@ -9,7 +9,7 @@ from PIL import Image
 from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 
 import eval.run as run
-from eval.clip_score import ClipScorer
+from medmax.clip_score import ClipScorer
 
 
 def _main(argv):

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoModel, BertConfig, BertTokenizerFast
 
-from eval.clip_score import ClipScorer
-from eval.open_clip_layout import OpenClipLayoutError
+from medmax.clip_score import ClipScorer
+from medmax.open_clip_layout import OpenClipLayoutError
 
 WIDTH, DEPTH, PATCH, SIZE, EMBED, TEXT_WIDTH = 128, 2, 16, 32, 48, 128
 WORDS = ["a", "round", "lesion", "in", "the", "upper", "left", "liver", "ct", "scan", "of", "chest", "x", "ray"]

@@ -23,7 +23,7 @@ CONFIGS = sorted((ROOT / "finetune" / "configs").glob("*.yaml"))
 
 def test_configs_are_shipped():
     names = {p.name for p in CONFIGS}
-    assert {"tiny_cpu.yaml", "quickstart.yaml", "lora_7b.yaml", "full_7b_zero3.yaml", "dpo_7b.yaml", "dpo_cpu.yaml"} <= names
+    assert {"tiny_cpu.yaml", "quickstart.yaml", "lora_7b.yaml", "full_7b_zero3.yaml", "dpo_7b.yaml", "dpo_cpu.yaml", "grpo_7b.yaml", "grpo_tiny_cpu.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -37,9 +37,11 @@ def test_every_shipped_config_parses_and_opens_with_its_command(path, monkeypatc
     if raw.get("deepspeed") and importlib.util.find_spec("deepspeed") is None:
         extra["deepspeed"] = None  # TrainingArguments imports deepspeed to read it; the JSON is checked below
     cfg = load_config(path, **extra)
-    assert cfg.mode in ("full", "lora", "image-alignment", "dpo") and cfg.datasets
+    assert cfg.mode in ("full", "lora", "image-alignment", "dpo", "grpo") and cfg.datasets
     if cfg.mode == "dpo":  # its loss settings build, and the weights it trains are named
         assert cfg.dpo_loss().beta > 0 and cfg.weights_mode in ("lora", "full")
+    if cfg.mode == "grpo":  # its loss, sampling and rewards build
+        assert cfg.grpo_loss().epsilon > 0 and cfg.generation_config().mode == "image" and cfg.reward_functions()
     for key in ("deepspeed", "fsdp_config"):
         if isinstance(raw.get(key), str):
             assert isinstance(json.loads((ROOT / raw[key]).read_text()), dict)

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from medmax.errors import UserError
+from .errors import UserError
 
 CONFIG_FILE, WEIGHTS_FILE = "open_clip_config.json", "open_clip_pytorch_model.bin"
 HEAD_DIM = 64  # ViT-B/S/L and BERT-base: width / heads
@@ -116,7 +116,7 @@ def bert_config(text: dict[str, torch.Tensor], folder: Path, pad_token_id: int):
 
 
 class OpenClipModel(nn.Module):
-    """BiomedCLIP-style towers with the two methods :class:`eval.clip_score.ClipScorer` calls."""
+    """BiomedCLIP-style towers with the two methods :class:`medmax.clip_score.ClipScorer` calls."""
 
     def __init__(self, vit, bert, image_proj: nn.Linear, text_proj: nn.Sequential, pad_token_id: int):
         super().__init__()
@@ -160,7 +160,7 @@ def load_open_clip_dir(folder: str | Path):
     """-> (OpenClipModel, tokenizer, image_size, mean, std, context_length) from a local open_clip folder."""
     from transformers import AutoTokenizer, BertModel, ViTModel
 
-    from medmax.torch_files import load_torch_file
+    from .torch_files import load_torch_file
 
     folder = Path(folder)
     cfg = read_config(folder)

@@ -1,7 +1,7 @@
 """CLIP similarity for captioning and image generation, from a local Hugging Face CLIP folder or an open_clip one.
 
 An open_clip folder (``open_clip_config.json`` + ``open_clip_pytorch_model.bin``, BiomedCLIP's layout, MedMax's
-image-generation metric) is read by eval/open_clip_layout.py, without open_clip (see there why).
+image-generation metric) is read by medmax/open_clip_layout.py, without open_clip (see there why).
 A Hugging Face folder holds ``config.json`` + weights (``CLIPModel``), a tokenizer, and optionally
 ``preprocessor_config.json``. Images are preprocessed here with PIL (shorter side to the model's
 size with bicubic resampling, centre crop, the processor's mean/std) rather than through transformers'
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from medmax.image_metrics import processor_size, resize_crop_normalize
+from .image_metrics import processor_size, resize_crop_normalize
 
 logger = logging.getLogger(__name__)
 
