@@ -37,8 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-FULL = {"train_per_kind": 600, "test_per_kind": 25, "vqgan_steps": 300, "train_steps": 700, "train_seconds": 780}
-REDUCED = {"train_per_kind": 60, "test_per_kind": 5, "vqgan_steps": 30, "train_steps": 20, "train_seconds": 120}
+FULL = {"train_per_kind": 600, "test_per_kind": 25, "vqgan_steps": 60, "vqgan_lr": 1e-3, "train_steps": 700, "train_seconds": 600}
+REDUCED = {"train_per_kind": 60, "test_per_kind": 5, "vqgan_steps": 30, "vqgan_lr": 1e-3, "train_steps": 20, "train_seconds": 120}
 
 
 def _run(name: str, cmd: list, log: dict) -> None:
@@ -63,6 +63,7 @@ def write_data(folder: Path, sizes: dict, seed: int) -> None:
     from medmax.vocab import END_OF_TURN, IMAGE_PLACEHOLDER
 
     (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "eval" / "images").mkdir(parents=True, exist_ok=True)
     build_tiny_tokenizer().save(str(folder / "tokenizer.json"))
     splits = {"train": make_edit_pairs(sizes["train_per_kind"], seed=seed),
               "heldout": make_edit_pairs(sizes["test_per_kind"], seed=seed + 1000)}
@@ -75,22 +76,25 @@ def write_data(folder: Path, sizes: dict, seed: int) -> None:
             paths += [src, tgt]
             rows.append({"text": f"{IMAGE_PLACEHOLDER}{p.instruction}{END_OF_TURN}{IMAGE_PLACEHOLDER}",
                          "image_path": [src, tgt], "task": f"edit_{p.kind}", "source": "synthetic_edits"})
-            if split == "heldout":
-                every.append({"task_name": "synthetic_edit", "kind": p.kind, "prompt": p.instruction,
-                              "input_images": [src], "target_image": tgt, "position": p.position, "size": p.size})
+            if split == "heldout":  # MedMax's eval schema, the image_editing kind (eval/editing.py)
+                p.source.save(folder / "eval" / src), p.target.save(folder / "eval" / tgt)
+                every.append({"task_name": "synthetic_edit", "question_type": "image_editing", "prompt": p.instruction,
+                              "answer": tgt, "image_path": src,
+                              "edit": {"kind": p.kind, "position": p.position, "size": p.size}})
         write_jsonl(folder / f"{split}.jsonl", rows, sort_keys=False)
         _csv(folder / f"{split}_images.csv", paths)
-    write_jsonl(folder / "heldout_edits.jsonl", every, sort_keys=False)
+    write_jsonl(folder / "eval" / "edits.jsonl", every, sort_keys=False)
 
 
 def build(out: Path, sizes: dict, seed: int, log: dict) -> None:
     data, py = out / "data", sys.executable
-    if not (data / "heldout_edits.jsonl").is_file():
+    if not (data / "eval" / "edits.jsonl").is_file():
         write_data(data, sizes, seed)
     if not (out / "vqgan" / "vqgan.yaml").is_file():
         _run("2 vqgan", [py, "-m", "tokenization.train_vqgan", "--input", data / "train_images.csv", "--output", out / "vqgan",
-                         "--preset", "tiny", "--steps", sizes["vqgan_steps"], "--batch-size", 16, "--lr", 5e-4,
-                         "--pixel-weight", "contrast", "--pixel-weight-alpha", 10, "--seed", seed, "--threads", 2], log)
+                         "--preset", "tiny", "--steps", sizes["vqgan_steps"], "--batch-size", 16, "--lr", sizes["vqgan_lr"],
+                         "--pixel-weight", "contrast", "--pixel-weight-alpha", 10, "--seed", seed, "--threads", 2,
+                         "--eval-images", 32, "--eval-every", 0, "--no-tensorboard", "--no-progress"], log)
     for split in ("train", "heldout"):
         tokens = out / "tokens" / split
         if not (tokens / "manifest.json").is_file():
@@ -118,10 +122,49 @@ def train(out: Path, sizes: dict, seed: int, log: dict) -> None:
 def measure(out: Path, log: dict) -> dict:
     folder = out / "eval"
     if not (folder / "results.json").is_file():
-        _run("6 eval", [sys.executable, "-m", "eval.run", "--model", out / "model", "--data", out / "data",
-                        "--edit-file", "heldout_edits.jsonl", "--output", folder, "--tasks", "synthetic_edit",
-                        "--batch-size", 16, "--overwrite"], log)
-    return json.loads((folder / "results.json").read_text())
+        _run("6 eval", [sys.executable, "-m", "eval.run", "--model", out / "model", "--data", out / "data" / "eval",
+                        "--output", folder, "--tasks", "synthetic_edit", "--batch-size", 16, "--overwrite"], log)
+    results = json.loads((folder / "results.json").read_text())["synthetic_edit"]
+    rows = [json.loads(line) for line in (folder / "predictions" / "synthetic_edit.jsonl").read_text().splitlines()]
+    return {"eval": results, "baselines": baselines(out, rows)}
+
+
+def baselines(out: Path, rows: list[dict]) -> dict:
+    """Per edit kind: chance (each row judged on the next held-out row's target of the same kind: a right-looking
+    image that ignores its input) and the ceiling (the row's own target through the VQGAN, the best the codes allow)."""
+    import torch
+    from PIL import Image
+
+    from medmax.images import preprocess
+    from medmax.synthetic_edits import edit_success
+    from medmax.vqgan import load_vqgan, to_uint8
+
+    edits = [json.loads(line) for line in (out / "data" / "eval" / "edits.jsonl").read_text().splitlines()]
+    vqgan = load_vqgan(out / "vqgan").eval()
+    targets = [Image.open(out / "data" / "eval" / e["answer"]).convert("RGB") for e in edits]
+    with torch.no_grad():
+        codes = vqgan.encode_codes(torch.stack([preprocess(t, vqgan.resolution) for t in targets]))
+        through = [Image.fromarray(a.numpy()) for a in to_uint8(vqgan.decode_codes(codes))]
+    result = {}
+    for kind in sorted({e["edit"]["kind"] for e in edits}):
+        idx = [i for i, e in enumerate(edits) if e["edit"]["kind"] == kind]
+        judge = lambda i, image: edit_success(kind, edits[i]["edit"]["position"], edits[i]["edit"]["size"], image)  # noqa: E731
+        result[kind] = {"n": len(idx),
+                        "chance": sum(judge(i, targets[idx[(k + 1) % len(idx)]]) for k, i in enumerate(idx)) / len(idx),
+                        "ceiling": sum(judge(i, through[i]) for i in idx) / len(idx)}
+    return result
+
+
+def markdown(summary: dict) -> str:
+    by_kind, base = summary["eval"].get("edit_success_by_kind", {}), summary["baselines"]
+    lines = ["| edit (held-out) | n | model | no-change | chance | ceiling (target via VQGAN) |", "|---|---|---|---|---|---|"]
+    for kind, s in by_kind.items():
+        lines.append(f"| {kind} | {s['n']} | {s['success']:.3f} | {s['no_change']:.3f} | {base[kind]['chance']:.3f} | "
+                     f"{base[kind]['ceiling']:.3f} |")
+    m, nc = summary["eval"]["metrics"], summary["eval"]["no_change"]
+    lines.append(f"\nPSNR {m['psnr']['score']:.2f} dB (no-change {nc['psnr']:.2f}), SSIM {m['ssim']['score']:.3f} "
+                 f"(no-change {nc['ssim']:.3f}) against the targets.")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -139,8 +182,10 @@ def main(argv=None) -> int:
     log: dict = {}
     build(out, sizes, args.seed, log)
     train(out, sizes, args.seed, log)
-    print(f"\ntrained; measure with eval.run into {out / 'eval'}", flush=True)
-    (out / "steps.json").write_text(json.dumps({"sizes": sizes, "steps": log}, indent=2))
+    summary = {"sizes": sizes, **measure(out, log), "steps": log}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(markdown(summary))
+    print(markdown(summary))
     return 0
 
 

@@ -43,6 +43,7 @@ from .scoring import LETTERS, UnresolvedGold, resolve_gold, yes_no
 logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("task_name", "question_type", "prompt", "answer", "image_path")
+EDIT_COLUMNS = ("input_images", "edit")  # image_editing rows (eval/editing.py): several inputs; the synthetic edit's truth
 FORMATS = ("medmax", "vqa_rad", "slake", "pathvqa", "quilt_vqa", "pmc_vqa", "omnimed", "path_mmu", "probmed")
 
 
@@ -188,6 +189,7 @@ def record_from_row(row: dict, uid: str) -> EvalRecord:
         options=options,
         pair_id=None if row.get("pair_id") in (None, "") else str(row["pair_id"]),
         image_bytes=image_bytes,
+        extra={k: row[k] for k in EDIT_COLUMNS if row.get(k) is not None},
     )
 
 

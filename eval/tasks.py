@@ -22,6 +22,7 @@ DEFAULT_MAX_NEW_TOKENS = {
     "image_generation": 0,  # decided by the VQGAN grid
     "visual_chat": 256,
     "mm_out": 256,
+    "image_editing": 0,  # one image (eval/editing.py)
 }
 
 
@@ -66,6 +67,9 @@ TASKS: list[Task] = (
 )
 # Selectable by name but not part of `all`: the quickstart's held-out synthetic scans (medmax.synthetic).
 EXTRA_TASKS: list[Task] = [Task("synthetic", t, t) for t in ("closed", "mcq", "open")]
+# Image editing / modality translation (eval/editing.py): any rows named image_editing, and the synthetic edits
+# of medmax.synthetic_edits (bench/edit_evidence.py).
+EXTRA_TASKS += [Task("image_editing", None, "image_editing"), Task("synthetic_edit", None, "image_editing")]
 KNOWN_TASKS: list[Task] = TASKS + EXTRA_TASKS
 TASKS_BY_KEY = {t.key: t for t in KNOWN_TASKS}
 
