@@ -28,27 +28,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from dpo_evidence import _run  # noqa: E402  (one way to run a step as a subprocess and log its command and time)
 
 FULL = {"train_per_kind": 600, "test_per_kind": 25, "vqgan_steps": 60, "vqgan_lr": 1e-3, "train_steps": 700, "train_seconds": 600}
 REDUCED = {"train_per_kind": 60, "test_per_kind": 5, "vqgan_steps": 30, "vqgan_lr": 1e-3, "train_steps": 20, "train_seconds": 120}
-
-
-def _run(name: str, cmd: list, log: dict) -> None:
-    cmd = [str(c) for c in cmd]
-    print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    env.setdefault("OMP_NUM_THREADS", "2")
-    start = time.time()
-    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
-    log[name] = {"command": " ".join(cmd), "seconds": round(time.time() - start, 1)}
 
 
 def _csv(path: Path, rel: list[str]) -> None:

@@ -5,6 +5,20 @@ codes only (logits are computed for those rows of the output layer only), then e
 Classifier-free guidance runs Chameleon's three streams (full prompt; the prompt reduced to its image
 tokens; ``<s><racm3:break>``) as one batch sharing one key-value cache; a stream two rows share is
 computed once.
+
+For image-conditioned generation (editing, modality translation: input images, an instruction, then an
+image) these are InstructPix2Pix's streams (Brooks et al. 2023), as Lumina-mGPT runs them:
+
+- **full** ``c_TI``: ``<s>``, every input image, the instruction, the end-of-turn, ``<racm3:break>``;
+- **image-only** ``c_I``: ``<s>``, the input images' blocks alone (no instruction, no end-of-turn), ``<racm3:break>``;
+- **unconditional** ``c_0``: ``<s><racm3:break>``;
+
+guided = uncond + s_img (image_only - uncond) + s_txt (full - image_only)
+(:func:`~medmax.generation.sampling.instruct_guidance`; ``guidance_scale_image`` = s_img, how strongly the
+result follows the input images, ``guidance_scale_text`` = s_txt, how strongly it follows the instruction).
+A text-only prompt's image-only stream is its unconditional one, so s_img has no effect there. The guided
+distribution is what plain decoding samples and what SJD verifies (``jacobi``); inpainting
+(``editing``) turns the guided logits of every place outside the edit region into a point mass on the input's code.
 """
 
 from __future__ import annotations
@@ -24,7 +38,8 @@ if TYPE_CHECKING:
 
 
 def guidance_streams(vocab, context: list[int]) -> list[list[int]]:
-    """The three streams for one row: full prompt, prompt reduced to its image tokens, unconditional."""
+    """The three streams for one row: full prompt, prompt reduced to its image blocks (the input images without
+    the instruction), unconditional; each ends with begin-of-image (module docstring)."""
     v = vocab
     image_only, inside = [v.bos_id], False
     for tok in context:
