@@ -59,6 +59,8 @@ def write_data(folder: Path, sizes: dict, seed: int) -> None:
               "heldout": make_edit_pairs(sizes["test_per_kind"], seed=seed + 1000)}
     every = []
     for split, pairs in splits.items():
+        if split == "train" and (folder / "train.jsonl").is_file():
+            continue  # written by an earlier (interrupted) run: the same seed draws the same pairs
         rows, paths = [], []
         for p in pairs:
             src, tgt = f"images/{p.name}_in.png", f"images/{p.name}_out.png"
@@ -162,11 +164,14 @@ def main(argv=None) -> int:
     p.add_argument("--output", type=Path, default=Path("runs/edit_evidence"))
     p.add_argument("--reduced", action="store_true", help="a few pairs and steps (a quick look, not evidence)")
     p.add_argument("--train-steps", type=int, help="override the training steps")
+    p.add_argument("--train-seconds", type=float, help="override the training's wall-time bound (max_seconds)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     sizes = dict(REDUCED if args.reduced else FULL)
     if args.train_steps:
         sizes["train_steps"] = args.train_steps
+    if args.train_seconds:
+        sizes["train_seconds"] = args.train_seconds
     out = args.output.resolve()
     out.mkdir(parents=True, exist_ok=True)
     log: dict = {}
