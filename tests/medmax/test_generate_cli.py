@@ -218,7 +218,7 @@ def test_generation_flags_default_to_the_config_fields_they_fill(tmp_path):
 
     args = _build_parser().parse_args(["generate", "--model", "m", "--prompt", "x", "--mode", "text",
                                        "--output", str(tmp_path)])
-    built, default = _generation_config(args), GenerationConfig(mode="text", seed=0)
+    built, default = _generation_config(args), GenerationConfig(mode="text", seed=0, batch_size=1)  # one prompt: auto decoding sees batch 1
     assert built == default
 
 
