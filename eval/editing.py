@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
-from scipy.ndimage import gaussian_filter
 
 SIGMA, TRUNCATE, K1, K2, DATA_RANGE = 1.5, 3.5, 0.01, 0.03, 255.0
 
@@ -38,6 +37,8 @@ def psnr(output: Image.Image, target: Image.Image) -> float:
 
 def ssim(output: Image.Image | np.ndarray, target: Image.Image | np.ndarray) -> float:
     """Mean structural similarity (module docstring) of two images or (H, W) grey arrays of one size."""
+    from scipy.ndimage import gaussian_filter  # here: eval.run's start-up does not need scipy
+
     x = output if isinstance(output, np.ndarray) else _grey(output)
     y = target if isinstance(target, np.ndarray) else _grey(target)
     x, y = x.astype(np.float64), y.astype(np.float64)
