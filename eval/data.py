@@ -46,6 +46,7 @@ from .scoring import LETTERS, UnresolvedGold, resolve_gold, yes_no
 logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("task_name", "question_type", "prompt", "answer", "image_path")
+EDIT_COLUMNS = ("input_images", "edit")  # image_editing rows (eval/editing.py): several inputs; the synthetic edit's truth
 FORMATS = ("medmax", "vqa_rad", "slake", "pathvqa", "quilt_vqa", "pmc_vqa", "omnimed", "path_mmu", "probmed",
            "vlmeval_tsv", "gmai_mmbench", "mmmu", "medxpertqa_mm", "m3d_vqa")
 # A volume named by a row (a .npy of M3D-VQA, a NIfTI file, a DICOM series folder) enters a prompt as this many
@@ -199,7 +200,8 @@ def record_from_row(row: dict, uid: str) -> EvalRecord:
         options=options,
         pair_id=None if row.get("pair_id") in (None, "") else str(row["pair_id"]),
         image_bytes=image_bytes,
-        extra={"groups": dict(row["groups"])} if row.get("groups") else {},
+        extra={**({"groups": dict(row["groups"])} if row.get("groups") else {}),
+               **{k: row[k] for k in EDIT_COLUMNS if row.get(k) is not None}},
     )
 
 

@@ -30,6 +30,7 @@ METRIC_FIELDS = {
     "image_generation": ("clip_similarity", {"clip_similarity": "clip"}),
     "visual_chat": ("token_f1", {"token_f1": "f1", "recall": "recall"}),
     "mm_out": ("token_f1", {"token_f1": "f1", "recall": "recall", "image_clip_similarity": "image_clip"}),
+    "image_editing": ("psnr", {"psnr": "psnr", "ssim": "ssim", "edit_success": "edit_success"}),
 }
 
 

@@ -64,7 +64,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from medmax.cli import program
 from medmax.jsonl import append_jsonl, read_json, read_jsonl, write_jsonl
 
-from . import ablation, circular, contamination, fid, fingerprint, launch, medmax_protocol, outputs, report
+from . import ablation, circular, contamination, editing, fid, fingerprint, launch, medmax_protocol, outputs, report
 from .data import FORMATS, EvalRecord, data_files, load_record_image, load_records
 from .errors import EvalError, FingerprintMismatch, ShardError
 from .judge import PLACEHOLDERS, PROMPT, Judge, JudgeConfig, parse_verdict
@@ -369,7 +369,7 @@ def _answer_length(task: Task, config: EvalConfig) -> int:
 def _gen_config(task: Task, config: EvalConfig, seed: int):
     from medmax.generation import GenerationConfig
 
-    if task.kind == "image_generation":
+    if task.kind in ("image_generation", "image_editing"):
         return GenerationConfig(mode="image", seed=seed)
     n = _answer_length(task, config)
     if task.kind == "mm_out":
@@ -401,6 +401,11 @@ def _image_failure(rec: EvalRecord, err: BaseException) -> str:
 def _prepare(task: Task, rec: EvalRecord, ctx: Context):
     """-> (prompt segments, input image, None), or (None, None, failed row)."""
     image = None
+    if task.kind == "image_editing":
+        try:
+            return (*editing.edit_prompt(rec, ctx.config.data), None)  # the input images stand in for the image
+        except IMAGE_FAILURES as e:
+            return None, None, _failed_row(task, rec, _image_failure(rec, e))
     if task.kind in NEEDS_INPUT_IMAGE:
         try:
             image = _input_image(rec, ctx)
@@ -416,7 +421,7 @@ def _generate(task: Task, prompts: list, ctx: Context, seeds: list[int]) -> list
     """Generation outputs, or an exception per prompt; sampled image tasks run one prompt at a time, seeded by row.
     A batch that raises is retried one prompt at a time, so only the prompts that fail on their own fail."""
     gen = ctx.generator
-    if task.kind in ("image_generation", "mm_out"):
+    if task.kind in ("image_generation", "mm_out", "image_editing"):
         return [_one(gen, p, _gen_config(task, ctx.config, s)) for p, s in zip(prompts, seeds)]
     if not prompts:
         return []
@@ -509,6 +514,9 @@ def _score(task: Task, rec: EvalRecord, out, image, ctx: Context) -> dict:
         row["clip"] = ctx.clip.image_text([image], [row["output"]])[0]
     elif kind == "image_generation":
         _score_generated_image(row, rec, out, ctx)
+    elif kind == "image_editing":
+        row["output_image"] = _save_image(out.images[0].image, ctx, rec.uid)
+        editing.score_row(row, rec, out.images[0].image, image, ctx.config.data)
     if rec.pair_id is not None:  # questions scored together (paired_accuracy): ProbMed's pairs, any pair_id column
         row["pair_id"] = rec.pair_id
     return row
@@ -635,6 +643,9 @@ def finish(config: EvalConfig, tasks: list[Task], groups: dict, skipped: dict, p
         found = train and contamination.summarize(task.kind, [r for r in rows if not r.get("error")], train[0], task.key)
         if found:
             results[task.key]["contamination"] = found
+        if task.kind == "image_editing":
+            results[task.key].update(editing.summary(rows))
+            warnings += editing.baseline_warnings(task.key, results[task.key])
         warnings += report.failure_warnings(task.key, rows)
         warnings += filter(None, [medmax_protocol.unmatchable_warning(task.key, results[task.key]),
                                   ablation.flag_line(task.key, results[task.key].get("image_ablation"))])

@@ -23,6 +23,7 @@ DEFAULT_MAX_NEW_TOKENS = {
     "image_generation": 0,  # decided by the VQGAN grid
     "visual_chat": 256,
     "mm_out": 256,
+    "image_editing": 0,  # one image (eval/editing.py)
 }
 
 
@@ -75,6 +76,9 @@ BENCHMARK_TASKS: list[Task] = [
 EXTRA_TASKS: list[Task] = [Task("synthetic", t, t) for t in ("closed", "mcq", "open")] + [
     Task("m3d_vqa", "mcq", "mcq"), Task("m3d_vqa", "open", "open"),  # 3D volumes (eval.data.convert_m3d_vqa)
 ]
+# Image editing / modality translation (eval/editing.py): any rows named image_editing, and the synthetic edits
+# of medmax.synthetic_edits (bench/edit_evidence.py).
+EXTRA_TASKS += [Task("image_editing", None, "image_editing"), Task("synthetic_edit", None, "image_editing")]
 KNOWN_TASKS: list[Task] = TASKS + BENCHMARK_TASKS + EXTRA_TASKS
 MEDMAX_KEYS = frozenset(t.key for t in TASKS)
 TASKS_BY_KEY = {t.key: t for t in KNOWN_TASKS}

@@ -4,6 +4,8 @@ Usage::
 
     medmax generate --model runs/export --prompt "Generate an image of a chest X-ray" --mode image --output out/
     medmax generate --model runs/export --prompt "What organ is shown?" --image scan.png --mode text --output out/
+    medmax generate --model runs/export --image scan.png --prompt "Remove the lesion." --mode image --output out/
+    medmax generate --model runs/export --image scan.png --prompt "Fill in the body." --mode image --edit-mask 10,60,40,90 --output out/
     python -m medmax generate --model DIR --prompt "..." [--image PATH ...] --mode text|image|interleaved --output DIR
     medmax demo --model runs/quickstart/model [--host 127.0.0.1] [--port 7860]   # the browser demo (pip install -e .[demo])
     medmax programs            # the other programs of the toolkit
@@ -18,6 +20,13 @@ order. ``--top-p 0`` / ``--image-top-p 0`` keep only the most likely token (gree
 ``medmax generate`` wrote there (its ``generation.json`` and the images it lists); an ``--output`` that
 cannot be written is refused before the model loads, and so is a ``config.json`` whose parameters
 need more memory than is available (``--skip-memory-check`` loads it anyway).
+
+Image-conditioned generation (editing, modality translation) is ``--mode image`` with input images: the
+guidance streams are the full prompt, the input images alone, and nothing (``--cfg-image`` scales the
+images' pull, ``--cfg-text`` the instruction's; ``medmax.generation.image``). ``--edit-mask`` inpaints:
+only the region is drawn, every other code is the first input image's. Without an input image, a mask
+outside that image, an empty one, or one of neither the image's nor the model's code grid's size is refused
+before the model loads.
 
 This is the one module of ``medmax/`` that parses arguments (``medmax.cli`` prints its error line).
 """
@@ -88,6 +97,10 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cfg-text", type=float, default=GEN.guidance_scale_text, help="guidance scale for the text condition")
     g.add_argument("--cfg-image", type=float, default=GEN.guidance_scale_image, help="guidance scale for the image condition")
     g.add_argument("--no-guidance", action="store_true", help="sample images without classifier-free guidance")
+    g.add_argument("--edit-mask", metavar="MASK|x0,y0,x1,y1",
+                   help="inpainting (--mode image): draw only this region of the first --image (a box in its pixels, "
+                        "or a mask image of its size or of the code grid's, non-zero = edit); every code outside is "
+                        "copied from that image")
     g.add_argument("--decoding", choices=DECODINGS, default=GEN.decoding,
                    help="image codes: sjd (speculative Jacobi decoding: several codes per forward, drawn from the same "
                         "distribution), plain (one code per forward) or auto (sjd where the batch is small enough to gain)")
@@ -222,6 +235,7 @@ def _write_record(out, args, config, output_dir: Path) -> Path:
     record = {
         "model": str(args.model), "prompt": args.prompt, "images": [str(p) for p in args.image],
         "volumes": [str(p) for p in args.volume], "volume_slices": {"slices": args.slices, "window": args.window},
+        "edit_mask": args.edit_mask,
         "config": dataclasses.asdict(config), "finish_reason": out.finish_reason,
         "segments": segments, "token_ids": out.token_ids,
     }
@@ -232,6 +246,20 @@ def _write_record(out, args, config, output_dir: Path) -> Path:
     return path
 
 
+def _edit_region(args, images: list):
+    """``--edit-mask`` as an EditRegion on the first --image, checked against the model's code grid; None without it."""
+    if args.edit_mask is None:
+        return None
+    from .generation.editing import EditMaskError, EditRegion, model_grid, region_from_spec
+
+    if args.mode != "image":
+        raise EditMaskError(f"--edit-mask needs --mode image, not {args.mode}")
+    if not images:
+        raise EditMaskError("--edit-mask: no --image to edit; inpainting copies the codes outside the mask from the first --image")
+    resolution, grid = model_grid(args.model)
+    return EditRegion(region_from_spec(args.edit_mask, images[0], resolution, grid))
+
+
 def _generate(args) -> int:
     import torch
 
@@ -240,12 +268,13 @@ def _generate(args) -> int:
     config = _generation_config(args)  # bad settings fail here, before anything is loaded
     images = _input_images(args)  # an unreadable image or volume fails before the model loads
     segments = _prompt_segments(args.prompt, images, not args.no_end_of_turn)
+    edit = _edit_region(args, images)  # a mask that cannot apply fails before the model loads
     n_images = {"text": 0, "image": 1, "interleaved": args.max_images}[args.mode]
     _prepare_output(args.output, args.overwrite, n_images)  # a full or read-only folder fails before any work
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     generator = Generator.from_dir(args.model, device=device, dtype=dtype, skip_memory_check=args.skip_memory_check)
-    (out,) = generator.generate([segments], config)
+    (out,) = generator.generate([segments], config, edits=[edit])
     path = _write_record(out, args, config, args.output)
     print(f"{out.finish_reason}: {len(out.images)} image(s), {len(out.text)} characters of text -> {path}")
     if out.text:

@@ -14,7 +14,10 @@ Decoding follows Chameleon's inference code (facebookresearch/chameleon):
 - image: begin-of-image is forced, then exactly ``vqgan.n_codes_per_image`` codes, each drawn from the
   image codes only (logits are computed for those rows of the output layer only), then end-of-image.
   Classifier-free guidance runs Chameleon's three streams (full prompt; the prompt reduced to its image
-  tokens; ``<s><racm3:break>``) as one batch of ``3B`` rows sharing one key-value cache.
+  tokens; ``<s><racm3:break>``) as one batch of ``3B`` rows sharing one key-value cache; with input images
+  (editing, modality translation) they are InstructPix2Pix's, with ``guidance_scale_image`` for the images and
+  ``guidance_scale_text`` for the instruction (``image``). ``generate(edits=[EditRegion(...)])`` inpaints: only
+  the region is drawn, every other code is the input image's (``editing``).
   By default (``decoding="sjd"``) each forward verifies a window of draft codes (speculative Jacobi
   decoding, ``jacobi``), which draws the same distribution with fewer forwards; the cache is allocated
   once per image and each row keeps its own position in it (``cache``).
@@ -40,7 +43,7 @@ The package follows those seams: ``prompts`` (segments, checking and encoding), 
 model's batched passes), ``text`` (the text loop), ``image`` (guidance streams, the image loop and
 decoding), ``sampling`` (logits processing), ``state`` (a prompt's state across the phases) and ``generator`` (the
 outputs, batching and the interleaving); ``config`` holds the settings; ``jacobi`` (speculative Jacobi decoding) and
-``cache`` (the per-row static cache) serve ``image``.
+``cache`` (the per-row static cache) serve ``image``; ``editing`` holds inpainting's edit regions.
 """
 
 from .config import MODES, GenerationConfig

@@ -31,8 +31,8 @@ class GenerationConfig:
     image_top_p: float = 0.9  # in [0, 1], as top_p
     image_top_k: int = 0
     guidance: bool = True  # image: three-stream classifier-free guidance
-    guidance_scale_text: float = 3.0
-    guidance_scale_image: float = 1.2
+    guidance_scale_text: float = 3.0  # s_txt: pull of the text (the instruction) beyond the input images
+    guidance_scale_image: float = 1.2  # s_img: pull of the input images (editing); no effect without them
     decoding: str = "auto"  # image codes: "sjd" (speculative Jacobi decoding: same distribution, fewer forwards),
     # "plain" (one code per forward) or "auto" (sjd where it pays: see image_decoding)
     sjd_window: int = 8  # sjd: tokens per forward (the last code and window - 1 drafts); the reference uses 16 on GPUs,

@@ -18,6 +18,7 @@ from PIL import Image
 
 from ..model import ModelBundle, load_model_dir
 from .config import GenerationConfig
+from .editing import EditRegion, check_edits, forced_codes
 from .forward import ModelRunner
 from .image import ImageDecoder
 from .prompts import PromptEncoder, Segment
@@ -92,7 +93,8 @@ class Generator:
     # ------------------------------------------------------------------------------ public API
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[Segment]], config: GenerationConfig | None = None, *,
-                 seeds: Sequence[int] | None = None, on_step: Callable | None = None) -> list[GenerationOutput]:
+                 seeds: Sequence[int] | None = None, on_step: Callable | None = None,
+                 edits: Sequence[EditRegion | None] | None = None) -> list[GenerationOutput]:
         """Generate for a batch of prompts; -> one GenerationOutput per prompt, in order.
 
         ``seeds``: one seed per prompt (instead of ``config.seed``); each prompt then samples from its own
@@ -100,6 +102,8 @@ class Generator:
         ``on_step(index, item)`` is called as the output grows: with each text token id the prompt
         ``index`` emits (end tokens included, before stop strings are cut) and with each drawn
         :class:`ImageOutput`; it lets a caller stream the answer.
+        ``edits``: inpainting, image mode only: per prompt an :class:`~medmax.generation.editing.EditRegion`
+        (draw only its codes, copy the others from the prompt's image) or None.
         """
         config = config or GenerationConfig()
         if config.mode in ("image", "interleaved") and config.decode_images:
@@ -107,26 +111,33 @@ class Generator:
         checked, lengths = self.prompts.check(prompts, config.mode)
         if seeds is not None and len(seeds) != len(checked):
             raise ValueError(f"generate: {len(seeds)} seeds for {len(checked)} prompts")
+        if edits is not None:
+            check_edits(edits, checked, config.mode, self.prompts.require_vqgan("inpainting").grid_shape)
         rng = torch.Generator(device=self.device)
         rng.manual_seed(config.seed) if config.seed is not None else rng.seed()
         order = sorted(range(len(checked)), key=lambda i: lengths[i])
         outputs: list[GenerationOutput | None] = [None] * len(checked)
         for start in range(0, len(order), config.batch_size):
             chunk = order[start : start + config.batch_size]
-            rows = [self._new_row(ids, i, config, seeds, on_step)
+            rows = [self._new_row(ids, i, config, seeds, on_step, edits[i] if edits else None)
                     for i, ids in zip(chunk, self.prompts.encode([checked[i] for i in chunk]))]
             for i, out in zip(chunk, self._generate_batch(rows, config, rng)):
                 outputs[i] = out
             logger.debug("generated %d / %d prompts", min(start + config.batch_size, len(order)), len(order))
         return outputs
 
-    def _new_row(self, ids: list[int], index: int, config: GenerationConfig, seeds, on_step) -> _Row:
+    def _new_row(self, ids: list[int], index: int, config: GenerationConfig, seeds, on_step,
+                 edit: EditRegion | None) -> _Row:
         rng = None
         if seeds is not None:
             rng = torch.Generator(device=self.device)
             rng.manual_seed(int(seeds[index]))
+        forced = None
+        if edit is not None:
+            blocks = _image_blocks(self.vocab, ids)
+            forced = forced_codes(edit.region, self.vocab.ids_to_codes(blocks[edit.source]), self.vqgan.n_codes_per_image)
         return _Row(context=ids, text_left=config.max_new_tokens, images_left=config.max_images, index=index,
-                    rng=rng, on_step=on_step)
+                    rng=rng, on_step=on_step, forced=forced)
 
     def _generate_batch(self, rows: list[_Row], config: GenerationConfig, rng: torch.Generator) -> list[GenerationOutput]:
         if config.mode == "image":
@@ -163,7 +174,11 @@ class Generator:
     def _add_images(self, rows: list[_Row], config: GenerationConfig, rng: torch.Generator):
         """Generate one image for each row (whose context must not yet hold the boi) and append it."""
         self.prompts.require_vqgan("image generation")
-        codes = self.image_decoder.draw([r.context for r in rows], config, _row_rngs(rows, rng))  # (B, n)
+        forced = None
+        if any(r.forced for r in rows):
+            n = self.vqgan.n_codes_per_image
+            forced = torch.tensor([r.forced or [-1] * n for r in rows], dtype=torch.long)  # (B, n)
+        codes = self.image_decoder.draw([r.context for r in rows], config, _row_rngs(rows, rng), forced=forced)  # (B, n)
         images = self.image_decoder.decode(codes) if config.decode_images else [None] * len(rows)
         for row, c, im in zip(rows, codes.cpu(), images):
             ids = self.image_decoder.token_ids(c)
@@ -181,6 +196,20 @@ class Generator:
             return False
         row.finish_reason = ""
         return True
+
+
+def _image_blocks(vocab, ids: list[int]) -> list[list[int]]:
+    """The code ids of each image block (between begin- and end-of-image) in a prompt's ids, in order."""
+    blocks, current = [], None
+    for tok in ids:
+        if tok == vocab.boi_id:
+            current = []
+        elif tok == vocab.eoi_id and current is not None:
+            blocks.append(current)
+            current = None
+        elif current is not None:
+            current.append(tok)
+    return blocks
 
 
 def _row_rngs(rows: list[_Row], rng: torch.Generator):

@@ -5,6 +5,20 @@ codes only (logits are computed for those rows of the output layer only), then e
 Classifier-free guidance runs Chameleon's three streams (full prompt; the prompt reduced to its image
 tokens; ``<s><racm3:break>``) as one batch sharing one key-value cache; a stream two rows share is
 computed once.
+
+For image-conditioned generation (editing, modality translation: input images, an instruction, then an
+image) these are InstructPix2Pix's streams (Brooks et al. 2023), as Lumina-mGPT runs them:
+
+- **full** ``c_TI``: ``<s>``, every input image, the instruction, the end-of-turn, ``<racm3:break>``;
+- **image-only** ``c_I``: ``<s>``, the input images' blocks alone (no instruction, no end-of-turn), ``<racm3:break>``;
+- **unconditional** ``c_0``: ``<s><racm3:break>``;
+
+guided = uncond + s_img (image_only - uncond) + s_txt (full - image_only)
+(:func:`~medmax.generation.sampling.instruct_guidance`; ``guidance_scale_image`` = s_img, how strongly the
+result follows the input images, ``guidance_scale_text`` = s_txt, how strongly it follows the instruction).
+A text-only prompt's image-only stream is its unconditional one, so s_img has no effect there. The guided
+distribution is what plain decoding samples and what SJD verifies (``jacobi``); inpainting
+(``editing``) turns the guided logits of every place outside the edit region into a point mass on the input's code.
 """
 
 from __future__ import annotations
@@ -24,7 +38,8 @@ if TYPE_CHECKING:
 
 
 def guidance_streams(vocab, context: list[int]) -> list[list[int]]:
-    """The three streams for one row: full prompt, prompt reduced to its image tokens, unconditional."""
+    """The three streams for one row: full prompt, prompt reduced to its image blocks (the input images without
+    the instruction), unconditional; each ends with begin-of-image (module docstring)."""
     v = vocab
     image_only, inside = [v.bos_id], False
     for tok in context:
@@ -60,6 +75,41 @@ def stream_rows(vocab, contexts: list[list[int]], guidance: bool, device=None):
     return seqs, torch.tensor(owner, device=device), torch.tensor(index, device=device)
 
 
+class _Forcing:
+    """Places of the grid whose code is set, not drawn (inpainting): their guided logits become a point mass.
+
+    ``forced`` (B, n) code indices or -1 (drawn); held padded with -1 to ``width`` (the grid and a window).
+    """
+
+    def __init__(self, forced: torch.Tensor | None, width: int, n_rows: int, device):
+        self.forced = None
+        if forced is not None:
+            self.forced = torch.full((n_rows, width), -1, dtype=torch.long, device=device)
+            self.forced[:, : forced.shape[1]] = forced.to(device)
+
+    def __call__(self, logits: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        """(B, W, n) guided logits of places ``done .. done + W - 1`` -> with each forced place a point mass."""
+        if self.forced is None:
+            return logits
+        at = self.forced.gather(1, (done[:, None] + torch.arange(logits.shape[1], device=done.device)).clamp(
+            max=self.forced.shape[1] - 1))  # (B, W)
+        point = torch.full_like(logits, float("-inf")).scatter(-1, at.clamp(min=0)[..., None], 0.0)
+        return torch.where((at >= 0)[..., None], point, logits)
+
+    def drafts(self, drafts: Drafts | None, done: torch.Tensor) -> Drafts | None:
+        """The next window's drafts (places ``done ..``) set to the forced codes where there are some (accepted
+        for sure: a draft independent of the verification's random numbers keeps SJD exact)."""
+        if self.forced is None or drafts is None:
+            return drafts
+        K = drafts.codes.shape[1]
+        at = self.forced.gather(1, (done[:, None] + torch.arange(K, device=done.device)).clamp(max=self.forced.shape[1] - 1))
+        known = at >= 0  # (B, K)
+        drafts.codes = torch.where(known, at, drafts.codes)
+        one_hot = torch.nn.functional.one_hot(at.clamp(min=0), drafts.n_codes).to(drafts.q.dtype)
+        drafts.q = torch.where(known[..., None], one_hot, drafts.q)
+        return drafts
+
+
 class ImageDecoder:
     """Draws images as VQGAN codes (``draw``) and turns codes into pictures (``decode``).
 
@@ -78,29 +128,34 @@ class ImageDecoder:
         self.stats: dict = {}  # the last draw's forwards, drafts proposed and accepted (see draw)
 
     @torch.no_grad()
-    def draw(self, contexts: list[list[int]], config: GenerationConfig, rng, n_steps: int | None = None) -> torch.Tensor:
+    def draw(self, contexts: list[list[int]], config: GenerationConfig, rng, n_steps: int | None = None,
+             forced: torch.Tensor | None = None) -> torch.Tensor:
         """Draw one full grid of codes per context (boi is forced after it); -> (B, n_steps) codes.
 
         ``n_steps``: codes to draw (default: a whole grid, ``vqgan.n_codes_per_image``). With SJD
         (``config.image_decoding``) each forward verifies a window of drafts (``medmax.generation.jacobi``);
         plain decoding is the same loop with a window of one. ``self.stats`` counts forwards and drafts.
+        ``forced`` (B, n_steps): a code index where that place is not drawn but set (inpainting,
+        ``medmax.generation.editing``), -1 where it is drawn.
         """
         run, B = self.runner, len(contexts)
         n_steps = n_steps or self.vqgan.n_codes_per_image
         window = min(config.sjd_window if config.image_decoding(run.device.type) == "sjd" else 1, n_steps)
+        force = _Forcing(forced, n_steps + window, B, run.device)
         seqs, owner, index = stream_rows(self.vocab, contexts, config.guidance, run.device)  # R rows; (R,), (3B,)
         hidden, cache = run.prefill_rows(seqs, extra=n_steps + window)  # (R, 1, C)
         head = run.output_rows(self.code_ids)
-        _, code = self._pick(self._guided(hidden, head, index, config), None, config, rng)  # (B,)
+        done = torch.zeros(B, dtype=torch.long, device=run.device)
+        _, code = self._pick(force(self._guided(hidden, head, index, config), done), None, config, rng)  # (B,)
         codes = torch.zeros(B, n_steps + window, dtype=torch.long, device=run.device)
         codes[:, 0] = code
-        done = torch.ones(B, dtype=torch.long, device=run.device)
-        drafts = Drafts(B, window, len(self.code_ids), rng, run.device) if window > 1 else None
+        done = done + 1
+        drafts = force.drafts(Drafts(B, window, len(self.code_ids), rng, run.device), done) if window > 1 else None
         self.stats = {"forwards": 1, "drafts": 0, "accepted": 0, "codes": B * n_steps, "window": window}
         while int(done.min()) < n_steps:
             old = torch.cat([code[:, None], drafts.codes], dim=1) if drafts else code[:, None]  # (B, W)
             hidden = run.forward_window(self.code_ids[old[owner]], cache)  # (R, W, C)
-            accepted, code = self._pick(self._guided(hidden, head, index, config), drafts, config, rng)
+            accepted, code = self._pick(force(self._guided(hidden, head, index, config), done), drafts, config, rng)
             self._count(accepted, done < n_steps, window)
             kept = torch.minimum(accepted + 1, n_steps - done)  # (B,) codes committed (0 for finished rows)
             new = old.roll(-1, dims=1).scatter(1, accepted[:, None], code[:, None])  # (B, W): drafts, then the new code
@@ -109,6 +164,7 @@ class ImageDecoder:
             codes.scatter_(1, slots, torch.where(keep, new, codes.gather(1, slots)))
             cache.advance(kept[owner])
             done = done + kept
+            force.drafts(drafts, done)
         return codes[:, :n_steps]
 
     def _guided(self, hidden: torch.Tensor, head, index: torch.Tensor, config: GenerationConfig) -> torch.Tensor:

@@ -25,3 +25,4 @@ class _Row:
     index: int = 0  # the prompt's position in ``generate``'s input
     rng: torch.Generator | None = None  # the prompt's own generator (``generate(seeds=...)``)
     on_step: Callable | None = None  # ``generate(on_step=...)``
+    forced: list[int] | None = None  # inpainting: each grid place's set code, or -1 where drawn (``generate(edits=...)``)

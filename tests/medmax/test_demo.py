@@ -410,3 +410,21 @@ def test_sigterm_takes_ctrl_cs_path_removes_the_folder_and_restores_the_callers_
         assert seen == [signal.SIGTERM] * 2
     finally:
         signal.signal(signal.SIGTERM, callers)
+
+
+def test_image_mode_with_an_upload_draws_conditioned_on_it(engine, generator, scan_path, monkeypatch):
+    """Editing in the demo: an uploaded scan and an instruction in image mode; the drawn image's context holds the
+    upload's codes (so its guidance streams are the full prompt, the upload alone, and nothing)."""
+    seen, original = [], generator.image_decoder.draw
+
+    def draw(contexts, *args, **kwargs):
+        seen.extend(contexts)
+        return original(contexts, *args, **kwargs)
+
+    monkeypatch.setattr(generator.image_decoder, "draw", draw)
+    _, conv, drawn, _ = _ask(engine, {"text": "Remove the lesion.", "files": [str(scan_path)]}, mode="image")[-1]
+    (codes,) = generator.prompts.encode_images([model_view(Image.open(scan_path).convert("RGB"), engine.resolution)])
+    block = [generator.vocab.boi_id, *generator.vocab.codes_to_ids(codes).tolist(), generator.vocab.eoi_id]
+    (context,) = seen
+    assert any(context[i : i + len(block)] == block for i in range(len(context)))
+    assert [type(p).__name__ for p in conv.turns[-1].pieces] == ["ShownImage"]
