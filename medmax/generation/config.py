@@ -10,8 +10,11 @@ MODES = ("text", "image", "interleaved")
 DECODINGS = ("auto", "sjd", "plain")
 # "auto" uses SJD while a forward's tokens (batch_size x 3 streams x sjd_window at most) stay under what the device
 # computes in the time it reads the weights; above that, SJD's wider forwards cost more than its fewer forwards save
-# (BENCHMARKS.md, docs/image_generation_latency.md). Measured on CPU: batch 1 gains, batch 8 loses.
-SJD_TOKEN_BUDGET = {"cpu": 24, "cuda": 256}
+# (BENCHMARKS.md, docs/image_generation_latency.md). On a CPU a forward costs in proportion to its tokens, so SJD
+# pays only where most drafts are accepted: 1.35-1.86x on random-weight models at batch 1, but 0.76x on the trained
+# quickstart model (5 % of drafts accepted; its distributions are peaked), and a loss at batch 8 either way. So
+# "auto" is plain on a CPU, and SJD on a GPU, where a window of a few dozen tokens costs about one forward.
+SJD_TOKEN_BUDGET = {"cpu": 0, "cuda": 256}
 
 
 @dataclass

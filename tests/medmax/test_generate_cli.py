@@ -220,7 +220,7 @@ def test_generation_flags_default_to_the_config_fields_they_fill(tmp_path):
                                        "--output", str(tmp_path)])
     built, default = _generation_config(args), GenerationConfig(mode="text", seed=0, batch_size=1)  # one prompt: auto decoding sees batch 1
     assert built == default
-    assert built.image_decoding("cpu") == "sjd"  # so one image on a CPU gets speculative Jacobi decoding
+    assert built.image_decoding("cuda") == "sjd"  # so one image on a GPU gets speculative Jacobi decoding
 
 
 def test_a_prompt_longer_than_the_context_is_one_error_line(tiny_model_dir, tmp_path, capsys):

@@ -189,7 +189,10 @@ def test_guidance_prompts_run_once_each_and_unpadded(gen, monkeypatch):
 
 def test_auto_decoding_is_decided_by_the_settings_and_the_device():
     one, eight = GenerationConfig(mode="image", batch_size=1), GenerationConfig(mode="image", batch_size=8)
-    assert (one.image_decoding("cpu"), eight.image_decoding("cpu"), eight.image_decoding("cuda")) == ("sjd", "plain", "sjd")
+    # a CPU: plain at every batch (the trained quickstart model accepted 5 % of drafts: SJD measured 0.76x there)
+    assert (one.image_decoding("cpu"), eight.image_decoding("cpu")) == ("plain", "plain")
+    assert (one.image_decoding("cuda"), eight.image_decoding("cuda")) == ("sjd", "sjd")
+    assert GenerationConfig(mode="image", batch_size=32).image_decoding("cuda") == "plain"
     assert GenerationConfig(mode="image", batch_size=8, decoding="sjd").image_decoding("cpu") == "sjd"
     with pytest.raises(UserError, match="decoding"):
         GenerationConfig(decoding="jacobi")
