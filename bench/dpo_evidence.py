@@ -228,9 +228,14 @@ def main(argv=None) -> int:
     summary = {"sizes": sizes, **measure(out, sizes, log), "steps": log,
                "pairs": {s: json.loads((out / "prefs" / f"{s}_rows.jsonl.summary.json").read_text())["by_kind"]
                          for s in ("train", "heldout")}}
+    return write_summary(out, summary, _markdown)
+
+
+def write_summary(out: Path, summary: dict, markdown) -> int:
+    """``summary.json`` and ``summary.md`` (``markdown(summary)``, also printed) in ``out``; the exit code 0."""
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text(_markdown(summary))
-    print(_markdown(summary))
+    (out / "summary.md").write_text(markdown(summary))
+    print(markdown(summary))
     return 0
 
 

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from dpo_evidence import _run  # noqa: E402  (one way to run a step as a subprocess and log its command and time)
+from dpo_evidence import _run, write_summary  # noqa: E402  (one way to run a step as a subprocess and log its command and time)
 
 FULL = {"train_per_kind": 600, "test_per_kind": 25, "vqgan_steps": 60, "vqgan_lr": 1e-3, "train_steps": 700, "train_seconds": 600}
 REDUCED = {"train_per_kind": 60, "test_per_kind": 5, "vqgan_steps": 30, "vqgan_lr": 1e-3, "train_steps": 20, "train_seconds": 120}
@@ -178,10 +178,7 @@ def main(argv=None) -> int:
     build(out, sizes, args.seed, log)
     train(out, sizes, args.seed, log)
     summary = {"sizes": sizes, **measure(out, log), "steps": log}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text(markdown(summary))
-    print(markdown(summary))
-    return 0
+    return write_summary(out, summary, markdown)
 
 
 if __name__ == "__main__":

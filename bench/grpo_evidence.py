@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dpo_evidence import TARGET, _run, evaluate  # noqa: E402  (bench scripts share their steps)
+from dpo_evidence import TARGET, _run, evaluate, write_summary  # noqa: E402  (bench scripts share their steps)
 
 REWARDS = {"locator": "medmax.grpo_rewards:lesion_locator", "selfcons": "medmax.grpo_rewards:self_consistency"}
 
@@ -135,10 +135,7 @@ def main(argv=None) -> int:
     for name in names:
         models[name] = grpo(out, name, args.seconds, 2 if args.reduced else None, log)
     summary = {**measure(out, models, 1 if args.reduced else args.seeds, log), "steps": log}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text(_markdown(summary))
-    print(_markdown(summary))
-    return 0
+    return write_summary(out, summary, _markdown)
 
 
 if __name__ == "__main__":
