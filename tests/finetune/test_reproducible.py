@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -22,14 +21,8 @@ def sequences(tiny_tokenizer, tiny_vocab, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def preferences(tiny_tokenizer_path, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("prefs")
-    rows = [{"prompt": f"Is there a lesion in scan {i}?", "chosen": "yes" if i % 2 else "no",
-             "rejected": "no" if i % 2 else "yes"} for i in range(4)]
-    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    build_preferences(["--input", str(root / "rows.jsonl"), "--tokenizer", str(tiny_tokenizer_path), "--output",
-                       str(root / "folder"), "--no-progress", "--strict"])
-    return root / "folder"
+def preferences(yes_no_preferences, tmp_path_factory) -> Path:
+    return yes_no_preferences(tmp_path_factory.mktemp("prefs"), 4)
 
 
 def _adapters(out: Path, model_dir: Path, data: Path, *overrides: str) -> dict[str, torch.Tensor]:

@@ -65,8 +65,8 @@ def test_resuming_a_run_killed_before_its_final_save_writes_the_last_checkpoints
     assert "finished at step 2 (max_steps=2)" in caplog.text
 
 
-def test_resuming_a_finished_dpo_run_changes_nothing(tmp_path, tiny_model_dir, tiny_tokenizer_path, caplog):
-    prefs = _preferences(tmp_path, tiny_tokenizer_path)
+def test_resuming_a_finished_dpo_run_changes_nothing(tmp_path, tiny_model_dir, yes_no_preferences, caplog):
+    prefs = yes_no_preferences(tmp_path, 8)
     argv = [f"model={tiny_model_dir}", f"datasets=[{prefs}]", f"output_dir={tmp_path / 'run'}", "mode=dpo",
             "report_to=none", "disable_tqdm=true", "use_cpu=true", "max_length=128", "per_device_train_batch_size=2",
             "max_steps=2", "save_steps=2", "logging_steps=1", "learning_rate=0.05", "lr_scheduler_type=constant",
@@ -76,19 +76,6 @@ def test_resuming_a_finished_dpo_run_changes_nothing(tmp_path, tiny_model_dir, t
     train_main.__wrapped__(argv + ["--resume"])
     assert _snapshot(tmp_path / "run") == before
     assert not (tmp_path / "run" / "checkpoint-3").exists()
-
-
-def _preferences(tmp_path: Path, tokenizer_path: Path) -> Path:
-    import json
-
-    from tokenization.build_preferences import main as build_main
-
-    rows = [{"prompt": f"Is there a lesion {i}?", "chosen": "yes" if i % 2 else "no",
-             "rejected": "no" if i % 2 else "yes"} for i in range(8)]
-    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    build_main(["--input", str(tmp_path / "rows.jsonl"), "--tokenizer", str(tokenizer_path), "--output",
-                str(tmp_path / "prefs"), "--no-progress", "--strict"])
-    return tmp_path / "prefs"
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
