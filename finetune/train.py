@@ -155,7 +155,7 @@ def _setup_data(cfg: FinetuneConfig, vocab: Vocabulary, vocab_size: int):
         from .dpo import setup_preference_data
 
         return setup_preference_data(cfg, vocab, vocab_size)
-    from medmax.data.loader import SequenceDataset, check_sequences, split_validation
+    from medmax.data.loader import SequenceDataset, check_one_image_layout, check_sequences, split_validation
 
     load = _loader(cfg)
     specs = cfg.dataset_specs()
@@ -175,6 +175,7 @@ def _setup_data(cfg: FinetuneConfig, vocab: Vocabulary, vocab_size: int):
         data = load(cfg.validation)
         check_sequences(data, vocab_size, cfg.max_length, special)
         val = [data]
+    check_one_image_layout(train + val)
     weights = [s.weight for s in specs]
     train_set = SequenceDataset(train, weights, cfg.max_length, cfg.packing, seed)
     val_set = SequenceDataset(val, None, cfg.max_length, cfg.packing, seed) if val else None
