@@ -234,3 +234,22 @@ def test_decoding_flag_reaches_the_config_and_greedy_codes_agree(tiny_model_dir,
     sjd = _generate(tiny_model_dir, tmp_path / "sjd", *image, "--decoding", "sjd", "--sjd-window", "4")
     assert (plain["config"]["decoding"], sjd["config"]["decoding"], sjd["config"]["sjd_window"]) == ("plain", "sjd", 4)
     assert plain["segments"][0]["codes"] == sjd["segments"][0]["codes"]
+
+
+def test_a_size_the_vqgan_cannot_tile_fails_before_the_model_loads(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from medmax.generation import generator
+
+    monkeypatch.setattr(generator.Generator, "from_dir", lambda *a, **k: pytest.fail("loaded the model"))
+    rc = main(["generate", "--model", str(tiny_model_dir), "--prompt", "a lung", "--mode", "image",
+               "--output", str(tmp_path / "out"), "--size", "60x96"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--size 60x96" in err and "multiple of 8" in err
+
+
+def test_size_draws_a_picture_of_that_shape(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "a lung", "--mode", "image", "--output", str(out),
+                 "--size", "32x48", "--device", "cpu"]) == 0
+    record = json.loads((out / "generation.json").read_text())
+    assert Image.open(out / record["segments"][0]["path"]).size == (48, 32) and len(record["segments"][0]["codes"]) == 24
+    assert record["config"]["image_size"] == [32, 48] and record["config"]["image_layout"] == "shaped"
