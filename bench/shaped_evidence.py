@@ -11,7 +11,7 @@ Every step calls the program a user would call, as a subprocess, and is skipped 
     1. data       medmax.synthetic scans rendered at H x W = 64 x 96 (wide) and 96 x 64 (tall), half of each,
                   with the lesion task's text-to-image rows ("Generate a scan: A grey scan with a small bright
                   lesion in the upper left."); the quickstart's tiny tokenizer (medmax.presets)
-    2. vqgan      python -m tokenization.train_vqgan (tiny preset, 64 px square crops)
+    2. vqgan      python -m tokenization.train_vqgan (tiny preset, 64 px square crops; few steps: see FULL)
     3. tokenize   python -m tokenization.image_tokenize --aspect keep --resolution 80: a budget of 100 codes,
                   so both shapes keep their pixels exactly (8 x 12 and 12 x 8 codes)
     4. sequences  python -m tokenization.build_sequences --image-layout shaped (train, held-out)
@@ -38,8 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SHAPES = {"64x96": (64, 96), "96x64": (96, 64)}  # H x W pixels
-FULL = {"n_train": 600, "n_test": 48, "vqgan_steps": 200, "train_steps": 300}
-REDUCED = {"n_train": 120, "n_test": 8, "vqgan_steps": 40, "train_steps": 30}
+# Sized for a shared 2-core machine (load ~20 when the README's figures were made): ~15 minutes of training in all.
+FULL = {"n_train": 600, "n_test": 48, "vqgan_steps": 60, "train_steps": 200}
+REDUCED = {"n_train": 120, "n_test": 8, "vqgan_steps": 10, "train_steps": 20}
 
 
 def _run(name: str, cmd: list, log: dict, env: dict | None = None) -> None:
@@ -89,8 +90,9 @@ def pipeline(out: Path, sizes: dict, log: dict) -> None:
     py, d = sys.executable, out / "data"
     if not (out / "vqgan" / "vqgan.yaml").is_file():
         _run("2 vqgan", [py, "-m", "tokenization.train_vqgan", "--input", d / "train_images.csv", "--output", out / "vqgan",
-                         "--preset", "tiny", "--steps", sizes["vqgan_steps"], "--batch-size", 16, "--lr", 5e-4,
-                         "--pixel-weight", "contrast", "--pixel-weight-alpha", 10, "--seed", 0, "--threads", 2], log)
+                         "--preset", "tiny", "--steps", sizes["vqgan_steps"], "--batch-size", 16, "--lr", 1e-3,
+                         "--pixel-weight", "contrast", "--pixel-weight-alpha", 10, "--seed", 0, "--threads", 2,
+                         "--eval-images", 32, "--eval-every", 0, "--no-tensorboard", "--no-progress"], log)
     if not (out / "tokens" / "manifest.json").is_file():
         _run("3 tokenize", [py, "-m", "tokenization.image_tokenize", "--input", d / "images.csv", "--output", out / "tokens",
                             "--ckpt", out / "vqgan", "--aspect", "keep", "--resolution", 80, "--workers", 0,
