@@ -97,10 +97,11 @@ def list_array(rows: list) -> pa.ListArray:
 
 
 def partition_table(paths: list[str], codes: list) -> pa.Table:
-    """A partition's rows in :data:`SCHEMA`: each image path, its codes ((h, w) arrays) and their grid."""
-    grids = np.array([np.shape(c) for c in codes], dtype=np.int32).reshape(-1, 2)
+    """A partition's rows in :data:`SCHEMA`: each image path, its codes and their grid ((h, w) arrays; a flat
+    list has no recorded grid: null)."""
+    grids = [np.shape(c) if np.ndim(c) == 2 else (None, None) for c in codes]
     return pa.table({"img_path": paths, "img_tokens": list_array([np.ravel(c) for c in codes]),
-                     "grid_h": grids[:, 0], "grid_w": grids[:, 1]}, schema=SCHEMA)
+                     "grid_h": [g[0] for g in grids], "grid_w": [g[1] for g in grids]}, schema=SCHEMA)
 
 
 def grid_counts(table: pa.Table) -> dict[str, int]:
@@ -108,6 +109,8 @@ def grid_counts(table: pa.Table) -> dict[str, int]:
     pairs = zip(table.column("grid_h").to_pylist(), table.column("grid_w").to_pylist())
     counts: dict[str, int] = {}
     for h, w in pairs:
+        if h is None:
+            continue
         counts[f"{h}x{w}"] = counts.get(f"{h}x{w}", 0) + 1
     return counts
 
@@ -185,6 +188,9 @@ def iter_image_tokens(folder: str | Path, grids: bool = False) -> Iterator[tuple
             yield from rows
             continue
         for (img_path, codes), h, w in zip(rows, table.column("grid_h").to_pylist(), table.column("grid_w").to_pylist()):
+            if h is None or w is None:
+                yield img_path, codes
+                continue
             if h * w != len(codes):
                 raise ImageTokensError(f"{path}: {img_path!r} has {len(codes)} codes for a {h}x{w} grid")
             yield img_path, np.asarray(codes, dtype=np.int32).reshape(h, w)

@@ -470,7 +470,8 @@ class SequenceBuilder:
         return block
 
     def _codes(self, ref, index: int) -> tuple[np.ndarray, tuple[int, int]]:
-        """-> (flat codes, their (h, w) grid: recorded, or a square of their count)."""
+        """-> (flat codes, their (h, w) grid: recorded; for a flat list, a square of its count in the shaped layout,
+        and (1, 1) in the fixed one, whose count check stands for the grid)."""
         ref = _image_source(ref, index)
         if isinstance(ref, (str, bytes, bytearray)):
             if self.resolve_image is None:
@@ -484,11 +485,12 @@ class SequenceBuilder:
             self._check_count(codes.size, index)
         if codes.size and (codes.min() < 0 or codes.max() >= self.code_limit):
             raise RowError("bad_codes", f"image {index}: codes must lie in 0..{self.code_limit - 1}, got {codes.min()}..{codes.max()}")
+        if codes.ndim == 2 or self.shaped is None:  # a flat list in the fixed layout is one grid of its count
+            return codes.reshape(-1), codes.shape if codes.ndim == 2 else (1, 1)
         try:
-            grid = grid_of(codes)
+            return codes, grid_of(codes)
         except ImageLayoutError as exc:
             raise RowError("bad_codes", f"image {index}: {exc}") from None
-        return codes.reshape(-1), grid
 
     def _check_count(self, n: int, index: int) -> None:
         if self.codes_per_image is None:
