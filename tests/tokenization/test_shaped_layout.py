@@ -82,3 +82,17 @@ def test_training_refuses_fixed_and_shaped_folders_together(tmp_path, tiny_token
     assert check_one_image_layout([shaped, shaped]) == "shaped" and check_one_image_layout([fixed]) == "fixed"
     with pytest.raises(DataError, match="mix image layouts"):
         check_one_image_layout([fixed, shaped])
+
+
+def test_no_image_loss_covers_sizes_and_end_of_lines_and_a_cut_never_splits_a_shaped_block(tiny_tokenizer, tiny_vocab):
+    from medmax.data.rows import BuildConfigError, LengthDrop, SequenceBuilder, SequenceConfig
+
+    row = {"text": "Draw." + EOT + "<image>", "image_tokens": [_grid(4, 3, 5).tolist()]}
+    built = SequenceBuilder(tiny_tokenizer, SequenceConfig(image_layout="shaped", image_loss=False)).build(row)
+    start = built.input_ids.tolist().index(tiny_vocab.boi_id)
+    assert len(built) == start + 3 * 6 + 4 + 1 and (built.labels[start : start + 22] == -100).all()
+    short = SequenceBuilder(tiny_tokenizer, SequenceConfig(image_layout="shaped", max_length=start + 9))
+    with pytest.raises(LengthDrop, match="through an image"):
+        short.fit_length(short.build(row))  # the cut would land on an end-of-line or size token
+    with pytest.raises(BuildConfigError, match="codes-per-image"):
+        SequenceConfig(image_layout="shaped", codes_per_image=64)
