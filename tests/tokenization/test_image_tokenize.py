@@ -151,7 +151,7 @@ def test_column_choice_and_readers_ignore_temporary_files(dataset, tiny_vqgan_di
     (out / ".tokens-rank00000-part000009.parquet.tmp").write_bytes(b"partial")
     assert sorted(read_image_tokens(out)) == ["imgs/0.png", "imgs/1.png"]
     table = pq.read_table(partition_files(out)[0])
-    assert table.column_names == ["img_path", "img_tokens"] and len(table.column("img_tokens")[0]) == 64
+    assert table.column_names == ["img_path", "img_tokens", "grid_h", "grid_w"] and len(table.column("img_tokens")[0]) == 64
     with pytest.raises(Refused, match="--column 'nope'"):
         _run(csv, tmp_path / "y", tiny_vqgan_dir, "--column", "nope")
 
