@@ -107,7 +107,8 @@ def pipeline(out: Path, sizes: dict, log: dict) -> None:
         _run("5 train", ["bash", "finetune/launch.sh", "finetune/configs/quickstart.yaml", f"output_dir={out / 'train'}",
                          f"datasets=[{out / 'sequences' / 'train'}]", f"validation={out / 'sequences' / 'heldout'}",
                          f"tokenizer={d / 'tokenizer.json'}", f"vqgan={out / 'vqgan'}", f"max_steps={sizes['train_steps']}",
-                         "eval_steps=100", "report_to=none", "disable_tqdm=true"], log, env={"NPROC_PER_NODE": "1"})
+                         "eval_steps=100", "report_to=none", "disable_tqdm=true"], log,
+             env={"NPROC_PER_NODE": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"})
         _run("5 export", [py, "-m", "finetune.export", "--checkpoint", out / "train", "--output", out / "model"], log)
 
 
