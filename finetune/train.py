@@ -161,7 +161,7 @@ def _setup_data(cfg: FinetuneConfig, vocab: Vocabulary, vocab_size: int):
         prompts = PromptDataset([s.path for s in cfg.dataset_specs()], cfg.prompt_tasks or None)
         logger.info("prompts: %d (groups of %d continuations)", len(prompts), cfg.grpo_num_generations)
         return prompts, None
-    from medmax.data.loader import SequenceDataset, check_sequences, split_validation
+    from medmax.data.loader import SequenceDataset, check_one_image_layout, check_sequences, split_validation
 
     load = _loader(cfg)
     specs = cfg.dataset_specs()
@@ -181,6 +181,7 @@ def _setup_data(cfg: FinetuneConfig, vocab: Vocabulary, vocab_size: int):
         data = load(cfg.validation)
         check_sequences(data, vocab_size, cfg.max_length, special)
         val = [data]
+    check_one_image_layout(train + val)
     weights = [s.weight for s in specs]
     train_set = SequenceDataset(train, weights, cfg.max_length, cfg.packing, seed)
     val_set = SequenceDataset(val, None, cfg.max_length, cfg.packing, seed) if val else None

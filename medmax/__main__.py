@@ -105,6 +105,10 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="image codes: sjd (speculative Jacobi decoding: several codes per forward, drawn from the same "
                         "distribution), plain (one code per forward) or auto (sjd where the batch is small enough to gain)")
     g.add_argument("--sjd-window", type=int, default=GEN.sjd_window, help="sjd: tokens verified per forward")
+    g.add_argument("--size", metavar="HxW", help="image size in pixels, e.g. 64x96: the shaped layout (a model trained on "
+                   "build_sequences --image-layout shaped); sides must be multiples of the VQGAN's downsampling")
+    g.add_argument("--image-layout", choices=("fixed", "shaped"), default=GEN.image_layout,
+                   help="shaped without --size: the model picks the size (default: fixed, Chameleon's square)")
     g.add_argument("--seed", type=int, default=0, help="default 0 (GenerationConfig's None would draw a fresh seed)")
     g.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
     g.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
@@ -176,7 +180,24 @@ def _generation_config(args) -> GenerationConfig:
         stop_strings=tuple(args.stop), image_temperature=args.image_temperature, image_top_p=args.image_top_p,
         guidance=not args.no_guidance, guidance_scale_text=args.cfg_text, guidance_scale_image=args.cfg_image,
         decoding=args.decoding, sjd_window=args.sjd_window, seed=args.seed, batch_size=1,  # one prompt
+        image_layout=args.image_layout, image_size=_size(args),
     )
+
+
+def _size(args) -> tuple[int, int] | None:
+    """--size HxW, checked against the model folder's VQGAN config (not its weights): before the model loads."""
+    if args.size is None:
+        return None
+    from .image_layout import parse_size
+
+    size = parse_size(args.size)
+    yaml_path = Path(args.model) / "vqgan" / "vqgan.yaml"
+    if yaml_path.is_file():
+        from .image_layout import check_size
+        from .vqgan import read_vqgan_yaml
+
+        check_size(size, 2 ** (len(read_vqgan_yaml(yaml_path)["ddconfig"]["ch_mult"]) - 1))
+    return size
 
 
 RECORD = "generation.json"
@@ -254,6 +275,8 @@ def _edit_region(args, images: list):
 
     if args.mode != "image":
         raise EditMaskError(f"--edit-mask needs --mode image, not {args.mode}")
+    if args.size is not None or args.image_layout != "fixed":
+        raise EditMaskError("--edit-mask works in the fixed image layout only, not with --image-layout shaped or --size")
     if not images:
         raise EditMaskError("--edit-mask: no --image to edit; inpainting copies the codes outside the mask from the first --image")
     resolution, grid = model_grid(args.model)

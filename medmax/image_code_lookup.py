@@ -41,9 +41,10 @@ def _compact(codes) -> np.ndarray:
 
 
 def load_code_table(folders: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """``img_path -> codes`` of every image folder among ``folders``, stored compactly; conflicts raise."""
+    """``img_path -> codes`` of every image folder among ``folders``, stored compactly, as (h, w) grids where the
+    folder records them (:func:`medmax.image_tokens.iter_image_tokens`); conflicts raise."""
     images = [f for f in folders if folder_kind(f) == "images"]
-    table = read_image_tokens(images, convert=_compact)
+    table = read_image_tokens(images, convert=_compact, grids=True)
     logger.info("image codes for %d images from %d folder(s)", len(table), len(images))
     return table
 
@@ -55,7 +56,7 @@ def load_volume_table(folders: tuple[str, ...]) -> dict[str, VolumeCodes]:
 
 def table_code_count(table: dict[str, np.ndarray], folders) -> int | None:
     """The one code count all images in the table share (None for an empty table)."""
-    counts = Counter(len(v) for v in table.values())
+    counts = Counter(v.size for v in table.values())
     if len(counts) > 1:
         raise BuildConfigError(
             f"--image-tokens {', '.join(map(str, folders))}: images have different code counts "
@@ -110,7 +111,7 @@ class ImageCodeLookup:
             image = load_image(source)
         except ImageLoadError as err:
             raise RowError("image_load_error", str(err)) from None
-        pixels = preprocess(image, self.vqgan.resolution)[None]  # (1, 3, R, R)
+        pixels = preprocess(image, self.vqgan.resolution)[None]  # (1, 3, R, R): square (a shaped build reads grids from --image-tokens)
         param = next(self.vqgan.parameters())
         with torch.no_grad():
             codes = self.vqgan.encode_codes(pixels.to(param.device, param.dtype))  # (1, h*w)

@@ -62,6 +62,7 @@ from .image_tokens import (
     VERSION,
     VolumeCodes,
     error_path,
+    grid_counts,
     partition_index,
     partition_info,
     partition_path,
@@ -72,6 +73,7 @@ from .image_tokens import (
     write_partition,
     volume_table,
 )
+from .image_layout import ASPECTS
 from .images import ImageLimits, ImageLoadError, load_image, preprocess
 from .memory import MemoryBudgetError
 from .volume_tokenizing import VolumeRule, VolumeSlices, encode_volume, load_volume_row, row_key, split_key
@@ -93,7 +95,9 @@ class Settings:
     """Everything that decides a code or whether a row fails: a rerun into the same folder must agree on all of it."""
 
     vqgan_digest: str  # VQGAN.codes_digest(): the encoder, quant_conv and codebook weights, not their path
-    resolution: int  # VQGAN input side, from the checkpoint
+    resolution: int  # the square side images are tokenized at (--resolution; default: the VQGAN's)
+    aspect: str  # square (MedMax's centre crop) or keep (medmax.image_layout's grids of about resolution**2 pixels)
+    downsampling: int  # pixels per code along a side, from the checkpoint
     n_embed: int  # codebook size, from the checkpoint
     dtype: str  # fp32 (code-exact) or bf16
     channels_last: bool  # memory layout of the encoder (bf16 implies it); changes float rounding
@@ -117,7 +121,8 @@ class Settings:
 
 
 FLAGS = {  # how a user changes each setting, for the message naming a difference
-    "vqgan_digest": "--ckpt (the VQGAN's weights)", "resolution": "--ckpt (the VQGAN's resolution)",
+    "vqgan_digest": "--ckpt (the VQGAN's weights)", "resolution": "--resolution", "aspect": "--aspect",
+    "downsampling": "--ckpt (the VQGAN's downsampling)",
     "n_embed": "--ckpt (the VQGAN's codebook size)", "dtype": "--dtype", "channels_last": "--channels-last",
     "device_type": "--device", "frame": "--frame", "max_image_pixels": "--max-image-pixels",
     "max_aspect_ratio": "--max-aspect-ratio", "column": "--column", "image_root": "--image-root",
@@ -161,6 +166,8 @@ class TokenizeConfig:
     device: str | None = None  # cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when available, else cpu)
     threads: int | None = None  # torch CPU threads per process (default: cores / local processes)
     frame: int = 0  # frame of multi-frame images
+    resolution: int | None = None  # square side whose code count the images get (default: the VQGAN's resolution)
+    aspect: str = "square"  # square: MedMax's centre crop; keep: the aspect, on a grid of about as many codes
     max_image_pixels: int = ImageLimits.max_pixels
     max_aspect_ratio: float = ImageLimits.max_aspect_ratio
     skip_memory_check: bool = False  # load a VQGAN even if its weights seem not to fit in memory
@@ -185,6 +192,10 @@ class TokenizeConfig:
             raise TokenizeError(f"--workers must be >= 0, got {self.workers}")
         if self.frame < 0:
             raise TokenizeError(f"--frame must be >= 0, got {self.frame}")
+        if self.aspect not in ASPECTS:
+            raise TokenizeError(f"--aspect {self.aspect!r}: choose one of {', '.join(ASPECTS)}")
+        if self.resolution is not None and self.resolution < 1:
+            raise TokenizeError(f"--resolution must be at least 1, got {self.resolution}")
         if self.dtype not in ("fp32", "bf16"):
             raise TokenizeError(f"--dtype {self.dtype!r}: choose fp32 or bf16")
         self.limits  # noqa: B018 - validates the limits
@@ -360,7 +371,8 @@ class ImageRows:
             if is_volume_path(resolve_image(Path(self.settings.image_root), img_path)):
                 return None, "a volume (NIfTI, .npy or a folder): tokenize volumes with --volume-column"
             image = load_image(resolve_image(Path(self.settings.image_root), img_path), frame=self.settings.frame, limits=limits)
-            return preprocess(image, self.settings.resolution, limits), None  # (3, R, R)
+            keep = self.settings.downsampling if self.settings.aspect == "keep" else None
+            return preprocess(image, self.settings.resolution, limits, keep_aspect_factor=keep), None  # (3, H, W)
         except ImageLoadError as exc:
             return None, exc.reason
         except Exception as exc:  # MemoryError, or anything a decoder raises: this row's failure, never the batch's
@@ -368,15 +380,21 @@ class ImageRows:
 
 
 def collate(items: list[tuple]) -> dict:
-    """Stack the readable images of a batch (volumes: keep their slices apart); keep every row's bookkeeping."""
+    """Stack the readable images of a batch by shape (one group when all are square), keep volumes apart (their
+    slices are encoded in chunks); keep every row's bookkeeping."""
     import torch
 
-    ok = [it for it in items if it[4] is not None]
-    volumes = bool(ok) and not isinstance(ok[0][4], torch.Tensor)
+    groups: dict[tuple, list] = {}
+    volumes = []
+    for it in items:
+        if isinstance(it[4], torch.Tensor):
+            groups.setdefault(tuple(it[4].shape), []).append(it)
+        elif it[4] is not None:
+            volumes.append(((it[0], it[1]), it[4]))
     return {
         "rows": [(k, row, n, path, err, dup) for k, row, n, path, _, err, dup in items],
-        "ok": [(k, row) for k, row, *_ in ok],
-        "pixels": None if not ok else [it[4] for it in ok] if volumes else torch.stack([it[4] for it in ok]),  # (B_ok, 3, R, R)
+        "groups": [([(k, row) for k, row, *_ in g], torch.stack([it[4] for it in g])) for g in groups.values()],  # (B_g, 3, H, W)
+        "volumes": volumes,
     }
 
 
@@ -422,6 +440,7 @@ class PartitionWriter:
             info["skipped_files"] = sum(c.geometry.get("skipped_files", 0) for _, c in rows)
         else:
             table = partition_table([p for p, _ in rows], [c for _, c in rows])
+            info["grids"] = grid_counts(table)
         final = partition_path(self.output, self.rank, k)
         write_partition(final, table, info)
         _remove([p for p in self.output.glob(f"tokens-rank*-part{k:06d}.parquet") if p != final])  # an older run's, now replaced
@@ -473,7 +492,8 @@ def _setup_model(cfg: TokenizeConfig, device: torch.device) -> tuple[VQGAN, str]
 
 def _settings(cfg: TokenizeConfig, model: VQGAN, digest: str, device: torch.device, limits: ImageLimits) -> Settings:
     return Settings(
-        vqgan_digest=digest, resolution=model.resolution, n_embed=model.n_embed, dtype=cfg.dtype,
+        vqgan_digest=digest, resolution=cfg.resolution or model.resolution, aspect=cfg.aspect,
+        downsampling=model.downsampling, n_embed=model.n_embed, dtype=cfg.dtype,
         channels_last=cfg.channels_last or cfg.dtype == "bf16", device_type=device.type, frame=cfg.frame,
         max_image_pixels=limits.max_pixels, max_aspect_ratio=limits.max_aspect_ratio,
         column=image_csv.pick_column(cfg.input, cfg.volume_column or cfg.column), image_root=str((cfg.image_root or cfg.input.parent).resolve()),
@@ -567,16 +587,8 @@ def _encode(model: VQGAN, pixels: torch.Tensor, device: torch.device) -> np.ndar
     import torch
 
     pixels = pixels.to(device, non_blocking=True)
-    return model.encode_codes(pixels).to(torch.int32).cpu().numpy()  # (B, h*w); 4 bytes a code while pending
-
-
-def _encode_batch(model: VQGAN, batch: dict, device: torch.device, chunk: int) -> list:
-    """The codes of a batch's readable rows: one (h*w,) array per image, or one VolumeCodes per volume."""
-    if batch["pixels"] is None:
-        return []
-    if isinstance(batch["pixels"], list):
-        return [encode_volume(model, volume, device, chunk) for volume in batch["pixels"]]
-    return _encode(model, batch["pixels"], device)
+    h, w = pixels.shape[2] // model.downsampling, pixels.shape[3] // model.downsampling
+    return model.encode_codes(pixels).to(torch.int32).cpu().numpy().reshape(-1, h, w)  # (B, h, w); 4 bytes a code while pending
 
 
 def run(cfg: TokenizeConfig, source: Source, settings: Settings, plan: PartitionPlan, model: VQGAN, device: torch.device, info: Dist) -> PartitionWriter:
@@ -592,8 +604,8 @@ def run(cfg: TokenizeConfig, source: Source, settings: Settings, plan: Partition
     writer = PartitionWriter(cfg.output, info.rank, settings.partition_size, plan.digests, settings.kind)
     try:
         for batch in loader:
-            codes = _encode_batch(model, batch, device, cfg.batch_size)
-            by_row = dict(zip(batch["ok"], codes))
+            by_row = {key: c for keys, pixels in batch["groups"] for key, c in zip(keys, _encode(model, pixels, device))}
+            by_row.update({key: encode_volume(model, volume, device, cfg.batch_size) for key, volume in batch["volumes"]})
             for k, row, n, path, err, dup in batch["rows"]:
                 writer.add(k, row, n, path, by_row.get((k, row)), err, dup)
             progress.update(len(batch["rows"]))
@@ -613,6 +625,7 @@ def finish_folder(output: Path, plan: PartitionPlan) -> dict:
         if int(path.stem.removeprefix("part")) >= len(plan.digests):
             path.unlink()
     rows = {"input": plan.n_rows, "written": 0, "failed": 0, "duplicate": 0}
+    grids: dict[str, int] = {}
     for k, digest in enumerate(plan.digests):
         good = [(path, meta) for path, meta in files.get(k, []) if meta["digest"] == digest]
         if not good:
@@ -623,9 +636,11 @@ def finish_folder(output: Path, plan: PartitionPlan) -> dict:
         for key in ("written", "failed", "duplicate", "slices", "skipped_files"):
             if key in meta:
                 rows[key] = rows.get(key, 0) + meta[key]
+        for grid, n in meta.get("grids", {}).items():
+            grids[grid] = grids.get(grid, 0) + n
     if rows["written"] + rows["failed"] + rows["duplicate"] != plan.n_rows:
         raise RuntimeError(f"{output}: the partitions account for a different number of rows than the CSV's {plan.n_rows}")
-    return rows
+    return rows, dict(sorted(grids.items()))
 
 
 def _run_counts(writer: PartitionWriter, device: torch.device) -> dict:
@@ -655,9 +670,9 @@ def _share(value: int, device: torch.device) -> int:
 
 def _close(cfg: TokenizeConfig, settings: Settings, plan: PartitionPlan, this_run: dict, seconds: float) -> dict:
     """Rank 0: finish the folder, write the complete manifest and the summary; -> the summary."""
-    rows = finish_folder(cfg.output, plan)
+    rows, grids = finish_folder(cfg.output, plan)
     write_json(cfg.output / MANIFEST, {
-        **_manifest_head(settings), "complete": True, "rows": rows,
+        **_manifest_head(settings), "complete": True, "rows": rows, **({"grids": grids} if settings.kind == "images" else {}),
         "rows_digest": hashlib.sha256("".join(plan.digests).encode()).hexdigest(),
         "input": str(cfg.input.resolve()), "ckpt": str(cfg.ckpt.resolve()),
     })

@@ -5,7 +5,8 @@ A folder holds:
 
 - ``tokens-rank{R:05d}-part{P:06d}.parquet`` (see :data:`PARTITION_GLOB`): the finished partition ``P``
   (CSV rows ``P * partition_size`` onwards), written by rank ``R``. Columns ``img_path`` (string, as
-  written in the CSV) and ``img_tokens`` (list of int32, codes ``0..n_embed-1``, row-major). Its
+  written in the CSV), ``img_tokens`` (list of int32, codes ``0..n_embed-1``, row-major) and, from
+  version 3 on, ``grid_h`` / ``grid_w`` (int32: the image's grid of codes, rows x columns). Its
   file metadata key ``medmax.partition`` (JSON) says what the partition covers: ``partition``,
   ``rows`` (CSV rows in it), ``written``, ``failed``, ``duplicate`` (rows whose path an earlier row
   already had), ``digest`` (sha256 of its rows' paths and duplicate flags) and ``errors`` (the failed
@@ -20,23 +21,25 @@ A folder holds:
   :func:`read_volume_tokens`.
 - ``errors/part{P:06d}.jsonl``: the failed rows of partition ``P``, one JSON object a line
   (:func:`write_errors`; a partition without failed rows has no file).
-- ``manifest.json`` (:func:`read_image_token_manifest`), version 3 (version 2, written before volumes, is an image
-  folder without the fields marked *3*; it is read and resumed as one):
+- ``manifest.json`` (:func:`read_image_token_manifest`), version 3 (version 2, written before volumes and
+  non-square grids, is an image folder without the fields marked *3*: its images are square; it is read as one):
 
   - ``format``: ``"medmax-image-tokens"``; ``version``: 3; ``kind`` (*3*): ``"images"`` or ``"volumes"``.
   - ``settings``: everything that decides a code or whether a row fails; a resume must match all of
     it. ``vqgan_digest`` (sha256 of the VQGAN's encoder, ``quant_conv`` and codebook weights and sizes:
     :meth:`medmax.vqgan.VQGAN.codes_digest`, never its path), ``resolution``, ``n_embed``, ``dtype``
     (``fp32`` / ``bf16``), ``channels_last``, ``device_type`` (``cpu`` / ``cuda``), ``frame``,
-    ``max_image_pixels``, ``max_aspect_ratio``, ``column``, ``image_root`` and ``partition_size``; *3*: ``kind``
-    and, for volumes (null for images), ``slices`` (``K``, ``all``), ``slice_column``, ``slice_resolution``,
-    ``window`` and ``volume_index``.
+    ``max_image_pixels``, ``max_aspect_ratio``, ``column``, ``image_root`` and ``partition_size``; *3*:
+    ``aspect`` (``square``: MedMax's centre crop; ``keep``: :mod:`medmax.image_layout`'s grids),
+    ``downsampling``, ``kind`` and, for volumes (null for images), ``slices`` (``K``, ``all``),
+    ``slice_column``, ``slice_resolution``, ``window`` and ``volume_index``.
   - ``volumes`` (*3*, volume folders): ``intensity`` (the window's width and level in HU, or the percentiles)
     and ``orientation`` (the canonical one slices are taken in, :mod:`medmax.volumes`).
   - ``complete``: true when every row of the CSV the last run read is in exactly one partition;
     false while a run is under way or after it was killed.
   - ``rows`` (when complete): ``input`` = ``written`` + ``failed`` + ``duplicate``; for volumes also
     ``slices`` (slices tokenized) and ``skipped_files`` (files of DICOM folders that are not slices).
+  - ``grids`` (*3*, image folders, when complete): images written per grid, ``{"HxW": count}`` in codes.
   - ``rows_digest`` (when complete): sha256 over the partitions' digests, i.e. the content of the
     image-path column; it changes when any row is added, removed or edited.
   - ``input``, ``ckpt``: the paths the last run was given (for people; nothing is keyed on them).
@@ -71,7 +74,8 @@ class ImageTokensError(UserError):
 
 PARTITION_GLOB = "tokens-rank*-part*.parquet"
 COLUMNS = ("img_path", "img_tokens")
-SCHEMA = pa.schema([("img_path", pa.string()), ("img_tokens", pa.list_(pa.int32()))])
+GRID_COLUMNS = ("grid_h", "grid_w")  # version 3 image folders
+SCHEMA = pa.schema([("img_path", pa.string()), ("img_tokens", pa.list_(pa.int32())), ("grid_h", pa.int32()), ("grid_w", pa.int32())])
 VOLUME_SCHEMA = pa.schema([
     ("img_path", pa.string()), ("img_tokens", pa.list_(pa.int32())), ("slice_indices", pa.list_(pa.int32())),
     ("positions_mm", pa.list_(pa.float64())), ("grid", pa.list_(pa.int32())), ("spacing_mm", pa.list_(pa.float64())),
@@ -80,7 +84,7 @@ VOLUME_SCHEMA = pa.schema([
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
 FORMAT, VERSION = "medmax-image-tokens", 3
-READABLE_VERSIONS = (2, 3)  # 2: image folders written before volumes, the same partitions
+READABLE_VERSIONS = (2, 3)  # 2: image folders written before volumes and grids, square, the same first two columns
 PARTITION_KEY = b"medmax.partition"  # parquet file metadata: what the partition covers
 
 
@@ -112,8 +116,22 @@ def list_array(rows: list) -> pa.ListArray:
 
 
 def partition_table(paths: list[str], codes: list) -> pa.Table:
-    """A partition's rows in :data:`SCHEMA`: each image path and its codes."""
-    return pa.table({"img_path": paths, "img_tokens": list_array(codes)}, schema=SCHEMA)
+    """A partition's rows in :data:`SCHEMA`: each image path, its codes and their grid ((h, w) arrays; a flat
+    list has no recorded grid: null)."""
+    grids = [np.shape(c) if np.ndim(c) == 2 else (None, None) for c in codes]
+    return pa.table({"img_path": paths, "img_tokens": list_array([np.ravel(c) for c in codes]),
+                     "grid_h": [g[0] for g in grids], "grid_w": [g[1] for g in grids]}, schema=SCHEMA)
+
+
+def grid_counts(table: pa.Table) -> dict[str, int]:
+    """``{"HxW": images}`` of a partition's rows."""
+    pairs = zip(table.column("grid_h").to_pylist(), table.column("grid_w").to_pylist())
+    counts: dict[str, int] = {}
+    for h, w in pairs:
+        if h is None:
+            continue
+        counts[f"{h}x{w}"] = counts.get(f"{h}x{w}", 0) + 1
+    return counts
 
 
 @dataclass(frozen=True)
@@ -197,7 +215,7 @@ def read_image_token_manifest(folder: str | Path) -> dict | None:
 def folder_fingerprint(folder: str | Path) -> dict:
     """What decides a folder's content: its settings, row counts and rows digest (from its manifest).
 
-    A folder written before manifests had version 2 gives its old manifest and the number of rows in
+    A folder written before manifests had versions gives its old manifest and the number of rows in
     its partition files instead.
     """
     folder = Path(folder)
@@ -218,21 +236,35 @@ def partition_files(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.glob(PARTITION_GLOB) if p.is_file())
 
 
-def iter_image_tokens(folder: str | Path) -> Iterator[tuple[str, list[int]]]:
-    """Yield ``(img_path, codes)`` from every finished partition of one image folder (a volume folder is refused)."""
+def iter_image_tokens(folder: str | Path, grids: bool = False) -> Iterator[tuple[str, list[int]]]:
+    """Yield ``(img_path, codes)`` from every finished partition of one image folder (a volume folder is refused):
+    the flat list, or with ``grids`` an (h, w) array where the partition records its grid (version 3; version 2's
+    images are square)."""
     manifest = read_image_token_manifest(folder) or {}
     if manifest.get("kind", "images") != "images":
         raise ImageTokensError(f"{folder}: a volume-token folder; its rows are volumes (read_volume_tokens), not images")
     if manifest.get("complete") is False:
         logger.warning("%s: its last image_tokenize run did not finish; some rows may be missing or stale", folder)
     for path in partition_files(folder):
-        table = pq.read_table(path, columns=list(COLUMNS))
-        for img_path, codes in zip(table.column("img_path").to_pylist(), table.column("img_tokens").to_pylist()):
-            yield img_path, codes
+        names = set(pq.read_schema(path).names)
+        gridded = grids and all(c in names for c in GRID_COLUMNS)
+        table = pq.read_table(path, columns=list(COLUMNS) + (list(GRID_COLUMNS) if gridded else []))
+        rows = zip(table.column("img_path").to_pylist(), table.column("img_tokens").to_pylist())
+        if not gridded:
+            yield from rows
+            continue
+        for (img_path, codes), h, w in zip(rows, table.column("grid_h").to_pylist(), table.column("grid_w").to_pylist()):
+            if h is None or w is None:
+                yield img_path, codes
+                continue
+            if h * w != len(codes):
+                raise ImageTokensError(f"{path}: {img_path!r} has {len(codes)} codes for a {h}x{w} grid")
+            yield img_path, np.asarray(codes, dtype=np.int32).reshape(h, w)
 
 
-def read_image_tokens(folders: str | Path | Iterable[str | Path], convert: Callable | None = None) -> dict:
-    """All ``img_path -> codes`` of one or more output folders (each row's codes passed through ``convert``).
+def read_image_tokens(folders: str | Path | Iterable[str | Path], convert: Callable | None = None, grids: bool = False) -> dict:
+    """All ``img_path -> codes`` of one or more output folders (each row's codes passed through ``convert``;
+    ``grids``: as :func:`iter_image_tokens`).
 
     The same path in two folders must carry the same codes; a conflict raises :class:`ImageTokensError` naming it.
     """
@@ -240,7 +272,7 @@ def read_image_tokens(folders: str | Path | Iterable[str | Path], convert: Calla
         folders = [folders]
     tokens: dict = {}
     for folder in folders:
-        for img_path, codes in iter_image_tokens(folder):
+        for img_path, codes in iter_image_tokens(folder, grids):
             codes = convert(codes) if convert else codes
             previous = tokens.setdefault(img_path, codes)
             if previous is not codes and not np.array_equal(previous, codes):

@@ -452,23 +452,31 @@ def resize_and_crop(image: Image.Image, resolution: int) -> Image.Image:
     return image.crop((x0, y0, x0 + resolution, y0 + resolution))
 
 
-def preprocess(image: Image.Image, resolution: int, limits: ImageLimits | None = None) -> torch.Tensor:
+def preprocess(image: Image.Image, resolution: int, limits: ImageLimits | None = None, *, keep_aspect_factor: int | None = None) -> torch.Tensor:
     """RGB PIL image -> (3, R, R) float32 in [-1, 1], exactly as Chameleon's ``_vqgan_input_from``.
 
     The image's size is checked against ``limits`` first (an image built in memory was never checked by
     :func:`load_image`); over them, or out of memory, it raises :class:`ImageLoadError`.
+    ``keep_aspect_factor`` (a VQGAN's downsampling): keep the aspect instead, onto the grid
+    :func:`medmax.image_layout.pick_grid` gives for the codes of a square ``resolution`` -> (3, h*f, w*f).
     """
     if resolution <= 0:
         raise ValueError(f"resolution must be positive, got {resolution}")
     name = getattr(image, "filename", "") or "<image>"
     (limits or DEFAULT_LIMITS).check(*image.size, name)
     try:
-        image = resize_and_crop(to_rgb(image), resolution)
+        if keep_aspect_factor is None:
+            image = resize_and_crop(to_rgb(image), resolution)
+        else:
+            from .image_layout import grid_budget, pick_grid, resize_to_grid
+
+            grid = pick_grid(image.width, image.height, grid_budget(resolution, keep_aspect_factor))
+            image = resize_to_grid(to_rgb(image), grid, keep_aspect_factor)
     except MemoryError:
         raise ImageLoadError(name, f"out of memory preprocessing a {image.width}x{image.height} image") from None
     import torch  # here, so that loading images does not import torch
 
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (R, R, 3) uint8
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (H, W, 3) uint8
     pixels = pixels.to(torch.float64) / 255.0 * 2 - 1  # float64 then float32, as the reference rounds
     return pixels.permute(2, 0, 1).to(torch.float32).contiguous()
 

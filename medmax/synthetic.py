@@ -70,8 +70,10 @@ class Scan:
         return mcq
 
 
-def _render(rng: np.random.Generator, size: int, lesion: bool, position: str | None, lesion_size: str | None) -> np.ndarray:
-    yy, xx = np.mgrid[0:size, 0:size] / size  # (H, W) in [0, 1)
+def _render(rng: np.random.Generator, size, lesion: bool, position: str | None, lesion_size: str | None) -> np.ndarray:
+    """``size``: a side, or (height, width) for a non-square scan (shapes and lesions scale with each side)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    yy, xx = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]  # (H, W) in [0, 1)
     cx, cy = 0.5 + rng.uniform(-0.04, 0.04), 0.5 + rng.uniform(-0.04, 0.04)
     rx, ry = rng.uniform(0.40, 0.47), rng.uniform(0.40, 0.47)
     body = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1.0
@@ -87,8 +89,8 @@ def _render(rng: np.random.Generator, size: int, lesion: bool, position: str | N
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def make_scans(n: int, seed: int = 0, size: int = 96, lesion_fraction: float = 0.5) -> list[Scan]:
-    """``n`` scans of ``size`` px; about ``lesion_fraction`` of them carry a lesion, positions and sizes balanced."""
+def make_scans(n: int, seed: int = 0, size: int | tuple[int, int] = 96, lesion_fraction: float = 0.5) -> list[Scan]:
+    """``n`` scans of ``size`` px (a side, or (height, width)); about ``lesion_fraction`` of them carry a lesion, positions and sizes balanced."""
     rng = np.random.default_rng(seed)
     scans = []
     for i in range(n):
@@ -260,7 +262,7 @@ def locate_lesion(image: Image.Image) -> tuple[str, str] | None:
 
     The blob is the connected region around the brightest (smoothed) pixel that is brighter than half
     way between the body's grey level and that peak; its centroid gives the quadrant, its area the
-    radius (small below SIZE_BOUNDARY of the width). A peak less than MIN_CONTRAST above the body
+    radius (small below SIZE_BOUNDARY of the side; of sqrt(height x width) for a non-square image). A peak less than MIN_CONTRAST above the body
     is no lesion. Works on decoded (blurry) images as well as on the rendered scans.
     """
     found = _brightest_blob(image)
@@ -269,7 +271,7 @@ def locate_lesion(image: Image.Image) -> tuple[str, str] | None:
     pixels, h, w = found
     cy, cx = pixels.mean(axis=0) / np.array([h, w])
     position = f"{'upper' if cy < 0.5 else 'lower'} {'left' if cx < 0.5 else 'right'}"
-    radius = np.sqrt(len(pixels) / np.pi) / w
+    radius = np.sqrt(len(pixels) / np.pi / (h * w))  # of the side for a square; of the geometric mean side otherwise
     return position, SIZES[0] if radius < SIZE_BOUNDARY else SIZES[1]
 
 

@@ -256,6 +256,11 @@ class VQGAN(ChameleonVQVAE):
         return side, side
 
     @property
+    def downsampling(self) -> int:
+        """Pixels per code along a side (16 for Chameleon's VQGAN)."""
+        return 2 ** (len(self.config.channel_multiplier) - 1)
+
+    @property
     def n_codes_per_image(self) -> int:
         h, w = self.grid_shape
         return h * w
@@ -310,15 +315,18 @@ class VQGAN(ChameleonVQVAE):
         return indices.view(pixels.shape[0], -1)
 
     @torch.no_grad()
-    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """(B, h*w) codes -> (B, 3, H, W) decoder output (not clamped; see :func:`to_uint8`)."""
+    def decode_codes(self, codes: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """(B, h*w) codes -> (B, 3, H, W) decoder output (not clamped; see :func:`to_uint8`).
+
+        ``grid``: the codes' (h, w) when not the square :attr:`grid_shape` (a shaped image).
+        """
         if self.decoder is None:
             raise RuntimeError(
                 "this VQGAN was loaded without decoder weights (a Hugging Face Chameleon checkpoint holds only "
                 "the encoder); load vqgan.yaml + vqgan.ckpt from the original release to decode images"
             )
         codes = torch.as_tensor(codes, device=self.quantize.embedding.weight.device).long()
-        h, w = self.grid_shape
+        h, w = grid or self.grid_shape
         if codes.dim() != 2 or codes.shape[1] != h * w:
             raise ValueError(f"expected codes of shape (B, {h * w}) for a {h}x{w} grid, got {tuple(codes.shape)}")
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.n_embed):

@@ -35,6 +35,9 @@ def build_parser(prog: str, description: str, layout: str) -> argparse.ArgumentP
                    help=f"extra image placeholder in conversation / pretraining text (besides {IMAGE_PLACEHOLDER}); repeatable")
     if layout == "sequences":
         p.add_argument("--no-image-loss", action="store_true", help="no loss on image codes inside answers")
+        p.add_argument("--image-layout", choices=("fixed", "shaped"), default=SequenceConfig.image_layout,
+                       help="fixed: Chameleon's boi + codes + eoi, one square grid; shaped: blocks carry their height, width "
+                            "and end-of-lines, so non-square grids (image_tokenize --aspect keep) train (README, 'Non-square images')")
     p.add_argument("--max-length", type=int, default=SequenceConfig.max_length, help=f"{MAX_LENGTH[layout]}; 0: no limit")
     p.add_argument("--max-row-bytes", type=int, default=BuildConfig.max_row_bytes,
                    help="a longer JSONL line (or parquet row's text) is that row's error, never read whole")
@@ -60,6 +63,7 @@ def config_from_args(args: argparse.Namespace, layout: str) -> BuildConfig:
         max_length=args.max_length or None,
         codes_per_image=args.codes_per_image,
         codebook_size=args.codebook_size,
+        image_layout=getattr(args, "image_layout", SequenceConfig.image_layout),
     )
     return BuildConfig.from_flags(args, sequence, layout=layout)
 

@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp32 in channels-last layout: ~15%% faster on CPU, but codes may differ from taming's at near-ties")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when available, else cpu)")
     p.add_argument("--threads", type=int, help="torch CPU threads per process (default: cores / local processes)")
+    p.add_argument("--resolution", type=int, metavar="N",
+                   help="tokenize at N px: square N x N, or with --aspect keep about N*N pixels (default: the VQGAN's resolution)")
+    p.add_argument("--aspect", choices=("square", "keep"), default=TokenizeConfig.aspect,
+                   help="square: MedMax's centre crop (code-exact with the reference); keep: the image's aspect on a grid of "
+                        "about as many codes (README, 'Non-square images')")
     p.add_argument("--frame", type=int, default=TokenizeConfig.frame, help="frame of multi-frame images (DICOM, TIFF) to take")
     p.add_argument("--max-image-pixels", type=int, default=TokenizeConfig.max_image_pixels,
                    help="an image with more pixels (width x height, from its header) is a failed row (default: %(default)s)")

@@ -277,8 +277,9 @@ def _setup(cfg: BuildConfig) -> dict:
         vqgan = load_vqgan(cfg.ckpt, trust_checkpoint=cfg.trust_checkpoint)
         if seq.codes_per_image is not None and seq.codes_per_image != vqgan.n_codes_per_image:
             raise BuildConfigError(f"--codes-per-image {seq.codes_per_image} but the VQGAN in --ckpt gives {vqgan.n_codes_per_image}")
-        seq = SequenceConfig(**{**asdict(seq), "codes_per_image": vqgan.n_codes_per_image, "codebook_size": vqgan.n_embed})
-    if seq.codes_per_image is None and table:
+        fixed = seq.image_layout == "fixed"  # the shaped layout takes every grid: no one count
+        seq = SequenceConfig(**{**asdict(seq), "codes_per_image": vqgan.n_codes_per_image if fixed else None, "codebook_size": vqgan.n_embed})
+    if seq.codes_per_image is None and table and seq.image_layout == "fixed":
         seq = SequenceConfig(**{**asdict(seq), "codes_per_image": table_code_count(table, cfg.image_tokens)})
     vocab = Vocabulary.from_tokenizer(tokenizer)
     volumes = load_volume_table(cfg.image_tokens) if cfg.image_tokens else {}
@@ -413,6 +414,7 @@ def _manifest(cfg: BuildConfig, inputs, results: list[FileResult], vocab: Vocabu
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "layout": cfg.layout,
+        "image_layout": cfg.sequence.image_layout,
         "tokenizer": str(cfg.tokenizer),
         "tokenizer_sha256": fingerprint["tokenizer_sha256"],
         "special_ids": vocab.special_ids(),

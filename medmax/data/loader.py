@@ -195,6 +195,21 @@ def check_sequences(data: SequenceData, vocab_size: int, max_length: int, specia
         raise DataError(f"{where}: every label is {IGNORE_INDEX}; nothing to learn")
 
 
+def image_layout(manifest: dict) -> str:
+    """A sequence folder's image layout (``fixed`` / ``shaped``; folders built before layouts are ``fixed``)."""
+    return manifest.get("image_layout") or manifest.get("settings", {}).get("image_layout") or "fixed"
+
+
+def check_one_image_layout(datas: list[SequenceData]) -> str | None:
+    """The one image layout of the folders a run trains on; mixing fixed and shaped blocks is refused (the model
+    would learn two ways to end an image). -> the layout, None without folders."""
+    layouts = {str(d.folder): image_layout(d.manifest) for d in datas}
+    if len(set(layouts.values())) > 1:
+        detail = ", ".join(f"{folder}: {layout}" for folder, layout in sorted(layouts.items()))
+        raise DataError(f"the datasets mix image layouts ({detail}); build them all with the same --image-layout")
+    return next(iter(layouts.values()), None)
+
+
 def _outside(values: np.ndarray, vocab_size: int, allowed: int | None = None) -> np.ndarray:
     bad = (values < 0) | (values >= vocab_size)
     return bad & (values != allowed) if allowed is not None else bad

@@ -47,6 +47,11 @@ image placeholder (``<image>``, plus any ``SequenceConfig.placeholders``) in eve
 end-of-turn in MedMax rows: a backslash before one (``\\<image>``) writes it as literal text.
 ``SequenceConfig.image_loss`` switches the loss on image blocks (``boi``, codes, ``eoi``) inside answers.
 
+``SequenceConfig.image_layout``: ``fixed`` (Chameleon's: ``boi``, the codes, ``eoi``; every image has the same
+square grid, and a non-square grid is refused as the row's ``non_square_grid``) or ``shaped``
+(:mod:`medmax.image_layout`: the block carries its height, width and an end-of-line after each row, so images
+of any grid train together).
+
 A row that cannot be built raises :class:`RowError` with a short ``kind`` (counted per kind) and a
 message naming the reason; nothing is silently repaired.
 """
@@ -63,6 +68,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ..errors import UserError
+from ..image_layout import IMAGE_LAYOUTS, ImageLayoutError, ShapedTokens, grid_of
 from ..vocab import (
     END_OF_TURN,
     IGNORE_INDEX,
@@ -154,6 +160,8 @@ class SequenceConfig:
     codes_per_image: int | None = None
     # VQGAN codebook size when known; codes must also lie below the vocabulary's n_codes.
     codebook_size: int | None = None
+    # "fixed" (boi, codes, eoi; one square grid) or "shaped" (size tokens and end-of-lines: any grid; medmax.image_layout)
+    image_layout: str = "fixed"
 
     def __post_init__(self):
         if not self.placeholders or any(not p for p in self.placeholders):
@@ -162,6 +170,10 @@ class SequenceConfig:
             raise BuildConfigError(f"--max-length must be at least 3, got {self.max_length}")
         if self.codes_per_image is not None and self.codes_per_image < 1:
             raise BuildConfigError(f"--codes-per-image must be positive, got {self.codes_per_image}")
+        if self.image_layout not in IMAGE_LAYOUTS:
+            raise BuildConfigError(f"--image-layout {self.image_layout!r}: choose one of {', '.join(IMAGE_LAYOUTS)}")
+        if self.image_layout == "shaped" and self.codes_per_image is not None:
+            raise BuildConfigError("--codes-per-image fixes one grid; the shaped layout takes every grid (leave it out)")
 
 
 @dataclass
@@ -348,6 +360,10 @@ class SequenceBuilder:
         self._is_code = np.zeros(self.vocab.size, dtype=bool)  # (vocab,) which ids are image codes
         self._is_code[self._code_ids] = True
         self.config = config or SequenceConfig()
+        self.shaped = ShapedTokens.from_tokenizer(tokenizer) if self.config.image_layout == "shaped" else None
+        self._in_image = self._is_code.copy()  # (vocab,) ids inside an image block, boi excepted (codes; shaped: sizes, end-of-line)
+        if self.shaped is not None:
+            self._in_image[self.shaped.ids] = True
         self.resolve_image = resolve_image
         self.codes_per_image = self.config.codes_per_image
         limit = self.vocab.n_codes if self.config.codebook_size is None else min(self.vocab.n_codes, self.config.codebook_size)
@@ -501,11 +517,20 @@ class SequenceBuilder:
     # -- assembly -----------------------------------------------------------------------------
 
     def _image_block(self, ref, index: int) -> np.ndarray:
-        """``[boi] + code ids + [eoi]`` of one image reference (codes checked for count and range); a volume's
-        header and slice blocks (:data:`VOLUME_LAYOUT`)."""
+        """``[boi] + code ids + [eoi]`` of one image reference (codes checked for count and range); the shaped
+        layout's block (:class:`medmax.image_layout.ShapedTokens`) when the build uses it; a volume's header and
+        slice blocks (:data:`VOLUME_LAYOUT`)."""
         if isinstance(ref, VolumeRef):
             return self._volume_block(ref, index)
-        codes = self._codes(ref, index)
+        codes, grid = self._codes(ref, index)
+        if self.shaped is not None:
+            try:
+                return self.shaped.block(self.vocab, self._code_ids[codes].reshape(grid))
+            except ImageLayoutError as exc:
+                raise RowError("bad_codes", f"image {index}: {exc}") from None
+        if grid[0] != grid[1]:
+            raise RowError("non_square_grid", f"image {index} is a {grid[0]}x{grid[1]} grid of codes; the fixed layout holds "
+                                              "square grids only (build with --image-layout shaped)")
         block = np.empty(len(codes) + 2, dtype=np.int32)
         block[0], block[-1] = self.vocab.boi_id, self.vocab.eoi_id
         block[1:-1] = self._code_ids[codes]
@@ -521,12 +546,17 @@ class SequenceBuilder:
         codes = np.asarray(volume.codes)  # (K, h*w)
         if codes.size and (codes.min() < 0 or codes.max() >= self.code_limit):
             raise RowError("bad_codes", f"volume {ref.path!r}: codes must lie in 0..{self.code_limit - 1}")
+        header = np.asarray(header, dtype=np.int32)
+        if self.shaped is not None:  # a shaped build: every slice a shaped block, as every image is
+            return np.concatenate([header, *(self.shaped.block(self.vocab, self._code_ids[c].reshape(volume.grid)) for c in codes)])
         blocks = np.empty((len(codes), codes.shape[1] + 2), dtype=np.int32)  # (K, 1 + h*w + 1)
         blocks[:, 0], blocks[:, -1] = self.vocab.boi_id, self.vocab.eoi_id
         blocks[:, 1:-1] = self._code_ids[codes]
-        return np.concatenate([np.asarray(header, dtype=np.int32), blocks.reshape(-1)])
+        return np.concatenate([header, blocks.reshape(-1)])
 
-    def _codes(self, ref, index: int) -> np.ndarray:
+    def _codes(self, ref, index: int) -> tuple[np.ndarray, tuple[int, int]]:
+        """-> (flat codes, their (h, w) grid: recorded; for a flat list, a square of its count in the shaped layout,
+        and (1, 1) in the fixed one, whose count check stands for the grid)."""
         ref = _image_source(ref, index)
         if isinstance(ref, (str, bytes, bytearray)):
             if self.resolve_image is None:
@@ -534,12 +564,18 @@ class SequenceBuilder:
                 raise RowError("missing_image", f"image {index} is {what} and no image codes source was given (--image-tokens / --ckpt)")
             ref = self.resolve_image(ref)
         codes = np.asarray(ref)
-        if codes.ndim != 1 or (codes.size and not np.issubdtype(codes.dtype, np.integer)):
-            raise RowError("bad_codes", f"image {index}: codes must be a flat list of integers, got dtype {codes.dtype} shape {codes.shape}")
-        self._check_count(len(codes), index)
+        if codes.ndim not in (1, 2) or (codes.size and not np.issubdtype(codes.dtype, np.integer)):
+            raise RowError("bad_codes", f"image {index}: codes must be a list (or grid) of integers, got dtype {codes.dtype} shape {codes.shape}")
+        if self.shaped is None:
+            self._check_count(codes.size, index)
         if codes.size and (codes.min() < 0 or codes.max() >= self.code_limit):
             raise RowError("bad_codes", f"image {index}: codes must lie in 0..{self.code_limit - 1}, got {codes.min()}..{codes.max()}")
-        return codes
+        if codes.ndim == 2 or self.shaped is None:  # a flat list in the fixed layout is one grid of its count
+            return codes.reshape(-1), codes.shape if codes.ndim == 2 else (1, 1)
+        try:
+            return codes, grid_of(codes)
+        except ImageLayoutError as exc:
+            raise RowError("bad_codes", f"image {index}: {exc}") from None
 
     def _check_count(self, n: int, index: int) -> None:
         if self.codes_per_image is None:
@@ -586,7 +622,7 @@ class SequenceBuilder:
     def _image_positions(self, ids: np.ndarray) -> np.ndarray:
         """Bool mask of image blocks: boi, codes and eoi."""
         v = self.vocab
-        return (ids == v.boi_id) | (ids == v.eoi_id) | self._is_code[ids]
+        return (ids == v.boi_id) | (ids == v.eoi_id) | self._in_image[ids]
 
     def _assemble_pieces(self, plan: RowPlan, encoded: dict) -> Built:
         self._check_images(self._count_images(plan.pieces), plan.images)
@@ -625,7 +661,7 @@ class SequenceBuilder:
             return built
         last = n - 1  # the last token kept
         ids = built.input_ids
-        if ids[last] == self.vocab.boi_id or self._is_code[ids[last]]:
+        if ids[last] == self.vocab.boi_id or self._in_image[ids[last]]:
             raise LengthDrop("too_long", f"{len(built)} tokens > max_length {n}: the cut would go through an image", len(built))
         answer = built.answer_mask()
         if not answer[last]:

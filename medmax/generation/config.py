@@ -40,6 +40,9 @@ class GenerationConfig:
     # "plain" (one code per forward) or "auto" (sjd where it pays: see image_decoding)
     sjd_window: int = 8  # sjd: tokens per forward (the last code and window - 1 drafts); the reference uses 16 on GPUs,
     # 8 measured faster on CPU (a wider window costs compute there; BENCHMARKS.md, README "Image decoding")
+    image_layout: str = "fixed"  # "fixed" (Chameleon's square block) or "shaped" (size tokens and end-of-lines: the layout
+    # a model trained on build_sequences --image-layout shaped knows; medmax.image_layout)
+    image_size: tuple[int, int] | None = None  # shaped: (H, W) pixels to draw (implies "shaped"); None: the model picks
     seed: int | None = None  # None: a fresh random seed
     decode_images: bool = True  # False: return codes only (no VQGAN decoder work)
     batch_size: int = 16  # prompts decoded together (sorted by length to limit padding)
@@ -73,6 +76,13 @@ class GenerationConfig:
             raise UserError(f"GenerationConfig.batch_size must be >= 1, got {self.batch_size}")
         if self.max_images < 0:
             raise UserError(f"GenerationConfig.max_images must be >= 0, got {self.max_images}")
+        if self.image_size is not None:
+            size = tuple(self.image_size)
+            if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
+                raise UserError(f"GenerationConfig.image_size must be (H, W) positive pixel counts, got {self.image_size!r}")
+            self.image_size, self.image_layout = size, "shaped"
+        if self.image_layout not in ("fixed", "shaped"):
+            raise UserError(f"GenerationConfig.image_layout: unknown layout {self.image_layout!r}; choose fixed or shaped")
         if isinstance(self.stop_strings, str):
             self.stop_strings = (self.stop_strings,)
         self.stop_strings = tuple(self.stop_strings)

@@ -145,14 +145,18 @@ def forced_codes(region: np.ndarray, source_codes, n_codes: int) -> list[int]:
     return np.where(region, -1, codes).tolist()
 
 
-def check_edits(edits, prompts: list[list], mode: str, grid: tuple[int, int]) -> None:
-    """Before any model work: one edit (or None) per prompt, image mode, a region of the grid's shape, a source image."""
+def check_edits(edits, prompts: list[list], mode: str, grid: tuple[int, int], layout: str = "fixed") -> None:
+    """Before any model work: one edit (or None) per prompt, image mode, the fixed layout, a region of the grid's
+    shape, a source image."""
     from .prompts import ImageCodes
 
     if len(edits) != len(prompts):
         raise EditMaskError(f"generate: {len(edits)} edits for {len(prompts)} prompts")
     if mode != "image" and any(e is not None for e in edits):
         raise EditMaskError(f"an edit region (inpainting) needs mode 'image', not {mode!r}")
+    if layout != "fixed" and any(e is not None for e in edits):
+        raise EditMaskError("an edit region (inpainting) works in the fixed image layout only, not with "
+                            "--image-layout shaped or --size")
     for i, (edit, segs) in enumerate(zip(edits, prompts)):
         if edit is None:
             continue

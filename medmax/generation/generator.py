@@ -37,6 +37,7 @@ class TextOutput:
 class ImageOutput:
     image: Image.Image | None  # None when GenerationConfig.decode_images is False
     codes: list[int]
+    grid: tuple[int, int] | None = None  # (h, w) codes of a shaped image (row-major codes); None: the VQGAN's square
 
 
 @dataclass
@@ -108,11 +109,16 @@ class Generator:
         config = config or GenerationConfig()
         if config.mode in ("image", "interleaved") and config.decode_images:
             self.prompts.require_vqgan(f"{config.mode} generation")
+        if config.mode != "text" and config.image_size is not None:
+            from ..image_layout import check_size
+
+            check_size(config.image_size, self.prompts.require_vqgan("--size").downsampling)
         checked, lengths = self.prompts.check(prompts, config.mode)
         if seeds is not None and len(seeds) != len(checked):
             raise ValueError(f"generate: {len(seeds)} seeds for {len(checked)} prompts")
         if edits is not None:
-            check_edits(edits, checked, config.mode, self.prompts.require_vqgan("inpainting").grid_shape)
+            check_edits(edits, checked, config.mode, self.prompts.require_vqgan("inpainting").grid_shape,
+                        config.image_layout)
         rng = torch.Generator(device=self.device)
         rng.manual_seed(config.seed) if config.seed is not None else rng.seed()
         order = sorted(range(len(checked)), key=lambda i: lengths[i])
@@ -173,18 +179,38 @@ class Generator:
 
     def _add_images(self, rows: list[_Row], config: GenerationConfig, rng: torch.Generator):
         """Generate one image for each row (whose context must not yet hold the boi) and append it."""
-        self.prompts.require_vqgan("image generation")
+        vqgan = self.prompts.require_vqgan("image generation")
+        if config.image_layout == "fixed":
+            return self._draw_images(rows, config, rng, None)
+        from ..image_layout import ShapedTokens, check_size
+        from .shaped import GridLayout
+
+        tokens = ShapedTokens.from_tokenizer(self.tokenizer)
+        if config.image_size is not None:
+            grids = [check_size(config.image_size, vqgan.downsampling)] * len(rows)
+        else:
+            grids = self.image_decoder.choose_grids([r.context for r in rows], config, _row_rngs(rows, rng), tokens)
+        n_codes = len(self.image_decoder.code_ids)
+        for grid in dict.fromkeys(grids):  # rows that chose one grid are drawn together, in order of first choice
+            group = [r for r, g in zip(rows, grids) if g == grid]
+            self._draw_images(group, config, rng, GridLayout(tokens, *grid, n_codes))
+
+    def _draw_images(self, rows: list[_Row], config: GenerationConfig, rng: torch.Generator, layout):
+        """Draw one image per row, in the fixed layout (inpainting rows with their forced codes) or a shaped
+        ``layout`` (its grid), and append it."""
         forced = None
         if any(r.forced for r in rows):
             n = self.vqgan.n_codes_per_image
             forced = torch.tensor([r.forced or [-1] * n for r in rows], dtype=torch.long)  # (B, n)
-        codes = self.image_decoder.draw([r.context for r in rows], config, _row_rngs(rows, rng), forced=forced)  # (B, n)
-        images = self.image_decoder.decode(codes) if config.decode_images else [None] * len(rows)
+        codes = self.image_decoder.draw([r.context for r in rows], config, _row_rngs(rows, rng), forced=forced,
+                                        layout=layout)  # (B, n)
+        grid = None if layout is None else (layout.h, layout.w)
+        images = self.image_decoder.decode(codes, grid) if config.decode_images else [None] * len(rows)
         for row, c, im in zip(rows, codes.cpu(), images):
-            ids = self.image_decoder.token_ids(c)
+            ids = self.image_decoder.token_ids(c, layout)
             row.context += ids
             row.generated += ids
-            row.segments.append(ImageOutput(image=im, codes=c.tolist()))
+            row.segments.append(ImageOutput(image=im, codes=c.tolist(), grid=grid))
             row.images_left -= 1
             if row.on_step:
                 row.on_step(row.index, row.segments[-1])

@@ -296,6 +296,7 @@ def test_edit_mask_draws_only_its_region_of_the_input(tiny_model_dir, scan, tmp_
     (["--image", "{scan}", "--edit-mask", "{empty}"], "empty"),
     (["--image", "{scan}", "--edit-mask", "{grid32}"], "neither the input image's 90x70 nor the model's"),
     (["--image", "{scan}", "--edit-mask", "0,0,10,10", "--mode", "text"], "needs --mode image"),
+    (["--image", "{scan}", "--edit-mask", "0,0,10,10", "--size", "32x48"], "fixed image layout only"),
 ])
 def test_bad_edit_masks_fail_in_one_line_before_loading(tiny_model_dir, scan, tmp_path, capsys, monkeypatch, extra, message):
     import medmax.generation
@@ -315,3 +316,22 @@ def test_bad_edit_masks_fail_in_one_line_before_loading(tiny_model_dir, scan, tm
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_size_the_vqgan_cannot_tile_fails_before_the_model_loads(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from medmax.generation import generator
+
+    monkeypatch.setattr(generator.Generator, "from_dir", lambda *a, **k: pytest.fail("loaded the model"))
+    rc = main(["generate", "--model", str(tiny_model_dir), "--prompt", "a lung", "--mode", "image",
+               "--output", str(tmp_path / "out"), "--size", "60x96"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--size 60x96" in err and "multiple of 8" in err
+
+
+def test_size_draws_a_picture_of_that_shape(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "a lung", "--mode", "image", "--output", str(out),
+                 "--size", "32x48", "--device", "cpu"]) == 0
+    record = json.loads((out / "generation.json").read_text())
+    assert Image.open(out / record["segments"][0]["path"]).size == (48, 32) and len(record["segments"][0]["codes"]) == 24
+    assert record["config"]["image_size"] == [32, 48] and record["config"]["image_layout"] == "shaped"

@@ -196,3 +196,60 @@ def test_auto_decoding_is_decided_by_the_settings_and_the_device():
     assert GenerationConfig(mode="image", batch_size=8, decoding="sjd").image_decoding("cpu") == "sjd"
     with pytest.raises(UserError, match="decoding"):
         GenerationConfig(decoding="jacobi")
+
+
+# ------------------------------------------------------------------------------------------ shaped layout
+def _shaped(gen, out):
+    """The image block of an output, read back as the shaped layout: -> (h, w, (h, w) codes)."""
+    from medmax.image_layout import ShapedTokens
+
+    tokens = ShapedTokens.from_tokenizer(gen.tokenizer)
+    ids = out.token_ids
+    start = ids.index(gen.vocab.boi_id)
+    h, w, grid = tokens.read_block(gen.vocab, ids[start : ids.index(gen.vocab.eoi_id, start) + 1])
+    return h, w, gen.vocab.ids_to_codes(grid)
+
+
+@pytest.mark.parametrize("size, grid", [((64, 96), (8, 12)), ((96, 64), (12, 8))])
+def test_shaped_greedy_sjd_equals_plain_and_keeps_the_layout(gen, size, grid):
+    """--size HxW: end-of-line exactly every w codes, h rows, an H x W picture; SJD's drafts cross line ends."""
+    cfg = GenerationConfig(mode="image", image_temperature=0.0, image_size=size, batch_size=2)
+    with rigged_head(gen, 1.0, {int(gen.image_decoder.code_ids[7]): 0.5}):
+        plain = gen.generate(PROMPTS[:2], dataclasses.replace(cfg, decoding="plain"))
+        sjd = gen.generate(PROMPTS[:2], dataclasses.replace(cfg, decoding="sjd", sjd_window=8))
+    stats = gen.image_decoder.stats
+    assert [o.token_ids for o in sjd] == [o.token_ids for o in plain]
+    assert stats["accepted"] / stats["drafts"] > 0.3 and stats["codes"] == 2 * grid[0] * (grid[1] + 1)
+    for out in sjd:
+        (image,) = out.images
+        h, w, codes_hw = _shaped(gen, out)
+        assert (h, w) == image.grid == grid and codes_hw.reshape(-1).tolist() == image.codes
+        assert image.image.size == (size[1], size[0])  # PIL: (width, height)
+
+
+def test_sampled_shaped_images_have_the_requested_shape_every_time(gen):
+    for decoding in ("plain", "sjd"):
+        cfg = GenerationConfig(mode="image", image_temperature=1.0, image_size=(32, 48), decoding=decoding,
+                               decode_images=False, seed=3, batch_size=4)
+        for out in gen.generate(PROMPTS, cfg):
+            assert _shaped(gen, out)[:2] == (4, 6) and len(out.images[0].codes) == 24
+
+
+def test_the_model_picks_the_grid_without_a_size(gen):
+    from medmax.image_layout import ShapedTokens
+
+    sizes = ShapedTokens.from_tokenizer(gen.tokenizer).size_ids
+    cfg = GenerationConfig(mode="image", image_temperature=0.0, image_layout="shaped")
+    with rigged_head(gen, 1.0, {int(sizes[3]): 60.0}):  # a model that learned 3-code sides
+        (out,) = gen.generate([PROMPTS[0]], cfg)
+    assert out.images[0].grid == (3, 3) and out.images[0].image.size == (24, 24) and _shaped(gen, out)[:2] == (3, 3)
+
+
+def test_a_size_the_vqgan_cannot_tile_is_refused_before_drawing(gen, monkeypatch):
+    from medmax.image_layout import ImageLayoutError
+
+    monkeypatch.setattr(gen.image_decoder, "draw", lambda *a, **k: pytest.fail("drew an image"))
+    with pytest.raises(ImageLayoutError, match="cannot tile"):
+        gen.generate([PROMPTS[0]], GenerationConfig(mode="image", image_size=(60, 96)))
+    with pytest.raises(UserError, match="image_size"):
+        GenerationConfig(mode="image", image_size=(0, 8))

@@ -144,3 +144,25 @@ def test_pickle_needing_code_is_refused_unless_trusted(tiny_vqgan, tmp_path):
     loaded = load_vqgan(ckpt, trust_checkpoint=True)
     pixels = torch.rand(1, 3, 64, 64) * 2 - 1
     assert torch.equal(loaded.encode_codes(pixels), tiny_vqgan.encode_codes(pixels))
+
+
+@pytest.mark.parametrize("size", [(96, 64), (40, 130)], ids=["96x64", "40x130"])
+def test_non_square_codes_and_decoding_match_taming(size):
+    """--aspect keep: the codes of a non-square image are taming's encoder's on the same preprocessed pixels."""
+    from PIL import Image
+
+    from medmax.image_layout import grid_budget, pick_grid
+    from medmax.images import preprocess
+
+    ours, reference = _pair(VQGAN_PRESETS["tiny"], seed=2)
+    image = Image.fromarray((torch.rand(size[1], size[0], 3) * 255).to(torch.uint8).numpy())
+    pixels = preprocess(image, 64, keep_aspect_factor=ours.downsampling)[None]  # (1, 3, H, W)
+    h, w = pick_grid(*size, grid_budget(64, ours.downsampling))
+    assert pixels.shape[2:] == (h * 8, w * 8) and h != w and h * w <= 64
+    with torch.no_grad():
+        expected = reference.codes(pixels)
+        decoded = reference.decode(expected, (h, w))
+    got = ours.encode_codes(pixels)
+    assert got.shape == (1, h * w) and torch.equal(got, expected)
+    mine = ours.decode_codes(got, (h, w))
+    assert mine.shape == (1, 3, h * 8, w * 8) and (mine - decoded).abs().max().item() < 1e-4

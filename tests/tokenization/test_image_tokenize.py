@@ -151,7 +151,7 @@ def test_column_choice_and_readers_ignore_temporary_files(dataset, tiny_vqgan_di
     (out / ".tokens-rank00000-part000009.parquet.tmp").write_bytes(b"partial")
     assert sorted(read_image_tokens(out)) == ["imgs/0.png", "imgs/1.png"]
     table = pq.read_table(partition_files(out)[0])
-    assert table.column_names == ["img_path", "img_tokens"] and len(table.column("img_tokens")[0]) == 64
+    assert table.column_names == ["img_path", "img_tokens", "grid_h", "grid_w"] and len(table.column("img_tokens")[0]) == 64
     with pytest.raises(Refused, match="--column 'nope'"):
         _run(csv, tmp_path / "y", tiny_vqgan_dir, "--column", "nope")
 
@@ -415,3 +415,33 @@ def test_default_batch_size_is_chosen_per_device_and_recorded(dataset, tiny_vqga
     assert summary["given"]["batch_size"] == 3
     assert read_image_tokens(tmp_path / "default") == read_image_tokens(tmp_path / "given")  # fp32: batching is invisible
     assert "1 on cpu" in image_tokenize.build_parser().format_help()
+
+
+def test_aspect_keep_stores_each_grid_and_the_vqgans_codes(dataset, tiny_vqgan, tiny_vqgan_dir, tmp_path):
+    from medmax.image_layout import grid_budget, pick_grid
+
+    out = tmp_path / "keep"
+    _run(dataset, out, tiny_vqgan_dir, "--aspect", "keep", "--resolution", "64", "--batch-size", "4")
+    grids = read_image_tokens(out, grids=True)
+    flat = read_image_tokens(out)
+    shapes = set()
+    for path, codes in grids.items():
+        image = load_image(dataset.parent / path)
+        assert codes.shape == pick_grid(image.width, image.height, grid_budget(64, 8))
+        pixels = preprocess(image, 64, keep_aspect_factor=8)[None]
+        assert codes.reshape(-1).tolist() == tiny_vqgan.encode_codes(pixels)[0].tolist() == flat[path]
+        shapes.add(codes.shape)
+    assert len(shapes) > 2  # the images' sizes vary: several grids, batched together
+    manifest = read_image_token_manifest(out)
+    assert manifest["version"] == 3 and manifest["settings"]["aspect"] == "keep"
+    assert sum(manifest["grids"].values()) == N_GOOD
+    assert {tuple(map(int, k.split("x"))) for k in manifest["grids"]} == shapes
+    with pytest.raises(Refused, match="--aspect"):  # a resume with the other aspect would mix grids
+        _run(dataset, out, tiny_vqgan_dir, "--resolution", "64")
+
+
+def test_square_default_records_square_grids(dataset, tiny_vqgan_dir, tmp_path):
+    out = tmp_path / "square"
+    _run(dataset, out, tiny_vqgan_dir)
+    assert {c.shape for c in read_image_tokens(out, grids=True).values()} == {(8, 8)}
+    assert read_image_token_manifest(out)["grids"] == {"8x8": N_GOOD}
