@@ -11,8 +11,9 @@ Statistics (computed here, in float64):
   ``subsets`` random subsets of ``subset_size`` rows drawn without replacement from each set (torch-fidelity's
   definition; its defaults are 100 subsets of 1000). Mean and standard deviation over the subsets are reported.
 
-torch-fidelity (and torchmetrics' FID/KID, whose ``image`` extra pulls it in) require torchvision, which this
-toolkit does not install; the statistics are short enough to own, and are checked against scipy and a direct sum.
+torch-fidelity's metrics (and torchmetrics' FID/KID, whose ``image`` extra pulls torch-fidelity in) import
+torchvision, which this toolkit does not install; the statistics are short enough to own, and are checked against
+scipy and a direct sum. Only torch-fidelity's Inception-v3 network is used, as an extractor (below).
 
 FID is biased upward at small n, and the bias depends on the extractor: figures are only comparable at the same
 n and extractor, so every result carries ``n_real``, ``n_generated``, ``feature_dim`` and the extractor, and a
