@@ -10,6 +10,7 @@ Usage::
     # image generation: FID / KID against real scans on a chosen extractor (eval/fid.py), BiomedCLIP similarity
     python -m eval.run ... --tasks image_generation --clip-model models/BiomedCLIP \
         --fid-features models/rad-dino --fid-real data/real_scans [--fid-kind auto|clip|dinov2|vqgan-encoder|inception]
+    # the published FID's Inception-v3: --fid-features models/weights-inception-2015-12-05-6726825d.pth (torch-fidelity's)
 
     # MedMax's published scoring (eval/medmax_protocol.py): 1-token closed and MCQ answers, a GPT judge for open ones
     python -m eval.run --model runs/export --data data/medmax_eval --output runs/eval_medmax --protocol medmax \\
