@@ -10,6 +10,8 @@ TORCH_VERSION ?= 2.13.0
 # For a CPU-only install: make test TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 TORCH_INDEX_URL ?=
 TAMING_WHEEL := taming-transformers-rom1504==0.0.6
+# Inception-v3 FID features (--fid-features on its weights file); its PyPI metadata asks for torchvision.
+TORCH_FIDELITY_WHEEL := torch-fidelity==0.3.0
 
 .PHONY: install test test-all quickstart demo bench clean
 
@@ -22,6 +24,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -c $(VENV)/constraints.txt -e ".[test,demo]"
 	# The reference for the VQGAN parity tests; its PyPI metadata asks for an unpinned torch and torchvision.
 	$(PIP) install -q --no-deps $(TAMING_WHEEL)
+	# torch-fidelity's Inception-v3 module for FID features; medmax imports it without the package __init__ (torchvision).
+	$(PIP) install -q --no-deps $(TORCH_FIDELITY_WHEEL)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -9,10 +9,11 @@ decides from the files):
   token, or ``pooler_output`` with ``--fid-pool pooled``;
 - ``vqgan-encoder``: a VQGAN (``vqgan.yaml`` + weights, as under a model folder's ``vqgan/``), mean-pooled
   pre-quantisation encoder features; a stand-in for runs without a trained extractor, comparable with nothing
-  published.
-
-Inception-v3 (torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth``) is not offered: torch-fidelity needs
-torchvision, and a faithful port of its TF-ported Inception is not done yet.
+  published;
+- ``inception``: torch-fidelity's Inception-v3 weights file (``weights-inception-2015-12-05-6726825d.pth``; any
+  single file without a ``vqgan.yaml`` beside it), its 2048-d pool3 features, the published FID's
+  (medmax.image_metrics.InceptionFeatures). Needs torch-fidelity, installed ``--no-deps``; its weights are loaded,
+  and checked, before any drawing.
 
 ``--fid-real`` is a folder of images (read recursively, in name order) or a CSV with an ``img_path`` /
 ``image_path`` column (paths relative to the CSV's folder, never leaving it). An unreadable real image is counted
@@ -30,7 +31,7 @@ from .errors import EvalError
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("auto", "clip", "dinov2", "vqgan-encoder")
+KINDS = ("auto", "clip", "dinov2", "vqgan-encoder", "inception")
 POOLS = ("cls", "pooled")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".dcm")
 GRID_IMAGES = 16
@@ -49,14 +50,11 @@ class ClipImageFeatures:
 
 
 def detect_kind(path: Path) -> str:
-    """``clip``, ``dinov2`` or ``vqgan-encoder`` from the files at ``path``; EvalError when none fits."""
+    """``clip``, ``dinov2``, ``vqgan-encoder`` or ``inception`` from the files at ``path``; EvalError when none fits."""
     if path.is_dir() and (path / "open_clip_config.json").is_file():
         return "clip"
-    if path.is_file():
-        if (path.parent / "vqgan.yaml").is_file():
-            return "vqgan-encoder"
-        raise EvalError(f"--fid-features {path}: a weights file without a vqgan.yaml beside it (Inception weights, "
-                        "torch-fidelity's, are not supported yet); give a CLIP, DINOv2/RadDino or VQGAN folder")
+    if path.is_file():  # a VQGAN's weights beside its vqgan.yaml, else the one single-file extractor
+        return "vqgan-encoder" if (path.parent / "vqgan.yaml").is_file() else "inception"
     if (path / "vqgan.yaml").is_file():
         return "vqgan-encoder"
     if (path / "config.json").is_file():
@@ -70,11 +68,13 @@ def detect_kind(path: Path) -> str:
 
 
 def load_extractor(path: Path, kind: str = "auto", pool: str = "cls", device: str = "cpu"):
-    from medmax.image_metrics import TransformersImageFeatures, VqganEncoderFeatures
+    from medmax.image_metrics import InceptionFeatures, TransformersImageFeatures, VqganEncoderFeatures
 
     if not path.exists():
         raise EvalError(f"--fid-features {path}: does not exist")
     kind = detect_kind(path) if kind == "auto" else kind
+    if kind == "inception":
+        return InceptionFeatures.from_file(path, device=device)
     if kind == "clip":
         from medmax.clip_score import ClipScorer
 

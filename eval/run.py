@@ -9,7 +9,8 @@ Usage::
 
     # image generation: FID / KID against real scans on a chosen extractor (eval/fid.py), BiomedCLIP similarity
     python -m eval.run ... --tasks image_generation --clip-model models/BiomedCLIP \
-        --fid-features models/rad-dino --fid-real data/real_scans [--fid-kind auto|clip|dinov2|vqgan-encoder]
+        --fid-features models/rad-dino --fid-real data/real_scans [--fid-kind auto|clip|dinov2|vqgan-encoder|inception]
+    # the published FID's Inception-v3: --fid-features models/weights-inception-2015-12-05-6726825d.pth (torch-fidelity's)
 
     # MedMax's published scoring (eval/medmax_protocol.py): 1-token closed and MCQ answers, a GPT judge for open ones
     python -m eval.run --model runs/export --data data/medmax_eval --output runs/eval_medmax --protocol medmax \\
@@ -157,7 +158,7 @@ class EvalConfig:
         select_tasks(self.tasks)  # raises naming an unknown task
 
     def _validate_fid(self):
-        from .fid import KINDS, POOLS, detect_kind
+        from .fid import KINDS, POOLS, detect_kind, load_extractor
 
         if self.fid_kind not in KINDS or self.fid_pool not in POOLS:
             raise ValueError(f"--fid-kind must be one of {KINDS} and --fid-pool one of {POOLS}")
@@ -166,8 +167,11 @@ class EvalConfig:
         for flag, path in (("--fid-features", self.fid_features), ("--fid-real", self.fid_real)):
             if path is not None and not path.exists():
                 raise FileNotFoundError(f"{flag} {path}: does not exist")
-        if self.fid_features is not None and self.fid_kind == "auto":
-            detect_kind(self.fid_features)  # an extractor it cannot tell stops the run before any drawing
+        if self.fid_features is None:
+            return
+        kind = detect_kind(self.fid_features) if self.fid_kind == "auto" else self.fid_kind  # before any drawing
+        if kind == "inception":  # torch-fidelity and the weights too (about a second)
+            load_extractor(self.fid_features, kind)
 
     def _validate_judge(self):
         if not self.judge_url:
@@ -207,9 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load the model even when config.json's sizes need more memory than is available")
     p.add_argument("--clip-model", type=Path,
                    help="local Hugging Face CLIP or open_clip (BiomedCLIP) folder for captioning / image generation")
-    p.add_argument("--fid-features", type=Path, help="image generation: FID/KID feature extractor (CLIP, DINOv2/RadDino folder, VQGAN)")
+    p.add_argument("--fid-features", type=Path, help="image generation: FID/KID feature extractor (CLIP, DINOv2/RadDino folder, VQGAN, torch-fidelity Inception .pth)")
     p.add_argument("--fid-real", type=Path, help="real images for FID/KID: a folder, or a CSV with an img_path column")
-    p.add_argument("--fid-kind", default=EvalConfig.fid_kind, help="auto, clip, dinov2 or vqgan-encoder")
+    p.add_argument("--fid-kind", default=EvalConfig.fid_kind, help="auto, clip, dinov2, vqgan-encoder or inception")
     p.add_argument("--fid-pool", default=EvalConfig.fid_pool, help="dinov2 features: cls or pooled")
     p.add_argument("--ablate-image", action="store_true",
                    help="ask each VQA question again with no image, a blank one and another question's (eval/ablation.py)")

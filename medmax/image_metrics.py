@@ -11,8 +11,9 @@ Statistics (computed here, in float64):
   ``subsets`` random subsets of ``subset_size`` rows drawn without replacement from each set (torch-fidelity's
   definition; its defaults are 100 subsets of 1000). Mean and standard deviation over the subsets are reported.
 
-torch-fidelity (and torchmetrics' FID/KID, whose ``image`` extra pulls it in) require torchvision, which this
-toolkit does not install; the statistics are short enough to own, and are checked against scipy and a direct sum.
+torch-fidelity's metrics (and torchmetrics' FID/KID, whose ``image`` extra pulls torch-fidelity in) import
+torchvision, which this toolkit does not install; the statistics are short enough to own, and are checked against
+scipy and a direct sum. Only torch-fidelity's Inception-v3 network is used, as an extractor (below).
 
 FID is biased upward at small n, and the bias depends on the extractor: figures are only comparable at the same
 n and extractor, so every result carries ``n_real``, ``n_generated``, ``feature_dim`` and the extractor, and a
@@ -28,24 +29,40 @@ Extractors (each maps a list of RGB PIL images to an (N, D) float tensor):
 - :class:`VqganEncoderFeatures` (kind ``vqgan-encoder``): a VQGAN's encoder output after ``quant_conv`` and before
   quantisation, mean-pooled over the grid. A stand-in for tiny runs that have no trained extractor (the
   quickstart); not comparable with any published FID.
+- :class:`InceptionFeatures` (kind ``inception``): torch-fidelity's Inception-v3 (the TensorFlow 2015-12-05
+  graph FID was defined on, as ``FeatureExtractorInceptionV3``), its 2048-d pool3 features, from the weights file
+  torch-fidelity downloads (``weights-inception-2015-12-05-6726825d.pth``) given as a local path. The network and
+  its input handling (uint8 RGB, its TF1-compatible bilinear resize to 299, ``(x - 128) / 128``) are
+  torch-fidelity's own module, imported without the package's ``__init__`` (:func:`torch_fidelity_inception`);
+  the weights are read with ``torch.load(weights_only=True)`` only.
 - The CLIP / BiomedCLIP image tower is in eval/fid.py (it reads through medmax/clip_score.py).
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import io
 import json
 import logging
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .errors import UserError
+
 logger = logging.getLogger(__name__)
 
 SMALL_N = 2048  # below this many images per side, FID is noticeably biased upward
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # torch-fidelity's defaults
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+TORCH_FIDELITY, TORCH_FIDELITY_PIN = "torch_fidelity", "torch-fidelity==0.3.0"
+INCEPTION_MODULE = f"{TORCH_FIDELITY}.feature_extractor_inceptionv3"
+INCEPTION_NAME, INCEPTION_LAYER = "inception-v3-compat", "2048"  # torch-fidelity's extractor name, FID's layer
 
 
 # ------------------------------------------------------------------------------ statistics
@@ -194,6 +211,77 @@ class VqganEncoderFeatures:
         pixels = torch.stack([preprocess(im, self.vqgan.resolution) for im in images]).to(weight.device, weight.dtype)
         hidden = self.vqgan.quant_conv(self.vqgan.encoder(pixels))  # (B, embed_dim, h, w), before quantisation
         return hidden.float().mean(dim=(2, 3)).cpu()
+
+
+def torch_fidelity_inception():
+    """torch-fidelity's ``feature_extractor_inceptionv3`` module, imported without running the package's ``__init__``.
+
+    ``torch_fidelity/__init__.py`` imports its LPIPS and dataset modules, which import torchvision (never installed
+    here), so ``import torch_fidelity`` fails. The Inception module needs only torch and three small siblings
+    (``feature_extractor_base``, ``helpers`` -> ``defaults``, ``interpolate_compat_tensorflow``). So, unless the
+    package is already imported, a bare package module (the installed package's spec and ``__path__``, its
+    ``__init__`` never executed) stands in ``sys.modules`` while the submodule is imported, and is removed again:
+    a later ``import torch_fidelity`` (where torchvision exists) runs the real ``__init__``.
+    """
+    if INCEPTION_MODULE in sys.modules:
+        return sys.modules[INCEPTION_MODULE]
+    if sys.modules.get(TORCH_FIDELITY) is not None:  # the whole package imported already
+        return importlib.import_module(INCEPTION_MODULE)
+    spec = importlib.util.find_spec(TORCH_FIDELITY) if TORCH_FIDELITY not in sys.modules else None
+    if spec is None or spec.submodule_search_locations is None:
+        raise UserError(f"Inception features need torch-fidelity's Inception-v3 module, and {TORCH_FIDELITY} is not "
+                        f"installed: pip install --no-deps {TORCH_FIDELITY_PIN} (--no-deps: it would pull torchvision)")
+    sys.modules[TORCH_FIDELITY] = importlib.util.module_from_spec(spec)  # __init__ not executed
+    try:
+        return importlib.import_module(INCEPTION_MODULE)
+    finally:
+        sys.modules.pop(TORCH_FIDELITY, None)
+
+
+def uint8_chw(image: Image.Image) -> torch.Tensor:
+    """RGB image -> (3, H, W) uint8, the bytes torch-fidelity's ``TransformPILtoRGBTensor`` makes of it."""
+    return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+
+
+class InceptionFeatures:
+    """torch-fidelity's Inception-v3, pool3: (N, 2048), the features torch-fidelity's FID and KID use."""
+
+    kind = "inception"
+
+    def __init__(self, model, name: str = "inception-v3", device="cpu"):
+        self.model, self.name, self.device = model.eval().to(device), name, device
+
+    @classmethod
+    def from_file(cls, path: str | Path, device="cpu") -> "InceptionFeatures":
+        """From torch-fidelity's weights file, read with ``weights_only=True``; CheckpointError (naming the file)
+        when it is missing, unreadable or not this network's state dict."""
+        from .torch_files import CheckpointError, load_torch_file
+
+        path = Path(path)
+        module = torch_fidelity_inception()
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such file (torch-fidelity's Inception-v3 weights)")
+        state = load_torch_file(path, refusal="torch-fidelity's Inception-v3 weights are a plain state dict of tensors")
+        if not isinstance(state, Mapping):
+            raise CheckpointError(f"{path}: holds a {type(state).__name__}, not torch-fidelity's Inception-v3 state dict")
+        buffer = io.BytesIO()  # its constructor takes a path or file for torch.load: hand it our tensors, re-saved
+        torch.save(state, buffer)
+        buffer.seek(0)
+        try:
+            model = module.FeatureExtractorInceptionV3(INCEPTION_NAME, [INCEPTION_LAYER], feature_extractor_weights_path=buffer)
+        except RuntimeError as e:  # load_state_dict: missing, unexpected or misshapen keys
+            raise CheckpointError(f"{path}: not torch-fidelity's Inception-v3 weights ({' '.join(str(e).split())[:300]})") from None
+        return cls(model, f"inception-v3 {path.name}", device)
+
+    @torch.no_grad()
+    def __call__(self, images: list[Image.Image]) -> torch.Tensor:  # (N, 2048)
+        pixels = [uint8_chw(im) for im in images]
+        out = torch.empty(len(pixels), 2048)
+        for shape in dict.fromkeys(p.shape for p in pixels):  # one batch per image size, as torch-fidelity stacks
+            rows = [i for i, p in enumerate(pixels) if p.shape == shape]
+            (feats,) = self.model(torch.stack([pixels[i] for i in rows]).to(self.device))  # resized to 299 inside
+            out[rows] = feats.float().cpu()
+        return out
 
 
 def extract(extractor, images: list[Image.Image], batch_size: int = 32) -> torch.Tensor:

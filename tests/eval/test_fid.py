@@ -10,7 +10,7 @@ from transformers import Dinov2Config, Dinov2Model
 import eval.run as run
 from eval.errors import EvalError
 from eval.fid import GenerationQuality, detect_kind, load_real_images, report_lines
-from medmax.image_metrics import VqganEncoderFeatures, extract, fid
+from medmax.image_metrics import InceptionFeatures, VqganEncoderFeatures, extract, fid
 from medmax.vqgan import load_vqgan
 
 
@@ -90,16 +90,45 @@ def test_fid_of_drawn_images_against_a_real_folder(tiny_model_dir, tiny_vqgan_di
     assert "fid real file extra.png added" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_eval_run_measures_fid_on_inception_weights(tiny_model_dir, inception_weights, gen_data, real_dir, tmp_path):
+    out = tmp_path / "out"
+    assert run.main(_argv(tiny_model_dir, gen_data, out, "--fid-features", str(inception_weights), "--fid-real", str(real_dir))) == 0
+    q = json.loads((out / "results.json").read_text())["image_generation_quilt"]["image_quality"]
+    assert (q["n_real"], q["n_generated"], q["feature_dim"], q["real_unreadable"]) == (4, 2, 2048, 1)
+    assert q["extractor"] == f"inception-v3 {inception_weights.name}"
+    assert f"FID {q['fid']:.4f}" in (out / "report.md").read_text()
+
+
 def test_fid_settings_are_checked_before_anything_runs(tiny_model_dir, gen_data, real_dir, tmp_path, capsys):
     assert run.main(_argv(tiny_model_dir, gen_data, tmp_path / "o", "--fid-real", str(real_dir))) == 2
     assert "--fid-features and --fid-real go together" in capsys.readouterr().err
     assert run.main(_argv(tiny_model_dir, gen_data, tmp_path / "o", "--fid-features", str(tmp_path / "none"),
                           "--fid-real", str(real_dir))) == 2
     assert "--fid-features" in capsys.readouterr().err
-    (tmp_path / "inception.pth").write_bytes(b"")
+    (tmp_path / "inception.pth").write_bytes(b"")  # a single file: Inception weights, loaded before any drawing
     assert run.main(_argv(tiny_model_dir, gen_data, tmp_path / "o", "--fid-features", str(tmp_path / "inception.pth"),
                           "--fid-real", str(real_dir))) == 2
-    assert "not supported yet" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'inception.pth'}: the file is empty" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_inception_weights_give_fid_against_a_real_folder(inception_weights, gen_data, tmp_path):
+    real_dir = tmp_path / "real"  # two real images and two drawn ones: Inception runs at 299 px, on CPU
+    real_dir.mkdir()
+    for i, colour in enumerate([(200, 30, 30), (30, 30, 200)]):
+        Image.new("RGB", (40, 40), colour).save(real_dir / f"{i}.png")
+    assert detect_kind(inception_weights) == "inception"
+    run.EvalConfig(model=tmp_path, data=gen_data, output=tmp_path / "o", fid_features=inception_weights, fid_real=real_dir)
+    rows = _drawn(tmp_path)
+    q = GenerationQuality(tmp_path, inception_weights, real_dir, seed=1).entry("image_generation_report", rows)["image_quality"]
+    assert (q["n_real"], q["n_generated"], q["feature_dim"]) == (2, 2, 2048) and "warning" in q
+    assert q["extractor"] == f"inception-v3 {inception_weights.name}"
+    features = InceptionFeatures.from_file(inception_weights)
+    real = [Image.open(p).convert("RGB") for p in sorted(real_dir.glob("*.png"))]
+    drawn = [Image.open(tmp_path / r["output_image"]).convert("RGB") for r in rows if "output_image" in r]
+    assert q["fid"] == pytest.approx(fid(extract(features, real), extract(features, drawn)), rel=1e-9) and q["fid"] > 0
 
 
 def test_detect_kind(tiny_vqgan_dir, tmp_path):

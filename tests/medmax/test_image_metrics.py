@@ -1,6 +1,8 @@
-"""FID against scipy's sqrtm and KID against a direct sum on fixed features; the extractors on tiny models."""
+"""FID against scipy's sqrtm and KID against a direct sum on fixed features; the extractors on tiny models, and
+torch-fidelity's Inception-v3 on random weights against torch-fidelity's own forward."""
 
 import itertools
+import sys
 
 import numpy as np
 import pytest
@@ -9,8 +11,11 @@ from PIL import Image
 from scipy import linalg
 from transformers import Dinov2Config, Dinov2Model
 
-from medmax.image_metrics import (SMALL_N, TransformersImageFeatures, compare_features, extract,
-                                  fid, kid, mmd2_unbiased, vqgan_encoder_fid)
+from medmax.errors import UserError
+from medmax.image_metrics import (INCEPTION_LAYER, INCEPTION_MODULE, INCEPTION_NAME, SMALL_N, TORCH_FIDELITY,
+                                  InceptionFeatures, TransformersImageFeatures, compare_features, extract, fid, kid,
+                                  mmd2_unbiased, torch_fidelity_inception, vqgan_encoder_fid)
+from medmax.torch_files import CheckpointError
 
 
 def _scipy_fid(a: np.ndarray, b: np.ndarray) -> float:
@@ -101,3 +106,50 @@ def test_vqgan_encoder_fid_separates_different_images(tiny_vqgan):
     assert same["fid"] == pytest.approx(0.0, abs=1e-6) and other["fid"] > 100 * max(same["fid"], 1e-6)
     assert (other["n_real"], other["n_generated"], other["feature_dim"], other["extractor"]) == (
         4, 4, tiny_vqgan.config.embed_dim, "vqgan-encoder") and "warning" in other
+
+
+def _torch_fidelity_pixels(image: Image.Image) -> torch.Tensor:
+    """torch-fidelity's datasets.TransformPILtoRGBTensor (datasets.py imports torchvision, so it is restated here)."""
+    image = image.convert("RGB")
+    width, height = image.size
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, 3).permute(2, 0, 1)
+
+
+def test_inception_features_equal_torch_fidelitys_forward(inception_weights):
+    rng = np.random.default_rng(5)
+    square = [Image.fromarray(rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)) for _ in range(2)]
+    grey = Image.fromarray(rng.integers(0, 256, size=(32, 32), dtype=np.uint8))  # another size, and not RGB
+    images = [square[0], grey, square[1]]
+    ours = InceptionFeatures.from_file(inception_weights)
+    feats = extract(ours, images, batch_size=2)
+    # the reference: torch-fidelity's module, loading the file itself, on its own uint8 batches (one per size)
+    reference = torch_fidelity_inception().FeatureExtractorInceptionV3(
+        INCEPTION_NAME, [INCEPTION_LAYER], feature_extractor_weights_path=str(inception_weights)).eval()
+    with torch.no_grad():
+        (pair,) = reference(torch.stack([_torch_fidelity_pixels(im) for im in square]))
+        (single,) = reference(_torch_fidelity_pixels(grey)[None])
+    assert feats.shape == (3, 2048) and ours.name == f"inception-v3 {inception_weights.name}"
+    assert torch.equal(feats, torch.stack([pair[0], single[0], pair[1]]))
+    assert feats.std() > 0.1 and (feats[0] - feats[2]).abs().max() > 0.1  # features that tell images apart
+    assert INCEPTION_MODULE in sys.modules and TORCH_FIDELITY not in sys.modules  # the bare package was removed
+
+
+def test_inception_weights_that_cannot_be_used_fail_in_one_line_naming_the_file(inception_weights, tmp_path):
+    empty, truncated, other, tensor = (tmp_path / n for n in ("empty.pth", "truncated.pth", "other.pth", "tensor.pth"))
+    empty.write_bytes(b"")
+    truncated.write_bytes(inception_weights.read_bytes()[:100_000])
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3)}, other)
+    torch.save(torch.zeros(3), tensor)
+    cases = [(tmp_path / "missing.pth", "no such file"), (empty, "the file is empty"), (truncated, "truncated or corrupt"),
+             (other, "not torch-fidelity's Inception-v3 weights .*Missing key"), (tensor, "holds a Tensor")]
+    for path, reason in cases:
+        with pytest.raises(CheckpointError, match=reason) as caught:
+            InceptionFeatures.from_file(path)
+        assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_inception_without_torch_fidelity_says_how_to_install_it(monkeypatch):
+    monkeypatch.delitem(sys.modules, INCEPTION_MODULE, raising=False)
+    monkeypatch.setitem(sys.modules, TORCH_FIDELITY, None)  # as if not installed: `import torch_fidelity` fails
+    with pytest.raises(UserError, match="torch_fidelity is not installed: pip install --no-deps torch-fidelity=="):
+        torch_fidelity_inception()
