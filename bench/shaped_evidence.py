@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 SHAPES = {"64x96": (64, 96), "96x64": (96, 64)}  # H x W pixels
 # Sized for a shared 2-core machine (load ~20 when the README's figures were made): ~15 minutes of training in all.
-FULL = {"n_train": 600, "n_test": 48, "vqgan_steps": 60, "train_steps": 200}
+FULL = {"n_train": 600, "n_test": 48, "vqgan_steps": 300, "train_steps": 600}  # a quiet 2-core machine
 REDUCED = {"n_train": 120, "n_test": 8, "vqgan_steps": 10, "train_steps": 20}
 
 

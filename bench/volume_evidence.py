@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SLICES, SLICE_RESOLUTION, WINDOW = 6, 32, "abdomen"  # 6 slices of 4 x 4 codes: about 150 tokens a volume
-# Sized for a shared, loaded 2-core machine (the VQGAN encoder is most of the tokenizing time).
-FULL = {"n_train": 300, "n_test": 60, "vqgan_seconds": 60, "steps": 150}
+# Sized for a quiet 2-core machine (the VQGAN encoder is most of the tokenizing time).
+FULL = {"n_train": 600, "n_test": 90, "vqgan_seconds": 120, "steps": 600}
 REDUCED = {"n_train": 120, "n_test": 30, "vqgan_seconds": 20, "steps": 60}
 
 
