@@ -28,8 +28,9 @@ DPO_FIELDS = ("dpo_weights", "dpo_beta", "dpo_loss_type", "dpo_label_smoothing",
 # modes that cannot run with sharded weight matrices (FSDP, ZeRO-3), and why
 SHARDING_REFUSED = {
     "image-alignment": "the trainable image rows sit beside weight matrices this setting shards",
-    "grpo": "each process samples with a number of forwards of its own (speculative decoding, text that ends "
-            "early), and this setting gathers the weights inside every forward: the processes would wait for ever",
+    "grpo": "sampling calls the model's layers outside its forward, and each process runs a number of forwards of "
+            "its own (speculative decoding, text that ends early), while this setting gathers the weights inside "
+            "every forward of the whole model",
 }
 GRPO_FIELDS = ("grpo_weights", "grpo_num_generations", "grpo_beta", "grpo_epsilon", "grpo_epsilon_high",
                "grpo_reference", "grpo_generation", "rewards", "reward_weights", "reward_settings", "prompt_tasks")

@@ -3,7 +3,8 @@
 Each optimizer micro-batch holds ``per_device_train_batch_size`` prompts. For each, the policy samples a group of
 ``grpo_num_generations`` continuations with :class:`medmax.generation.Generator` (guidance, speculative Jacobi
 decoding: the same fast path as inference; each sample has its own seed, from the run's seed, the step, the prompt's
-row and its place in the group, so a run is reproducible and a resume draws what the uninterrupted run would).
+place in the step's global batch, its row and the sample's place in the group, so a run is reproducible, a resume
+draws what the uninterrupted run would, and N processes draw what one process holding their prompts would).
 The rewards named in the config (:mod:`medmax.grpo_rewards` or any ``module:function``) score each sample; the
 group-normalised advantages, the clipped policy ratio and the k3 KL to the reference make the loss of
 :class:`medmax.grpo.GRPOLoss`, over the generated tokens only.
@@ -19,6 +20,9 @@ processing class, and scores completions it decodes as text; our continuations a
 three-stream classifier-free guidance with speculative Jacobi decoding from pre-tokenised mixed-modal ids, and
 rewards need the decoded pixels. So the loss is ours and equals TRL's number for number on a text-only batch
 (``tests/finetune/test_grpo.py``), as mode dpo does.
+
+On several processes (DDP, ZeRO-2) each samples and scores whole groups of its own prompts, and the logged figures
+are gathered over all of them. FSDP and ZeRO-3 are refused by the config (``finetune.config.SHARDING_REFUSED``).
 
 Logged (TRL's names): ``reward``, ``reward_std``, ``rewards/<name>/mean``, ``rewards/<name>/std``, ``kl``,
 ``clip_ratio``, ``completions/mean_length``; and ``rewards/<name>/failures``, the samples whose reward raised or

@@ -1,11 +1,12 @@
 """mode: grpo on several processes: ``finetune/launch.sh --nproc-per-node 2`` (torchrun, gloo) on CPU.
 
-The shipped CPU config, made tiny (preset model, 2 steps, groups of 3 drawings), trains on 2 processes with LoRA and
-with full weights. A 2-process run equals a 1-process run holding both ranks' prompts (the same global batch): the
-same drawings (every sample's seed comes from its place in the global batch, not from its rank), the same rewards,
-KL and clip figures (logged over both ranks, not rank 0's alone), the same weights. Each rank scores whole groups,
-two ranks never draw the same group even when they get the same prompt, the reference is the starting model on both
-ranks (KL 0 at step 1), and the run resumes and exports. FSDP is refused for mode grpo in one line.
+The shipped CPU config, made tiny (preset model, 2 steps, groups of 3 drawings), trains on 2 processes with LoRA
+and with full weights, and so does the 7B recipe (LoRA, DeepSpeed ZeRO-2, guided sampling) made tiny and float32.
+A 2-process run equals a 1-process run holding both ranks' prompts (the same global batch): the same drawings (every
+sample's seed comes from its place in the global batch), the same rewards, KL and clip figures (logged over both
+ranks, not rank 0's alone), the same weights. Each rank scores whole groups, two ranks never draw the same group
+even when they get the same prompt, the reference is the starting model on both ranks (KL 0 at step 1), and the run
+resumes and exports. FSDP and ZeRO-3 are refused for mode grpo in one line.
 
 The reward records what each rank drew (``GRPO_DRAWINGS``: a folder, one JSONL file per rank and call).
 """
@@ -59,25 +60,25 @@ def prompts(tmp_path_factory) -> Path:
     return path
 
 
-def _launch(output: Path, prompts: Path, *extra: str, resume: bool = False) -> list[list[dict]]:
+def _launch(output: Path, prompts: Path, *extra: str, resume: bool = False, config: Path = CONFIG) -> list[list[dict]]:
     """A 2-process run through launch.sh; -> each call of the reward as the ranks recorded it (rank 0, rank 1)."""
     drawings = output.parent / f"{output.name}-drawings"
     drawings.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRPO_DRAWINGS": str(drawings), "PYTHON": sys.executable,
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run([str(ROOT / "finetune" / "launch.sh"), str(CONFIG), "--nproc-per-node", "2", *TINY,
+    subprocess.run([str(ROOT / "finetune" / "launch.sh"), str(config), "--nproc-per-node", "2", *TINY,
                     f"datasets=[{prompts}]", f"output_dir={output}", *extra, *(["--resume"] if resume else [])],
                    check=True, cwd=ROOT, env=env, timeout=900)
     return [_calls(drawings / f"rank{r}.jsonl") for r in (0, 1)]
 
 
-def _one_process(output: Path, prompts: Path, *extra: str, monkeypatch) -> list[dict]:
+def _one_process(output: Path, prompts: Path, *extra: str, monkeypatch, config: Path = CONFIG) -> list[dict]:
     from finetune.train import main as train_main
 
     drawings = output.parent / f"{output.name}-drawings"
     drawings.mkdir(parents=True)
     monkeypatch.setenv("GRPO_DRAWINGS", str(drawings))
-    train_main.__wrapped__(["--config", str(CONFIG), *TINY, f"datasets=[{prompts}]", f"output_dir={output}", *extra])
+    train_main.__wrapped__(["--config", str(config), *TINY, f"datasets=[{prompts}]", f"output_dir={output}", *extra])
     return _calls(drawings / "rank0.jsonl")
 
 
@@ -109,7 +110,25 @@ def runs(request, prompts, tmp_path_factory):
 
 @pytest.mark.slow  # 2 launches of 2 processes and 2 single runs: ~60 s of CPU, minutes on a loaded machine
 def test_two_processes_equal_one_process_with_the_same_global_batch(runs):
-    weights, two_dir, two, one_dir, one = runs
+    _, two_dir, two, one_dir, one = runs
+    _assert_same_run(two_dir, two, one_dir, one)
+
+
+@pytest.mark.slow  # ~60 s of CPU
+def test_the_deepspeed_zero2_recipe_on_two_processes_equals_one_process(prompts, tmp_path, monkeypatch):
+    """grpo_7b.yaml (LoRA, ZeRO-2, gradient checkpointing, guided sampling), made tiny and float32 for CPU."""
+    pytest.importorskip("deepspeed")
+    recipe, tiny = CONFIG.parent / "grpo_7b.yaml", ["use_cpu=true", "bf16=false", "model_dtype=float32",
+                                                    "reward_settings={}", "gradient_accumulation_steps=1"]
+    two = _launch(tmp_path / "two", prompts, *tiny, "per_device_train_batch_size=2", config=recipe)
+    assert (tmp_path / "two" / "checkpoint-2" / "global_step2").is_dir()  # DeepSpeed's engine saved it
+    one = _one_process(tmp_path / "one", prompts, *tiny, "deepspeed=null", "per_device_train_batch_size=4",
+                       monkeypatch=monkeypatch, config=recipe)
+    _assert_same_run(tmp_path / "two", two, tmp_path / "one", one)
+
+
+def _assert_same_run(two_dir: Path, two: list[list[dict]], one_dir: Path, one: list[dict]) -> None:
+    """The same drawings, logged figures (1e-4 relative) and weights (1e-5) from 2 processes as from one."""
     # rank 0 holds the first half of each step's global batch, rank 1 the second: the same drawings as one process
     per_step = [a["codes"] + b["codes"] for a, b in zip(*two)]
     assert len(per_step) == len(one) == 2 and per_step == [c["codes"] for c in one]
@@ -171,10 +190,14 @@ def test_a_two_process_run_resumes_and_exports(runs, prompts, tmp_path):
     assert gen.model.config.vocab_size > 0
 
 
-def test_fsdp_is_refused_for_grpo_in_one_line(prompts):
-    """Sampling runs a different number of forwards on each rank, which FSDP (it gathers the weights in every
-    forward) cannot allow: refused before any process starts, instead of a hang."""
+@pytest.mark.parametrize("override, named", [("fsdp=true", "fsdp=True"),
+                                             ("deepspeed={zero_optimization: {stage: 3}}", "ZeRO stage 3")])
+def test_sharded_weights_are_refused_for_grpo_in_one_line(prompts, override, named):
+    """Sampling calls the model's layers outside its forward (under FSDP on 2 CPU processes every rank stopped with
+    "FSDP requires a single root module") and runs a different number of forwards on each rank (speculative
+    decoding, text ending early), while FSDP and ZeRO-3 gather the weights inside the whole model's forward:
+    refused when the config is read, before any process starts."""
     with pytest.raises(ConfigError) as err:
-        load_config(CONFIG, [*TINY, f"datasets=[{prompts}]", "fsdp=true"])
+        load_config(CONFIG, [*TINY, f"datasets=[{prompts}]", override])
     message = str(err.value)
-    assert "mode=grpo" in message and "fsdp" in message and "\n" not in message
+    assert "mode=grpo" in message and named in message and "forwards" in message and "\n" not in message
