@@ -89,7 +89,8 @@ class FinetuneConfig(TrainingArguments):
     validation: str | None = field(default=None, metadata={
         "help": "A sequence folder, or a fraction (e.g. 0.05) held out of every training folder; none by default."})
     mode: str = field(default="lora", metadata={
-        "help": f"One of {MODES}. image-alignment and grpo are refused with FSDP or DeepSpeed ZeRO-3 (use DDP or ZeRO-2)."})
+        "help": f"One of {MODES}. image-alignment and grpo are refused with FSDP or DeepSpeed ZeRO-3 "
+                "(use DDP or ZeRO-2)."})
     dpo_weights: str = field(default="lora", metadata={
         "help": f"mode dpo: which weights train, one of {DPO_WEIGHTS} (LoRA settings as in mode lora)."})
     dpo_beta: float = field(default=0.1, metadata={"help": "mode dpo: beta, the strength of the pull towards the reference."})
