@@ -25,6 +25,13 @@ DPO_WEIGHTS = ("lora", "full")  # what mode dpo (and grpo) trains
 DPO_REFERENCES = ("auto", "copy")
 DPO_FIELDS = ("dpo_weights", "dpo_beta", "dpo_loss_type", "dpo_label_smoothing", "rpo_alpha", "dpo_use_weights",
               "dpo_reference")
+# modes that cannot run with sharded weight matrices (FSDP, ZeRO-3), and why
+SHARDING_REFUSED = {
+    "image-alignment": "the trainable image rows sit beside weight matrices this setting shards",
+    "grpo": "sampling calls the model's layers outside its forward, and each process runs a number of forwards of "
+            "its own (speculative decoding, text that ends early), while this setting gathers the weights inside "
+            "every forward of the whole model",
+}
 GRPO_FIELDS = ("grpo_weights", "grpo_num_generations", "grpo_beta", "grpo_epsilon", "grpo_epsilon_high",
                "grpo_reference", "grpo_generation", "rewards", "reward_weights", "reward_settings", "prompt_tasks")
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -82,7 +89,8 @@ class FinetuneConfig(TrainingArguments):
     validation: str | None = field(default=None, metadata={
         "help": "A sequence folder, or a fraction (e.g. 0.05) held out of every training folder; none by default."})
     mode: str = field(default="lora", metadata={
-        "help": f"One of {MODES}. image-alignment is refused with FSDP or DeepSpeed ZeRO-3 (use DDP or ZeRO-2)."})
+        "help": f"One of {MODES}. image-alignment and grpo are refused with FSDP or DeepSpeed ZeRO-3 "
+                "(use DDP or ZeRO-2)."})
     dpo_weights: str = field(default="lora", metadata={
         "help": f"mode dpo: which weights train, one of {DPO_WEIGHTS} (LoRA settings as in mode lora)."})
     dpo_beta: float = field(default=0.1, metadata={"help": "mode dpo: beta, the strength of the pull towards the reference."})
@@ -201,10 +209,10 @@ class FinetuneConfig(TrainingArguments):
             raise ConfigError(f"max_seconds={self.max_seconds}: must be > 0 (or null for no bound)")
         if self.model_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"model_dtype={self.model_dtype!r}: choose float32, bfloat16 or float16")
-        sharded = sharded_weights(self.fsdp, self.deepspeed) if self.mode == "image-alignment" else None
+        sharded = sharded_weights(self.fsdp, self.deepspeed) if self.mode in SHARDING_REFUSED else None
         if sharded:
-            raise ConfigError(f"mode=image-alignment with {sharded}: not supported (the trainable image rows sit beside "
-                              "weight matrices this setting shards); use DDP or deepspeed ZeRO-2")
+            raise ConfigError(f"mode={self.mode} with {sharded}: not supported ({SHARDING_REFUSED[self.mode]}); "
+                              "use DDP or deepspeed ZeRO-2")
 
     def _check_dpo(self) -> None:
         if self.mode != "dpo":

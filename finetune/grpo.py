@@ -3,7 +3,8 @@
 Each optimizer micro-batch holds ``per_device_train_batch_size`` prompts. For each, the policy samples a group of
 ``grpo_num_generations`` continuations with :class:`medmax.generation.Generator` (guidance, speculative Jacobi
 decoding: the same fast path as inference; each sample has its own seed, from the run's seed, the step, the prompt's
-row and its place in the group, so a run is reproducible and a resume draws what the uninterrupted run would).
+place in the step's global batch, its row and the sample's place in the group, so a run is reproducible, a resume
+draws what the uninterrupted run would, and N processes draw what one process holding their prompts would).
 The rewards named in the config (:mod:`medmax.grpo_rewards` or any ``module:function``) score each sample; the
 group-normalised advantages, the clipped policy ratio and the k3 KL to the reference make the loss of
 :class:`medmax.grpo.GRPOLoss`, over the generated tokens only.
@@ -19,6 +20,9 @@ processing class, and scores completions it decodes as text; our continuations a
 three-stream classifier-free guidance with speculative Jacobi decoding from pre-tokenised mixed-modal ids, and
 rewards need the decoded pixels. So the loss is ours and equals TRL's number for number on a text-only batch
 (``tests/finetune/test_grpo.py``), as mode dpo does.
+
+On several processes (DDP, ZeRO-2) each samples and scores whole groups of its own prompts, and the logged figures
+are gathered over all of them. FSDP and ZeRO-3 are refused by the config (``finetune.config.SHARDING_REFUSED``).
 
 Logged (TRL's names): ``reward``, ``reward_std``, ``rewards/<name>/mean``, ``rewards/<name>/std``, ``kl``,
 ``clip_ratio``, ``completions/mean_length``; and ``rewards/<name>/failures``, the samples whose reward raised or
@@ -153,6 +157,7 @@ class GRPOTrainerMixin:
         self.model_accepts_loss_kwargs = False  # a mean over sequences: Trainer divides it for accumulation
         self._grpo_metrics = defaultdict(list)
         self._generator = None
+        self._micro_batch = [None, 0]  # [optimizer step, micro-batches sampled in it]
 
     def generator(self, model):
         """The policy as a Generator (built once: it holds the model, not a copy)."""
@@ -166,9 +171,18 @@ class GRPOTrainerMixin:
         return self._generator
 
     def sample_seeds(self, rows: torch.Tensor) -> list[int]:
-        """One seed per sample, from the run's seed, the step, the prompt's row and the place in the group."""
-        step, g = self.state.global_step, self.num_generations
-        return [(self.args.seed * 1_000_003 + step * 7_919 + int(r) * 131 + k) % (2**63) for r in rows for k in range(g)]
+        """One seed per sample, from the run's seed, the step, the prompt's place in the step's global batch
+        (micro-batch, then process, then position), its row and the sample's place in the group.
+
+        The global place keeps two processes given the same prompt in one step (accelerate fills the last batch of
+        an epoch from its first rows) from drawing the same group, and makes one process holding every process's
+        prompts draw what they drew."""
+        step, g, b = self.state.global_step, self.num_generations, len(rows)
+        if self._micro_batch[0] != step:
+            self._micro_batch = [step, 0]
+        first = (self._micro_batch[1] * self.accelerator.num_processes + self.accelerator.process_index) * b
+        self._micro_batch[1] += 1
+        return [sample_seed(self.args.seed, step, first + i, int(r), k) for i, r in enumerate(rows) for k in range(g)]
 
     def rollout(self, model, prompts: list[str], rows: torch.Tensor) -> tuple[Samples, dict]:
         """Sample ``G`` continuations per prompt; -> what the rewards see, and the padded batch to score."""
@@ -189,7 +203,7 @@ class GRPOTrainerMixin:
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         samples, batch = self.rollout(model, inputs["prompts"], inputs["prompt_rows"])
-        table, totals, failures = score(self.rewards, samples)
+        table, totals, _ = score(self.rewards, samples)  # failures: counted from the table over all processes
         advantages, group_std = group_advantages(totals, self.num_generations)
         logps, mask = sequence_logps(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
         ref = self.reference_logps(model, batch) if self.grpo_loss.beta != 0.0 else None
@@ -197,18 +211,41 @@ class GRPOTrainerMixin:
         if model.training:
             self._real_tokens += int(batch["attention_mask"].sum())
             self.stop_if_not_finite(out.loss, lambda: [])
-        metrics = reward_metrics(self.rewards, table, totals, group_std, failures)
-        metrics.update({"kl": out.kl.item(), "clip_ratio": out.clip_ratio.item(),
-                        "completions/mean_length": mask.sum(-1).float().mean().item()})
-        for key, value in metrics.items():
+        for key, value in self.step_metrics(table, totals, group_std, out, mask).items():
             self._grpo_metrics[key].append(value)
         return (out.loss, {"advantages": advantages}) if return_outputs else out.loss
+
+    def step_metrics(self, table, totals, group_std, out, mask) -> dict[str, float]:
+        """TRL's metrics over every process's samples: each process holds whole groups of its own, and the figures
+        rank 0 logs are those of the step's global batch (KL and clip ratio per generated token of all of them)."""
+        n = mask.sum().double()
+        tokens = torch.stack([out.kl.double() * n, out.clip_ratio.double() * n, n])[None]  # (1, 3)
+        table, totals, group_std, lengths, tokens = (
+            self._all_processes_rows(t) for t in (table, totals, group_std, mask.sum(-1).double(), tokens))
+        failures = {r.name: int(torch.isnan(table[:, k]).sum()) for k, r in enumerate(self.rewards)}
+        kl, clipped, n = tokens.sum(0).tolist()
+        metrics = reward_metrics(self.rewards, table, totals, group_std, failures)
+        metrics.update({"kl": kl / max(n, 1.0), "clip_ratio": clipped / max(n, 1.0),
+                        "completions/mean_length": float(lengths.mean())})
+        return metrics
+
+    def _all_processes_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every process's rows of ``tensor``, concatenated in process order (itself on one process)."""
+        if self.accelerator.num_processes == 1:
+            return tensor
+        return self.accelerator.gather(tensor.detach().to(self.accelerator.device)).cpu()
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs:
             logs.update({k: sum(v) if k.endswith("/failures") else _nanmean(v) for k, v in self._grpo_metrics.items() if v})
             self._grpo_metrics.clear()
         super().log(logs, *args, **kwargs)
+
+
+def sample_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (sha256 of them): distinct tuples never share a seed by arithmetic."""
+    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
 
 
 def _nanmean(values: list[float]) -> float:
