@@ -17,6 +17,7 @@ from medmax.demo import (
     Conversation,
     DemoError,
     Engine,
+    PageInputs,
     Settings,
     ShownImage,
     Turn,
@@ -30,7 +31,8 @@ from medmax.data.rows import SequenceBuilder
 
 # Only files shipped inside the pydicom wheel (no download), as tests/medmax/test_images.py does.
 DICOM_FILES = {os.path.basename(f): f for f in get_testdata_files()}
-CONTROLS = ("text", 1.0, 0.9, 3.0, 1.2, 0.7, 8, 0)  # mode, temperature, top-p, cfg text, cfg image, image temp, max tokens, seed
+# mode, temperature, top-p, cfg text, cfg image, image temp, max tokens, seed, decoding; edit mask; slices, window, series
+CONTROLS = ("text", 1.0, 0.9, 3.0, 1.2, 0.7, 8, 0, "auto", "", "16", "percentile", False)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,8 @@ def scan_path(engine):
 
 
 def _controls(**changes):
-    names = ("mode", "temperature", "top_p", "cfg_text", "cfg_image", "image_temperature", "max_new_tokens", "seed")
+    names = ("mode", "temperature", "top_p", "cfg_text", "cfg_image", "image_temperature", "max_new_tokens", "seed",
+             "decoding", "edit_mask", "slices", "window", "one_series")
     values = dict(zip(names, CONTROLS))
     values.update(changes)
     return tuple(values[n] for n in names)
@@ -153,9 +156,11 @@ def test_placeholders_put_images_where_the_question_says(engine, scan_path):
 def test_settings_are_validated_with_the_setting_named():
     for controls, name in [(_controls(top_p=0), "top-p"), (_controls(mode="video"), "mode"),
                            (_controls(max_new_tokens=0), "max tokens"), (_controls(seed=-1), "seed"),
-                           (_controls(temperature=None), "holds no number")]:
+                           (_controls(temperature=None), "holds no number"), (_controls(decoding="fast"), "image decoding"),
+                           (_controls(slices="0"), "volume slices"), (_controls(slices="1e9"), "volume slices"),
+                           (_controls(window="sunset"), "window")]:
         with pytest.raises(DemoError, match=name):
-            Settings.from_page(*controls)
+            PageInputs.from_page(*controls)
 
 
 def test_same_settings_group_together_whatever_their_seed(engine):

@@ -24,7 +24,8 @@ pytest.importorskip("gradio_client")
 pytestmark = pytest.mark.slow  # a server start costs ~10 s
 
 ROOT = Path(__file__).resolve().parents[2]
-CONTROLS = ("text", 0.0, 0.9, 3.0, 1.2, 0.7, 6)  # greedy text, 6 tokens; the seed is per session
+CONTROLS = ("text", 0.0, 0.9, 3.0, 1.2, 0.7, 6)  # greedy text, 6 tokens; the seed is per session, then the rest:
+REST = ("auto", "", "16", "percentile", False)  # decoding, edit mask, volume slices, window, one series
 ASK, GENERATE, ANSWER = "/ask", "/ask_generate", "/ask_answer"
 
 
@@ -80,7 +81,7 @@ def _session(url: str, k: int) -> tuple[str, list, str]:
 
     client = Client(url, verbose=False, download_files=False)
     question = f"Is there a lesion in scan {k}?"
-    client.predict(question, None, *CONTROLS, k, api_name=ASK)
+    client.predict(question, None, *CONTROLS, k, *REST, api_name=ASK)
     client.predict(api_name=GENERATE)
     chat, _, status = client.submit(api_name=ANSWER).result(timeout=60)
     return question, chat, status
