@@ -13,23 +13,13 @@ from PIL import Image
 
 from medmax import demo_app
 from medmax.__main__ import _input_images
-from medmax.demo import Conversation, Engine, ShownVolume, model_view
-from medmax.generation import END_OF_TURN, Generator
+from medmax.demo import Conversation, ShownVolume, model_view
+from medmax.generation import END_OF_TURN
 from medmax.synthetic_volumes import lesion_volume, write_dicom_series, write_nifti
 
-from .test_demo import _controls
+from .test_demo import _controls, engine, generator  # noqa: F401 - the engine on the tiny model (fixtures)
 
 SHAPE = (12, 20, 24)  # (Z, Y, X): small, not square
-
-
-@pytest.fixture(scope="module")
-def generator(tiny_model_dir):
-    return Generator.from_dir(tiny_model_dir)
-
-
-@pytest.fixture
-def engine(generator, tmp_path):
-    return Engine(generator, tmp_path / "app", max_batch_size=4, max_upload_bytes=2**20)
 
 
 @pytest.fixture
@@ -55,7 +45,7 @@ def _series(engine, hu, tmp_path, **kw) -> list[str]:
     return uploads
 
 
-def _kept(engine) -> list:
+def kept(engine) -> list:
     """Files the demo keeps of uploads (previews, series links, montages)."""
     return sorted(p for p in (engine.workdir / "uploads").rglob("*") if p.is_file())
 
@@ -125,9 +115,9 @@ def test_a_bad_volume_gives_one_status_line_and_nothing_is_kept(engine, hu, tmp_
     _, _, _, conv, request, status = demo_app.start(engine, "Is there a lesion?", files, Conversation(),
                                                     *_controls(one_series=True))
     assert request is None and conv.turns == [] and reason in status and "\n" not in status
-    assert "Traceback" not in status and _kept(engine) == []
+    assert "Traceback" not in status and kept(engine) == []
     gallery, status = demo_app.preview(engine, files, "16", "percentile", True)
-    assert gallery == [] and reason in status and _kept(engine) == []
+    assert gallery == [] and reason in status and kept(engine) == []
 
 
 def test_huge_k_and_all_of_a_long_volume_are_refused_before_a_slice_is_read(engine, generator, monkeypatch):
@@ -137,7 +127,7 @@ def test_huge_k_and_all_of_a_long_volume_are_refused_before_a_slice_is_read(engi
     monkeypatch.setattr("medmax.prompting.load_volume_input", lambda *a, **k: pytest.fail("a slice was read"))
     for slices, reason in (("1000000000", "more than the model's context holds"), ("all", "more than the model's context")):
         _, _, _, _, request, status = demo_app.start(engine, "q", [str(path)], Conversation(), *_controls(slices=slices))
-        assert request is None and reason in status and _kept(engine) == []
+        assert request is None and reason in status and kept(engine) == []
 
 
 def test_a_volume_too_long_for_the_context_with_the_conversation_is_refused_before_any_model_work(engine, hu):
@@ -147,7 +137,7 @@ def test_a_volume_too_long_for_the_context_with_the_conversation_is_refused_befo
     # 12 slices of 66 tokens (the tiny VQGAN's 8x8 codes) fit alone; six such volumes do not fit a context of 4096
     _, _, _, conv, request, status = demo_app.start(engine, "q", [str(path)] * 6, Conversation(), *_controls(slices="12"))
     assert request is None and "longer than the model's context" in status and engine.generate_calls == calls
-    assert _kept(engine) == []
+    assert kept(engine) == []
 
 
 def test_a_folder_or_a_series_link_is_never_read_as_an_upload(engine, hu, tmp_path):
