@@ -171,6 +171,35 @@ def _preview_page(engine: Engine, files, *reading):
     return shown or None, status
 
 
+def _settings_column(gr) -> tuple[list, object, list]:
+    """The settings' controls: generation settings (Settings.from_page's order), the edit mask, the volume controls."""
+    with gr.Accordion("Settings", open=True):
+        controls = [
+            gr.Radio(["text", "image", "interleaved"], value=DEFAULTS.mode, label="Mode", elem_id="mode"),
+            gr.Slider(0, 2, DEFAULTS.temperature, step=0.05, label="Temperature (0 = greedy)", elem_id="temperature"),
+            gr.Slider(0.05, 1, DEFAULTS.top_p, step=0.05, label="Top-p", elem_id="top-p"),
+            gr.Slider(0, 10, DEFAULTS.guidance_scale_text, step=0.1, label="Guidance scale (text)", elem_id="cfg-text"),
+            gr.Slider(0, 10, DEFAULTS.guidance_scale_image, step=0.1, label="Guidance scale (image)", elem_id="cfg-image"),
+            gr.Slider(0, 2, DEFAULTS.image_temperature, step=0.05, label="Image temperature", elem_id="image-temperature"),
+            gr.Slider(1, MAX_NEW_TOKENS, DEFAULTS.max_new_tokens, step=1, label="Max tokens", elem_id="max-tokens"),
+            gr.Number(DEFAULTS.seed, precision=0, minimum=0, label="Seed", elem_id="seed"),
+            gr.Radio(list(DECODINGS), value=DEFAULTS.decoding, elem_id="decoding",
+                     label="Image decoding (sjd: speculative Jacobi, same distribution, fewer forwards)"),
+        ]
+        edit_mask = gr.Textbox(label="Edit mask (image mode): x0,y0,x1,y1 in the attached image's pixels; "
+                                     "only this box is redrawn", placeholder="empty: draw the whole image",
+                               elem_id="edit-mask")
+    with gr.Accordion("Volumes", open=False):
+        reading = [
+            gr.Textbox(READING.slices, label="Slices per volume (K, evenly spaced, or all)", elem_id="slices"),
+            gr.Dropdown(list(WINDOW_CHOICES), value=READING.window, allow_custom_value=True, elem_id="window",
+                        label="Window: a CT window, W/L in HU (e.g. 400/50), or percentile (MRI)"),
+            gr.Checkbox(READING.one_series, label="The attached DICOM files are one series (a volume)",
+                        elem_id="one-series"),
+        ]
+    return controls, edit_mask, reading
+
+
 def build_app(engine: Engine, title: str = "MedMax demo"):
     import gradio as gr
 
@@ -195,30 +224,7 @@ def build_app(engine: Engine, title: str = "MedMax demo"):
                     clear = gr.Button("Clear", elem_id="clear")
                 status = gr.Markdown(elem_id="status")
             with gr.Column(scale=2):
-                with gr.Accordion("Settings", open=True):
-                    controls = [
-                        gr.Radio(["text", "image", "interleaved"], value=DEFAULTS.mode, label="Mode", elem_id="mode"),
-                        gr.Slider(0, 2, DEFAULTS.temperature, step=0.05, label="Temperature (0 = greedy)", elem_id="temperature"),
-                        gr.Slider(0.05, 1, DEFAULTS.top_p, step=0.05, label="Top-p", elem_id="top-p"),
-                        gr.Slider(0, 10, DEFAULTS.guidance_scale_text, step=0.1, label="Guidance scale (text)", elem_id="cfg-text"),
-                        gr.Slider(0, 10, DEFAULTS.guidance_scale_image, step=0.1, label="Guidance scale (image)", elem_id="cfg-image"),
-                        gr.Slider(0, 2, DEFAULTS.image_temperature, step=0.05, label="Image temperature", elem_id="image-temperature"),
-                        gr.Slider(1, MAX_NEW_TOKENS, DEFAULTS.max_new_tokens, step=1, label="Max tokens", elem_id="max-tokens"),
-                        gr.Number(DEFAULTS.seed, precision=0, minimum=0, label="Seed", elem_id="seed"),
-                        gr.Radio(list(DECODINGS), value=DEFAULTS.decoding, elem_id="decoding",
-                                 label="Image decoding (sjd: speculative Jacobi, same distribution, fewer forwards)"),
-                    ]
-                    edit_mask = gr.Textbox(label="Edit mask (image mode): x0,y0,x1,y1 in the attached image's pixels; "
-                                                 "only this box is redrawn", placeholder="empty: draw the whole image",
-                                           elem_id="edit-mask")
-                with gr.Accordion("Volumes", open=False):
-                    reading = [
-                        gr.Textbox(READING.slices, label="Slices per volume (K, evenly spaced, or all)", elem_id="slices"),
-                        gr.Dropdown(list(WINDOW_CHOICES), value=READING.window, allow_custom_value=True, elem_id="window",
-                                    label="Window: a CT window, W/L in HU (e.g. 400/50), or percentile (MRI)"),
-                        gr.Checkbox(READING.one_series, label="The attached DICOM files are one series (a volume)",
-                                    elem_id="one-series"),
-                    ]
+                controls, edit_mask, reading = _settings_column(gr)
                 downloads = gr.File(label="Drawn images: PNG and codes", file_count="multiple", elem_id="downloads",
                                     interactive=False, height=120)
 

@@ -335,6 +335,16 @@ def test_the_page_generates_through_one_worker_that_reads_no_session_state(engin
     assert {(fn.concurrency_id, fn.concurrency_limit) for fn in generation} == {("generate", 1)}
 
 
+def test_the_page_asks_with_every_control_in_page_inputs_order(engine):
+    pytest.importorskip("gradio")
+    fns = {fn.api_name: fn for fn in demo_app.build_app(engine).fns.values()}
+    controls = ["mode", "temperature", "top-p", "cfg-text", "cfg-image", "image-temperature", "max-tokens", "seed",
+                "decoding", "edit-mask", "slices", "window", "one-series"]
+    assert [c.elem_id for c in fns["ask"].inputs][3:] == controls and len(controls) == len(CONTROLS)
+    assert [c.elem_id for c in fns["rerun"].inputs][1:] == controls
+    assert [c.elem_id for c in fns["preview"].inputs] == ["attach", "slices", "window", "one-series"]
+
+
 def test_each_waiting_request_runs_once_whichever_tab_triggers_the_run(generator, tmp_path):
     counting = _CountingGenerator(generator)
     engine = Engine(counting, tmp_path, max_batch_size=8)
