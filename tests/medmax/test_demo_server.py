@@ -105,11 +105,22 @@ def test_every_concurrent_session_gets_its_own_answer_exactly_once(server):
     assert server.stop() == 0
 
 
-def test_sigterm_removes_the_uploads_folder_and_exits_cleanly(server):
+def test_sigterm_removes_the_uploads_folder_and_exits_cleanly(server, tmp_path):
+    """An uploaded volume and its slice previews, made through the page's API, go with the server too."""
+    import numpy as np
+    from gradio_client import Client, handle_file
+
+    from medmax.synthetic_volumes import lesion_volume, write_nifti
+
     workdir = server.workdir()
     assert workdir.is_dir() and str(workdir).startswith(("/tmp", os.environ.get("TMPDIR", "/tmp")))
     scan = workdir / "upload-1" / "scan.png"
     scan.parent.mkdir()
     scan.write_bytes(b"a patient's scan")
+    volume = write_nifti(tmp_path / "ct.nii.gz", lesion_volume(np.random.default_rng(0), shape=(8, 16, 16)).hu)
+    client = Client(server.url, verbose=False, download_files=False)
+    gallery, status = client.predict([handle_file(str(volume))], "4", "abdomen", False, api_name="/preview")
+    assert len(gallery) == 4, status
+    assert len(list(workdir.rglob("ct.nii.gz"))) == 1 and len(list(workdir.rglob("slice_*.png"))) == 4
     assert server.stop() == 0, server.text()[-2000:]
     assert not workdir.exists()
