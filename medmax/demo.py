@@ -3,14 +3,18 @@
 ``medmax demo --model DIR`` serves a Gradio page (:mod:`medmax.demo_app`, a thin layer over this
 module). Everything here runs without a browser and without Gradio:
 
-- :func:`load_upload` reads one uploaded file (PNG, JPEG, TIFF, DICOM... through
-  :func:`medmax.images.load_image`) after checking that its path lies inside the app's temporary
-  folder and that it is not over the size limit; :func:`model_view` is what the model sees of it
-  (windowed, resized and centre-cropped to the VQGAN resolution).
+- :meth:`Engine.add_uploads` reads a question's attachments (:mod:`medmax.demo_uploads`): 2D images
+  (PNG, JPEG, TIFF, DICOM... through :func:`medmax.images.load_image`) and volumes (NIfTI, ``.npy``, the
+  attached DICOM files as one series when the page says so, read as ``medmax generate --volume`` reads
+  them), after checking that each path names a file inside the app's temporary folder, not over the size
+  limit; it saves what the model sees of each (a volume: each slice), and keeps nothing when one fails.
+- :func:`edit_region` turns the page's edit mask (a box in the question's first image) into the
+  :class:`medmax.generation.editing.EditRegion` its request carries: image mode redraws only that box.
 - :class:`Conversation` holds the turns. Its :meth:`Conversation.prompt` is one token context in the
   layout of training rows and evaluation: each user turn is its images, then its text, then the
   end-of-turn; each answer is its text and drawn images (as their exact codes), then the end-of-turn.
-- :class:`Settings` are the page's controls; :func:`group_requests` groups requests whose settings
+- :class:`Settings` are the page's generation controls (image decoding among them), :class:`PageInputs`
+  every control a question is asked with; :func:`group_requests` groups requests whose settings
   agree except for the seed; :meth:`Engine.run_pending` takes every request submitted and not yet run
   (each runs once) and :meth:`Engine.run_batch` runs each group as ONE ``Generator.generate``
   call with a seed per request, so an answer depends on its prompt, settings and seed only, never on
