@@ -235,8 +235,10 @@ def build_app(engine: Engine, title: str = "MedMax demo"):
             started.then(partial(_show_page, engine), [request, conversation], [chat, conversation, downloads, status],
                          concurrency_limit=None, api_name=f"{name}_answer")
 
-        gr.on([attached.change, *(c.change for c in reading)], partial(_preview_page, engine), [attached, *reading],
-              [seen, status], show_progress="hidden", api_name="preview")
+        slices, window, one_series = reading  # the slice count is read when typed in full (Enter or leaving the box)
+        gr.on([attached.change, slices.submit, slices.blur, window.change, one_series.change],
+              partial(_preview_page, engine), [attached, *reading], [seen, status], show_progress="hidden",
+              api_name="preview")
         asked = [*controls, edit_mask, *reading]  # PageInputs.from_page's order
         answer(question.submit(partial(start, engine), [question, attached, conversation, *asked],
                                [question, attached, chat, conversation, request, status], api_name="ask"), "ask")
