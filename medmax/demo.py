@@ -80,7 +80,7 @@ class Settings:
             "image guidance scale": (self.guidance_scale_image >= 0, ">= 0"),
             "image temperature": (self.image_temperature >= 0, ">= 0"),
             "max tokens": (1 <= self.max_new_tokens <= MAX_NEW_TOKENS, f"in 1..{MAX_NEW_TOKENS}"),
-            "seed": (self.seed >= 0, ">= 0"),
+            "seed": (0 <= self.seed < 2**63, "in 0..2**63-1 (a 64-bit seed)"),
             "image decoding": (self.decoding in DECODINGS, f"one of {', '.join(DECODINGS)}"),
         }
         for name, (ok, rule) in checks.items():

@@ -88,8 +88,9 @@ class VolumeReading:
     @classmethod
     def from_page(cls, slices, window, one_series) -> "VolumeReading":
         text = str(slices if slices is not None else "").strip().lower()
-        if text != "all" and not (text.isdigit() and int(text) >= 1):
-            raise DemoError(f"setting volume slices must be a whole number >= 1 or all, not {str(slices)[:20]!r}")
+        if text != "all" and not (re.fullmatch(r"[0-9]{1,9}", text) and int(text) >= 1):  # no int() of 5000 digits
+            raise DemoError(f"setting volume slices must be a whole number from 1 to 999999999, or all, "
+                            f"not {str(slices)[:20]!r}")
         window = str(window if window is not None else "").strip()
         try:
             Intensity.parse(window)

@@ -159,6 +159,8 @@ def test_settings_are_validated_with_the_setting_named():
                            (_controls(max_new_tokens=0), "max tokens"), (_controls(seed=-1), "seed"),
                            (_controls(temperature=None), "holds no number"), (_controls(decoding="fast"), "image decoding"),
                            (_controls(slices="0"), "volume slices"), (_controls(slices="1e9"), "volume slices"),
+                           (_controls(slices="9" * 5000), "volume slices"),  # past Python's int() digit limit
+                           (_controls(seed=10**30), "seed"),  # torch seeds are 64-bit: refused before the model runs
                            (_controls(window="sunset"), "window")]:
         with pytest.raises(DemoError, match=name):
             PageInputs.from_page(*controls)
