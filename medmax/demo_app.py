@@ -15,7 +15,9 @@ One question goes through three events:
 
 Uploads and answers live in the app's temporary folder (``/tmp/medmax-demo-*``, Gradio's upload folder, named
 in the log at start), removed when the server stops: at exit, on Ctrl-C, on SIGTERM, and on a crash as far
-as Python still runs (``atexit``; only SIGKILL or a power cut leaves it behind).
+as Python still runs (``atexit``). SIGKILL or a power cut leaves it behind until the next server starts: each
+server writes its pid in its folder, and a starting one removes the folders of servers no longer running
+(:func:`remove_stale_folders`).
 Gradio is imported only here (``pip install -e .[demo]``).
 """
 
@@ -252,10 +254,12 @@ def build_app(engine: Engine, title: str = "MedMax demo"):
 def serve(model_dir: Path, host: str = "127.0.0.1", port: int = 7860, share: bool = False, device: str | None = None,
           dtype=None, max_batch_size: int = 8, max_upload_mb: float = 32) -> None:
     """Load the model and serve the page until interrupted (Ctrl-C or SIGTERM); the temporary folder is removed."""
-    workdir = Path(tempfile.mkdtemp(prefix="medmax-demo-"))
+    workdir = Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX))
     os.environ["GRADIO_TEMP_DIR"] = str(workdir)  # uploads land here; read before any component is built
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     with _removed_when_stopped(workdir):
+        (workdir / PID_FILE).write_text(str(os.getpid()))
+        remove_stale_folders(workdir.parent)
         try:
             _serve(workdir, model_dir, host, port, share, device, dtype, max_batch_size, max_upload_mb)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the page was up (Gradio handles it once it is)
@@ -279,6 +283,42 @@ def _serve(workdir: Path, model_dir, host, port, share, device, dtype, max_batch
     app.launch(server_name=host, server_port=port, share=share, max_file_size=int(max_upload_mb * 2**20),
                ssr_mode=False, show_error=True, theme=theme, css=_CSS, footer_links=[])
     logger.info("stopped; removing %s", workdir)
+
+
+FOLDER_PREFIX = "medmax-demo-"
+PID_FILE = "server.pid"  # in a server's folder: the process that serves it
+
+
+def remove_stale_folders(parent: Path) -> list[Path]:
+    """Remove the folders killed servers left in ``parent`` (SIGKILL runs no handler); -> those removed.
+
+    A folder is removed when it is a ``medmax-demo-*`` folder of this user whose ``server.pid`` names a process
+    that no longer runs. A folder without a readable pid (a server starting now) or of another user stays.
+    """
+    removed = []
+    for folder in sorted(parent.glob(f"{FOLDER_PREFIX}*")):
+        try:
+            if folder.is_symlink() or not folder.is_dir() or folder.stat().st_uid != os.getuid():
+                continue
+            pid = int((folder / PID_FILE).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if pid <= 0 or _running(pid):  # 0 and -1 would name process groups, not a server
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        logger.info("removed %s (left by a demo server that was killed: pid %d)", folder, pid)
+        removed.append(folder)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @contextlib.contextmanager

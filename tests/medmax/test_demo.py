@@ -510,3 +510,21 @@ def test_image_decoding_is_a_setting_and_greedy_codes_agree_between_sjd_and_plai
                              decoding=decoding)[-1]
         codes[decoding] = _drawn_codes(conv)
     assert np.array_equal(codes["plain"], codes["sjd"])
+
+
+def test_only_folders_of_servers_no_longer_running_are_removed_at_start(tmp_path):
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    pids = {"dead": str(gone.pid), "alive": str(os.getpid()), "zero": "0", "all": "-1", "garbage": "12ab"}
+    for name, pid in pids.items():
+        (tmp_path / f"medmax-demo-{name}").mkdir()
+        (tmp_path / f"medmax-demo-{name}" / demo_app.PID_FILE).write_text(pid)
+    (tmp_path / "medmax-demo-being-made").mkdir()  # no pid file yet: a server starting now
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / demo_app.PID_FILE).write_text(str(gone.pid))  # not a demo folder
+    assert demo_app.remove_stale_folders(tmp_path) == [tmp_path / "medmax-demo-dead"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["other", "medmax-demo-being-made", *(f"medmax-demo-{n}" for n in pids if n != "dead")])

@@ -124,3 +124,20 @@ def test_sigterm_removes_the_uploads_folder_and_exits_cleanly(server, tmp_path):
     assert len(list(workdir.rglob("ct.nii.gz"))) == 1 and len(list(workdir.rglob("slice_*.png"))) == 4
     assert server.stop() == 0, server.text()[-2000:]
     assert not workdir.exists()
+
+
+def test_a_killed_servers_uploads_are_removed_when_the_next_server_starts(tiny_model_dir, tmp_path):
+    """SIGKILL runs no handler, so the folder of a killed server stays until the next `medmax demo` starts."""
+    killed = Server(tiny_model_dir, tmp_path / "killed.log")
+    workdir = killed.workdir()
+    (workdir / "upload-1").mkdir()
+    (workdir / "upload-1" / "scan.png").write_bytes(b"a patient's scan")
+    killed.proc.kill()
+    killed.proc.wait()
+    assert workdir.is_dir()
+    alive = Server(tiny_model_dir, tmp_path / "alive.log")
+    try:
+        assert not workdir.exists() and alive.workdir().is_dir()
+        assert f"removed {workdir}" in alive.text()
+    finally:
+        assert alive.stop() == 0
