@@ -94,7 +94,8 @@ def test_dicom_files_are_one_volume_only_when_the_box_says_so(engine, hu, tmp_pa
     assert status == "" and [label for _, label in apart] == [os.path.basename(f) for f in files[:3]]
 
 
-@pytest.mark.parametrize("case", ["truncated nii.gz", "4D without index", "gap", "mixed series", "not a volume"])
+@pytest.mark.parametrize("case", ["truncated nii.gz", "4D without index", "gap", "mixed series", "a slice twice",
+                                  "not a volume"])
 def test_a_bad_volume_gives_one_status_line_and_nothing_is_kept(engine, hu, tmp_path, case):
     if case == "truncated nii.gz":
         full = write_nifti(tmp_path / "ct.nii.gz", hu)
@@ -109,6 +110,9 @@ def test_a_bad_volume_gives_one_status_line_and_nothing_is_kept(engine, hu, tmp_
     elif case == "mixed series":
         files = _series(engine, hu[:6], tmp_path) + _series(engine, hu[6:], tmp_path, series_uid="1.2.3.4")
         reason = "mixes 2 series"
+    elif case == "a slice twice":
+        files = _series(engine, hu, tmp_path)
+        files, reason = files + files[:1], "duplicated slice position"
     else:
         files, reason = [str(_upload(engine, "notes.nii"))], "not a readable NIfTI"
         open(files[0], "w").write("not a volume")
@@ -156,3 +160,11 @@ def test_a_file_name_with_a_line_break_still_gives_one_status_line(engine):
     _, status = demo_app.preview(engine, [str(path)], "16", "percentile", False)
     assert "scan?INJECTED.png" in status and "\n" not in status
 
+
+
+def test_an_edit_mask_needs_a_2d_image_first_not_a_volume(engine, hu):
+    path = _upload(engine, "ct.npy")
+    np.save(path, hu)
+    _, _, _, conv, request, status = demo_app.start(engine, "Remove the lesion.", [str(path)], Conversation(),
+                                                    *_controls(mode="image", edit_mask="0,0,4,4", slices="2"))
+    assert request is None and "attach the image to edit" in status and kept(engine) == []
