@@ -168,3 +168,21 @@ def test_an_edit_mask_needs_a_2d_image_first_not_a_volume(engine, hu):
     _, _, _, conv, request, status = demo_app.start(engine, "Remove the lesion.", [str(path)], Conversation(),
                                                     *_controls(mode="image", edit_mask="0,0,4,4", slices="2"))
     assert request is None and "attach the image to edit" in status and kept(engine) == []
+
+
+def test_an_edit_after_a_volume_copies_the_new_question_s_image_not_a_slice(engine, generator, hu):
+    """The volume's slices are images of the prompt too: the edited image is the one after all of them."""
+    from medmax.generation.editing import region_from_box
+
+    from .test_demo import _ask, _drawn_codes, _scan
+
+    volume = _upload(engine, "ct.npy")
+    np.save(volume, hu)
+    _, conv, _, _ = _ask(engine, {"text": "Describe it", "files": [str(volume)]}, slices="3", max_new_tokens=2)[-1]
+    scan = _scan(engine, "scan.png", 5)
+    _, conv, _, status = _ask(engine, {"text": "Remove the lesion.", "files": [scan]}, conv, mode="image",
+                              edit_mask="40,20,90,70")[-1]
+    assert status.startswith("answer 2 done"), status
+    (source,) = generator.prompts.encode_images([Image.open(scan).convert("RGB")])
+    outside = ~region_from_box((40, 20, 90, 70), (90, 70), engine.resolution, generator.vqgan.grid_shape).reshape(-1)
+    assert np.array_equal(_drawn_codes(conv)[outside], np.asarray(source)[outside])
