@@ -392,13 +392,17 @@ class Engine:
         the model sees of it saved for the page. On any failure nothing of them is kept, and DemoError says why."""
         folder = self.workdir / "uploads" / upload_id
         try:
-            files = [(display_name(p), checked_upload(p, self.workdir, self.max_upload_bytes)) for p in paths]
-            groups = group_uploads(files, reading.one_series)
+            groups = self.upload_groups(paths, reading)
             return [self.add_upload(group[0][1], upload_id, k) if kind == "image" else
                     self._add_volume(kind, group, folder, k, reading) for k, (kind, group) in enumerate(groups)]
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
+
+    def upload_groups(self, paths: list, reading: VolumeReading) -> list[tuple[str, list[tuple[str, Path]]]]:
+        """The attachments, checked, as :func:`medmax.demo_uploads.group_uploads` groups them."""
+        files = [(display_name(p), checked_upload(p, self.workdir, self.max_upload_bytes)) for p in paths]
+        return group_uploads(files, reading.one_series)
 
     def _add_volume(self, kind: str, group: list, folder: Path, k: int, reading: VolumeReading) -> ShownVolume:
         if reading.slices != "all" and int(reading.slices) > self.max_slices:

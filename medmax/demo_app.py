@@ -37,7 +37,7 @@ from pathlib import Path
 
 from .demo import (MAX_NEW_TOKENS, Conversation, DemoError, Engine, PageInputs, Settings, ShownImage, ShownVolume,
                    Turn, edit_region, turn_messages, user_pieces)
-from .demo_uploads import WINDOW_CHOICES, VolumeReading
+from .demo_uploads import WINDOW_CHOICES, VolumeReading, series_note
 from .generation.config import DECODINGS
 from .errors import UserError
 
@@ -74,7 +74,8 @@ def preview(engine: Engine, files, *reading) -> tuple[list, str]:
                 shown.append((str(piece.path), piece.label))
     except DemoError as err:
         return [], _status(err)
-    return shown, ""
+    note = "" if controls.one_series else series_note(engine.upload_groups(_paths(files), controls))
+    return shown, f"**Note:** {note}" if note else ""
 
 
 def start(engine: Engine, text: str, files, conversation: Conversation, *controls):

@@ -123,6 +123,25 @@ def group_uploads(files: list[tuple[str, Path]], one_series: bool) -> list[tuple
     return groups
 
 
+def series_note(groups: list[tuple[str, list[tuple[str, Path]]]]) -> str:
+    """When 2D DICOM images of the attachments share a ``SeriesInstanceUID``: a note that the series box reads them
+    as one volume (the page never guesses it); "" otherwise."""
+    import pydicom
+
+    uids = []
+    for kind, [(_, path), *_] in groups:
+        if kind == "image" and is_dicom(path):
+            try:
+                uids.append(str(pydicom.dcmread(path, stop_before_pixels=True).get("SeriesInstanceUID", "")))
+            except Exception:  # noqa: BLE001 - only a note: load_upload reports an unreadable file
+                continue
+    n = max((uids.count(uid) for uid in set(uids) if uid), default=0)
+    if n < 2:
+        return ""
+    return (f"{n} DICOM files of one series are read as {n} 2D images; tick \"The attached DICOM files are one "
+            "series\" (Volumes) to read them as one volume")
+
+
 def link_series(files: list[tuple[str, Path]], folder: Path) -> Path:
     """The series' files in one folder (hard links, copies across file systems), named by their order and a safe
     form of their name (never a path the browser gave)."""

@@ -91,7 +91,10 @@ def test_dicom_files_are_one_volume_only_when_the_box_says_so(engine, hu, tmp_pa
     assert zs == sorted(zs) and all(label.startswith(f"DICOM series of {SHAPE[0]} files: slice {k},")
                                     for k, (_, label) in enumerate(gallery))
     apart, status = demo_app.preview(engine, files[:3], "all", "abdomen", False)
-    assert status == "" and [label for _, label in apart] == [os.path.basename(f) for f in files[:3]]
+    assert [label for _, label in apart] == [os.path.basename(f) for f in files[:3]]
+    assert "3 DICOM files of one series are read as 3 2D images" in status  # the page says how to read them as one
+    _, status = demo_app.preview(engine, files[:1], "all", "abdomen", False)
+    assert status == ""
 
 
 @pytest.mark.parametrize("case", ["truncated nii.gz", "4D without index", "gap", "mixed series", "a slice twice",
