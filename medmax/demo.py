@@ -3,14 +3,18 @@
 ``medmax demo --model DIR`` serves a Gradio page (:mod:`medmax.demo_app`, a thin layer over this
 module). Everything here runs without a browser and without Gradio:
 
-- :func:`load_upload` reads one uploaded file (PNG, JPEG, TIFF, DICOM... through
-  :func:`medmax.images.load_image`) after checking that its path lies inside the app's temporary
-  folder and that it is not over the size limit; :func:`model_view` is what the model sees of it
-  (windowed, resized and centre-cropped to the VQGAN resolution).
+- :meth:`Engine.add_uploads` reads a question's attachments (:mod:`medmax.demo_uploads`): 2D images
+  (PNG, JPEG, TIFF, DICOM... through :func:`medmax.images.load_image`) and volumes (NIfTI, ``.npy``, the
+  attached DICOM files as one series when the page says so, read as ``medmax generate --volume`` reads
+  them), after checking that each path names a file inside the app's temporary folder, not over the size
+  limit; it saves what the model sees of each (a volume: each slice), and keeps nothing when one fails.
+- :func:`edit_region` turns the page's edit mask (a box in the question's first image) into the
+  :class:`medmax.generation.editing.EditRegion` its request carries: image mode redraws only that box.
 - :class:`Conversation` holds the turns. Its :meth:`Conversation.prompt` is one token context in the
   layout of training rows and evaluation: each user turn is its images, then its text, then the
   end-of-turn; each answer is its text and drawn images (as their exact codes), then the end-of-turn.
-- :class:`Settings` are the page's controls; :func:`group_requests` groups requests whose settings
+- :class:`Settings` are the page's generation controls (image decoding among them), :class:`PageInputs`
+  every control a question is asked with; :func:`group_requests` groups requests whose settings
   agree except for the seed; :meth:`Engine.run_pending` takes every request submitted and not yet run
   (each runs once) and :meth:`Engine.run_batch` runs each group as ONE ``Generator.generate``
   call with a seed per request, so an answer depends on its prompt, settings and seed only, never on
@@ -26,6 +30,7 @@ import json
 import logging
 import queue
 import re
+import shutil
 import threading
 import time
 import uuid
@@ -36,50 +41,19 @@ from typing import Iterator, Union
 import numpy as np
 from PIL import Image
 
+from .demo_uploads import (DemoError, VolumeReading, checked_upload, display_name, group_uploads, link_series,
+                           load_upload, model_view, montage, read_volume, slice_views)
 from .errors import UserError
 from .generation import END_OF_TURN, MODES, GenerationConfig, ImageCodes, ImageOutput
-from .images import ImageLoadError, load_image, resize_and_crop
-from .paths import PathEscapeError, resolve_inside
-from .prompting import prompt_segments
+from .generation.config import DECODINGS
+from .generation.editing import EditMaskError, EditRegion, parse_box, region_from_box
+from .prompting import VolumeInput, expand_volumes, prompt_segments
 from .vocab import control_mask
 
 logger = logging.getLogger(__name__)
 
 MAX_UPLOAD_MB = 32  # default limit of one uploaded file
 MAX_NEW_TOKENS = 1024  # the page's max-tokens slider goes no higher
-
-
-class DemoError(UserError):
-    """Something the page shows to its user as one line (a bad upload, a bad setting, a failed answer)."""
-
-
-# ---------------------------------------------------------------------------------------------- uploads
-def load_upload(path: str | Path, root: Path, max_bytes: int) -> Image.Image:
-    """An uploaded file as an RGB image; DemoError naming the file and the reason otherwise.
-
-    ``path`` comes from the browser: it must resolve inside ``root`` (the app's temporary folder).
-    """
-    name = Path(str(path)).name or str(path)
-    try:
-        inside = resolve_inside(root, path)
-    except (PathEscapeError, OSError, ValueError) as err:
-        raise DemoError(f"{name}: not a file uploaded to this page ({err})") from err
-    if not inside.is_file():
-        raise DemoError(f"{name}: no such uploaded file")
-    size = inside.stat().st_size
-    if size > max_bytes:
-        raise DemoError(f"{name}: {size / 2**20:.1f} MB is over the upload limit of {max_bytes / 2**20:g} MB")
-    try:
-        return load_image(inside)
-    except ImageLoadError as err:
-        raise DemoError(f"{name}: cannot be read as an image or DICOM ({err.reason})") from err
-    except (MemoryError, Image.DecompressionBombError) as err:
-        raise DemoError(f"{name}: too large to decode ({err})") from err
-
-
-def model_view(image: Image.Image, resolution: int) -> Image.Image:
-    """What the model sees of a loaded image: resized (shorter side) and centre-cropped to the VQGAN's resolution."""
-    return resize_and_crop(image, resolution)
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -95,6 +69,7 @@ class Settings:
     image_temperature: float = 0.7  # 0 = greedy codes
     max_new_tokens: int = 128
     seed: int = 0
+    decoding: str = "auto"  # image codes: auto, plain or sjd (speculative Jacobi decoding), as GenerationConfig
 
     def __post_init__(self):
         checks = {
@@ -105,19 +80,22 @@ class Settings:
             "image guidance scale": (self.guidance_scale_image >= 0, ">= 0"),
             "image temperature": (self.image_temperature >= 0, ">= 0"),
             "max tokens": (1 <= self.max_new_tokens <= MAX_NEW_TOKENS, f"in 1..{MAX_NEW_TOKENS}"),
-            "seed": (self.seed >= 0, ">= 0"),
+            "seed": (0 <= self.seed < 2**63, "in 0..2**63-1 (a 64-bit seed)"),
+            "image decoding": (self.decoding in DECODINGS, f"one of {', '.join(DECODINGS)}"),
         }
         for name, (ok, rule) in checks.items():
             if not ok:
                 raise DemoError(f"setting {name} must be {rule}")
 
     @classmethod
-    def from_page(cls, mode, temperature, top_p, cfg_text, cfg_image, image_temperature, max_new_tokens, seed) -> "Settings":
+    def from_page(cls, mode, temperature, top_p, cfg_text, cfg_image, image_temperature, max_new_tokens, seed,
+                  decoding) -> "Settings":
         """From the page's raw control values (numbers may arrive as floats or None)."""
         try:
             return cls(mode=str(mode), temperature=float(temperature), top_p=float(top_p),
                        guidance_scale_text=float(cfg_text), guidance_scale_image=float(cfg_image),
-                       image_temperature=float(image_temperature), max_new_tokens=int(max_new_tokens), seed=int(seed))
+                       image_temperature=float(image_temperature), max_new_tokens=int(max_new_tokens), seed=int(seed),
+                       decoding=str(decoding))
         except (TypeError, ValueError) as err:
             if isinstance(err, DemoError):
                 raise
@@ -131,7 +109,28 @@ class Settings:
             mode=self.mode, max_new_tokens=self.max_new_tokens, max_images=1, do_sample=self.temperature > 0,
             temperature=self.temperature, top_p=self.top_p, image_temperature=self.image_temperature,
             guidance_scale_text=self.guidance_scale_text, guidance_scale_image=self.guidance_scale_image,
-            batch_size=batch_size)
+            decoding=self.decoding, batch_size=batch_size)
+
+
+N_SETTINGS = len(dataclasses.fields(Settings))  # the page's generation controls, in Settings.from_page's order
+
+
+@dataclass(frozen=True)
+class PageInputs:
+    """Every control a question is asked with: the generation settings (batched on), the edit mask (this request's
+    inpainting box, ``x0,y0,x1,y1`` in the first attached image's pixels, or empty) and the volume controls."""
+
+    settings: Settings
+    edit_mask: str
+    reading: VolumeReading
+
+    @classmethod
+    def from_page(cls, *values) -> "PageInputs":
+        """The page's control values: :data:`N_SETTINGS` settings, then the edit mask, slices, window, one series."""
+        if len(values) != N_SETTINGS + 4:
+            raise DemoError(f"settings: {len(values)} control values, expected {N_SETTINGS + 4}")
+        settings, (edit_mask, *reading) = Settings.from_page(*values[:N_SETTINGS]), values[N_SETTINGS:]
+        return cls(settings, str(edit_mask or "").strip(), VolumeReading.from_page(*reading))
 
 
 # ---------------------------------------------------------------------------------------------- conversation
@@ -143,9 +142,19 @@ class ShownImage:
     image: Image.Image | None = None  # uploads: the loaded image, tokenized by the model's VQGAN
     codes: ImageCodes | None = None  # drawn images: their exact codes
     codes_path: Path | None = None
+    label: str = ""  # uploads: the file's name, for the preview
 
 
-Piece = Union[str, ShownImage]
+@dataclass
+class ShownVolume:
+    """An uploaded volume: its slices as the prompt takes them, each slice's PNG and label, and a montage for the chat."""
+
+    path: Path  # the montage
+    volume: VolumeInput
+    views: list[tuple[Path, str]]
+
+
+Piece = Union[str, ShownImage, ShownVolume]
 
 
 @dataclass
@@ -177,6 +186,8 @@ class Conversation:
             for piece in turn.pieces:
                 if isinstance(piece, str):
                     segments.append(piece)
+                elif isinstance(piece, ShownVolume):
+                    segments.append(piece.volume)  # the generator writes its header and slices (expand_volumes)
                 else:
                     segments.append(piece.codes if piece.codes is not None else piece.image)
             segments.append(END_OF_TURN)
@@ -199,9 +210,34 @@ def turn_messages(role: str, pieces: list[Piece]) -> list[dict]:
     for piece in pieces:
         if isinstance(piece, str):
             out.append({"role": role, "content": piece})
+        elif isinstance(piece, ShownVolume):
+            out.append({"role": role, "content": {"path": str(piece.path), "alt_text": piece.volume.header}})
         else:
             out.append({"role": role, "content": {"path": str(piece.path), "alt_text": piece.path.name}})
     return out
+
+
+def edit_region(engine: "Engine", spec: str, conversation: Conversation, mode: str) -> EditRegion | None:
+    """The edit mask ``x0,y0,x1,y1`` (pixels of the last question's first attachment, a 2D image) as the region an
+    image-mode answer redraws; every other code is copied from that image. None when ``spec`` is empty."""
+    if not spec:
+        return None
+    if mode != "image":
+        raise DemoError(f"edit mask: inpainting draws an image; choose mode image, not {mode}")
+    box = parse_box(spec)
+    if box is None:
+        raise DemoError(f"edit mask {spec[:40]!r}: give a box x0,y0,x1,y1 in the attached image's pixels")
+    *earlier, question = conversation.turns
+    attached = [p for p in question.pieces if not isinstance(p, str)]
+    if not attached or not isinstance(attached[0], ShownImage) or attached[0].image is None:
+        raise DemoError("edit mask: attach the image to edit with the question (a 2D image, the first attachment)")
+    before = sum(isinstance(s, (Image.Image, ImageCodes)) for s in expand_volumes(Conversation(earlier).prompt()))
+    try:
+        region = region_from_box(box, attached[0].image.size, engine.resolution, engine.generator.vqgan.grid_shape,
+                                 label="edit mask")
+    except EditMaskError as err:
+        raise DemoError(str(err)) from err
+    return EditRegion(region, source=before)
 
 
 # ---------------------------------------------------------------------------------------------- requests
@@ -212,6 +248,7 @@ class Request:
     id: str
     prompt: list
     settings: Settings
+    edit: EditRegion | None = None  # inpainting: the region drawn, every other code copied from an input image
 
 
 @dataclass
@@ -342,7 +379,47 @@ class Engine:
         image = load_upload(path, self.workdir, self.max_upload_bytes)
         shown = self.folder("uploads", upload_id) / f"view_{k}.png"
         model_view(image, self.resolution).save(shown)
-        return ShownImage(path=shown, image=image)
+        return ShownImage(path=shown, image=image, label=display_name(path))
+
+    @property
+    def max_slices(self) -> int:
+        """Slices a volume may give at most: as many as the model's context could hold, with nothing else in it."""
+        self.resolution  # noqa: B018 - a model without a VQGAN says so first
+        return max(1, self.generator.context_length // self.generator.prompts.n_image_tokens)
+
+    def add_uploads(self, paths: list, upload_id: str, reading: VolumeReading) -> list[ShownImage | ShownVolume]:
+        """A question's attachments (2D images, volumes, one DICOM series: :mod:`medmax.demo_uploads`), each with what
+        the model sees of it saved for the page. On any failure nothing of them is kept, and DemoError says why."""
+        folder = self.workdir / "uploads" / upload_id
+        try:
+            groups = self.upload_groups(paths, reading)
+            return [self.add_upload(group[0][1], upload_id, k) if kind == "image" else
+                    self._add_volume(kind, group, folder, k, reading) for k, (kind, group) in enumerate(groups)]
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+    def upload_groups(self, paths: list, reading: VolumeReading) -> list[tuple[str, list[tuple[str, Path]]]]:
+        """The attachments, checked, as :func:`medmax.demo_uploads.group_uploads` groups them."""
+        files = [(display_name(p), checked_upload(p, self.workdir, self.max_upload_bytes)) for p in paths]
+        return group_uploads(files, reading.one_series)
+
+    def _add_volume(self, kind: str, group: list, folder: Path, k: int, reading: VolumeReading) -> ShownVolume:
+        if reading.slices != "all" and int(reading.slices) > self.max_slices:
+            raise DemoError(f"setting volume slices: {reading.slices} slices are more than the model's context holds "
+                            f"({self.max_slices} at most)")
+        name = group[0][0] if kind == "volume" else f"DICOM series of {len(group)} files"
+        path = group[0][1] if kind == "volume" else link_series(group, folder / f"series_{k}")
+        volume = read_volume(path, name, reading, self.max_slices)
+        views = slice_views(volume, name, self.resolution, folder / f"volume_{k}")
+        return ShownVolume(montage([p for p, _ in views], folder / f"volume_{k}.png"), volume, views)
+
+    def check_prompt(self, prompt: list, mode: str) -> None:
+        """Before a request is opened: the prompt fits the model's context with room for the answer's first image."""
+        try:
+            self.generator.prompts.check([prompt], mode)
+        except UserError as err:
+            raise DemoError(f"the conversation: {err}") from err
 
     def save_drawn(self, request_id: str, out: ImageOutput, k: int) -> ShownImage:
         folder = self.folder("answers", request_id)
@@ -353,9 +430,9 @@ class Engine:
         return ShownImage(path=png, codes=ImageCodes(out.codes), codes_path=codes_path)
 
     # -------------------------------------------------------------------------------- requests
-    def submit(self, prompt: list, settings: Settings) -> Request:
+    def submit(self, prompt: list, settings: Settings, edit: EditRegion | None = None) -> Request:
         """A new request with its channel open (before it runs, so no event is missed)."""
-        request = Request(id=uuid.uuid4().hex, prompt=prompt, settings=settings)
+        request = Request(id=uuid.uuid4().hex, prompt=prompt, settings=settings, edit=edit)
         with self._lock:
             self._channels[request.id] = queue.Queue()
             self._pending[request.id] = request
@@ -404,7 +481,7 @@ class Engine:
         try:
             self.generate_calls += 1
             outs = self.generator.generate([r.prompt for r in requests], config,
-                                           seeds=[r.settings.seed for r in requests],
+                                           seeds=[r.settings.seed for r in requests], edits=[r.edit for r in requests],
                                            on_step=lambda i, item: answers[i].step(item))
         except Exception as err:  # noqa: BLE001 - every failure goes to the page with its reason
             if len(requests) > 1:  # one bad prompt must not fail the others: run each alone

@@ -15,7 +15,9 @@ One question goes through three events:
 
 Uploads and answers live in the app's temporary folder (``/tmp/medmax-demo-*``, Gradio's upload folder, named
 in the log at start), removed when the server stops: at exit, on Ctrl-C, on SIGTERM, and on a crash as far
-as Python still runs (``atexit``; only SIGKILL or a power cut leaves it behind).
+as Python still runs (``atexit``). SIGKILL or a power cut leaves it behind until the next server starts: each
+server writes its pid in its folder, and a starting one removes the folders of servers no longer running
+(:func:`remove_stale_folders`).
 Gradio is imported only here (``pip install -e .[demo]``).
 """
 
@@ -33,13 +35,16 @@ import uuid
 from functools import partial
 from pathlib import Path
 
-from .demo import (MAX_NEW_TOKENS, Conversation, DemoError, Engine, Settings, ShownImage, Turn, turn_messages,
-                   user_pieces)
+from .demo import (MAX_NEW_TOKENS, Conversation, DemoError, Engine, PageInputs, Settings, ShownImage, ShownVolume,
+                   Turn, edit_region, turn_messages, user_pieces)
+from .demo_uploads import WINDOW_CHOICES, VolumeReading, series_note
+from .generation.config import DECODINGS
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
 
 DEFAULTS = Settings()
+READING = VolumeReading()
 _CSS = "#status p { font-weight: 600; } #chat img { min-width: 128px; image-rendering: pixelated; }"
 
 
@@ -54,50 +59,67 @@ def _paths(files) -> list:
 
 # ------------------------------------------------------------------------------------------ handlers
 # Plain functions of (engine, page values) -> page values, so tests call them without a browser.
-def preview(engine: Engine, files) -> tuple[list, str]:
-    """The attached files as the model will see them; a bad one gives its error instead."""
-    shown, errors = [], []
-    upload_id = uuid.uuid4().hex
-    for k, path in enumerate(_paths(files)):
-        try:
-            image = engine.add_upload(path, upload_id, k)
-            shown.append((str(image.path), Path(str(path)).name))
-        except DemoError as err:
-            errors.append(str(err))
-    return shown, "; ".join(_status(DemoError(e)) for e in errors)
+def preview(engine: Engine, files, *reading) -> tuple[list, str]:
+    """The attached files as the model will see them (a volume as its slices, labelled); a bad one gives its error.
+
+    ``reading``: the volume controls (slices, window, one series); the defaults without them. Nothing is kept of
+    a preview that fails."""
+    shown = []
+    try:
+        controls = VolumeReading.from_page(*reading) if reading else VolumeReading()
+        for piece in engine.add_uploads(_paths(files), uuid.uuid4().hex, controls):
+            if isinstance(piece, ShownVolume):
+                shown += [(str(path), label) for path, label in piece.views]
+            else:
+                shown.append((str(piece.path), piece.label))
+    except DemoError as err:
+        return [], _status(err)
+    note = "" if controls.one_series else series_note(engine.upload_groups(_paths(files), controls))
+    return shown, f"**Note:** {note}" if note else ""
 
 
 def start(engine: Engine, text: str, files, conversation: Conversation, *controls):
     """Add the user turn and open its request; -> (question, files, chat, conversation, request, status).
 
-    On a bad upload or setting the question and files stay as they were, and the status says why.
+    ``controls``: the page's values (:meth:`medmax.demo.PageInputs.from_page`). On a bad upload, setting, edit mask
+    or a conversation too long for the model, the question and files stay as they were, nothing of the uploads is
+    kept, and the status says why.
     """
+    upload_id = uuid.uuid4().hex
     try:
-        settings = Settings.from_page(*controls)
+        page = PageInputs.from_page(*controls)
         text, paths = (text or "").strip(), _paths(files)
         if not text and not paths:
             raise DemoError("type a question or attach an image first")
-        upload_id = uuid.uuid4().hex
-        images = [engine.add_upload(path, upload_id, k) for k, path in enumerate(paths)]
-        turn = Turn("user", user_pieces(images, text))
+        turn = Turn("user", user_pieces(engine.add_uploads(paths, upload_id, page.reading), text))
+        asked = Conversation([*conversation.turns, turn], conversation.answered)
+        request = _submit(engine, asked, page)
     except DemoError as err:
+        shutil.rmtree(engine.workdir / "uploads" / upload_id, ignore_errors=True)
         return text, files, conversation.messages(), conversation, None, _status(err)
-    conversation = Conversation([*conversation.turns, turn], conversation.answered)
-    request = engine.submit(conversation.prompt(), settings)
-    status = f"answering ({settings.mode} mode, seed {settings.seed})"
-    return "", None, conversation.messages(), conversation, request, status
+    status = f"answering ({page.settings.mode} mode, seed {page.settings.seed})"
+    return "", None, asked.messages(), asked, request, status
+
+
+def _submit(engine: Engine, conversation: Conversation, page: PageInputs):
+    """Check the edit mask and the prompt's length (no model work yet), then open the request."""
+    edit = edit_region(engine, page.edit_mask, conversation, page.settings.mode)
+    prompt = conversation.prompt()
+    engine.check_prompt(prompt, page.settings.mode)
+    return engine.submit(prompt, page.settings, edit)
 
 
 def rerun(engine: Engine, conversation: Conversation, *controls):
     """Drop the last answer and ask again with the current settings; -> (chat, conversation, request, status)."""
     try:
-        settings = Settings.from_page(*controls)
+        page = PageInputs.from_page(*controls)
         conversation = conversation.without_last_answer()
         if not conversation.turns:
             raise DemoError("nothing to re-run yet: ask a question first")
+        request = _submit(engine, conversation, page)
     except DemoError as err:
         return conversation.messages(), conversation, None, _status(err)
-    request = engine.submit(conversation.prompt(), settings)
+    settings = page.settings
     return conversation.messages(), conversation, request, f"re-running ({settings.mode} mode, seed {settings.seed})"
 
 
@@ -142,14 +164,43 @@ def _show_page(engine: Engine, request, conversation: Conversation):
     yield from show(engine, request, conversation)
 
 
-def _preview_page(engine: Engine, files):
+def _preview_page(engine: Engine, files, *reading):
     """``preview``; with no file attached the status line is left alone (it may be telling how an answer goes)."""
     import gradio as gr
 
     if not _paths(files):
         return None, gr.skip()
-    shown, status = preview(engine, files)
+    shown, status = preview(engine, files, *reading)
     return shown or None, status
+
+
+def _settings_column(gr) -> tuple[list, object, list]:
+    """The settings' controls: generation settings (Settings.from_page's order), the edit mask, the volume controls."""
+    with gr.Accordion("Settings", open=True):
+        controls = [
+            gr.Radio(["text", "image", "interleaved"], value=DEFAULTS.mode, label="Mode", elem_id="mode"),
+            gr.Slider(0, 2, DEFAULTS.temperature, step=0.05, label="Temperature (0 = greedy)", elem_id="temperature"),
+            gr.Slider(0.05, 1, DEFAULTS.top_p, step=0.05, label="Top-p", elem_id="top-p"),
+            gr.Slider(0, 10, DEFAULTS.guidance_scale_text, step=0.1, label="Guidance scale (text)", elem_id="cfg-text"),
+            gr.Slider(0, 10, DEFAULTS.guidance_scale_image, step=0.1, label="Guidance scale (image)", elem_id="cfg-image"),
+            gr.Slider(0, 2, DEFAULTS.image_temperature, step=0.05, label="Image temperature", elem_id="image-temperature"),
+            gr.Slider(1, MAX_NEW_TOKENS, DEFAULTS.max_new_tokens, step=1, label="Max tokens", elem_id="max-tokens"),
+            gr.Number(DEFAULTS.seed, precision=0, minimum=0, label="Seed", elem_id="seed"),
+            gr.Radio(list(DECODINGS), value=DEFAULTS.decoding, elem_id="decoding",
+                     label="Image decoding (sjd: speculative Jacobi, same distribution, fewer forwards)"),
+        ]
+        edit_mask = gr.Textbox(label="Edit mask (image mode): x0,y0,x1,y1 in the attached image's pixels; "
+                                     "only this box is redrawn", placeholder="empty: draw the whole image",
+                               elem_id="edit-mask")
+    with gr.Accordion("Volumes", open=False):
+        reading = [
+            gr.Textbox(READING.slices, label="Slices per volume (K, evenly spaced, or all)", elem_id="slices"),
+            gr.Dropdown(list(WINDOW_CHOICES), value=READING.window, allow_custom_value=True, elem_id="window",
+                        label="Window: a CT window, W/L in HU (e.g. 400/50), or percentile (MRI)"),
+            gr.Checkbox(READING.one_series, label="The attached DICOM files are one series (a volume)",
+                        elem_id="one-series"),
+        ]
+    return controls, edit_mask, reading
 
 
 def build_app(engine: Engine, title: str = "MedMax demo"):
@@ -158,13 +209,14 @@ def build_app(engine: Engine, title: str = "MedMax demo"):
     with gr.Blocks(title=title, analytics_enabled=False) as app:
         conversation = gr.State(Conversation())
         request = gr.State(None)
-        gr.Markdown(f"## {title}\nAsk about a scan (PNG, JPEG, TIFF or DICOM), ask for an image, or both.")
+        gr.Markdown(f"## {title}\nAsk about a scan (PNG, JPEG, TIFF, DICOM) or a volume "
+                    "(NIfTI, .npy, a DICOM series), ask for an image, or both.")
         with gr.Row():
             with gr.Column(scale=3):
                 chat = gr.Chatbot(elem_id="chat", height="55vh", min_height=360, label="Conversation")
                 with gr.Row():
                     # any file type: DICOM files often have no suffix; the content decides (a clear error otherwise)
-                    attached = gr.File(label="Scans: PNG, JPEG, TIFF, DICOM", file_count="multiple",
+                    attached = gr.File(label="Scans: PNG, JPEG, TIFF, DICOM; volumes: .nii, .nii.gz, .npy", file_count="multiple",
                                        elem_id="attach", height=130)
                     seen = gr.Gallery(label="What the model sees", elem_id="preview", columns=2, height=130,
                                       object_fit="contain", allow_preview=False)
@@ -175,17 +227,7 @@ def build_app(engine: Engine, title: str = "MedMax demo"):
                     clear = gr.Button("Clear", elem_id="clear")
                 status = gr.Markdown(elem_id="status")
             with gr.Column(scale=2):
-                with gr.Accordion("Settings", open=True):
-                    controls = [
-                        gr.Radio(["text", "image", "interleaved"], value=DEFAULTS.mode, label="Mode", elem_id="mode"),
-                        gr.Slider(0, 2, DEFAULTS.temperature, step=0.05, label="Temperature (0 = greedy)", elem_id="temperature"),
-                        gr.Slider(0.05, 1, DEFAULTS.top_p, step=0.05, label="Top-p", elem_id="top-p"),
-                        gr.Slider(0, 10, DEFAULTS.guidance_scale_text, step=0.1, label="Guidance scale (text)", elem_id="cfg-text"),
-                        gr.Slider(0, 10, DEFAULTS.guidance_scale_image, step=0.1, label="Guidance scale (image)", elem_id="cfg-image"),
-                        gr.Slider(0, 2, DEFAULTS.image_temperature, step=0.05, label="Image temperature", elem_id="image-temperature"),
-                        gr.Slider(1, MAX_NEW_TOKENS, DEFAULTS.max_new_tokens, step=1, label="Max tokens", elem_id="max-tokens"),
-                        gr.Number(DEFAULTS.seed, precision=0, minimum=0, label="Seed", elem_id="seed"),
-                    ]
+                controls, edit_mask, reading = _settings_column(gr)
                 downloads = gr.File(label="Drawn images: PNG and codes", file_count="multiple", elem_id="downloads",
                                     interactive=False, height=120)
 
@@ -196,11 +238,14 @@ def build_app(engine: Engine, title: str = "MedMax demo"):
             started.then(partial(_show_page, engine), [request, conversation], [chat, conversation, downloads, status],
                          concurrency_limit=None, api_name=f"{name}_answer")
 
-        attached.change(partial(_preview_page, engine), [attached], [seen, status], show_progress="hidden",
-                        api_name="preview")
-        answer(question.submit(partial(start, engine), [question, attached, conversation, *controls],
+        slices, window, one_series = reading  # the slice count is read when typed in full (Enter or leaving the box)
+        gr.on([attached.change, slices.submit, slices.blur, window.change, one_series.change],
+              partial(_preview_page, engine), [attached, *reading], [seen, status], show_progress="hidden",
+              api_name="preview")
+        asked = [*controls, edit_mask, *reading]  # PageInputs.from_page's order
+        answer(question.submit(partial(start, engine), [question, attached, conversation, *asked],
                                [question, attached, chat, conversation, request, status], api_name="ask"), "ask")
-        answer(again.click(partial(rerun, engine), [conversation, *controls], [chat, conversation, request, status],
+        answer(again.click(partial(rerun, engine), [conversation, *asked], [chat, conversation, request, status],
                            api_name="rerun"), "rerun")
         clear.click(lambda: ([], Conversation(), None, None, None, ""), None,
                     [chat, conversation, downloads, attached, seen, status])
@@ -210,10 +255,12 @@ def build_app(engine: Engine, title: str = "MedMax demo"):
 def serve(model_dir: Path, host: str = "127.0.0.1", port: int = 7860, share: bool = False, device: str | None = None,
           dtype=None, max_batch_size: int = 8, max_upload_mb: float = 32) -> None:
     """Load the model and serve the page until interrupted (Ctrl-C or SIGTERM); the temporary folder is removed."""
-    workdir = Path(tempfile.mkdtemp(prefix="medmax-demo-"))
+    workdir = Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX))
     os.environ["GRADIO_TEMP_DIR"] = str(workdir)  # uploads land here; read before any component is built
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     with _removed_when_stopped(workdir):
+        (workdir / PID_FILE).write_text(str(os.getpid()))
+        remove_stale_folders(workdir.parent)
         try:
             _serve(workdir, model_dir, host, port, share, device, dtype, max_batch_size, max_upload_mb)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the page was up (Gradio handles it once it is)
@@ -237,6 +284,42 @@ def _serve(workdir: Path, model_dir, host, port, share, device, dtype, max_batch
     app.launch(server_name=host, server_port=port, share=share, max_file_size=int(max_upload_mb * 2**20),
                ssr_mode=False, show_error=True, theme=theme, css=_CSS, footer_links=[])
     logger.info("stopped; removing %s", workdir)
+
+
+FOLDER_PREFIX = "medmax-demo-"
+PID_FILE = "server.pid"  # in a server's folder: the process that serves it
+
+
+def remove_stale_folders(parent: Path) -> list[Path]:
+    """Remove the folders killed servers left in ``parent`` (SIGKILL runs no handler); -> those removed.
+
+    A folder is removed when it is a ``medmax-demo-*`` folder of this user whose ``server.pid`` names a process
+    that no longer runs. A folder without a readable pid (a server starting now) or of another user stays.
+    """
+    removed = []
+    for folder in sorted(parent.glob(f"{FOLDER_PREFIX}*")):
+        try:
+            if folder.is_symlink() or not folder.is_dir() or folder.stat().st_uid != os.getuid():
+                continue
+            pid = int((folder / PID_FILE).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if pid <= 0 or _running(pid):  # 0 and -1 would name process groups, not a server
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        logger.info("removed %s (left by a demo server that was killed: pid %d)", folder, pid)
+        removed.append(folder)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @contextlib.contextmanager

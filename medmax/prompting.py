@@ -91,6 +91,8 @@ class VolumeInput:
     slices: tuple  # PIL images, inferior to superior; the prompt encoder resizes and crops them as Chameleon does
     slice_indices: tuple[int, ...]
     window: str
+    positions_mm: tuple[float, ...] | None = None  # z (LPS, mm) of each slice; None without geometry (.npy)
+    skipped_files: int = 0  # files of a DICOM series folder that are not DICOM slices
 
 
 def load_volume_input(path: str | Path, resolution: int | None = None, slices: str = "16", window: str = "percentile",
@@ -111,7 +113,9 @@ def load_volume_input(path: str | Path, resolution: int | None = None, slices: s
                       volume_index=volume_index, limits=DEFAULT_LIMITS)
     volume = load_volume_row(path.name, rule)
     images = tuple(Image.fromarray(grey, mode="L").convert("RGB") for grey in volume.pixels)
-    return VolumeInput(str(path), volume_header(volume), images, tuple(volume.slice_indices), volume.window)
+    positions = tuple(volume.positions_mm) if volume.positions_mm is not None else None
+    return VolumeInput(str(path), volume_header(volume), images, tuple(volume.slice_indices), volume.window, positions,
+                       int(volume.geometry.get("skipped_files") or 0))
 
 
 def expand_volumes(segments: list) -> list:

@@ -28,7 +28,8 @@ the slices run along, the spacing (slice, row, column in mm) and each slice's z 
 
 **Intensity** (:class:`Intensity`): a CT window by name (:data:`WINDOWS`) or as ``W/L`` in HU, or
 ``percentile``: the 0.5th and 99.5th percentiles of the volume's voxels (taken on every 4th row and column of
-every chosen slice) map to black and white, the usual normalisation for MRI, whose values have no unit.
+every chosen slice, NaN and inf left out) map to black and white, the usual normalisation for MRI, whose values
+have no unit. A NaN voxel (no value, e.g. outside a processed MRI's brain mask) is black.
 
 Anything that cannot be read raises :class:`medmax.images.VolumeError` (an ``ImageLoadError``) naming the
 file and the reason: a truncated file, a DICOM slice without pixel data, a gap, a 4D file without
@@ -107,16 +108,20 @@ class Intensity:
             width, level = self.window
             return level - width / 2, level + width / 2
         values = np.concatenate([s.ravel() for s in samples]) if samples else np.zeros(1, np.float32)
+        values = values[np.isfinite(values)]  # NaN (no value, e.g. outside a mask) and inf take no part
+        if not values.size:
+            return 0.0, 0.0
         lo, hi = np.percentile(values, PERCENTILES)
         return float(lo), float(hi)
 
 
 def to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """float32 slice -> uint8: ``lo..hi`` to 0..255, clipped and rounded (a constant range is black)."""
+    """float32 slice -> uint8: ``lo..hi`` to 0..255, clipped and rounded (a constant range is black; NaN, a voxel
+    without a value, is black; -inf and inf are clipped like any value out of range)."""
     if hi <= lo:
         return np.zeros(values.shape, dtype=np.uint8)
     scaled = (np.clip(values, lo, hi) - np.float32(lo)) * np.float32(255.0 / (hi - lo))
-    return np.rint(scaled).astype(np.uint8)
+    return np.rint(np.nan_to_num(scaled, nan=0.0)).astype(np.uint8)
 
 
 def slice_pixels(grey: np.ndarray, resolution: int) -> np.ndarray:

@@ -67,12 +67,13 @@ def _crop_geometry(size: tuple[int, int], resolution: int) -> tuple[float, int, 
 
 
 def region_from_box(box: tuple[float, float, float, float], size: tuple[int, int], resolution: int,
-                    grid: tuple[int, int]) -> np.ndarray:
-    """(h, w) bool: the codes a pixel box ``x0, y0, x1, y1`` of an image of ``size`` (w, h) touches."""
+                    grid: tuple[int, int], label: str = "--edit-mask") -> np.ndarray:
+    """(h, w) bool: the codes a pixel box ``x0, y0, x1, y1`` of an image of ``size`` (w, h) touches; errors start
+    with ``label`` (the setting's name)."""
     x0, y0, x1, y1 = box
     w, h = size
     if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
-        raise EditMaskError(f"--edit-mask {x0:g},{y0:g},{x1:g},{y1:g}: outside the {w}x{h} image or empty "
+        raise EditMaskError(f"{label} {x0:g},{y0:g},{x1:g},{y1:g}: outside the {w}x{h} image or empty "
                             "(need 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height)")
     scale, ox, oy = _crop_geometry(size, resolution)
     cell_h, cell_w = resolution / grid[0], resolution / grid[1]
@@ -82,7 +83,7 @@ def region_from_box(box: tuple[float, float, float, float], size: tuple[int, int
     in_y = (y0 * scale - oy < ys[1]) & (y1 * scale - oy > ys[0])  # (h,)
     region = in_y[:, None] & in_x[None, :]
     if not region.any():
-        raise EditMaskError(f"--edit-mask {x0:g},{y0:g},{x1:g},{y1:g}: the box lies outside the centre square the model "
+        raise EditMaskError(f"{label} {x0:g},{y0:g},{x1:g},{y1:g}: the box lies outside the centre square the model "
                             f"sees of the {w}x{h} image")
     return region
 

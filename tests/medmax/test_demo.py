@@ -17,6 +17,7 @@ from medmax.demo import (
     Conversation,
     DemoError,
     Engine,
+    PageInputs,
     Settings,
     ShownImage,
     Turn,
@@ -26,11 +27,13 @@ from medmax.demo import (
     user_pieces,
 )
 from medmax.generation import END_OF_TURN, Generator, ImageCodes
+from medmax.generation.editing import region_from_box
 from medmax.data.rows import SequenceBuilder
 
 # Only files shipped inside the pydicom wheel (no download), as tests/medmax/test_images.py does.
 DICOM_FILES = {os.path.basename(f): f for f in get_testdata_files()}
-CONTROLS = ("text", 1.0, 0.9, 3.0, 1.2, 0.7, 8, 0)  # mode, temperature, top-p, cfg text, cfg image, image temp, max tokens, seed
+# mode, temperature, top-p, cfg text, cfg image, image temp, max tokens, seed, decoding; edit mask; slices, window, series
+CONTROLS = ("text", 1.0, 0.9, 3.0, 1.2, 0.7, 8, 0, "auto", "", "16", "percentile", False)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +56,8 @@ def scan_path(engine):
 
 
 def _controls(**changes):
-    names = ("mode", "temperature", "top_p", "cfg_text", "cfg_image", "image_temperature", "max_new_tokens", "seed")
+    names = ("mode", "temperature", "top_p", "cfg_text", "cfg_image", "image_temperature", "max_new_tokens", "seed",
+             "decoding", "edit_mask", "slices", "window", "one_series")
     values = dict(zip(names, CONTROLS))
     values.update(changes)
     return tuple(values[n] for n in names)
@@ -153,9 +157,13 @@ def test_placeholders_put_images_where_the_question_says(engine, scan_path):
 def test_settings_are_validated_with_the_setting_named():
     for controls, name in [(_controls(top_p=0), "top-p"), (_controls(mode="video"), "mode"),
                            (_controls(max_new_tokens=0), "max tokens"), (_controls(seed=-1), "seed"),
-                           (_controls(temperature=None), "holds no number")]:
+                           (_controls(temperature=None), "holds no number"), (_controls(decoding="fast"), "image decoding"),
+                           (_controls(slices="0"), "volume slices"), (_controls(slices="1e9"), "volume slices"),
+                           (_controls(slices="9" * 5000), "volume slices"),  # past Python's int() digit limit
+                           (_controls(seed=10**30), "seed"),  # torch seeds are 64-bit: refused before the model runs
+                           (_controls(window="sunset"), "window")]:
         with pytest.raises(DemoError, match=name):
-            Settings.from_page(*controls)
+            PageInputs.from_page(*controls)
 
 
 def test_same_settings_group_together_whatever_their_seed(engine):
@@ -329,6 +337,16 @@ def test_the_page_generates_through_one_worker_that_reads_no_session_state(engin
     assert {(fn.concurrency_id, fn.concurrency_limit) for fn in generation} == {("generate", 1)}
 
 
+def test_the_page_asks_with_every_control_in_page_inputs_order(engine):
+    pytest.importorskip("gradio")
+    fns = {fn.api_name: fn for fn in demo_app.build_app(engine).fns.values()}
+    controls = ["mode", "temperature", "top-p", "cfg-text", "cfg-image", "image-temperature", "max-tokens", "seed",
+                "decoding", "edit-mask", "slices", "window", "one-series"]
+    assert [c.elem_id for c in fns["ask"].inputs][3:] == controls and len(controls) == len(CONTROLS)
+    assert [c.elem_id for c in fns["rerun"].inputs][1:] == controls
+    assert [c.elem_id for c in fns["preview"].inputs] == ["attach", "slices", "window", "one-series"]
+
+
 def test_each_waiting_request_runs_once_whichever_tab_triggers_the_run(generator, tmp_path):
     counting = _CountingGenerator(generator)
     engine = Engine(counting, tmp_path, max_batch_size=8)
@@ -428,3 +446,85 @@ def test_image_mode_with_an_upload_draws_conditioned_on_it(engine, generator, sc
     (context,) = seen
     assert any(context[i : i + len(block)] == block for i in range(len(context)))
     assert [type(p).__name__ for p in conv.turns[-1].pieces] == ["ShownImage"]
+
+
+# ------------------------------------------------------------------------------------------ inpainting and decoding
+def _scan(engine, name: str, seed: int) -> str:
+    path = engine.workdir / f"upload-{name}" / name
+    path.parent.mkdir(parents=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def _drawn_codes(conv) -> np.ndarray:
+    (image,) = [p for p in conv.turns[-1].pieces if isinstance(p, ShownImage)]
+    return np.asarray(image.codes.codes)
+
+
+@pytest.mark.parametrize("decoding", ["plain", "sjd"])
+def test_an_edit_mask_redraws_its_box_and_copies_every_other_code_from_the_question_s_image(engine, generator, decoding):
+    """In the second question, so the copied image is the prompt's second (the first question's scan is the first)."""
+    first, second = _scan(engine, "first.png", 1), _scan(engine, "second.png", 2)
+    _, conv, _, _ = _ask(engine, {"text": "Describe it", "files": [first]}, max_new_tokens=2)[-1]
+    asked = _ask(engine, {"text": "Remove the lesion.", "files": [second]}, conv, mode="image", edit_mask="0,0,35,35",
+                 decoding=decoding, image_temperature=1.5)
+    _, conv, _, status = asked[-1]
+    assert status.startswith("answer 2 done"), status
+    (source,) = generator.prompts.encode_images([Image.open(second).convert("RGB")])
+    region = region_from_box((0, 0, 35, 35), (90, 70), engine.resolution, generator.vqgan.grid_shape).reshape(-1)
+    drawn = _drawn_codes(conv)
+    assert 0 < region.sum() < region.size
+    assert np.array_equal(drawn[~region], np.asarray(source)[~region])  # exact outside the box
+    assert not np.array_equal(drawn[region], np.asarray(source)[region])  # redrawn inside
+    # re-run: the mask applies to the last question's image again, and the same seed draws the same codes
+    _, conv2, request, status = demo_app.rerun(engine, conv, *_controls(mode="image", edit_mask="0,0,35,35",
+                                                                        decoding=decoding, image_temperature=1.5))
+    demo_app.run(engine)
+    _, conv2, _, _ = list(demo_app.show(engine, request, conv2))[-1]
+    assert np.array_equal(_drawn_codes(conv2), drawn)
+
+
+@pytest.mark.parametrize("mask, changes, files, reason", [
+    ("200,0,300,10", {}, ["scan"], "outside the 90x70 image"),
+    ("10,10,10,20", {}, ["scan"], "outside the 90x70 image or empty"),
+    ("0,0,10,10", {}, [], "attach the image to edit"),
+    ("0,0,10,10", {"mode": "text"}, ["scan"], "choose mode image"),
+    ("/etc/passwd", {}, ["scan"], "give a box x0,y0,x1,y1"),  # never a file of the server's
+    ("nan,0,10,10", {}, ["scan"], "outside the 90x70 image"),
+])
+def test_a_bad_edit_mask_gives_one_status_line_before_any_model_work(engine, scan_path, mask, changes, files, reason):
+    paths = [str(scan_path) for _ in files]
+    _, kept_files, _, conv, request, status = demo_app.start(engine, "Remove the lesion.", paths, Conversation(),
+                                                             *_controls(**{"mode": "image", "edit_mask": mask, **changes}))
+    assert request is None and conv.turns == [] and reason in status and "\n" not in status
+    assert engine.generate_calls == 0 and kept_files == paths
+    assert not list((engine.workdir / "uploads").rglob("*.png"))  # the upload's preview is not kept either
+
+
+def test_image_decoding_is_a_setting_and_greedy_codes_agree_between_sjd_and_plain(engine):
+    assert Settings(decoding="sjd").generation_config(batch_size=8).image_decoding("cpu") == "sjd"
+    assert Settings().generation_config(batch_size=8).image_decoding("cpu") == "plain"  # auto: plain on a CPU
+    codes = {}
+    for decoding in ("plain", "sjd"):
+        _, conv, _, _ = _ask(engine, {"text": "Draw a scan", "files": []}, mode="image", image_temperature=0,
+                             decoding=decoding)[-1]
+        codes[decoding] = _drawn_codes(conv)
+    assert np.array_equal(codes["plain"], codes["sjd"])
+
+
+def test_only_folders_of_servers_no_longer_running_are_removed_at_start(tmp_path):
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    pids = {"dead": str(gone.pid), "alive": str(os.getpid()), "zero": "0", "all": "-1", "garbage": "12ab"}
+    for name, pid in pids.items():
+        (tmp_path / f"medmax-demo-{name}").mkdir()
+        (tmp_path / f"medmax-demo-{name}" / demo_app.PID_FILE).write_text(pid)
+    (tmp_path / "medmax-demo-being-made").mkdir()  # no pid file yet: a server starting now
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / demo_app.PID_FILE).write_text(str(gone.pid))  # not a demo folder
+    assert demo_app.remove_stale_folders(tmp_path) == [tmp_path / "medmax-demo-dead"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["other", "medmax-demo-being-made", *(f"medmax-demo-{n}" for n in pids if n != "dead")])

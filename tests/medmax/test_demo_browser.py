@@ -21,10 +21,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydicom.data import get_testdata_files
 
 from medmax.synthetic import GENERATION_PREFIX, make_scans
+from medmax.synthetic_volumes import lesion_volume, write_nifti
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -110,7 +112,8 @@ def files(tmp_path_factory) -> dict[str, str]:
     make_scans(1, seed=3, size=96)[0].image.save(scan)
     broken = folder / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png")
-    return {"scan": str(scan), "dicom": DICOM, "broken": str(broken)}
+    volume = write_nifti(folder / "ct.nii.gz", lesion_volume(np.random.default_rng(0), shape=(6, 24, 32)).hu)
+    return {"scan": str(scan), "dicom": DICOM, "broken": str(broken), "volume": str(volume)}
 
 
 class Page:
@@ -223,3 +226,9 @@ def _walk_through(page: Page, server: str, files: dict) -> None:
     page.mode("text")
     assert page.ask("And now?", 5).startswith("answer 5 done")
     page.shot("6-after-the-error")
+
+    # a NIfTI volume: its slices (all 6, fewer than the default 16) previewed as the model sees them, then asked about
+    page.attach(files["volume"])
+    page.wait.until(lambda _: len(page.all("#preview img")) == 6)
+    page.shot("7-volume-attached")
+    assert page.ask("Is there a lesion in this volume?", 6).startswith("answer 6 done")

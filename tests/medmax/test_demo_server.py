@@ -24,7 +24,8 @@ pytest.importorskip("gradio_client")
 pytestmark = pytest.mark.slow  # a server start costs ~10 s
 
 ROOT = Path(__file__).resolve().parents[2]
-CONTROLS = ("text", 0.0, 0.9, 3.0, 1.2, 0.7, 6)  # greedy text, 6 tokens; the seed is per session
+CONTROLS = ("text", 0.0, 0.9, 3.0, 1.2, 0.7, 6)  # greedy text, 6 tokens; the seed is per session, then the rest:
+REST = ("auto", "", "16", "percentile", False)  # decoding, edit mask, volume slices, window, one series
 ASK, GENERATE, ANSWER = "/ask", "/ask_generate", "/ask_answer"
 
 
@@ -80,7 +81,7 @@ def _session(url: str, k: int) -> tuple[str, list, str]:
 
     client = Client(url, verbose=False, download_files=False)
     question = f"Is there a lesion in scan {k}?"
-    client.predict(question, None, *CONTROLS, k, api_name=ASK)
+    client.predict(question, None, *CONTROLS, k, *REST, api_name=ASK)
     client.predict(api_name=GENERATE)
     chat, _, status = client.submit(api_name=ANSWER).result(timeout=60)
     return question, chat, status
@@ -104,11 +105,39 @@ def test_every_concurrent_session_gets_its_own_answer_exactly_once(server):
     assert server.stop() == 0
 
 
-def test_sigterm_removes_the_uploads_folder_and_exits_cleanly(server):
+def test_sigterm_removes_the_uploads_folder_and_exits_cleanly(server, tmp_path):
+    """An uploaded volume and its slice previews, made through the page's API, go with the server too."""
+    import numpy as np
+    from gradio_client import Client, handle_file
+
+    from medmax.synthetic_volumes import lesion_volume, write_nifti
+
     workdir = server.workdir()
     assert workdir.is_dir() and str(workdir).startswith(("/tmp", os.environ.get("TMPDIR", "/tmp")))
     scan = workdir / "upload-1" / "scan.png"
     scan.parent.mkdir()
     scan.write_bytes(b"a patient's scan")
+    volume = write_nifti(tmp_path / "ct.nii.gz", lesion_volume(np.random.default_rng(0), shape=(8, 16, 16)).hu)
+    client = Client(server.url, verbose=False, download_files=False)
+    gallery, status = client.predict([handle_file(str(volume))], "4", "abdomen", False, api_name="/preview")
+    assert len(gallery) == 4, status
+    assert len(list(workdir.rglob("ct.nii.gz"))) == 1 and len(list(workdir.rglob("slice_*.png"))) == 4
     assert server.stop() == 0, server.text()[-2000:]
     assert not workdir.exists()
+
+
+def test_a_killed_servers_uploads_are_removed_when_the_next_server_starts(tiny_model_dir, tmp_path):
+    """SIGKILL runs no handler, so the folder of a killed server stays until the next `medmax demo` starts."""
+    killed = Server(tiny_model_dir, tmp_path / "killed.log")
+    workdir = killed.workdir()
+    (workdir / "upload-1").mkdir()
+    (workdir / "upload-1" / "scan.png").write_bytes(b"a patient's scan")
+    killed.proc.kill()
+    killed.proc.wait()
+    assert workdir.is_dir()
+    alive = Server(tiny_model_dir, tmp_path / "alive.log")
+    try:
+        assert not workdir.exists() and alive.workdir().is_dir()
+        assert f"removed {workdir}" in alive.text()
+    finally:
+        assert alive.stop() == 0

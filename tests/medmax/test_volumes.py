@@ -167,6 +167,20 @@ def test_windows_and_percentile_normalisation():
     assert lo == pytest.approx(-990) and hi == pytest.approx(990)
 
 
+def test_voxels_without_a_value_do_not_blank_the_volume(tmp_path):
+    """NaN outside a brain mask is common in processed MRI: the percentiles are of the values there are, NaN is black
+    (it blanked every slice: one NaN made both percentiles NaN)."""
+    values = np.random.default_rng(0).normal(0, 100, (6, 16, 16)).astype(np.float32)
+    values[:, :4, :4], values[:, -1, -1] = np.nan, np.inf
+    np.save(tmp_path / "mri.npy", values)
+    volume = open_volume(tmp_path / "mri.npy")
+    slices = [0, 3]
+    lo, hi = volume.bounds(slices, Intensity.parse("percentile"))
+    assert np.isfinite([lo, hi]).all() and lo < 0 < hi
+    for _, grey in volume.read_uint8(slices, lo, hi):
+        assert grey[4:, 4:].std() > 20 and (grey[:4, :4] == 0).all() and grey[-1, -1] == 255
+
+
 def test_choose_slices():
     assert choose_slices(100, 4) == [12, 37, 62, 87]
     assert choose_slices(3, 16) == [0, 1, 2] == choose_slices(3, "all")
