@@ -4,8 +4,7 @@ Each image is a noisy grey ellipse (the "body") on a dark background; half carry
 lesion in one of four quadrants, of varying size. Every image comes with a closed (yes/no)
 question, a four-way multiple-choice question on the lesion's position (its options in an order drawn
 per scan, so an answer's letter means nothing without its text), an open question and a caption, so the
-whole pipeline (VQA training, evaluation, image generation from a caption) has something learnable to work
-on. Everything is drawn from one seed.
+whole pipeline (VQA training, evaluation, image generation from a caption) has something learnable to work on. Everything is drawn from one seed.
 
 :func:`faithfulness` measures text-to-image faithfulness on this task: for images drawn from prompts
 naming a lesion's size and quadrant, :func:`locate_lesion` finds the brightest blob in the decoded
