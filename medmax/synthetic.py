@@ -2,9 +2,9 @@
 
 Each image is a noisy grey ellipse (the "body") on a dark background; half carry a bright round
 lesion in one of four quadrants, of varying size. Every image comes with a closed (yes/no)
-question, a four-way multiple-choice question on the lesion's position (its options in an order drawn
-per scan, so an answer's letter means nothing without its text), an open question and a caption, so the
-whole pipeline (VQA training, evaluation, image generation from a caption) has something learnable to work on. Everything is drawn from one seed.
+question, a four-way multiple-choice question on the lesion's position (or its absence), an open
+question and a caption, so the whole pipeline (VQA training, evaluation, image generation from a
+caption) has something learnable to work on. Everything is drawn from one seed.
 
 :func:`faithfulness` measures text-to-image faithfulness on this task: for images drawn from prompts
 naming a lesion's size and quadrant, :func:`locate_lesion` finds the brightest blob in the decoded
@@ -35,7 +35,6 @@ class Scan:
     lesion: bool
     position: str | None  # one of POSITIONS when lesion
     size: str | None  # one of SIZES when lesion
-    option_order: tuple[str, ...]  # POSITIONS in the order the MCQ lists them, A to D (drawn per scan by make_scans)
 
     @property
     def caption(self) -> str:
@@ -44,12 +43,10 @@ class Scan:
         return f"A grey scan with a {self.size} bright lesion in the {self.position}."
 
     def questions(self) -> list[dict]:
-        """Closed, multiple-choice and open questions with their answers (MedMax eval fields).
-
-        The MCQ lists the quadrants in this scan's ``option_order`` (``options`` is ``{letter: text}``, as eval rows
-        carry it) and its answer is the letter of the lesion's quadrant in that order.
-        """
+        """Closed, multiple-choice and open questions with their answers (MedMax eval fields)."""
         where = self.position if self.lesion else "no lesion"
+        options = list(POSITIONS)
+        letter = "ABCD"[options.index(self.position)] if self.lesion else None
         mcq = [
             {
                 "question_type": "closed",
@@ -63,12 +60,11 @@ class Scan:
             },
         ]
         if self.lesion:
-            options = dict(zip("ABCD", self.option_order))
-            choices = " ".join(f"{letter}) {text}" for letter, text in options.items())
+            choices = " ".join(f"{'ABCD'[i]}) {opt}" for i, opt in enumerate(options))
             mcq.append({
                 "question_type": "mcq",
                 "prompt": f"Where is the lesion? {choices}",
-                "answer": "ABCD"[self.option_order.index(self.position)],
+                "answer": letter,
                 "options": options,
             })
         return mcq
@@ -94,24 +90,15 @@ def _render(rng: np.random.Generator, size, lesion: bool, position: str | None, 
 
 
 def make_scans(n: int, seed: int = 0, size: int | tuple[int, int] = 96, lesion_fraction: float = 0.5) -> list[Scan]:
-    """``n`` scans of ``size`` px (a side, or (height, width)); about ``lesion_fraction`` of them carry a lesion, positions and sizes balanced.
-
-    Each scan's MCQ lists the quadrants in its own order, so a model cannot answer by the option's letter alone
-    (with one fixed order the quickstart's model did: CircularEval accuracy 0.00 against plain 0.72). The orders
-    come from a stream of their own (a child of ``seed``), so the pixels and the other questions are the same
-    as they were before the orders were shuffled.
-    """
+    """``n`` scans of ``size`` px (a side, or (height, width)); about ``lesion_fraction`` of them carry a lesion, positions and sizes balanced."""
     rng = np.random.default_rng(seed)
-    orders = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
     scans = []
     for i in range(n):
         lesion = bool(rng.random() < lesion_fraction)
         position = POSITIONS[int(rng.integers(4))] if lesion else None
         lesion_size = SIZES[int(rng.integers(2))] if lesion else None
         pixels = _render(rng, size, lesion, position, lesion_size)
-        option_order = tuple(POSITIONS[int(k)] for k in orders.permutation(len(POSITIONS)))
-        scans.append(Scan(f"scan_{seed}_{i:05d}", Image.fromarray(pixels, mode="L"), lesion, position, lesion_size,
-                          option_order))
+        scans.append(Scan(f"scan_{seed}_{i:05d}", Image.fromarray(pixels, mode="L"), lesion, position, lesion_size))
     return scans
 
 
@@ -155,11 +142,10 @@ def training_rows(scan: Scan, image_path: str, generation: bool = True) -> list[
 
 
 def eval_rows(scan: Scan, image_path: str, task_names: dict[str, str]) -> list[dict]:
-    """Rows in MedMax's eval schema (task_name, question_type, prompt, answer, image_path; an MCQ also ``options``,
-    ``{letter: text}`` in the order its prompt lists them, which eval.data reads and eval.circular checks)."""
+    """Rows in MedMax's eval schema (task_name, question_type, prompt, answer, image_path)."""
     return [
         {"task_name": task_names[q["question_type"]], "question_type": q["question_type"], "prompt": q["prompt"],
-         "answer": q["answer"], "image_path": image_path, **({"options": q["options"]} if "options" in q else {})}
+         "answer": q["answer"], "image_path": image_path}
         for q in scan.questions()
     ]
 
