@@ -49,12 +49,13 @@ def sft(out: Path, start: Path | None, log: dict) -> None:
          log)
 
 
-def grpo(out: Path, name: str, seconds: float, max_steps: int | None, log: dict) -> Path:
+def grpo(out: Path, name: str, seconds: float, max_steps: int | None, seed: int, log: dict) -> Path:
     model = out / f"grpo_{name}_model"
     if (model / "config.json").is_file():
         return model
     py, qs = sys.executable, out / "qs"
     bound = [f"max_steps={max_steps}", "logging_steps=1"] if max_steps else [f"max_seconds={seconds}"]
+    bound.append(f"seed={seed}")
     _run(f"2 grpo {name}", [py, "-m", "finetune.train", "--config", "finetune/configs/grpo_tiny_cpu.yaml",
                             f"model={qs / 'model'}", f"datasets=[{qs / 'data' / 'train.jsonl'}]",
                             f"output_dir={out / f'grpo_{name}'}", f"rewards=[{REWARDS[name]}]", *bound,
@@ -120,7 +121,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="grpo_evidence", description=__doc__.split("\n")[0])
     p.add_argument("--output", type=Path, default=Path("runs/grpo_evidence"))
     p.add_argument("--start", type=Path, help="an existing quickstart run folder (model/ and data/) to start from")
-    p.add_argument("--seconds", type=float, default=900, help="wall time of each GRPO run")
+    p.add_argument("--seconds", type=float, default=900, help="wall time bound of each GRPO run (the config's max_steps "
+                   "bounds it too)")
+    p.add_argument("--seed", type=int, default=0, help="the GRPO run's seed (its samples)")
     p.add_argument("--seeds", type=int, default=4, help="drawings per held-out prompt")
     p.add_argument("--runs", nargs="+", choices=sorted(REWARDS), default=["locator", "selfcons"],
                    help="which GRPO runs (rewards) to make and measure")
@@ -133,7 +136,7 @@ def main(argv=None) -> int:
     names = ["locator"] if args.reduced else args.runs
     models = {"sft": out / "qs" / "model"}
     for name in names:
-        models[name] = grpo(out, name, args.seconds, 2 if args.reduced else None, log)
+        models[name] = grpo(out, name, args.seconds, 2 if args.reduced else None, args.seed, log)
     summary = {**measure(out, models, 1 if args.reduced else args.seeds, log), "steps": log}
     return write_summary(out, summary, _markdown)
 
