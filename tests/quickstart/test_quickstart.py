@@ -15,7 +15,7 @@ MCQ_FLOOR = 0.40
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart") / "run"
-    assert quickstart.main(["--output", str(out), "--reduced"]) == 0
+    assert quickstart.main(["--output", str(out), "--reduced", "--grpo-steps", "2"]) == 0
     return out
 
 
@@ -33,6 +33,21 @@ def test_every_step_leaves_its_output(run):
     for artifact in ("report.png", "loss_curve.png", "image_0.png", "results.json", "reconstructions.png",
                      "faithfulness.png"):
         assert (run / "report" / artifact).is_file() and artifact in report
+
+
+def test_grpo_steps_keep_the_supervised_model_and_report_its_faithfulness(run):
+    """--grpo-steps: model/ is the GRPO export, sft_model/ the supervised one, both measured on the same prompts."""
+    assert (run / "sft_model" / "config.json").is_file() and (run / "grpo" / "medmax_run.json").is_file()
+    summary = json.loads((run / "report" / "summary.json").read_text())
+    before, after = summary["faithfulness_before_grpo"], summary["faithfulness"]
+    assert before["n"] == after["n"] >= 16 and 0.0 <= before["match"] <= 1.0
+    assert "before GRPO" in (run / "report" / "README.md").read_text() and (run / "report" / "faithfulness_sft.png").is_file()
+
+
+def test_a_negative_grpo_step_count_is_refused(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        quickstart.main(["--output", str(tmp_path / "run"), "--grpo-steps", "-1"])
+    assert exit_.value.code == 2 and "--grpo-steps" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
 def test_dicom_files_pass_through_the_tokenizer(run):
