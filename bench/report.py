@@ -85,12 +85,18 @@ def _figure(t: dict) -> str:
     return fmt(t, 3 if abs(t["median"]) < 10 else 1)
 
 
+def _text(record: dict, t: dict) -> str:
+    """The target's words, with its variant in front when another target of the record says the same."""
+    shared = sum(o["text"] == t["text"] for o in record["targets"]) > 1
+    return f"{t['variant']}: {t['text']}" if shared and t.get("variant") and t["variant"] not in t["text"] else t["text"]
+
+
 def targets_table(records: list[dict]) -> list[str]:
     lines = ["## Targets", "", "| benchmark | size | target | measured: median (min-max) | verdict | rounds | load | record |",
              "|---|---|---|---|---|---|---|---|"]
     for r in records:
         for t in r["targets"]:
-            lines.append(f"| {r['title']} | {r['size']} | {t['text']} | {_figure(t)} | {_verdict(t)} | {r['rounds']} | "
+            lines.append(f"| {r['title']} | {r['size']} | {_text(r, t)} | {_figure(t)} | {_verdict(t)} | {r['rounds']} | "
                          f"{_load(r)} | `{r['_file']}` |")
         if not r["parity_ok"]:
             lines.append(f"| {r['title']} | {r['size']} | outputs equal the baseline | differ | **failed** | {r['rounds']} | "
@@ -162,7 +168,7 @@ def _threads(info: dict) -> str:
 def history(records: list[dict]) -> list[str]:
     lines = ["## Every record", "", "| record | size | rounds | load | targets: median (verdict) |", "|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: r["started"]):
-        figures = "; ".join(f"{t['text']}: {_figure(t)} ({_verdict(t)})" for t in r["targets"]) or "-"
+        figures = "; ".join(f"{_text(r, t)}: {_figure(t)} ({_verdict(t)})" for t in r["targets"]) or "-"
         if not r["parity_ok"]:
             figures += "; **outputs differ**"
         lines.append(f"| `{r['_file']}` | {r['size']} | {r['rounds']} | {_load(r)} | {figures} |")

@@ -210,3 +210,13 @@ def test_a_variants_own_figures_are_reported_under_its_case(tmp_path):
     harness.run_benchmark(bench(), [case], [], args(tmp_path))
     text = report.render(tmp_path / "results")
     assert "- ours: forwards_per_image 18.00 (18.00-18.00)" in text and "- base:" not in text
+
+
+def test_targets_that_share_a_text_are_told_apart_by_their_variant():
+    """A record whose targets say the same thing for several variants (bench_volumes' readers) named them nowhere."""
+    record = {"title": "T", "size": "full", "rounds": 3, "parity_ok": True, "_file": "t.json",
+              "conditions": {"load_before": [1.0], "load_after": [1.0], "load1_max_during": 1.0}, "environment": {"cpus": 2},
+              "targets": [{"variant": v, "text": "peak under 2x", "median": 1.0, "min": 1.0, "max": 1.0, "met": True,
+                           "rounds_met": 3, "n": 3, "every_round": True, "figure": "peak_rss_mib"} for v in ("nifti", "dicom")]}
+    lines = "\n".join(report.targets_table([record]))
+    assert "nifti: peak under 2x" in lines and "dicom: peak under 2x" in lines
