@@ -55,6 +55,8 @@ def load_records(folder: Path) -> list[dict]:
     records = []
     for path in sorted(folder.glob("*.json")):
         record = json.loads(path.read_text())
+        if not isinstance(record, dict) or "benchmark" not in record:
+            raise SystemExit(f"report: {path}: not a benchmark record (no 'benchmark' field); evidence summaries go in bench/evidence/")
         record["_file"] = path.name
         records.append(record)
     return sorted(records, key=lambda r: (r["benchmark"], SIZE_ORDER.get(r["size"], 9), r["started"]))

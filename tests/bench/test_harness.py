@@ -220,3 +220,10 @@ def test_targets_that_share_a_text_are_told_apart_by_their_variant():
                            "rounds_met": 3, "n": 3, "every_round": True, "figure": "peak_rss_mib"} for v in ("nifti", "dicom")]}
     lines = "\n".join(report.targets_table([record]))
     assert "nifti: peak under 2x" in lines and "dicom: peak under 2x" in lines
+
+
+def test_a_json_that_is_not_a_record_is_named_not_a_keyerror(tmp_path):
+    (tmp_path / "summary.json").write_text('{"rows": []}')
+    with pytest.raises(SystemExit) as exit_:
+        report.load_records(tmp_path)
+    assert "summary.json: not a benchmark record" in str(exit_.value)
