@@ -29,10 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dpo_evidence import _run  # noqa: E402  (bench scripts share their steps)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,16 +44,6 @@ SHAPES = {"64x96": (64, 96), "96x64": (96, 64)}  # H x W pixels
 # Sized for a shared 2-core machine (load ~20 when the README's figures were made): ~15 minutes of training in all.
 FULL = {"n_train": 600, "n_test": 48, "vqgan_steps": 300, "train_steps": 600}  # a quiet 2-core machine
 REDUCED = {"n_train": 120, "n_test": 8, "vqgan_steps": 10, "train_steps": 20}
-
-
-def _run(name: str, cmd: list, log: dict, env: dict | None = None) -> None:
-    cmd = [str(c) for c in cmd]
-    print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **(env or {}))
-    env.setdefault("OMP_NUM_THREADS", "2")
-    start = time.time()
-    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
-    log[name] = {"command": " ".join(cmd), "seconds": round(time.time() - start, 1)}
 
 
 def data(out: Path, sizes: dict) -> dict:

@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dpo_evidence import _run  # noqa: E402  (bench scripts share their steps)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -42,16 +44,6 @@ SLICES, SLICE_RESOLUTION, WINDOW = 6, 32, "abdomen"  # 6 slices of 4 x 4 codes: 
 # Sized for a quiet 2-core machine (the VQGAN encoder is most of the tokenizing time).
 FULL = {"n_train": 600, "n_test": 90, "vqgan_seconds": 120, "steps": 600}
 REDUCED = {"n_train": 120, "n_test": 30, "vqgan_seconds": 20, "steps": 60}
-
-
-def _run(name: str, cmd: list, log: dict, env: dict | None = None) -> None:
-    cmd = [str(c) for c in cmd]
-    print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **(env or {}))
-    env.setdefault("OMP_NUM_THREADS", "2")
-    start = time.time()
-    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
-    log[name] = {"command": " ".join(cmd), "seconds": round(time.time() - start, 1)}
 
 
 DATA_FILES = ("volumes.csv", "train_images.csv", "train.jsonl", "heldout.jsonl", "heldout_rows.jsonl")
