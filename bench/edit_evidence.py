@@ -144,16 +144,35 @@ def baselines(out: Path, rows: list[dict]) -> dict:
         judge = lambda i, image: edit_success(kind, edits[i]["edit"]["position"], edits[i]["edit"]["size"], image)  # noqa: E731
         result[kind] = {"n": len(idx),
                         "chance": sum(judge(i, targets[idx[(k + 1) % len(idx)]]) for k, i in enumerate(idx)) / len(idx),
-                        "ceiling": sum(judge(i, through[i]) for i in idx) / len(idx)}
+                        "ceiling": sum(judge(i, through[i]) for i in idx) / len(idx),
+                        **_closeness(rows, kind, [targets[i] for i in idx], vqgan.resolution)}
     return result
+
+
+def _closeness(rows: list[dict], kind: str, targets: list, size: int) -> dict:
+    """Mean PSNR / SSIM against the target: the model's, the no-change baseline's, and another held-out target's of
+    the same kind (right-looking but not this input's scan: what an edit that ignored its input would score)."""
+    from eval.editing import _fit, psnr, ssim
+
+    mine = [r for r in rows if r.get("edit_kind") == kind]
+    fitted = [_fit(t, size) for t in targets]
+    other = [(fitted[(k + 1) % len(fitted)], t) for k, t in enumerate(fitted)]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {"psnr": mean([r["psnr"] for r in mine]), "no_change_psnr": mean([r["no_change_psnr"] for r in mine]),
+            "other_target_psnr": mean([psnr(a, b) for a, b in other]),
+            "ssim": mean([r["ssim"] for r in mine]), "no_change_ssim": mean([r["no_change_ssim"] for r in mine]),
+            "other_target_ssim": mean([ssim(a, b) for a, b in other])}
 
 
 def markdown(summary: dict) -> str:
     by_kind, base = summary["eval"].get("edit_success_by_kind", {}), summary["baselines"]
-    lines = ["| edit (held-out) | n | model | no-change | chance | ceiling (target via VQGAN) |", "|---|---|---|---|---|---|"]
+    lines = ["| edit (held-out) | n | model | no-change | chance | ceiling (target via VQGAN) | PSNR: model / no-change / "
+             "another target | SSIM: model / no-change / another target |", "|---|---|---|---|---|---|---|---|"]
     for kind, s in by_kind.items():
-        lines.append(f"| {kind} | {s['n']} | {s['success']:.3f} | {s['no_change']:.3f} | {base[kind]['chance']:.3f} | "
-                     f"{base[kind]['ceiling']:.3f} |")
+        b = base[kind]
+        lines.append(f"| {kind} | {s['n']} | {s['success']:.3f} | {s['no_change']:.3f} | {b['chance']:.3f} | "
+                     f"{b['ceiling']:.3f} | {b['psnr']:.2f} / {b['no_change_psnr']:.2f} / {b['other_target_psnr']:.2f} | "
+                     f"{b['ssim']:.3f} / {b['no_change_ssim']:.3f} / {b['other_target_ssim']:.3f} |")
     m, nc = summary["eval"]["metrics"], summary["eval"]["no_change"]
     lines.append(f"\nPSNR {m['psnr']['score']:.2f} dB (no-change {nc['psnr']:.2f}), SSIM {m['ssim']['score']:.3f} "
                  f"(no-change {nc['ssim']:.3f}) against the targets.")
