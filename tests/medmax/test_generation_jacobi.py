@@ -253,3 +253,36 @@ def test_a_size_the_vqgan_cannot_tile_is_refused_before_drawing(gen, monkeypatch
         gen.generate([PROMPTS[0]], GenerationConfig(mode="image", image_size=(60, 96)))
     with pytest.raises(UserError, match="image_size"):
         GenerationConfig(mode="image", image_size=(0, 8))
+
+
+def exact_shaped_distribution(gen, context: list[int], cfg: GenerationConfig, layout) -> torch.Tensor:
+    """(N_CODES ** h,) probabilities of a shaped h x 1 grid (code, end-of-line, code, end-of-line, ...) by enumerating
+    every prefix: guidance, then end-of-line masked out of the code steps (the layout's only choice at its own steps)."""
+    ids, run = layout.column_ids(gen.image_decoder.code_ids), gen.runner  # (N_CODES + 1,): the codes, then end-of-line
+    eol = int(ids[-1])
+    prefixes = [p for k in range(layout.h) for p in itertools.product(range(N_CODES), repeat=k)]
+    seqs = [s + [t for c in p for t in (int(ids[c]), eol)] for p in prefixes
+            for s in guidance_streams(gen.vocab, context, tuple(layout.prefix()))]
+    tokens, mask, positions = run.left_pad(seqs)
+    hidden = run.forward(tokens, mask, positions, run.new_cache())
+    logits = run.logits(hidden, run.output_rows(ids), ids).view(len(prefixes), 3, -1)
+    guided = instruct_guidance(logits[:, 0], logits[:, 1], logits[:, 2], cfg.guidance_scale_text, cfg.guidance_scale_image)
+    guided[:, -1] = float("-inf")
+    probs = dict(zip(prefixes, processed_probs(guided, cfg.image_temperature, cfg.image_top_p, cfg.image_top_k)))
+    return torch.stack([torch.stack([probs[seq[:k]][seq[k]] for k in range(layout.h)]).prod()
+                        for seq in itertools.product(range(N_CODES), repeat=layout.h)])
+
+
+def test_shaped_sjd_samples_follow_the_autoregressive_distribution(gen, three_codes):
+    """The shaped layout's sampled SJD (windows of 3 across end-of-lines, drafts forced there) draws the autoregressive
+    distribution of a 3 x 1 grid: chi-square at ALPHA over its 27 cells, 2000 draws with guidance."""
+    from medmax.generation.shaped import GridLayout
+    from medmax.image_layout import ShapedTokens
+
+    layout = GridLayout(ShapedTokens.from_tokenizer(gen.tokenizer), 3, 1, N_CODES)
+    expected = exact_shaped_distribution(gen, three_codes, SAMPLING, layout).double() * SAMPLES
+    drawn = gen.image_decoder.draw([three_codes] * SAMPLES, SAMPLING, torch.Generator().manual_seed(0), layout=layout)
+    observed = torch.bincount((drawn * N_CODES ** torch.arange(2, -1, -1)).sum(-1), minlength=N_CODES ** 3).double()
+    stats = gen.image_decoder.stats
+    assert drawn.shape == (SAMPLES, 3) and 0 < stats["accepted"] < stats["drafts"]
+    assert chi_square_p(observed, expected) > ALPHA
