@@ -106,3 +106,40 @@ def test_from_dicom_series_to_sequences(tmp_path, tiny_tokenizer, tiny_tokenizer
     assert np.array_equal(in_order, tiny_vocab.code_to_id[ct.codes.reshape(-1)])
     assert volume_header(read_volume_tokens(tokens)["m3d.npy"]) == "4 slices, in order:"
     assert Path(out / "errors.jsonl").read_text().count("is not in --image-tokens") == 1
+
+
+def test_nifti_dicom_and_npy_volumes_go_from_file_to_training_to_an_answer(tmp_path, tiny_tokenizer_path, tiny_vqgan_dir):
+    """Issue 27's path for each format: image_tokenize --volume-column, build_sequences (image_3d rows), finetune.train,
+    finetune.export, then `medmax generate --volume` answers a question about each volume."""
+    from finetune.export import main as export_main
+    from finetune.train import main as train_main
+    from medmax.__main__ import main as medmax_main
+    from medmax.synthetic_volumes import write_nifti
+
+    root, rng = tmp_path / "data", np.random.default_rng(0)
+    root.mkdir()
+    write_nifti(root / "mr.nii.gz", lesion_volume(rng, shape=(9, 24, 24)).hu, axcodes="RAS")
+    write_dicom_series(root / "ct", lesion_volume(rng, shape=(9, 24, 24)).hu, spacing=(4.0, 1.0, 1.0))
+    np.save(root / "m3d.npy", rng.random((1, 8, 24, 24), dtype=np.float32))
+    names = ["mr.nii.gz", "ct", "m3d.npy"]
+    (root / "volumes.csv").write_text("volume\n" + "".join(f"{n}\n" for n in names))
+    assert tokenize_main(["--input", str(root / "volumes.csv"), "--output", str(tmp_path / "tokens"), "--ckpt", str(tiny_vqgan_dir),
+                          "--volume-column", "volume", "--slices", "3", "--slice-resolution", "32", "--workers", "0",
+                          "--no-progress"]) == 0
+    rows = [{"conversations": [{"role": "user", "content": "<image>Is there a lesion?"}, {"role": "assistant", "content": "yes"}],
+             "modalities": [{"type": "image_3d", "value": n}]} for n in names] * 4
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert build_main.__wrapped__(["--input", str(tmp_path / "rows.jsonl"), "--tokenizer", str(tiny_tokenizer_path), "--output",
+                                   str(tmp_path / "seq"), "--image-tokens", str(tmp_path / "tokens"), "--strict", "--no-progress"]) == 0
+    config = Path(__file__).parents[2] / "finetune" / "configs" / "tiny_cpu.yaml"
+    train_main.__wrapped__(["--config", str(config), f"datasets=[{tmp_path / 'seq'}]", f"output_dir={tmp_path / 'train'}",
+                            f"tokenizer={tiny_tokenizer_path}", f"vqgan={tiny_vqgan_dir}", "validation=null", "eval_strategy=no",
+                            "max_steps=2", "save_steps=2", "report_to=none", "disable_tqdm=true"])
+    assert export_main.__wrapped__(["--checkpoint", str(tmp_path / "train"), "--output", str(tmp_path / "model")]) in (0, None)
+    for name in names:
+        out = tmp_path / "answers" / name.replace(".", "_")
+        assert medmax_main(["generate", "--model", str(tmp_path / "model"), "--volume", str(root / name), "--slices", "3",
+                            "--prompt", "Is there a lesion?", "--mode", "text", "--greedy", "--max-new-tokens", "2",
+                            "--output", str(out), "--device", "cpu"]) == 0
+        record = json.loads((out / "generation.json").read_text())
+        assert record["volumes"] == [str(root / name)] and record["token_ids"]
