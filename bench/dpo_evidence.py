@@ -45,10 +45,11 @@ FULL = {"quickstart": [], "sft_steps": 60, "pair_rows": 800, "dpo_steps": 150, "
 REDUCED = {"quickstart": ["--reduced"], "sft_steps": 30, "pair_rows": 300, "dpo_steps": 40, "faithfulness_prompts": 8}
 
 
-def _run(name: str, cmd: list, log: dict) -> None:
+def _run(name: str, cmd: list, log: dict, env: dict | None = None) -> None:
+    """Run one step as a subprocess from the repository root (``env``: extra variables), logging its command and time."""
     cmd = [str(c) for c in cmd]
     print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **(env or {}))
     env.setdefault("OMP_NUM_THREADS", "2")
     start = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
