@@ -214,12 +214,17 @@ class FinetuneConfig(TrainingArguments):
             raise ConfigError(f"mode={self.mode} with {sharded}: not supported ({SHARDING_REFUSED[self.mode]}); "
                               "use DDP or deepspeed ZeRO-2")
 
+    def _refuse_set_fields(self, names: tuple[str, ...], mode: str) -> None:
+        """A mode's own settings given a value other than their default while another mode runs: one error."""
+        defaults = {f.name: (f.default_factory() if callable(f.default_factory) else f.default)
+                    for f in fields(FinetuneConfig) if f.name in names}
+        stray = [f"{k}={getattr(self, k)!r}" for k in names if getattr(self, k) != defaults[k]]
+        if stray:
+            raise ConfigError(f"{', '.join(stray)}: only used with mode: {mode} (mode is {self.mode})")
+
     def _check_dpo(self) -> None:
         if self.mode != "dpo":
-            defaults = {f.name: f.default for f in fields(FinetuneConfig) if f.name in DPO_FIELDS}
-            stray = [f"{k}={getattr(self, k)!r}" for k in DPO_FIELDS if getattr(self, k) != defaults[k]]
-            if stray:
-                raise ConfigError(f"{', '.join(stray)}: only used with mode: dpo (mode is {self.mode})")
+            self._refuse_set_fields(DPO_FIELDS, "dpo")
             return
         if self.dpo_weights not in DPO_WEIGHTS:
             raise ConfigError(f"dpo_weights={self.dpo_weights!r}: choose one of {DPO_WEIGHTS}")
@@ -235,11 +240,7 @@ class FinetuneConfig(TrainingArguments):
             if isinstance(getattr(self, key), str):
                 setattr(self, key, [getattr(self, key)])
         if self.mode != "grpo":
-            defaults = {f.name: (f.default_factory() if callable(f.default_factory) else f.default)
-                        for f in fields(FinetuneConfig) if f.name in GRPO_FIELDS}
-            stray = [f"{k}={getattr(self, k)!r}" for k in GRPO_FIELDS if getattr(self, k) != defaults[k]]
-            if stray:
-                raise ConfigError(f"{', '.join(stray)}: only used with mode: grpo (mode is {self.mode})")
+            self._refuse_set_fields(GRPO_FIELDS, "grpo")
             return
         if self.grpo_weights not in DPO_WEIGHTS:
             raise ConfigError(f"grpo_weights={self.grpo_weights!r}: choose one of {DPO_WEIGHTS}")
