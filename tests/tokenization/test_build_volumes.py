@@ -46,6 +46,25 @@ def test_image_3d_modality_is_a_header_then_one_block_per_slice_in_order(tiny_to
     assert ids.count(v.boi_id) == 3
 
 
+def test_a_shaped_build_writes_each_slice_as_a_shaped_block(tiny_tokenizer, tiny_vocab):
+    """--image-layout shaped: a volume's slices are shaped blocks (size tokens, end-of-lines) as every image is."""
+    from medmax.data.rows import SequenceConfig
+    from medmax.image_layout import ShapedTokens
+
+    vol = volume(grid=(2, 3))
+    builder = SequenceBuilder(tiny_tokenizer, SequenceConfig(image_layout="shaped"),
+                              resolve_image=lambda ref: vol if isinstance(ref, VolumeRef) else None)
+    row = {"conversations": [{"role": "user", "content": "<image>Where is the lesion?"}, {"role": "assistant", "content": "upper"}],
+           "modalities": [{"type": "image_3d", "value": "ct/case1.npy"}]}
+    ids = builder.build(row).input_ids.tolist()
+    v, shaped = tiny_vocab, ShapedTokens.from_tokenizer(tiny_tokenizer)
+    starts = [i for i, t in enumerate(ids) if t == v.boi_id]
+    assert len(starts) == 3
+    for start, codes in zip(starts, vol.codes):
+        h, w, grid = shaped.read_block(v, ids[start : ids.index(v.eoi_id, start) + 1])
+        assert (h, w) == (2, 3) and v.ids_to_codes(grid).reshape(-1).tolist() == codes.tolist()
+
+
 def test_one_volume_and_two_images_are_told_apart(tiny_tokenizer, tiny_vocab):
     vol = volume(n=2)
     slices = {"s0": vol.codes[0], "s1": vol.codes[1]}
